@@ -1,0 +1,74 @@
+"""A Prefect flow per stage. Each asks DVC to reproduce its stage (DVC decides whether it is
+up to date), streams the stage's log lines into the Prefect run, and publishes the stage's
+Markdown summary as an artifact. The stage logic itself lives in tasks/."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
+
+from latentforge import dvcops, tracking
+from latentforge.config import DEFAULT_PARAMS_FILE, load_params, write_params_file
+from latentforge.runner import read_last_run
+
+
+def apply_params(params_file: str | None, overrides: list[str]) -> None:
+    """Validate deployment/CLI parameters with the typed schema; persist them to params.yaml."""
+    params = load_params(params_file, overrides)
+    if write_params_file(params, DEFAULT_PARAMS_FILE):
+        get_run_logger().info("params.yaml updated from %s", params_file or overrides)
+
+
+@task(task_run_name="reproduce-{stage}")
+def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None = None
+                    ) -> dict[str, Any]:
+    """Run `dvc repro --single-item stage` unless DVC finds it up to date."""
+    logger = get_run_logger()
+    started = time.time()
+    if not force and not dvcops.stage_status(stage):
+        last = read_last_run(stage) or {}
+        logger.info("%s is up to date: skipped", stage)
+        return {"stage": stage, "status": "skipped", "seconds": time.time() - started,
+                "metrics": last.get("metrics", {}), "run_id": last.get("run_id")}
+    env = {tracking.FLOW_RUN_ENV: str(flow_run.id or "")}
+    if parent_run_id:
+        env[tracking.PARENT_RUN_ENV] = parent_run_id
+    else:
+        env[tracking.PARENT_RUN_ENV] = ""
+    dvcops.reproduce(stage, env=env, force=force, on_line=lambda line: logger.info("%s", line))
+    last = read_last_run(stage) or {}
+    return {"stage": stage, "status": "ran", "seconds": time.time() - started,
+            "metrics": last.get("metrics", {}), "run_id": last.get("run_id"),
+            "summary": last.get("summary", "")}
+
+
+def _stage(stage: str, force: bool, parent_run_id: str | None) -> dict[str, Any]:
+    record = reproduce_stage(stage, force=force, parent_run_id=parent_run_id)
+    if record["status"] == "ran":
+        create_markdown_artifact(
+            f"## {stage}\n\n{record.get('summary', '')}\n\nMLflow run `{record.get('run_id')}`, "
+            f"{record['seconds']:.1f} s", key=f"{stage}-summary",
+            description=f"latentforge stage {stage}")
+    return record
+
+
+def _flow(stage: str, doc: str):  # noqa: ANN202 - returns a Prefect Flow
+    return flow(name=stage, description=doc, log_prints=True)
+
+
+@_flow("prepare", "Read the source (digits, IDX, image folder, npz; local or s3://), resize, "
+       "split train/val, write shards + manifest + preview.")
+def prepare(overrides: list[str] | None = None, params_file: str | None = None,
+            force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
+    apply_params(params_file, overrides or [])
+    return _stage("prepare", force, parent_run_id)
+
+
+STAGE_FLOWS = {"prepare": prepare}
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -1,0 +1,200 @@
+"""`latentforge` command line. Imports stay light here: torch, ray, mlflow and prefect are
+imported only inside the commands that need them, so `--help` and `params` are instant."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from latentforge.errors import ConfigError, LatentForgeError
+
+log = logging.getLogger("latentforge")
+
+
+def _add_params_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", metavar="FILE", default=None,
+                   help="params file to use instead of params.yaml (missing keys take defaults)")
+    p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
+                   metavar="KEY=VALUE", help="override one parameter, e.g. -S prepare.resolution=32 "
+                   "(the syntax of `dvc exp run -S`); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="latentforge",
+        description="LatentForge: prepare -> judge -> tokenizer -> cache -> generator -> rl -> "
+                    "evaluate, orchestrated by Prefect, versioned by DVC, tracked in MLflow.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the pipeline (DVC skips up-to-date stages)",
+                       description="Run every DVC stage in graph order as a Prefect flow. -S and "
+                       "--params write the resolved parameters into params.yaml first, as "
+                       "`dvc exp run -S` does, so `dvc repro` afterwards agrees.")
+    _add_params_args(p)
+    p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+
+    p = sub.add_parser("stage", help="run one stage",
+                       description="Inside `dvc repro` (DVC_STAGE set) this executes the stage; "
+                       "from a shell it asks DVC to reproduce that one stage through Prefect.")
+    p.add_argument("name", help="stage name (see dvc.yaml)")
+    _add_params_args(p)
+    p.add_argument("--force", action="store_true", help="rerun even if up to date")
+    p.add_argument("--no-dvc", action="store_true",
+                   help="execute directly, without DVC or Prefect (dvc.lock is not updated)")
+
+    p = sub.add_parser("params", help="print the resolved parameters as YAML")
+    _add_params_args(p)
+    p.add_argument("--explain", action="store_true", help="list every parameter with its doc")
+
+    p = sub.add_parser("serve", help="serve Prefect deployments (pipeline and each stage) for the UI")
+    p.add_argument("--limit", type=int, default=1, help="concurrent runs (DVC allows one)")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from latentforge.config import load_params
+
+    return load_params(args.params, args.overrides)
+
+
+def _persist_params(args: argparse.Namespace, params: Any) -> None:
+    """Write -S/--params into params.yaml, as `dvc exp run -S` does. Keys missing from
+    params.yaml are written out too: dvc.yaml interpolates some and DVC tracks them all."""
+    from latentforge.config import DEFAULT_PARAMS_FILE, write_params_file
+
+    if write_params_file(params, DEFAULT_PARAMS_FILE):
+        print(f"params.yaml updated from {args.params or ' '.join(args.overrides) or 'defaults'}",
+              file=sys.stderr)
+
+
+def _require_project() -> None:
+    if not Path("dvc.yaml").exists():
+        raise LatentForgeError(f"no dvc.yaml in {Path.cwd()}: run latentforge from the project "
+                               "root (the folder with dvc.yaml and params.yaml)")
+    if not Path(".dvc").is_dir():
+        raise LatentForgeError(f"{Path.cwd()} is not a DVC repository: run `dvc init` first "
+                               "(`make run` does it for you)")
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    if args.explain:
+        from latentforge.config import explain
+
+        _load(args)  # validate what the user would run
+        for key, default, doc in explain():
+            print(f"{key} = {default}\n    {doc}")
+        return 0
+    from latentforge.config import params_to_yaml
+
+    sys.stdout.write(params_to_yaml(_load(args)))
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    from latentforge import paths
+
+    if args.name not in paths.STAGES:
+        raise ConfigError(f"unknown stage '{args.name}'; stages: {', '.join(paths.STAGES)}")
+    inside_dvc = bool(os.environ.get("DVC_STAGE"))
+    if inside_dvc and (args.params or args.overrides):
+        raise ConfigError("inside `dvc repro` the parameters come from params.yaml only; "
+                          "drop --params/-S (use `latentforge run -S ...` or `dvc exp run -S`)")
+    params = _load(args)
+    if inside_dvc or args.no_dvc:
+        from latentforge.runner import execute_stage
+
+        execute_stage(args.name, params)
+        return 0
+    _require_project()
+    _persist_params(args, params)
+    from latentforge.flows.pipeline import run_pipeline
+
+    records = run_pipeline(stages=[args.name], force=args.force)
+    print(format_table(records))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    params = _load(args)
+    _require_project()
+    _persist_params(args, params)
+    from latentforge.flows.pipeline import run_pipeline
+
+    records = run_pipeline(force=args.force)
+    print(format_table(records))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _require_project()
+    from latentforge.flows.deployments import serve_all
+
+    serve_all(limit=args.limit)
+    return 0
+
+
+def format_table(records: Sequence[dict[str, Any]]) -> str:
+    """The end-of-run table: stage, ran/skipped, duration, key metrics, MLflow run id."""
+    header = ("stage", "status", "seconds", "key metrics", "mlflow run")
+    rows = []
+    for r in records:
+        metrics = r.get("metrics") or {}
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(metrics.items())[:4])
+        rows.append((r["stage"], r["status"], f"{r.get('seconds', 0):.1f}", shown,
+                     r.get("run_id") or "-"))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [line.format(*header), line.format(*("-" * w for w in widths))]
+    out += [line.format(*row) for row in rows]
+    return "\n".join(out)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (main() may be called repeatedly in one
+    process, e.g. by tests that swap stderr)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001
+        pass
+
+
+def _configure_logging(level: int) -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                               datefmt="%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "params": cmd_params, "serve": cmd_serve}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    for noisy in ("httpx", "httpcore", "alembic", "botocore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        code = COMMANDS[args.command](args)
+    except LatentForgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    return code

@@ -1,0 +1,83 @@
+"""Reading the prepared data set: sharded uint8 .npy arrays plus manifest.json.
+
+Layout of a prepared folder:
+    manifest.json                 counts, classes, resolution, shard sha256s, source fingerprint
+    train-00000.images.npy        (n, R, R, C) uint8, memory-mappable
+    train-00000.labels.npy        (n,) int64
+    val-00000.images.npy ...
+    preview.png, report.json      a grid per class; skipped images with reasons
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentforge import storage
+from latentforge.errors import DataError
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+
+
+def shard_names(split: str, index: int) -> tuple[str, str]:
+    stem = f"{split}-{index:05d}"
+    return f"{stem}.images.npy", f"{stem}.labels.npy"
+
+
+@dataclass
+class Prepared:
+    root: Path
+    manifest: dict[str, Any]
+    manifest_sha256: str
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["class_names"])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.manifest["resolution"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.manifest["channels"])
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(images (N, R, R, C) uint8, labels (N,) int64); one shard stays memory-mapped."""
+        shards = self.manifest["splits"][name]["shards"]
+        images = [np.load(self.root / s["images"], mmap_mode="r") for s in shards]
+        labels = [np.load(self.root / s["labels"], mmap_mode="r") for s in shards]
+        if not shards:
+            r, c = self.resolution, self.channels
+            return np.zeros((0, r, r, c), np.uint8), np.zeros((0,), np.int64)
+        if len(shards) == 1:
+            return images[0], labels[0]
+        return np.concatenate(images), np.concatenate(labels)
+
+
+def load_prepared(root: str | Path, verify: bool = False) -> Prepared:
+    """Open a prepared folder; with `verify`, check every shard's sha256 against the manifest."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.exists():
+        raise DataError(f"{path}: no manifest; run the prepare stage first")
+    raw = path.read_bytes()
+    manifest = json.loads(raw)
+    if verify:
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                for key in ("images", "labels"):
+                    actual = storage.sha256_file(root / shard[key])
+                    if actual != shard[f"{key}_sha256"]:
+                        raise DataError(f"{root / shard[key]}: sha256 {actual} does not match "
+                                        f"the manifest ({shard[f'{key}_sha256']})")
+    return Prepared(root, manifest, storage.sha256_bytes(raw))

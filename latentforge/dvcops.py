@@ -1,0 +1,78 @@
+"""The few DVC operations the pipeline needs: stage order, up-to-date check, reproduce, push.
+
+Reproduction runs `dvc repro --single-item NAME` as a subprocess, so the stage's own command
+(`latentforge stage NAME`) runs exactly as under a plain `dvc repro`, and both entry points
+leave the same dvc.lock.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from latentforge.errors import LatentForgeError
+
+
+def dvc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for DVC subprocesses: the running interpreter's bin folder first on
+    PATH, so the stage command `latentforge` resolves to this installation."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.update(extra or {})
+    return env
+
+
+def stage_order(root: str | Path = ".") -> list[str]:
+    """Stage names of dvc.yaml in an order where every stage follows its dependencies."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        ordered = list(reversed(list(nx.lexicographical_topological_sort(
+            graph, key=lambda s: getattr(s, "addressing", str(s))))))
+        return [s.name for s in ordered if getattr(s, "cmd", None) and hasattr(s, "name")]
+
+
+def stage_status(stage: str, root: str | Path = ".") -> dict:
+    """DVC's status of one stage alone (no upstream): empty when up to date."""
+    from dvc.repo import Repo
+
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    with Repo(str(root)) as repo:
+        return dict(repo.status(targets=[stage]))
+
+
+def reproduce(stage: str, root: str | Path = ".", env: Mapping[str, str] | None = None,
+              force: bool = False, on_line: Callable[[str], None] = print) -> None:
+    """`dvc repro --single-item STAGE`, streaming its output line by line to `on_line`."""
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    if force:
+        cmd.append("--force")
+    proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        on_line(line)
+        tail = (tail + [line])[-15:]
+    if proc.wait() != 0:
+        raise LatentForgeError(f"stage '{stage}' failed (dvc repro exit {proc.returncode}):\n"
+                               + "\n".join(tail))
+
+
+def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None] = print) -> None:
+    """Point the DVC remote `storage` at `remote_url` and push every stage output to it."""
+    base = [sys.executable, "-m", "dvc"]
+    subprocess.run(base + ["remote", "add", "--local", "--force", "-d", "storage", remote_url],
+                   cwd=root, env=dvc_env(), check=True, capture_output=True)
+    proc = subprocess.run(base + ["push"], cwd=root, env=dvc_env(), capture_output=True, text=True)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        on_line(line)
+    if proc.returncode != 0:
+        raise LatentForgeError(f"dvc push to {remote_url} failed:\n{proc.stderr[-2000:]}")

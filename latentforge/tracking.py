@@ -1,0 +1,189 @@
+"""Experiment tracking behind one small interface.
+
+`Tracker` is the null implementation (tests, non-zero Ray ranks, `tracking.enabled: false`);
+`MLflowTracker` has the same methods and talks to MLflow. Stages receive a tracker and never
+import mlflow themselves. Only the driver process ever holds an `MLflowTracker`.
+
+Default store: an SQLite file in the project (`mlflow.db`), artifacts in `mlartifacts/`,
+both overridable (MLFLOW_TRACKING_URI; `tracking.artifact_location`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from latentforge.config import TrackingConfig
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "LATENTFORGE_PARENT_RUN_ID"
+FLOW_RUN_ENV = "LATENTFORGE_FLOW_RUN_ID"
+TAG_PREFIX = "latentforge."
+MLFLOW_DIGEST_LEN = 36
+
+
+class Tracker:
+    """Does nothing; the interface every tracker has."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    def log_input(self, name: str, source: str, digest: str, context: str,
+                  profile: Mapping[str, Any] | None = None) -> None: ...
+
+
+def tracking_uri(root: str | os.PathLike[str] = ".") -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def use_tracking_uri(root: str | os.PathLike[str] = ".") -> None:
+    """Point the MLflow client at the project's store. mlflow.set_tracking_uri also exports
+    MLFLOW_TRACKING_URI to child processes; undo that so a later subprocess in another project
+    (a `dvc repro` there) does not log into this project's store."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri(root))
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+def git_sha(root: str | os.PathLike[str] = ".") -> str:
+    """HEAD's sha (with '-dirty' when tracked files changed), or 'unknown' outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return flat
+
+
+class MLflowTracker(Tracker):
+    """Logs to the active MLflow run `run_id`."""
+
+    def __init__(self, run_id: str) -> None:
+        import mlflow
+
+        self._mlflow = mlflow
+        self.run_id = run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._mlflow.log_params(_flatten(params))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._mlflow.log_metrics(clean, step=step)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
+        if Path(path).is_dir():
+            self._mlflow.log_artifacts(str(path), artifact_path)
+        else:
+            self._mlflow.log_artifact(str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._mlflow.log_text(text, artifact_file)
+
+    def log_input(self, name: str, source: str, digest: str, context: str,
+                  profile: Mapping[str, Any] | None = None) -> None:
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.exceptions import MlflowException
+
+        try:
+            resolved = resolve_dataset_source(str(source))
+        except MlflowException:  # e.g. "sklearn:digits": a source that is code, not a path
+            resolved = CodeDatasetSource({"uri": str(source)})
+        # MLflow caps a dataset digest at 36 characters: the digest is the sha256's first 36
+        # hex digits; the full sha256 is in the dataset profile and in a run tag.
+        class DigestDataset(MetaDataset):
+            def to_dict(self) -> dict[str, str]:
+                return {**super().to_dict(),
+                        "profile": json.dumps({"sha256": digest, **(profile or {})})}
+
+        dataset = DigestDataset(source=resolved, name=name, digest=digest[:MLFLOW_DIGEST_LEN])
+        self._mlflow.log_input(dataset, context=context)
+        self._mlflow.set_tag(f"{TAG_PREFIX}input.{name}.sha256", digest)
+
+
+def _experiment_id(cfg: TrackingConfig, root: Path) -> str:
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = cfg.artifact_location or (root / "mlartifacts").resolve().as_uri()
+    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+
+
+@contextlib.contextmanager
+def start_run(cfg: TrackingConfig, run_name: str, tags: Mapping[str, str],
+              parent_run_id: str | None = None, root: str | os.PathLike[str] = ".") -> Iterator[Tracker]:
+    """Open an MLflow run (nested under `parent_run_id` if given); yields a Tracker.
+
+    The run ends FAILED when the body raises. With `cfg.enabled` false, yields a null Tracker.
+    """
+    if not cfg.enabled:
+        yield Tracker()
+        return
+    import mlflow
+
+    root = Path(root)
+    use_tracking_uri(root)
+    experiment_id = _experiment_id(cfg, root)
+    all_tags = {"mlflow.source.git.commit": git_sha(root), f"{TAG_PREFIX}git_sha": git_sha(root),
+                **tags}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          parent_run_id=parent_run_id, tags=all_tags) as run:
+        yield MLflowTracker(run.info.run_id)
+
+
+def find_stage_run(stage: str, parent_run_id: str | None, cfg: TrackingConfig,
+                   root: str | os.PathLike[str] = ".") -> Any:
+    """The newest run of `stage` (under `parent_run_id` when given), or None."""
+    import mlflow
+
+    use_tracking_uri(root)
+    exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is None:
+        return None
+    query = f"tags.`{TAG_PREFIX}stage` = '{stage}'"
+    if parent_run_id:
+        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    runs = mlflow.search_runs([exp.experiment_id], filter_string=query, max_results=1,
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    return runs[0] if runs else None

@@ -1,0 +1,150 @@
+"""The `prepare` stage: read a source, resize, split, and write sharded uint8 arrays.
+
+Output (one folder, committed atomically): shards, manifest.json, preview.png, report.json.
+Nothing in the output depends on time or machine, so DVC hashes are reproducible.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from latentforge import paths, storage
+from latentforge.config import Params, PrepareConfig
+from latentforge.data import MANIFEST, SPLITS, shard_names
+from latentforge.images import make_grid, save_png
+from latentforge.runner import StageResult
+from latentforge.sources import SourceData, read_source
+from latentforge.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def select_and_split(labels: np.ndarray, cfg: PrepareConfig) -> dict[str, np.ndarray]:
+    """Deterministic, class-stratified train/val indices (sorted) from `seed` and `val_fraction`.
+
+    `max_images` first keeps a seeded random subset; each class then gives
+    round(n_class * val_fraction) images to val (at least one when it has two or more).
+    """
+    rng = np.random.default_rng(cfg.seed)
+    keep = np.arange(len(labels))
+    if cfg.max_images is not None and cfg.max_images < len(keep):
+        keep = np.sort(rng.permutation(len(keep))[: cfg.max_images])
+    train, val = [], []
+    for cls in np.unique(labels[keep]):
+        members = keep[labels[keep] == cls]
+        members = members[rng.permutation(len(members))]
+        n_val = int(round(len(members) * cfg.val_fraction))
+        if cfg.val_fraction > 0 and n_val == 0 and len(members) >= 2:
+            n_val = 1
+        val.append(members[:n_val])
+        train.append(members[n_val:])
+    return {"train": np.sort(np.concatenate(train)), "val": np.sort(np.concatenate(val))}
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shards(folder: Path, split: str, images: np.ndarray, labels: np.ndarray,
+                 shard_size: int) -> list[dict]:
+    shards = []
+    for i, start in enumerate(range(0, len(images), shard_size)):
+        img_name, lbl_name = shard_names(split, i)
+        img_sha = storage.write_bytes_atomic(folder / img_name,
+                                             _npy_bytes(images[start:start + shard_size]))
+        lbl_sha = storage.write_bytes_atomic(folder / lbl_name,
+                                             _npy_bytes(labels[start:start + shard_size]))
+        shards.append({"images": img_name, "labels": lbl_name, "count": int(min(
+            shard_size, len(images) - start)), "images_sha256": img_sha, "labels_sha256": lbl_sha})
+    return shards
+
+
+def preview(images: np.ndarray, labels: np.ndarray, class_names: list[str], per_class: int = 10
+            ) -> np.ndarray:
+    """One row per class (up to 20 classes) of its first `per_class` train images."""
+    rows, names = [], []
+    for cls, name in list(enumerate(class_names))[:20]:
+        rows.append(images[labels == cls][:per_class])
+        names.append(name)
+    return make_grid(rows, labels=names)
+
+
+def build_manifest(cfg: PrepareConfig, data: SourceData, split_idx: dict[str, np.ndarray],
+                   shards: dict[str, list[dict]]) -> dict:
+    splits = {}
+    for split in SPLITS:
+        lbl = data.labels[split_idx[split]]
+        splits[split] = {
+            "count": int(len(lbl)),
+            "per_class": {name: int((lbl == i).sum()) for i, name in enumerate(data.class_names)},
+            "shards": shards[split],
+        }
+    return {
+        "format": "latentforge.prepared/1",
+        "source": {"kind": cfg.source, "path": None if cfg.source == "digits" else cfg.path,
+                   "fingerprint": data.fingerprint},
+        "resolution": cfg.resolution,
+        "channels": cfg.channels,
+        "resize_filter": cfg.resize_filter,
+        "dtype": "uint8",
+        "class_names": data.class_names,
+        "splits": splits,
+        "skipped": len(data.skipped),
+    }
+
+
+def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
+        tracker: Tracker | None = None) -> StageResult:
+    tracker = tracker or Tracker()
+    log.info("prepare: reading %s source%s", cfg.source,
+             "" if cfg.source == "digits" else f" from {cfg.path}")
+    data = read_source(cfg)
+    split_idx = select_and_split(data.labels, cfg)
+    out_dir = Path(out_dir)
+    with storage.atomic_dir(out_dir) as tmp:
+        shards = {s: write_shards(tmp, s, data.images[split_idx[s]], data.labels[split_idx[s]],
+                                  cfg.shard_size) for s in SPLITS}
+        manifest = build_manifest(cfg, data, split_idx, shards)
+        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        manifest_sha = storage.write_bytes_atomic(tmp / MANIFEST, manifest_bytes)
+        train = split_idx["train"]
+        save_png(preview(data.images[train], data.labels[train], data.class_names),
+                 tmp / "preview.png")
+        report = {"skipped": data.skipped}
+        storage.write_bytes_atomic(tmp / "report.json",
+                                   json.dumps(report, indent=2, sort_keys=True).encode())
+
+    counts = {s: manifest["splits"][s]["count"] for s in SPLITS}
+    log.info("prepare: %d train / %d val images, %d classes, %dx%dx%d, %d skipped -> %s",
+             counts["train"], counts["val"], len(data.class_names), cfg.resolution,
+             cfg.resolution, cfg.channels, len(data.skipped), out_dir)
+    source_uri = "sklearn:digits" if cfg.source == "digits" else cfg.path
+    tracker.log_input("source", source_uri if "://" in source_uri else str(Path(source_uri)),
+                      data.fingerprint, context="source")
+    tracker.log_input("prepared", str(out_dir.resolve()), manifest_sha, context="prepared",
+                      profile={"train": counts["train"], "val": counts["val"]})
+    tracker.log_artifact(out_dir / MANIFEST)
+    tracker.log_artifact(out_dir / "preview.png")
+    tracker.log_artifact(out_dir / "report.json")
+
+    metrics = {"train_images": counts["train"], "val_images": counts["val"],
+               "classes": len(data.class_names), "skipped_images": len(data.skipped)}
+    lines = [f"**{counts['train']}** train / **{counts['val']}** val images, "
+             f"{len(data.class_names)} classes, {cfg.resolution}x{cfg.resolution}x{cfg.channels} "
+             f"({cfg.resize_filter}); manifest sha256 `{manifest_sha[:16]}`"]
+    if data.skipped:
+        lines += ["", f"Skipped {len(data.skipped)} image(s):", "", "| file | reason |", "|---|---|"]
+        lines += [f"| {s['path']} | {s['reason']} |" for s in data.skipped]
+    return StageResult(metrics=metrics, summary="\n".join(lines),
+                       digests={"prepared": manifest_sha})
+
+
+def run_stage(params: Params, tracker: Tracker) -> StageResult:
+    return run(params.prepare, tracker=tracker)

@@ -1,0 +1,144 @@
+"""Parameters: schema validation, overrides, params files, and the light CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from latentforge.cli import main
+from latentforge.config import (
+    Params,
+    apply_overrides,
+    build_params,
+    load_params,
+    write_params_file,
+)
+from latentforge.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_params_yaml_states_every_default():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert build_params(raw) == Params()
+    # every key is spelled out, so DVC tracks the values actually used
+    for section, values in Params().to_dict().items():
+        assert set(raw[section]) == set(values), section
+
+
+def test_presets_are_valid():
+    presets = sorted((REPO / "presets").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"tiny", "gpu"}
+    for p in presets:
+        load_params(p)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ({"prepare": {"resoluton": 8}}, "unknown key 'prepare.resoluton'; did you mean 'prepare.resolution'?"),
+    ({"prepar": {}}, "unknown key 'prepar'; did you mean 'prepare'?"),
+    ({"compute": {"num_wrokers": 2}}, "did you mean 'compute.num_workers'?"),
+    ({"prepare": {"resolution": "big"}}, "prepare.resolution = 'big' is invalid: expected an integer"),
+    ({"prepare": {"resolution": 2}}, "prepare.resolution = 2 is out of range: expected >= 4"),
+    ({"prepare": {"val_fraction": 1.0}}, "prepare.val_fraction = 1.0 is out of range: expected >= 0.0 and < 1.0"),
+    ({"prepare": {"channels": 2}}, "prepare.channels = 2 is invalid: expected one of 1, 3"),
+    ({"prepare": {"source": "mnist"}}, "prepare.source = 'mnist' is invalid: expected one of 'digits'"),
+    ({"prepare": {"max_images": 0}}, "prepare.max_images = 0 is out of range: expected >= 1"),
+    ({"compute": {"use_gpu": "yes"}}, "compute.use_gpu = 'yes' is invalid: expected true or false"),
+    ({"prepare": 3}, "prepare must be a mapping"),
+])
+def test_bad_parameters_name_key_value_and_allowed(raw, expected):
+    with pytest.raises(ConfigError) as err:
+        build_params(raw, "my.yaml")
+    assert expected in str(err.value)
+    assert str(err.value).startswith("my.yaml")
+
+
+def test_values_are_coerced_and_null_allowed_where_optional():
+    p = build_params({"prepare": {"val_fraction": 0, "max_images": None, "resolution": 32.0}})
+    assert p.prepare.val_fraction == 0.0 and isinstance(p.prepare.val_fraction, float)
+    assert p.prepare.resolution == 32 and isinstance(p.prepare.resolution, int)
+    assert p.prepare.max_images is None
+
+
+def test_overrides_use_dvc_exp_syntax():
+    raw = apply_overrides({"prepare": {"resolution": 16}}, [
+        "prepare.resolution=32", "prepare.max_images=null", "compute.ray_address=auto"])
+    p = build_params(raw)
+    assert p.prepare.resolution == 32 and p.prepare.max_images is None
+    assert p.compute.ray_address == "auto"
+    with pytest.raises(ConfigError, match="not of the form"):
+        apply_overrides({}, ["prepare.resolution"])
+
+
+def test_params_file_layers_on_defaults(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("prepare:\n  resolution: 24\n")
+    p = load_params(f, ["prepare.seed=3"])
+    assert p.prepare.resolution == 24 and p.prepare.seed == 3
+    assert p.compute == Params().compute
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prepare: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(ConfigError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_write_params_file_keeps_comments_and_reports_change(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text((REPO / "params.yaml").read_text())
+    assert write_params_file(load_params(f), f) is False  # nothing changed
+    assert write_params_file(load_params(f, ["prepare.resolution=32"]), f) is True
+    text = f.read_text()
+    assert "resolution: 32  # square output side" in text
+    assert load_params(f).prepare.resolution == 32
+
+
+def test_cli_exits_2_and_names_the_key(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["params", "-S", "prepare.resoltion=8"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'prepare.resoltion'; did you mean 'prepare.resolution'?" in err
+    assert main(["run", "-S", "prepare.channels=5"]) == 2  # nothing runs: no project needed
+    assert "prepare.channels = 5" in capsys.readouterr().err
+
+
+def test_cli_params_prints_resolved_yaml(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["params", "-S", "prepare.resolution=20"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["prepare"]["resolution"] == 20
+    assert build_params(printed).prepare.resolution == 20
+    assert main(["params", "--explain"]) == 0
+    assert "prepare.on_bad_image" in capsys.readouterr().out
+
+
+def test_stage_refuses_overrides_inside_dvc(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_STAGE", "prepare")
+    assert main(["stage", "prepare", "-S", "prepare.resolution=8"]) == 2
+    assert "come from params.yaml only" in capsys.readouterr().err
+    monkeypatch.delenv("DVC_STAGE")
+    assert main(["stage", "nosuch"]) == 2
+
+
+@pytest.mark.parametrize("args", [["--help"], ["params"]])
+def test_light_commands_do_not_import_heavy_packages(args):
+    code = ("import sys, contextlib, io\nfrom latentforge.cli import main\n"
+            "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    main({args!r})\n"
+            "heavy = [m for m in ('torch', 'ray', 'mlflow', 'prefect') if m in sys.modules]\n"
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "", f"`latentforge {' '.join(args)}` imported {out}"
+
+
+def test_python_dash_m_entry_point():
+    out = subprocess.run([sys.executable, "-m", "latentforge", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "latentforge" in out and "run" in out

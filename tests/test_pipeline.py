@@ -1,0 +1,189 @@
+"""The spine end to end: Prefect flow -> DVC stages -> stage command -> MLflow runs, with a
+real git + DVC repository, MLflow on SQLite, Prefect's test harness and an S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import yaml
+
+from latentforge import paths
+
+TINY = {"prepare": {"resolution": 8, "max_images": 300}}
+
+
+def dvc(root, *args) -> str:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True,
+                          text=True, check=True).stdout
+
+
+def cli(root, *args, check=True) -> subprocess.CompletedProcess:
+    """`latentforge ARGS` in a subprocess, as a user runs it, against the harness's API."""
+    import os
+
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    proc = subprocess.run([sys.executable, "-m", "latentforge", *args], cwd=root, env=env,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"latentforge {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stdout}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def runs(root, filter_string=""):
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["latentforge"], filter_string=filter_string,
+                              output_format="list")
+
+
+def test_dvc_yaml_agrees_with_declared_paths():
+    from conftest import REPO
+
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert list(spec) == list(paths.STAGES)
+    for name, stage in paths.STAGES.items():
+        declared = spec[name]
+        assert declared["cmd"] == stage.cmd
+        assert declared["deps"] == [*stage.code, *stage.deps]
+        assert declared["params"] == list(stage.params)
+        assert [next(iter(o)) if isinstance(o, dict) else o for o in declared["outs"]] == list(stage.outs)
+        assert [next(iter(m)) for m in declared["metrics"]] == list(stage.metrics)
+        for code in stage.code:
+            assert (REPO / code).is_file(), code
+
+
+def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
+    a = make_project(TINY)
+    b = make_project(TINY)
+    table = cli(a, "run").stdout
+    assert "prepare  ran" in table and "train_images=" in table
+
+    # `dvc repro` in an identical project leaves the same dvc.lock, and here finds nothing to do
+    dvc(b, "repro")
+    assert (a / "dvc.lock").read_text() == (b / "dvc.lock").read_text()
+    assert "didn't change" in dvc(a, "repro")
+
+    # a second run skips prepare and says so
+    assert "prepare  skipped" in cli(a, "run").stdout
+
+    # -S edits params.yaml as `dvc exp run -S` would, and reruns prepare only
+    assert "prepare  ran" in cli(a, "run", "-S", "prepare.resolution=12").stdout
+    assert yaml.safe_load((a / "params.yaml").read_text())["prepare"]["resolution"] == 12
+    manifest = json.loads((a / "data/prepared/manifest.json").read_text())
+    assert manifest["resolution"] == 12
+    assert "didn't change" in dvc(a, "repro")
+
+    # MLflow: one parent per `latentforge run`, a child per stage execution, with lineage tags
+    parents = runs(a, "tags.`latentforge.stage` = 'pipeline'")
+    assert len(parents) == 3
+    children = runs(a, "tags.`latentforge.stage` = 'prepare'")
+    assert len(children) == 2  # the skipped run executed nothing
+    newest = max(children, key=lambda r: r.info.start_time)
+    tags = newest.data.tags
+    assert tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
+    assert tags["latentforge.dvc_stage"] == "prepare"
+    assert tags["latentforge.prefect_flow_run_id"]
+    assert len(tags["latentforge.git_sha"].split("-")[0]) == 40
+    assert newest.data.params["prepare.resolution"] == "12"
+    assert newest.data.metrics["train_images"] + newest.data.metrics["val_images"] == 300
+    sha = (a / "data/prepared/manifest.json").read_bytes()
+    import hashlib
+
+    full = hashlib.sha256(sha).hexdigest()
+    inputs = {d.dataset.name: d.dataset for d in newest.inputs.dataset_inputs}
+    assert inputs["prepared"].digest == full[:36]
+    assert json.loads(inputs["prepared"].profile)["sha256"] == full
+    assert tags["latentforge.input.prepared.sha256"] == full
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(newest.info.run_id)}
+    assert {"manifest.json", "preview.png", "report.json"} <= artifacts
+
+    # the `dvc repro` run in project b logged a top-level run
+    (solo,) = runs(b, "tags.`latentforge.stage` = 'prepare'")
+    assert "mlflow.parentRunId" not in solo.data.tags
+    assert solo.data.tags["latentforge.entry"] == "dvc repro"
+
+    # Prefect shows the stage summary as a Markdown artifact
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get("prepare-summary")
+    assert artifact is not None and "300" not in "" and "train" in artifact.data
+
+
+def test_failed_stage_exits_nonzero_and_keeps_previous_output(make_project, prefect_harness,
+                                                             tmp_path):
+    root = make_project(TINY)
+    cli(root, "run")
+    before = (root / "data/prepared/manifest.json").read_bytes()
+    lock = (root / "dvc.lock").read_text()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x").mkdir()
+    (tmp_path / "bad" / "x" / "broken.png").write_bytes(b"")
+    proc = cli(root, "run", "-S", "prepare.source=folder", "-S", f"prepare.path={tmp_path / 'bad'}",
+               "-S", "prepare.on_bad_image=fail", check=False)
+    assert proc.returncode == 1
+    err = proc.stderr
+    assert "broken.png: empty file (0 bytes)" in err
+    assert (root / "data/prepared/manifest.json").read_bytes() == before
+    assert (root / "dvc.lock").read_text() == lock
+
+
+def test_s3_source_mlflow_artifacts_and_dvc_remote(make_project, prefect_harness, s3_bucket):
+    from PIL import Image
+
+    from latentforge import storage
+
+    for cls in ("a", "b"):
+        for i in range(6):
+            img = Image.new("L", (9, 9), 40 * i + (100 if cls == "b" else 0))
+            import io
+
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            storage.write_bytes_atomic(f"s3://{s3_bucket}/src/{cls}/{i}.png", buf.getvalue())
+    params = {"prepare": {"source": "folder", "path": f"s3://{s3_bucket}/src", "resolution": 8},
+              "tracking": {"experiment": "s3exp",
+                           "artifact_location": f"s3://{s3_bucket}/mlflow"},
+              "storage": {"remote": f"s3://{s3_bucket}/dvc"}}
+    root = make_project(params)
+    assert "prepare  ran" in cli(root, "run").stdout
+    manifest = json.loads((root / "data/prepared/manifest.json").read_text())
+    assert manifest["source"]["path"] == f"s3://{s3_bucket}/src"
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 12
+    # the external S3 dependency is versioned in dvc.lock
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert f"s3://{s3_bucket}/src" in [d["path"] for d in lock["stages"]["prepare"]["deps"]]
+    # MLflow wrote the stage's artifacts to S3
+    s3_files = storage.list_files(f"s3://{s3_bucket}/mlflow")
+    assert any(f.endswith("/artifacts/manifest.json") for f in s3_files)
+    # `storage.remote` pushed the outputs to the DVC remote on S3
+    assert storage.list_files(f"s3://{s3_bucket}/dvc")
+    assert "Cache and remote 'storage' are in sync" in dvc(root, "status", "-c")
+
+
+@pytest.mark.parametrize("bad", ["prepare.resolution=big", "prepare.nope=1"])
+def test_flow_parameters_are_validated(prefect_harness, make_project, monkeypatch, bad):
+    from latentforge.errors import ConfigError
+    from latentforge.flows.stages import prepare as prepare_flow
+
+    monkeypatch.chdir(make_project(TINY))
+    with pytest.raises(ConfigError, match="prepare."):
+        prepare_flow(overrides=[bad])
+
+
+def test_deployments_cover_pipeline_and_every_stage():
+    from latentforge.flows.deployments import build_deployments
+
+    deployments = build_deployments()
+    names = [d.flow_name for d in deployments]
+    assert names == ["pipeline", *paths.STAGES]
+    for d in deployments:
+        props = d._parameter_openapi_schema.properties
+        assert {"overrides", "params_file", "force"} <= set(props)
+        assert d.concurrency_limit == 1
+        assert d.entrypoint.startswith("latentforge.flows.")

@@ -1,0 +1,228 @@
+"""The prepare stage on every source kind, and every bad-input case of the issue."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentforge import storage
+from latentforge.config import PrepareConfig
+from latentforge.data import load_prepared
+from latentforge.errors import DataError
+from latentforge.tasks import prepare
+
+
+def idx_bytes(arr: np.ndarray, magic: int | None = None) -> bytes:
+    magic = magic if magic is not None else (0x0800 | arr.ndim)
+    return struct.pack(">I", magic) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+
+
+def write_idx(folder, n=40, size=12, gz=True, prefix="train", labels_n=None):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+    labels = (np.arange(labels_n if labels_n is not None else n) % 10).astype(np.uint8)
+    suffix = ".gz" if gz else ""
+    wrap = gzip.compress if gz else (lambda b: b)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{prefix}-images-idx3-ubyte{suffix}").write_bytes(wrap(idx_bytes(images)))
+    (folder / f"{prefix}-labels-idx1-ubyte{suffix}").write_bytes(wrap(idx_bytes(labels)))
+    return images, labels
+
+
+def png(color: int, size=(10, 14), fmt="PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (color, 255 - color, 0)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_folder(root, per_class=3, bad=True):
+    for cls, fmt, ext in (("cat", "PNG", "png"), ("dog", "JPEG", "jpg"), ("emu", "WEBP", "webp"),
+                          ("fox", "BMP", "bmp")):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / cls / f"{i}.{ext}").write_bytes(png(40 * i, fmt=fmt))
+    (root / "notes.txt").write_text("not an image, not in a class folder")
+    if bad:
+        (root / "cat" / "empty.png").write_bytes(b"")
+        (root / "dog" / "garbage.jpg").write_bytes(b"this is not a jpeg at all")
+        (root / "emu" / "truncated.png").write_bytes(png(7, size=(64, 64))[:60])
+
+
+def cfg(**kw) -> PrepareConfig:
+    return PrepareConfig(**{"resolution": 8, **kw})
+
+
+def test_digits_default_source(tmp_path):
+    out = tmp_path / "prepared"
+    result = prepare.run(cfg(), out_dir=out)
+    data = load_prepared(out, verify=True)
+    train_x, train_y = data.split("train")
+    val_x, val_y = data.split("val")
+    assert train_x.dtype == np.uint8 and train_x.shape[1:] == (8, 8, 1)
+    assert len(train_x) + len(val_x) == 1797
+    assert abs(len(val_x) - 180) <= 5 and set(val_y.tolist()) == set(range(10))  # stratified
+    assert data.class_names == [str(i) for i in range(10)]
+    assert isinstance(train_x, np.memmap)
+    manifest = data.manifest
+    assert manifest["splits"]["train"]["count"] == len(train_x)
+    assert sum(manifest["splits"]["val"]["per_class"].values()) == len(val_x)
+    assert len(manifest["source"]["fingerprint"]) == 64
+    assert result.digests["prepared"] == data.manifest_sha256
+    assert result.metrics["train_images"] == len(train_x)
+    assert Image.open(out / "preview.png").size[0] > 100
+
+
+def test_output_is_deterministic_and_depends_on_seed(tmp_path):
+    a, b, c = (tmp_path / n for n in "abc")
+    prepare.run(cfg(max_images=300), out_dir=a)
+    prepare.run(cfg(max_images=300), out_dir=b)
+    prepare.run(cfg(max_images=300, seed=1), out_dir=c)
+    for name in ("manifest.json", "train-00000.images.npy", "preview.png"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    assert (a / "manifest.json").read_bytes() != (c / "manifest.json").read_bytes()
+    assert load_prepared(a).manifest["splits"]["train"]["count"] + \
+        load_prepared(a).manifest["splits"]["val"]["count"] == 300
+
+
+def test_resolution_channels_and_shards(tmp_path):
+    out = tmp_path / "p"
+    prepare.run(cfg(resolution=20, channels=3, shard_size=500, resize_filter="lanczos"), out_dir=out)
+    data = load_prepared(out, verify=True)
+    assert len(data.manifest["splits"]["train"]["shards"]) == 4  # 1617 images / 500
+    x, y = data.split("train")
+    assert x.shape[1:] == (20, 20, 3) and len(x) == len(y)
+    assert np.array_equal(x[..., 0], x[..., 2])  # gray digits repeated to RGB
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_source_raw_and_gz(tmp_path, gz):
+    images, labels = write_idx(tmp_path / "mnist", gz=gz)
+    write_idx(tmp_path / "mnist", n=20, gz=gz, prefix="t10k")
+    out = tmp_path / "p"
+    prepare.run(cfg(source="idx", path=str(tmp_path / "mnist"), resolution=12, val_fraction=0.25),
+                out_dir=out)
+    data = load_prepared(out)
+    assert data.manifest["splits"]["train"]["count"] + data.manifest["splits"]["val"]["count"] == 60
+    x, _ = data.split("train")
+    assert x.shape[1:] == (12, 12, 1)
+
+
+def test_idx_wrong_magic_names_file_and_numbers(tmp_path):
+    write_idx(tmp_path / "m")
+    bad = tmp_path / "m" / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(gzip.compress(idx_bytes(np.zeros((4, 5, 5), np.uint8), magic=0x0803 + 0x100)))
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg(source="idx", path=str(tmp_path / "m")), out_dir=tmp_path / "p")
+    assert str(bad) in str(err.value) and "0x00000903" in str(err.value)
+    assert "0x00000803" in str(err.value)
+
+
+def test_idx_wrong_dimensions_and_truncation(tmp_path):
+    write_idx(tmp_path / "m", gz=False)
+    img = tmp_path / "m" / "train-images-idx3-ubyte"
+    img.write_bytes(struct.pack(">IIII", 0x803, 40, 0, 12))
+    with pytest.raises(DataError, match="wrong dimensions 0x12"):
+        prepare.run(cfg(source="idx", path=str(tmp_path / "m")), out_dir=tmp_path / "p")
+    img.write_bytes(idx_bytes(np.zeros((40, 12, 12), np.uint8))[:-100])
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg(source="idx", path=str(tmp_path / "m")), out_dir=tmp_path / "p")
+    assert str(img) in str(err.value) and "5760" in str(err.value) and "5660" in str(err.value)
+
+
+def test_idx_count_mismatch_names_both_files_and_counts(tmp_path):
+    write_idx(tmp_path / "m", n=40, labels_n=39)
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg(source="idx", path=str(tmp_path / "m")), out_dir=tmp_path / "p")
+    msg = str(err.value)
+    assert "train-images-idx3-ubyte.gz has 40 images" in msg
+    assert "train-labels-idx1-ubyte.gz has 39 labels" in msg
+
+
+def test_folder_source_skips_bad_images_and_reports_them(tmp_path):
+    make_folder(tmp_path / "imgs")
+    out = tmp_path / "p"
+    result = prepare.run(cfg(source="folder", path=str(tmp_path / "imgs"), channels=3,
+                             val_fraction=0.34), out_dir=out)
+    data = load_prepared(out)
+    assert data.class_names == ["cat", "dog", "emu", "fox"]
+    assert data.manifest["splits"]["train"]["count"] + data.manifest["splits"]["val"]["count"] == 12
+    report = json.loads((out / "report.json").read_text())["skipped"]
+    reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in report}
+    assert reasons["empty.png"] == "empty file (0 bytes)"
+    assert reasons["garbage.jpg"] == "not a decodable image"
+    assert "truncated" in reasons["truncated.png"] or "decode" in reasons["truncated.png"]
+    assert result.metrics["skipped_images"] == 3
+    assert "garbage.jpg" in result.summary  # the stage report lists path and reason
+
+
+def test_folder_source_fail_mode_names_the_file(tmp_path):
+    make_folder(tmp_path / "imgs")
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg(source="folder", path=str(tmp_path / "imgs"), on_bad_image="fail"),
+                    out_dir=tmp_path / "p")
+    assert "empty.png: empty file (0 bytes)" in str(err.value)
+    assert not (tmp_path / "p").exists()
+
+
+def test_npz_source_and_its_errors(tmp_path):
+    f = tmp_path / "d.npz"
+    rng = np.random.default_rng(1)
+    np.savez(f, images=rng.integers(0, 256, (30, 9, 9, 3), dtype=np.uint8),
+             labels=np.arange(30) % 3, class_names=np.array(["a", "b", "c"]))
+    prepare.run(cfg(source="npz", path=str(f), channels=3), out_dir=tmp_path / "p")
+    assert load_prepared(tmp_path / "p").class_names == ["a", "b", "c"]
+    np.savez(f, images=np.zeros((5, 9, 9), np.float32), labels=np.arange(5))
+    with pytest.raises(DataError, match="'images' must be uint8, got float32"):
+        prepare.run(cfg(source="npz", path=str(f)), out_dir=tmp_path / "q")
+    np.savez(f, images=np.zeros((5, 9, 9), np.uint8), labels=np.arange(4))
+    with pytest.raises(DataError, match="5 images but 4 labels"):
+        prepare.run(cfg(source="npz", path=str(f)), out_dir=tmp_path / "q")
+
+
+def test_empty_sources_fail_clearly(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no usable images"):
+        prepare.run(cfg(source="folder", path=str(tmp_path / "empty")), out_dir=tmp_path / "p")
+    make_folder(tmp_path / "allbad", per_class=0)
+    with pytest.raises(DataError, match="3 file\\(s\\) could not be decoded"):
+        prepare.run(cfg(source="folder", path=str(tmp_path / "allbad")), out_dir=tmp_path / "p")
+    with pytest.raises(DataError, match="does not exist"):
+        prepare.run(cfg(source="npz", path=str(tmp_path / "nope.npz")), out_dir=tmp_path / "p")
+    with pytest.raises(DataError, match="no IDX image files"):
+        prepare.run(cfg(source="idx", path=str(tmp_path / "empty")), out_dir=tmp_path / "p")
+    assert not (tmp_path / "p").exists()
+
+
+def test_failed_run_keeps_previous_good_output(tmp_path):
+    out = tmp_path / "p"
+    prepare.run(cfg(max_images=100), out_dir=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    make_folder(tmp_path / "imgs")
+    with pytest.raises(DataError):
+        prepare.run(cfg(source="folder", path=str(tmp_path / "imgs"), on_bad_image="fail"),
+                    out_dir=out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "p"]
+
+
+def test_folder_source_on_s3(tmp_path, s3_bucket):
+    local = tmp_path / "imgs"
+    make_folder(local, bad=True)
+    for f in storage.list_files(local):
+        rel = f[len(str(local)) + 1:]
+        storage.write_bytes_atomic(f"s3://{s3_bucket}/imgs/{rel}", storage.read_bytes(f))
+    out_s3, out_local = tmp_path / "from_s3", tmp_path / "from_local"
+    res = prepare.run(cfg(source="folder", path=f"s3://{s3_bucket}/imgs"), out_dir=out_s3)
+    prepare.run(cfg(source="folder", path=str(local)), out_dir=out_local)
+    assert res.metrics["skipped_images"] == 3
+    assert (out_s3 / "train-00000.images.npy").read_bytes() == \
+        (out_local / "train-00000.images.npy").read_bytes()
+    # the fingerprint hashes relative paths and bytes, so it is the same wherever they live
+    assert load_prepared(out_s3).manifest["source"]["fingerprint"] == \
+        load_prepared(out_local).manifest["source"]["fingerprint"]
