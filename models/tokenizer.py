@@ -1,0 +1,639 @@
+"""Compact latent image tokenizers: TiTok-style 1D tokens or a 2D patch-grid baseline.
+
+One file holds the config, the blocks, the three quantizers (KL, FSQ, VQ), the model and
+the size registry. Images are float tensors in [-1, 1] of shape (B, C, H, W); latents are
+(B, K, D) with K tokens of dimension D.
+
+- ``layout='1d'`` (TiTok): the encoder reads N patch embeddings plus K learned latent
+  tokens and only the K latent outputs leave it; the decoder rebuilds the N patches from
+  the K latents plus N mask tokens.
+- ``layout='2d'``: every patch is its own latent token (K = N).
+
+Nested dropout (FlexTok) replaces tokens at positions >= keep by a learned "dropped"
+embedding before decoding, so any prefix decodes. Latent perturbation (RobustTok) moves a
+fraction of tokens to nearby codes (or adds noise for KL latents); it is the training
+augmentation and the basis of the pFD metric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LAYOUTS = ("1d", "2d")
+QUANTIZERS = ("kl", "fsq", "vq")
+
+
+@dataclass(kw_only=True)
+class TokenizerModelConfig:
+    """Architecture and quantizer of a :class:`Tokenizer`."""
+
+    image_size: int
+    """Height and width of the (square) input images in pixels."""
+    channels: int
+    """Image channels (1 for grayscale, 3 for RGB)."""
+    width: int
+    """Transformer width of encoder and decoder."""
+    depth: int
+    """Number of transformer blocks in the encoder; the decoder uses the same."""
+    heads: int
+    """Attention heads; must divide ``width``."""
+    layout: str = "1d"
+    """'1d' (K learned latent tokens, TiTok) or '2d' (one latent token per patch)."""
+    patch_size: int = 4
+    """Side of the square patches; must divide ``image_size``."""
+    mlp_ratio: float = 4.0
+    """Hidden width of the MLP as a multiple of ``width``."""
+    num_tokens: int = 16
+    """K, the number of latent tokens for '1d'; ignored for '2d' (K = number of patches)."""
+    token_dim: int = 4
+    """D, the dimension of each latent token."""
+    quantizer: str = "kl"
+    """'kl' (continuous, diagonal Gaussian), 'fsq' (finite scalar) or 'vq' (codebook)."""
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 5, 5, 5])
+    """FSQ levels per latent dimension; ``len(fsq_levels)`` must equal ``token_dim``."""
+    codebook_size: int = 1024
+    """VQ codebook entries."""
+    commitment: float = 0.25
+    """VQ commitment weight (beta)."""
+    entropy_weight: float = 0.0
+    """VQ entropy-loss weight; 0 turns the term off."""
+    kl_weight: float = 1e-4
+    """Weight of the KL term to N(0, 1) for the 'kl' quantizer."""
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {self.quantizer!r}")
+        for name in (
+            "image_size",
+            "channels",
+            "patch_size",
+            "width",
+            "depth",
+            "heads",
+            "num_tokens",
+            "token_dim",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if self.quantizer == "fsq":
+            if len(self.fsq_levels) != self.token_dim:
+                raise ValueError(
+                    f"fsq needs token_dim == len(fsq_levels): token_dim {self.token_dim}, "
+                    f"fsq_levels {self.fsq_levels} (length {len(self.fsq_levels)})"
+                )
+            if any(level < 2 for level in self.fsq_levels):
+                raise ValueError(f"every fsq level must be >= 2, got {self.fsq_levels}")
+        if self.quantizer == "vq" and self.codebook_size < 2:
+            raise ValueError(f"vq codebook_size must be >= 2, got {self.codebook_size}")
+        for name in ("commitment", "entropy_weight", "kl_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def num_patches(self) -> int:
+        """N, the number of patches per image."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def latent_tokens(self) -> int:
+        """K as the model uses it: ``num_tokens`` for '1d', the patch count for '2d'."""
+        return self.num_tokens if self.layout == "1d" else self.num_patches
+
+
+# Only the transformer shape differs between sizes; everything else comes from overrides.
+TOKENIZER_SIZES: dict[str, dict] = {
+    "tiny": {"width": 64, "depth": 2, "heads": 4},
+    "small": {"width": 128, "depth": 4, "heads": 4},
+    "base": {"width": 256, "depth": 6, "heads": 8},
+    "large": {"width": 512, "depth": 8, "heads": 8},
+}
+
+
+def tokenizer_config(size: str, **overrides) -> TokenizerModelConfig:
+    """Build a config from a ``TOKENIZER_SIZES`` key plus field overrides."""
+    if size not in TOKENIZER_SIZES:
+        raise ValueError(f"unknown tokenizer size {size!r}; choose from {list(TOKENIZER_SIZES)}")
+    return TokenizerModelConfig(**{**TOKENIZER_SIZES[size], **overrides})
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over (B, T, W) using scaled_dot_product_attention."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, W) -> (B, T, W)."""
+        b, t, w = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, heads, T, W/heads)
+        return self.proj(out.transpose(1, 2).reshape(b, t, w))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, W) -> (B, T, W)."""
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks with a final LayerNorm."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, W) -> (B, T, W)."""
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+# ------------------------------------------------------------------------- quantizers
+
+
+@dataclass
+class QuantizerOutput:
+    """What every quantizer returns; ``loss`` is already weighted."""
+
+    latents: torch.Tensor  # (B, K, D)
+    loss: torch.Tensor  # scalar
+    stats: dict[str, torch.Tensor]
+    codes: torch.Tensor | None = None  # (B, K) long, discrete quantizers only
+    mean: torch.Tensor | None = None  # (B, K, D), kl only
+    logvar: torch.Tensor | None = None  # (B, K, D), kl only
+
+
+def _select_tokens(
+    shape: torch.Size, fraction: float, device: torch.device, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Bernoulli(fraction) mask over the (B, K) token grid."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    # rand is in [0, 1), so fraction 0 selects nothing and fraction 1 selects everything.
+    return torch.rand(shape, generator=generator, device=device) < fraction
+
+
+def perturb_latents(
+    latents: torch.Tensor,
+    fraction: float,
+    sigma: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Add N(0, sigma^2) noise to a random ``fraction`` of the (B, K, D) tokens."""
+    mask = _select_tokens(latents.shape[:2], fraction, latents.device, generator)  # (B, K)
+    noise = torch.randn(
+        latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+    )
+    return latents + sigma * noise * mask.unsqueeze(-1)
+
+
+@torch.no_grad()
+def _code_usage(codes: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Fraction of the vocabulary used in the batch and the perplexity of code usage."""
+    counts = torch.bincount(codes.flatten(), minlength=vocab_size).float()
+    probs = counts / counts.sum()
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
+
+
+class KLQuantizer(nn.Module):
+    """Diagonal Gaussian posterior: input (B, K, 2D) = (mean, logvar), output (B, K, D)."""
+
+    def __init__(self, token_dim: int, kl_weight: float) -> None:
+        super().__init__()
+        self.token_dim = token_dim
+        self.in_dim = 2 * token_dim
+        self.kl_weight = kl_weight
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        sample: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> QuantizerOutput:
+        """z: (B, K, 2D). Samples when ``sample`` (default: in training mode), else the mean."""
+        mean, logvar = z.chunk(2, dim=-1)  # (B, K, D) each
+        # Bounds keep exp(logvar) finite early in training, as in the LDM autoencoder.
+        logvar = logvar.clamp(-30.0, 20.0)
+        if sample is None:
+            sample = self.training
+        latents = mean
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, device=z.device, dtype=z.dtype)
+            latents = mean + torch.exp(0.5 * logvar) * eps
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        return QuantizerOutput(
+            latents=latents,
+            loss=self.kl_weight * kl,
+            stats={"kl": kl.detach(), "posterior_std": torch.exp(0.5 * logvar).mean().detach()},
+            mean=mean,
+            logvar=logvar,
+        )
+
+
+class FSQuantizer(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023) with a straight-through estimator.
+
+    Dimension i is bounded with a shifted tanh so that rounding yields exactly ``levels[i]``
+    integers; even level counts get the paper's half-step offset (values -L/2 .. L/2 - 1).
+    The integer codes 0 .. L-1 are mapped to an evenly spaced grid on exactly [-1, 1] for
+    every L (the paper divides by L // 2, which leaves even levels on [-1, 1 - 2/L]).
+    """
+
+    levels: torch.Tensor
+    basis: torch.Tensor
+
+    def __init__(self, levels: list[int], eps: float = 1e-3) -> None:
+        super().__init__()
+        self.token_dim = len(levels)
+        self.in_dim = len(levels)
+        self.eps = eps
+        self.vocab_size = math.prod(levels)
+        levels_t = torch.tensor(levels, dtype=torch.long)
+        basis = torch.cumprod(torch.cat([torch.ones(1, dtype=torch.long), levels_t[:-1]]), 0)
+        # Buffers follow .to(device) without being trainable; not saved, since config defines them.
+        self.register_buffer("levels", levels_t, persistent=False)
+        self.register_buffer("basis", basis, persistent=False)
+
+    def _bound(self, z: torch.Tensor) -> torch.Tensor:
+        """Squash z: (..., D) so that round() gives levels[i] values -L//2 .. (L-1)//2."""
+        levels = self.levels.to(z.dtype)
+        half = (levels - 1) * (1 + self.eps) / 2
+        offset = (self.levels % 2 == 0).to(z.dtype) * 0.5
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def _digits_to_latents(self, digits: torch.Tensor) -> torch.Tensor:
+        """Integer (or straight-through) digits 0 .. L-1: (..., D) -> latents in [-1, 1]."""
+        return digits * (2.0 / (self.levels - 1).to(digits.dtype)) - 1.0
+
+    def forward(self, z: torch.Tensor, **_: object) -> QuantizerOutput:
+        """z: (B, K, D) -> latents (B, K, D) on the FSQ grid, codes (B, K)."""
+        # Rounding in bf16 would misplace codes near level boundaries.
+        z = z.float()
+        bounded = self._bound(z)
+        rounded = bounded + (bounded.round() - bounded).detach()  # straight-through
+        digits = rounded + (self.levels // 2).to(z.dtype)  # (B, K, D) values 0 .. L-1
+        latents = self._digits_to_latents(digits)
+        codes = self.digits_to_codes(digits.detach().round().long())
+        return QuantizerOutput(
+            latents=latents,
+            loss=z.new_zeros(()),
+            stats=_code_usage(codes, self.vocab_size),
+            codes=codes,
+        )
+
+    def digits_to_codes(self, digits: torch.Tensor) -> torch.Tensor:
+        """Per-dimension integer codes (..., D) -> flat mixed-radix index (...)."""
+        return (digits * self.basis).sum(-1)
+
+    def codes_to_digits(self, codes: torch.Tensor) -> torch.Tensor:
+        """Flat index (...) -> per-dimension integer codes (..., D) in 0 .. L-1."""
+        return (codes.unsqueeze(-1) // self.basis) % self.levels
+
+    def codes_to_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """Flat codes (B, K) -> latents (B, K, D) in [-1, 1]."""
+        return self._digits_to_latents(self.codes_to_digits(codes).float())
+
+    def latents_to_codes(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents on the FSQ grid (B, K, D) -> flat codes (B, K)."""
+        digits = ((latents + 1.0) * (self.levels - 1) / 2.0).round().long()
+        return self.digits_to_codes(digits)
+
+    def perturb_codes(
+        self, codes: torch.Tensor, fraction: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Move every dimension of a random ``fraction`` of tokens one level up or down.
+
+        At the edge of a dimension the step is reflected rather than clamped, so a selected
+        token always changes (a clamped step would silently leave some tokens untouched).
+        """
+        mask = _select_tokens(codes.shape, fraction, codes.device, generator)  # (B, K)
+        digits = self.codes_to_digits(codes)  # (B, K, D)
+        signs = torch.randint(0, 2, digits.shape, generator=generator, device=codes.device)
+        step = 2 * signs - 1
+        moved = digits + step
+        moved = torch.where((moved < 0) | (moved >= self.levels), digits - step, moved)
+        return torch.where(mask, self.digits_to_codes(moved), codes)
+
+
+class VectorQuantizer(nn.Module):
+    """Cosine-similarity VQ (TiTok/ViT-VQGAN style): L2-normalised inputs and codebook."""
+
+    def __init__(
+        self,
+        codebook_size: int,
+        token_dim: int,
+        commitment: float = 0.25,
+        entropy_weight: float = 0.0,
+        entropy_temperature: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.token_dim = token_dim
+        self.in_dim = token_dim
+        self.vocab_size = codebook_size
+        self.commitment = commitment
+        self.entropy_weight = entropy_weight
+        # Cosine similarities lie in [-1, 1]; a low temperature makes the soft assignment
+        # used by the entropy loss sharp enough to resemble the hard argmax.
+        self.entropy_temperature = entropy_temperature
+        self.codebook = nn.Embedding(codebook_size, token_dim)
+        nn.init.normal_(self.codebook.weight)
+
+    def normalized_codebook(self) -> torch.Tensor:
+        """(codebook_size, D) unit-norm codes."""
+        return F.normalize(self.codebook.weight, dim=-1)
+
+    def forward(self, z: torch.Tensor, **_: object) -> QuantizerOutput:
+        """z: (B, K, D) -> unit-norm latents (B, K, D), codes (B, K)."""
+        z = F.normalize(z, dim=-1)
+        codebook = self.normalized_codebook()  # (V, D)
+        similarity = z @ codebook.t()  # (B, K, V)
+        codes = similarity.argmax(-1)  # (B, K)
+        quantized = codebook[codes]  # (B, K, D)
+        codebook_loss = F.mse_loss(quantized, z.detach())
+        commitment_loss = F.mse_loss(z, quantized.detach())
+        loss = codebook_loss + self.commitment * commitment_loss
+        stats = {
+            "codebook_loss": codebook_loss.detach(),
+            "commitment_loss": commitment_loss.detach(),
+            **_code_usage(codes, self.vocab_size),
+        }
+        if self.entropy_weight > 0:
+            entropy_loss = self._entropy_loss(similarity)
+            loss = loss + self.entropy_weight * entropy_loss
+            stats["entropy_loss"] = entropy_loss.detach()
+        return QuantizerOutput(
+            latents=z + (quantized - z).detach(), loss=loss, stats=stats, codes=codes
+        )
+
+    def _entropy_loss(self, similarity: torch.Tensor) -> torch.Tensor:
+        """Low per-token entropy (confident) minus high batch entropy (diverse usage)."""
+        logits = similarity.flatten(0, -2).float() / self.entropy_temperature  # (B*K, V)
+        probs = logits.softmax(-1)
+        log_probs = logits.log_softmax(-1)
+        per_token = -(probs * log_probs).sum(-1).mean()
+        mean_probs = probs.mean(0)
+        batch = -(mean_probs * torch.log(mean_probs.clamp_min(1e-12))).sum()
+        return per_token - batch
+
+    def codes_to_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (B, K) -> unit-norm latents (B, K, D)."""
+        return self.normalized_codebook()[codes]
+
+    @torch.no_grad()
+    def nearest_codes(self, k: int = 8) -> torch.Tensor:
+        """(V, k) indices of each code's k most similar other codes, most similar first."""
+        codebook = self.normalized_codebook()
+        similarity = codebook @ codebook.t()  # (V, V)
+        similarity.fill_diagonal_(-float("inf"))
+        return similarity.topk(min(k, self.vocab_size - 1), dim=-1).indices
+
+    @torch.no_grad()
+    def perturb_codes(
+        self,
+        codes: torch.Tensor,
+        fraction: float,
+        generator: torch.Generator | None = None,
+        k: int = 8,
+    ) -> torch.Tensor:
+        """Replace a random ``fraction`` of (B, K) codes by one of their k nearest codes."""
+        mask = _select_tokens(codes.shape, fraction, codes.device, generator)
+        neighbours = self.nearest_codes(k)  # (V, k)
+        pick = torch.randint(
+            0, neighbours.shape[1], codes.shape, generator=generator, device=codes.device
+        )
+        replaced = neighbours[codes, pick]  # (B, K)
+        return torch.where(mask, replaced, codes)
+
+
+Quantizer = KLQuantizer | FSQuantizer | VectorQuantizer
+
+
+def build_quantizer(cfg: TokenizerModelConfig) -> Quantizer:
+    """The quantizer named by ``cfg.quantizer``."""
+    if cfg.quantizer == "kl":
+        return KLQuantizer(cfg.token_dim, cfg.kl_weight)
+    if cfg.quantizer == "fsq":
+        return FSQuantizer(cfg.fsq_levels)
+    return VectorQuantizer(cfg.codebook_size, cfg.token_dim, cfg.commitment, cfg.entropy_weight)
+
+
+# ------------------------------------------------------------------------------ model
+
+
+@dataclass
+class TokenizerEncoding:
+    """Result of :meth:`Tokenizer.encode`."""
+
+    latents: torch.Tensor
+    """(B, K, D) quantized (fsq/vq) or sampled / mean (kl) latents; what the decoder reads."""
+    aux_loss: torch.Tensor
+    """Scalar, the weighted quantizer loss to add to the reconstruction loss."""
+    stats: dict[str, torch.Tensor]
+    """Detached scalar statistics (usage, perplexity, kl, ...); call float() to log."""
+    codes: torch.Tensor | None = None
+    """(B, K) long codes for fsq/vq, None for kl."""
+    mean: torch.Tensor | None = None
+    """(B, K, D) posterior mean for kl, else None."""
+    logvar: torch.Tensor | None = None
+    """(B, K, D) clamped posterior log-variance for kl, else None."""
+
+
+class Tokenizer(nn.Module):
+    """ViT autoencoder with a quantized bottleneck of K tokens of dimension D."""
+
+    def __init__(self, cfg: TokenizerModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w, n, k = cfg.width, cfg.num_patches, cfg.latent_tokens
+        self.grid = cfg.image_size // cfg.patch_size
+
+        self.patch_embed = nn.Conv2d(cfg.channels, w, cfg.patch_size, stride=cfg.patch_size)
+        self.enc_pos = nn.Parameter(torch.zeros(1, n, w))
+        if cfg.layout == "1d":
+            # Learned per position, so the tokens double as their own positional embedding.
+            self.latent_tokens = nn.Parameter(torch.zeros(1, k, w))
+        self.encoder = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio)
+        self.quantizer: Quantizer = build_quantizer(cfg)
+        self.enc_proj = nn.Linear(w, self.quantizer.in_dim)
+
+        self.dec_proj = nn.Linear(cfg.token_dim, w)
+        self.dec_latent_pos = nn.Parameter(torch.zeros(1, k, w))
+        self.dropped_token = nn.Parameter(torch.zeros(1, 1, w))
+        if cfg.layout == "1d":
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, w))
+            self.dec_patch_pos = nn.Parameter(torch.zeros(1, n, w))
+        self.decoder = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio)
+        self.to_pixels = nn.Linear(w, cfg.patch_size**2 * cfg.channels)
+        self.apply(self._init_weights)
+        for table in (self.enc_pos, self.dec_latent_pos, self.dropped_token):
+            nn.init.normal_(table, std=0.02)
+        if cfg.layout == "1d":
+            for table in (self.latent_tokens, self.mask_token, self.dec_patch_pos):
+                nn.init.normal_(table, std=0.02)
+        # The bottleneck projections start at unit scale: latents then match the N(0, 1)
+        # prior and spread over the FSQ levels, and the noise of KL sampling does not drown
+        # them (with std 0.02 the first hundreds of steps only learn to shrink logvar).
+        nn.init.normal_(self.enc_proj.weight, std=cfg.width**-0.5)
+        nn.init.normal_(self.dec_proj.weight, std=cfg.token_dim**-0.5)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """ViT-style init: truncated-normal linear weights, zero biases."""
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def num_tokens(self) -> int:
+        """K, the number of latent tokens per image."""
+        return self.cfg.latent_tokens
+
+    @property
+    def token_dim(self) -> int:
+        """D, the dimension of each latent token."""
+        return self.cfg.token_dim
+
+    @property
+    def is_discrete(self) -> bool:
+        """True for fsq and vq, whose latents are indexed by integer codes."""
+        return self.cfg.quantizer != "kl"
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Number of distinct codes per token (fsq: prod(levels), vq: codebook), else None."""
+        return getattr(self.quantizer, "vocab_size", None)
+
+    def encode(
+        self,
+        x: torch.Tensor,
+        sample: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> TokenizerEncoding:
+        """x: (B, C, H, W) in [-1, 1] -> :class:`TokenizerEncoding` with latents (B, K, D).
+
+        ``sample`` only matters for kl: draw from the posterior (default in training mode)
+        or return its mean (default in eval mode).
+        """
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.enc_pos  # (B, N, W)
+        if self.cfg.layout == "1d":
+            latent = self.latent_tokens.expand(x.shape[0], -1, -1)  # (B, K, W)
+            h = self.encoder(torch.cat([h, latent], dim=1))[:, -self.num_tokens :]  # (B, K, W)
+        else:
+            h = self.encoder(h)  # (B, N, W), N = K
+        q = self.quantizer(self.enc_proj(h), sample=sample, generator=generator)
+        return TokenizerEncoding(
+            latents=q.latents,
+            aux_loss=q.loss,
+            stats=q.stats,
+            codes=q.codes,
+            mean=q.mean,
+            logvar=q.logvar,
+        )
+
+    def decode(self, latents: torch.Tensor, keep: torch.Tensor | int | None = None) -> torch.Tensor:
+        """latents: (B, K, D) -> images (B, C, H, W), unbounded (train towards [-1, 1]).
+
+        ``keep`` (B,) or int: tokens at positions >= keep are replaced by the learned dropped
+        token, so their values cannot affect the output (nested dropout).
+        """
+        b, k, _ = latents.shape
+        h = self.dec_proj(latents)  # (B, K, W)
+        if keep is not None:
+            keep_t = torch.as_tensor(keep, device=latents.device).reshape(-1, 1)  # (B or 1, 1)
+            dropped = torch.arange(k, device=latents.device).unsqueeze(0) >= keep_t  # (B, K)
+            h = torch.where(dropped.unsqueeze(-1), self.dropped_token.to(h.dtype), h)
+        h = h + self.dec_latent_pos
+        if self.cfg.layout == "1d":
+            n = self.cfg.num_patches
+            mask = self.mask_token.expand(b, n, -1) + self.dec_patch_pos  # (B, N, W)
+            h = self.decoder(torch.cat([mask, h], dim=1))[:, :n]  # (B, N, W)
+        else:
+            h = self.decoder(h)  # (B, N, W)
+        return self.unpatchify(self.to_pixels(h))
+
+    def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W), patches in row-major order."""
+        b, g, p, c = patches.shape[0], self.grid, self.cfg.patch_size, self.cfg.channels
+        x = patches.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, g, p, g, p)
+        return x.reshape(b, c, g * p, g * p)
+
+    def forward(
+        self, x: torch.Tensor, keep: torch.Tensor | int | None = None
+    ) -> tuple[torch.Tensor, TokenizerEncoding]:
+        """x: (B, C, H, W) -> (reconstruction (B, C, H, W), encoding)."""
+        enc = self.encode(x)
+        return self.decode(enc.latents, keep=keep), enc
+
+    def sample_keep(
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """(batch,) prefix lengths drawn uniformly from 1 .. K for nested dropout."""
+        return torch.randint(1, self.num_tokens + 1, (batch,), generator=generator, device=device)
+
+    def codes_to_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """Discrete codes (B, K) -> latents (B, K, D) as the decoder reads them."""
+        if isinstance(self.quantizer, KLQuantizer):
+            raise ValueError("codes_to_latents needs a discrete quantizer (fsq or vq), not kl")
+        return self.quantizer.codes_to_latents(codes)
+
+    def perturb_codes(
+        self, codes: torch.Tensor, fraction: float, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Replace a random ``fraction`` of (B, K) codes by nearby codes (RobustTok).
+
+        vq: one of the 8 nearest codebook entries; fsq: every dimension moved one level.
+        """
+        if isinstance(self.quantizer, KLQuantizer):
+            raise ValueError("perturb_codes needs fsq or vq; use perturb_latents for kl")
+        return self.quantizer.perturb_codes(codes, fraction, generator=generator)
+
+    def perturb_latents(
+        self,
+        latents: torch.Tensor,
+        fraction: float,
+        sigma: float,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Add N(0, sigma^2) noise to a random ``fraction`` of the (B, K, D) tokens (RobustTok)."""
+        return perturb_latents(latents, fraction, sigma, generator=generator)
