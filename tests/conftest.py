@@ -97,3 +97,6 @@ def make_project(tmp_path):
         return root
 
     return make
+
+
+from conftest_ray import ray_local  # noqa: E402, F401  (session-scoped local Ray instance)

@@ -1,0 +1,594 @@
+"""The training loop every stage shares: AdamW, warm-up + cosine, clipping, EMA, checkpoints.
+
+A stage describes its problem as a `TrainSpec` (how to build the model, the loss, the arrays)
+and calls `train(spec, cfg, compute, ckpt_dir, tracker)`. The same loop runs in this process
+(one worker, no cluster address) or in each Ray Train worker (DDP), and:
+
+- resumes by itself from the newest committed checkpoint in `ckpt_dir`; a run whose checkpoint
+  already reached `cfg.steps` returns at once; checkpoints of a different configuration
+  (anything but save_every/keep_last/log_every, or other data shapes) are discarded;
+- is exactly reproducible on the CPU, across crashes: the global batch of update `step` is a
+  pure function of (seed, step), and before every update the torch (CPU and CUDA), numpy and
+  `random` global generators are seeded from (seed, step, rank), so a loss function may draw
+  noise (torch.randn, dropout) and a resumed run draws the same. The noise differs between
+  ranks, so with random losses a 2-worker run matches a 1-worker run only in distribution;
+- splits each global batch into contiguous per-rank slices; with mean losses and DDP's
+  gradient averaging, N workers follow the 1-worker run up to float reduction order;
+- writes metric rows (rank 0) to `ckpt_dir/metrics.jsonl`; only the driver forwards them to
+  the tracker (live in-process; while Ray trains, the driver tails the file).
+
+Steps count from 1: after update `step` the weights are those of checkpoint `step-NNNNNN`, and
+`loss_fn(model, batch, step)` computes update `step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import mmap
+import random
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from latentforge import checkpoint as ckpt
+from latentforge.checkpoint import load_checkpoint_weights
+from latentforge.raycluster import init_ray, use_ray
+from latentforge.storage import write_bytes_atomic
+from latentforge.tracking import Tracker
+
+if TYPE_CHECKING:
+    from latentforge.config import ComputeConfig, TrainConfig
+
+__all__ = ["EMA", "GlobalBatchSampler", "TrainResult", "TrainSpec", "clip_gradients",
+           "default_collate", "load_checkpoint_weights", "lr_at", "read_metrics", "seed_step",
+           "train", "unwrap_model"]
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+STATS_FILE = "last_run.json"
+# Fields that change bookkeeping, not the weights: a checkpoint written under other values of
+# these is still resumed.
+BOOKKEEPING_FIELDS = ("save_every", "keep_last", "log_every")
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch, int], tuple[torch.Tensor, dict[str, Any]]]
+Collate = Callable[[dict[str, np.ndarray], torch.device], Batch]
+
+
+def default_collate(arrays: dict[str, np.ndarray], device: torch.device) -> Batch:
+    """uint8 (B, H, W, C) arrays -> float (B, C, H, W) in [-1, 1]; other arrays as they are."""
+    batch = {}
+    for key, value in arrays.items():
+        # Move to the device before converting, so that uint8 (a quarter of the bytes) travels.
+        tensor = torch.from_numpy(np.ascontiguousarray(value)).to(device, non_blocking=True)
+        if value.dtype == np.uint8 and value.ndim == 4:
+            tensor = tensor.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+            tensor = tensor.div_(127.5).sub_(1.0)
+        batch[key] = tensor
+    return batch
+
+
+@dataclass
+class TrainSpec:
+    """What to train: the model, its loss and the arrays it learns from."""
+
+    build_model: Callable[[], nn.Module]
+    """Builds the model on the CPU; picklable for Ray (a top-level function or functools.partial)."""
+    loss_fn: LossFn
+    """(model, batch, step) -> (scalar mean loss, metrics). `model` is DDP-wrapped on several
+    workers: call it (model(x)) rather than its methods, or gradients are not averaged; use
+    `unwrap_model` for attributes. Metrics may be floats or 0-dim tensors; they are averaged
+    over the logging window and the workers."""
+    data: dict[str, np.ndarray]
+    """Arrays indexed along axis 0, e.g. {"images": uint8 (N, H, W, C), "labels": int64 (N,)};
+    np.memmap files are reopened by Ray workers (shared filesystem), other arrays are shipped."""
+    collate: Collate = default_collate
+    """(arrays of one rank's batch, device) -> batch tensors on the device."""
+
+
+@dataclass
+class TrainResult:
+    """What `train` hands back; weights are CPU tensors from the final checkpoint."""
+
+    ema_state: dict[str, torch.Tensor]
+    model_state: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    steps: int
+    resumed_from: int
+    images_per_s: float
+    seconds: float
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of one update (small, pure, tested on their own).
+# --------------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of update `step` (1-based): linear warm-up, then cosine to lr*min_lr_ratio."""
+    if step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    decay_steps = cfg.steps - cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_gradients(parameters: Any, max_norm: float) -> torch.Tensor:
+    """Scale gradients so their global norm is at most `max_norm` (0: leave them); return the norm."""
+    # With an infinite bound torch still reports the norm and scales by exactly 1.
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+
+
+class EMA:
+    """Exponential moving average of a model's state; with decay 0 it is the model itself."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self._model = model
+        live = model.state_dict()
+        self._state = {k: v.detach().clone() for k, v in live.items()} if decay > 0 else None
+        # state_dict() tensors share storage with the model, so these pairs stay current.
+        self._pairs = list(zip(self._state.values(), live.values(), strict=True)) if self._state else []
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Step the EMA towards the current model: ema = decay * ema + (1 - decay) * weights."""
+        for avg, now in self._pairs:
+            if avg.is_floating_point():
+                avg.lerp_(now, 1.0 - self.decay)
+            else:  # integer buffers (counters) are copied, not averaged
+                avg.copy_(now)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state if self._state is not None else self._model.state_dict()
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self._state is None:
+            return
+        for key, avg in self._state.items():
+            avg.copy_(state[key])
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class GlobalBatchSampler:
+    """The global batch of every update as a pure function of (seed, step), so nothing to save.
+
+    Epochs are seeded permutations of all examples read back to back; update `step` takes the
+    next `batch_size` positions (a batch may span two epochs). Every rank computes the same
+    global batch and takes its contiguous slice.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int) -> None:
+        if num_examples < 1:
+            raise ValueError("no training examples")
+        self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            if len(self._cache) > 1:
+                self._cache.pop(min(self._cache))
+            rng = np.random.default_rng([self.seed, epoch, 0xDA7A])
+            self._cache[epoch] = rng.permutation(self.num_examples)
+        return self._cache[epoch]
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Example indices of update `step`'s global batch, (batch_size,)."""
+        positions = np.arange((step - 1) * self.batch_size, step * self.batch_size)
+        epochs = positions // self.num_examples
+        out = np.empty(self.batch_size, dtype=np.int64)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            out[mask] = self._permutation(int(epoch))[positions[mask] % self.num_examples]
+        return out
+
+    def rank_indices(self, step: int, rank: int, world_size: int) -> np.ndarray:
+        """This rank's contiguous slice of the global batch, sorted for memmap locality."""
+        per_rank = self.batch_size // world_size
+        return np.sort(self.global_indices(step)[rank * per_rank:(rank + 1) * per_rank])
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and random for update `step` on `rank`."""
+    value = int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+
+
+def capture_rng() -> dict[str, Any]:
+    """The global RNG states as tensors and plain containers (torch.load weights_only reads them)."""
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    _, keys, pos, has_gauss, cached = legacy
+    version, py_state, gauss = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "state": list(py_state), "gauss": gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    """Put back what `capture_rng` took."""
+    torch.set_rng_state(states["torch"])
+    npy = states["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    py = states["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def run_fingerprint(cfg: TrainConfig, data: dict[str, np.ndarray]) -> str:
+    """What must match for a checkpoint to be resumed: the config (less bookkeeping), data shapes."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING_FIELDS}
+    fields["data"] = {k: [str(v.dtype), list(v.shape)] for k, v in data.items()}
+    return json.dumps(fields, sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------------------------
+# Metric rows: rank 0 appends, the driver reads.
+# --------------------------------------------------------------------------------------------
+
+
+def read_metrics(ckpt_dir: str | Path) -> list[dict[str, float]]:
+    """All metric rows in `ckpt_dir/metrics.jsonl` (a torn last line is skipped)."""
+    path = Path(ckpt_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _append_metrics(ckpt_dir: Path, row: dict[str, float]) -> None:
+    with open(ckpt_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def _keep_metrics_upto(ckpt_dir: Path, step: int) -> None:
+    """Drop rows of updates after `step`: a crashed attempt logged them and they will be redone."""
+    rows = [r for r in read_metrics(ckpt_dir) if r["step"] <= step]
+    write_bytes_atomic(ckpt_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+class _MetricsTail:
+    """Reads metric rows appended to a file since the last call (whole lines only)."""
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.path, self.offset = path, offset
+
+    def read_new(self) -> list[dict[str, float]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
+
+
+def _forward(tracker: Tracker, rows: list[dict[str, float]]) -> None:
+    for row in rows:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop, identical in-process and in a Ray worker.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    """Where the loop runs: rank, world size, device, and how to wrap the model (DDP or not)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    wrap: Callable[[nn.Module], nn.Module]
+
+
+@dataclass
+class _LoopStats:
+    steps_run: int
+    seconds: float
+    images_per_s: float
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _reduce_mean(values: list[torch.Tensor | float], worker: _Worker) -> list[float]:
+    """Average a few scalars over the workers (one all-reduce)."""
+    packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=worker.device).detach()
+                          for v in values])
+    if worker.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(packed)
+        packed /= worker.world_size
+    return packed.tolist()
+
+
+def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker,
+              progress: bool, on_row: Callable[[dict[str, float]], None] | None) -> _LoopStats:
+    """Train from the newest checkpoint (or from scratch) to `cfg.steps`; rank 0 writes files."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts)
+    model = spec.build_model()
+    latest = ckpt.latest_checkpoint(ckpt_dir)
+    resume = ckpt.load_checkpoint(latest) if latest is not None else None
+    if resume is not None:
+        model.load_state_dict(resume.model_state)
+    model = worker.wrap(model)
+    ema = EMA(unwrap_model(model), cfg.ema_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.train_state["optimizer"])
+        ema.load_state_dict(resume.ema_state)
+        # Steps reseed anyway; restoring keeps the global generators where the saving run left them.
+        restore_rng(resume.train_state["rng"])
+        start = resume.step
+        del resume
+    fingerprint = run_fingerprint(cfg, spec.data)
+    sampler = GlobalBatchSampler(len(next(iter(spec.data.values()))), cfg.batch_size, cfg.seed)
+    model.train()
+
+    sums: dict[str, torch.Tensor | float] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    loop_start = window_start
+    for step in range(start + 1, cfg.steps + 1):
+        seed_step(cfg.seed, step, worker.rank)
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = sampler.rank_indices(step, worker.rank, worker.world_size)
+        batch = spec.collate({k: v[idx] for k, v in spec.data.items()}, worker.device)
+        with torch.autocast(worker.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss, metrics = spec.loss_fn(model, batch, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        ema.update()
+
+        # Sum as tensors: no device sync until a row is logged.
+        for key, value in {**metrics, "loss": loss, "grad_norm": grad_norm}.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
+            sums[key] = sums.get(key, 0.0) + value
+        window_steps += 1
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            keys = sorted(sums)
+            means = _reduce_mean([sums[k] / window_steps for k in keys], worker)
+            now = time.perf_counter()
+            row = {"step": step, **dict(zip(keys, means, strict=True)), "lr": lr,
+                   "images_per_s": window_steps * cfg.batch_size / max(now - window_start, 1e-9)}
+            if not math.isfinite(row["loss"]):
+                raise FloatingPointError(f"loss is {row['loss']} at step {step}")
+            if worker.rank == 0:
+                _append_metrics(ckpt_dir, row)
+                if on_row is not None:
+                    on_row(row)
+                eta = (now - loop_start) / (step - start) * (cfg.steps - step)
+                line = (f"step {step}/{cfg.steps} loss {row['loss']:.4f} lr {lr:.2e} "
+                        f"{row['images_per_s']:.0f} img/s ETA {_format_eta(eta)}")
+                log.info(line)
+                if progress:
+                    print(line, file=sys.stderr, flush=True)
+            sums, window_steps, window_start = {}, 0, time.perf_counter()
+
+        if worker.rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+            ckpt.save_checkpoint(
+                ckpt_dir, step, unwrap_model(model).state_dict(), ema.state_dict(),
+                {"optimizer": optimizer.state_dict(), "rng": capture_rng(),
+                 "fingerprint": fingerprint}, keep_last=cfg.keep_last)
+
+    seconds = time.perf_counter() - loop_start
+    steps_run = cfg.steps - start
+    return _LoopStats(steps_run, seconds, steps_run * cfg.batch_size / max(seconds, 1e-9))
+
+
+# --------------------------------------------------------------------------------------------
+# Running it: in-process or on Ray Train.
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_ckpt_dir(ckpt_dir: Path, cfg: TrainConfig, data: dict[str, np.ndarray]) -> int:
+    """Clean leftovers, discard checkpoints of another configuration; return the resume step."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_partial(ckpt_dir)
+    latest = ckpt.latest_checkpoint(ckpt_dir)
+    if latest is None:
+        (ckpt_dir / METRICS_FILE).unlink(missing_ok=True)
+        return 0
+    state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != run_fingerprint(cfg, data):
+        log.warning("checkpoints in %s belong to another configuration or data; starting afresh",
+                    ckpt_dir)
+        ckpt.prune_checkpoints(ckpt_dir, keep_last=0)
+        (ckpt_dir / ckpt.LATEST_FILE).unlink(missing_ok=True)
+        (ckpt_dir / METRICS_FILE).unlink(missing_ok=True)
+        return 0
+    step = int(state["step"])
+    _keep_metrics_upto(ckpt_dir, step)
+    return step
+
+
+def _train_in_process(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: Path,
+                      tracker: Tracker, progress: bool) -> _LoopStats:
+    if compute.use_gpu and not torch.cuda.is_available():
+        raise RuntimeError("compute.use_gpu is set but torch sees no CUDA device")
+    device = torch.device("cuda" if compute.use_gpu else "cpu")
+    # In-process training keeps the process's torch thread count: cpus_per_worker sizes Ray
+    # workers, and the driver process owns the whole machine here.
+    worker = _Worker(rank=0, world_size=1, device=device, wrap=lambda m: m.to(device))
+    return _run_loop(spec, cfg, ckpt_dir, worker, progress,
+                     on_row=lambda row: _forward(tracker, [row]))
+
+
+def _share_array(array: np.ndarray) -> Any:
+    """A picklable handle Ray workers turn back into the array (see `_open_array`)."""
+    # A whole np.memmap (its buffer is the mapping itself) is reopened from its file; anything
+    # else, slices of memmaps included, goes through the object store once.
+    if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename:
+        return ("memmap", str(array.filename), array.dtype.str, array.shape, int(array.offset),
+                "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C")
+    import ray
+
+    return ("ref", ray.put(np.asarray(array)))
+
+
+def _open_array(handle: Any) -> np.ndarray:
+    if handle[0] == "memmap":
+        _, filename, dtype, shape, offset, order = handle
+        return np.memmap(filename, dtype=np.dtype(dtype), mode="r", shape=tuple(shape),
+                         offset=offset, order=order)
+    import ray
+
+    return ray.get(handle[1])
+
+
+def _ray_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker entry point: set threads, rebuild the spec, run the loop."""
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(config["cpus_per_worker"])
+    context = ray.train.get_context()
+    spec = dataclasses.replace(config["spec"],
+                               data={k: _open_array(h) for k, h in config["data"].items()})
+    device = ray.train.torch.get_device()
+    worker = _Worker(rank=context.get_world_rank(), world_size=context.get_world_size(),
+                     device=device, wrap=ray.train.torch.prepare_model)
+    ckpt_dir = Path(config["ckpt_dir"])
+    # No print here: Ray Train already forwards the workers' log records to the driver, and a
+    # print on top showed every progress line three times.
+    stats = _run_loop(spec, config["cfg"], ckpt_dir, worker, progress=False, on_row=None)
+    if worker.rank == 0:
+        write_bytes_atomic(ckpt_dir / STATS_FILE, json.dumps(dataclasses.asdict(stats)).encode())
+
+
+def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: Path,
+                  tracker: Tracker, progress: bool) -> _LoopStats:
+    import shutil
+
+    # `progress` has no say here: Ray forwards the workers' log lines to the driver by itself.
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    init_ray(compute)
+    (ckpt_dir / STATS_FILE).unlink(missing_ok=True)
+    ray_dir = ckpt_dir / f".ray-{uuid.uuid4().hex[:8]}"  # Ray Train's own run state; removed after
+    config = {"spec": dataclasses.replace(spec, data={}), "cfg": cfg,
+              "data": {k: _share_array(v) for k, v in spec.data.items()},
+              "ckpt_dir": str(ckpt_dir), "cpus_per_worker": compute.cpus_per_worker}
+    trainer = TorchTrainer(
+        _ray_worker, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
+                                     resources_per_worker={"CPU": compute.cpus_per_worker}),
+        run_config=RunConfig(name="train", storage_path=str(ray_dir)))
+
+    # fit() blocks; it runs in a thread so that this (driver) thread can forward metric rows
+    # to the tracker while training goes on (MLflow's active run is per thread).
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # handed to the driver thread below
+            failure.append(exc)
+
+    tail = _MetricsTail(ckpt_dir / METRICS_FILE, _metrics_size(ckpt_dir))
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            _forward(tracker, tail.read_new())
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    if failure:
+        raise failure[0]
+    stats = json.loads((ckpt_dir / STATS_FILE).read_text())
+    return _LoopStats(**stats)
+
+
+def _metrics_size(ckpt_dir: Path) -> int:
+    path = ckpt_dir / METRICS_FILE
+    return path.stat().st_size if path.exists() else 0
+
+
+def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: str | Path,
+          tracker: Tracker | None = None, progress: bool = True) -> TrainResult:
+    """Train (or resume, or return a finished run) and hand back the final weights and metrics.
+
+    In-process when `compute` asks for one worker and no cluster, else on Ray Train. The
+    tracker receives every metric row of the run, earlier attempts' rows included, from this
+    (the driver's) thread only. Progress lines go to the `latentforge.training` logger, and
+    in-process with `progress` also to stderr; Ray forwards its workers' log lines itself.
+    """
+    tracker = tracker if tracker is not None else Tracker()
+    ckpt_dir = Path(ckpt_dir).resolve()
+    world_size = compute.num_workers if use_ray(compute) else 1
+    if cfg.batch_size % world_size:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over "
+                         f"{world_size} workers")
+    lengths = {k: len(v) for k, v in spec.data.items()}
+    if not lengths or len(set(lengths.values())) != 1:
+        raise ValueError(f"spec.data needs arrays of one common length, got {lengths}")
+
+    started = time.perf_counter()
+    resumed_from = _prepare_ckpt_dir(ckpt_dir, cfg, spec.data)
+    _forward(tracker, read_metrics(ckpt_dir))
+    if resumed_from >= cfg.steps:
+        log.info("%s already holds step %d of %d; nothing to train", ckpt_dir, resumed_from,
+                 cfg.steps)
+        stats = _LoopStats(0, 0.0, 0.0)
+    else:
+        if resumed_from:
+            log.info("resuming %s from step %d", ckpt_dir, resumed_from)
+        run = _train_on_ray if use_ray(compute) else _train_in_process
+        stats = run(spec, cfg, compute, ckpt_dir, tracker, progress)
+
+    latest = ckpt.latest_checkpoint(ckpt_dir)
+    if latest is None:  # only if something deleted the folder while we trained
+        raise FileNotFoundError(f"training ended without a checkpoint in {ckpt_dir}")
+    final = ckpt.load_checkpoint(latest)
+    return TrainResult(ema_state=final.ema_state, model_state=final.model_state,
+                       history=read_metrics(ckpt_dir), steps=final.step,
+                       resumed_from=resumed_from, images_per_s=stats.images_per_s,
+                       seconds=time.perf_counter() - started)
+

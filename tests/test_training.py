@@ -1,0 +1,392 @@
+"""The shared training harness: schedule, EMA, clipping, checkpoints, resume, Ray workers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from latentforge import checkpoint as ckpt
+from latentforge.config import ComputeConfig, TrainConfig
+from latentforge.tracking import Tracker
+from latentforge.training import (
+    EMA,
+    GlobalBatchSampler,
+    LossFn,
+    TrainSpec,
+    capture_rng,
+    clip_gradients,
+    default_collate,
+    lr_at,
+    restore_rng,
+    train,
+)
+
+# --------------------------------------------------------------------------------------------
+# A tiny problem: an MLP regressing a fixed function of random inputs.
+# --------------------------------------------------------------------------------------------
+
+
+def build_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def mse_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+             step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    pred = model(batch["x"]).squeeze(-1)
+    return F.mse_loss(pred, batch["y"]), {"mae": (pred - batch["y"]).abs().mean()}
+
+
+def toy_data(n: int = 96) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    return {"x": x, "y": np.tanh(x[:, :4].sum(1) - x[:, 4:].sum(1)).astype(np.float32)}
+
+
+def tiny_cfg(**overrides: object) -> TrainConfig:
+    base = dict(steps=30, batch_size=16, lr=1e-2, warmup_steps=5, min_lr_ratio=0.1,
+                save_every=10, keep_last=2, log_every=5, ema_decay=0.9, grad_clip=1.0, seed=3)
+    return TrainConfig(**{**base, **overrides})
+
+
+class CrashAt:
+    """A loss that raises once at `step`, like a process dying mid-run."""
+
+    def __init__(self, step: int, loss: LossFn | None = None) -> None:
+        self.step, self.armed = step, True
+        self.loss = loss or mse_loss
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], step: int):
+        if self.armed and step == self.step:
+            self.armed = False
+            raise RuntimeError("simulated crash")
+        return self.loss(model, batch, step)
+
+
+class RecordingTracker(Tracker):
+    def __init__(self) -> None:
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and the 2-core box is shared with Ray workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], **({"rtol": 0, "atol": 0} | tol), msg=key)
+
+
+def _untimed(rows: list[dict[str, float]]) -> list[dict[str, float]]:
+    return [{k: v for k, v in row.items() if k != "images_per_s"} for row in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces of an update.
+# --------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
+    cfg = tiny_cfg(lr=1.0, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(1, cfg) == pytest.approx(0.1)
+    assert lr_at(10, cfg) == pytest.approx(1.0)  # warm-up end: the peak
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # half-way down the cosine
+    assert lr_at(110, cfg) == pytest.approx(0.1)  # final step: lr * min_lr_ratio
+    decay = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+
+
+def test_ema_update_matches_hand_computation() -> None:
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    w0 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update()
+    w1 = model.weight.detach().clone()
+    torch.testing.assert_close(ema.state_dict()["weight"], 0.9 * w0 + 0.1 * w1)
+    with torch.no_grad():
+        model.weight.mul_(-2.0)
+    ema.update()
+    expected = 0.9 * (0.9 * w0 + 0.1 * w1) + 0.1 * model.weight.detach()
+    torch.testing.assert_close(ema.state_dict()["weight"], expected)
+
+    off = EMA(model, decay=0.0)  # decay 0: the EMA is the model itself
+    off.update()
+    torch.testing.assert_close(off.state_dict()["weight"], model.weight.detach())
+
+
+def test_clip_gradients_caps_the_global_norm() -> None:
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))]
+    params[0].grad = torch.full((3,), 2.0)
+    params[1].grad = torch.full((4,), 2.0)
+    before = math.sqrt(7 * 4.0)
+    assert clip_gradients(params, 1.0).item() == pytest.approx(before)  # the norm before clipping
+    total = torch.linalg.vector_norm(torch.cat([p.grad for p in params]))
+    assert total.item() == pytest.approx(1.0, rel=1e-5)
+
+    params[0].grad = torch.full((3,), 2.0)
+    params[1].grad = torch.full((4,), 2.0)
+    assert clip_gradients(params, 0.0).item() == pytest.approx(before)  # 0: off, norm reported
+    assert params[0].grad[0].item() == 2.0
+
+
+def test_global_batches_do_not_depend_on_the_worker_count() -> None:
+    sampler = GlobalBatchSampler(num_examples=10, batch_size=4, seed=0)
+    for step in (1, 3, 7):
+        whole = sampler.global_indices(step)
+        halves = [sampler.rank_indices(step, r, 2) for r in range(2)]
+        assert sorted(np.concatenate(halves)) == sorted(whole)
+        assert np.array_equal(halves[0], np.sort(whole[:2]))
+    # Five batches of four cover two epochs: each example exactly twice.
+    seen = np.concatenate([sampler.global_indices(s) for s in range(1, 6)])
+    assert np.bincount(seen, minlength=10).tolist() == [2] * 10
+
+
+def test_default_collate_makes_float_images_in_minus_one_one() -> None:
+    images = np.zeros((2, 4, 5, 3), np.uint8)
+    images[0, :, :, 1] = 255
+    batch = default_collate({"images": images, "labels": np.array([3, 7])}, torch.device("cpu"))
+    assert batch["images"].shape == (2, 3, 4, 5) and batch["images"].dtype == torch.float32
+    assert batch["images"][0, 1].eq(1.0).all() and batch["images"][0, 0].eq(-1.0).all()
+    assert batch["labels"].tolist() == [3, 7]
+
+
+def test_ray_workers_reopen_a_memmap_from_its_file(tmp_path: Path) -> None:
+    from latentforge.training import _open_array, _share_array
+
+    array = np.arange(60, dtype=np.int16).reshape(10, 6)
+    np.save(tmp_path / "a.npy", array)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    handle = _share_array(mapped)
+    assert handle[0] == "memmap"  # a file name and offset travel, not the bytes
+    assert np.array_equal(_open_array(handle), array)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints.
+# --------------------------------------------------------------------------------------------
+
+
+def _save(root: Path, step: int, keep_last: int | None = None) -> Path:
+    model = {"w": torch.full((2, 2), float(step)), "b": torch.arange(3)}
+    ema = {"w": torch.full((2, 2), step / 2), "b": torch.arange(3)}
+    return ckpt.save_checkpoint(root, step, model, ema, {"rng": capture_rng(), "note": "x"},
+                                keep_last=keep_last)
+
+
+def test_checkpoint_round_trip_with_rng_states(tmp_path: Path) -> None:
+    np.random.seed(5)
+    path = _save(tmp_path, 7)
+    expected = (torch.rand(3), np.random.rand(2), random.random())
+    loaded = ckpt.load_checkpoint(path)
+    assert loaded.step == 7 and loaded.train_state["note"] == "x"
+    assert torch.equal(loaded.model_state["w"], torch.full((2, 2), 7.0))
+    assert torch.equal(loaded.ema_state["w"], torch.full((2, 2), 3.5))
+    restore_rng(loaded.train_state["rng"])
+    again = (torch.rand(3), np.random.rand(2), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1])
+    assert expected[2] == again[2]
+    assert (tmp_path / ckpt.LATEST_FILE).read_text().strip() == "step-000007"
+    assert torch.equal(ckpt.load_checkpoint_weights(tmp_path, "model")["w"], loaded.model_state["w"])
+
+
+def test_keep_last_prunes_and_a_partial_save_is_ignored_and_cleaned(tmp_path: Path) -> None:
+    for step in (10, 20, 30, 40):
+        _save(tmp_path, step, keep_last=2)
+    assert [s for s, _ in ckpt.committed_steps(tmp_path)] == [30, 40]
+    # A save killed half-way: a temp folder with one of three files.
+    partial = tmp_path / ".step-000050.tmp-deadbeef"
+    partial.mkdir()
+    (partial / ckpt.MODEL_FILE).write_bytes(b"torn")
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-000040"
+    assert ckpt.clean_partial(tmp_path) == [partial]
+    assert not partial.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs in-process.
+# --------------------------------------------------------------------------------------------
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    cfg = tiny_cfg()
+    data = toy_data()
+    whole = train(TrainSpec(build_mlp, mse_loss, data), cfg, ComputeConfig(), tmp_path / "a",
+                  progress=False)
+    assert whole.resumed_from == 0 and whole.steps == 30
+    assert [r["step"] for r in whole.history] == [5, 10, 15, 20, 25, 30]
+    assert whole.history[-1]["loss"] < whole.history[0]["loss"]
+
+    crashing = TrainSpec(build_mlp, CrashAt(25), data)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashing, cfg, ComputeConfig(), tmp_path / "b", progress=False)
+    assert [s for s, _ in ckpt.committed_steps(tmp_path / "b")] == [10, 20]
+    tracker = RecordingTracker()
+    resumed = train(crashing, cfg, ComputeConfig(), tmp_path / "b", tracker=tracker,
+                    progress=False)
+    assert resumed.resumed_from == 20
+    assert_same_state(resumed.model_state, whole.model_state)
+    assert_same_state(resumed.ema_state, whole.ema_state)
+    # The crashed attempt's rows after step 20 are gone; the redone ones match (timing aside).
+    assert _untimed(resumed.history) == _untimed(whole.history)
+    assert [s for s, _ in tracker.rows] == [5, 10, 15, 20, 25, 30]
+    assert {"loss", "lr", "grad_norm", "images_per_s", "mae"} <= tracker.rows[-1][1].keys()
+
+    # Finished: returns at once with the saved weights.
+    again = train(crashing, cfg, ComputeConfig(), tmp_path / "b", progress=False)
+    assert again.resumed_from == 30 and again.seconds < 2.0
+    assert_same_state(again.ema_state, whole.ema_state)
+    # Another configuration does not resume these checkpoints.
+    other = train(crashing, dataclasses.replace(cfg, lr=5e-3, steps=10), ComputeConfig(),
+                  tmp_path / "b", progress=False)
+    assert other.resumed_from == 0 and other.steps == 10
+
+
+def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path: Path) -> None:
+    result = train(TrainSpec(build_mlp, mse_loss, toy_data()), tiny_cfg(steps=10, bf16=True),
+                   ComputeConfig(), tmp_path, progress=False)
+    assert all(math.isfinite(r["loss"]) for r in result.history)
+    assert all(v.dtype == torch.float32 for v in result.ema_state.values())
+
+
+def build_convnet() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GELU(), nn.Flatten(),
+                         nn.Linear(8 * 8 * 8, 10))
+
+
+def cross_entropy_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+                       step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    # Dropout-like noise from the global generator, which the harness seeds per step.
+    noisy = batch["images"] + 0.05 * torch.randn_like(batch["images"])
+    logits = model(noisy)
+    accuracy = (logits.argmax(-1) == batch["labels"]).float().mean()
+    return F.cross_entropy(logits.float(), batch["labels"]), {"accuracy": accuracy}
+
+
+def digit_like_data(n: int = 256) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 64, (n, 8, 8, 1), dtype=np.uint8)
+    images[np.arange(n), labels % 8, :, 0] = 255  # a learnable class signal
+    return {"images": images, "labels": labels.astype(np.int64)}
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_of_uint8_images_resumes_exactly(tmp_path: Path) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cfg = tiny_cfg(steps=60, batch_size=64, lr=3e-3, save_every=20, log_every=20, bf16=True)
+    compute = ComputeConfig(use_gpu=True)
+    whole = train(TrainSpec(build_convnet, cross_entropy_loss, digit_like_data()), cfg, compute,
+                  tmp_path / "a", progress=False)
+    assert whole.history[-1]["accuracy"] > 0.5
+    crashing = TrainSpec(build_convnet, CrashAt(50, cross_entropy_loss), digit_like_data())
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashing, cfg, compute, tmp_path / "b", progress=False)
+    resumed = train(crashing, cfg, compute, tmp_path / "b", progress=False)
+    assert resumed.resumed_from == 40
+    assert_same_state(resumed.ema_state, whole.ema_state)
+    assert_same_state(resumed.model_state, whole.model_state)
+
+
+KILL_SCRIPT = textwrap.dedent('''
+    import json, sys, time
+    import numpy as np, torch
+    from torch import nn
+    from latentforge.config import ComputeConfig, TrainConfig
+    from latentforge.training import TrainSpec, train
+
+    torch.set_num_threads(1)
+    SLEEP = float(sys.argv[2])
+
+    def build():
+        return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 1))
+
+    def loss_fn(model, batch, step):
+        time.sleep(SLEEP)  # slow enough to be killed mid-run
+        noise = 0.01 * torch.randn_like(batch["y"])  # randomness in the loss, too
+        return ((model(batch["x"]).squeeze(-1) - batch["y"] - noise) ** 2).mean(), {}
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    data = {"x": x, "y": np.sin(x.sum(1)).astype(np.float32)}
+    cfg = TrainConfig(steps=200, batch_size=20, lr=3e-3, warmup_steps=10, save_every=20,
+                      keep_last=2, log_every=20, ema_decay=0.95, seed=11)
+    result = train(TrainSpec(build, loss_fn, data), cfg, ComputeConfig(), sys.argv[1],
+                   progress=False)
+    print(json.dumps({"resumed_from": result.resumed_from, "steps": result.steps,
+                      "steps_per_s": result.images_per_s / cfg.batch_size}))
+''')
+
+
+def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    script = tmp_path / "train_mlp.py"
+    script.write_text(KILL_SCRIPT)
+    run = [sys.executable, str(script)]
+    reference = subprocess.Popen([*run, str(tmp_path / "ref"), "0"], stdout=subprocess.PIPE)
+    victim = subprocess.Popen([*run, str(tmp_path / "victim"), "0.02"], stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "victim" / ckpt.LATEST_FILE).exists():
+            assert victim.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.05)
+        assert victim.poll() is None
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait()
+    finally:
+        victim.kill()
+    assert victim.returncode == -signal.SIGKILL
+
+    rerun = subprocess.run([*run, str(tmp_path / "victim"), "0"], capture_output=True, check=True)
+    report = json.loads(rerun.stdout.decode().splitlines()[-1])
+    assert 20 <= report["resumed_from"] < 200 and report["steps"] == 200
+    assert reference.wait(timeout=60) == 0
+    for which in ("model", "ema"):
+        assert_same_state(ckpt.load_checkpoint_weights(tmp_path / "victim", which),
+                          ckpt.load_checkpoint_weights(tmp_path / "ref", which))
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Train.
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_ray_workers_follow_the_in_process_run(ray_local, tmp_path: Path) -> None:  # noqa: F811
+    spec = TrainSpec(build_mlp, mse_loss, toy_data())
+    cfg = tiny_cfg(steps=20)
+    one = train(spec, cfg, ComputeConfig(), tmp_path / "one", progress=False)
+    tracker = RecordingTracker()
+    two = train(spec, cfg, ComputeConfig(num_workers=2), tmp_path / "two", tracker=tracker,
+                progress=False)
+    assert two.steps == 20 and [r["step"] for r in two.history] == [5, 10, 15, 20]
+    for a, b in zip(one.history, two.history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+    assert_same_state(two.ema_state, one.ema_state, rtol=1e-3, atol=1e-4)
+    assert [s for s, _ in tracker.rows] == [5, 10, 15, 20]
+    assert tracker.rows[-1][1]["loss"] == pytest.approx(two.history[-1]["loss"])
