@@ -69,6 +69,22 @@ def prepare(overrides: list[str] | None = None, params_file: str | None = None,
     return _stage("prepare", force, parent_run_id)
 
 
-STAGE_FLOWS = {"prepare": prepare}
+@_flow("judge", "Train the small CNN classifier whose features and log-probs score the "
+       "later stages (FD-judge, precision/recall, accuracy, RL reward).")
+def judge(overrides: list[str] | None = None, params_file: str | None = None,
+          force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
+    apply_params(params_file, overrides or [])
+    return _stage("judge", force, parent_run_id)
+
+
+@_flow("tokenizer", "Train the 1D (TiTok) or 2D tokenizer; PSNR, SSIM, rFD/pFD-judge, judge "
+       "accuracy on reconstructions, codebook usage, PSNR per prefix length.")
+def tokenizer(overrides: list[str] | None = None, params_file: str | None = None,
+              force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
+    apply_params(params_file, overrides or [])
+    return _stage("tokenizer", force, parent_run_id)
+
+
+STAGE_FLOWS = {"prepare": prepare, "judge": judge, "tokenizer": tokenizer}
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -78,6 +78,63 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class JudgeConfig(TrainConfig):
+    """The small classifier whose features and log-probs score every later stage."""
+
+    width: int = param(32, "channels of the first conv block (doubles per block)", ge=4)
+    feature_dim: int = param(128, "penultimate feature size (FD-judge, precision/recall)", ge=8)
+    dropout: float = param(0.1, "dropout before the classifier head", ge=0.0, lt=1.0)
+    augment_shift: int = param(1, "random translation in pixels during training", ge=0)
+    steps: int = param(300, "optimizer steps", ge=1)
+    batch_size: int = param(128, "global batch size, split evenly across workers", ge=1)
+    lr: float = param(2e-3, "peak learning rate (AdamW)", gt=0.0)
+    warmup_steps: int = param(20, "linear warm-up steps", ge=0)
+    ema_decay: float = param(0.99, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig(TrainConfig):
+    """TiTok-style 1D tokenizer (or the 2D patch baseline) with a kl / fsq / vq bottleneck."""
+
+    size: Literal["tiny", "small", "base", "large"] = param(
+        "tiny", "model size from the registry in models/tokenizer.py (width/depth/heads)")
+    layout: Literal["1d", "2d"] = param("1d", "1d: K learnable latent tokens (TiTok); 2d: one "
+                                        "latent per patch (baseline)")
+    patch_size: int = param(4, "ViT patch size in pixels", ge=1)
+    num_tokens: int = param(16, "K, latent tokens for layout 1d (2d uses one per patch)", ge=1)
+    token_dim: int = param(8, "D, dimension of each latent token (fsq: len(fsq_levels))", ge=1)
+    quantizer: Literal["kl", "fsq", "vq"] = param("kl", "kl: continuous Gaussian; fsq: finite "
+                                                  "scalar levels; vq: L2-normalised codebook")
+    kl_weight: float = param(1e-4, "KL weight (kl)", ge=0.0)
+    fsq_levels: list[int] = param([8, 5, 5, 5], "levels per dimension (fsq)", ge=2)
+    codebook_size: int = param(1024, "codebook entries (vq)", ge=2)
+    commitment: float = param(0.25, "commitment loss weight (vq)", ge=0.0)
+    entropy_weight: float = param(0.0, "entropy loss weight (vq); >0 fights codebook collapse",
+                                  ge=0.0)
+    loss: Literal["l2", "l1"] = param("l2", "pixel reconstruction loss")
+    nested_dropout: bool = param(False, "FlexTok: train on random token prefixes (1d only)")
+    latent_perturbation: float = param(
+        0.0, "RobustTok: fraction of tokens perturbed during training", ge=0.0, le=1.0)
+    perturbation_sigma: float = param(0.5, "noise scale of kl latent perturbation", ge=0.0)
+    eval_perturbation: float = param(0.1, "fraction of tokens perturbed for the pFD metric",
+                                     ge=0.0, le=1.0)
+    steps: int = param(1500, "optimizer steps", ge=1)
+    batch_size: int = param(64, "global batch size, split evenly across workers", ge=1)
+    lr: float = param(3e-3, "peak learning rate (AdamW)", gt=0.0)
+    warmup_steps: int = param(50, "linear warm-up steps", ge=0)
+    ema_decay: float = param(0.995, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
+    save_every: int = param(500, "checkpoint every N steps", ge=1)
+    log_every: int = param(100, "log metrics every N steps", ge=1)
+
+    def __post_init__(self) -> None:
+        if self.quantizer == "fsq" and self.token_dim != len(self.fsq_levels):
+            raise ValueError(f"quantizer fsq needs token_dim == len(fsq_levels): token_dim is "
+                             f"{self.token_dim}, fsq_levels has {len(self.fsq_levels)} levels")
+        if self.nested_dropout and self.layout != "1d":
+            raise ValueError("nested_dropout needs layout 1d (2d tokens have no order)")
+
+
+@dataclass(kw_only=True)
 class ComputeConfig:
     ray_address: str | None = param(
         None, "null: a local Ray instance; else a cluster address (e.g. auto, ray://host:10001)")
@@ -105,6 +162,8 @@ class StorageConfig:
 @dataclass(kw_only=True)
 class Params:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -116,7 +175,7 @@ class Params:
         return dataclasses.asdict(self)
 
 
-STAGE_SECTIONS = ("prepare",)
+STAGE_SECTIONS = ("prepare", "judge", "tokenizer")
 SECTIONS = tuple(f.name for f in dataclasses.fields(Params))
 
 
@@ -380,6 +439,31 @@ def write_params_file(params: Params, path: str | Path = DEFAULT_PARAMS_FILE) ->
         return False
     write_bytes_atomic(path, new_text.encode())
     return True
+
+
+def documented_yaml(params: Params | None = None) -> str:
+    """params.yaml text: every key with its value and its doc as a comment."""
+    import yaml
+
+    params = params or Params()
+
+    def dump(obj: Any, indent: int) -> list[str]:
+        out = []
+        for f in dataclasses.fields(obj):
+            value, pad = getattr(obj, f.name), "  " * indent
+            if dataclasses.is_dataclass(value):
+                out += [f"{pad}{f.name}:", *dump(value, indent + 1)]
+                out += [""] if indent == 0 else []
+                continue
+            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            out.append(f"{pad}{f.name}: {text}  # {f.metadata.get('doc', '')}")
+        return out
+
+    header = ("# LatentForge parameters: one section per stage plus compute, tracking, storage.\n"
+              "# `latentforge params --explain` documents every key; `latentforge run -S KEY=VALUE`"
+              " and\n# `dvc exp run -S KEY=VALUE` edit this file. Presets for other machines live "
+              "in presets/.\n\n")
+    return header + "\n".join(dump(params, 0)).rstrip() + "\n"
 
 
 def explain(cls: type = Params, prefix: str = "") -> list[tuple[str, str, str]]:

@@ -11,7 +11,11 @@ from pathlib import Path
 DATA = Path("data")
 PREPARED = DATA / "prepared"
 METRICS = Path("metrics")
-STATE = Path(".latentforge")  # per-run bookkeeping (last run records); not versioned
+ARTIFACTS = Path("artifacts")
+JUDGE = ARTIFACTS / "judge"
+TOKENIZER = ARTIFACTS / "tokenizer"
+PLOTS = Path("plots")
+STATE = Path(".latentforge")  # run records and training checkpoints; not versioned
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,32 @@ STAGES: dict[str, StageSpec] = {
         outs=(str(PREPARED),),
         metrics=(str(metrics_file("prepare")),),
     ),
+    "judge": StageSpec(
+        name="judge",
+        code=("tasks/judge.py", "models/judge.py", "latentforge/training.py"),
+        deps=(str(PREPARED),),
+        params=("judge",),
+        outs=(str(JUDGE),),
+        metrics=(str(metrics_file("judge")),),
+    ),
+    "tokenizer": StageSpec(
+        name="tokenizer",
+        code=("tasks/tokenizer.py", "models/tokenizer.py", "latentforge/training.py"),
+        deps=(str(PREPARED), str(JUDGE)),
+        params=("tokenizer",),
+        outs=(str(TOKENIZER),),
+        metrics=(str(metrics_file("tokenizer")),),
+        plots=(str(PLOTS / "tokenizer_prefix_psnr.csv"),),
+    ),
 }
 
 
 def last_run_file(stage: str) -> Path:
     """Where the stage command records its MLflow run id, duration and metrics for the flow."""
     return STATE / "last" / f"{stage}.json"
+
+
+def checkpoint_dir(stage: str, data_sha256: str) -> Path:
+    """Training checkpoints of `stage`, keyed by its input data so that a rerun resumes only a
+    run on the same data (the harness also checks the training config)."""
+    return STATE / "checkpoints" / stage / data_sha256[:16]

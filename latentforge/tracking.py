@@ -48,6 +48,11 @@ class Tracker:
     def log_input(self, name: str, source: str, digest: str, context: str,
                   profile: Mapping[str, Any] | None = None) -> None: ...
 
+    def log_model(self, name: str, model_dir: str | os.PathLike[str], registered_name: str,
+                  tags: Mapping[str, str] | None = None) -> str | None:
+        """Log a saved model folder (safetensors + JSON) as an MLflow model and register it."""
+        return None
+
 
 def tracking_uri(root: str | os.PathLike[str] = ".") -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
@@ -138,6 +143,29 @@ class MLflowTracker(Tracker):
         dataset = DigestDataset(source=resolved, name=name, digest=digest[:MLFLOW_DIGEST_LEN])
         self._mlflow.log_input(dataset, context=context)
         self._mlflow.set_tag(f"{TAG_PREFIX}input.{name}.sha256", digest)
+
+
+    def log_model(self, name: str, model_dir: str | os.PathLike[str], registered_name: str,
+                  tags: Mapping[str, str] | None = None) -> str | None:
+        import mlflow.pyfunc
+
+        from latentforge import mlflow_model
+
+        # "Models from code": MLflow stores the module's source, not a pickle, and loading the
+        # model reads only safetensors and JSON.
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=mlflow_model.__file__, artifacts={"model_dir": str(model_dir)},
+            pip_requirements=[f"latentforge=={_version()}"], registered_model_name=registered_name,
+            tags={f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()},
+            model_config={"kind": name})
+        self._mlflow.set_tag(f"{TAG_PREFIX}model.{name}", info.model_uri)
+        return info.model_uri
+
+
+def _version() -> str:
+    from latentforge import __version__
+
+    return __version__
 
 
 def _experiment_id(cfg: TrackingConfig, root: Path) -> str:

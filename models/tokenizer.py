@@ -596,11 +596,30 @@ class Tokenizer(nn.Module):
         return x.reshape(b, c, g * p, g * p)
 
     def forward(
-        self, x: torch.Tensor, keep: torch.Tensor | int | None = None
+        self,
+        x: torch.Tensor,
+        keep: torch.Tensor | int | None = None,
+        perturb: float = 0.0,
+        perturb_sigma: float = 0.5,
     ) -> tuple[torch.Tensor, TokenizerEncoding]:
-        """x: (B, C, H, W) -> (reconstruction (B, C, H, W), encoding)."""
+        """x: (B, C, H, W) -> (reconstruction (B, C, H, W), encoding).
+
+        ``perturb`` > 0 (RobustTok) decodes from latents where that fraction of tokens was
+        moved to nearby codes (fsq/vq) or noised with ``perturb_sigma`` (kl), so the decoder
+        learns to read slightly-off latents like those a generator produces. Unperturbed
+        tokens keep their straight-through gradients.
+        """
         enc = self.encode(x)
-        return self.decode(enc.latents, keep=keep), enc
+        latents = enc.latents
+        if perturb > 0:
+            if enc.codes is not None:
+                new_codes = self.perturb_codes(enc.codes, perturb)
+                moved = (new_codes != enc.codes).unsqueeze(-1)  # (B, K, 1)
+                latents = torch.where(moved, self.codes_to_latents(new_codes).to(latents.dtype),
+                                      latents)
+            else:
+                latents = self.perturb_latents(latents, perturb, perturb_sigma)
+        return self.decode(latents, keep=keep), enc
 
     def sample_keep(
         self,

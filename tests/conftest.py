@@ -71,7 +71,11 @@ def s3_bucket(s3_server, request):
 def project_files() -> list[str]:
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout.split()
-    return [f for f in out if not f.startswith(("tests/", "bench/")) and (REPO / f).is_file()]
+    from latentforge import paths
+
+    produced = [str(p) for s in paths.STAGES.values() for p in (*s.outs, *s.metrics, *s.plots)]
+    skip = ("tests/", "bench/", "dvc.lock", str(paths.STATE), *produced)
+    return [f for f in out if not f.startswith(skip) and (REPO / f).is_file()]
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ real git + DVC repository, MLflow on SQLite, Prefect's test harness and an S3 en
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,20 @@ import yaml
 
 from latentforge import paths
 
-TINY = {"prepare": {"resolution": 8, "max_images": 300}}
+
+def tiny(**sections) -> dict:
+    """The tiny preset (what `--params presets/tiny.yaml` gives) with section overrides."""
+    from conftest import REPO
+
+    from latentforge.config import load_params
+
+    raw = load_params(REPO / "presets/tiny.yaml").to_dict()
+    for name, values in sections.items():
+        raw[name].update(values)
+    return raw
+
+
+TINY = tiny(prepare={"max_images": 300})
 
 
 def dvc(root, *args) -> str:
@@ -62,7 +76,8 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
     a = make_project(TINY)
     b = make_project(TINY)
     table = cli(a, "run").stdout
-    assert "prepare  ran" in table and "train_images=" in table
+    assert re.search(r"prepare\s+ran", table) and re.search(r"tokenizer\s+ran", table)
+    assert "train_images=" in table and "val_psnr=" in table
 
     # `dvc repro` in an identical project leaves the same dvc.lock, and here finds nothing to do
     dvc(b, "repro")
@@ -70,10 +85,10 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
     assert "didn't change" in dvc(a, "repro")
 
     # a second run skips prepare and says so
-    assert "prepare  skipped" in cli(a, "run").stdout
+    assert re.search(r"prepare\s+skipped", cli(a, "run").stdout)
 
     # -S edits params.yaml as `dvc exp run -S` would, and reruns prepare only
-    assert "prepare  ran" in cli(a, "run", "-S", "prepare.resolution=12").stdout
+    assert re.search(r"prepare\s+ran", cli(a, "run", "-S", "prepare.resolution=12").stdout)
     assert yaml.safe_load((a / "params.yaml").read_text())["prepare"]["resolution"] == 12
     manifest = json.loads((a / "data/prepared/manifest.json").read_text())
     assert manifest["resolution"] == 12
@@ -146,12 +161,11 @@ def test_s3_source_mlflow_artifacts_and_dvc_remote(make_project, prefect_harness
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             storage.write_bytes_atomic(f"s3://{s3_bucket}/src/{cls}/{i}.png", buf.getvalue())
-    params = {"prepare": {"source": "folder", "path": f"s3://{s3_bucket}/src", "resolution": 8},
-              "tracking": {"experiment": "s3exp",
-                           "artifact_location": f"s3://{s3_bucket}/mlflow"},
-              "storage": {"remote": f"s3://{s3_bucket}/dvc"}}
+    params = tiny(prepare={"source": "folder", "path": f"s3://{s3_bucket}/src"},
+                  tracking={"experiment": "s3exp", "artifact_location": f"s3://{s3_bucket}/mlflow"},
+                  storage={"remote": f"s3://{s3_bucket}/dvc"})
     root = make_project(params)
-    assert "prepare  ran" in cli(root, "run").stdout
+    assert re.search(r"prepare\s+ran", cli(root, "run").stdout)
     manifest = json.loads((root / "data/prepared/manifest.json").read_text())
     assert manifest["source"]["path"] == f"s3://{s3_bucket}/src"
     assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 12

@@ -1,0 +1,39 @@
+"""MLflow pyfunc wrapper for LatentForge models, logged as "models from code".
+
+`mlflow.pyfunc.load_model(uri).predict(images)` runs the stage's model on uint8 images
+(N, H, W, C): the judge returns class log-probabilities, the tokenizer its reconstructions.
+Weights come from the logged safetensors folder; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+
+class LatentForgeModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):  # noqa: ANN001, ANN201 - MLflow reads these hints
+        kind = (context.model_config or {}).get("kind")
+        folder = context.artifacts["model_dir"]
+        if kind == "judge":
+            from latentforge.tasks.judge import load_judge
+
+            self.model = load_judge(folder)
+        elif kind == "tokenizer":
+            from latentforge.tasks.tokenizer import load_tokenizer
+
+            self.model = load_tokenizer(folder)
+        else:
+            raise ValueError(f"unknown LatentForge model kind {kind!r}")
+        self.kind = kind
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        import numpy as np
+
+        images = np.asarray(model_input, dtype=np.uint8)
+        if self.kind == "judge":
+            return self.model.score(images)[1]
+        return self.model.reconstruct(images)
+
+
+set_model(LatentForgeModel())
