@@ -97,6 +97,11 @@ class TrainSpec:
     np.memmap files are reopened by Ray workers (shared filesystem), other arrays are shipped."""
     collate: Collate = default_collate
     """(arrays of one rank's batch, device) -> batch tensors on the device."""
+    evaluate: Callable[[nn.Module, int], dict[str, float]] | None = None
+    """Optional (EMA model in eval mode on the CPU, step) -> metrics, run by rank 0 every
+    `eval_every` steps (not at the last step: the stage evaluates the final weights itself).
+    Picklable for Ray. The rows reach the tracker like the training metrics."""
+    eval_every: int = 0
 
 
 @dataclass
@@ -410,6 +415,15 @@ def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker
                     print(line, file=sys.stderr, flush=True)
             sums, window_steps, window_start = {}, 0, time.perf_counter()
 
+        if (worker.rank == 0 and spec.evaluate is not None and spec.eval_every
+                and step % spec.eval_every == 0 and step != cfg.steps):
+            row = {"step": step, **_evaluate_ema(spec, ema, step)}
+            _append_metrics(ckpt_dir, row)
+            if on_row is not None:
+                on_row(row)
+            log.info("step %d eval: %s", step, ", ".join(
+                f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
+
         if worker.rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
             ckpt.save_checkpoint(
                 ckpt_dir, step, unwrap_model(model).state_dict(), ema.state_dict(),
@@ -419,6 +433,21 @@ def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker
     seconds = time.perf_counter() - loop_start
     steps_run = cfg.steps - start
     return _LoopStats(steps_run, seconds, steps_run * cfg.batch_size / max(seconds, 1e-9))
+
+
+def _evaluate_ema(spec: TrainSpec, ema: EMA, step: int) -> dict[str, float]:
+    """Run the stage's periodic evaluation on a CPU copy of the EMA weights, leaving the
+    training RNG streams untouched (each step reseeds them anyway)."""
+    assert spec.evaluate is not None
+    model = spec.build_model()
+    model.load_state_dict({k: v.detach().cpu() for k, v in ema.state_dict().items()})
+    model.eval()
+    rng = capture_rng()
+    try:
+        with torch.no_grad():
+            return {f"eval/{k}": float(v) for k, v in spec.evaluate(model, step).items()}
+    finally:
+        restore_rng(rng)
 
 
 # --------------------------------------------------------------------------------------------

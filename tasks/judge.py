@@ -141,7 +141,8 @@ def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | P
         summary=f"judge val accuracy **{val_acc:.4f}** on {len(val_y)} images "
                 f"({result.steps} steps, {result.images_per_s:.0f} images/s)",
         digests={"judge": weights_sha},
-        timings={"train_images_per_s": result.images_per_s, "train_seconds": result.seconds})
+        timings={"train_images_per_s": result.images_per_s, "train_seconds": result.seconds,
+                 "resumed_from_step": result.resumed_from})
 
 
 def run_stage(params: Params, tracker: Tracker) -> StageResult:

