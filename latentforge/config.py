@@ -28,8 +28,8 @@ def param(default: Any, doc: str, *, ge: float | None = None, gt: float | None =
           le: float | None = None, lt: float | None = None) -> Any:
     """Declare a parameter with its default, a one-line doc and an optional numeric range."""
     meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -135,6 +135,90 @@ class TokenizerConfig(TrainConfig):
 
 
 @dataclass(kw_only=True)
+class CacheConfig:
+    """Latent caching: encode the prepared splits once with the tokenizer's EMA weights."""
+
+    batch_size: int = param(256, "images per encoder batch (per Ray Data actor)", ge=1)
+    shard_size: int = param(4096, "images per cache shard; shards commit one by one", ge=1)
+    hflip: bool = param(False, "also store a horizontally flipped view (off for digits, where "
+                        "flipping changes meaning)")
+    verify_samples: int = param(16, "images whose cached latents are decoded and compared with "
+                                "freshly encoded ones", ge=0)
+
+
+@dataclass(kw_only=True)
+class GeneratorConfig(TrainConfig):
+    """Flow-matching transformer over the K latent tokens, class-conditional with CFG."""
+
+    size: Literal["tiny", "small", "base", "large"] = param(
+        "small", "model size from the registry in models/generator.py")
+    class_dropout: float = param(0.1, "probability of dropping the class label (for CFG)",
+                                 ge=0.0, lt=1.0)
+    time_sampling: Literal["uniform", "logit_normal"] = param(
+        "logit_normal", "distribution of training times t")
+    sampler: Literal["euler", "heun"] = param("heun", "ODE sampler")
+    sample_steps: int = param(25, "ODE steps when sampling", ge=1)
+    cfg_scale: float = param(2.0, "classifier-free guidance scale (1 = no guidance)", ge=0.0)
+    eval_every: int = param(0, "evaluate on a small sample every N steps (0 = only at the end)",
+                            ge=0)
+    eval_per_class: int = param(8, "samples per class for the periodic evaluation", ge=1)
+    final_per_class: int = param(50, "samples per class for the final metrics", ge=1)
+    sample_seed: int = param(0, "seed of evaluation samples (independent of worker count)", ge=0)
+    steps: int = param(3000, "optimizer steps", ge=1)
+    batch_size: int = param(128, "global batch size, split evenly across workers", ge=1)
+    lr: float = param(1e-3, "peak learning rate (AdamW)", gt=0.0)
+    warmup_steps: int = param(100, "linear warm-up steps", ge=0)
+    ema_decay: float = param(0.999, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
+    save_every: int = param(500, "checkpoint every N steps", ge=1)
+    log_every: int = param(100, "log metrics every N steps", ge=1)
+
+
+@dataclass(kw_only=True)
+class RLConfig:
+    """Flow-GRPO fine-tuning of the generator against a reward, with a KL leash."""
+
+    steps: int = param(40, "policy updates (each on a fresh batch of rollouts)", ge=1)
+    classes_per_step: int = param(4, "class labels sampled per update", ge=1)
+    group_size: int = param(8, "samples per class label; advantages are relative to the group",
+                            ge=2)
+    train_steps: int = param(10, "SDE steps per rollout (evaluation keeps the ODE sampler)", ge=2)
+    noise_level: float = param(0.7, "a, the SDE noise level", gt=0.0)
+    timestep_fraction: float = param(0.6, "fraction of the SDE steps trained per rollout",
+                                     gt=0.0, le=1.0)
+    inner_epochs: int = param(1, "optimisation passes over each batch of rollouts", ge=1)
+    clip_range: float = param(0.2, "PPO clip range of the new/old probability ratio", gt=0.0)
+    adv_clip: float = param(5.0, "advantages are clipped to +-adv_clip", gt=0.0)
+    kl_beta: float = param(0.04, "weight of the KL to the frozen reference generator", ge=0.0)
+    cfg_scale: float = param(1.0, "CFG scale during rollouts and evaluation samples", ge=0.0)
+    rewards: dict[str, float] = param(
+        {"judge_logprob": 1.0}, "reward name -> weight: judge_logprob, judge_margin, or a user "
+        "reward module:function taking (uint8 images, labels) and returning one float per image")
+    lr: float = param(3e-5, "learning rate (AdamW)", gt=0.0)
+    weight_decay: float = param(0.0, "AdamW weight decay", ge=0.0)
+    grad_clip: float = param(1.0, "max global gradient norm; 0 disables", ge=0.0)
+    ema_decay: float = param(0.9, "EMA of the fine-tuned weights; 0 disables", ge=0.0, lt=1.0)
+    eval_every: int = param(10, "gFD-judge on a fixed sample every N updates (reward hacking "
+                            "watch); 0 = only at the end", ge=0)
+    eval_per_class: int = param(20, "samples per class for the periodic evaluation", ge=1)
+    save_every: int = param(10, "checkpoint every N updates", ge=1)
+    seed: int = param(0, "seed of labels, rollouts and evaluation samples", ge=0)
+
+
+@dataclass(kw_only=True)
+class EvaluateConfig:
+    """The final, protocol-recorded evaluation of everything the pipeline produced."""
+
+    per_class: int = param(100, "generated samples per class (class-balanced)", ge=2)
+    sample_steps: int = param(25, "ODE steps for evaluation samples", ge=1)
+    sampler: Literal["euler", "heun"] = param("heun", "ODE sampler")
+    cfg_scale: float | None = param(None, "CFG scale; null = the generator's", ge=0.0)
+    seed: int = param(1000, "seed of evaluation samples", ge=0)
+    inception_weights: str | None = param(
+        None, "local Inception-v3 FID weights (pytorch-fid format) for FID/rFID/gFID; null = "
+        "FD-judge only. Never downloaded")
+
+
+@dataclass(kw_only=True)
 class ComputeConfig:
     ray_address: str | None = param(
         None, "null: a local Ray instance; else a cluster address (e.g. auto, ray://host:10001)")
@@ -164,6 +248,10 @@ class Params:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -175,7 +263,6 @@ class Params:
         return dataclasses.asdict(self)
 
 
-STAGE_SECTIONS = ("prepare", "judge", "tokenizer")
 SECTIONS = tuple(f.name for f in dataclasses.fields(Params))
 
 
@@ -198,6 +285,9 @@ def _describe(tp: Any) -> str:
         return " or ".join(parts) + " or null"
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}s"
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        return f"a mapping of {_describe(key_tp)} to {_describe(value_tp)}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
         tp, getattr(tp, "__name__", str(tp)))
 
@@ -236,6 +326,11 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise _Mismatch
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp) for v in value]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _Mismatch
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp): _coerce(v, value_tp) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -258,7 +353,8 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def _check_range(key: str, value: Any, meta: Mapping[str, Any], source: str) -> None:
-    numbers = value if isinstance(value, list) else [value]
+    numbers = list(value.values()) if isinstance(value, dict) else (
+        value if isinstance(value, list) else [value])
     for v in numbers:
         if not isinstance(v, int | float) or isinstance(v, bool):
             continue
@@ -326,6 +422,29 @@ def build_params(raw: Any, source: str = DEFAULT_PARAMS_FILE) -> Params:
 # --------------------------------------------------------------------------------------------
 
 
+def _yaml_loader() -> Any:
+    """PyYAML's safe loader, plus YAML 1.2 floats such as 2e-3 (PyYAML's 1.1 rules read them as
+    strings; DVC's ruamel reads them as numbers, and params.yaml must mean the same to both)."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    return Loader
+
+
+def yaml_load(text: str) -> Any:
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
 def read_params_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML params file into a plain dict, with a clear error for bad YAML."""
     import yaml
@@ -336,7 +455,7 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"params file not found: {path}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
@@ -357,7 +476,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override '{text}': expected a key path like prepare.resolution")
     try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        value = yaml_load(raw_value) if raw_value.strip() else None
     except yaml.YAMLError:
         value = raw_value
     return parts, value
@@ -417,21 +536,21 @@ def write_params_file(params: Params, path: str | Path = DEFAULT_PARAMS_FILE) ->
     yaml = YAML()
     yaml.preserve_quotes = True
     yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     old_text = path.read_text() if path.exists() else ""
     doc = yaml.load(old_text) if old_text.strip() else None
     if doc is None:
         doc = {}
 
-    def merge(node: Any, values: Mapping[str, Any]) -> None:
+    for section, values in params.to_dict().items():
+        if not isinstance(doc.get(section), Mapping):
+            doc[section] = {}
+        node = doc[section]
         for key, value in values.items():
-            if isinstance(value, Mapping):
-                if not isinstance(node.get(key), Mapping):
-                    node[key] = {}
-                merge(node[key], value)
-            elif node.get(key) != value or key not in node:
+            # Values (a dict-valued parameter too) are replaced whole, never merged.
+            if key not in node or node[key] != value:
                 node[key] = value
-
-    merge(doc, params.to_dict())
     buf = io.StringIO()
     yaml.dump(doc, buf)
     new_text = buf.getvalue()

@@ -142,3 +142,21 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "latentforge", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "latentforge" in out and "run" in out
+
+
+def test_mapping_parameters_are_validated_and_replaced_whole(tmp_path):
+    p = build_params({"rl": {"rewards": {"judge_margin": 0.5, "mymod:fn": 2}}})
+    assert p.rl.rewards == {"judge_margin": 0.5, "mymod:fn": 2.0}
+    with pytest.raises(ConfigError, match="rl.rewards = .* expected a mapping of a string to a number"):
+        build_params({"rl": {"rewards": ["judge_margin"]}})
+    f = tmp_path / "params.yaml"
+    f.write_text((REPO / "params.yaml").read_text())
+    assert write_params_file(load_params(f, ["rl.rewards={judge_margin: 1.0}"]), f)
+    assert load_params(f).rl.rewards == {"judge_margin": 1.0}
+
+
+def test_exponent_floats_read_as_numbers_like_dvc_does(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("tokenizer:\n  lr: 2e-3\n  kl_weight: 1E-4\n")
+    p = load_params(f, ["generator.lr=5e-4"])
+    assert (p.tokenizer.lr, p.tokenizer.kl_weight, p.generator.lr) == (0.002, 0.0001, 0.0005)
