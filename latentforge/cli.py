@@ -52,6 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_params_args(p)
     p.add_argument("--explain", action="store_true", help="list every parameter with its doc")
 
+    p = sub.add_parser("sample", help="sample images from the trained generator into a PNG grid")
+    p.add_argument("--class", dest="cls", required=True, metavar="CLASS",
+                   help="class name (e.g. 3) or index")
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: generator params)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: generator params)")
+    p.add_argument("--sampler", choices=["euler", "heun"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="generator folder or MLflow model URI "
+                   "(models:/... or runs:/...); default: the pipeline's generator")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the pipeline's)")
+    p.add_argument("--out", default="samples.png", help="PNG file to write")
+
     p = sub.add_parser("serve", help="serve Prefect deployments (pipeline and each stage) for the UI")
     p.add_argument("--limit", type=int, default=1, help="concurrent runs (DVC allows one)")
     return parser
@@ -131,6 +144,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from latentforge import paths
+    from latentforge.config import load_params
+    from latentforge.images import make_grid, save_png
+    from latentforge.tasks.generator import load_generator
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    cfg = load_params().generator
+    model_dir = args.model or str(paths.GENERATOR)
+    if "://" in model_dir or model_dir.startswith("models:/"):
+        import mlflow
+
+        from latentforge.tracking import use_tracking_uri
+
+        use_tracking_uri()
+        model_dir = str(Path(mlflow.artifacts.download_artifacts(model_dir)) / "artifacts" /
+                        "model_dir")
+    gen = load_generator(model_dir, args.tokenizer or paths.TOKENIZER)
+    names = gen.class_names
+    if args.cls in names:
+        index = names.index(args.cls)
+    elif args.cls.isdigit() and int(args.cls) < len(names):
+        index = int(args.cls)
+    else:
+        raise ConfigError(f"--class {args.cls!r} is not a class of this generator; classes: "
+                          f"{', '.join(names)}")
+    labels = np.full(args.n, index)
+    images = gen.sample_images(labels, seed=args.seed, steps=args.steps or cfg.sample_steps,
+                               cfg_scale=cfg.cfg_scale if args.cfg is None else args.cfg,
+                               sampler=args.sampler or cfg.sampler)
+    rows = [images[i:i + 8] for i in range(0, len(images), 8)]
+    save_png(make_grid(rows), args.out)
+    print(f"wrote {args.n} samples of class {names[index]!r} to {args.out}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _require_project()
     from latentforge.flows.deployments import serve_all
@@ -184,7 +236,8 @@ def _configure_logging(level: int) -> None:
     root.setLevel(level)
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "params": cmd_params, "serve": cmd_serve}
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "params": cmd_params, "sample": cmd_sample,
+            "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,281 @@
+"""The `generator` stage: a class-conditional flow-matching transformer over the latent tokens.
+
+Trains on the latent cache with the shared harness (resume, EMA, Ray Train workers), with a
+fresh posterior sample per step for kl caches, latents normalised per dimension, and class
+dropout for classifier-free guidance. At the end it samples a class-balanced set with the
+ODE sampler (noise for sample i depends only on (seed, i), never on the number of workers),
+decodes through the tokenizer and scores it with the judge: gFD-judge against the val split,
+precision/recall, judge accuracy on the requested class, IS-judge, sampling images/s, NFE.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from latentforge import flow, metrics, paths, storage
+from latentforge.config import GeneratorConfig, Params
+from latentforge.data import load_prepared
+from latentforge.errors import DataError
+from latentforge.images import make_grid, save_png
+from latentforge.models.generator import FlowTransformer, GeneratorModelConfig, generator_config
+from latentforge.runner import StageResult
+from latentforge.tasks.cache import load_cache
+from latentforge.tasks.judge import JudgeScorer, load_judge
+from latentforge.tasks.tokenizer import TokenizerHandle, load_tokenizer
+from latentforge.tracking import Tracker
+from latentforge.training import TrainSpec, loss_curve_csv, train
+
+log = logging.getLogger(__name__)
+
+WEIGHTS, META = "model.safetensors", "generator.json"
+
+
+class GeneratorHandle:
+    """A trained generator plus the tokenizer that decodes its latents."""
+
+    def __init__(self, model: FlowTransformer, meta: dict[str, Any], tok: TokenizerHandle) -> None:
+        self.model = model.eval()
+        self.meta = meta
+        self.tokenizer = tok
+        self.shift = torch.tensor(meta["latent_shift"], dtype=torch.float32)
+        self.scale = torch.tensor(meta["latent_scale"], dtype=torch.float32)
+        self.class_names: list[str] = meta["class_names"]
+
+    @torch.no_grad()
+    def sample_latents(self, labels: np.ndarray | torch.Tensor, *, seed: int, steps: int,
+                       cfg_scale: float, sampler: str = "heun", start_index: int = 0,
+                       batch_size: int = 256) -> tuple[np.ndarray, int]:
+        """Class-conditional ODE samples (N, K, D) in the tokenizer's latent space, and NFE.
+
+        Sample i's noise depends only on (seed, start_index + i).
+        """
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        k, d = self.meta["latent_shape"]
+        out, nfe = [], 0
+        for start in range(0, len(labels), batch_size):
+            y = labels[start:start + batch_size]
+            idx = np.arange(start_index + start, start_index + start + len(y))
+            noise = flow.sample_noise(idx, (k, d), seed)
+
+            def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
+                return self.model.forward_with_cfg(x, t, y, cfg_scale)
+
+            z, nfe = flow.ode_sample(velocity, noise, steps, sampler)
+            out.append((z * self.scale + self.shift).numpy())
+        return np.concatenate(out), nfe
+
+    def sample_images(self, labels: np.ndarray, **kwargs: Any) -> np.ndarray:
+        latents, _ = self.sample_latents(labels, **kwargs)
+        return self.tokenizer.decode(latents)
+
+
+def load_generator(path: str | Path = paths.GENERATOR,
+                   tokenizer_dir: str | Path = paths.TOKENIZER) -> GeneratorHandle:
+    path = Path(path)
+    if not (path / META).exists():
+        raise DataError(f"{path / META}: no generator here; run the generator stage first "
+                        "(or pass --model PATH)")
+    meta = json.loads((path / META).read_text())
+    tok = load_tokenizer(tokenizer_dir)
+    if meta["tokenizer_sha256"] != tok.sha256:
+        raise DataError(f"{path} was trained on latents of tokenizer {meta['tokenizer_sha256'][:12]}"
+                        f" but {tokenizer_dir} holds tokenizer {tok.sha256[:12]}; decode with the "
+                        "matching tokenizer or retrain the generator")
+    model = FlowTransformer(GeneratorModelConfig(**meta["model"]))
+    model.load_state_dict(load_file(str(path / WEIGHTS)))
+    meta["sha256"] = storage.sha256_file(path / WEIGHTS)
+    return GeneratorHandle(model, meta, tok)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def training_arrays(cache: Any, tok: TokenizerHandle) -> dict[str, np.ndarray]:
+    """What the generator learns from: moments (kl; sampled fresh every step) or latents."""
+    arrays = cache.split("train")
+    if cache.kind == "moments":
+        return {"mean": arrays["mean"], "logvar": arrays["logvar"], "labels": arrays["labels"]}
+    with torch.no_grad():
+        latents = tok.model.codes_to_latents(torch.as_tensor(np.array(arrays["codes"]),
+                                                             dtype=torch.long))
+    return {"latents": latents.float().numpy(), "labels": arrays["labels"]}
+
+
+def latent_statistics(data: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension shift and scale (D,) of the training latents, pooled over tokens."""
+    if "latents" in data:
+        z = np.asarray(data["latents"], np.float64).reshape(-1, data["latents"].shape[-1])
+        return z.mean(0), z.std(0) + 1e-6
+    mean = np.asarray(data["mean"], np.float64).reshape(-1, data["mean"].shape[-1])
+    var = np.exp(np.asarray(data["logvar"], np.float64)).reshape(mean.shape)
+    mu = mean.mean(0)
+    second = (mean**2 + var).mean(0)  # E[z^2] of the posterior samples
+    return mu, np.sqrt(np.maximum(second - mu**2, 1e-12))
+
+
+def generator_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int, *,
+                   shift: torch.Tensor, scale: torch.Tensor, class_dropout: float,
+                   time_sampling: str, null_class: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Flow-matching loss on normalised latents; kl caches draw a fresh posterior sample."""
+    if "latents" in batch:
+        z = batch["latents"]
+    else:
+        z = batch["mean"] + torch.exp(0.5 * batch["logvar"]) * torch.randn_like(batch["mean"])
+    z = (z - shift.to(z.device)) / scale.to(z.device)
+    return flow.flow_matching_loss(model, z, batch["labels"], class_dropout=class_dropout,
+                                   time_sampling=time_sampling, null_class=null_class)
+
+
+def build_model(model_cfg: GeneratorModelConfig) -> FlowTransformer:
+    return FlowTransformer(model_cfg)
+
+
+class PeriodicEval:
+    """gFD-judge and judge accuracy of a small balanced sample, for TrainSpec.evaluate.
+
+    Loads judge, tokenizer and val features lazily by path, so it pickles for Ray workers.
+    """
+
+    def __init__(self, meta: dict[str, Any], cfg: GeneratorConfig, judge_dir: str,
+                 tokenizer_dir: str, prepared_dir: str) -> None:
+        self.meta, self.cfg = meta, cfg
+        self.dirs = (judge_dir, tokenizer_dir, prepared_dir)
+        self._loaded: tuple[Any, ...] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_loaded": None}
+
+    def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        if self._loaded is None:
+            judge = load_judge(self.dirs[0])
+            val_x, _ = load_prepared(self.dirs[2]).split("val")
+            self._loaded = (judge, load_tokenizer(self.dirs[1]), judge.score(val_x)[0])
+        judge, tok, val_feats = self._loaded
+        handle = GeneratorHandle(model, self.meta, tok)
+        labels = flow.balanced_labels(len(self.meta["class_names"]), self.cfg.eval_per_class)
+        images = handle.sample_images(labels.numpy(), seed=self.cfg.sample_seed,
+                                      steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale,
+                                      sampler=self.cfg.sampler)
+        feats, logp = judge.score(images)
+        return {"gfd_judge": metrics.fd_from_features(val_feats, feats),
+                "judge_accuracy": metrics.accuracy(logp, labels.numpy())}
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring samples (shared with the rl and evaluate stages)
+# --------------------------------------------------------------------------------------------
+
+
+def score_samples(judge: JudgeScorer, images: np.ndarray, labels: np.ndarray,
+                  ref_features: np.ndarray) -> dict[str, float]:
+    """gFD-judge, precision/recall against the reference features, judge accuracy on the
+    requested class, IS-judge, and diversity (mean pairwise feature distance within a class)."""
+    feats, logp = judge.score(images)
+    precision, recall = metrics.precision_recall(ref_features, feats, k=3)
+    is_mean, _ = metrics.inception_score(logp)
+    diversity = [metrics.mean_pairwise_distance(feats[labels == c])
+                 for c in np.unique(labels) if (labels == c).sum() > 1]
+    return {"gfd_judge": metrics.fd_from_features(ref_features, feats), "precision": precision,
+            "recall": recall, "judge_accuracy": metrics.accuracy(logp, labels),
+            "is_judge": is_mean, "diversity": float(np.mean(diversity)) if diversity else 0.0}
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str],
+               per_row: int = 10) -> np.ndarray:
+    """One row per class of its first `per_row` samples."""
+    rows = [images[labels == c][:per_row] for c in range(len(class_names))]
+    return make_grid(rows, labels=class_names)
+
+
+def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | Path = paths.CACHE,
+        tokenizer_dir: str | Path = paths.TOKENIZER, judge_dir: str | Path = paths.JUDGE,
+        prepared_dir: str | Path = paths.PREPARED, tracker: Tracker | None = None) -> StageResult:
+    cfg: GeneratorConfig = params.generator
+    tracker = tracker or Tracker()
+    tok = load_tokenizer(tokenizer_dir)
+    cache = load_cache(cache_dir, tokenizer_sha256=tok.sha256)
+    judge = load_judge(judge_dir)
+    prepared = load_prepared(prepared_dir)
+    tracker.log_input("cache", str(Path(cache_dir).resolve()), cache.key, context="training")
+    tracker.log_input("tokenizer", str(Path(tokenizer_dir).resolve()), tok.sha256,
+                      context="decoder")
+    tracker.log_input("judge", str(Path(judge_dir).resolve()), judge.sha256, context="judge")
+
+    data = training_arrays(cache, tok)
+    shift, scale = latent_statistics(data)
+    k, d = tok.meta["latent_shape"]
+    model_cfg = generator_config(cfg.size, num_tokens=k, token_dim=d,
+                                 num_classes=prepared.num_classes)
+    meta: dict[str, Any] = {
+        "model": asdict(model_cfg), "latent_shape": [k, d], "latent_shift": shift.tolist(),
+        "latent_scale": scale.tolist(), "class_names": prepared.class_names,
+        "tokenizer_sha256": tok.sha256, "cache_key": cache.key, "judge_sha256": judge.sha256}
+    loss_fn = functools.partial(
+        generator_loss, shift=torch.tensor(shift, dtype=torch.float32),
+        scale=torch.tensor(scale, dtype=torch.float32), class_dropout=cfg.class_dropout,
+        time_sampling=cfg.time_sampling, null_class=prepared.num_classes)
+    spec = TrainSpec(build_model=functools.partial(build_model, model_cfg), loss_fn=loss_fn,
+                     data=data, evaluate=PeriodicEval(meta, cfg, str(judge_dir),
+                                                      str(tokenizer_dir), str(prepared_dir)),
+                     eval_every=cfg.eval_every)
+    result = train(spec, cfg, params.compute, paths.checkpoint_dir("generator", cache.key),
+                   tracker=tracker, progress=False)
+
+    model = FlowTransformer(model_cfg)
+    model.load_state_dict(result.ema_state)
+    handle = GeneratorHandle(model, meta, tok)
+    labels = flow.balanced_labels(prepared.num_classes, cfg.final_per_class).numpy()
+    started = time.perf_counter()
+    latents, nfe = handle.sample_latents(labels, seed=cfg.sample_seed, steps=cfg.sample_steps,
+                                         cfg_scale=cfg.cfg_scale, sampler=cfg.sampler)
+    images = tok.decode(latents)
+    sample_seconds = time.perf_counter() - started
+    val_x, _ = prepared.split("val")
+    train_x, _ = prepared.split("train")
+    val_feats, _ = judge.score(val_x)
+    m = score_samples(judge, images, labels, val_feats)
+    m["train_val_fd_judge"] = metrics.fd_from_features(judge.score(train_x)[0], val_feats)
+    m["gfd_ratio_to_train_val"] = m["gfd_judge"] / max(m["train_val_fd_judge"], 1e-9)
+    m["nfe"] = nfe
+    m = {key: round(float(v), 6) for key, v in m.items()}
+    meta["metrics"] = m
+    with storage.atomic_dir(out_dir) as tmp:
+        save_file({key: v.contiguous() for key, v in model.state_dict().items()},
+                  str(tmp / WEIGHTS))
+        storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
+        storage.write_bytes_atomic(tmp / "train_curve.csv", loss_curve_csv(result.history).encode())
+        save_png(class_grid(images, labels, prepared.class_names), tmp / "samples.png")
+    out_dir = Path(out_dir)
+    weights_sha = storage.sha256_file(out_dir / WEIGHTS)
+    for name in (META, "samples.png"):
+        tracker.log_artifact(out_dir / name)
+    tracker.log_model("generator", out_dir, registered_name="latentforge-generator",
+                      tags={"cache_key": cache.key, "tokenizer_sha256": tok.sha256,
+                            "judge_sha256": judge.sha256, "weights_sha256": weights_sha})
+    log.info("generator: gFD-judge %.3f (train/val FD %.3f), judge accuracy %.4f, precision "
+             "%.3f, recall %.3f, %.0f images/s sampling at NFE %d", m["gfd_judge"],
+             m["train_val_fd_judge"], m["judge_accuracy"], m["precision"], m["recall"],
+             len(images) / sample_seconds, nfe)
+    table = "\n".join(f"| {key} | {v:.4g} |" for key, v in m.items())
+    return StageResult(
+        metrics=m, summary=f"| metric | value |\n|---|---|\n{table}",
+        digests={"generator": weights_sha},
+        timings={"train_images_per_s": result.images_per_s, "train_seconds": result.seconds,
+                 "sampling_images_per_s": len(images) / sample_seconds,
+                 "resumed_from_step": result.resumed_from})
+
+
+def run_stage(params: Params, tracker: Tracker) -> StageResult:
+    return run(params, tracker=tracker)

@@ -1,0 +1,259 @@
+"""The cache stage on the tiny preset: what it stores, the loader's checks, the decode check,
+resume after SIGKILL, and 1 against 2 Ray Data actors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentforge import paths
+from latentforge.config import Params, build_params, load_params
+from latentforge.data import load_prepared
+from latentforge.errors import DataError
+from latentforge.tasks import cache, judge, prepare, tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+FSQ = {"quantizer": "fsq", "token_dim": 3, "fsq_levels": [5, 4, 3]}
+
+
+def tiny(tokenizer_overrides: dict | None = None, **sections: dict) -> Params:
+    """presets/tiny.yaml with 4-step judge and tokenizer (caching needs weights, not quality),
+    64-image cache shards (7 for 400 images) and 16-image encoder batches."""
+    raw = load_params(REPO / "presets/tiny.yaml").to_dict()
+    raw["judge"].update(steps=4, save_every=4)
+    raw["tokenizer"].update(steps=4, save_every=4, warmup_steps=1, **(tokenizer_overrides or {}))
+    raw["cache"].update(shard_size=64, batch_size=16)
+    for name, values in sections.items():
+        raw[name].update(values)
+    return build_params(raw)
+
+
+def run_cache(root: Path, out: Path, tok: str = "kl", **sections: dict) -> cache.StageResult:
+    return cache.run(tiny(**sections), out_dir=out, prepared_dir=root / "prepared",
+                     tokenizer_dir=root / f"tok_{tok}")
+
+
+def read_folder(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory, ray_local):  # noqa: F811
+    """prepare + judge + a kl and an fsq tokenizer, then the kl cache (1 actor), once."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # checkpoints and the cache's scratch folder go under .latentforge/ here
+        params = tiny()
+        prepare.run(params.prepare, out_dir=root / "prepared")
+        judge.run(params, out_dir=root / "judge", prepared_dir=root / "prepared")
+        for name, overrides in (("kl", {}), ("fsq", FSQ)):
+            tokenizer.run(tiny(overrides), out_dir=root / f"tok_{name}",
+                          prepared_dir=root / "prepared", judge_dir=root / "judge",
+                          plot_file=root / "prefix.csv")
+        result = run_cache(root, root / "cache_kl")
+    (root / "cache_kl_result.json").write_text(json.dumps(
+        {"metrics": result.metrics, "timings": result.timings}))
+    return root
+
+
+def test_kl_cache_stores_posterior_moments_labels_and_a_manifest(tiny_root):
+    result = json.loads((tiny_root / "cache_kl_result.json").read_text())
+    c = cache.load_cache(tiny_root / "cache_kl", verify=True)
+    handle = tokenizer.load_tokenizer(tiny_root / "tok_kl")
+    prepared = load_prepared(tiny_root / "prepared")
+    assert c.kind == "moments" and c.token_shape == (8, 4)
+    assert c.key == cache.cache_key(handle.sha256, prepared.manifest_sha256)
+    assert c.manifest["tokenizer"]["quantizer"] == "kl" and c.manifest["tokenizer"]["layout"] == "1d"
+    assert [len(c.manifest["splits"][s]["shards"]) for s in ("train", "val")] == [6, 1]
+    for split in ("train", "val"):
+        arrays = c.split(split)
+        images, labels = prepared.split(split)
+        assert set(arrays) == {"labels", "mean", "logvar"}
+        assert arrays["mean"].dtype == arrays["logvar"].dtype == np.float32
+        assert arrays["mean"].shape == (len(images), 8, 4) and arrays["labels"].dtype == np.int64
+        np.testing.assert_array_equal(arrays["labels"], labels)
+        fresh = handle.encode(np.asarray(images))
+        np.testing.assert_allclose(arrays["mean"], fresh["mean"], atol=1e-5)
+        np.testing.assert_allclose(arrays["logvar"], fresh["logvar"], atol=1e-5)
+    assert isinstance(c.shards("train").__next__()["mean"], np.memmap)
+    assert result["metrics"] == {"train_images": 360, "val_images": 40, "num_tokens": 8,
+                                 "token_dim": 4, "shards": 7, "codes": 0, "hflip": 0,
+                                 "verify_max_abs_diff": 0.0}
+    t = result["timings"]
+    assert t["cache_images_per_s"] > 0 and 0 <= t["outside_encoder_share"] <= 1
+    assert t["resumed_shards"] == 0
+    assert not (tiny_root / paths.work_dir("cache", c.key)).exists()  # scratch removed
+
+
+def test_draw_latents_gives_fresh_samples_with_the_cached_moments(tiny_root):
+    arrays = cache.load_cache(tiny_root / "cache_kl").split("val")
+    one = {k: np.repeat(arrays[k][:2], 5000, axis=0) for k in ("mean", "logvar")}
+    std = np.exp(0.5 * one["logvar"])
+    for rng in (np.random.default_rng(0), torch.Generator().manual_seed(0)):
+        first, second = (np.asarray(cache.draw_latents(one, rng)) for _ in range(2))
+        assert first.dtype == np.float32 and first.shape == one["mean"].shape
+        assert not np.array_equal(first, second)  # each epoch draws anew
+        eps = (first - one["mean"]) / std
+        assert abs(eps.mean()) < 0.02 and abs(eps.std() - 1) < 0.02
+    with pytest.raises(ValueError, match="codes_to_latents"):
+        cache.draw_latents({"codes": np.zeros((2, 8), np.int32)}, np.random.default_rng(0))
+
+
+def test_load_cache_refuses_latents_of_another_tokenizer(tiny_root):
+    folder = tiny_root / "cache_kl"
+    mine = cache.load_cache(folder).tokenizer_sha256
+    other = tokenizer.load_tokenizer(tiny_root / "tok_fsq").sha256
+    assert cache.load_cache(folder, tokenizer_sha256=mine).tokenizer_sha256 == mine
+    with pytest.raises(DataError) as info:
+        cache.load_cache(folder, tokenizer_sha256=other)
+    message = str(info.value)
+    for part in (mine, other, str(folder), "rerun the cache stage"):
+        assert part in message
+    with pytest.raises(DataError, match="run the cache stage first"):
+        cache.load_cache(tiny_root / "nowhere")
+
+
+def test_corrupted_shard_is_caught_by_sha256_verification(tiny_root, tmp_path):
+    folder = tmp_path / "cache"
+    shutil.copytree(tiny_root / "cache_kl", folder)
+    shard = folder / "train-00002.mean.npy"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0x40  # one bit of one float: the header still parses
+    shard.write_bytes(bytes(data))
+    cache.load_cache(folder)  # without verify the damage goes unnoticed
+    with pytest.raises(DataError, match="train-00002.mean.npy: sha256 .* does not match"):
+        cache.load_cache(folder, verify=True)
+
+
+def test_decode_check_catches_latents_that_do_not_match_the_images(tiny_root, tmp_path):
+    handle = tokenizer.load_tokenizer(tiny_root / "tok_kl")
+    prepared = load_prepared(tiny_root / "prepared")
+    assert cache.verify_decoding(cache.load_cache(tiny_root / "cache_kl"), handle, prepared,
+                                 samples=64) <= 1e-4
+    folder = tmp_path / "cache"
+    shutil.copytree(tiny_root / "cache_kl", folder)
+    mean = np.load(folder / "train-00001.mean.npy")
+    # Far-off latents: a 4-step decoder barely tells one image's latents from another's.
+    noise = np.random.default_rng(0).standard_normal(mean.shape).astype(np.float32)
+    np.save(folder / "train-00001.mean.npy", mean + 10 * noise)
+    with pytest.raises(DataError, match="differs from decoding fresh encodings"):
+        cache.verify_decoding(cache.load_cache(folder), handle, prepared, samples=64)
+
+
+def test_fsq_cache_stores_codes_and_flipped_views(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cache(tiny_root, tmp_path / "cache", tok="fsq", cache={"hflip": True})
+    c = cache.load_cache(tmp_path / "cache", verify=True)
+    assert c.kind == "codes" and c.token_shape == (8, 3) and c.manifest["hflip"]
+    assert result.metrics["codes"] == 1 and result.metrics["verify_max_abs_diff"] == 0.0
+    arrays = c.split("train")
+    assert set(arrays) == {"labels", "codes", "hflip_codes"}
+    assert arrays["codes"].dtype == np.int32 and arrays["codes"].shape == (360, 8)
+    handle = tokenizer.load_tokenizer(tiny_root / "tok_fsq")
+    images, _ = load_prepared(tiny_root / "prepared").split("train")
+    for key, view in (("codes", images), ("hflip_codes", images[:, :, ::-1])):
+        fresh = handle.encode(np.ascontiguousarray(view))
+        np.testing.assert_array_equal(arrays[key], fresh["codes"])
+        latents = handle.model.codes_to_latents(torch.as_tensor(arrays[key], dtype=torch.long))
+        np.testing.assert_allclose(latents.numpy(), fresh["latents"], atol=1e-6)
+
+
+def test_shard_buffers_gather_rows_arriving_in_any_order():
+    plan = cache.plan_shards({"train": 10, "val": 3}, shard_size=4)
+    assert [(s.name, s.start, s.stop) for s in plan] == [
+        ("train-00000", 0, 4), ("train-00001", 4, 8), ("train-00002", 8, 10), ("val-00000", 0, 3)]
+    batches = cache.encoder_batches(plan, batch_size=3)
+    assert [(b["start"], b["stop"]) for b in batches[:4]] == [(0, 3), (3, 4), (4, 7), (7, 8)]
+    specs = cache.array_specs("codes", (2, 1), hflip=False)
+    buffers = cache.ShardBuffers(plan, specs, shard_size=4)
+    split = np.array([0] * 10 + [1] * 3, np.int8)
+    index = np.r_[np.arange(10), np.arange(3)]
+    order = np.random.default_rng(0).permutation(13)
+    done = []
+    for part in np.array_split(order, 5):
+        rows = {"split": split[part], "index": index[part],
+                "codes": np.stack([index[part], split[part]], 1).astype(np.int32)}
+        done += buffers.add(rows)
+    assert sorted(s.name for s, _ in done) == [s.name for s in plan]
+    for shard, arrays in done:
+        np.testing.assert_array_equal(arrays["codes"][:, 0], np.arange(shard.start, shard.stop))
+        assert (arrays["codes"][:, 1] == (shard.split == "val")).all()
+
+
+def test_two_actors_write_the_same_cache_as_one(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_cache(tiny_root, tmp_path / "cache", compute={"num_workers": 2})
+    assert read_folder(tmp_path / "cache") == read_folder(tiny_root / "cache_kl")
+
+
+KILL_SCRIPT = textwrap.dedent('''
+    import json, sys, time
+    from latentforge.config import build_params
+    from latentforge.tasks import cache
+
+    commit = cache._commit_shard
+
+    def slow_commit(*args, **kwargs):
+        record = commit(*args, **kwargs)
+        time.sleep(0.5)  # slow enough to be killed between two shards
+        return record
+
+    cache._commit_shard = slow_commit
+    params = build_params(json.loads(sys.argv[1]))
+    cache.run(params, out_dir=sys.argv[2], prepared_dir=sys.argv[3], tokenizer_dir=sys.argv[4])
+''')
+
+
+def test_rerun_after_sigkill_keeps_committed_shards_and_matches_an_uninterrupted_run(
+        tiny_root, tmp_path, monkeypatch, caplog, ray_local):  # noqa: F811
+    monkeypatch.chdir(tmp_path)
+    handle = tokenizer.load_tokenizer(tiny_root / "tok_kl")
+    key = cache.cache_key(handle.sha256, load_prepared(tiny_root / "prepared").manifest_sha256)
+    work = tmp_path / paths.work_dir("cache", key)
+    # The victim joins the test's Ray instance as a second driver (no second `ray.init`).
+    raw = tiny(compute={"ray_address": ray_local.get_runtime_context().gcs_address}).to_dict()
+    script = tmp_path / "cache_victim.py"
+    script.write_text(KILL_SCRIPT)
+    with open(tmp_path / "victim.log", "wb") as out:
+        victim = subprocess.Popen(
+            [sys.executable, str(script), json.dumps(raw), str(tmp_path / "cache"),
+             str(tiny_root / "prepared"), str(tiny_root / "tok_kl")],
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 90
+            while not list(work.glob("train-*.json")):
+                assert victim.poll() is None, (tmp_path / "victim.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "no shard committed within 90 s"
+                time.sleep(0.02)
+            os.kill(victim.pid, signal.SIGKILL)
+            victim.wait()
+        finally:
+            victim.kill()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (tmp_path / "cache").exists()
+    committed = {p.stem for p in work.glob("*-*.json")}
+    kept = {f: (work / f).stat() for shard in committed
+            for f in (f"{shard}.mean.npy", f"{shard}.logvar.npy", f"{shard}.labels.npy")}
+    assert 1 <= len(committed) < 7
+
+    with caplog.at_level(logging.INFO, logger="latentforge.tasks.cache"):
+        result = run_cache(tiny_root, tmp_path / "cache")
+    assert f"{len(committed)} of 7 shards already committed" in caplog.text
+    assert result.timings["resumed_shards"] == len(committed)
+    for name, before in kept.items():  # the very files the victim wrote, not re-encoded ones
+        after = (tmp_path / "cache" / name).stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
+    assert read_folder(tmp_path / "cache") == read_folder(tiny_root / "cache_kl")
+    assert not work.exists()

@@ -1,0 +1,121 @@
+"""The generator stage on the tiny preset: outputs, metrics, balanced sampling independent of
+batching, the cache-key guard, the `latentforge sample` command, and 1D and 2D tokenizers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentforge.cli import main
+from latentforge.config import build_params, load_params
+from latentforge.errors import DataError
+from latentforge.tasks import cache, generator, judge, prepare, tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(**sections) -> object:
+    raw = load_params(REPO / "presets/tiny.yaml").to_dict()
+    for name, values in sections.items():
+        raw[name].update(values)
+    return build_params(raw)
+
+
+def build_chain(root: Path, params) -> dict[str, Path]:
+    d = {k: root / k for k in ("prepared", "judge", "tok", "cache", "gen")}
+    prepare.run(params.prepare, out_dir=d["prepared"])
+    judge.run(params, out_dir=d["judge"], prepared_dir=d["prepared"])
+    tokenizer.run(params, out_dir=d["tok"], prepared_dir=d["prepared"], judge_dir=d["judge"],
+                  plot_file=root / "prefix.csv")
+    cache.run(params, out_dir=d["cache"], prepared_dir=d["prepared"], tokenizer_dir=d["tok"])
+    return d
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(root)  # checkpoints and Ray scratch under the tmp folder
+    try:
+        params = tiny()
+        d = build_chain(root, params)
+        result = generator.run(params, out_dir=d["gen"], cache_dir=d["cache"],
+                               tokenizer_dir=d["tok"], judge_dir=d["judge"],
+                               prepared_dir=d["prepared"])
+    finally:
+        os.chdir(cwd)
+    return d, result
+
+
+def test_generator_outputs_and_metrics(chain):
+    d, result = chain
+    assert {p.name for p in d["gen"].iterdir()} == {"model.safetensors", "generator.json",
+                                                    "samples.png", "train_curve.csv"}
+    for key in ("gfd_judge", "precision", "recall", "judge_accuracy", "is_judge",
+                "train_val_fd_judge", "nfe"):
+        assert np.isfinite(result.metrics[key]), key
+    assert result.metrics["nfe"] == 4  # euler, 4 steps in the tiny preset
+    assert result.timings["sampling_images_per_s"] > 0
+    meta = json.loads((d["gen"] / "generator.json").read_text())
+    assert meta["tokenizer_sha256"] == tokenizer.load_tokenizer(d["tok"]).sha256
+    assert len(meta["latent_shift"]) == meta["latent_shape"][1]
+    grid = Image.open(d["gen"] / "samples.png")
+    assert grid.size[1] > grid.size[0] / 2  # one row per class: 10 rows
+
+
+def test_samples_do_not_depend_on_batching(chain):
+    d, _ = chain
+    gen = generator.load_generator(d["gen"], d["tok"])
+    labels = np.array([0, 1, 2, 3, 4, 5])
+    kw = {"seed": 5, "steps": 3, "cfg_scale": 1.5, "sampler": "heun"}
+    whole, nfe = gen.sample_latents(labels, batch_size=6, **kw)
+    parts, _ = gen.sample_latents(labels, batch_size=4, **kw)
+    np.testing.assert_allclose(whole, parts, rtol=1e-5, atol=1e-6)
+    assert nfe == 5  # heun: 2 * steps - 1
+    tail, _ = gen.sample_latents(labels[3:], start_index=3, **kw)
+    np.testing.assert_allclose(whole[3:], tail, rtol=1e-5, atol=1e-6)
+
+
+def test_generator_refuses_a_cache_of_another_tokenizer(chain, tmp_path, monkeypatch):
+    d, _ = chain
+    monkeypatch.chdir(tmp_path)
+    other = tiny(tokenizer={"seed": 7, "steps": 10})
+    tokenizer.run(other, out_dir=tmp_path / "tok2", prepared_dir=d["prepared"],
+                  judge_dir=d["judge"], plot_file=tmp_path / "p.csv")
+    with pytest.raises(DataError) as err:
+        generator.run(other, out_dir=tmp_path / "gen2", cache_dir=d["cache"],
+                      tokenizer_dir=tmp_path / "tok2", judge_dir=d["judge"],
+                      prepared_dir=d["prepared"])
+    assert str(d["cache"]) in str(err.value)
+    assert not (tmp_path / "gen2").exists()
+
+
+def test_sample_command_writes_a_grid(chain, tmp_path, monkeypatch, capsys):
+    d, _ = chain
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--class", "3", "--n", "12", "--steps", "3", "--cfg", "2.0",
+                 "--model", str(d["gen"]), "--tokenizer", str(d["tok"]), "--out", str(out)]) == 0
+    assert "12 samples of class '3'" in capsys.readouterr().out
+    assert Image.open(out).size[0] > 100
+    assert main(["sample", "--class", "cat", "--model", str(d["gen"]), "--tokenizer",
+                 str(d["tok"]), "--out", str(out)]) == 2
+    assert "not a class of this generator" in capsys.readouterr().err
+
+
+def test_generator_on_a_2d_tokenizer(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = tiny(tokenizer={"layout": "2d", "quantizer": "fsq", "token_dim": 3,
+                             "fsq_levels": [5, 4, 3]})
+    d = build_chain(tmp_path, params)
+    result = generator.run(params, out_dir=d["gen"], cache_dir=d["cache"], tokenizer_dir=d["tok"],
+                           judge_dir=d["judge"], prepared_dir=d["prepared"])
+    meta = json.loads((d["gen"] / "generator.json").read_text())
+    assert meta["latent_shape"] == [16, 3]  # 8x8 with 2x2 patches, fsq codes -> latents
+    assert np.isfinite(result.metrics["gfd_judge"])
