@@ -85,6 +85,39 @@ def tokenizer(overrides: list[str] | None = None, params_file: str | None = None
     return _stage("tokenizer", force, parent_run_id)
 
 
-STAGE_FLOWS = {"prepare": prepare, "judge": judge, "tokenizer": tokenizer}
+@_flow("cache", "Encode the prepared splits with the tokenizer on a Ray Data actor pool into a "
+       "sharded, resumable latent cache keyed by (tokenizer sha256, data sha256).")
+def cache(overrides: list[str] | None = None, params_file: str | None = None,
+          force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
+    apply_params(params_file, overrides or [])
+    return _stage("cache", force, parent_run_id)
+
+
+@_flow("generator", "Train the class-conditional flow-matching transformer on the cached "
+       "latents; sample with CFG; gFD-judge, precision/recall, judge accuracy, IS-judge.")
+def generator(overrides: list[str] | None = None, params_file: str | None = None,
+              force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
+    apply_params(params_file, overrides or [])
+    return _stage("generator", force, parent_run_id)
+
+
+@_flow("rl", "Flow-GRPO fine-tuning of the generator against the reward (judge log-prob by "
+       "default), with a KL leash to the base model and gFD-judge watched for reward hacking.")
+def rl(overrides: list[str] | None = None, params_file: str | None = None,
+       force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
+    apply_params(params_file, overrides or [])
+    return _stage("rl", force, parent_run_id)
+
+
+@_flow("evaluate", "Evaluate tokenizer, base and RL generator on the val split with the "
+       "protocol recorded; metrics, plots, side-by-side grids and report.md.")
+def evaluate(overrides: list[str] | None = None, params_file: str | None = None,
+             force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
+    apply_params(params_file, overrides or [])
+    return _stage("evaluate", force, parent_run_id)
+
+
+STAGE_FLOWS = {"prepare": prepare, "judge": judge, "tokenizer": tokenizer, "cache": cache,
+               "generator": generator, "rl": rl, "evaluate": evaluate}
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

@@ -151,24 +151,24 @@ class GeneratorConfig(TrainConfig):
     """Flow-matching transformer over the K latent tokens, class-conditional with CFG."""
 
     size: Literal["tiny", "small", "base", "large"] = param(
-        "small", "model size from the registry in models/generator.py")
+        "tiny", "model size from the registry in models/generator.py")
     class_dropout: float = param(0.1, "probability of dropping the class label (for CFG)",
                                  ge=0.0, lt=1.0)
     time_sampling: Literal["uniform", "logit_normal"] = param(
         "logit_normal", "distribution of training times t")
     sampler: Literal["euler", "heun"] = param("heun", "ODE sampler")
     sample_steps: int = param(25, "ODE steps when sampling", ge=1)
-    cfg_scale: float = param(2.0, "classifier-free guidance scale (1 = no guidance)", ge=0.0)
+    cfg_scale: float = param(1.5, "classifier-free guidance scale (1 = no guidance)", ge=0.0)
     eval_every: int = param(0, "evaluate on a small sample every N steps (0 = only at the end)",
                             ge=0)
     eval_per_class: int = param(8, "samples per class for the periodic evaluation", ge=1)
     final_per_class: int = param(50, "samples per class for the final metrics", ge=1)
     sample_seed: int = param(0, "seed of evaluation samples (independent of worker count)", ge=0)
     steps: int = param(3000, "optimizer steps", ge=1)
-    batch_size: int = param(128, "global batch size, split evenly across workers", ge=1)
-    lr: float = param(1e-3, "peak learning rate (AdamW)", gt=0.0)
+    batch_size: int = param(64, "global batch size, split evenly across workers", ge=1)
+    lr: float = param(2e-3, "peak learning rate (AdamW)", gt=0.0)
     warmup_steps: int = param(100, "linear warm-up steps", ge=0)
-    ema_decay: float = param(0.999, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
+    ema_decay: float = param(0.995, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
     save_every: int = param(500, "checkpoint every N steps", ge=1)
     log_every: int = param(100, "log metrics every N steps", ge=1)
 
@@ -188,18 +188,18 @@ class RLConfig:
     inner_epochs: int = param(1, "optimisation passes over each batch of rollouts", ge=1)
     clip_range: float = param(0.2, "PPO clip range of the new/old probability ratio", gt=0.0)
     adv_clip: float = param(5.0, "advantages are clipped to +-adv_clip", gt=0.0)
-    kl_beta: float = param(0.04, "weight of the KL to the frozen reference generator", ge=0.0)
+    kl_beta: float = param(0.1, "weight of the KL to the frozen reference generator", ge=0.0)
     cfg_scale: float = param(1.0, "CFG scale during rollouts and evaluation samples", ge=0.0)
     rewards: dict[str, float] = param(
         {"judge_logprob": 1.0}, "reward name -> weight: judge_logprob, judge_margin, or a user "
         "reward module:function taking (uint8 images, labels) and returning one float per image")
-    lr: float = param(3e-5, "learning rate (AdamW)", gt=0.0)
+    lr: float = param(1e-4, "learning rate (AdamW)", gt=0.0)
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0.0)
     grad_clip: float = param(1.0, "max global gradient norm; 0 disables", ge=0.0)
     ema_decay: float = param(0.9, "EMA of the fine-tuned weights; 0 disables", ge=0.0, lt=1.0)
     eval_every: int = param(10, "gFD-judge on a fixed sample every N updates (reward hacking "
                             "watch); 0 = only at the end", ge=0)
-    eval_per_class: int = param(20, "samples per class for the periodic evaluation", ge=1)
+    eval_per_class: int = param(50, "samples per class for the periodic evaluation", ge=1)
     save_every: int = param(10, "checkpoint every N updates", ge=1)
     seed: int = param(0, "seed of labels, rollouts and evaluation samples", ge=0)
 
@@ -211,7 +211,8 @@ class EvaluateConfig:
     per_class: int = param(100, "generated samples per class (class-balanced)", ge=2)
     sample_steps: int = param(25, "ODE steps for evaluation samples", ge=1)
     sampler: Literal["euler", "heun"] = param("heun", "ODE sampler")
-    cfg_scale: float | None = param(None, "CFG scale; null = the generator's", ge=0.0)
+    cfg_scale: float | None = param(1.0, "CFG scale for base and RL alike (1.0 = the scale RL "
+                                    "trains at); null = each model's own", ge=0.0)
     seed: int = param(1000, "seed of evaluation samples", ge=0)
     inception_weights: str | None = param(
         None, "local Inception-v3 FID weights (pytorch-fid format) for FID/rFID/gFID; null = "

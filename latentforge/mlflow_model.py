@@ -23,6 +23,11 @@ class LatentForgeModel(mlflow.pyfunc.PythonModel):
             from latentforge.tasks.tokenizer import load_tokenizer
 
             self.model = load_tokenizer(folder)
+        elif kind == "generator":
+            # Latents decode with the pipeline's tokenizer (checked against the recorded sha).
+            from latentforge.tasks.generator import load_generator
+
+            self.model = load_generator(folder)
         else:
             raise ValueError(f"unknown LatentForge model kind {kind!r}")
         self.kind = kind
@@ -30,6 +35,9 @@ class LatentForgeModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         import numpy as np
 
+        if self.kind == "generator":  # input: class labels; output: uint8 images
+            labels = np.asarray(model_input, dtype=np.int64).reshape(-1)
+            return self.model.sample_images(labels, seed=0, steps=25, cfg_scale=1.5)
         images = np.asarray(model_input, dtype=np.uint8)
         if self.kind == "judge":
             return self.model.score(images)[1]

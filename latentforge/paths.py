@@ -10,10 +10,14 @@ from pathlib import Path
 
 DATA = Path("data")
 PREPARED = DATA / "prepared"
+CACHE = DATA / "cache"
 METRICS = Path("metrics")
 ARTIFACTS = Path("artifacts")
 JUDGE = ARTIFACTS / "judge"
 TOKENIZER = ARTIFACTS / "tokenizer"
+GENERATOR = ARTIFACTS / "generator"
+RL = ARTIFACTS / "rl"
+REPORT = Path("reports") / "evaluate"
 PLOTS = Path("plots")
 STATE = Path(".latentforge")  # run records and training checkpoints; not versioned
 
@@ -65,6 +69,42 @@ STAGES: dict[str, StageSpec] = {
         metrics=(str(metrics_file("tokenizer")),),
         plots=(str(PLOTS / "tokenizer_prefix_psnr.csv"),),
     ),
+    "cache": StageSpec(
+        name="cache",
+        code=("tasks/cache.py", "models/tokenizer.py"),
+        deps=(str(PREPARED), str(TOKENIZER)),
+        params=("cache",),
+        outs=(str(CACHE),),
+        metrics=(str(metrics_file("cache")),),
+    ),
+    "generator": StageSpec(
+        name="generator",
+        code=("tasks/generator.py", "models/generator.py", "latentforge/flow.py",
+              "latentforge/training.py"),
+        deps=(str(CACHE), str(TOKENIZER), str(JUDGE), str(PREPARED)),
+        params=("generator",),
+        outs=(str(GENERATOR),),
+        metrics=(str(metrics_file("generator")),),
+    ),
+    "rl": StageSpec(
+        name="rl",
+        code=("tasks/rl.py", "latentforge/rewards.py", "latentforge/flow.py"),
+        deps=(str(GENERATOR), str(JUDGE), str(TOKENIZER), str(PREPARED)),
+        params=("rl", "generator.sample_steps", "generator.sampler"),
+        outs=(str(RL),),
+        metrics=(str(metrics_file("rl")),),
+        plots=(str(PLOTS / "rl_reward.csv"),),
+    ),
+    "evaluate": StageSpec(
+        name="evaluate",
+        code=("tasks/evaluate.py",),
+        deps=(str(PREPARED), str(JUDGE), str(TOKENIZER), str(GENERATOR), str(RL),
+              str(PLOTS / "rl_reward.csv")),
+        params=("evaluate", "rl.rewards", "rl.cfg_scale", "generator.cfg_scale",
+                "tokenizer.eval_perturbation", "tokenizer.perturbation_sigma"),
+        outs=(str(REPORT),),
+        metrics=(str(metrics_file("evaluate")),),
+    ),
 }
 
 
@@ -77,3 +117,8 @@ def checkpoint_dir(stage: str, data_sha256: str) -> Path:
     """Training checkpoints of `stage`, keyed by its input data so that a rerun resumes only a
     run on the same data (the harness also checks the training config)."""
     return STATE / "checkpoints" / stage / data_sha256[:16]
+
+
+def work_dir(stage: str, key: str) -> Path:
+    """Scratch space for a stage's resumable work (e.g. cache shards), keyed like its inputs."""
+    return STATE / "work" / stage / key[:16]

@@ -621,3 +621,9 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
                        resumed_from=resumed_from, images_per_s=stats.images_per_s,
                        seconds=time.perf_counter() - started)
 
+
+
+def loss_curve_csv(history: list[dict[str, float]]) -> str:
+    """`step,loss` rows of the training history (not timings, which vary run to run)."""
+    rows = [r for r in history if "loss" in r]
+    return "step,loss\n" + "".join(f"{int(r['step'])},{r['loss']:.6f}\n" for r in rows)

@@ -183,7 +183,9 @@ def score_samples(judge: JudgeScorer, images: np.ndarray, labels: np.ndarray,
     """gFD-judge, precision/recall against the reference features, judge accuracy on the
     requested class, IS-judge, and diversity (mean pairwise feature distance within a class)."""
     feats, logp = judge.score(images)
-    precision, recall = metrics.precision_recall(ref_features, feats, k=3)
+    # k = 3 (Kynkaanniemi et al.) unless a set is too small to have 3 other neighbours.
+    k = max(1, min(3, len(ref_features) - 1, len(feats) - 1))
+    precision, recall = metrics.precision_recall(ref_features, feats, k=k)
     is_mean, _ = metrics.inception_score(logp)
     diversity = [metrics.mean_pairwise_distance(feats[labels == c])
                  for c in np.unique(labels) if (labels == c).sum() > 1]

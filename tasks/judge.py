@@ -25,7 +25,7 @@ from latentforge.data import load_prepared
 from latentforge.models.judge import Judge, JudgeModelConfig
 from latentforge.runner import StageResult
 from latentforge.tracking import Tracker
-from latentforge.training import TrainSpec, train
+from latentforge.training import TrainSpec, loss_curve_csv, train
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | P
     with storage.atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
         storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
+        storage.write_bytes_atomic(tmp / "train_curve.csv", loss_curve_csv(result.history).encode())
     weights_sha = storage.sha256_file(Path(out_dir) / WEIGHTS)
     log.info("judge: val accuracy %.4f on %d images", val_acc, len(val_y))
     tracker.log_artifact(Path(out_dir) / META)

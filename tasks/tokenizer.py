@@ -29,7 +29,7 @@ from latentforge.models.tokenizer import Tokenizer, TokenizerModelConfig, tokeni
 from latentforge.runner import StageResult
 from latentforge.tasks.judge import images_to_tensor, load_judge
 from latentforge.tracking import Tracker
-from latentforge.training import TrainSpec, train, unwrap_model
+from latentforge.training import TrainSpec, loss_curve_csv, train, unwrap_model
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,7 @@ def run(params: Params, out_dir: str | Path = paths.TOKENIZER,
     with storage.atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
         storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
+        storage.write_bytes_atomic(tmp / "train_curve.csv", loss_curve_csv(result.history).encode())
         save_png(recon_grid(np.asarray(val_x), recon), tmp / "recon.png")
         storage.write_bytes_atomic(tmp / "prefix_psnr.png", prefix_plot(prefix))
     csv = "tokens,psnr\n" + "".join(f"{k},{v:.6f}\n" for k, v in prefix)

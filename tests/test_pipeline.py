@@ -118,6 +118,18 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
     artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(newest.info.run_id)}
     assert {"manifest.json", "preview.png", "report.json"} <= artifacts
 
+    # judge and tokenizer are registered models whose tags lead back to the data and judge
+    client = mlflow.MlflowClient()
+    registered = {m.name for m in client.search_registered_models()}
+    assert {"latentforge-judge", "latentforge-tokenizer"} <= registered
+    tok_run = max(runs(a, "tags.`latentforge.stage` = 'tokenizer'"), key=lambda r: r.info.start_time)
+    model = mlflow.get_logged_model(tok_run.data.tags["latentforge.model.tokenizer"].split("/")[-1])
+    assert model.tags["latentforge.prepared_sha256"] == full
+    judge_sha = hashlib.sha256((a / "artifacts/judge/model.safetensors").read_bytes()).hexdigest()
+    assert model.tags["latentforge.judge_sha256"] == judge_sha
+    tok_inputs = {d.dataset.name: d.dataset.digest for d in tok_run.inputs.dataset_inputs}
+    assert tok_inputs == {"prepared": full[:36], "judge": judge_sha[:36]}
+
     # the `dvc repro` run in project b logged a top-level run
     (solo,) = runs(b, "tags.`latentforge.stage` = 'prepare'")
     assert "mlflow.parentRunId" not in solo.data.tags
@@ -133,7 +145,7 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
 def test_failed_stage_exits_nonzero_and_keeps_previous_output(make_project, prefect_harness,
                                                              tmp_path):
     root = make_project(TINY)
-    cli(root, "run")
+    cli(root, "stage", "prepare")  # one stage through Prefect + DVC: a good previous output
     before = (root / "data/prepared/manifest.json").read_bytes()
     lock = (root / "dvc.lock").read_text()
     (tmp_path / "bad").mkdir()
@@ -154,21 +166,22 @@ def test_s3_source_mlflow_artifacts_and_dvc_remote(make_project, prefect_harness
     from latentforge import storage
 
     for cls in ("a", "b"):
-        for i in range(6):
-            img = Image.new("L", (9, 9), 40 * i + (100 if cls == "b" else 0))
+        for i in range(12):
+            img = Image.new("L", (9, 9), 10 * i + (120 if cls == "b" else 0))
             import io
 
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             storage.write_bytes_atomic(f"s3://{s3_bucket}/src/{cls}/{i}.png", buf.getvalue())
-    params = tiny(prepare={"source": "folder", "path": f"s3://{s3_bucket}/src"},
+    params = tiny(prepare={"source": "folder", "path": f"s3://{s3_bucket}/src",
+                           "val_fraction": 0.25},
                   tracking={"experiment": "s3exp", "artifact_location": f"s3://{s3_bucket}/mlflow"},
                   storage={"remote": f"s3://{s3_bucket}/dvc"})
     root = make_project(params)
     assert re.search(r"prepare\s+ran", cli(root, "run").stdout)
     manifest = json.loads((root / "data/prepared/manifest.json").read_text())
     assert manifest["source"]["path"] == f"s3://{s3_bucket}/src"
-    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 12
+    assert manifest["splits"]["train"]["count"] + manifest["splits"]["val"]["count"] == 24
     # the external S3 dependency is versioned in dvc.lock
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert f"s3://{s3_bucket}/src" in [d["path"] for d in lock["stages"]["prepare"]["deps"]]

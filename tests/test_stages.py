@@ -62,7 +62,7 @@ def test_tokenizer_stage_outputs(tiny_root, tmp_path, monkeypatch, overrides):
         assert np.isfinite(m[key]), key
     assert ("codebook_usage" in m) == (overrides["quantizer"] != "kl")
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "tokenizer.json", "recon.png",
-                                               "prefix_psnr.png"}
+                                               "prefix_psnr.png", "train_curve.csv"}
     rows = (tmp_path / "prefix.csv").read_text().strip().splitlines()
     k = 16 if overrides.get("layout") == "2d" else 8  # 2d: one token per 2x2 patch of 8x8
     assert rows[0] == "tokens,psnr" and len(rows) == (2 if overrides.get("layout") == "2d" else k + 1)

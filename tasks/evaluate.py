@@ -1,0 +1,680 @@
+"""The `evaluate` stage: one protocol-recorded evaluation of everything the pipeline produced.
+
+On the prepared val split it measures
+  - the tokenizer: PSNR, SSIM, rFD-judge, pFD-judge, judge accuracy on reconstructions
+    (`tasks.tokenizer.evaluate`, the same code the tokenizer stage reports with);
+  - the base and the RL generator, sampled with the *same* class-balanced labels and the same
+    per-sample noise (sample i's noise depends only on (evaluate.seed, i)): gFD-judge,
+    precision/recall, judge accuracy on the requested class, IS-judge, mean reward under the
+    `rl.rewards` definition, diversity (mean pairwise judge-feature distance within a class)
+    and NFE; sampling speed goes to MLflow only, since it varies run to run;
+  - FID-named numbers (rFID, gFID) only when `evaluate.inception_weights` names a local
+    Inception-v3 file. Without it nothing is called FID: judge-based distances are FD-judge.
+
+Outputs: the DVC metrics (flat keys such as "base.gfd_judge", headline numbers first) and the
+folder reports/evaluate/ (report.md, protocol.json, plots, base-vs-RL sample grid), built under
+a temporary name and swapped in whole. Every file in it is a pure function of the inputs and
+parameters (no timings, no timestamps), so reruns leave identical bytes and dvc.lock entries.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentforge import flow, metrics, paths, storage
+from latentforge.config import EvaluateConfig, Params
+from latentforge.data import MANIFEST, Prepared, load_prepared
+from latentforge.errors import DataError
+from latentforge.images import png_bytes
+from latentforge.rewards import Reward
+from latentforge.runner import StageResult
+from latentforge.tasks import generator as generator_stage
+from latentforge.tasks import judge as judge_stage
+from latentforge.tasks import tokenizer as tokenizer_stage
+from latentforge.tasks.generator import GeneratorHandle, class_grid, load_generator, score_samples
+from latentforge.tasks.judge import JudgeScorer, images_to_tensor, load_judge
+from latentforge.tasks.tokenizer import TokenizerHandle, recon_grid
+from latentforge.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+REPORT_MD, PROTOCOL_JSON = "report.md", "protocol.json"
+SAMPLES_PNG = "samples_base_vs_rl.png"
+RECON_PNG = "tokenizer_recon.png"
+PREFIX_PNG = "tokenizer_prefix_psnr.png"
+REWARD_PNG = "rl_reward.png"
+LOSSES_PNG = "training_losses.png"
+REWARD_CSV = "rl_reward.csv"  # in plots_dir, written by the rl stage
+TRAIN_CURVE = "train_curve.csv"  # in each training stage's output folder
+
+MODELS = ("base", "rl")
+STAGE_OF = {"base": "generator", "rl": "rl"}  # which stage's folder holds each model
+MODEL_TITLES = {"base": "base generator", "rl": "RL generator"}
+# What generator.score_samples uses; recorded in the protocol.
+PR_NEIGHBOURS = 3
+# Fewer reference images than this and precision/recall (k = 3 neighbours) is undefined.
+MIN_VAL_IMAGES = PR_NEIGHBOURS + 1
+# The `latentforge run` table shows a stage's first four metrics.
+HEADLINE = ("rl.judge_accuracy", "base.judge_accuracy", "rl.gfd_judge", "base.gfd_judge")
+DECIMALS = 6
+INCEPTION_BATCH = 32
+
+# Generator metrics in report order: (key, label, which direction is better).
+GENERATOR_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("judge_accuracy", "judge accuracy", "higher"),
+    ("gfd_judge", "gFD-judge", "lower"),
+    ("gfid", "gFID", "lower"),
+    ("precision", "precision", "higher"),
+    ("recall", "recall", "higher"),
+    ("is_judge", "IS-judge", "higher"),
+    ("reward_mean", "mean reward", "higher"),
+    ("reward_std", "reward std", ""),
+    ("diversity", "diversity (within-class)", "higher"),
+    ("cfg_scale", "CFG scale", ""),
+    ("nfe", "NFE", ""),
+)
+TOKENIZER_LABELS = {
+    "val_psnr": ("PSNR (dB)", "higher"), "val_ssim": ("SSIM", "higher"),
+    "rfd_judge": ("rFD-judge", "lower"), "pfd_judge": ("pFD-judge", "lower"),
+    "rfid": ("rFID", "lower"), "judge_acc_originals": ("judge accuracy, originals", "higher"),
+    "judge_acc_recon": ("judge accuracy, reconstructions", "higher"),
+    "judge_acc_ratio": ("judge accuracy ratio recon/originals", "higher"),
+    "codebook_usage": ("codebook usage", "higher"),
+    "codebook_perplexity": ("codebook perplexity", "higher"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """Everything the stage evaluates, loaded and cross-checked."""
+
+    prepared: Prepared
+    judge: JudgeScorer
+    tokenizer: TokenizerHandle
+    generators: dict[str, GeneratorHandle]  # "base", "rl"
+    dirs: dict[str, Path]  # stage name (prepared, judge, tokenizer, generator, rl) -> folder
+
+
+def require_inputs(dirs: Mapping[str, Path]) -> None:
+    """Fail before any work with a DataError naming the first missing input file."""
+    needed = {"prepared": (MANIFEST, "prepare"), "judge": (judge_stage.META, "judge"),
+              "tokenizer": (tokenizer_stage.META, "tokenizer"),
+              "generator": (generator_stage.META, "generator"), "rl": (generator_stage.META, "rl")}
+    for name, (marker, stage) in needed.items():
+        path = dirs[name] / marker
+        if not path.is_file():
+            raise DataError(f"{path}: missing; evaluate needs the {stage} stage's output in "
+                            f"{dirs[name]} (run the {stage} stage first)")
+
+
+def load_inputs(dirs: Mapping[str, Path]) -> Inputs:
+    require_inputs(dirs)
+    prepared = load_prepared(dirs["prepared"])
+    judge = load_judge(dirs["judge"])
+    generators = {m: load_generator(dirs[STAGE_OF[m]], dirs["tokenizer"]) for m in MODELS}
+    for owner, names in (("judge", judge.class_names),
+                         *((str(dirs[STAGE_OF[m]]), generators[m].class_names) for m in MODELS)):
+        if list(names) != prepared.class_names:
+            raise DataError(f"{owner} knows classes {list(names)[:5]}... but "
+                            f"{dirs['prepared']} has {prepared.class_names[:5]}...; evaluate "
+                            "needs every model trained on the same prepared data")
+    # Both generators decode with the one tokenizer load_generator checked them against.
+    return Inputs(prepared, judge, generators["base"].tokenizer, generators, dict(dirs))
+
+
+def input_digests(inputs: Inputs, fid_weights_sha: str | None) -> dict[str, str]:
+    """sha256 of each input: the prepared manifest and every model's weights."""
+    digests = {"prepared": inputs.prepared.manifest_sha256, "judge": inputs.judge.sha256,
+               "tokenizer": inputs.tokenizer.sha256,
+               **{STAGE_OF[m]: inputs.generators[m].meta["sha256"] for m in MODELS}}
+    if fid_weights_sha:
+        digests["inception"] = fid_weights_sha
+    return digests
+
+
+def log_inputs(tracker: Tracker, inputs: Inputs, digests: Mapping[str, str],
+               inception_weights: str | None) -> None:
+    sources = {**{k: str(v.resolve()) for k, v in inputs.dirs.items()},
+               "inception": str(Path(inception_weights or ".").resolve())}
+    for name, digest in digests.items():
+        tracker.log_input(name, sources[name], digest,
+                          context="evaluation" if name == "prepared" else "model")
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling and scoring
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    images: np.ndarray  # (N, H, W, C) uint8
+    nfe: int
+    seconds: float  # ODE sampling + decoding, for the speed timings only
+    cfg_scale: float
+
+
+def cfg_scale_for(model: str, handle: GeneratorHandle, params: Params) -> float:
+    """evaluate.cfg_scale, else the scale the model was trained/tuned to be sampled at."""
+    if params.evaluate.cfg_scale is not None:
+        return float(params.evaluate.cfg_scale)
+    if model == "rl":  # the rl stage records the scale it tuned at in generator.json
+        tuned = handle.meta.get("rl", {}).get("params", {}).get("cfg_scale")
+        return float(tuned if tuned is not None else params.rl.cfg_scale)
+    return float(handle.meta.get("cfg_scale", params.generator.cfg_scale))
+
+
+def sample_generator(handle: GeneratorHandle, labels: np.ndarray, cfg: EvaluateConfig,
+                     cfg_scale: float) -> Samples:
+    started = time.perf_counter()
+    latents, nfe = handle.sample_latents(labels, seed=cfg.seed, steps=cfg.sample_steps,
+                                         cfg_scale=cfg_scale, sampler=cfg.sampler)
+    images = handle.tokenizer.decode(latents)
+    return Samples(images, nfe, time.perf_counter() - started, cfg_scale)
+
+
+def score_generator(samples: Samples, labels: np.ndarray, judge: JudgeScorer,
+                    val_features: np.ndarray, reward: Reward) -> dict[str, float]:
+    m = score_samples(judge, samples.images, labels, val_features)
+    total, _ = reward(samples.images, labels)
+    m["reward_mean"] = float(total.mean())
+    m["reward_std"] = float(total.std())
+    m["cfg_scale"] = samples.cfg_scale
+    m["nfe"] = samples.nfe
+    return m
+
+
+def train_val_fd(judge: JudgeScorer, prepared: Prepared, val_features: np.ndarray, n: int,
+                 seed: int) -> float:
+    """FD-judge between n train images (a fixed random subset) and val: the floor a generator's
+    gFD-judge can reach at this sample count (FD is biased upwards at small n)."""
+    train_x, _ = prepared.split("train")
+    if len(train_x) < 2:
+        return float("nan")
+    pick = np.sort(np.random.default_rng(seed).permutation(len(train_x))[:n])
+    return metrics.fd_from_features(judge.score(np.asarray(train_x[pick]))[0], val_features)
+
+
+def inception_features(net: torch.nn.Module, images: np.ndarray, device: torch.device
+                       ) -> np.ndarray:
+    """FID Inception pool3 features (N, 2048), float64, of uint8 images (N, H, W, C)."""
+    feats = []
+    with torch.inference_mode():
+        for start in range(0, len(images), INCEPTION_BATCH):
+            x = images_to_tensor(images[start:start + INCEPTION_BATCH]).to(device)
+            feats.append(net(x).double().cpu().numpy())
+    return np.concatenate(feats)
+
+
+def fid_metrics(weights: str, val_x: np.ndarray, recon: np.ndarray,
+                samples: Mapping[str, Samples], device: torch.device
+                ) -> tuple[dict[str, dict[str, float]], str]:
+    """rFID (val vs reconstructions) and gFID per generator (val vs samples); weights sha."""
+    from latentforge.inception import load_fid_inception
+
+    net = load_fid_inception(weights).to(device)
+    ref = inception_features(net, val_x, device)
+    out: dict[str, dict[str, float]] = {
+        "tokenizer": {"rfid": metrics.fd_from_features(ref, inception_features(net, recon,
+                                                                                device))}}
+    for model, s in samples.items():
+        out[model] = {"gfid": metrics.fd_from_features(
+            ref, inception_features(net, s.images, device))}
+    return out, storage.sha256_file(weights)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics dict and protocol
+# --------------------------------------------------------------------------------------------
+
+
+def flatten_metrics(nested: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """{"base": {"gfd_judge": x}} -> {"base.gfd_judge": x}, rounded, headline keys first."""
+    flat = {f"{group}.{key}": round(float(value), DECIMALS)
+            for group, values in nested.items() for key, value in values.items()}
+    head = {k: flat[k] for k in HEADLINE if k in flat}
+    return {**head, **{k: v for k, v in flat.items() if k not in head}}
+
+
+def class_counts(labels: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
+    return {name: int(counts[i]) for i, name in enumerate(class_names)}
+
+
+def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np.ndarray,
+                   samples: Mapping[str, Samples], reward: Reward, digests: Mapping[str, str]
+                   ) -> dict[str, Any]:
+    """Everything that changes the numbers, next to them (FD depends on all of it)."""
+    cfg = params.evaluate
+    names = inputs.prepared.class_names
+    judge_model = inputs.judge.meta["model"]
+    fid: dict[str, Any] | None = None
+    if cfg.inception_weights:
+        fid = {"network": "Inception-v3, FID port (pytorch-fid layout), pool3 2048-d",
+               "weights": cfg.inception_weights, "weights_sha256": digests["inception"],
+               "preprocessing": "uint8 -> [-1, 1], grayscale repeated to RGB, bilinear resize "
+                                "to 299x299 (no antialias)",
+               "metrics": {"rfid": "val originals vs their reconstructions",
+                           "gfid": "val split vs generated samples"}}
+    return {
+        "split": "val",
+        "reference_set": {"name": "prepared val split", "images": int(len(val_y)),
+                          "class_counts": class_counts(val_y, names)},
+        "samples": {"per_generator": int(len(labels)), "per_class": cfg.per_class,
+                    "classes": len(names), "class_balance": "balanced, class-major order",
+                    "labels_and_noise": "identical for base and RL"},
+        "sampler": cfg.sampler, "steps": cfg.sample_steps,
+        "nfe": {m: samples[m].nfe for m in MODELS},
+        "cfg_scale": {m: samples[m].cfg_scale for m in MODELS},
+        "cfg_source": "evaluate.cfg_scale" if cfg.cfg_scale is not None else
+                      "each model's own (generator.cfg_scale for base, rl.cfg_scale for RL)",
+        "seed": cfg.seed,
+        "noise": "sample i starts from flow.sample_noise(index i, seed): independent of batching",
+        "feature_network": {"name": "judge", "sha256": digests["judge"],
+                            "features": f"penultimate layer, {judge_model['feature_dim']}-d",
+                            "input": f"native {inputs.prepared.resolution}x"
+                                     f"{inputs.prepared.resolution}, no resizing"},
+        "metrics": {
+            "gfd_judge": "Frechet distance of judge features, val split vs samples",
+            "precision_recall": f"Kynkaanniemi et al. 2019, k = {PR_NEIGHBOURS} neighbours, "
+                                "judge features, val split as real",
+            "judge_accuracy": "judge top-1 equals the requested class",
+            "is_judge": "Inception Score formula on judge class probabilities, 1 split",
+            "diversity": "mean pairwise L2 distance of judge features within a class, "
+                         "averaged over classes",
+            "reward": f"{reward.definition()} (rl.rewards), mean over each generated set",
+            "reference.train_val_fd_judge": f"FD-judge of {len(labels)} train images (seeded "
+                                            "subset) vs val: the floor for gFD-judge",
+        },
+        "tokenizer": {"images": int(len(val_y)),
+                      "eval_perturbation": params.tokenizer.eval_perturbation,
+                      "perturbation_sigma": params.tokenizer.perturbation_sigma,
+                      "pfd_judge": "FD-judge of val vs reconstructions from perturbed latents "
+                                   "(fixed seed inside tasks.tokenizer.evaluate)"},
+        "fid": fid,
+        "inputs": {name: {"path": str(inputs.dirs.get(name, cfg.inception_weights)),
+                          "sha256": digest} for name, digest in digests.items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures
+# --------------------------------------------------------------------------------------------
+
+
+def figure_png(fig: Any) -> bytes:
+    """PNG bytes of a matplotlib Figure; no Software/date chunks, so reruns give equal bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    return buf.getvalue()
+
+
+def new_figure(panels: int, width: float = 4.2, height: float = 3.2) -> tuple[Any, list[Any]]:
+    # Figure without pyplot: no global backend state, safe in threads and Prefect workers.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * panels, height), dpi=100, layout="tight")
+    return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+
+
+def style_axes(ax: Any, xlabel: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and token counts
+    ax.grid(alpha=0.3)
+
+
+def read_csv_columns(path: Path) -> dict[str, np.ndarray] | None:
+    """Numeric columns of a CSV with a header row (empty cells -> NaN); None if absent/empty."""
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+
+    def number(text: str | None) -> float:
+        try:
+            return float(text) if text not in (None, "") else float("nan")
+        except ValueError:
+            return float("nan")
+
+    return {col: np.array([number(r.get(col)) for r in rows]) for col in rows[0]}
+
+
+# Columns of the rl stage's curve shown next to the reward: the leash, the quality watch on the
+# fixed evaluation sample (reward hacking = reward up while gFD-judge goes up too), clipping.
+WATCH_COLUMNS = {"kl": "KL to reference", "eval_gfd_judge": "gFD-judge, eval sample",
+                 "eval_judge_accuracy": "judge accuracy, eval sample",
+                 "clip_fraction": "clip fraction"}
+
+
+def reward_plot(curve: Mapping[str, np.ndarray]) -> bytes:
+    """Mean rollout reward (+- std) per RL update, and next to it the watch columns."""
+    extra = [c for c in WATCH_COLUMNS if c in curve and np.isfinite(curve[c]).any()]
+    fig, axes = new_figure(1 + len(extra), width=3.6)
+    step = curve["step"]
+    mean = curve["reward_mean"]
+    axes[0].plot(step, mean, marker="o", ms=3, label="rollouts")
+    if "reward_std" in curve:
+        std = curve["reward_std"]
+        axes[0].fill_between(step, mean - std, mean + std, alpha=0.25, label="+- std")
+    if "eval_reward_mean" in curve and np.isfinite(curve["eval_reward_mean"]).any():
+        ok = np.isfinite(curve["eval_reward_mean"])
+        axes[0].plot(step[ok], curve["eval_reward_mean"][ok], marker="s", ms=4, ls="--",
+                     label="eval sample")
+    axes[0].legend(loc="best", fontsize=8)
+    axes[0].set_title("RL reward")
+    for ax, col in zip(axes[1:], extra, strict=True):
+        ok = np.isfinite(curve[col])
+        ax.plot(step[ok], curve[col][ok], marker="o", ms=3, color="tab:red")
+        ax.set_title(WATCH_COLUMNS[col])
+    for ax in axes:
+        style_axes(ax, "RL update")
+    return figure_png(fig)
+
+
+def prefix_plot(prefix: Sequence[tuple[int, float]]) -> bytes:
+    fig, (ax,) = new_figure(1)
+    ax.plot([k for k, _ in prefix], [v for _, v in prefix], marker="o")
+    style_axes(ax, "tokens kept (prefix length)")
+    ax.set_ylabel("val PSNR (dB)")
+    ax.set_title("Reconstruction quality per prefix length")
+    return figure_png(fig)
+
+
+def losses_plot(curves: Mapping[str, Mapping[str, np.ndarray]]) -> bytes:
+    fig, axes = new_figure(len(curves), width=3.6)
+    for ax, (stage, curve) in zip(axes, curves.items(), strict=True):
+        ok = np.isfinite(curve["loss"])
+        ax.plot(curve["step"][ok], curve["loss"][ok])
+        loss = curve["loss"][ok]
+        if len(loss) and loss.min() > 0 and loss.max() > 10 * loss.min():
+            ax.set_yscale("log")  # a loss spanning decades: log scale shows the late steps
+        ax.set_title(f"{stage} training loss")
+        style_axes(ax, "step")
+    return figure_png(fig)
+
+
+def side_by_side(grids: Mapping[str, np.ndarray], gap: int = 12, header: int = 18) -> np.ndarray:
+    """Grids (H, W, 3) next to each other under their titles, on one canvas."""
+    from PIL import Image, ImageDraw
+
+    width = sum(g.shape[1] for g in grids.values()) + gap * (len(grids) - 1)
+    height = header + max(g.shape[0] for g in grids.values())
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    x = 0
+    for title, grid in grids.items():
+        draw.text((x + 4, 3), title, fill=(0, 0, 0))
+        canvas.paste(Image.fromarray(grid), (x, header))
+        x += grid.shape[1] + gap
+    return np.asarray(canvas)
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """What report.md shows; `images` maps file name -> PNG bytes, `notes` explain gaps."""
+
+    nested: dict[str, dict[str, float]]
+    protocol: dict[str, Any]
+    images: dict[str, bytes]
+    notes: list[str]
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}" if np.isfinite(value) else "n/a"
+
+
+def _arrow(better: str) -> str:
+    return {"higher": " ↑", "lower": " ↓"}.get(better, "")
+
+
+def tokenizer_table(values: Mapping[str, float]) -> list[str]:
+    lines = ["| metric | value |", "|---|---|"]
+    for key, value in values.items():
+        label, better = TOKENIZER_LABELS.get(key, (key.replace("_", " "), ""))
+        lines.append(f"| {label}{_arrow(better)} | {_fmt(value)} |")
+    return lines
+
+
+def generators_table(base: Mapping[str, float], rl: Mapping[str, float]) -> list[str]:
+    lines = ["| metric | base | RL | delta (RL - base) |", "|---|---|---|---|"]
+    for key, label, better in GENERATOR_ROWS:
+        if key in base and key in rl:
+            delta = rl[key] - base[key]
+            lines.append(f"| {label}{_arrow(better)} | {_fmt(base[key])} | {_fmt(rl[key])} | "
+                         f"{delta:+.4g} |")
+    return lines
+
+
+def protocol_table(p: Mapping[str, Any]) -> list[str]:
+    s = p["samples"]
+    fid = p["fid"]
+    rows = [
+        ("split / reference set", f"{p['split']}: {p['reference_set']['images']} images of the "
+                                  "prepared val split (FD, precision/recall reference)"),
+        ("samples", f"{s['per_generator']} per generator, class-balanced: {s['per_class']} per "
+                    f"class x {s['classes']} classes; labels and noise identical for base and RL"),
+        ("sampler / steps", f"{p['sampler']}, {p['steps']} steps (NFE base {p['nfe']['base']}, "
+                            f"RL {p['nfe']['rl']})"),
+        ("CFG scale", f"base {p['cfg_scale']['base']:g}, RL {p['cfg_scale']['rl']:g} "
+                      f"({p['cfg_source']})"),
+        ("seed", f"{p['seed']} (sample i: noise from (seed, i), independent of batching)"),
+        ("feature network", f"judge ({p['feature_network']['features']}, "
+                            f"{p['feature_network']['input']}, sha256 "
+                            f"{p['feature_network']['sha256'][:12]})"),
+        ("precision / recall", p["metrics"]["precision_recall"]),
+        ("diversity", p["metrics"]["diversity"]),
+        ("reward", p["metrics"]["reward"]),
+        ("pFD-judge", f"{p['tokenizer']['eval_perturbation']:g} of tokens perturbed "
+                      f"(sigma {p['tokenizer']['perturbation_sigma']:g} for kl)"),
+        ("FID", f"{fid['network']}; weights sha256 {fid['weights_sha256'][:12]}; "
+                f"{fid['preprocessing']}" if fid else
+                "not computed: no evaluate.inception_weights (Frechet distances here use the "
+                "judge and are named FD-judge)"),
+    ]
+    rows += [(f"input: {name}", f"`{v['path']}` sha256 {v['sha256'][:12]}")
+             for name, v in p["inputs"].items()]
+    return ["| item | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]
+
+
+def render_report(report: Report, link_images: bool = True) -> str:
+    """report.md; without `link_images` (the Prefect artifact) images are named, not linked."""
+    n = report.nested
+    p = report.protocol
+
+    def image(name: str, alt: str) -> list[str]:
+        if name not in report.images:
+            return []
+        return [f"![{alt}]({name})" if link_images else
+                f"*{alt}: `{name}` in the MLflow run's report/ folder*", ""]
+
+    cfg_note = []
+    if p["cfg_scale"]["base"] != p["cfg_scale"]["rl"]:
+        cfg_note = [f"Note: base and RL were sampled at different CFG scales "
+                    f"({p['cfg_scale']['base']:g} vs {p['cfg_scale']['rl']:g}); set "
+                    "evaluate.cfg_scale to compare them at one scale.", ""]
+    lines = [
+        "# LatentForge evaluation", "",
+        f"All numbers on the **{p['split']}** split ({p['reference_set']['images']} images). "
+        f"Generated sets: **{p['samples']['per_generator']}** samples per generator, "
+        f"{p['samples']['per_class']} per class, sampler **{p['sampler']}**, "
+        f"**{p['steps']}** steps, seed **{p['seed']}**. Feature network: **judge**"
+        + (" (FID: Inception-v3 from evaluate.inception_weights)." if p["fid"] else
+           "; no Inception weights, so no FID."), "",
+        "↑ higher is better, ↓ lower is better.", "",
+        "## Tokenizer", "", *tokenizer_table(n["tokenizer"]), "",
+        *image(RECON_PNG, "val originals (x) above their reconstructions (r)"),
+        *image(PREFIX_PNG, "PSNR per prefix length"),
+        "## Generators: base vs RL", "", *generators_table(n["base"], n["rl"]), "",
+        f"Reference: FD-judge of train vs val at the same sample count "
+        f"{_fmt(n['reference']['train_val_fd_judge'])} (the floor for gFD-judge).", "",
+        *cfg_note,
+        *image(SAMPLES_PNG, "samples, one row per class: base (left) and RL (right), same seeds"),
+        "## Training curves", "",
+        *image(REWARD_PNG, "RL reward per update"),
+        *image(LOSSES_PNG, "training losses"),
+        *[f"- {note}" for note in report.notes], *([""] if report.notes else []),
+        "## Protocol", "", *protocol_table(p), "",
+        "The full protocol is in "
+        + (f"[{PROTOCOL_JSON}]({PROTOCOL_JSON})" if link_images else f"`{PROTOCOL_JSON}`")
+        + ". Sampling speed varies run "
+        "to run, so it is logged to MLflow only, never here or in the DVC metrics.", "",
+    ]
+    return "\n".join(lines)
+
+
+def build_pictures(inputs: Inputs, cfg: EvaluateConfig, labels: np.ndarray,
+                   samples: Mapping[str, Samples], val_x: np.ndarray, recon: np.ndarray,
+                   prefix: Sequence[tuple[int, float]], plots_dir: Path
+                   ) -> tuple[dict[str, bytes], list[str]]:
+    """All report PNGs, and notes for the ones whose source data is missing."""
+    names = inputs.prepared.class_names
+    per_row = min(cfg.per_class, 10)
+    grids = {MODEL_TITLES[m]: class_grid(samples[m].images, labels, names, per_row=per_row)
+             for m in MODELS}
+    images = {SAMPLES_PNG: png_bytes(side_by_side(grids)),
+              RECON_PNG: png_bytes(recon_grid(val_x, recon)),
+              PREFIX_PNG: prefix_plot(prefix)}
+    notes = []
+    reward_csv = plots_dir / REWARD_CSV
+    curve = read_csv_columns(reward_csv)
+    if curve is not None and {"step", "reward_mean"} <= curve.keys():
+        images[REWARD_PNG] = reward_plot(curve)
+    else:
+        notes.append(f"No RL reward curve: `{reward_csv}` is missing or lacks step,reward_mean.")
+    losses = {}
+    for stage in ("judge", "tokenizer", "generator", "rl"):
+        loss_curve = read_csv_columns(inputs.dirs[stage] / TRAIN_CURVE)
+        if loss_curve is not None and {"step", "loss"} <= loss_curve.keys():
+            losses[stage] = loss_curve
+        elif stage != "rl":  # the rl stage's curve is its reward, plotted above
+            notes.append(f"No {stage} loss curve: `{inputs.dirs[stage] / TRAIN_CURVE}` is "
+                         "missing.")
+    if losses:
+        images[LOSSES_PNG] = losses_plot(losses)
+    return images, notes
+
+
+def write_report(out_dir: Path, report: Report) -> str:
+    """Write the report folder's files; returns report.md's sha256."""
+    for name, data in report.images.items():
+        storage.write_bytes_atomic(out_dir / name, data)
+    storage.write_bytes_atomic(out_dir / PROTOCOL_JSON,
+                               json.dumps(report.protocol, indent=2, sort_keys=True).encode())
+    return storage.write_bytes_atomic(out_dir / REPORT_MD, render_report(report).encode())
+
+
+def speed_section(samples: Mapping[str, Samples]) -> tuple[dict[str, float], str]:
+    timings = {}
+    lines = ["## Sampling speed (this run; MLflow only)", "",
+             "| generator | images/s | seconds | NFE |", "|---|---|---|---|"]
+    for m, s in samples.items():
+        rate = len(s.images) / max(s.seconds, 1e-9)
+        timings[f"{m}.sampling_images_per_s"] = rate
+        timings[f"{m}.sampling_seconds"] = s.seconds
+        lines.append(f"| {MODEL_TITLES[m]} | {rate:.1f} | {s.seconds:.2f} | {s.nfe} |")
+    return timings, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def run(params: Params, report_dir: str | Path = paths.REPORT,
+        prepared_dir: str | Path = paths.PREPARED, judge_dir: str | Path = paths.JUDGE,
+        tokenizer_dir: str | Path = paths.TOKENIZER, generator_dir: str | Path = paths.GENERATOR,
+        rl_dir: str | Path = paths.RL, plots_dir: str | Path = paths.PLOTS,
+        tracker: Tracker | None = None) -> StageResult:
+    cfg: EvaluateConfig = params.evaluate
+    tracker = tracker or Tracker()
+    if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
+        raise DataError(f"evaluate.inception_weights: {cfg.inception_weights} is not a local "
+                        "file (Inception weights are never downloaded); set it to null for "
+                        "FD-judge only")
+    inputs = load_inputs({"prepared": Path(prepared_dir), "judge": Path(judge_dir),
+                          "tokenizer": Path(tokenizer_dir), "generator": Path(generator_dir),
+                          "rl": Path(rl_dir)})
+    val_x, val_y = (np.asarray(a) for a in inputs.prepared.split("val"))
+    if len(val_x) < MIN_VAL_IMAGES:
+        raise DataError(f"{prepared_dir}: the val split has {len(val_x)} images; evaluation "
+                        f"needs at least {MIN_VAL_IMAGES} (raise prepare.val_fraction)")
+    judge = inputs.judge
+    val_features, _ = judge.score(val_x)
+
+    # The prefix sweep follows the trained model's layout, not whatever params now say.
+    tok_cfg = dataclasses.replace(params.tokenizer, layout=inputs.tokenizer.meta["model"]["layout"],
+                                  nested_dropout=False)
+    tok_metrics, recon, prefix = tokenizer_stage.evaluate(inputs.tokenizer, tok_cfg, val_x, val_y,
+                                                          judge)
+
+    # One label set and one noise seed for both generators, so their numbers are comparable.
+    labels = flow.balanced_labels(inputs.prepared.num_classes, cfg.per_class).numpy()
+    reward = Reward(params.rl.rewards, judge)
+    samples = {m: sample_generator(inputs.generators[m], labels, cfg,
+                                   cfg_scale_for(m, inputs.generators[m], params))
+               for m in MODELS}
+    nested: dict[str, dict[str, float]] = {
+        m: score_generator(samples[m], labels, judge, val_features, reward) for m in MODELS}
+    nested["tokenizer"] = dict(tok_metrics)
+    nested["reference"] = {"train_val_fd_judge": train_val_fd(judge, inputs.prepared,
+                                                              val_features, len(labels), cfg.seed)}
+    fid_sha = None
+    if cfg.inception_weights:
+        device = torch.device("cuda" if params.compute.use_gpu and torch.cuda.is_available()
+                              else "cpu")
+        fid, fid_sha = fid_metrics(cfg.inception_weights, val_x, recon, samples, device)
+        for group, values in fid.items():
+            nested[group].update(values)
+    digests = input_digests(inputs, fid_sha)
+    log_inputs(tracker, inputs, digests, cfg.inception_weights)
+    nested["protocol"] = {"samples_per_generator": len(labels), "val_images": len(val_x),
+                          "sample_steps": cfg.sample_steps, "seed": cfg.seed}
+
+    protocol = build_protocol(params, inputs, val_y, labels, samples, reward, digests)
+    images, notes = build_pictures(inputs, cfg, labels, samples, val_x, recon, prefix,
+                                   Path(plots_dir))
+    report = Report(nested, protocol, images, notes)
+    with storage.atomic_dir(report_dir) as tmp:
+        report_sha = write_report(tmp, report)
+    tracker.log_artifact(Path(report_dir), "report")
+
+    result_metrics = flatten_metrics(nested)
+    timings, speed = speed_section(samples)
+    b, r = nested["base"], nested["rl"]
+    log.info("evaluate: judge accuracy base %.4f -> RL %.4f, gFD-judge %.3f -> %.3f, mean reward "
+             "%.3f -> %.3f (%d samples each); report in %s", b["judge_accuracy"],
+             r["judge_accuracy"], b["gfd_judge"], r["gfd_judge"], b["reward_mean"],
+             r["reward_mean"], len(labels), report_dir)
+    return StageResult(metrics=result_metrics,
+                       summary=render_report(report, link_images=False) + "\n" + speed + "\n",
+                       digests={"report": report_sha}, timings=timings)
+
+
+def run_stage(params: Params, tracker: Tracker) -> StageResult:
+    return run(params, tracker=tracker)

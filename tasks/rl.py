@@ -1,0 +1,535 @@
+"""The `rl` stage: Flow-GRPO fine-tuning of the class-conditional generator against a reward.
+
+Rollouts turn the generator's ODE into the SDE with the same marginals (``flow.sde_sample``),
+so each of the ``rl.train_steps`` sampling steps is a Gaussian policy step whose
+log-probability is stored. Per update, ``rl.classes_per_step`` labels get ``rl.group_size``
+rollouts each; the final latents are decoded by the tokenizer and scored by the reward, and
+each sample's advantage is its reward relative to its group. The policy then minimises a
+PPO-clipped ratio of new to rollout step probabilities on a random subset of each rollout's
+steps, plus ``rl.kl_beta`` times the closed-form KL between its step and the frozen base
+generator's step from the same state. A fixed, class-balanced ODE sample is scored before the
+first update, every ``rl.eval_every`` updates and at the end (reward, gFD-judge, judge
+accuracy), so that reward hacking (reward up, gFD-judge up) shows in the curves.
+
+Every update's randomness (labels, rollout noise, trained steps) is a pure function of
+(rl.seed, update), so a run resumed from a checkpoint reproduces an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from latentforge import checkpoint as ckpt
+from latentforge import flow, paths, storage
+from latentforge.config import Params, RLConfig
+from latentforge.data import load_prepared
+from latentforge.images import save_png
+from latentforge.models.generator import FlowTransformer
+from latentforge.rewards import Reward
+from latentforge.runner import StageResult
+from latentforge.tasks.generator import (
+    META,
+    WEIGHTS,
+    GeneratorHandle,
+    class_grid,
+    load_generator,
+    score_samples,
+)
+from latentforge.tasks.judge import JudgeScorer, load_judge
+from latentforge.tasks.tokenizer import TokenizerHandle
+from latentforge.tracking import Tracker
+from latentforge.training import EMA, capture_rng, clip_gradients, restore_rng
+
+log = logging.getLogger(__name__)
+
+KEEP_LAST = 2
+# Flow-GRPO's epsilon: keeps groups whose rewards differ by round-off from getting huge
+# advantages.
+ADV_EPS = 1e-4
+# A group whose reward spread is below this fraction of its mean is float round-off of a
+# constant: its advantages would be noise divided by noise, so the group is masked.
+ZERO_SPREAD_RTOL = 1e-9
+# Bound on |log new/old probability ratio| before exponentiating (see grpo_loss).
+MAX_LOG_RATIO = 20.0
+# rl params that change bookkeeping only: a checkpoint written under other values is resumed.
+BOOKKEEPING_FIELDS = ("save_every",)
+CURVE_COLUMNS = ("reward_mean", "reward_std", "kl", "clip_fraction", "zero_spread")
+EVAL_COLUMNS = ("reward_mean", "gfd_judge", "judge_accuracy")
+# Evaluation metrics compared before/after in the DVC metrics file.
+COMPARED = ("reward_mean", "gfd_judge", "judge_accuracy", "precision", "recall", "diversity",
+            "is_judge")
+
+
+# --------------------------------------------------------------------------------------------
+# Rollouts and the policy objective (small, pure, tested on their own)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """A batch of SDE trajectories in normalised latent space; T = rl.train_steps."""
+
+    labels: torch.Tensor
+    """(N,) requested classes."""
+    times: torch.Tensor
+    """(T,) start time of each step, exactly as the rollout used it."""
+    x_t: torch.Tensor
+    """(N, T, K, D) state at the start of each step."""
+    x_next: torch.Tensor
+    """(N, T, K, D) sampled state at the end of each step."""
+    log_prob: torch.Tensor
+    """(N, T) log-probability of each step under the rollout policy."""
+
+    @property
+    def final(self) -> torch.Tensor:
+        """(N, K, D) latents at t = 1 (still normalised)."""
+        return self.x_next[:, -1]
+
+
+def guided_velocity(model: FlowTransformer, labels: torch.Tensor,
+                    cfg_scale: float) -> flow.VelocityFn:
+    """The model's velocity for fixed labels (N,), with classifier-free guidance."""
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model.forward_with_cfg(x, t, labels, cfg_scale)
+
+    return velocity
+
+
+@torch.no_grad()
+def rollout(model: FlowTransformer, labels: torch.Tensor, *, steps: int, noise_level: float,
+            cfg_scale: float, generator: torch.Generator) -> Rollout:
+    """Sample N trajectories of the marginal-preserving SDE from noise, storing every step."""
+    k, d = model.cfg.num_tokens, model.cfg.token_dim
+    device = labels.device
+    noise = torch.randn((len(labels), k, d), generator=generator, device=device)
+    _, trajectory = flow.sde_sample(guided_velocity(model, labels, cfg_scale), noise, steps,
+                                    noise_level, generator=generator)
+    return Rollout(labels=labels, times=torch.stack([s.t[0] for s in trajectory]),
+                   x_t=torch.stack([s.x_t for s in trajectory], dim=1),
+                   x_next=torch.stack([s.x_next for s in trajectory], dim=1),
+                   log_prob=torch.stack([s.log_prob for s in trajectory], dim=1))
+
+
+def rescore_steps(model: FlowTransformer, ro: Rollout, step_index: torch.Tensor, *,
+                  noise_level: float, cfg_scale: float) -> flow.SDEStep:
+    """Score step ``step_index[i]`` (N,) of every trajectory i under ``model``.
+
+    Returns the SDE step whose ``log_prob`` (N,) is the new log-probability of the stored next
+    state and whose ``mean`` carries gradients into the model.
+    """
+    rows = torch.arange(len(step_index), device=step_index.device)
+    steps = ro.x_t.shape[1]
+    return flow.sde_step(guided_velocity(model, ro.labels, cfg_scale), ro.x_t[rows, step_index],
+                         ro.times[step_index], 1.0 / steps, noise_level,
+                         prev_sample=ro.x_next[rows, step_index])
+
+
+def group_advantages(rewards: np.ndarray, group_size: int, clip: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(advantages (N,), valid (N,) bool) of rewards laid out as consecutive groups.
+
+    Advantages are (reward - group mean) / (group std + eps), clipped to +-clip; groups with
+    no reward spread carry no signal and are marked invalid (advantage 0).
+    """
+    groups = rewards.reshape(-1, group_size)  # (G, group_size)
+    mean = groups.mean(1, keepdims=True)
+    std = groups.std(1, keepdims=True)
+    flat = std <= ZERO_SPREAD_RTOL * np.abs(mean)
+    adv = np.where(flat, 0.0, np.clip((groups - mean) / (std + ADV_EPS), -clip, clip))
+    valid = np.broadcast_to(~flat, groups.shape)
+    return adv.reshape(-1), valid.reshape(-1).copy()
+
+
+def grpo_loss(policy: FlowTransformer, reference: FlowTransformer, ro: Rollout,
+              step_index: torch.Tensor, advantages: torch.Tensor, valid: torch.Tensor,
+              cfg: RLConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped-ratio policy loss on one step per trajectory plus kl_beta * KL to the reference.
+
+    advantages (N,) float, valid (N,) bool. The policy term averages over valid trajectories
+    only, so that masking flat groups does not shrink the step; the KL term covers all of them.
+    """
+    kwargs = {"noise_level": cfg.noise_level, "cfg_scale": cfg.cfg_scale}
+    new = rescore_steps(policy, ro, step_index, **kwargs)
+    with torch.no_grad():
+        ref = rescore_steps(reference, ro, step_index, **kwargs)
+    rows = torch.arange(len(step_index), device=step_index.device)
+    log_ratio = new.log_prob - ro.log_prob[rows, step_index]  # (N,)
+    # Log-probs are sums over K * D dimensions, so a policy far from the rollout's can give
+    # ratios past float range; that far outside the trust region they only need to stay finite.
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    clipped = torch.clamp(ratio, 1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
+    per_sample = torch.maximum(-advantages * ratio, -advantages * clipped)
+    weight = valid.float()
+    n_valid = weight.sum().clamp_min(1.0)
+    # where, not a product: a masked sample's 0 * inf must not turn the loss into NaN.
+    policy_loss = torch.where(valid, per_sample, 0.0).sum() / n_valid
+    # Same x_t and the same std for both models, so the step KL has the closed form.
+    kl = flow.gaussian_kl_equal_std(new.mean, ref.mean, new.std)  # (N,)
+    loss = policy_loss + cfg.kl_beta * kl.mean()
+    with torch.no_grad():
+        stats = {"policy_loss": policy_loss.detach(), "kl": kl.mean(),
+                 "clip_fraction": (((ratio - 1).abs() > cfg.clip_range).float() * weight).sum()
+                 / n_valid,
+                 "approx_kl": (0.5 * log_ratio.pow(2) * weight).sum() / n_valid,
+                 "ratio_mean": (ratio * weight).sum() / n_valid,
+                 "ratio_max": ratio.max(), "ratio_min": ratio.min()}
+    return loss, stats
+
+
+def trained_steps(n: int, steps: int, fraction: float, generator: torch.Generator
+                  ) -> torch.Tensor:
+    """(n, m) distinct random step indices per trajectory, m = max(1, round(fraction * steps))."""
+    m = max(1, round(fraction * steps))
+    return torch.rand((n, steps), generator=generator).argsort(dim=1)[:, :m]
+
+
+# --------------------------------------------------------------------------------------------
+# The fine-tuning loop
+# --------------------------------------------------------------------------------------------
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence mixing)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> 1)
+
+
+def update_labels(cfg: RLConfig, step: int, num_classes: int) -> np.ndarray:
+    """(classes_per_step * group_size,) labels of update `step`, group-major."""
+    rng = np.random.default_rng([cfg.seed, step, 0x1AB])
+    classes = rng.choice(num_classes, cfg.classes_per_step,
+                         replace=cfg.classes_per_step > num_classes)
+    return np.repeat(classes, cfg.group_size).astype(np.int64)
+
+
+@dataclass
+class EvalSet:
+    """The fixed evaluation sample: what is sampled and what it is compared against."""
+
+    labels: np.ndarray
+    ref_features: np.ndarray
+    seed: int
+    steps: int
+    sampler: str
+    cfg_scale: float
+
+    def protocol(self) -> dict[str, Any]:
+        return {"samples": len(self.labels), "per_class": int(np.bincount(self.labels).max()),
+                "seed": self.seed, "sampler": self.sampler, "steps": self.steps,
+                "cfg_scale": self.cfg_scale, "reference": "val split judge features"}
+
+
+def evaluate(model: FlowTransformer, meta: dict[str, Any], tok: TokenizerHandle,
+             judge: JudgeScorer, reward: Reward, es: EvalSet
+             ) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics of the fixed ODE sample of `model` (a CPU model), and its images."""
+    handle = GeneratorHandle(model, meta, tok)
+    images = handle.sample_images(es.labels, seed=es.seed, steps=es.steps,
+                                  cfg_scale=es.cfg_scale, sampler=es.sampler)
+    m = score_samples(judge, images, es.labels, es.ref_features)
+    total, parts = reward(images, es.labels)
+    m["reward_mean"] = float(total.mean())
+    m.update({f"reward/{name}": value for name, value in parts.items()})
+    return {k: float(v) for k, v in m.items()}, images
+
+
+@dataclass
+class FineTuneResult:
+    history: list[dict[str, float]]
+    resumed_from: int
+    seconds: float
+    rollouts_per_s: float
+
+
+class FineTuner:
+    """Policy, frozen reference, optimizer and EMA, with checkpointed resume."""
+
+    def __init__(self, cfg: RLConfig, base: FlowTransformer, reward: Reward,
+                 decode: Callable[[torch.Tensor], np.ndarray], device: torch.device) -> None:
+        self.cfg, self.reward, self.decode, self.device = cfg, reward, decode, device
+        self.reference = copy.deepcopy(base).to(device).eval().requires_grad_(False)
+        self.policy = copy.deepcopy(base).to(device).train()
+        self.ema = EMA(self.policy, cfg.ema_decay)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr,
+                                           weight_decay=cfg.weight_decay)
+
+    def ema_model(self) -> FlowTransformer:
+        """A CPU copy of the policy with the EMA weights (what is evaluated and saved)."""
+        model = FlowTransformer(self.policy.cfg)
+        model.load_state_dict({k: v.detach().cpu() for k, v in self.ema.state_dict().items()})
+        return model.eval()
+
+    def resume(self, ckpt_dir: Path, fingerprint: str) -> tuple[int, list[dict[str, float]]]:
+        """Load the newest checkpoint of this configuration; (step, history) or (0, [])."""
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(ckpt_dir)
+        latest = ckpt.latest_checkpoint(ckpt_dir)
+        if latest is None:
+            return 0, []
+        state = ckpt.load_checkpoint(latest)
+        if state.train_state.get("fingerprint") != fingerprint:
+            log.warning("checkpoints in %s belong to another rl configuration; starting afresh",
+                        ckpt_dir)
+            ckpt.prune_checkpoints(ckpt_dir, keep_last=0)
+            (ckpt_dir / ckpt.LATEST_FILE).unlink(missing_ok=True)
+            return 0, []
+        self.policy.load_state_dict(state.model_state)
+        self.ema.load_state_dict(state.ema_state)
+        self.optimizer.load_state_dict(state.train_state["optimizer"])
+        restore_rng(state.train_state["rng"])
+        return state.step, [dict(row) for row in state.train_state["history"]]
+
+    def save(self, ckpt_dir: Path, step: int, fingerprint: str,
+             history: list[dict[str, float]]) -> None:
+        ckpt.save_checkpoint(ckpt_dir, step, self.policy.state_dict(), self.ema.state_dict(),
+                             {"optimizer": self.optimizer.state_dict(), "rng": capture_rng(),
+                              "fingerprint": fingerprint, "history": history},
+                             keep_last=KEEP_LAST)
+
+    def update(self, step: int) -> dict[str, float]:
+        """One Flow-GRPO update: rollouts, rewards, advantages, inner_epochs optimizer steps."""
+        cfg = self.cfg
+        gen = torch.Generator(device=self.device).manual_seed(_seed(cfg.seed, step, 0x5DE))
+        labels_np = update_labels(cfg, step, self.policy.cfg.num_classes)
+        labels = torch.from_numpy(labels_np).to(self.device)
+        ro = rollout(self.policy, labels, steps=cfg.train_steps, noise_level=cfg.noise_level,
+                     cfg_scale=cfg.cfg_scale, generator=gen)
+        rewards, parts = self.reward(self.decode(ro.final), labels_np)
+        adv_np, valid_np = group_advantages(rewards, cfg.group_size, cfg.adv_clip)
+        adv = torch.from_numpy(adv_np).float().to(self.device)
+        valid = torch.from_numpy(valid_np).to(self.device)
+
+        # Timestep subsets come from a CPU generator: they index, they are not sampled noise.
+        cpu_gen = torch.Generator().manual_seed(_seed(cfg.seed, step, 0x7135))
+        sums: dict[str, float] = {}
+        grad_norms = []
+        passes = 0
+        for _ in range(cfg.inner_epochs):
+            chosen = trained_steps(len(labels), cfg.train_steps, cfg.timestep_fraction,
+                                   cpu_gen).to(self.device)  # (N, m)
+            self.optimizer.zero_grad(set_to_none=True)
+            passes += chosen.shape[1]
+            for j in range(chosen.shape[1]):
+                loss, stats = grpo_loss(self.policy, self.reference, ro, chosen[:, j], adv,
+                                        valid, cfg)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"rl loss is {loss.item()} at update {step}")
+                # The mean over trained steps, as one accumulated gradient (Flow-GRPO/DDPO).
+                (loss / chosen.shape[1]).backward()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+            grad_norms.append(float(clip_gradients(self.policy.parameters(), cfg.grad_clip)))
+            self.optimizer.step()
+            self.ema.update()
+        row = {key: value / passes for key, value in sums.items()}
+        groups = rewards.reshape(-1, cfg.group_size)
+        row.update({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                    "group_std": float(groups.std(1).mean()),
+                    "zero_spread": float(1.0 - valid_np.mean()),
+                    "adv_abs_mean": float(np.abs(adv_np).mean()),
+                    "grad_norm": float(np.mean(grad_norms))})
+        row.update({f"reward/{name}": value for name, value in parts.items()})
+        return row
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def fine_tune(tuner: FineTuner, cfg: RLConfig, ckpt_dir: Path, fingerprint: str,
+              evaluate_ema: Callable[[], dict[str, float]], tracker: Tracker) -> FineTuneResult:
+    """Run (or resume, or return a finished) fine-tuning to cfg.steps updates.
+
+    `evaluate_ema()` -> metrics of the current EMA policy; it runs before the first update
+    (step 0) and every eval_every updates except the last (the stage evaluates the end itself).
+    Every row reaches the tracker, earlier attempts' rows included.
+    """
+    started = time.perf_counter()
+    start, history = tuner.resume(ckpt_dir, fingerprint)
+    for row in history:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+    if start >= cfg.steps:
+        log.info("%s already holds update %d of %d; nothing to train", ckpt_dir, start, cfg.steps)
+    elif start:
+        log.info("resuming rl from update %d in %s", start, ckpt_dir)
+    if not history:
+        row = {"step": 0, **{f"eval/{k}": v for k, v in evaluate_ema().items()}}
+        history.append(row)
+        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=0)
+        log.info("rl base model: reward %.4f, gFD-judge %.3f, judge accuracy %.4f",
+                 row["eval/reward_mean"], row["eval/gfd_judge"], row["eval/judge_accuracy"])
+
+    loop_start = time.perf_counter()
+    for step in range(start + 1, cfg.steps + 1):
+        row = {"step": step, **tuner.update(step), "lr": cfg.lr}
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            row.update({f"eval/{k}": v for k, v in evaluate_ema().items()})
+        history.append(row)
+        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+        eta = (time.perf_counter() - loop_start) / (step - start) * (cfg.steps - step)
+        log.info("rl step %d/%d reward %.4f (std %.3f) kl %.5f clip %.3f zero-spread %.2f%s "
+                 "ETA %s", step, cfg.steps, row["reward_mean"], row["reward_std"], row["kl"],
+                 row["clip_fraction"], row["zero_spread"],
+                 f" | eval reward {row['eval/reward_mean']:.4f} gFD-judge "
+                 f"{row['eval/gfd_judge']:.3f} acc {row['eval/judge_accuracy']:.3f}"
+                 if "eval/reward_mean" in row else "", _format_eta(eta))
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            tuner.save(ckpt_dir, step, fingerprint, history)
+    seconds = time.perf_counter() - loop_start
+    done = cfg.steps - start
+    rollouts = done * cfg.classes_per_step * cfg.group_size
+    return FineTuneResult(history=history, resumed_from=start,
+                          seconds=time.perf_counter() - started,
+                          rollouts_per_s=rollouts / seconds if done else 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+# --------------------------------------------------------------------------------------------
+
+
+def run_fingerprint(cfg: RLConfig, inputs: dict[str, Any]) -> str:
+    """What must match for a checkpoint to be resumed: rl params (less bookkeeping), inputs."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING_FIELDS}
+    return json.dumps({"rl": fields, "inputs": inputs}, sort_keys=True, default=str)
+
+
+def curve_csv(history: list[dict[str, float]]) -> str:
+    """One row per update: the training curve plus the evaluation columns where evaluated."""
+    header = ["step", *CURVE_COLUMNS, *(f"eval_{c}" for c in EVAL_COLUMNS)]
+    lines = [",".join(header)]
+    for row in history:
+        if row["step"] < 1:
+            continue
+        cells = [str(int(row["step"]))] + [f"{row[c]:.6f}" for c in CURVE_COLUMNS]
+        cells += [f"{row[f'eval/{c}']:.6f}" if f"eval/{c}" in row else "" for c in EVAL_COLUMNS]
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def stage_metrics(before: dict[str, float], after: dict[str, float],
+                  history: list[dict[str, float]]) -> dict[str, float]:
+    """Deterministic DVC metrics: before/after on the fixed sample and the end of training."""
+    m: dict[str, float] = {}
+    for key in COMPARED:
+        m[f"before_{key}"], m[f"after_{key}"] = before[key], after[key]
+    m["reward_gain"] = after["reward_mean"] - before["reward_mean"]
+    m["judge_accuracy_gain"] = after["judge_accuracy"] - before["judge_accuracy"]
+    m["gfd_change_ratio"] = after["gfd_judge"] / max(before["gfd_judge"], 1e-9)
+    updates = [r for r in history if r["step"] >= 1]
+    last = updates[-1]
+    m.update({"final_kl": last["kl"], "final_train_reward_mean": last["reward_mean"],
+              "final_clip_fraction": last["clip_fraction"],
+              "mean_zero_spread": float(np.mean([r["zero_spread"] for r in updates])),
+              "updates": float(len(updates))})
+    return {k: round(float(v), 6) for k, v in m.items()}
+
+
+def save_outputs(out_dir: Path, plot_file: Path, model: FlowTransformer, meta: dict[str, Any],
+                 csv: str, grid: np.ndarray) -> str:
+    """Write the generator-format folder in one swap, then the plot CSV; the weights' sha256."""
+    with storage.atomic_dir(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+        storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
+        storage.write_bytes_atomic(tmp / "train_curve.csv", csv.encode())
+        save_png(grid, tmp / "samples.png")
+    storage.write_bytes_atomic(plot_file, csv.encode())
+    return storage.sha256_file(out_dir / WEIGHTS)
+
+
+def run(params: Params, out_dir: str | Path = paths.RL,
+        generator_dir: str | Path = paths.GENERATOR, tokenizer_dir: str | Path = paths.TOKENIZER,
+        judge_dir: str | Path = paths.JUDGE, prepared_dir: str | Path = paths.PREPARED,
+        plot_file: str | Path = paths.PLOTS / "rl_reward.csv",
+        tracker: Tracker | None = None) -> StageResult:
+    cfg: RLConfig = params.rl
+    tracker = tracker or Tracker()
+    base = load_generator(generator_dir, tokenizer_dir)
+    judge = load_judge(judge_dir)
+    prepared = load_prepared(prepared_dir)
+    reward = Reward(cfg.rewards, judge)  # unknown or unimportable rewards fail here, early
+    tok = base.tokenizer
+    base_sha = base.meta["sha256"]
+    tracker.log_input("generator", str(Path(generator_dir).resolve()), base_sha,
+                      context="base_model")
+    tracker.log_input("judge", str(Path(judge_dir).resolve()), judge.sha256, context="reward")
+    tracker.log_input("tokenizer", str(Path(tokenizer_dir).resolve()), tok.sha256,
+                      context="decoder")
+
+    val_x, _ = prepared.split("val")
+    es = EvalSet(labels=flow.balanced_labels(len(base.class_names), cfg.eval_per_class).numpy(),
+                 ref_features=judge.score(val_x)[0], seed=cfg.seed,
+                 steps=params.generator.sample_steps, sampler=params.generator.sampler,
+                 cfg_scale=cfg.cfg_scale)
+    meta = {k: v for k, v in base.meta.items() if k != "sha256"}
+    shift, scale = base.shift, base.scale
+
+    def decode(z: torch.Tensor) -> np.ndarray:
+        return tok.decode((z.detach().cpu() * scale + shift).numpy())
+
+    device = torch.device("cuda" if params.compute.use_gpu else "cpu")
+    tuner = FineTuner(cfg, base.model, reward, decode, device)
+    key = hashlib.sha256(f"{base_sha}\n{reward.definition()}".encode()).hexdigest()
+    fingerprint = run_fingerprint(cfg, {
+        "generator": base_sha, "judge": judge.sha256, "tokenizer": tok.sha256,
+        "prepared": prepared.manifest_sha256, "eval": es.protocol()})
+
+    def evaluate_ema() -> dict[str, float]:
+        return evaluate(tuner.ema_model(), meta, tok, judge, reward, es)[0]
+
+    result = fine_tune(tuner, cfg, paths.checkpoint_dir("rl", key), fingerprint, evaluate_ema,
+                       tracker)
+    before = {k.removeprefix("eval/"): v for k, v in result.history[0].items() if k != "step"}
+    started = time.perf_counter()
+    model = tuner.ema_model()
+    after, images = evaluate(model, meta, tok, judge, reward, es)
+    eval_seconds = time.perf_counter() - started
+    result.history[-1].update({f"eval/{k}": v for k, v in after.items()})
+    tracker.log_metrics({f"eval/{k}": v for k, v in after.items()}, step=cfg.steps)
+    m = stage_metrics(before, after, result.history)
+
+    meta["rl"] = {"base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
+                  "tokenizer_sha256": tok.sha256, "reward": reward.definition(),
+                  "params": dataclasses.asdict(cfg), "eval_protocol": es.protocol(),
+                  "eval_before": before, "eval_after": after,
+                  "base_generator_metrics": base.meta.get("metrics", {})}
+    # "metrics" describes this model; the base's own stage metrics move to rl.
+    meta["metrics"] = {k: round(v, 6) for k, v in after.items()}
+    weights_sha = save_outputs(Path(out_dir), Path(plot_file), model, meta,
+                               curve_csv(result.history),
+                               class_grid(images, es.labels, base.class_names))
+    for name in (META, "samples.png"):
+        tracker.log_artifact(Path(out_dir) / name)
+    tracker.log_model("generator", out_dir, registered_name="latentforge-generator",
+                      tags={"base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
+                            "tokenizer_sha256": tok.sha256, "reward": reward.definition(),
+                            "weights_sha256": weights_sha, "stage": "rl"})
+    log.info("rl: reward %.4f -> %.4f, judge accuracy %.4f -> %.4f, gFD-judge %.3f -> %.3f "
+             "(x%.2f), final KL %.5f", m["before_reward_mean"], m["after_reward_mean"],
+             m["before_judge_accuracy"], m["after_judge_accuracy"], m["before_gfd_judge"],
+             m["after_gfd_judge"], m["gfd_change_ratio"], m["final_kl"])
+    table = "\n".join(f"| {k} | {before[k]:.4g} | {after[k]:.4g} |" for k in COMPARED)
+    summary = (f"Flow-GRPO on `{reward.definition()}`, {cfg.steps} updates of "
+               f"{cfg.classes_per_step}x{cfg.group_size} rollouts; fixed sample of "
+               f"{len(es.labels)}\n\n| metric | before | after |\n|---|---|---|\n{table}")
+    return StageResult(
+        metrics=m, summary=summary, digests={"rl": weights_sha},
+        timings={"seconds": result.seconds, "rollouts_per_s": result.rollouts_per_s,
+                 "eval_seconds": eval_seconds, "resumed_from_step": result.resumed_from})
+
+
+def run_stage(params: Params, tracker: Tracker) -> StageResult:
+    return run(params, tracker=tracker)

@@ -1,0 +1,164 @@
+"""The evaluate stage end to end on tiny inputs: report files and links, metric keys and order,
+the protocol in the report, byte-identical reruns, FID only with local Inception weights, and
+clear errors for missing inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from latentforge.config import build_params, load_params
+from latentforge.errors import DataError
+from latentforge.tasks import cache, evaluate, generator, judge, prepare, rl, tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+REPORT_FILES = {"report.md", "protocol.json", "samples_base_vs_rl.png", "tokenizer_recon.png",
+                "tokenizer_prefix_psnr.png", "rl_reward.png", "training_losses.png"}
+
+
+def tiny(**sections: dict) -> object:
+    """The tiny preset with fewer training steps: evaluate needs trained folders, not good ones."""
+    raw = load_params(REPO / "presets/tiny.yaml").to_dict()
+    raw["prepare"].update(max_images=200)  # 20 val images: FID below stays at seconds
+    raw["judge"].update(steps=20)
+    raw["tokenizer"].update(steps=10)
+    raw["generator"].update(steps=10)
+    raw["rl"].update(steps=2, eval_every=0)
+    for name, values in sections.items():
+        raw[name].update(values)
+    return build_params(raw)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, ray_local) -> dict[str, Path]:
+    """prepare -> judge -> tokenizer -> cache -> generator -> rl once for the module."""
+    root = tmp_path_factory.mktemp("evaluate")
+    d = {k: root / k for k in ("prepared", "judge", "tokenizer", "cache", "generator", "rl",
+                               "plots")}
+    params = tiny()
+    cwd = os.getcwd()
+    os.chdir(root)  # checkpoints go under .latentforge/ here
+    try:
+        prepare.run(params.prepare, out_dir=d["prepared"])
+        judge.run(params, out_dir=d["judge"], prepared_dir=d["prepared"])
+        tokenizer.run(params, out_dir=d["tokenizer"], prepared_dir=d["prepared"],
+                      judge_dir=d["judge"], plot_file=d["plots"] / "tokenizer_prefix_psnr.csv")
+        cache.run(params, out_dir=d["cache"], prepared_dir=d["prepared"],
+                  tokenizer_dir=d["tokenizer"])
+        generator.run(params, out_dir=d["generator"], cache_dir=d["cache"],
+                      tokenizer_dir=d["tokenizer"], judge_dir=d["judge"],
+                      prepared_dir=d["prepared"])
+        rl.run(params, out_dir=d["rl"], generator_dir=d["generator"],
+               tokenizer_dir=d["tokenizer"], judge_dir=d["judge"], prepared_dir=d["prepared"],
+               plot_file=d["plots"] / "rl_reward.csv")
+    finally:
+        os.chdir(cwd)
+    return d
+
+
+def run_evaluate(d: dict[str, Path], report_dir: Path, params: object = None, **overrides):
+    kwargs = {"prepared_dir": d["prepared"], "judge_dir": d["judge"],
+              "tokenizer_dir": d["tokenizer"], "generator_dir": d["generator"],
+              "rl_dir": d["rl"], "plots_dir": d["plots"], **overrides}
+    return evaluate.run(params or tiny(), report_dir=report_dir, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def first(inputs, tmp_path_factory):
+    report = tmp_path_factory.mktemp("report") / "evaluate"
+    return report, run_evaluate(inputs, report)
+
+
+def test_report_files_metrics_and_protocol(first):
+    report, result = first
+    assert {p.name for p in report.iterdir()} == REPORT_FILES
+    m = result.metrics
+    assert list(m)[:4] == list(evaluate.HEADLINE)  # what `latentforge run` shows
+    for key in ("tokenizer.val_psnr", "tokenizer.val_ssim", "tokenizer.rfd_judge",
+                "tokenizer.pfd_judge", "reference.train_val_fd_judge"):
+        assert key in m, key
+    for model in ("base", "rl"):
+        for key in ("gfd_judge", "precision", "recall", "judge_accuracy", "is_judge",
+                    "reward_mean", "diversity", "nfe"):
+            assert f"{model}.{key}" in m, f"{model}.{key}"
+    assert all(np.isfinite(v) for v in m.values())
+    assert not any("fid" in k for k in m), "FID-named numbers need Inception weights"
+    assert m["base.nfe"] == m["rl.nfe"] == 4  # euler, 4 steps in the tiny preset
+    assert json.loads(json.dumps(m)) == m  # plain floats: what runner writes for DVC
+    assert not any("per_s" in k or "seconds" in k for k in m)
+    assert "base.sampling_images_per_s" in result.timings
+
+    text = (report / "report.md").read_text()
+    cfg = tiny().evaluate
+    for needle in (f"**{cfg.per_class * 10}** samples per generator", f"sampler **{cfg.sampler}**",
+                   f"**{cfg.sample_steps}** steps", f"seed **{cfg.seed}**", "**judge**",
+                   "FD-judge", "| metric | base | RL | delta (RL - base) |", "## Protocol"):
+        assert needle in text, needle
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert set(links) >= REPORT_FILES - {"report.md"}
+    assert all((report / link).is_file() for link in links)
+    assert "gFID" not in text and "rFID" not in text
+    assert "images/s" in result.summary and "](" not in result.summary  # artifact: no links
+
+    protocol = json.loads((report / "protocol.json").read_text())
+    assert protocol["samples"]["per_generator"] == cfg.per_class * 10
+    assert protocol["feature_network"]["name"] == "judge" and protocol["fid"] is None
+    assert protocol["sampler"] == cfg.sampler and protocol["seed"] == cfg.seed
+    assert protocol["samples"]["labels_and_noise"] == "identical for base and RL"
+    assert set(protocol["inputs"]) == {"prepared", "judge", "tokenizer", "generator", "rl"}
+
+
+def test_rerun_gives_identical_metrics_and_report_bytes(inputs, first, tmp_path):
+    report, result = first
+    again = run_evaluate(inputs, tmp_path / "evaluate")
+    assert json.dumps(again.metrics, sort_keys=True) == json.dumps(result.metrics, sort_keys=True)
+    for name in sorted(REPORT_FILES):
+        assert (tmp_path / "evaluate" / name).read_bytes() == (report / name).read_bytes(), name
+
+
+def test_fid_with_local_inception_weights(inputs, tmp_path, monkeypatch):
+    import torch
+
+    from latentforge import inception
+
+    torch.manual_seed(0)
+    weights = tmp_path / "pt_inception-random.pth"
+    torch.save(inception.FIDInceptionV3().state_dict(), weights)
+    # Plumbing, not the value: at 75x75 (Inception's smallest input) the network costs ~1/16
+    # of 299x299 on CPU, which keeps this test at seconds.
+    monkeypatch.setattr(inception, "INPUT_SIZE", 75)
+    params = tiny(evaluate={"per_class": 2, "inception_weights": str(weights)})
+    result = run_evaluate(inputs, tmp_path / "evaluate", params,
+                          plots_dir=tmp_path / "no-plots")
+    m = result.metrics
+    for key in ("tokenizer.rfid", "base.gfid", "rl.gfid"):
+        assert np.isfinite(m[key]), key
+    assert m["protocol.samples_per_generator"] == 20
+    protocol = json.loads((tmp_path / "evaluate/protocol.json").read_text())
+    assert protocol["fid"]["weights_sha256"] == protocol["inputs"]["inception"]["sha256"]
+    text = (tmp_path / "evaluate/report.md").read_text()
+    assert "gFID" in text and "rFID" in text
+    # A missing reward curve is reported, not fatal.
+    assert not (tmp_path / "evaluate/rl_reward.png").exists()
+    assert "No RL reward curve" in text
+
+
+def test_missing_inputs_fail_with_the_path(inputs, tmp_path):
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "absent-rl"))):
+        run_evaluate(inputs, tmp_path / "evaluate", rl_dir=tmp_path / "absent-rl")
+    with pytest.raises(DataError, match="rl stage"):
+        run_evaluate(inputs, tmp_path / "evaluate", rl_dir=tmp_path / "absent-rl")
+    empty = tmp_path / "empty-judge"
+    empty.mkdir()
+    with pytest.raises(DataError, match=re.escape(str(empty / "judge.json"))):
+        run_evaluate(inputs, tmp_path / "evaluate", judge_dir=empty)
+    params = tiny(evaluate={"inception_weights": str(tmp_path / "nowhere.pth")})
+    with pytest.raises(DataError, match="nowhere.pth"):
+        run_evaluate(inputs, tmp_path / "evaluate", params)
+    assert not (tmp_path / "evaluate").exists()  # nothing half-written
+

@@ -1,0 +1,326 @@
+"""The rl stage: rollout log-probabilities and the GRPO objective against references, then
+smoke runs on the tiny preset (outputs, resume after a crash, the KL leash with flat rewards,
+failing rewards, and the reward going up)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.distributions import Normal
+
+from latentforge.config import Params, build_params, load_params
+from latentforge.models.generator import FlowTransformer, generator_config
+from latentforge.rewards import RewardError
+from latentforge.runner import StageResult
+from latentforge.tasks import cache, generator, judge, prepare, rl, tokenizer
+from latentforge.tracking import Tracker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------- user rewards (module:function)
+
+
+def constant_reward(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return np.full(len(images), 0.1)  # 0.1 is inexact in binary: the group std is round-off
+
+
+def brightness_reward(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return images.astype(np.float64).mean(axis=(1, 2, 3)) / 255.0
+
+
+def wrong_shape_reward(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    return np.zeros((len(images), 2))
+
+
+def raising_reward(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    raise RuntimeError("reward service unavailable")
+
+
+class _NaNAfter:
+    """NaN from the n-th call on: the base evaluation passes, a later rollout fails."""
+
+    def __init__(self, calls: int) -> None:
+        self.calls, self.left = calls, calls
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        self.left -= 1
+        out = np.zeros(len(images))
+        if self.left < 0:
+            out[0] = np.nan
+        return out
+
+
+late_nan_reward = _NaNAfter(2)
+
+
+class RecordingTracker(Tracker):
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+        self.models: list[tuple[str, str, dict[str, str]]] = []
+        self.inputs: list[str] = []
+
+    def log_metrics(self, metrics, step=None) -> None:  # noqa: ANN001 - Tracker's signature
+        self.metrics.append((step, dict(metrics)))
+
+    def log_input(self, name, source, digest, context, profile=None) -> None:  # noqa: ANN001
+        self.inputs.append(name)
+
+    def log_model(self, name, model_dir, registered_name, tags=None):  # noqa: ANN001, ANN201
+        self.models.append((name, registered_name, dict(tags or {})))
+        return None
+
+
+# ------------------------------------------------------------------------------ unit tests
+
+
+def random_policy(seed: int = 0) -> FlowTransformer:
+    """A tiny generator with every weight random (the real init predicts a zero velocity)."""
+    torch.manual_seed(seed)
+    model = FlowTransformer(generator_config("tiny", num_tokens=4, token_dim=3, num_classes=5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model
+
+
+def test_rollout_log_probs_match_normal_and_rescore_to_ratio_one() -> None:
+    cfg = build_params({"rl": {"train_steps": 5, "cfg_scale": 1.5, "timestep_fraction": 0.6}}).rl
+    policy = random_policy()
+    labels = torch.tensor([0, 0, 3, 3, 4, 4])
+    ro = rl.rollout(policy, labels, steps=cfg.train_steps, noise_level=cfg.noise_level,
+                    cfg_scale=cfg.cfg_scale, generator=torch.Generator().manual_seed(0))
+    n, t_steps = len(labels), cfg.train_steps
+    assert ro.x_t.shape == (n, t_steps, 4, 3) and ro.log_prob.shape == (n, t_steps)
+    assert torch.equal(ro.x_t[:, 1:], ro.x_next[:, :-1])  # one chain per sample
+    # Each stored step is N(mean, std^2) with the SDE's mean and std, from the guided velocity.
+    a, dt = cfg.noise_level, 1.0 / t_steps
+    with torch.no_grad():
+        for j in range(t_steps):
+            x, t = ro.x_t[:, j], j / t_steps
+            v_c = policy(x, torch.full((n,), t), labels)
+            v_u = policy(x, torch.full((n,), t), torch.full_like(labels, policy.null_class))
+            v = v_u + cfg.cfg_scale * (v_c - v_u)
+            t_safe = max(t, dt)
+            mean = x + (v + a**2 / (2 * t_safe) * (t * v - x)) * dt
+            std = a * math.sqrt((1 - t) / t_safe * dt)
+            expected = Normal(mean, std).log_prob(ro.x_next[:, j]).flatten(1).sum(1)
+            torch.testing.assert_close(ro.log_prob[:, j], expected, rtol=1e-5, atol=1e-4)
+
+    # Rescoring stored steps with the unchanged policy: ratio 1, nothing clipped, KL to an
+    # identical reference 0, and still differentiable.
+    chosen = rl.trained_steps(n, t_steps, cfg.timestep_fraction, torch.Generator().manual_seed(1))
+    assert chosen.shape == (n, 3) and all(len(set(row.tolist())) == 3 for row in chosen)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])
+    for j in range(chosen.shape[1]):
+        new = rl.rescore_steps(policy, ro, chosen[:, j], noise_level=a, cfg_scale=cfg.cfg_scale)
+        stored = ro.log_prob[torch.arange(n), chosen[:, j]]
+        torch.testing.assert_close(new.log_prob, stored, rtol=0, atol=2e-4)
+        loss, stats = rl.grpo_loss(policy, reference, ro, chosen[:, j], adv,
+                                   torch.ones(n, dtype=torch.bool), cfg)
+        assert abs(stats["ratio_mean"].item() - 1) < 1e-5 and stats["clip_fraction"] == 0
+        assert stats["kl"].item() == 0.0
+        loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in policy.parameters())
+
+
+def test_group_advantages_normalise_clip_and_mask_flat_groups() -> None:
+    rewards = np.array([1.0, 2.0, 3.0, 4.0,  # a normal group
+                        0.1, 0.1, 0.1, 0.1,  # constant, with round-off in its mean
+                        0.0, 0.0, 0.0, 100.0])  # one outlier: clipped
+    adv, valid = rl.group_advantages(rewards, group_size=4, clip=1.5)
+    g = rewards[:4]
+    np.testing.assert_allclose(adv[:4], (g - g.mean()) / (g.std() + rl.ADV_EPS))
+    assert valid.tolist() == [True] * 4 + [False] * 4 + [True] * 4
+    assert (adv[4:8] == 0).all()
+    assert adv[11] == 1.5 and (np.abs(adv) <= 1.5).all()
+
+
+def test_kl_term_pulls_a_drifted_policy_back_without_reward_signal() -> None:
+    cfg = build_params({"rl": {"train_steps": 4, "kl_beta": 1.0}}).rl
+    reference = random_policy(0).requires_grad_(False)
+    policy = random_policy(1)
+    labels = torch.tensor([1, 1, 2, 2])
+    ro = rl.rollout(policy, labels, steps=4, noise_level=cfg.noise_level, cfg_scale=1.0,
+                    generator=torch.Generator().manual_seed(0))
+    step_index = torch.tensor([0, 1, 2, 3])
+    zeros, flat = torch.zeros(4), torch.zeros(4, dtype=torch.bool)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=1e-3)
+    kls = []
+    for _ in range(3):
+        loss, stats = rl.grpo_loss(policy, reference, ro, step_index, zeros, flat, cfg)
+        assert stats["policy_loss"] == 0  # masked groups: the KL is all that is left
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        kls.append(stats["kl"].item())
+    assert kls[0] > 0 and kls[2] < kls[0]
+
+
+def test_update_labels_are_seeded_groups() -> None:
+    cfg = build_params({"rl": {"classes_per_step": 3, "group_size": 2, "seed": 5}}).rl
+    a = rl.update_labels(cfg, 7, num_classes=10)
+    assert a.tolist() == rl.update_labels(cfg, 7, num_classes=10).tolist()
+    assert len(set(a[::2].tolist())) == 3 and (a[::2] == a[1::2]).all()
+    assert a.tolist() != rl.update_labels(cfg, 8, num_classes=10).tolist()
+
+
+# ------------------------------------------------------------------------- stage smoke runs
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory, ray_local):
+    """prepare -> judge -> tokenizer -> cache -> generator on the tiny preset, once."""
+    root = tmp_path_factory.mktemp("rl_inputs")
+    params = load_params(REPO / "presets/tiny.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # the stages' checkpoints land here
+        prepare.run(params.prepare, out_dir=root / "prepared")
+        judge.run(params, out_dir=root / "judge", prepared_dir=root / "prepared")
+        tokenizer.run(params, out_dir=root / "tokenizer", prepared_dir=root / "prepared",
+                      judge_dir=root / "judge", plot_file=root / "prefix.csv")
+        cache.run(params, out_dir=root / "cache", prepared_dir=root / "prepared",
+                  tokenizer_dir=root / "tokenizer")
+        generator.run(params, out_dir=root / "generator", cache_dir=root / "cache",
+                      tokenizer_dir=root / "tokenizer", judge_dir=root / "judge",
+                      prepared_dir=root / "prepared")
+    return root
+
+
+def tiny(**rl_overrides) -> Params:
+    raw = load_params(REPO / "presets/tiny.yaml").to_dict()
+    raw["rl"].update(rl_overrides)
+    return build_params(raw)
+
+
+def run_rl(inputs: Path, params: Params, out: Path,
+           tracker: Tracker | None = None) -> StageResult:
+    return rl.run(params, out_dir=out, generator_dir=inputs / "generator",
+                  tokenizer_dir=inputs / "tokenizer", judge_dir=inputs / "judge",
+                  prepared_dir=inputs / "prepared", plot_file=out.parent / f"{out.name}.csv",
+                  tracker=tracker)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_outputs_and_resume_after_crash(tiny_inputs, tmp_path, monkeypatch):
+    params = tiny()
+    steps = params.rl.steps  # 3 updates, checkpoints at 2 and 3, evaluations at 0, 2 and 3
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    monkeypatch.chdir(first_dir)
+    tracker = RecordingTracker()
+    out = first_dir / "rl"
+    first = run_rl(tiny_inputs, params, out, tracker)
+
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "generator.json",
+                                               "samples.png", "train_curve.csv"}
+    handle = generator.load_generator(out, tiny_inputs / "tokenizer")
+    assert handle.sample_images(np.array([0, 1]), seed=0, steps=2, cfg_scale=1.0).shape[0] == 2
+    meta = json.loads((out / "generator.json").read_text())
+    base_sha = generator.load_generator(tiny_inputs / "generator",
+                                        tiny_inputs / "tokenizer").meta["sha256"]
+    assert meta["rl"]["base_generator_sha256"] == base_sha
+    assert meta["rl"]["reward"] == "1*judge_logprob"
+    assert meta["rl"]["params"]["steps"] == steps
+    assert set(meta["rl"]["eval_before"]) >= {"reward_mean", "gfd_judge", "judge_accuracy"}
+    m = first.metrics
+    for key in ("reward_mean", "judge_accuracy", "gfd_judge"):
+        assert np.isfinite(m[f"before_{key}"]) and np.isfinite(m[f"after_{key}"])
+    assert {"gfd_change_ratio", "final_kl", "mean_zero_spread"} <= set(m)
+    assert all(v == round(v, 6) for v in m.values())
+    rows = read_csv(first_dir / "rl.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
+    assert [bool(r["eval_gfd_judge"]) for r in rows] == [False, True, True]
+    assert (out / "train_curve.csv").read_text() == (first_dir / "rl.csv").read_text()
+    logged = {step for step, _ in tracker.metrics}
+    assert logged == set(range(steps + 1))  # step 0 = the base model's evaluation
+    assert any("eval/gfd_judge" in row for step, row in tracker.metrics if step == 0)
+    name, registered, tags = tracker.models[0]
+    assert registered == "latentforge-generator" and tags["base_generator_sha256"] == base_sha
+    assert set(tracker.inputs) >= {"generator", "judge", "tokenizer"}
+    assert first.timings["resumed_from_step"] == 0
+
+    # A crash in update 3, after the checkpoint of update 2: the rerun resumes and ends with
+    # the same weights and metrics as the uninterrupted run.
+    monkeypatch.chdir(second_dir)
+    real_update = rl.FineTuner.update
+
+    def crash_at_3(self, step):  # noqa: ANN001, ANN202
+        if step == 3:
+            raise KeyboardInterrupt("preempted")
+        return real_update(self, step)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(rl.FineTuner, "update", crash_at_3)
+        with pytest.raises(KeyboardInterrupt):
+            run_rl(tiny_inputs, params, second_dir / "rl")
+    assert not (second_dir / "rl").exists()
+    resumed = run_rl(tiny_inputs, params, second_dir / "rl")
+    assert resumed.timings["resumed_from_step"] == 2
+    assert resumed.metrics == first.metrics
+    assert (second_dir / "rl/model.safetensors").read_bytes() == \
+        (out / "model.safetensors").read_bytes()
+    assert (second_dir / "rl.csv").read_text() == (first_dir / "rl.csv").read_text()
+
+    # A finished run returns from its last checkpoint without training.
+    monkeypatch.chdir(first_dir)
+    again = run_rl(tiny_inputs, params, first_dir / "again")
+    assert again.timings["resumed_from_step"] == steps
+    assert again.metrics == first.metrics
+    assert (first_dir / "again/model.safetensors").read_bytes() == \
+        (out / "model.safetensors").read_bytes()
+
+    # Another configuration does not resume these checkpoints.
+    other = run_rl(tiny_inputs, tiny(lr=params.rl.lr * 2), first_dir / "other")
+    assert other.timings["resumed_from_step"] == 0
+
+
+def test_flat_reward_keeps_the_policy_at_the_reference(tiny_inputs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = tiny(rewards={"test_rl:constant_reward": 1.0}, kl_beta=0.1, eval_every=0)
+    result = run_rl(tiny_inputs, params, tmp_path / "rl")
+    assert result.metrics["mean_zero_spread"] == 1.0 and result.metrics["final_kl"] == 0.0
+    assert all(float(r["zero_spread"]) == 1.0 for r in read_csv(tmp_path / "rl.csv"))
+    base = load_file(str(tiny_inputs / "generator/model.safetensors"))
+    tuned = load_file(str(tmp_path / "rl/model.safetensors"))
+    assert base.keys() == tuned.keys()
+    assert all(torch.equal(base[k], tuned[k]) for k in base)
+
+
+@pytest.mark.parametrize("name", ["test_rl:late_nan_reward", "test_rl:wrong_shape_reward",
+                                  "test_rl:raising_reward"])
+def test_bad_reward_stops_the_stage_and_writes_nothing(tiny_inputs, tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(__import__("test_rl"), "late_nan_reward", _NaNAfter(2))
+    params = tiny(rewards={"judge_logprob": 1.0, name: 0.5}, save_every=1)
+    with pytest.raises(RewardError, match=name):
+        run_rl(tiny_inputs, params, tmp_path / "rl")
+    assert not (tmp_path / "rl").exists() and not (tmp_path / "rl.csv").exists()
+
+
+def test_reward_goes_up_on_the_fixed_eval_sample(tiny_inputs, tmp_path, monkeypatch):
+    # The tiny generator barely depends on the class, so the judge's reward cannot move in a
+    # few updates; image brightness is a reward its latents do control.
+    monkeypatch.chdir(tmp_path)
+    params = tiny(rewards={"test_rl:brightness_reward": 1.0}, steps=20, lr=1e-3,
+                  group_size=8, eval_every=5)
+    result = run_rl(tiny_inputs, params, tmp_path / "rl")
+    m = result.metrics
+    assert m["after_reward_mean"] > m["before_reward_mean"] + 1e-3
+    evals = [float(r["eval_reward_mean"]) for r in read_csv(tmp_path / "rl.csv")
+             if r["eval_reward_mean"]]
+    assert evals[-1] == m["after_reward_mean"] and evals[-1] > evals[0]
