@@ -23,6 +23,18 @@ os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture
+def single_torch_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on busy 2-core machines the
+    spinning worker threads make tiny-model tests ~10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect test harness (temporary database and API server) for the whole session."""

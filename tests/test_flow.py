@@ -40,14 +40,7 @@ S = torch.tensor([[0.5, 1.0], [2.0, 0.3]])  # per-entry data standard deviations
 N = 4000
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on busy 2-core machines the
-    spinning worker threads make these tests ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def exact_velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -20,14 +20,7 @@ from latentforge.models.tokenizer import (
 LAYOUTS_AND_QUANTIZERS = [(lay, q) for lay in ("1d", "2d") for q in ("kl", "fsq", "vq")]
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on busy 2-core machines the
-    spinning worker threads make these tests ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def _config(**overrides) -> TokenizerModelConfig:
