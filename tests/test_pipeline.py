@@ -130,6 +130,29 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
     tok_inputs = {d.dataset.name: d.dataset.digest for d in tok_run.inputs.dataset_inputs}
     assert tok_inputs == {"prepared": full[:36], "judge": judge_sha[:36]}
 
+    # every stage of the last (full) run: its outputs, DVC metrics and plots, a child MLflow run
+    # under that run's parent, and input digests equal to the upstream outputs' sha256
+    def sha(rel: str) -> str:
+        return hashlib.sha256((a / rel).read_bytes()).hexdigest()
+
+    upstream = {"prepared": full, "judge": judge_sha, "tokenizer": sha("artifacts/tokenizer/model.safetensors"),
+                "generator": sha("artifacts/generator/model.safetensors"),
+                "rl": sha("artifacts/rl/model.safetensors"),
+                "cache": json.loads((a / "data/cache/manifest.json").read_text())["key"]}
+    last_parent = max(parents, key=lambda r: r.info.start_time).info.run_id
+    for name, spec in paths.STAGES.items():
+        for produced in (*spec.outs, *spec.metrics, *spec.plots):
+            assert (a / produced).exists(), produced
+        (run,) = runs(a, f"tags.`latentforge.stage` = '{name}' and "
+                         f"tags.`mlflow.parentRunId` = '{last_parent}'")
+        linked = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+        assert linked, f"{name} logged no inputs"
+        for input_name, digest in linked.items():
+            if input_name in upstream:
+                assert digest == upstream[input_name][:36], (name, input_name)
+    report = (a / "reports/evaluate/report.md").read_text()
+    assert "base" in report and "RL" in report
+
     # the `dvc repro` run in project b logged a top-level run
     (solo,) = runs(b, "tags.`latentforge.stage` = 'prepare'")
     assert "mlflow.parentRunId" not in solo.data.tags
