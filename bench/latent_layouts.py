@@ -104,9 +104,15 @@ def main() -> None:
               f"{64 / r['sample_s']:7.1f} images/s (x{base['sample_s'] / r['sample_s']:.2f})  "
               f"token ratio x{base['tokens'] / r['tokens']:.2f}")
     if args.quality:
+        import ray
+
         for name in ("1d K=16", "2d patch 2"):
             with tempfile.TemporaryDirectory() as tmp:
                 q = quality(LAYOUTS[name], tmp)
+                # The local Ray instance (cache stage) started in this folder; its workers
+                # cannot start once the folder is gone, so stop it before removing it.
+                ray.shutdown()
+                os.chdir(tempfile.gettempdir())
             print(f"{name:11s} gFD-judge {q['gfd_judge']:.3f} (train/val {q['train_val_fd_judge']:.3f})"
                   f"  judge accuracy {q['judge_accuracy']:.3f}  generator stage "
                   f"{q['generator_seconds']:.0f} s")
