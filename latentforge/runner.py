@@ -7,6 +7,7 @@ it), calls `tasks/<stage>.run(...)`, writes the DVC metrics file, and leaves a s
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -58,7 +59,8 @@ def execute_stage(stage: str, params: Params, root: str | Path = ".") -> StageRe
     started = time.time()
     with tracking.start_run(params.tracking, stage, stage_tags(stage), parent, root) as tracker:
         section = params.section(stage)
-        tracker.log_params({stage: _asdict(section), "compute": _asdict(params.compute)})
+        tracker.log_params({stage: dataclasses.asdict(section),
+                            "compute": dataclasses.asdict(params.compute)})
         result = _call_task(stage, params, tracker)
         tracker.log_metrics(result.metrics)
         duration = time.time() - started
@@ -75,12 +77,6 @@ def execute_stage(stage: str, params: Params, root: str | Path = ".") -> StageRe
                                json.dumps(record, indent=2).encode())
     log.info("%s finished in %.1f s (MLflow run %s)", stage, duration, run_id or "-")
     return result
-
-
-def _asdict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 def read_last_run(stage: str, root: str | Path = ".") -> dict[str, Any] | None:
