@@ -93,6 +93,10 @@ def test_kl_cache_stores_posterior_moments_labels_and_a_manifest(tiny_root):
                                  "verify_max_abs_diff": 0.0}
     t = result["timings"]
     assert t["cache_images_per_s"] > 0 and 0 <= t["outside_encoder_share"] <= 1
+    # Start-up (actor process, torch import, model load, warm-up) is split from steady state.
+    assert 0 < t["cache_startup_seconds"] < t["cache_seconds"]
+    assert t["cache_steady_images_per_s"] > t["cache_images_per_s"]
+    assert 0 <= t["steady_outside_encoder_share"] <= t["outside_encoder_share"]
     assert t["resumed_shards"] == 0
     assert not (tiny_root / paths.work_dir("cache", c.key)).exists()  # scratch removed
 
