@@ -30,6 +30,11 @@ sha256s, which marks the shard committed (in `paths.work_dir("cache", key)`). A 
 crash keeps the committed shards and encodes only the rest; when every shard is there the
 folder is assembled (hard links), verified by decoding, swapped into place and the scratch
 folder removed.
+
+Throughput is logged twice: end to end, and in steady state, after the first actor has its
+model loaded and one warm-up batch done. Start-up (actor process, torch import, model load:
+seconds) is a fixed cost; in steady state the pool runs at the bare encoder loop's speed
+(bench/cache_throughput.py measures both against it).
 """
 
 from __future__ import annotations
