@@ -125,12 +125,18 @@ class MLflowTracker(Tracker):
     def log_input(self, name: str, source: str, digest: str, context: str,
                   profile: Mapping[str, Any] | None = None) -> None:
         from mlflow.data.code_dataset_source import CodeDatasetSource
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.dataset_source_registry import (
+            get_registered_sources,
+            resolve_dataset_source,
+        )
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.exceptions import MlflowException
 
+        # MLflow registers two same-named local-file source classes, so every local path
+        # "can be interpreted in multiple ways" and warns; one class per name keeps it quiet.
+        candidates = list({c.__name__: c for c in get_registered_sources()}.values())
         try:
-            resolved = resolve_dataset_source(str(source))
+            resolved = resolve_dataset_source(str(source), candidate_sources=candidates)
         except MlflowException:  # e.g. "sklearn:digits": a source that is code, not a path
             resolved = CodeDatasetSource({"uri": str(source)})
         # MLflow caps a dataset digest at 36 characters: the digest is the sha256's first 36

@@ -1,0 +1,43 @@
+"""MLflow inputs: the source type each kind of path resolves to, digests, no spurious warnings."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+from latentforge import tracking
+from latentforge.config import TrackingConfig
+
+
+def test_log_input_resolves_each_source_kind_quietly_and_keeps_the_full_sha256(tmp_path,
+                                                                              monkeypatch):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sha = "ab" * 32
+    sources = {"local": str(tmp_path / "prepared"), "remote": "s3://bucket/images",
+               "embedded": "sklearn:digits"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tracking.start_run(TrackingConfig(), "prepare", {}, root=tmp_path) as tracker:
+            for name, source in sources.items():
+                tracker.log_input(name, source, sha, context="prepare", profile={"count": 3})
+            run_id = tracker.run_id
+    ambiguous = [w for w in caught if "interpreted in multiple ways" in str(w.message)]
+    assert not ambiguous, [str(w.message) for w in ambiguous]
+
+    run = mlflow.MlflowClient(tracking.tracking_uri(tmp_path)).get_run(run_id)
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert {n: d.source_type for n, d in inputs.items()} == {
+        "local": "local", "remote": "s3", "embedded": "code"}
+    for name, source in sources.items():
+        assert source in inputs[name].source
+        assert inputs[name].digest == sha[:tracking.MLFLOW_DIGEST_LEN]
+        assert json.loads(inputs[name].profile) == {"sha256": sha, "count": 3}
+        assert run.data.tags[f"{tracking.TAG_PREFIX}input.{name}.sha256"] == sha
+
+
+def test_disabled_tracking_yields_a_null_tracker(tmp_path):
+    with tracking.start_run(TrackingConfig(enabled=False), "prepare", {}, root=tmp_path) as t:
+        t.log_input("x", str(tmp_path), "00" * 32, context="prepare")
+    assert type(t) is tracking.Tracker and not (tmp_path / "mlflow.db").exists()
