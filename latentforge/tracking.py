@@ -100,6 +100,9 @@ class MLflowTracker(Tracker):
     def __init__(self, run_id: str) -> None:
         import mlflow
 
+        # log_model's live "Downloading artifacts" bars become a dozen lines per model in the
+        # DVC/Prefect logs; a user who wants them sets the variable to true.
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._mlflow = mlflow
         self.run_id = run_id
 

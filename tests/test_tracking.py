@@ -41,3 +41,19 @@ def test_disabled_tracking_yields_a_null_tracker(tmp_path):
     with tracking.start_run(TrackingConfig(enabled=False), "prepare", {}, root=tmp_path) as t:
         t.log_input("x", str(tmp_path), "00" * 32, context="prepare")
     assert type(t) is tracking.Tracker and not (tmp_path / "mlflow.db").exists()
+
+
+def test_log_model_registers_without_live_progress_bars(tmp_path, monkeypatch, capfd):
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
+    folder = tmp_path / "judge"
+    folder.mkdir()
+    (folder / "meta.json").write_text("{}")
+    with tracking.start_run(TrackingConfig(), "judge", {}, root=tmp_path) as tracker:
+        uri = tracker.log_model("judge", folder, "test-judge")
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+    assert [v.version for v in client.search_model_versions("name='test-judge'")] == [1]
+    assert uri and uri.startswith("models:/")
