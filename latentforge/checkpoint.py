@@ -19,11 +19,13 @@ point even if a crash came between the rename and the `latest` update.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -207,3 +209,44 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike[str],
     if path is None:
         raise FileNotFoundError(f"no committed checkpoint in {ckpt_dir}")
     return _load_safetensors(path / (EMA_FILE if which == "ema" else MODEL_FILE))
+
+
+def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
+                      build: Callable[[dict[str, Any]], torch.nn.Module]
+                      ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(model, meta) from a stage's output folder: `meta_name` JSON and model.safetensors.
+
+    `build` makes the model from meta["model"] (its config); meta gains "sha256", the weights
+    file's, which caches and generators record to refuse mismatched pairs. Every way the folder
+    can be wrong (missing, not JSON, a config or weights of another version) is a DataError
+    that names the file and says how to get a good one.
+    """
+    from safetensors import SafetensorError
+
+    from latentforge.errors import DataError
+    from latentforge.storage import sha256_file
+
+    path = Path(path)
+    meta_path, weights_path = path / meta_name, path / MODEL_FILE
+    rerun = f"run the {what} stage to write it again"
+    if not meta_path.exists():
+        raise DataError(f"{meta_path}: no {what} here; run the {what} stage first")
+    try:
+        meta = json.loads(meta_path.read_text())
+        model = build(meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{meta_path}: not a {what} description this version can read "
+                        f"({type(exc).__name__}: {exc}); {rerun}") from exc
+    if not weights_path.exists():
+        raise DataError(f"{weights_path}: missing beside {meta_path.name}; {rerun}")
+    try:
+        state = _load_safetensors(weights_path)
+    except (SafetensorError, OSError) as exc:
+        raise DataError(f"{weights_path}: unreadable safetensors file ({exc}); {rerun}") from exc
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # missing/unexpected keys or shape mismatches, listed by torch
+        raise DataError(f"{weights_path}: weights do not fit the model described in "
+                        f"{meta_path.name}: {exc}; {rerun}") from exc
+    meta["sha256"] = sha256_file(weights_path)
+    return model, meta

@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from latentforge import flow, metrics, paths, storage
+from latentforge.checkpoint import load_model_folder
 from latentforge.config import GeneratorConfig, Params
 from latentforge.data import load_prepared
 from latentforge.errors import DataError
@@ -81,19 +82,16 @@ class GeneratorHandle:
 
 def load_generator(path: str | Path = paths.GENERATOR,
                    tokenizer_dir: str | Path = paths.TOKENIZER) -> GeneratorHandle:
-    path = Path(path)
-    if not (path / META).exists():
-        raise DataError(f"{path / META}: no generator here; run the generator stage first "
+    if not (Path(path) / META).exists():
+        raise DataError(f"{Path(path) / META}: no generator here; run the generator stage first "
                         "(or pass --model PATH)")
-    meta = json.loads((path / META).read_text())
+    model, meta = load_model_folder(path, META, "generator",
+                                    lambda cfg: FlowTransformer(GeneratorModelConfig(**cfg)))
     tok = load_tokenizer(tokenizer_dir)
     if meta["tokenizer_sha256"] != tok.sha256:
         raise DataError(f"{path} was trained on latents of tokenizer {meta['tokenizer_sha256'][:12]}"
                         f" but {tokenizer_dir} holds tokenizer {tok.sha256[:12]}; decode with the "
                         "matching tokenizer or retrain the generator")
-    model = FlowTransformer(GeneratorModelConfig(**meta["model"]))
-    model.load_state_dict(load_file(str(path / WEIGHTS)))
-    meta["sha256"] = storage.sha256_file(path / WEIGHTS)
     return GeneratorHandle(model, meta, tok)
 
 

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from latentforge import paths, storage
+from latentforge.checkpoint import load_model_folder
 from latentforge.config import JudgeConfig, Params
 from latentforge.data import load_prepared
 from latentforge.models.judge import Judge, JudgeModelConfig
@@ -66,16 +67,8 @@ class JudgeScorer:
 
 def load_judge(path: str | Path = paths.JUDGE) -> JudgeScorer:
     """Load the judge stage's output folder (weights in safetensors, config in JSON)."""
-    path = Path(path)
-    meta_path = path / META
-    if not meta_path.exists():
-        from latentforge.errors import DataError
-
-        raise DataError(f"{meta_path}: no judge here; run the judge stage first")
-    meta = json.loads(meta_path.read_text())
-    model = Judge(JudgeModelConfig(**meta["model"]))
-    model.load_state_dict(load_file(str(path / WEIGHTS)))
-    meta["sha256"] = storage.sha256_file(path / WEIGHTS)
+    model, meta = load_model_folder(path, META, "judge",
+                                    lambda cfg: Judge(JudgeModelConfig(**cfg)))
     return JudgeScorer(model, meta)
 
 

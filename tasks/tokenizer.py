@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from latentforge import metrics, paths, storage
+from latentforge.checkpoint import load_model_folder
 from latentforge.config import Params, TokenizerConfig
 from latentforge.data import load_prepared
 from latentforge.images import make_grid, save_png, to_uint8
@@ -73,16 +74,9 @@ class TokenizerHandle:
 
 
 def load_tokenizer(path: str | Path = paths.TOKENIZER) -> TokenizerHandle:
-    path = Path(path)
-    meta_path = path / META
-    if not meta_path.exists():
-        from latentforge.errors import DataError
-
-        raise DataError(f"{meta_path}: no tokenizer here; run the tokenizer stage first")
-    meta = json.loads(meta_path.read_text())
-    model = Tokenizer(TokenizerModelConfig(**meta["model"]))
-    model.load_state_dict(load_file(str(path / WEIGHTS)))
-    meta["sha256"] = storage.sha256_file(path / WEIGHTS)
+    """Load the tokenizer stage's output folder (weights in safetensors, config in JSON)."""
+    model, meta = load_model_folder(path, META, "tokenizer",
+                                    lambda cfg: Tokenizer(TokenizerModelConfig(**cfg)))
     return TokenizerHandle(model, meta)
 
 

@@ -1,0 +1,76 @@
+"""Stage model folders (JSON config + safetensors): loading, and a clear error for each defect."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from latentforge import storage
+from latentforge.errors import DataError
+from latentforge.models.judge import Judge, JudgeModelConfig
+from latentforge.tasks.judge import META, WEIGHTS, load_judge
+
+CFG = JudgeModelConfig(image_size=8, channels=1, num_classes=3, width=4, feature_dim=8)
+
+
+@pytest.fixture
+def judge_dir(tmp_path):
+    torch.manual_seed(0)
+    model = Judge(CFG)
+    folder = tmp_path / "judge"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / WEIGHTS))
+    (folder / META).write_text(json.dumps({"model": asdict(CFG), "class_names": list("abc")}))
+    return folder, model
+
+
+def test_a_good_folder_loads_the_same_weights_and_records_their_sha256(judge_dir):
+    folder, model = judge_dir
+    scorer = load_judge(folder)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(scorer.model.state_dict()[name], value)
+    assert scorer.meta["sha256"] == storage.sha256_file(folder / WEIGHTS)
+
+
+def _break(folder, defect: str) -> None:
+    if defect == "no folder":
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    elif defect == "not json":
+        (folder / META).write_text("{ half written")
+    elif defect == "unknown config key":
+        meta = json.loads((folder / META).read_text())
+        meta["model"]["colour"] = 3
+        (folder / META).write_text(json.dumps(meta))
+    elif defect == "no weights":
+        (folder / WEIGHTS).unlink()
+    elif defect == "truncated weights":
+        data = (folder / WEIGHTS).read_bytes()
+        (folder / WEIGHTS).write_bytes(data[:len(data) // 2])
+    elif defect == "weights of another shape":
+        meta = json.loads((folder / META).read_text())
+        meta["model"]["width"] = 8
+        (folder / META).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(("defect", "names", "says"), [
+    ("no folder", META, "no judge here"),
+    ("not json", META, "not a judge description"),
+    ("unknown config key", META, "colour"),
+    ("no weights", WEIGHTS, "missing beside"),
+    ("truncated weights", WEIGHTS, "unreadable safetensors"),
+    ("weights of another shape", WEIGHTS, "do not fit the model"),
+])
+def test_each_defect_is_a_data_error_naming_the_file(judge_dir, defect, names, says):
+    folder, _ = judge_dir
+    _break(folder, defect)
+    with pytest.raises(DataError) as err:
+        load_judge(folder)
+    message = str(err.value)
+    assert str(folder / names) in message and says in message
+    assert "run the judge stage" in message
