@@ -8,6 +8,7 @@ Weights come from the logged safetensors folder; nothing is unpickled.
 from __future__ import annotations
 
 import mlflow.pyfunc
+import numpy as np
 from mlflow.models import set_model
 
 
@@ -32,9 +33,9 @@ class LatentForgeModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"unknown LatentForge model kind {kind!r}")
         self.kind = kind
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
-        import numpy as np
-
+    # np.ndarray is a hint MLflow accepts without inferring a schema from it (the shapes differ
+    # per model kind); without a hint it warns on every log_model.
+    def predict(self, context, model_input: np.ndarray, params=None):  # noqa: ANN001, ANN201
         if self.kind == "generator":  # input: class labels; output: uint8 images
             labels = np.asarray(model_input, dtype=np.int64).reshape(-1)
             return self.model.sample_images(labels, seed=0, steps=25, cfg_scale=1.5)

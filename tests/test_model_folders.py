@@ -74,3 +74,26 @@ def test_each_defect_is_a_data_error_naming_the_file(judge_dir, defect, names, s
     message = str(err.value)
     assert str(folder / names) in message and says in message
     assert "run the judge stage" in message
+
+
+def test_a_registered_judge_predicts_through_mlflow_pyfunc_like_load_judge(judge_dir, tmp_path,
+                                                                          monkeypatch):
+    import warnings
+
+    import mlflow.pyfunc
+    import numpy as np
+
+    from latentforge import tracking
+    from latentforge.config import TrackingConfig
+
+    folder, _ = judge_dir
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with tracking.start_run(TrackingConfig(), "judge", {}, root=tmp_path) as tracker:
+            uri = tracker.log_model("judge", folder, "test-judge")
+    assert not [w for w in caught if "type hints" in str(w.message)]
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    predicted = mlflow.pyfunc.load_model(uri).predict(images)
+    np.testing.assert_allclose(predicted, load_judge(folder).score(images)[1], rtol=1e-6)
+    assert predicted.shape == (5, 3)
