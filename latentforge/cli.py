@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="generator folder or MLflow model URI "
                    "(models:/... or runs:/...); default: the pipeline's generator")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the pipeline's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one logged with an "
+                   "MLflow model, else the pipeline's)")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
 
     p = sub.add_parser("serve", help="serve Prefect deployments (pipeline and each stage) for the UI")
@@ -155,16 +156,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     cfg = load_params().generator
-    model_dir = args.model or str(paths.GENERATOR)
-    if "://" in model_dir or model_dir.startswith("models:/"):
-        import mlflow
+    model = args.model or str(paths.GENERATOR)
+    if "://" in model or model.startswith("models:/"):
+        import mlflow.pyfunc
 
         from latentforge.tracking import use_tracking_uri
 
         use_tracking_uri()
-        model_dir = str(Path(mlflow.artifacts.download_artifacts(model_dir)) / "artifacts" /
-                        "model_dir")
-    gen = load_generator(model_dir, args.tokenizer or paths.TOKENIZER)
+        # MLflow's loader resolves the logged folders (and the tokenizer logged beside the
+        # generator) wherever they are stored.
+        logged = mlflow.pyfunc.load_model(model).unwrap_python_model()
+        if getattr(logged, "kind", None) != "generator":
+            raise ConfigError(f"--model {model}: a LatentForge {getattr(logged, 'kind', '?')} "
+                              f"model, not a generator")
+        gen = (load_generator(logged.artifacts["model_dir"], args.tokenizer) if args.tokenizer
+               else logged.model)
+    else:
+        gen = load_generator(model, args.tokenizer or paths.TOKENIZER)
     names = gen.class_names
     if args.cls in names:
         index = names.index(args.cls)

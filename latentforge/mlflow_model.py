@@ -7,6 +7,11 @@ Weights come from the logged safetensors folder; nothing is unpickled.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
 import mlflow.pyfunc
 import numpy as np
 from mlflow.models import set_model
@@ -25,16 +30,20 @@ class LatentForgeModel(mlflow.pyfunc.PythonModel):
 
             self.model = load_tokenizer(folder)
         elif kind == "generator":
-            # Latents decode with the pipeline's tokenizer (checked against the recorded sha).
+            # Latents decode with the tokenizer logged beside the generator (checked against the
+            # sha256 the generator recorded); models logged without one use the pipeline's.
+            from latentforge import paths
             from latentforge.tasks.generator import load_generator
 
-            self.model = load_generator(folder)
+            self.model = load_generator(folder, context.artifacts.get("tokenizer_dir",
+                                                                      paths.TOKENIZER))
         else:
             raise ValueError(f"unknown LatentForge model kind {kind!r}")
         self.kind = kind
+        self.artifacts = dict(context.artifacts)  # local paths of the logged folders
 
-    # np.ndarray is a hint MLflow accepts without inferring a schema from it (the shapes differ
-    # per model kind); without a hint it warns on every log_model.
+    # np.ndarray: a hint MLflow accepts without inferring a schema from it (the shapes differ
+    # per model kind; `signature` gives them); without a hint it warns on every log_model.
     def predict(self, context, model_input: np.ndarray, params=None):  # noqa: ANN001, ANN201
         if self.kind == "generator":  # input: class labels; output: uint8 images
             labels = np.asarray(model_input, dtype=np.int64).reshape(-1)
@@ -43,6 +52,38 @@ class LatentForgeModel(mlflow.pyfunc.PythonModel):
         if self.kind == "judge":
             return self.model.score(images)[1]
         return self.model.reconstruct(images)
+
+
+def signature(kind: str, artifacts: Mapping[str, str | Path]) -> Any:
+    """The MLflow signature of a `kind` model, from the JSON files of its logged folders.
+
+    judge: uint8 images (N, H, W, C) -> float64 class log-probabilities (N, classes);
+    tokenizer: uint8 images -> uint8 reconstructions; generator: int64 class labels (N,) ->
+    uint8 images (N, H, W, C), the image shape from the tokenizer logged beside it.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # Unnamed tensors: pyfunc then passes predict the array itself, not {name: array}.
+    def model_cfg(folder_key: str, meta_name: str) -> dict[str, Any]:
+        return json.loads((Path(artifacts[folder_key]) / meta_name).read_text())["model"]
+
+    def images(cfg: Mapping[str, Any] | None) -> TensorSpec:
+        shape = (-1, cfg["image_size"], cfg["image_size"], cfg["channels"]) if cfg else (-1,) * 4
+        return TensorSpec(np.dtype(np.uint8), shape)
+
+    if kind == "judge":
+        cfg = model_cfg("model_dir", "judge.json")
+        inputs, outputs = images(cfg), TensorSpec(np.dtype(np.float64), (-1, cfg["num_classes"]))
+    elif kind == "tokenizer":
+        cfg = model_cfg("model_dir", "tokenizer.json")
+        inputs, outputs = images(cfg), images(cfg)
+    elif kind == "generator":
+        tok = model_cfg("tokenizer_dir", "tokenizer.json") if "tokenizer_dir" in artifacts else None
+        inputs, outputs = TensorSpec(np.dtype(np.int64), (-1,)), images(tok)
+    else:
+        raise ValueError(f"unknown LatentForge model kind {kind!r}")
+    return ModelSignature(inputs=Schema([inputs]), outputs=Schema([outputs]))
 
 
 set_model(LatentForgeModel())

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,8 +50,13 @@ class Tracker:
                   profile: Mapping[str, Any] | None = None) -> None: ...
 
     def log_model(self, name: str, model_dir: str | os.PathLike[str], registered_name: str,
-                  tags: Mapping[str, str] | None = None) -> str | None:
-        """Log a saved model folder (safetensors + JSON) as an MLflow model and register it."""
+                  tags: Mapping[str, str] | None = None,
+                  artifacts: Mapping[str, str | os.PathLike[str]] | None = None) -> str | None:
+        """Log a saved model folder (safetensors + JSON) as an MLflow model and register it.
+
+        `artifacts`: further folders the model needs to predict, by name (a generator's
+        tokenizer), so that the registered model works outside the project folder.
+        """
         return None
 
 
@@ -155,18 +161,25 @@ class MLflowTracker(Tracker):
 
 
     def log_model(self, name: str, model_dir: str | os.PathLike[str], registered_name: str,
-                  tags: Mapping[str, str] | None = None) -> str | None:
+                  tags: Mapping[str, str] | None = None,
+                  artifacts: Mapping[str, str | os.PathLike[str]] | None = None) -> str | None:
         import mlflow.pyfunc
 
         from latentforge import mlflow_model
 
         # "Models from code": MLflow stores the module's source, not a pickle, and loading the
         # model reads only safetensors and JSON.
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=mlflow_model.__file__, artifacts={"model_dir": str(model_dir)},
-            pip_requirements=[f"latentforge=={_version()}"], registered_model_name=registered_name,
-            tags={f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()},
-            model_config={"kind": name})
+        folders = {"model_dir": str(model_dir), **{k: str(v) for k, v in (artifacts or {}).items()}}
+        with warnings.catch_warnings():
+            # The signature documents the tensors; an input example would make MLflow load and
+            # run every model once more at logging time, which is all this warning asks for.
+            warnings.filterwarnings("ignore", message=".*input example was not provided")
+            info = mlflow.pyfunc.log_model(
+                name=name, python_model=mlflow_model.__file__, artifacts=folders,
+                signature=mlflow_model.signature(name, folders),
+                pip_requirements=[f"latentforge=={_version()}"], registered_model_name=registered_name,
+                tags={f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()},
+                model_config={"kind": name})
         self._mlflow.set_tag(f"{TAG_PREFIX}model.{name}", info.model_uri)
         return info.model_uri
 

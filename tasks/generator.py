@@ -262,6 +262,7 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     for name in (META, "samples.png"):
         tracker.log_artifact(out_dir / name)
     tracker.log_model("generator", out_dir, registered_name="latentforge-generator",
+                      artifacts={"tokenizer_dir": Path(tokenizer_dir)},
                       tags={"cache_key": cache.key, "tokenizer_sha256": tok.sha256,
                             "judge_sha256": judge.sha256, "weights_sha256": weights_sha})
     log.info("generator: gFD-judge %.3f (train/val FD %.3f), judge accuracy %.4f, precision "

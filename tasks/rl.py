@@ -514,6 +514,7 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     for name in (META, "samples.png"):
         tracker.log_artifact(Path(out_dir) / name)
     tracker.log_model("generator", out_dir, registered_name="latentforge-generator",
+                      artifacts={"tokenizer_dir": Path(tokenizer_dir)},
                       tags={"base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
                             "tokenizer_sha256": tok.sha256, "reward": reward.definition(),
                             "weights_sha256": weights_sha, "stage": "rl"})

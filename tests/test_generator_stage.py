@@ -119,3 +119,32 @@ def test_generator_on_a_2d_tokenizer(tmp_path, monkeypatch):
     meta = json.loads((d["gen"] / "generator.json").read_text())
     assert meta["latent_shape"] == [16, 3]  # 8x8 with 2x2 patches, fsq codes -> latents
     assert np.isfinite(result.metrics["gfd_judge"])
+
+
+def test_a_registered_generator_samples_anywhere_with_its_own_tokenizer(chain, tmp_path,
+                                                                        monkeypatch, capsys):
+    import mlflow.pyfunc
+
+    from latentforge import tracking
+    from latentforge.config import TrackingConfig
+
+    d, _ = chain
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.start_run(TrackingConfig(), "generator", {}, root=store) as tracker:
+        uri = tracker.log_model("generator", d["gen"], "test-generator",
+                                artifacts={"tokenizer_dir": d["tok"]})
+    # Elsewhere: no data/tokenizer folder here, only the MLflow store.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(store))
+    out = elsewhere / "grid.png"
+    assert main(["sample", "--class", "3", "--n", "8", "--steps", "3", "--model",
+                 "models:/test-generator/1", "--out", str(out)]) == 0
+    assert "8 samples of class '3'" in capsys.readouterr().out and out.exists()
+    images = mlflow.pyfunc.load_model(uri).predict(np.array([1, 2]))
+    expected = generator.load_generator(d["gen"], d["tok"]).sample_images(
+        np.array([1, 2]), seed=0, steps=25, cfg_scale=1.5)
+    np.testing.assert_array_equal(images, expected)

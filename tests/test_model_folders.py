@@ -80,6 +80,7 @@ def test_a_registered_judge_predicts_through_mlflow_pyfunc_like_load_judge(judge
                                                                           monkeypatch):
     import warnings
 
+    import mlflow.models
     import mlflow.pyfunc
     import numpy as np
 
@@ -92,8 +93,33 @@ def test_a_registered_judge_predicts_through_mlflow_pyfunc_like_load_judge(judge
         warnings.simplefilter("always")
         with tracking.start_run(TrackingConfig(), "judge", {}, root=tmp_path) as tracker:
             uri = tracker.log_model("judge", folder, "test-judge")
-    assert not [w for w in caught if "type hints" in str(w.message)]
+    # MLflow warns without a predict type hint and without an input example; neither is noise
+    # a user should read in every stage log.
+    assert not [str(w.message) for w in caught
+                if "type hint" in str(w.message) or "input example" in str(w.message)]
+    signature = mlflow.models.get_model_info(uri).signature
+    assert [(s.type, s.shape) for s in signature.inputs.inputs] == [(np.dtype("uint8"),
+                                                                     (-1, 8, 8, 1))]
+    assert [(s.type, s.shape) for s in signature.outputs.inputs] == [(np.dtype("float64"),
+                                                                      (-1, 3))]
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
     predicted = mlflow.pyfunc.load_model(uri).predict(images)
     np.testing.assert_allclose(predicted, load_judge(folder).score(images)[1], rtol=1e-6)
     assert predicted.shape == (5, 3)
+
+
+def test_sample_refuses_a_registered_model_that_is_not_a_generator(judge_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    from latentforge import tracking
+    from latentforge.cli import main
+    from latentforge.config import TrackingConfig
+
+    folder, _ = judge_dir
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.start_run(TrackingConfig(), "judge", {}, root=tmp_path) as tracker:
+        uri = tracker.log_model("judge", folder, "test-judge")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(tmp_path))
+    assert main(["sample", "--class", "0", "--model", uri, "--out",
+                 str(tmp_path / "x.png")]) == 2
+    assert "a LatentForge judge model, not a generator" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -74,7 +74,8 @@ class RecordingTracker(Tracker):
     def log_input(self, name, source, digest, context, profile=None) -> None:  # noqa: ANN001
         self.inputs.append(name)
 
-    def log_model(self, name, model_dir, registered_name, tags=None):  # noqa: ANN001, ANN201
+    def log_model(self, name, model_dir, registered_name, tags=None,  # noqa: ANN001, ANN201
+                  artifacts=None):  # noqa: ANN001
         self.models.append((name, registered_name, dict(tags or {})))
         return None
 

@@ -50,7 +50,8 @@ def test_log_model_registers_without_live_progress_bars(tmp_path, monkeypatch, c
     monkeypatch.delenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", raising=False)
     folder = tmp_path / "judge"
     folder.mkdir()
-    (folder / "meta.json").write_text("{}")
+    (folder / "judge.json").write_text(json.dumps(
+        {"model": {"image_size": 8, "channels": 1, "num_classes": 3}}))
     with tracking.start_run(TrackingConfig(), "judge", {}, root=tmp_path) as tracker:
         uri = tracker.log_model("judge", folder, "test-judge")
     assert "Downloading artifacts" not in capfd.readouterr().err
