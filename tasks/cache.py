@@ -385,10 +385,15 @@ def _quiet_progress_bars() -> Iterator[None]:
     ctx = DataContext.get_current()
     before = ctx.enable_progress_bars
     ctx.enable_progress_bars = False
+    # ...and Ray Data answers with a WARNING that bars are off, which reads like a problem.
+    progress_log = logging.getLogger("ray.data._internal.progress")
+    level = progress_log.level
+    progress_log.setLevel(logging.ERROR)
     try:
         yield
     finally:
         ctx.enable_progress_bars = before
+        progress_log.setLevel(level)
 
 
 def start_ray(compute: ComputeConfig) -> None:

@@ -261,3 +261,21 @@ def test_rerun_after_sigkill_keeps_committed_shards_and_matches_an_uninterrupted
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
     assert read_folder(tmp_path / "cache") == read_folder(tiny_root / "cache_kl")
     assert not work.exists()
+
+
+def test_a_cache_run_does_not_warn_that_ray_data_bars_are_off(tiny_root, tmp_path, monkeypatch):
+    """The stage turns Ray Data's live bars off (it logs per shard); that is not a warning."""
+    import ray.util.debug
+
+    monkeypatch.chdir(tmp_path)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    progress_log = logging.getLogger("ray.data._internal.progress")
+    progress_log.addHandler(handler)
+    ray.util.debug._logged.discard("ray_data_progress_manager_disabled")  # Ray warns once
+    try:
+        run_cache(tiny_root, tmp_path / "cache")
+    finally:
+        progress_log.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "disabled" in r.getMessage()]
