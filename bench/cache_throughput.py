@@ -115,6 +115,11 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    from latentforge.malloc import tune_malloc
+
+    # As in every LatentForge process (the CLI, the actors): the bare loop gets the same
+    # allocator settings as the pipeline it is compared with.
+    tune_malloc()
     from latentforge.config import build_params
     from latentforge.raycluster import init_ray
     from latentforge.tasks import cache

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from latentforge.errors import ConfigError, LatentForgeError
+from latentforge.malloc import tune_malloc
 
 log = logging.getLogger("latentforge")
 
@@ -251,6 +252,7 @@ COMMANDS = {"run": cmd_run, "stage": cmd_stage, "params": cmd_params, "sample": 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(logging.DEBUG if args.verbose else logging.INFO)
+    tune_malloc()  # stages train, encode and sample in this process
     for noisy in ("httpx", "httpcore", "alembic", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

@@ -44,6 +44,7 @@ from torch import nn
 
 from latentforge import checkpoint as ckpt
 from latentforge.checkpoint import load_checkpoint_weights
+from latentforge.malloc import tune_malloc
 from latentforge.raycluster import init_ray, use_ray
 from latentforge.storage import write_bytes_atomic
 from latentforge.tracking import Tracker
@@ -515,6 +516,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    tune_malloc()  # a Ray Train worker is a fresh process; see latentforge/malloc.py
     torch.set_num_threads(config["cpus_per_worker"])
     context = ray.train.get_context()
     spec = dataclasses.replace(config["spec"],

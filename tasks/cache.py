@@ -57,6 +57,7 @@ from latentforge import paths, storage
 from latentforge.config import CacheConfig, ComputeConfig, Params
 from latentforge.data import SPLITS, Prepared, load_prepared
 from latentforge.errors import DataError
+from latentforge.malloc import tune_malloc
 from latentforge.raycluster import init_ray
 from latentforge.runner import StageResult
 from latentforge.tracking import Tracker
@@ -319,6 +320,7 @@ class EncodeBatches:
 
         from latentforge.tasks.tokenizer import load_tokenizer
 
+        tune_malloc()  # an actor is a fresh process; see latentforge/malloc.py
         # One thread per reserved CPU: more would oversubscribe the node and halve throughput.
         torch.set_num_threads(threads)
         handle = load_tokenizer(tokenizer_dir)
