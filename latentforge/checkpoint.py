@@ -212,14 +212,15 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike[str],
 
 
 def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
-                      build: Callable[[dict[str, Any]], torch.nn.Module]
+                      build: Callable[[dict[str, Any]], torch.nn.Module], missing_hint: str = ""
                       ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(model, meta) from a stage's output folder: `meta_name` JSON and model.safetensors.
 
     `build` makes the model from meta["model"] (its config); meta gains "sha256", the weights
     file's, which caches and generators record to refuse mismatched pairs. Every way the folder
     can be wrong (missing, not JSON, a config or weights of another version) is a DataError
-    that names the file and says how to get a good one.
+    that names the file and says how to get a good one (`missing_hint` is added when there is
+    no folder at all, e.g. how to point at another one).
     """
     from safetensors import SafetensorError
 
@@ -230,7 +231,7 @@ def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
     meta_path, weights_path = path / meta_name, path / MODEL_FILE
     rerun = f"run the {what} stage to write it again"
     if not meta_path.exists():
-        raise DataError(f"{meta_path}: no {what} here; run the {what} stage first")
+        raise DataError(f"{meta_path}: no {what} here; run the {what} stage first{missing_hint}")
     try:
         meta = json.loads(meta_path.read_text())
         model = build(meta["model"])

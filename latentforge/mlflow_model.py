@@ -64,22 +64,24 @@ def signature(kind: str, artifacts: Mapping[str, str | Path]) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    # Unnamed tensors: pyfunc then passes predict the array itself, not {name: array}.
+    from latentforge.tasks import judge, tokenizer
+
     def model_cfg(folder_key: str, meta_name: str) -> dict[str, Any]:
         return json.loads((Path(artifacts[folder_key]) / meta_name).read_text())["model"]
 
+    # Unnamed tensors: pyfunc then passes predict the array itself, not {name: array}.
     def images(cfg: Mapping[str, Any] | None) -> TensorSpec:
         shape = (-1, cfg["image_size"], cfg["image_size"], cfg["channels"]) if cfg else (-1,) * 4
         return TensorSpec(np.dtype(np.uint8), shape)
 
     if kind == "judge":
-        cfg = model_cfg("model_dir", "judge.json")
+        cfg = model_cfg("model_dir", judge.META)
         inputs, outputs = images(cfg), TensorSpec(np.dtype(np.float64), (-1, cfg["num_classes"]))
     elif kind == "tokenizer":
-        cfg = model_cfg("model_dir", "tokenizer.json")
+        cfg = model_cfg("model_dir", tokenizer.META)
         inputs, outputs = images(cfg), images(cfg)
     elif kind == "generator":
-        tok = model_cfg("tokenizer_dir", "tokenizer.json") if "tokenizer_dir" in artifacts else None
+        tok = model_cfg("tokenizer_dir", tokenizer.META) if "tokenizer_dir" in artifacts else None
         inputs, outputs = TensorSpec(np.dtype(np.int64), (-1,)), images(tok)
     else:
         raise ValueError(f"unknown LatentForge model kind {kind!r}")

@@ -82,11 +82,9 @@ class GeneratorHandle:
 
 def load_generator(path: str | Path = paths.GENERATOR,
                    tokenizer_dir: str | Path = paths.TOKENIZER) -> GeneratorHandle:
-    if not (Path(path) / META).exists():
-        raise DataError(f"{Path(path) / META}: no generator here; run the generator stage first "
-                        "(or pass --model PATH)")
     model, meta = load_model_folder(path, META, "generator",
-                                    lambda cfg: FlowTransformer(GeneratorModelConfig(**cfg)))
+                                    lambda cfg: FlowTransformer(GeneratorModelConfig(**cfg)),
+                                    missing_hint=" (or pass --model PATH)")
     tok = load_tokenizer(tokenizer_dir)
     if meta["tokenizer_sha256"] != tok.sha256:
         raise DataError(f"{path} was trained on latents of tokenizer {meta['tokenizer_sha256'][:12]}"
