@@ -126,6 +126,7 @@ def main() -> None:
 
     bare_runs: list[float] = []
     runs: list[dict[str, float]] = []
+    n_images = 0
     with tempfile.TemporaryDirectory(prefix="cache-bench-") as tmp:
         root = args.root.resolve() if args.root else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -143,14 +144,22 @@ def main() -> None:
         init_ray(params.compute)
         ray_start = time.perf_counter() - started
 
-        for i in range(args.repeats):
-            n_bare, seconds = bare_encoder(prepared_dir, tokenizer_dir, args.batch_size,
-                                           args.threads, args.gpu)
-            bare_runs.append(n_bare / seconds)
+        def bare_once() -> None:
+            nonlocal n_images
+            n_images, seconds = bare_encoder(prepared_dir, tokenizer_dir, args.batch_size,
+                                             args.threads, args.gpu)
+            bare_runs.append(n_images / seconds)
+
+        def cache_once() -> None:
             started = time.perf_counter()
             result = cache.run(params, out_dir=root / "cache", prepared_dir=prepared_dir,
                                tokenizer_dir=tokenizer_dir)
             runs.append({**result.timings, "stage_seconds": time.perf_counter() - started})
+
+        for i in range(args.repeats):
+            # Alternating which goes first cancels a machine that speeds up or slows down.
+            for measure in (bare_once, cache_once) if i % 2 == 0 else (cache_once, bare_once):
+                measure()
             log.info("repeat %d/%d: bare %.0f images/s, cache %.0f images/s end to end, "
                      "%.0f steady", i + 1, args.repeats, bare_runs[-1],
                      runs[-1]["cache_images_per_s"], runs[-1]["cache_steady_images_per_s"])
@@ -164,13 +173,21 @@ def main() -> None:
     encoder = median("encoder_seconds") / workers
     in_calls = median("actor_call_seconds") / workers
     vs = f"  ({workers} actors against one bare process)" if workers > 1 else ""
+    # Each repeat's pipeline against the bare loop measured right next to it: the machine's
+    # drift (10-20% over minutes here) cancels within a pair, not across medians.
+    ratios = sorted(r["cache_steady_images_per_s"] / b for b, r in zip(bare_runs, runs,
+                                                                         strict=True))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
     spread = ", ".join(f"{b:.0f}/{r['cache_steady_images_per_s']:.0f}"
                        for b, r in zip(bare_runs, runs, strict=True))
-    print(f"\n{n_bare} images {args.resolution}x{args.resolution}, {args.size} tokenizer, batch "
-          f"{args.batch_size}, {workers} actor(s) x {args.threads} thread(s), median of "
+    print(f"\n{n_images} images {args.resolution}x{args.resolution}, {args.size} tokenizer, "
+          f"batch {args.batch_size}, {workers} actor(s) x {args.threads} thread(s), median of "
           f"{args.repeats} (bare/steady per repeat: {spread})")
     print(f"bare encoder loop     : {bare:8.0f} images/s")
     print(f"cache, steady state   : {steady:8.0f} images/s  = {steady / bare:6.1%} of bare{vs}")
+    print(f"  per repeat, steady / the bare loop next to it: median "
+          f"{statistics.median(ratios):.1%}, middle half {quartiles[0]:.1%}-{quartiles[2]:.1%}, "
+          f"{sum(r >= 0.9 for r in ratios)} of {len(ratios)} repeats >= 90%")
     print(f"cache, end to end     : {cached:8.0f} images/s  = {cached / bare:6.1%} of bare "
           f"({wall:.2f} s, of which start-up {startup:.2f} s)")
     need = images_for_ratio(0.9, bare, steady, startup)
