@@ -14,8 +14,9 @@ a temporary folder, then measures in one process, `--repeats` times, alternating
 
 The steady-state ratio compares like with like: the bare loop's number excludes its own
 imports, model load and warm-up too. The end-to-end ratio, start-up included, is printed with
-the data size from which it passes 90%. Medians over the repeats: a shared 2-core machine
-varies by 10-20% from run to run.
+the data size from which it passes 90%. A shared 2-core machine varies by 10-20% from run to
+run, so the bench reports medians over the repeats, and each repeat's pipeline against the
+bare loop measured next to it (which one goes first alternates).
 
     .venv/bin/python bench/cache_throughput.py [--images 20000] [--size tiny] [--repeats 3]
 """

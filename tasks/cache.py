@@ -33,8 +33,8 @@ folder removed.
 
 Throughput is logged twice: end to end, and in steady state, after the first actor has its
 model loaded and one warm-up batch done. Start-up (actor process, torch import, model load:
-seconds) is a fixed cost; after it the pipeline adds 1-6% of actor time outside the forward
-pass (bench/cache_throughput.py measures both against a bare encoder loop).
+seconds) is a fixed cost; after it the pipeline spends 0.5-4% of actor time outside the
+forward pass (bench/cache_throughput.py measures both against a bare encoder loop).
 """
 
 from __future__ import annotations
