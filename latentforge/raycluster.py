@@ -6,11 +6,15 @@ stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from latentforge.config import ComputeConfig
 
 log = logging.getLogger(__name__)
@@ -46,3 +50,60 @@ def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
     # since `ray_address: null` promises a local one.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+
+
+def start_ray_data(compute: ComputeConfig) -> None:
+    """Connect to (or start) Ray and import Ray Data: start-up that is not the work's time."""
+    import ray
+    import ray.data  # noqa: F401  (pulls in pyarrow and pandas: a second or two)
+
+    init_ray(compute)
+    if compute.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
+        raise RuntimeError("compute.use_gpu is set but the Ray cluster has no GPU; the actors "
+                           "would wait for one forever")
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[None]:
+    """Stages log their own progress; Ray Data's live bars only garble DVC/Prefect logs."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    before = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False
+    # ...and Ray Data answers with a WARNING that bars are off, which reads like a problem.
+    progress_log = logging.getLogger("ray.data._internal.progress")
+    level = progress_log.level
+    progress_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = before
+        progress_log.setLevel(level)
+
+
+def map_on_actor_pool(items: list[dict[str, int]], actor_cls: type, actor_kwargs: dict[str, Any],
+                      compute: ComputeConfig, calls_per_actor: int = 8,
+                      ) -> Iterator[dict[str, np.ndarray]]:
+    """Stream actor_cls(**actor_kwargs)(rows) over `items` on `compute.num_workers` actors.
+
+    Each actor reserves `compute.cpus_per_worker` CPUs and, with `compute.use_gpu`, one GPU.
+    A call takes a block of consecutive items (Ray Data costs ~15 ms per call, a third of a
+    256-image batch of a tiny model), `calls_per_actor` blocks per actor so that a faster
+    actor can still take more of them. Results come back as numpy batches in any order.
+    """
+    import ray.data
+
+    start_ray_data(compute)
+    blocks = min(len(items), calls_per_actor * compute.num_workers)
+    # Two calls per actor at once: while one runs the model (one at a time: Ray Data keeps
+    # the UDF itself single-threaded), the other turns the previous output into a block and
+    # fetches the next input. Measured on 2 CPUs, tiny encoder: 5.3% -> 4.2% of steady-state
+    # actor time outside the forward pass.
+    pool = ray.data.ActorPoolStrategy(size=compute.num_workers, max_concurrent_calls_per_actor=2)
+    with quiet_progress_bars():
+        ds = ray.data.from_items(items, override_num_blocks=blocks).map_batches(
+            actor_cls, fn_constructor_kwargs=actor_kwargs, batch_size=None,
+            batch_format="numpy", compute=pool, num_cpus=compute.cpus_per_worker,
+            num_gpus=1 if compute.use_gpu else 0)
+        yield from ds.iter_batches(batch_size=None, batch_format="numpy")

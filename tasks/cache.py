@@ -39,7 +39,6 @@ forward pass (bench/cache_throughput.py measures both against a bare encoder loo
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -58,7 +57,7 @@ from latentforge.config import CacheConfig, ComputeConfig, Params
 from latentforge.data import SPLITS, Prepared, load_prepared
 from latentforge.errors import DataError
 from latentforge.malloc import tune_malloc
-from latentforge.raycluster import init_ray
+from latentforge.raycluster import map_on_actor_pool, start_ray_data
 from latentforge.runner import StageResult
 from latentforge.tracking import Tracker
 
@@ -71,7 +70,6 @@ PLAN = "plan.json"
 # differs by float rounding (~1e-6); a misplaced or stale shard differs by ~1. 1e-2 is about
 # one grey level of a uint8 image and leaves room for GPU (TF32) encoders.
 VERIFY_TOLERANCE = 1e-2
-CALLS_PER_ACTOR = 8
 
 
 def cache_key(tokenizer_sha256: str, prepared_sha256: str) -> str:
@@ -379,60 +377,6 @@ class EncodeBatches:
         return result
 
 
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """The stage logs one line per shard; Ray Data's live bars only garble DVC/Prefect logs."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    before = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False
-    # ...and Ray Data answers with a WARNING that bars are off, which reads like a problem.
-    progress_log = logging.getLogger("ray.data._internal.progress")
-    level = progress_log.level
-    progress_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars = before
-        progress_log.setLevel(level)
-
-
-def start_ray(compute: ComputeConfig) -> None:
-    """Connect to (or start) Ray and import Ray Data: start-up that is not caching time."""
-    import ray
-    import ray.data  # noqa: F401  (pulls in pyarrow and pandas: a second or two)
-
-    init_ray(compute)
-    if compute.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise RuntimeError("compute.use_gpu is set but the Ray cluster has no GPU; the actors "
-                           "would wait for one forever")
-
-
-def encode_on_ray(batches: list[dict[str, int]], compute: ComputeConfig,
-                  actor_kwargs: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-    """Stream the encodings of `batches` from a pool of `compute.num_workers` actors."""
-    import ray.data
-
-    start_ray(compute)
-    # Each call costs Ray Data ~15 ms of scheduling, which is a third of a 256-image batch of
-    # the tiny encoder: a call takes a block of consecutive encoder batches instead, with
-    # CALLS_PER_ACTOR blocks per actor so that a faster actor can still take more of them.
-    blocks = min(len(batches), CALLS_PER_ACTOR * compute.num_workers)
-    # Two calls per actor at once: while one runs the encoder (one at a time: Ray Data keeps
-    # the UDF itself single-threaded), the other turns the previous output into a block and
-    # fetches the next input. Measured on 2 CPUs, tiny encoder: 5.3% -> 4.2% of steady-state
-    # actor time outside the forward pass.
-    pool = ray.data.ActorPoolStrategy(size=compute.num_workers, max_concurrent_calls_per_actor=2)
-    with _quiet_progress_bars():
-        items = ray.data.from_items(batches, override_num_blocks=blocks)
-        ds = items.map_batches(EncodeBatches, fn_constructor_kwargs=actor_kwargs, batch_size=None,
-                            batch_format="numpy", compute=pool,
-                            num_cpus=compute.cpus_per_worker,
-                            num_gpus=1 if compute.use_gpu else 0)
-        yield from ds.iter_batches(batch_size=None, batch_format="numpy")
-
-
 # --------------------------------------------------------------------------------------------
 # The scratch folder: committed shards, resume
 # --------------------------------------------------------------------------------------------
@@ -548,12 +492,13 @@ def cache_shards(todo: list[Shard], work: Path, labels: Mapping[str, np.ndarray]
         return stats
     total = len(records) + len(todo)
     buffers = ShardBuffers(todo, specs, cfg.shard_size)
-    start_ray(compute)  # before the clock: the pipeline's throughput excludes Ray's own start
+    start_ray_data(compute)  # before the clock: the pipeline's throughput excludes Ray's own start
     # Wall clock, not perf_counter: it is compared with the actors' `ready_at` (same clock on
     # one machine; NTP-close on a cluster).
     started = time.time()
     first_ready = float("inf")
-    for batch in encode_on_ray(encoder_batches(todo, cfg.batch_size), compute, actor_kwargs):
+    batches = encoder_batches(todo, cfg.batch_size)
+    for batch in map_on_actor_pool(batches, EncodeBatches, actor_kwargs, compute):
         stats.encoder_seconds += float(batch["encoder_seconds"].sum())
         stats.call_seconds += float(batch["call_seconds"].sum())
         first_ready = min(first_ready, float(batch["ready_at"].min()))
