@@ -224,7 +224,8 @@ class ComputeConfig:
     ray_address: str | None = param(
         None, "null: a local Ray instance; else a cluster address (e.g. auto, ray://host:10001)")
     num_workers: int = param(1, "Ray Train workers / Ray Data actors; with 1 and no ray_address "
-                             "training runs in-process (caching always uses Ray Data)", ge=1)
+                             "training and sampling run in-process (caching always uses Ray "
+                             "Data)", ge=1)
     use_gpu: bool = param(False, "give each worker one GPU")
     cpus_per_worker: int = param(1, "CPUs reserved per worker; torch threads follow it", ge=1)
 

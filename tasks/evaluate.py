@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from latentforge import flow, metrics, paths, storage
-from latentforge.config import EvaluateConfig, Params
+from latentforge.config import ComputeConfig, EvaluateConfig, Params
 from latentforge.data import MANIFEST, Prepared, load_prepared
 from latentforge.errors import DataError
 from latentforge.images import png_bytes
@@ -182,11 +182,11 @@ def cfg_scale_for(model: str, handle: GeneratorHandle, params: Params) -> float:
 
 
 def sample_generator(handle: GeneratorHandle, labels: np.ndarray, cfg: EvaluateConfig,
-                     cfg_scale: float) -> Samples:
+                     cfg_scale: float, compute: ComputeConfig) -> Samples:
     started = time.perf_counter()
-    latents, nfe = handle.sample_latents(labels, seed=cfg.seed, steps=cfg.sample_steps,
-                                         cfg_scale=cfg_scale, sampler=cfg.sampler)
-    images = handle.tokenizer.decode(latents)
+    _, images, nfe = generator_stage.sample(handle, labels, seed=cfg.seed, steps=cfg.sample_steps,
+                                            cfg_scale=cfg_scale, sampler=cfg.sampler,
+                                            compute=compute)
     return Samples(images, nfe, time.perf_counter() - started, cfg_scale)
 
 
@@ -637,7 +637,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     labels = flow.balanced_labels(inputs.prepared.num_classes, cfg.per_class).numpy()
     reward = Reward(params.rl.rewards, judge)
     samples = {m: sample_generator(inputs.generators[m], labels, cfg,
-                                   cfg_scale_for(m, inputs.generators[m], params))
+                                   cfg_scale_for(m, inputs.generators[m], params), params.compute)
                for m in MODELS}
     nested: dict[str, dict[str, float]] = {
         m: score_generator(samples[m], labels, judge, val_features, reward) for m in MODELS}

@@ -24,11 +24,13 @@ from safetensors.torch import save_file
 
 from latentforge import flow, metrics, paths, storage
 from latentforge.checkpoint import load_model_folder
-from latentforge.config import GeneratorConfig, Params
+from latentforge.config import ComputeConfig, GeneratorConfig, Params
 from latentforge.data import load_prepared
 from latentforge.errors import DataError
 from latentforge.images import make_grid, save_png
+from latentforge.malloc import tune_malloc
 from latentforge.models.generator import FlowTransformer, GeneratorModelConfig, generator_config
+from latentforge.raycluster import map_on_actor_pool, use_ray
 from latentforge.runner import StageResult
 from latentforge.tasks.cache import load_cache
 from latentforge.tasks.judge import JudgeScorer, load_judge
@@ -52,6 +54,17 @@ class GeneratorHandle:
         self.scale = torch.tensor(meta["latent_scale"], dtype=torch.float32)
         self.class_names: list[str] = meta["class_names"]
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> GeneratorHandle:
+        """Move generator and tokenizer; sampling returns numpy arrays on the host either way."""
+        self.model.to(device)
+        self.tokenizer.to(device)
+        self.shift, self.scale = self.shift.to(device), self.scale.to(device)
+        return self
+
     @torch.no_grad()
     def sample_latents(self, labels: np.ndarray | torch.Tensor, *, seed: int, steps: int,
                        cfg_scale: float, sampler: str = "heun", start_index: int = 0,
@@ -60,19 +73,20 @@ class GeneratorHandle:
 
         Sample i's noise depends only on (seed, start_index + i).
         """
-        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        device = self.device
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
         k, d = self.meta["latent_shape"]
         out, nfe = [], 0
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size]
             idx = np.arange(start_index + start, start_index + start + len(y))
-            noise = flow.sample_noise(idx, (k, d), seed)
+            noise = flow.sample_noise(idx, (k, d), seed, device=device)  # drawn on the CPU
 
             def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
                 return self.model.forward_with_cfg(x, t, y, cfg_scale)
 
             z, nfe = flow.ode_sample(velocity, noise, steps, sampler)
-            out.append((z * self.scale + self.shift).numpy())
+            out.append((z * self.scale + self.shift).cpu().numpy())
         return np.concatenate(out), nfe
 
     def sample_images(self, labels: np.ndarray, **kwargs: Any) -> np.ndarray:
@@ -91,6 +105,86 @@ def load_generator(path: str | Path = paths.GENERATOR,
                         f" but {tokenizer_dir} holds tokenizer {tok.sha256[:12]}; decode with the "
                         "matching tokenizer or retrain the generator")
     return GeneratorHandle(model, meta, tok)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling many images: in-process, or on a Ray Data actor pool
+# --------------------------------------------------------------------------------------------
+
+SAMPLE_BATCH = 256
+
+
+class SampleBatches:
+    """A Ray Data actor: holds a generator with its tokenizer and samples ranges of `labels`.
+
+    Each call gets rows {"start", "stop"} (ranges aligned to SAMPLE_BATCH, so every sample is
+    computed in the same batch as in-process) and returns per sample "index", "latents"
+    (K, D), "images" (uint8 H, W, C) and "nfe".
+    """
+
+    def __init__(self, handle: GeneratorHandle, labels: np.ndarray, options: dict[str, Any],
+                 threads: int, use_gpu: bool) -> None:
+        tune_malloc()  # an actor is a fresh process; see latentforge/malloc.py
+        torch.set_num_threads(threads)
+        self.handle = handle.to("cuda" if use_gpu else "cpu")
+        self.labels, self.options = labels, options
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out: dict[str, list[np.ndarray]] = {}
+        for start, stop in zip(batch["start"].tolist(), batch["stop"].tolist(), strict=True):
+            latents, nfe = self.handle.sample_latents(self.labels[start:stop], start_index=start,
+                                                      batch_size=SAMPLE_BATCH, **self.options)
+            rows = {"index": np.arange(start, stop), "latents": latents,
+                    "images": self.handle.tokenizer.decode(latents, batch_size=SAMPLE_BATCH),
+                    "nfe": np.full(stop - start, nfe)}
+            for key, value in rows.items():
+                out.setdefault(key, []).append(value)
+        return {key: np.concatenate(v) for key, v in out.items()}
+
+
+def sample(handle: GeneratorHandle, labels: np.ndarray, *, seed: int, steps: int,
+           cfg_scale: float, sampler: str, compute: ComputeConfig
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(latents, uint8 images, NFE) of class-conditional ODE samples for `labels`.
+
+    With `compute.num_workers` > 1 or a `compute.ray_address` the samples are drawn on a Ray
+    Data pool of that many actors (one GPU each with `compute.use_gpu`); otherwise in this
+    process (on the GPU with `compute.use_gpu`). Sample i's noise depends only on (seed, i)
+    and it is computed in the same batch either way, so the worker count does not change the
+    samples beyond float rounding.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    options = {"seed": seed, "steps": steps, "cfg_scale": cfg_scale, "sampler": sampler}
+    if not use_ray(compute):
+        device = torch.device("cuda" if compute.use_gpu else "cpu")
+        if compute.use_gpu and not torch.cuda.is_available():
+            raise RuntimeError("compute.use_gpu is set but torch sees no CUDA device")
+        handle.to(device)
+        try:
+            latents, nfe = handle.sample_latents(labels, batch_size=SAMPLE_BATCH, **options)
+            return latents, handle.tokenizer.decode(latents, batch_size=SAMPLE_BATCH), nfe
+        finally:
+            handle.to("cpu")
+    k, d = handle.meta["latent_shape"]
+    tok_cfg = handle.tokenizer.model.cfg
+    latents = np.empty((len(labels), k, d), np.float32)
+    images = np.empty((len(labels), tok_cfg.image_size, tok_cfg.image_size, tok_cfg.channels),
+                      np.uint8)
+    ranges = [{"start": start, "stop": min(start + SAMPLE_BATCH, len(labels))}
+              for start in range(0, len(labels), SAMPLE_BATCH)]
+    kwargs = {"handle": handle, "labels": labels, "options": options,
+              "threads": compute.cpus_per_worker, "use_gpu": compute.use_gpu}
+    done, nfe = 0, 0
+    for rows in map_on_actor_pool(ranges, SampleBatches, kwargs, compute):
+        latents[rows["index"]] = rows["latents"]
+        images[rows["index"]] = rows["images"]
+        nfe = int(rows["nfe"][0])
+        done += len(rows["index"])
+        log.info("sampling: %d of %d images (%d Ray Data actor(s))", done, len(labels),
+                 compute.num_workers)
+    if done != len(labels):
+        raise RuntimeError(f"Ray Data returned {done} of {len(labels)} samples")
+    return latents, images, nfe
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,9 +330,8 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     handle = GeneratorHandle(model, meta, tok)
     labels = flow.balanced_labels(prepared.num_classes, cfg.final_per_class).numpy()
     started = time.perf_counter()
-    latents, nfe = handle.sample_latents(labels, seed=cfg.sample_seed, steps=cfg.sample_steps,
-                                         cfg_scale=cfg.cfg_scale, sampler=cfg.sampler)
-    images = tok.decode(latents)
+    _, images, nfe = sample(handle, labels, seed=cfg.sample_seed, steps=cfg.sample_steps,
+                            cfg_scale=cfg.cfg_scale, sampler=cfg.sampler, compute=params.compute)
     sample_seconds = time.perf_counter() - started
     val_x, _ = prepared.split("val")
     train_x, _ = prepared.split("train")

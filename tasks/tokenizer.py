@@ -46,17 +46,27 @@ class TokenizerHandle:
         self.meta = meta
         self.sha256: str = meta.get("sha256", "")
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> TokenizerHandle:
+        """Move the model; encode/decode take and return numpy arrays on the host either way."""
+        self.model.to(device)
+        return self
+
     @torch.no_grad()
     def encode(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> dict[str, np.ndarray]:
         """uint8 (N, H, W, C) -> {"latents" (N, K, D), and "codes" (N, K) or "mean"/"logvar"}."""
         out: dict[str, list[np.ndarray]] = {}
+        device = self.device
         for start in range(0, len(images), batch_size):
-            enc = self.model.encode(images_to_tensor(images[start:start + batch_size]))
+            enc = self.model.encode(images_to_tensor(images[start:start + batch_size]).to(device))
             for key in ("latents", "codes", "mean", "logvar"):
                 value = getattr(enc, key)
                 if value is not None:
-                    out.setdefault(key, []).append(value.float().numpy() if key != "codes"
-                                                   else value.numpy())
+                    out.setdefault(key, []).append(value.float().cpu().numpy() if key != "codes"
+                                                   else value.cpu().numpy())
         return {k: np.concatenate(v) for k, v in out.items()}
 
     @torch.no_grad()
@@ -64,9 +74,11 @@ class TokenizerHandle:
                batch_size: int = 256) -> np.ndarray:
         """latents (N, K, D) -> uint8 images (N, H, W, C)."""
         pics = []
+        device = self.device
         for start in range(0, len(latents), batch_size):
-            z = torch.as_tensor(np.asarray(latents[start:start + batch_size]), dtype=torch.float32)
-            pics.append(to_uint8(self.model.decode(z, keep=keep).clamp(-1, 1).numpy()))
+            z = torch.as_tensor(np.asarray(latents[start:start + batch_size]), dtype=torch.float32,
+                                device=device)
+            pics.append(to_uint8(self.model.decode(z, keep=keep).clamp(-1, 1).cpu().numpy()))
         return np.concatenate(pics) if pics else np.zeros((0,), np.uint8)
 
     def reconstruct(self, images: np.ndarray) -> np.ndarray:

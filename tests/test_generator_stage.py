@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from latentforge.cli import main
-from latentforge.config import build_params, load_params
+from latentforge.config import ComputeConfig, build_params, load_params
 from latentforge.errors import DataError
 from latentforge.tasks import cache, generator, judge, prepare, tokenizer
 
@@ -148,3 +148,26 @@ def test_a_registered_generator_samples_anywhere_with_its_own_tokenizer(chain, t
     expected = generator.load_generator(d["gen"], d["tok"]).sample_images(
         np.array([1, 2]), seed=0, steps=25, cfg_scale=1.5)
     np.testing.assert_array_equal(images, expected)
+
+
+def test_sampling_on_two_ray_data_actors_matches_sampling_in_process(chain, ray_local):
+    d, _ = chain
+    gen = generator.load_generator(d["gen"], d["tok"])
+    labels = np.repeat(np.arange(10), 30)  # 300 samples: two batches of 256, one per actor
+    kw = {"seed": 3, "steps": 3, "cfg_scale": 1.5, "sampler": "heun"}
+    latents, images, nfe = generator.sample(gen, labels, compute=ComputeConfig(), **kw)
+    on_ray = generator.sample(gen, labels, compute=ComputeConfig(num_workers=2), **kw)
+    # Same noise and the same batches; only the thread count differs (float rounding).
+    np.testing.assert_allclose(on_ray[0], latents, rtol=1e-4, atol=1e-5)
+    assert on_ray[1].shape == images.shape and len(images) == 300
+    assert np.abs(on_ray[1].astype(int) - images).max() <= 1
+    assert on_ray[2] == nfe == 5
+    assert not np.array_equal(latents[:30], latents[30:60])  # classes differ, rows not shuffled
+
+
+def test_sampling_on_a_gpu_that_is_not_there_says_so(chain):
+    d, _ = chain
+    gen = generator.load_generator(d["gen"], d["tok"])
+    with pytest.raises(RuntimeError, match="use_gpu"):
+        generator.sample(gen, np.zeros(2, np.int64), seed=0, steps=1, cfg_scale=1.0,
+                         sampler="euler", compute=ComputeConfig(use_gpu=True))
