@@ -189,6 +189,9 @@ def main() -> None:
     print(f"  per repeat, steady / the bare loop next to it: median "
           f"{statistics.median(ratios):.1%}, middle half {quartiles[0]:.1%}-{quartiles[2]:.1%}, "
           f"{sum(r >= 0.9 for r in ratios)} of {len(ratios)} repeats >= 90%")
+    forward = statistics.median(n_images / r["encoder_seconds"] * workers for r in runs)
+    print(f"  the actor's forward passes alone: {forward:8.0f} images/s = {forward / bare:6.1%} of "
+          f"the bare loop (which also converts uint8 to float)")
     print(f"cache, end to end     : {cached:8.0f} images/s  = {cached / bare:6.1%} of bare "
           f"({wall:.2f} s, of which start-up {startup:.2f} s)")
     need = images_for_ratio(0.9, bare, steady, startup)
