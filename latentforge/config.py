@@ -228,10 +228,6 @@ class ComputeConfig:
                              "Data)", ge=1)
     use_gpu: bool = param(False, "give each worker one GPU")
     cpus_per_worker: int = param(1, "CPUs reserved per worker; torch threads follow it", ge=1)
-    worker_niceness: int = param(
-        0, "nice value of a local Ray instance's workers (a cluster's nodes set their own). "
-        "Ray's default, 15, made the cache actors' encoder 3-7% slower than the same loop "
-        "in-process on an otherwise idle 2-core machine", ge=0, le=19)
 
 
 @dataclass(kw_only=True)

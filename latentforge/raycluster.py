@@ -48,12 +48,8 @@ def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
     log.info("starting a local Ray instance")
     # address="local": a fresh instance even if RAY_ADDRESS or a `ray start` cluster exists,
     # since `ray_address: null` promises a local one.
-    # Ray nices its workers to 15 unless told otherwise; here they do the stage's work, as the
-    # driver does in-process (RAY_worker_niceness in the environment still wins).
-    system_config = ({} if "RAY_worker_niceness" in os.environ
-                     else {"worker_niceness": compute.worker_niceness})
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES, _system_config=system_config)
+             object_store_memory=LOCAL_OBJECT_STORE_BYTES)
 
 
 def start_ray_data(compute: ComputeConfig) -> None:
