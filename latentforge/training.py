@@ -477,11 +477,16 @@ def _prepare_ckpt_dir(ckpt_dir: Path, cfg: TrainConfig, data: dict[str, np.ndarr
     return step
 
 
-def _train_in_process(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: Path,
-                      tracker: Tracker, progress: bool) -> _LoopStats:
+def local_device(compute: ComputeConfig) -> torch.device:
+    """The device for work in this process: the GPU with `compute.use_gpu`, else the CPU."""
     if compute.use_gpu and not torch.cuda.is_available():
         raise RuntimeError("compute.use_gpu is set but torch sees no CUDA device")
-    device = torch.device("cuda" if compute.use_gpu else "cpu")
+    return torch.device("cuda" if compute.use_gpu else "cpu")
+
+
+def _train_in_process(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: Path,
+                      tracker: Tracker, progress: bool) -> _LoopStats:
+    device = local_device(compute)
     # In-process training keeps the process's torch thread count: cpus_per_worker sizes Ray
     # workers, and the driver process owns the whole machine here.
     worker = _Worker(rank=0, world_size=1, device=device, wrap=lambda m: m.to(device))

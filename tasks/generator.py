@@ -36,7 +36,7 @@ from latentforge.tasks.cache import load_cache
 from latentforge.tasks.judge import JudgeScorer, load_judge
 from latentforge.tasks.tokenizer import TokenizerHandle, load_tokenizer
 from latentforge.tracking import Tracker
-from latentforge.training import TrainSpec, loss_curve_csv, train
+from latentforge.training import TrainSpec, local_device, loss_curve_csv, train
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,7 @@ def sample(handle: GeneratorHandle, labels: np.ndarray, *, seed: int, steps: int
     labels = np.asarray(labels, dtype=np.int64)
     options = {"seed": seed, "steps": steps, "cfg_scale": cfg_scale, "sampler": sampler}
     if not use_ray(compute):
-        device = torch.device("cuda" if compute.use_gpu else "cpu")
-        if compute.use_gpu and not torch.cuda.is_available():
-            raise RuntimeError("compute.use_gpu is set but torch sees no CUDA device")
-        handle.to(device)
+        handle.to(local_device(compute))
         try:
             latents, nfe = handle.sample_latents(labels, batch_size=SAMPLE_BATCH, **options)
             return latents, handle.tokenizer.decode(latents, batch_size=SAMPLE_BATCH), nfe

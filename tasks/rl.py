@@ -51,7 +51,7 @@ from latentforge.tasks.generator import (
 from latentforge.tasks.judge import JudgeScorer, load_judge
 from latentforge.tasks.tokenizer import TokenizerHandle
 from latentforge.tracking import Tracker
-from latentforge.training import EMA, capture_rng, clip_gradients, restore_rng
+from latentforge.training import EMA, capture_rng, clip_gradients, local_device, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -480,7 +480,7 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     def decode(z: torch.Tensor) -> np.ndarray:
         return tok.decode((z.detach().cpu() * scale + shift).numpy())
 
-    device = torch.device("cuda" if params.compute.use_gpu else "cpu")
+    device = local_device(params.compute)
     tuner = FineTuner(cfg, base.model, reward, decode, device)
     key = hashlib.sha256(f"{base_sha}\n{reward.definition()}".encode()).hexdigest()
     fingerprint = run_fingerprint(cfg, {
