@@ -200,6 +200,8 @@ def main() -> None:
           "end to end >= 90%     : never (steady state is below 90%)")
     print(f"outside the encoder   : {median('outside_encoder_share'):8.1%} of actor time, "
           f"{median('steady_outside_encoder_share'):.1%} after start-up")
+    print(f"outside actor calls   : {median('steady_outside_calls_share'):8.1%} of steady-state "
+          f"actor time (scheduling, the first call's wait, the last block's transfer and commit)")
     print(f"  per actor, of {wall:.2f} s: encoder forward {encoder:.2f} s, reading + conversion "
           f"{in_calls - encoder:.2f} s, outside calls (start-up, scheduling, transfer) "
           f"{wall - in_calls:.2f} s")

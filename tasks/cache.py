@@ -674,6 +674,8 @@ def run(params: Params, out_dir: str | Path = paths.CACHE,
         timings["outside_calls_share"] = max(0.0, 1.0 - stats.call_seconds / actor_seconds)
         timings["steady_outside_encoder_share"] = max(
             0.0, 1.0 - stats.encoder_seconds / steady_actor_seconds)
+        timings["steady_outside_calls_share"] = max(
+            0.0, 1.0 - stats.call_seconds / steady_actor_seconds)
         log.info("cache: %d images in %.1f s = %.0f images/s with %d actor(s): %.1f s start-up "
                  "(actor process, imports, model load, warm-up), then %.0f images/s steady; "
                  "outside the encoder forward: %.0f%% of actor time, %.0f%% after start-up",
