@@ -253,6 +253,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     tune_malloc()  # stages train, encode and sample in this process
+    # No phoning home from a pipeline run (Ray's usage stats are off too, raycluster.py):
+    # offline, the temporary Prefect server's start-up telemetry logs an ERROR
+    # ("Failed to send telemetry") that reads like a failed run. Users can set it to true.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     for noisy in ("httpx", "httpcore", "alembic", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

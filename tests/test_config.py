@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,3 +161,19 @@ def test_exponent_floats_read_as_numbers_like_dvc_does(tmp_path):
     f.write_text("tokenizer:\n  lr: 2e-3\n  kl_weight: 1E-4\n")
     p = load_params(f, ["generator.lr=5e-4"])
     assert (p.tokenizer.lr, p.tokenizer.kl_weight, p.generator.lr) == (0.002, 0.0001, 0.0005)
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "False"), ("true", "True")])
+def test_cli_turns_prefect_server_telemetry_off_unless_the_user_set_it(preset, expected,
+                                                                          tmp_path):
+    # Offline (as here), the temporary Prefect server's start-up telemetry logs an ERROR.
+    code = ("import contextlib, io\nfrom latentforge.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    main(['params'])\n"
+            "from prefect.settings import get_current_settings\n"
+            "print(get_current_settings().server.analytics_enabled)")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_SERVER_ANALYTICS_ENABLED"}
+    if preset is not None:
+        env["PREFECT_SERVER_ANALYTICS_ENABLED"] = preset
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == expected
