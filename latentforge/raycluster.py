@@ -86,10 +86,11 @@ def block_sizes(n_items: int, workers: int, calls_per_actor: int) -> list[int]:
     """How many consecutive items each actor call takes: even blocks, then shrinking ones.
 
     Blocks hold at most ceil(n / (calls_per_actor * workers)) items, so that a faster actor
-    can take more of them and a crash loses at most one block per actor. Once fewer than
-    2 x workers full blocks are left, each block takes half of what is left per worker
-    (guided scheduling), down to one item: the last call, whose forward pass, transfer and
-    commit nothing overlaps, is one batch instead of a full block. Sums to n_items.
+    can take more of them and results (the cache's committed shards) come back all along.
+    Once less than two full blocks per worker is left, each block takes half of what is left
+    per worker (guided scheduling), down to one item: the last call, whose forward pass,
+    transfer and commit nothing overlaps, is one batch instead of a full block. Sums to
+    n_items.
     """
     most = max(1, -(-n_items // (calls_per_actor * workers)))
     sizes, left = [], n_items
