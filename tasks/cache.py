@@ -526,7 +526,8 @@ def verify_decoding(cache: Cache, handle: Any, prepared: Prepared, samples: int)
 
     Checks `samples` images spread evenly over the train split (val if train is empty), so a
     shard written at the wrong place shows up too. kl: the cached mean against the fresh mean;
-    fsq/vq: the cached codes mapped to latents against the fresh latents.
+    fsq/vq: the cached codes mapped to latents against the fresh latents (a token rounded to a
+    neighbouring code on a level boundary is not a mismatch; see below).
     """
     import torch
 
@@ -542,7 +543,7 @@ def verify_decoding(cache: Cache, handle: Any, prepared: Prepared, samples: int)
     cached = cache.take(split, rows)
     model = handle.model
     views = [("", x), ("hflip_", x.flip(-1))] if cache.manifest["hflip"] else [("", x)]
-    worst = 0.0
+    worst, flips = 0.0, 0
     with torch.no_grad():
         for view, images in views:
             fresh = model.encode(images)
@@ -550,7 +551,14 @@ def verify_decoding(cache: Cache, handle: Any, prepared: Prepared, samples: int)
                 z_cached, z_fresh = torch.from_numpy(cached[f"{view}mean"]), fresh.mean
             else:
                 codes = torch.from_numpy(cached[f"{view}codes"].astype(np.int64))
-                z_cached, z_fresh = model.codes_to_latents(codes), fresh.latents
+                z_cached = model.codes_to_latents(codes)
+                # A value on a level boundary may round the other way when another batch shape
+                # or CPU picks other kernels: a few isolated tokens, never most of a row (which
+                # is what a misplaced shard looks like). Compare the rest of such rows.
+                differs = codes != fresh.codes.long()
+                isolated = differs & (differs.sum(1, keepdim=True) <= max(1, codes.shape[1] // 8))
+                flips += int(isolated.sum())
+                z_fresh = torch.where(isolated.unsqueeze(-1), z_cached, fresh.latents)
             diff = model.decode(z_cached).clamp(-1, 1) - model.decode(z_fresh).clamp(-1, 1)
             worst = max(worst, float(diff.abs().max()))
     if not worst <= VERIFY_TOLERANCE:
@@ -558,6 +566,9 @@ def verify_decoding(cache: Cache, handle: Any, prepared: Prepared, samples: int)
                         f"encodings by up to {worst:.4g} (tolerance {VERIFY_TOLERANCE}) on "
                         f"{len(rows)} {split} images; the cache does not match its tokenizer "
                         f"or data. Remove {cache.root} and rerun the cache stage")
+    if flips:
+        log.info("decode check: %d isolated token(s) rounded to a neighbouring code (values on a "
+                 "level boundary; other kernels round them the other way)", flips)
     return worst
 
 

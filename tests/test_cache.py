@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from numerics import assert_rounding_close, rounding_tolerance
 
 from latentforge import paths
 from latentforge.config import Params, build_params, load_params
@@ -85,8 +86,10 @@ def test_kl_cache_stores_posterior_moments_labels_and_a_manifest(tiny_root):
         assert arrays["mean"].shape == (len(images), 8, 4) and arrays["labels"].dtype == np.int64
         np.testing.assert_array_equal(arrays["labels"], labels)
         fresh = handle.encode(np.asarray(images))
-        np.testing.assert_allclose(arrays["mean"], fresh["mean"], atol=1e-5)
-        np.testing.assert_allclose(arrays["logvar"], fresh["logvar"], atol=1e-5)
+        # Encoded on an actor in batches of the cache's size, fresh here in one batch: equal up
+        # to the rounding of other kernels.
+        for key in ("mean", "logvar"):
+            assert_rounding_close(arrays[key], fresh[key], what=f"cached and fresh {key}")
     assert isinstance(c.shards("train").__next__()["mean"], np.memmap)
     assert result["metrics"] == {"train_images": 360, "val_images": 40, "num_tokens": 8,
                                  "token_dim": 4, "shards": 7, "codes": 0, "hflip": 0,
@@ -158,6 +161,61 @@ def test_decode_check_catches_latents_that_do_not_match_the_images(tiny_root, tm
         cache.verify_decoding(cache.load_cache(folder), handle, prepared, samples=64)
 
 
+def test_decode_check_tolerates_isolated_boundary_flips_but_not_wrong_rows(
+        tiny_root, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    run_cache(tiny_root, tmp_path / "cache", tok="fsq")
+    handle = tokenizer.load_tokenizer(tiny_root / "tok_fsq")
+    prepared = load_prepared(tiny_root / "prepared")
+    quantizer = handle.model.quantizer
+
+    def move(tokens: slice) -> Path:
+        """A copy of the cache whose `tokens` of every row hold a neighbouring FSQ code (one
+        level up or down in the first dimension), as another CPU's rounding would give."""
+        folder = tmp_path / f"moved-{tokens.start}-{tokens.stop}"
+        shutil.copytree(tmp_path / "cache", folder)
+        for file in folder.glob("*.codes.npy"):
+            codes = torch.from_numpy(np.load(file).astype(np.int64))
+            digits = quantizer.codes_to_digits(codes)
+            first = digits[:, tokens, 0]
+            digits[:, tokens, 0] = torch.where(first < quantizer.levels[0] - 1, first + 1,
+                                               first - 1)
+            np.save(file, quantizer.digits_to_codes(digits).numpy().astype(np.int32))
+        return folder
+
+    with caplog.at_level(logging.INFO, logger="latentforge.tasks.cache"):
+        worst = cache.verify_decoding(cache.load_cache(move(slice(0, 1))), handle, prepared,
+                                      samples=64)
+    assert worst <= 1e-5  # the moved token is not held against the cache...
+    assert "64 isolated token(s) rounded to a neighbouring code" in caplog.text  # ...but told
+    # Codes that differ in most tokens (other images, another model) are not rounding: they
+    # are compared whole, and fail the check.
+    folder = tmp_path / "misplaced"
+    shutil.copytree(tmp_path / "cache", folder)
+    rng = np.random.default_rng(0)
+    for file in folder.glob("*.codes.npy"):
+        codes = np.load(file)
+        np.save(file, rng.integers(0, quantizer.vocab_size, codes.shape).astype(np.int32))
+    with pytest.raises(DataError, match="differs from decoding fresh encodings"):
+        cache.verify_decoding(cache.load_cache(folder), handle, prepared, samples=64)
+
+
+def encode_with_ambiguity(handle, images: np.ndarray) -> tuple[dict, np.ndarray]:
+    """`handle.encode(images)` and, per token, whether any FSQ value before rounding lies within
+    kernel rounding of a level boundary (x.5), where another kernel may round the other way."""
+    quantizer = handle.model.quantizer
+    bounded: list[torch.Tensor] = []
+    hook = quantizer.register_forward_hook(
+        lambda module, args, out: bounded.append(module._bound(args[0]).detach()))
+    try:
+        fresh = handle.encode(images)
+    finally:
+        hook.remove()
+    values = torch.cat(bounded).numpy()
+    margin = np.abs(values - np.floor(values) - 0.5)  # distance to the nearest boundary
+    return fresh, (margin <= rounding_tolerance(values)).any(-1)
+
+
 def test_fsq_cache_stores_codes_and_flipped_views(tiny_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cache(tiny_root, tmp_path / "cache", tok="fsq", cache={"hflip": True})
@@ -170,10 +228,14 @@ def test_fsq_cache_stores_codes_and_flipped_views(tiny_root, tmp_path, monkeypat
     handle = tokenizer.load_tokenizer(tiny_root / "tok_fsq")
     images, _ = load_prepared(tiny_root / "prepared").split("train")
     for key, view in (("codes", images), ("hflip_codes", images[:, :, ::-1])):
-        fresh = handle.encode(np.ascontiguousarray(view))
-        np.testing.assert_array_equal(arrays[key], fresh["codes"])
+        fresh, ambiguous = encode_with_ambiguity(handle, np.ascontiguousarray(view))
+        # Other batch shapes may round a value that sits on a level boundary the other way; a
+        # code may differ only there.
+        differs = arrays[key] != fresh["codes"]
+        assert not (differs & ~ambiguous).any(), f"{key}: codes differ away from a boundary"
         latents = handle.model.codes_to_latents(torch.as_tensor(arrays[key], dtype=torch.long))
-        np.testing.assert_allclose(latents.numpy(), fresh["latents"], atol=1e-6)
+        same = ~differs
+        np.testing.assert_allclose(latents.numpy()[same], fresh["latents"][same], atol=1e-6)
 
 
 def test_shard_buffers_gather_rows_arriving_in_any_order():

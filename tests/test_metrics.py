@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from numerics import assert_rounding_close
 from scipy import linalg, ndimage, special
 from scipy.spatial.distance import cdist, pdist
 
@@ -257,7 +258,7 @@ def test_load_fid_inception_round_trip_and_forward(
         features = loaded(gray)
         rgb = loaded(gray[:1].repeat(1, 3, 1, 1))
     assert features.shape == (2, 2048) and features.isfinite().all()
-    torch.testing.assert_close(rgb, features[:1], rtol=1e-5, atol=0.0)
+    assert_rounding_close(rgb, features[:1], what="gray repeated to RGB (batch 1) vs gray (batch 2)")
 
 
 def test_load_fid_inception_safetensors_without_bn_counters(

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import assert_rounding_close
 from torch.distributions import Normal, kl_divergence
 
 from latentforge.models.tokenizer import (
@@ -222,7 +223,10 @@ def test_nested_dropout_prefixes(layout: str) -> None:
                 assert not torch.allclose(model.decode(changed, keep=keep), out)
         per_sample = torch.tensor([1, k])
         out = model.decode(latents, keep=per_sample)
-        assert torch.equal(out[1], model.decode(latents[1:], keep=k)[0])
+        # Decoded alone, a sample is the same up to rounding: other batch shapes may take
+        # other kernels (bit equality holds only for equal shapes, as in the checks above).
+        assert_rounding_close(out[1], model.decode(latents[1:], keep=k)[0],
+                              what="a sample decoded in a batch of 2 and alone")
 
 
 def test_sample_keep() -> None:
