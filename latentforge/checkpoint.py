@@ -153,17 +153,28 @@ def save_checkpoint(ckpt_dir: str | os.PathLike[str], step: int,
 
     import torch
 
+    def write(tmp: Path) -> None:
+        _write_file_synced(tmp / MODEL_FILE, _to_safetensors_bytes(model_state, step))
+        _write_file_synced(tmp / EMA_FILE, _to_safetensors_bytes(ema_state, step))
+        buf = io.BytesIO()
+        torch.save({**train_state, "step": step}, buf)
+        _write_file_synced(tmp / STATE_FILE, buf.getvalue())
+
+    return install_checkpoint(ckpt_dir, step, write, keep_last)
+
+
+def install_checkpoint(ckpt_dir: str | os.PathLike[str], step: int,
+                       write: Callable[[Path], None], keep_last: int | None = None) -> Path:
+    """Commit a checkpoint whose files `write(tmp)` puts into a fresh temp folder: rename to
+    `step-NNNNNN/`, point `latest` at it, prune. Also how a checkpoint that another machine
+    wrote (reported to Ray Train's storage, or shipped as bytes) lands in a folder."""
     root = Path(ckpt_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _write_file_synced(tmp / MODEL_FILE, _to_safetensors_bytes(model_state, step))
-        _write_file_synced(tmp / EMA_FILE, _to_safetensors_bytes(ema_state, step))
-        buf = io.BytesIO()
-        torch.save({**train_state, "step": step}, buf)
-        _write_file_synced(tmp / STATE_FILE, buf.getvalue())
+        write(tmp)
         _fsync_dir(tmp)
         if final.exists():
             # Same step saved again (a rerun of a finished run): swap, keeping one whole copy.
@@ -181,6 +192,21 @@ def save_checkpoint(ckpt_dir: str | os.PathLike[str], step: int,
     if keep_last is not None:
         prune_checkpoints(root, keep_last)
     return final
+
+
+def checkpoint_files(path: str | os.PathLike[str]) -> dict[str, bytes]:
+    """A committed checkpoint folder's files as bytes (to ship it through Ray's object store)."""
+    return {name: (Path(path) / name).read_bytes() for name in (MODEL_FILE, EMA_FILE, STATE_FILE)}
+
+
+def install_checkpoint_files(ckpt_dir: str | os.PathLike[str], step: int,
+                             files: dict[str, bytes], keep_last: int | None = None) -> Path:
+    """Commit a checkpoint from `checkpoint_files` bytes into `ckpt_dir`."""
+    def write(tmp: Path) -> None:
+        for name, data in files.items():
+            _write_file_synced(tmp / name, data)
+
+    return install_checkpoint(ckpt_dir, step, write, keep_last)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -228,6 +228,11 @@ class ComputeConfig:
                              "Data)", ge=1)
     use_gpu: bool = param(False, "give each worker one GPU")
     cpus_per_worker: int = param(1, "CPUs reserved per worker; torch threads follow it", ge=1)
+    storage_path: str | None = param(
+        None, "where Ray Train workers report checkpoints: an s3:// URL or a folder every node "
+        "mounts; null = a folder beside the stage's checkpoints (one machine only)")
+    ship_code: bool = param(False, "send the latentforge code to the cluster's workers through "
+                            "Ray's runtime_env (else their image must have it: infra/Dockerfile)")
 
 
 @dataclass(kw_only=True)

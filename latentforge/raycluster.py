@@ -10,7 +10,10 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from latentforge.errors import ConfigError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,12 +31,19 @@ def use_ray(compute: ComputeConfig) -> bool:
     return compute.num_workers > 1 or compute.ray_address is not None
 
 
+def on_cluster(compute: ComputeConfig) -> bool:
+    """True when work may run on other machines: then nothing may travel as a driver path."""
+    return compute.ray_address is not None
+
+
 def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
     """Connect to `compute.ray_address`, or start (or reuse) a local Ray instance.
 
     `num_cpus` caps a new local instance (tests use 2); None lets Ray count the cores.
-    Workers import latentforge from the same environment as the driver (editable install),
-    and Ray hands the driver's sys.path to local workers, so no runtime_env is needed here.
+    Local workers import latentforge from the driver's environment (Ray hands them the
+    driver's sys.path). A cluster's nodes get the code from their image (infra/Dockerfile) or,
+    with `compute.ship_code`, from this driver through `runtime_env` py_modules; either way
+    the cluster's Python, ray and torch versions are checked against the driver's first.
     """
     import ray
 
@@ -42,14 +52,147 @@ def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
     # No usage-stats prompt or upload attempt from a pipeline run.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if compute.ray_address is not None:
-        log.info("connecting to Ray at %s", compute.ray_address)
-        ray.init(address=compute.ray_address, log_to_driver=True)
+        check_reachable(compute.ray_address)
+        runtime_env = {"py_modules": [package_folder()]} if compute.ship_code else None
+        log.info("connecting to Ray at %s%s", compute.ray_address,
+                 " (shipping the latentforge code in runtime_env)" if runtime_env else "")
+        try:
+            ray.init(address=compute.ray_address, log_to_driver=True, runtime_env=runtime_env)
+        except (ConnectionError, RuntimeError) as exc:
+            raise ConfigError(f"compute.ray_address {compute.ray_address!r}: could not connect "
+                              f"to Ray there ({type(exc).__name__}: {exc})") from exc
+        check_cluster(compute)
         return
     log.info("starting a local Ray instance")
     # address="local": a fresh instance even if RAY_ADDRESS or a `ray start` cluster exists,
     # since `ray_address: null` promises a local one.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
              object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+
+
+REACH_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail fast, naming the address, when nothing answers at a `host:port` Ray address.
+
+    ray.init retries an unreachable GCS for minutes; a TCP connect says the same in seconds.
+    "auto" and addresses without a port are left to Ray (which finds or refuses them itself).
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    if address in ("auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"ray-gcs://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise ConfigError(f"compute.ray_address {address!r}: not host:port ({exc})") from exc
+    if not host or port is None:
+        return
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"compute.ray_address {address!r}: no Ray head answers at "
+                          f"{host}:{port} within {timeout:.0f} s ({exc}); start the cluster "
+                          f"(ray start --head / ray up infra/ray-cluster.yaml) or fix the "
+                          f"address") from exc
+
+
+def package_folder() -> str:
+    """A folder holding the whole latentforge package, for runtime_env py_modules.
+
+    An installed wheel has it in site-packages; an editable install maps latentforge.tasks,
+    .flows and .models to the card's top-level folders, so those are staged into one
+    temporary package (Ray uploads and caches it by content hash).
+    """
+    import shutil
+    import tempfile
+
+    import latentforge
+    import latentforge.flows
+    import latentforge.models
+    import latentforge.tasks
+
+    root = Path(latentforge.__path__[0])
+    subs = {"tasks": latentforge.tasks, "flows": latentforge.flows,
+            "models": latentforge.models}
+    if all(Path(m.__path__[0]).parent == root for m in subs.values()):
+        return str(root)
+    staged = Path(tempfile.mkdtemp(prefix="latentforge-code-")) / "latentforge"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(root, staged, ignore=ignore)
+    for name, module in subs.items():
+        shutil.copytree(module.__path__[0], staged / name, ignore=ignore, dirs_exist_ok=True)
+    return str(staged)
+
+
+def _versions() -> dict[str, str]:
+    """Python, ray and torch versions of this process (imports nothing of latentforge)."""
+    import platform
+
+    import ray
+    import torch
+
+    return {"python": platform.python_version(), "ray": ray.__version__,
+            "torch": torch.__version__.split("+")[0]}
+
+
+def check_cluster(compute: ComputeConfig, timeout: float = 120.0) -> dict[str, dict[str, str]]:
+    """One zero-CPU task per alive node: the same Python, ray and torch as this driver, and
+    latentforge importable there. A ConfigError names the node and both versions."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    def probe() -> dict[str, str]:
+        import importlib.util
+        import platform
+
+        import ray
+        import torch
+
+        return {"python": platform.python_version(), "ray": ray.__version__,
+                "torch": torch.__version__.split("+")[0],
+                "latentforge": "yes" if importlib.util.find_spec("latentforge") else "no"}
+
+    remote = ray.remote(num_cpus=0)(probe)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = {n["NodeID"]: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote() for n in nodes}
+    found = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout), strict=True))
+    here = _versions()
+    for node, theirs in found.items():
+        differ = [f"{k} {theirs[k]} on the cluster, {v} here" for k, v in here.items()
+                  if theirs[k] != v]
+        if differ:
+            raise ConfigError(f"compute.ray_address {compute.ray_address!r}: node {node[:12]} "
+                              f"runs {'; '.join(differ)}; run the driver in the cluster's image "
+                              f"(infra/Dockerfile) or install matching versions")
+        if theirs["latentforge"] != "yes":
+            raise ConfigError(f"compute.ray_address {compute.ray_address!r}: node {node[:12]} "
+                              f"cannot import latentforge; set compute.ship_code: true or run "
+                              f"the cluster from infra/Dockerfile")
+    log.info("Ray cluster: %d node(s), python %s, ray %s, torch %s on each", len(found),
+             here["python"], here["ray"], here["torch"])
+    return found
+
+
+def node_id() -> str:
+    """The Ray node this process runs on (the driver's, or an actor's / a worker's)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def record_nodes(tracker: Any, what: str, nodes: Iterator[str] | set[str] | list[str]
+                 ) -> list[str]:
+    """Tag the stage's MLflow run with the Ray nodes `what` (cache actors, sampling actors,
+    Ray Train workers) ran on: `latentforge.ray_nodes.<what>` = comma-separated node ids."""
+    ids = sorted(set(nodes))
+    if ids:
+        tracker.set_tags({f"latentforge.ray_nodes.{what}": ",".join(ids)})
+    return ids
 
 
 def start_ray_data(compute: ComputeConfig) -> None:

@@ -14,8 +14,12 @@ and calls `train(spec, cfg, compute, ckpt_dir, tracker)`. The same loop runs in 
   ranks, so with random losses a 2-worker run matches a 1-worker run only in distribution;
 - splits each global batch into contiguous per-rank slices; with mean losses and DDP's
   gradient averaging, N workers follow the 1-worker run up to float reduction order;
-- writes metric rows (rank 0) to `ckpt_dir/metrics.jsonl`; only the driver forwards them to
-  the tracker (live in-process; while Ray trains, the driver tails the file).
+- writes metric rows to `ckpt_dir/metrics.jsonl` and forwards them to the tracker from the
+  driver only (in-process: as they come; on Ray Train: rank 0 sends them through a Ray queue);
+- on Ray Train touches nothing of the driver's disk: arrays travel as object-store refs (or
+  memmaps when the workers share the driver's node), the checkpoint to resume from as bytes;
+  workers report checkpoints to `compute.storage_path` (S3 or a shared mount on a cluster)
+  with `ray.train.report`, and the driver copies each one into `ckpt_dir` as it arrives.
 
 Steps count from 1: after update `step` the weights are those of checkpoint `step-NNNNNN`, and
 `loss_fn(model, batch, step)` computes update `step`.
@@ -23,7 +27,10 @@ Steps count from 1: after update `step` the weights are those of checkpoint `ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import io
 import json
 import logging
 import math
@@ -116,6 +123,7 @@ class TrainResult:
     resumed_from: int
     images_per_s: float
     seconds: float
+    nodes: list[str] = dataclasses.field(default_factory=list)  # Ray Train workers' node ids
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,23 +295,6 @@ def _keep_metrics_upto(ckpt_dir: Path, step: int) -> None:
     write_bytes_atomic(ckpt_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-class _MetricsTail:
-    """Reads metric rows appended to a file since the last call (whole lines only)."""
-
-    def __init__(self, path: Path, offset: int) -> None:
-        self.path, self.offset = path, offset
-
-    def read_new(self) -> list[dict[str, float]]:
-        if not self.path.exists():
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[:chunk.rfind(b"\n") + 1]
-        self.offset += len(complete)
-        return [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
-
-
 def _forward(tracker: Tracker, rows: list[dict[str, float]]) -> None:
     for row in rows:
         tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
@@ -329,6 +320,7 @@ class _LoopStats:
     steps_run: int
     seconds: float
     images_per_s: float
+    nodes: tuple[str, ...] = ()
 
 
 def _format_eta(seconds: float) -> str:
@@ -349,8 +341,13 @@ def _reduce_mean(values: list[torch.Tensor | float], worker: _Worker) -> list[fl
 
 
 def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker,
-              progress: bool, on_row: Callable[[dict[str, float]], None] | None) -> _LoopStats:
-    """Train from the newest checkpoint (or from scratch) to `cfg.steps`; rank 0 writes files."""
+              progress: bool, on_row: Callable[[dict[str, float]], None] | None,
+              on_save: Callable[[int, Path | None], None] | None = None) -> _LoopStats:
+    """Train from the newest checkpoint (or from scratch) to `cfg.steps`; rank 0 writes files.
+
+    `on_save(step, folder)` runs on every rank after each save (rank 0 gets the checkpoint's
+    folder, the others None): Ray Train's report is a call all workers make together.
+    """
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts)
     model = spec.build_model()
     latest = ckpt.latest_checkpoint(ckpt_dir)
@@ -425,11 +422,15 @@ def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker
             log.info("step %d eval: %s", step, ", ".join(
                 f"{k}={v:.4g}" for k, v in row.items() if k != "step"))
 
-        if worker.rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
-            ckpt.save_checkpoint(
-                ckpt_dir, step, unwrap_model(model).state_dict(), ema.state_dict(),
-                {"optimizer": optimizer.state_dict(), "rng": capture_rng(),
-                 "fingerprint": fingerprint}, keep_last=cfg.keep_last)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            folder = None
+            if worker.rank == 0:
+                folder = ckpt.save_checkpoint(
+                    ckpt_dir, step, unwrap_model(model).state_dict(), ema.state_dict(),
+                    {"optimizer": optimizer.state_dict(), "rng": capture_rng(),
+                     "fingerprint": fingerprint}, keep_last=cfg.keep_last)
+            if on_save is not None:
+                on_save(step, folder)
 
     seconds = time.perf_counter() - loop_start
     steps_run = cfg.steps - start
@@ -494,16 +495,20 @@ def _train_in_process(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig,
                      on_row=lambda row: _forward(tracker, [row]))
 
 
-def _share_array(array: np.ndarray) -> Any:
-    """A picklable handle Ray workers turn back into the array (see `_open_array`)."""
-    # A whole np.memmap (its buffer is the mapping itself) is reopened from its file; anything
-    # else, slices of memmaps included, goes through the object store once.
-    if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename:
+def _share_array(array: np.ndarray, same_node: bool) -> Any:
+    """A picklable handle Ray workers turn back into the array (see `_open_array`).
+
+    `same_node`: the workers run on this machine (the local instance), so a whole np.memmap
+    (its buffer is the mapping itself) is reopened from its file. Anything else, and
+    everything on a cluster, whose nodes do not see this disk, goes through the object store.
+    """
+    if (same_node and isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap)
+            and array.filename):
         return ("memmap", str(array.filename), array.dtype.str, array.shape, int(array.offset),
                 "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C")
     import ray
 
-    return ("ref", ray.put(np.asarray(array)))
+    return ("ref", [ray.put(np.asarray(array))])  # in a list: Ray must not resolve it early
 
 
 def _open_array(handle: Any) -> np.ndarray:
@@ -513,52 +518,146 @@ def _open_array(handle: Any) -> np.ndarray:
                          offset=offset, order=order)
     import ray
 
-    return ray.get(handle[1])
+    return ray.get(handle[1][0])
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
-    """Ray Train's per-worker entry point: set threads, rebuild the spec, run the loop."""
+    """Ray Train's per-worker entry point: set threads, rebuild the spec, run the loop.
+
+    Nothing here touches the driver's disk: the data arrive as object-store refs (or memmaps
+    on the driver's own node), the checkpoint to resume from as bytes or from Ray Train's
+    storage, and the worker's own checkpoints go to a scratch folder on its node, then to
+    Ray Train's storage through `ray.train.report`. Metric rows, the node id and the final
+    stats travel to the driver through a Ray queue.
+    """
+    import shutil
+    import tempfile
+
+    import ray
     import ray.train
     import ray.train.torch
+
+    from latentforge.raycluster import node_id
 
     tune_malloc()  # a Ray Train worker is a fresh process; see latentforge/malloc.py
     torch.set_num_threads(config["cpus_per_worker"])
     context = ray.train.get_context()
+    rank, queue = context.get_world_rank(), config["queue"]
+    queue.put(("node", rank, node_id()))
     spec = dataclasses.replace(config["spec"],
                                data={k: _open_array(h) for k, h in config["data"].items()})
     device = ray.train.torch.get_device()
-    worker = _Worker(rank=context.get_world_rank(), world_size=context.get_world_size(),
-                     device=device, wrap=ray.train.torch.prepare_model)
-    ckpt_dir = Path(config["ckpt_dir"])
-    # No print here: Ray Train already forwards the workers' log records to the driver, and a
-    # print on top showed every progress line three times.
-    stats = _run_loop(spec, config["cfg"], ckpt_dir, worker, progress=False, on_row=None)
-    if worker.rank == 0:
-        write_bytes_atomic(ckpt_dir / STATS_FILE, json.dumps(dataclasses.asdict(stats)).encode())
+    # Some parameters only take part under some options (the tokenizer's mask and dropped
+    # tokens with nested dropout / latent perturbation): DDP must not wait for their grads.
+    wrap = functools.partial(ray.train.torch.prepare_model,
+                             parallel_strategy_kwargs={"find_unused_parameters": True})
+    worker = _Worker(rank=rank, world_size=context.get_world_size(), device=device, wrap=wrap)
+    cfg = config["cfg"]
+    scratch = Path(tempfile.mkdtemp(prefix="latentforge-train-"))
+    try:
+        restored = ray.train.get_checkpoint()  # set when Ray Train restarted the workers
+        if restored is not None:
+            with restored.as_directory() as folder:
+                files = ckpt.checkpoint_files(folder)
+            step = int(torch.load(io.BytesIO(files[ckpt.STATE_FILE]), map_location="cpu",
+                                  weights_only=True)["step"])
+            ckpt.install_checkpoint_files(scratch, step, files)
+        elif config["resume"] is not None:
+            step, ref = config["resume"]
+            ckpt.install_checkpoint_files(scratch, step, ray.get(ref[0]))
+
+        def on_save(step: int, folder: Path | None) -> None:
+            from ray.train import Checkpoint
+
+            checkpoint = Checkpoint.from_directory(str(folder)) if folder is not None else None
+            ray.train.report({"step": step}, checkpoint=checkpoint,
+                             checkpoint_dir_name=ckpt.step_dir_name(step))
+            if rank == 0:
+                queue.put(("checkpoint", step))
+
+        # No print here: Ray Train already forwards the workers' log records to the driver,
+        # and a print on top showed every progress line three times.
+        stats = _run_loop(spec, cfg, scratch, worker, progress=False,
+                          on_row=(lambda row: queue.put(("row", row))) if rank == 0 else None,
+                          on_save=on_save)
+        if rank == 0:
+            queue.put(("stats", dataclasses.asdict(stats)))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _ray_storage(compute: ComputeConfig, ckpt_dir: Path) -> tuple[str, Any, Any, bool]:
+    """(storage_path for RunConfig, its pyarrow filesystem or None, an fsspec filesystem to
+    read it back, whether to remove it afterwards) for Ray Train's checkpoints."""
+    import fsspec
+
+    from latentforge.errors import ConfigError
+    from latentforge.raycluster import on_cluster
+    from latentforge.storage import filesystem, is_url
+
+    url = compute.storage_path
+    if url is None:
+        if on_cluster(compute):
+            raise ConfigError(
+                f"compute.storage_path is null but compute.ray_address is "
+                f"{compute.ray_address!r}: Ray Train workers on other nodes report checkpoints "
+                f"to storage every node reaches; set compute.storage_path to an s3:// URL or "
+                f"a folder every node mounts")
+        # Ray Train's own run state beside the checkpoints; removed after the run.
+        local = ckpt_dir / f".ray-{uuid.uuid4().hex[:8]}"
+        return str(local), None, fsspec.filesystem("file"), True
+    if is_url(url):
+        import pyarrow.fs
+
+        fs, path = filesystem(url)
+        return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), fs, False
+    return str(Path(url).resolve()), None, fsspec.filesystem("file"), False
+
+
+def _fetch_checkpoint(fs: Any, folder: str, ckpt_dir: Path, step: int, keep_last: int) -> None:
+    """Copy a checkpoint Ray Train stored at `folder` into the driver's `ckpt_dir`."""
+    files = {}
+    for name in (ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.STATE_FILE):
+        with fs.open(f"{folder}/{name}", "rb") as f:
+            files[name] = f.read()
+    ckpt.install_checkpoint_files(ckpt_dir, step, files, keep_last=keep_last)
 
 
 def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: Path,
                   tracker: Tracker, progress: bool) -> _LoopStats:
-    import shutil
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    from latentforge.raycluster import on_cluster, record_nodes
 
     # `progress` has no say here: Ray forwards the workers' log lines to the driver by itself.
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     init_ray(compute)
-    (ckpt_dir / STATS_FILE).unlink(missing_ok=True)
-    ray_dir = ckpt_dir / f".ray-{uuid.uuid4().hex[:8]}"  # Ray Train's own run state; removed after
+    storage_path, storage_fs, fs, remove_after = _ray_storage(compute, ckpt_dir)
+    run_name = f"train-{uuid.uuid4().hex[:8]}"
+    run_root = f"{storage_path.rstrip('/')}/{run_name}"
+    committed = ckpt.committed_steps(ckpt_dir)
+    resume = None
+    if committed:  # shipped as bytes: the workers' nodes do not see ckpt_dir
+        step, folder = committed[-1]
+        resume = (step, [ray.put(ckpt.checkpoint_files(folder))])
+    queue = Queue(actor_options={"num_cpus": 0})
     config = {"spec": dataclasses.replace(spec, data={}), "cfg": cfg,
-              "data": {k: _share_array(v) for k, v in spec.data.items()},
-              "ckpt_dir": str(ckpt_dir), "cpus_per_worker": compute.cpus_per_worker}
+              "data": {k: _share_array(v, same_node=not on_cluster(compute))
+                       for k, v in spec.data.items()},
+              "resume": resume, "queue": queue, "cpus_per_worker": compute.cpus_per_worker}
     trainer = TorchTrainer(
         _ray_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
                                      resources_per_worker={"CPU": compute.cpus_per_worker}),
-        run_config=RunConfig(name="train", storage_path=str(ray_dir)))
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
+                             storage_filesystem=storage_fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_last)))
 
     # fit() blocks; it runs in a thread so that this (driver) thread can forward metric rows
-    # to the tracker while training goes on (MLflow's active run is per thread).
+    # to the tracker and commit the reported checkpoints while training goes on (MLflow's
+    # active run is per thread).
     failure: list[BaseException] = []
 
     def fit() -> None:
@@ -567,24 +666,48 @@ def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckp
         except BaseException as exc:  # handed to the driver thread below
             failure.append(exc)
 
-    tail = _MetricsTail(ckpt_dir / METRICS_FILE, _metrics_size(ckpt_dir))
+    stats: dict[str, Any] = {}
+    nodes: dict[int, str] = {}
+
+    def handle(item: tuple) -> None:
+        if item[0] == "row":
+            _append_metrics(ckpt_dir, item[1])
+            _forward(tracker, [item[1]])
+        elif item[0] == "checkpoint":
+            step = item[1]
+            _fetch_checkpoint(fs, f"{run_root}/{ckpt.step_dir_name(step)}", ckpt_dir, step,
+                              cfg.keep_last)
+        elif item[0] == "node":
+            nodes[item[1]] = item[2]
+        elif item[0] == "stats":
+            stats.update(item[1])
+
     thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
     thread.start()
     try:
-        while thread.is_alive():
-            thread.join(timeout=1.0)
-            _forward(tracker, tail.read_new())
+        while True:
+            alive = thread.is_alive()
+            try:
+                handle(queue.get(timeout=0.5))
+                continue
+            except Empty:
+                if not alive:
+                    break
     finally:
-        shutil.rmtree(ray_dir, ignore_errors=True)
+        thread.join(timeout=5)
+        ray.kill(queue.actor)
+        if remove_after or not failure:
+            with contextlib.suppress(OSError, FileNotFoundError):
+                fs.rm(run_root if not remove_after else storage_path, recursive=True)
+    if nodes:
+        ids = record_nodes(tracker, "train", nodes.values())
+        log.info("Ray Train: %d worker(s) on node(s) %s", len(nodes),
+                 ", ".join(n[:12] for n in ids))
     if failure:
         raise failure[0]
-    stats = json.loads((ckpt_dir / STATS_FILE).read_text())
-    return _LoopStats(**stats)
-
-
-def _metrics_size(ckpt_dir: Path) -> int:
-    path = ckpt_dir / METRICS_FILE
-    return path.stat().st_size if path.exists() else 0
+    if not stats:
+        raise RuntimeError("Ray Train finished without the workers' final statistics")
+    return _LoopStats(**{**stats, "nodes": tuple(sorted(set(nodes.values())))})
 
 
 def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: str | Path,
@@ -626,7 +749,7 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
     return TrainResult(ema_state=final.ema_state, model_state=final.model_state,
                        history=read_metrics(ckpt_dir), steps=final.step,
                        resumed_from=resumed_from, images_per_s=stats.images_per_s,
-                       seconds=time.perf_counter() - started)
+                       seconds=time.perf_counter() - started, nodes=list(stats.nodes))
 
 
 

@@ -46,7 +46,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,12 @@ from latentforge.config import CacheConfig, ComputeConfig, Params
 from latentforge.data import SPLITS, Prepared, load_prepared
 from latentforge.errors import DataError
 from latentforge.malloc import tune_malloc
-from latentforge.raycluster import map_on_actor_pool, start_ray_data
+from latentforge.raycluster import (
+    map_on_actor_pool,
+    on_cluster,
+    record_nodes,
+    start_ray_data,
+)
 from latentforge.runner import StageResult
 from latentforge.tracking import Tracker
 
@@ -303,32 +308,36 @@ class SplitReader:
 class EncodeBatches:
     """A Ray Data actor: holds the tokenizer and encodes index ranges of the prepared splits.
 
-    Each call gets rows {"split", "start", "stop"} and returns one row per image: "split",
-    "index" (row in the split), the encodings ("mean"/"logvar" or "codes", and "hflip_*"), and
-    each row's share of the call's time in the forward pass ("encoder_seconds") and in the
-    whole call, reading and conversion included ("call_seconds"), and "ready_at": the wall
-    clock (time.time()) when this actor had its model loaded and warmed up, which splits the
-    pipeline's time into start-up and steady state.
+    Each call gets rows {"split", "start", "stop"} and, when the actors may run on other
+    machines, "images" (the range's uint8 pixels as bytes); without them the actor reads the
+    range from the prepared shards' memory maps, which only a node that sees the driver's disk
+    can. It returns one row per image: "split", "index" (row in the split), the encodings
+    ("mean"/"logvar" or "codes", and "hflip_*"), each row's share of the call's time in the
+    forward pass ("encoder_seconds") and in the whole call, reading and conversion included
+    ("call_seconds"), "ready_at": the wall clock (time.time()) when this actor had its model
+    loaded and warmed up, which splits the pipeline's time into start-up and steady state, and
+    "node": the Ray node the actor runs on.
     """
 
-    def __init__(self, tokenizer_dir: str, tokenizer_sha256: str, prepared_dir: str,
-                 prepared_shards: dict[str, list[dict]], threads: int, use_gpu: bool,
-                 hflip: bool, batch_size: int) -> None:
+    def __init__(self, tokenizer: Any, prepared: dict[str, Any] | None,
+                 image_shape: tuple[int, ...], threads: int, use_gpu: bool, hflip: bool,
+                 batch_size: int) -> None:
         import torch
 
-        from latentforge.tasks.tokenizer import load_tokenizer
+        from latentforge.raycluster import node_id
 
         tune_malloc()  # an actor is a fresh process; see latentforge/malloc.py
         # One thread per reserved CPU: more would oversubscribe the node and halve throughput.
         torch.set_num_threads(threads)
-        handle = load_tokenizer(tokenizer_dir)
-        if handle.sha256 != tokenizer_sha256:
-            raise DataError(f"{tokenizer_dir}: tokenizer weights changed while caching (sha256 "
-                            f"{handle.sha256}, expected {tokenizer_sha256}); rerun the stage")
+        # The tokenizer arrives through the object store (pickled with its weights), never as
+        # a path: a cluster node does not see the driver's disk.
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = handle.model.to(self.device).eval()
-        self.readers = [SplitReader(prepared_dir, prepared_shards[s]) for s in SPLITS]
+        self.model = tokenizer.model.to(self.device).eval()
+        self.readers = (None if prepared is None else
+                        [SplitReader(prepared["dir"], prepared["shards"][s]) for s in SPLITS])
+        self.image_shape = tuple(image_shape)
         self.hflip = hflip
+        self.node = node_id()
         # One full batch before the first call (allocator, kernel selection, cuDNN autotune):
         # start-up work that should not slow the first real batch.
         cfg = self.model.cfg
@@ -356,8 +365,14 @@ class EncodeBatches:
 
         called = time.perf_counter()
         out: dict[str, list[np.ndarray]] = {}
-        for split, start, stop in zip(batch["split"], batch["start"], batch["stop"], strict=True):
-            images = self.readers[int(split)].read(int(start), int(stop))
+        shipped = batch.get("images")
+        for i, (split, start, stop) in enumerate(zip(batch["split"], batch["start"],
+                                                     batch["stop"], strict=True)):
+            if shipped is not None:
+                images = np.frombuffer(shipped[i], np.uint8).reshape(-1, *self.image_shape)
+            else:
+                assert self.readers is not None
+                images = self.readers[int(split)].read(int(start), int(stop))
             x = images_to_tensor(images).to(self.device)  # (B, C, H, W)
             arrays, seconds = self._encode(x)
             if self.hflip:
@@ -374,6 +389,7 @@ class EncodeBatches:
         result["call_seconds"] = np.full(len(result["index"]),
                                          (time.perf_counter() - called) / len(result["index"]))
         result["ready_at"] = np.full(len(result["index"]), self.ready_at)
+        result["node"] = np.full(len(result["index"]), self.node)
         return result
 
 
@@ -443,6 +459,7 @@ class EncodeStats:
     # load, one warm-up batch; a fixed cost, whatever the data size. The rest is steady state,
     # which also carries the later actors' start-up when there are several (conservative).
     startup_seconds: float = 0.0
+    nodes: set[str] = field(default_factory=set)  # Ray node ids the actors ran on
 
     @property
     def steady_seconds(self) -> float:
@@ -485,8 +502,13 @@ class ShardBuffers:
 
 def cache_shards(todo: list[Shard], work: Path, labels: Mapping[str, np.ndarray],
                  specs: Mapping[str, dict], cfg: CacheConfig, compute: ComputeConfig,
-                 actor_kwargs: dict[str, Any], records: dict[str, dict]) -> EncodeStats:
-    """Encode the shards in `todo` on Ray and commit each one as soon as it is complete."""
+                 actor_kwargs: dict[str, Any], records: dict[str, dict],
+                 readers: list[SplitReader] | None = None) -> EncodeStats:
+    """Encode the shards in `todo` on Ray and commit each one as soon as it is complete.
+
+    With `readers` the driver reads each batch's images and ships them to the actors (blocks
+    in the object store); without, the actors read the prepared shards themselves.
+    """
     stats = EncodeStats()
     if not todo:
         return stats
@@ -497,8 +519,12 @@ def cache_shards(todo: list[Shard], work: Path, labels: Mapping[str, np.ndarray]
     # one machine; NTP-close on a cluster).
     started = time.time()
     first_ready = float("inf")
-    batches = encoder_batches(todo, cfg.batch_size)
+    batches: list[dict[str, Any]] = encoder_batches(todo, cfg.batch_size)
+    if readers is not None:
+        for item in batches:
+            item["images"] = readers[item["split"]].read(item["start"], item["stop"]).tobytes()
     for batch in map_on_actor_pool(batches, EncodeBatches, actor_kwargs, compute):
+        stats.nodes.update(str(n) for n in np.unique(batch["node"]))
         stats.encoder_seconds += float(batch["encoder_seconds"].sum())
         stats.call_seconds += float(batch["call_seconds"].sum())
         first_ready = min(first_ready, float(batch["ready_at"].min()))
@@ -646,14 +672,20 @@ def run(params: Params, out_dir: str | Path = paths.CACHE,
                  work, len(records), len(plan), len(todo))
     log.info("cache: encoding %d images in %d shard(s) with %d Ray Data actor(s), batch %d",
              sum(s.count for s in todo), len(todo), compute.num_workers, cfg.batch_size)
+    shards = {s: prepared.manifest["splits"][s]["shards"] for s in SPLITS}
+    # On a cluster the actors see none of this machine's files: the images travel with the
+    # blocks. On the local instance they map the prepared shards themselves (no copies).
+    ship = on_cluster(compute)
     actor_kwargs = {
-        "tokenizer_dir": str(Path(tokenizer_dir).resolve()), "tokenizer_sha256": handle.sha256,
-        "prepared_dir": str(prepared.root.resolve()),
-        "prepared_shards": {s: prepared.manifest["splits"][s]["shards"] for s in SPLITS},
+        "tokenizer": handle, "image_shape": (model.cfg.image_size, model.cfg.image_size,
+                                             model.cfg.channels),
+        "prepared": None if ship else {"dir": str(prepared.root.resolve()), "shards": shards},
         "threads": compute.cpus_per_worker, "use_gpu": compute.use_gpu, "hflip": cfg.hflip,
         "batch_size": cfg.batch_size}
     labels = {s: _labels(prepared, s) for s in SPLITS}
-    stats = cache_shards(todo, work, labels, specs, cfg, compute, actor_kwargs, records)
+    readers = [SplitReader(prepared.root, shards[s]) for s in SPLITS] if ship else None
+    stats = cache_shards(todo, work, labels, specs, cfg, compute, actor_kwargs, records, readers)
+    nodes = record_nodes(tracker, "cache", stats.nodes)
 
     manifest = build_manifest(key, handle, prepared, cfg, kind, specs, plan, records)
     out_dir = Path(out_dir)
@@ -706,7 +738,8 @@ def run(params: Params, out_dir: str | Path = paths.CACHE,
     summary = (f"**{counts['train']}** train / **{counts['val']}** val images cached as {kind} "
                f"({k} x {d} tokens, {model.cfg.quantizer} {model.cfg.layout} tokenizer "
                f"`{handle.sha256[:16]}`) in {len(plan)} shard(s); cache key `{key[:16]}`; "
-               f"decoding cached vs fresh latents: max abs diff {max_diff:.2g}")
+               f"decoding cached vs fresh latents: max abs diff {max_diff:.2g}"
+               + (f"; encoded on Ray node(s) {', '.join(n[:12] for n in nodes)}" if nodes else ""))
     return StageResult(metrics=metrics, summary=summary, digests={"cache": manifest_sha},
                        timings=timings)
 

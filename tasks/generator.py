@@ -30,7 +30,7 @@ from latentforge.errors import DataError
 from latentforge.images import make_grid, save_png
 from latentforge.malloc import tune_malloc
 from latentforge.models.generator import FlowTransformer, GeneratorModelConfig, generator_config
-from latentforge.raycluster import map_on_actor_pool, use_ray
+from latentforge.raycluster import map_on_actor_pool, record_nodes, use_ray
 from latentforge.runner import StageResult
 from latentforge.tasks.cache import load_cache
 from latentforge.tasks.judge import JudgeScorer, load_judge
@@ -119,15 +119,19 @@ class SampleBatches:
 
     Each call gets rows {"start", "stop"} (ranges aligned to SAMPLE_BATCH, so every sample is
     computed in the same batch as in-process) and returns per sample "index", "latents"
-    (K, D), "images" (uint8 H, W, C) and "nfe".
+    (K, D), "images" (uint8 H, W, C), "nfe" and "node" (the Ray node the actor runs on).
     """
 
     def __init__(self, handle: GeneratorHandle, labels: np.ndarray, options: dict[str, Any],
                  threads: int, use_gpu: bool) -> None:
+        from latentforge.raycluster import node_id
+
         tune_malloc()  # an actor is a fresh process; see latentforge/malloc.py
         torch.set_num_threads(threads)
+        # The handle came pickled with its weights through the object store: no paths.
         self.handle = handle.to("cuda" if use_gpu else "cpu")
         self.labels, self.options = labels, options
+        self.node = node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list[np.ndarray]] = {}
@@ -136,22 +140,22 @@ class SampleBatches:
                                                       batch_size=SAMPLE_BATCH, **self.options)
             rows = {"index": np.arange(start, stop), "latents": latents,
                     "images": self.handle.tokenizer.decode(latents, batch_size=SAMPLE_BATCH),
-                    "nfe": np.full(stop - start, nfe)}
+                    "nfe": np.full(stop - start, nfe), "node": np.full(stop - start, self.node)}
             for key, value in rows.items():
                 out.setdefault(key, []).append(value)
         return {key: np.concatenate(v) for key, v in out.items()}
 
 
 def sample(handle: GeneratorHandle, labels: np.ndarray, *, seed: int, steps: int,
-           cfg_scale: float, sampler: str, compute: ComputeConfig
-           ) -> tuple[np.ndarray, np.ndarray, int]:
+           cfg_scale: float, sampler: str, compute: ComputeConfig,
+           nodes: set[str] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(latents, uint8 images, NFE) of class-conditional ODE samples for `labels`.
 
     With `compute.num_workers` > 1 or a `compute.ray_address` the samples are drawn on a Ray
     Data pool of that many actors (one GPU each with `compute.use_gpu`); otherwise in this
     process (on the GPU with `compute.use_gpu`). Sample i's noise depends only on (seed, i)
     and it is computed in the same batch either way, so the worker count does not change the
-    samples beyond float rounding.
+    samples beyond float rounding. `nodes` collects the Ray node ids the actors ran on.
     """
     labels = np.asarray(labels, dtype=np.int64)
     options = {"seed": seed, "steps": steps, "cfg_scale": cfg_scale, "sampler": sampler}
@@ -176,6 +180,8 @@ def sample(handle: GeneratorHandle, labels: np.ndarray, *, seed: int, steps: int
         latents[rows["index"]] = rows["latents"]
         images[rows["index"]] = rows["images"]
         nfe = int(rows["nfe"][0])
+        if nodes is not None:
+            nodes.update(str(n) for n in np.unique(rows["node"]))
         done += len(rows["index"])
         log.info("sampling: %d of %d images (%d Ray Data actor(s))", done, len(labels),
                  compute.num_workers)
@@ -232,24 +238,17 @@ def build_model(model_cfg: GeneratorModelConfig) -> FlowTransformer:
 class PeriodicEval:
     """gFD-judge and judge accuracy of a small balanced sample, for TrainSpec.evaluate.
 
-    Loads judge, tokenizer and val features lazily by path, so it pickles for Ray workers.
+    Holds the judge, the tokenizer and the val features themselves, not paths: it is pickled
+    to the Ray Train worker that evaluates, which on a cluster does not see the driver's disk.
     """
 
-    def __init__(self, meta: dict[str, Any], cfg: GeneratorConfig, judge_dir: str,
-                 tokenizer_dir: str, prepared_dir: str) -> None:
+    def __init__(self, meta: dict[str, Any], cfg: GeneratorConfig, judge: JudgeScorer,
+                 tokenizer: TokenizerHandle, val_features: np.ndarray) -> None:
         self.meta, self.cfg = meta, cfg
-        self.dirs = (judge_dir, tokenizer_dir, prepared_dir)
-        self._loaded: tuple[Any, ...] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_loaded": None}
+        self.judge, self.tokenizer, self.val_features = judge, tokenizer, val_features
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        if self._loaded is None:
-            judge = load_judge(self.dirs[0])
-            val_x, _ = load_prepared(self.dirs[2]).split("val")
-            self._loaded = (judge, load_tokenizer(self.dirs[1]), judge.score(val_x)[0])
-        judge, tok, val_feats = self._loaded
+        judge, tok, val_feats = self.judge, self.tokenizer, self.val_features
         handle = GeneratorHandle(model, self.meta, tok)
         labels = flow.balanced_labels(len(self.meta["class_names"]), self.cfg.eval_per_class)
         images = handle.sample_images(labels.numpy(), seed=self.cfg.sample_seed,
@@ -303,6 +302,8 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     tracker.log_input("judge", str(Path(judge_dir).resolve()), judge.sha256, context="judge")
 
     data = training_arrays(cache, tok)
+    val_x, _ = prepared.split("val")
+    val_feats, _ = judge.score(val_x)
     shift, scale = latent_statistics(data)
     k, d = tok.meta["latent_shape"]
     model_cfg = generator_config(cfg.size, num_tokens=k, token_dim=d,
@@ -316,8 +317,7 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
         scale=torch.tensor(scale, dtype=torch.float32), class_dropout=cfg.class_dropout,
         time_sampling=cfg.time_sampling, null_class=prepared.num_classes)
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg), loss_fn=loss_fn,
-                     data=data, evaluate=PeriodicEval(meta, cfg, str(judge_dir),
-                                                      str(tokenizer_dir), str(prepared_dir)),
+                     data=data, evaluate=PeriodicEval(meta, cfg, judge, tok, val_feats),
                      eval_every=cfg.eval_every)
     result = train(spec, cfg, params.compute, paths.checkpoint_dir("generator", cache.key),
                    tracker=tracker, progress=False)
@@ -327,12 +327,13 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     handle = GeneratorHandle(model, meta, tok)
     labels = flow.balanced_labels(prepared.num_classes, cfg.final_per_class).numpy()
     started = time.perf_counter()
+    sampled_on: set[str] = set()
     _, images, nfe = sample(handle, labels, seed=cfg.sample_seed, steps=cfg.sample_steps,
-                            cfg_scale=cfg.cfg_scale, sampler=cfg.sampler, compute=params.compute)
+                            cfg_scale=cfg.cfg_scale, sampler=cfg.sampler, compute=params.compute,
+                            nodes=sampled_on)
+    record_nodes(tracker, "sample", sampled_on)
     sample_seconds = time.perf_counter() - started
-    val_x, _ = prepared.split("val")
     train_x, _ = prepared.split("train")
-    val_feats, _ = judge.score(val_x)
     m = score_samples(judge, images, labels, val_feats)
     m["train_val_fd_judge"] = metrics.fd_from_features(judge.score(train_x)[0], val_feats)
     m["gfd_ratio_to_train_val"] = m["gfd_judge"] / max(m["train_val_fd_judge"], 1e-9)
@@ -358,8 +359,10 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
              m["train_val_fd_judge"], m["judge_accuracy"], m["precision"], m["recall"],
              len(images) / sample_seconds, nfe)
     table = "\n".join(f"| {key} | {v:.4g} |" for key, v in m.items())
+    where = "".join(f"\n\n{what} on Ray node(s) {', '.join(n[:12] for n in sorted(ids))}"
+                    for what, ids in (("Trained", result.nodes), ("Sampled", sampled_on)) if ids)
     return StageResult(
-        metrics=m, summary=f"| metric | value |\n|---|---|\n{table}",
+        metrics=m, summary=f"| metric | value |\n|---|---|\n{table}{where}",
         digests={"generator": weights_sha},
         timings={"train_images_per_s": result.images_per_s, "train_seconds": result.seconds,
                  "sampling_images_per_s": len(images) / sample_seconds,

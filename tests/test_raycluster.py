@@ -1,10 +1,17 @@
-"""How work is cut into Ray Data actor calls."""
+"""How work is cut into Ray Data actor calls; how a cluster is reached and checked."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
-from latentforge.raycluster import block_sizes
+from latentforge.errors import ConfigError
+from latentforge.raycluster import block_sizes, check_reachable, package_folder
 
 
 @pytest.mark.parametrize(("n", "workers"), [(79, 1), (79, 2), (100, 4), (5, 1), (1, 1), (2, 3)])
@@ -22,3 +29,41 @@ def test_block_sizes_of_the_default_cache_run():
     # 70-90 ms then, 45-58 ms now).
     assert block_sizes(79, 1, calls_per_actor=8) == [10] * 7 + [5, 2, 1, 1]
     assert block_sizes(0, 2, calls_per_actor=8) == []
+
+
+def test_an_unreachable_ray_address_fails_fast_naming_it():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # In a fresh process: this one may hold the session's local Ray instance already.
+    code = ("from latentforge.config import ComputeConfig; "
+            "from latentforge.raycluster import init_ray; "
+            f"init_ray(ComputeConfig(ray_address='127.0.0.1:{port}'))")
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert time.monotonic() - started < 30
+    assert out.returncode != 0
+    assert f"127.0.0.1:{port}" in out.stderr and "no Ray head answers" in out.stderr
+    # A host that swallows packets (TEST-NET-1, RFC 5737): bounded by the connect timeout.
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match="192.0.2.1:6379"):
+        check_reachable("ray://192.0.2.1:6379", timeout=2)
+    assert time.monotonic() - started < 30
+    with pytest.raises(ConfigError, match="not host:port"):
+        check_reachable("127.0.0.1:notaport")
+
+
+def test_the_code_shipped_in_runtime_env_is_the_whole_package(tmp_path):
+    folder = Path(package_folder())
+    assert folder.name == "latentforge"
+    for module in ("raycluster.py", "tasks/cache.py", "models/tokenizer.py", "flows/__init__.py"):
+        assert (folder / module).is_file(), module
+    assert not list(folder.rglob("__pycache__"))
+    # ...and it imports from there, without the installed package's path mapping.
+    code = (f"import sys; sys.path.insert(0, {str(folder.parent)!r}); "
+            "import latentforge.tasks.cache as c; print(c.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith(str(folder))

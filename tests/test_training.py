@@ -58,6 +58,18 @@ def toy_data(n: int = 96) -> dict[str, np.ndarray]:
     return {"x": x, "y": np.tanh(x[:, :4].sum(1) - x[:, 4:].sum(1)).astype(np.float32)}
 
 
+class WithAnOptionalPart(nn.Module):
+    """An MLP with a parameter only some options use (like the tokenizer's mask token)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = build_mlp()
+        self.unused = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
 def tiny_cfg(**overrides: object) -> TrainConfig:
     base = dict(steps=30, batch_size=16, lr=1e-2, warmup_steps=5, min_lr_ratio=0.1,
                 save_every=10, keep_last=2, log_every=5, ema_decay=0.9, grad_clip=1.0, seed=3)
@@ -170,14 +182,19 @@ def test_default_collate_makes_float_images_in_minus_one_one() -> None:
     assert batch["labels"].tolist() == [3, 7]
 
 
-def test_ray_workers_reopen_a_memmap_from_its_file(tmp_path: Path) -> None:
+def test_ray_workers_reopen_a_memmap_from_its_file_only_on_the_drivers_node(
+        ray_local, tmp_path: Path) -> None:  # noqa: F811
     from latentforge.training import _open_array, _share_array
 
     array = np.arange(60, dtype=np.int16).reshape(10, 6)
     np.save(tmp_path / "a.npy", array)
     mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
-    handle = _share_array(mapped)
+    handle = _share_array(mapped, same_node=True)
     assert handle[0] == "memmap"  # a file name and offset travel, not the bytes
+    assert np.array_equal(_open_array(handle), array)
+    # A cluster's node does not see this disk: the bytes go through the object store.
+    handle = _share_array(mapped, same_node=False)
+    assert handle[0] == "ref" and str(tmp_path) not in repr(handle)
     assert np.array_equal(_open_array(handle), array)
 
 
@@ -401,3 +418,13 @@ def test_two_ray_workers_follow_the_in_process_run(ray_local, tmp_path: Path) ->
     assert_same_state(two.ema_state, one.ema_state, rtol=1e-3, atol=1e-4)
     assert [s for s, _ in tracker.rows] == [5, 10, 15, 20]
     assert tracker.rows[-1][1]["loss"] == pytest.approx(two.history[-1]["loss"])
+
+
+def test_ray_workers_train_a_model_with_a_parameter_the_loss_does_not_use(
+        ray_local, tmp_path: Path) -> None:  # noqa: F811
+    # DDP waits for every parameter's gradient unless told some may not get one; the tiny
+    # tokenizer (mask / dropped tokens unused without nested dropout) failed like this.
+    spec = TrainSpec(WithAnOptionalPart, mse_loss, toy_data())
+    result = train(spec, tiny_cfg(steps=10), ComputeConfig(num_workers=2), tmp_path,
+                   progress=False)
+    assert result.steps == 10 and torch.equal(result.model_state["unused"], torch.zeros(8))

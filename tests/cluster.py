@@ -1,0 +1,152 @@
+"""A real 2-node Ray cluster on one machine, whose worker node cannot see the workspace.
+
+The head (`ray start --head --num-cpus=0`) runs nothing but Ray's own services, so every actor
+and Ray Train worker must go to the worker node. The worker node runs in its own mount
+namespace (`unshare -m`, root only) in which empty tmpfs mounts hide /tmp (the driver's
+temporary folder, and with it the test's project: data, artifacts, metrics, .latentforge, the
+DVC cache, the MLflow store) and the repository's own data and output folders. What an image
+would give a real node stays visible: the Python environment and the code.
+
+Nodes share a token as a real cluster does (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN). Every
+process the cluster starts carries a marker in its environment, so `stop` finds and kills
+them all, and the namespace (with its mounts) goes with its last process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+MARKER = "LATENTFORGE_TEST_CLUSTER"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TwoNodeCluster:
+    def __init__(self, hide: list[Path], worker_cpus: int = 2) -> None:
+        self.hide = [Path(p) for p in hide]
+        self.worker_cpus = worker_cpus
+        self.marker = secrets.token_hex(8)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        # Short: Ray's socket paths under it must stay below the 107-byte limit.
+        self.temp_dir = tempfile.mkdtemp(prefix="lfray-", dir="/tmp")
+        self.env = {**os.environ, MARKER: self.marker, "RAY_AUTH_MODE": "token",
+                    "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0",
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.head: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
+        self.logs = Path(self.temp_dir) / "logs"
+        self.logs.mkdir()
+        self._fds: list[int] = []
+
+    # The driver's view: what `latentforge run` needs in its environment.
+    def driver_env(self) -> dict[str, str]:
+        return {k: self.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+
+    def start(self, timeout: float = 120.0) -> None:
+        ray = str(BIN / "ray")
+        self.head = subprocess.Popen(
+            [ray, "start", "--head", "--num-cpus=0", "--num-gpus=0", "--block",
+             f"--port={self.port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
+             f"--dashboard-agent-listen-port={free_port()}"],
+            env=self.env, start_new_session=True,
+            stdout=self._log("head"), stderr=subprocess.STDOUT)
+        self._wait_for(lambda nodes: len(nodes) >= 1, timeout, "the head node")
+        mounts = " && ".join(f"mount -t tmpfs none {p}" for p in ["/tmp", *self.hide]
+                             if p == "/tmp" or Path(p).is_dir())
+        start = (f"exec {ray} start --address={self.address} --num-cpus={self.worker_cpus} "
+                 f"--num-gpus=0 --node-ip-address=127.0.0.1 --block --disable-usage-stats "
+                 f"--dashboard-agent-listen-port={free_port()}")
+        self.worker = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && {start}"],
+            env=self.env, start_new_session=True,
+            stdout=self._log("worker"), stderr=subprocess.STDOUT)
+        self._wait_for(lambda nodes: len(nodes) >= 2, timeout, "the worker node")
+
+    def _log(self, name: str) -> int:
+        """A file descriptor for a node's output (the child keeps its own copy)."""
+        fd = os.open(self.logs / f"{name}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fds.append(fd)
+        return fd
+
+    def nodes(self) -> list[dict]:
+        """Alive nodes as Ray reports them (NodeID, Resources), asked from a fresh driver."""
+        code = (f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
+                "print(json.dumps([{'id': n['NodeID'], 'cpus': n['Resources'].get('CPU', 0)} "
+                "for n in ray.nodes() if n['Alive']]))")
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
+                             text=True, timeout=120)
+        if out.returncode != 0:
+            return []
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def worker_node_id(self) -> str:
+        (node,) = [n["id"] for n in self.nodes() if n["cpus"] > 0]
+        return node
+
+    def head_node_id(self) -> str:
+        (node,) = [n["id"] for n in self.nodes() if n["cpus"] == 0]
+        return node
+
+    def _wait_for(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for proc, name in ((self.head, "head"), (self.worker, "worker")):
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"the {name} node exited ({proc.returncode}):\n"
+                                       + (self.logs / f"{name}.out").read_text()[-3000:])
+            if ready(self.nodes()):
+                return
+            time.sleep(1)
+        raise TimeoutError(f"{what} did not join within {timeout:.0f} s")
+
+    def processes(self) -> list[int]:
+        """PIDs of every process started for this cluster (found by the environment marker)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if f"{MARKER}={self.marker}".encode() in (entry / "environ").read_bytes().split(
+                        b"\0"):
+                    pids.append(int(entry.name))
+        return pids
+
+    def stop(self) -> None:
+        for proc in (self.worker, self.head):
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+        for proc in (self.worker, self.head):
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=15)
+        deadline = time.monotonic() + 15
+        while (left := [p for p in self.processes() if p != os.getpid()]) and \
+                time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
