@@ -237,3 +237,8 @@ def test_deployments_cover_pipeline_and_every_stage():
         assert {"overrides", "params_file", "force"} <= set(props)
         assert d.concurrency_limit == 1
         assert d.entrypoint.startswith("latentforge.flows.")
+    # infra/prefect.yaml (work pools) deploys the same flows as `latentforge serve`.
+    from conftest import REPO
+
+    pool = yaml.safe_load((REPO / "infra/prefect.yaml").read_text())["deployments"]
+    assert [d["entrypoint"].rsplit(":", 1)[1] for d in pool] == names
