@@ -240,7 +240,8 @@ class TrackingConfig:
     experiment: str = param("latentforge", "MLflow experiment name")
     artifact_location: str | None = param(
         None, "where a new experiment keeps artifacts (e.g. s3://bucket/mlflow); null = beside "
-        "the SQLite store. The store itself comes from MLFLOW_TRACKING_URI")
+        "the SQLite store, or where a tracking server keeps them (its --artifacts-destination). "
+        "The store itself comes from MLFLOW_TRACKING_URI")
     enabled: bool = param(True, "log runs to MLflow")
 
 

@@ -67,9 +67,13 @@ def reproduce(stage: str, root: str | Path = ".", env: Mapping[str, str] | None 
 
 
 def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None] = print) -> None:
-    """Point the DVC remote `storage` at `remote_url` and push every stage output to it."""
+    """Point the DVC remote `storage` at `remote_url` and push every stage output to it.
+
+    The remote goes into the project's .dvc/config (versioned, not config.local): a teammate's
+    clone then gets the outputs with a plain `dvc pull`.
+    """
     base = [sys.executable, "-m", "dvc"]
-    subprocess.run(base + ["remote", "add", "--local", "--force", "-d", "storage", remote_url],
+    subprocess.run(base + ["remote", "add", "--force", "-d", "storage", remote_url],
                    cwd=root, env=dvc_env(), check=True, capture_output=True)
     proc = subprocess.run(base + ["push"], cwd=root, env=dvc_env(), capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines():

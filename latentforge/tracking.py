@@ -196,7 +196,11 @@ def _experiment_id(cfg: TrackingConfig, root: Path) -> str:
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
-    location = cfg.artifact_location or (root / "mlartifacts").resolve().as_uri()
+    # Against a tracking server the server decides (its --artifacts-destination, e.g. S3);
+    # a local file:// location would put a team's artifacts on this machine's disk.
+    served = tracking_uri(root).startswith(("http://", "https://", "databricks"))
+    location = cfg.artifact_location or (
+        None if served else (root / "mlartifacts").resolve().as_uri())
     return mlflow.create_experiment(cfg.experiment, artifact_location=location)
 
 
