@@ -629,8 +629,9 @@ def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckp
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from latentforge.raycluster import on_cluster, record_nodes
+    from latentforge.raycluster import node_id, on_cluster, record_nodes
 
     # `progress` has no say here: Ray forwards the workers' log lines to the driver by itself.
     init_ray(compute)
@@ -642,7 +643,9 @@ def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckp
     if committed:  # shipped as bytes: the workers' nodes do not see ckpt_dir
         step, folder = committed[-1]
         resume = (step, [ray.put(ckpt.checkpoint_files(folder))])
-    queue = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: a worker node that dies must not take the driver's inbox with it.
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy":
+                                 NodeAffinitySchedulingStrategy(node_id(), soft=False)})
     config = {"spec": dataclasses.replace(spec, data={}), "cfg": cfg,
               "data": {k: _share_array(v, same_node=not on_cluster(compute))
                        for k, v in spec.data.items()},

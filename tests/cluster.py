@@ -70,6 +70,11 @@ class TwoNodeCluster:
             env=self.env, start_new_session=True,
             stdout=self._log("head"), stderr=subprocess.STDOUT)
         self._wait_for(lambda nodes: len(nodes) >= 1, timeout, "the head node")
+        self.start_worker(timeout)
+
+    def start_worker(self, timeout: float = 120.0) -> None:
+        """(Re)start the worker node in its own mount namespace; waits until it joined."""
+        ray = str(BIN / "ray")
         mounts = " && ".join(f"mount -t tmpfs none {p}" for p in ["/tmp", *self.hide]
                              if p == "/tmp" or Path(p).is_dir())
         start = (f"exec {ray} start --address={self.address} --num-cpus={self.worker_cpus} "
@@ -81,22 +86,57 @@ class TwoNodeCluster:
             stdout=self._log("worker"), stderr=subprocess.STDOUT)
         self._wait_for(lambda nodes: len(nodes) >= 2, timeout, "the worker node")
 
+    def kill_worker_raylet(self) -> int:
+        """SIGKILL the worker node's raylet, as a crashed machine would lose it; returns its
+        PID. The node's other processes go down with it (stop_worker reaps what is left)."""
+        import psutil
+
+        assert self.worker is not None
+        for child in psutil.Process(self.worker.pid).children(recursive=True):
+            if child.name() == "raylet":
+                os.kill(child.pid, signal.SIGKILL)
+                return child.pid
+        raise RuntimeError("the worker node has no raylet")
+
+    def stop_worker(self) -> None:
+        """Kill the worker node's whole process tree (and with it its mount namespace)."""
+        import psutil
+
+        if self.worker is None:
+            return
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(self.worker.pid)
+            for proc in [*tree.children(recursive=True), tree]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+        self.worker.wait(timeout=30)
+
+    def restart_worker(self, timeout: float = 180.0) -> None:
+        """A node that comes back: the old one's processes reaped, a fresh one joins."""
+        self.stop_worker()
+        # The head notices the dead raylet (its heartbeats stop) before the new node counts.
+        deadline = time.monotonic() + timeout
+        while len(self.nodes()) > 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        self.start_worker(timeout)
+
     def _log(self, name: str) -> int:
         """A file descriptor for a node's output (the child keeps its own copy)."""
-        fd = os.open(self.logs / f"{name}.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(self.logs / f"{name}.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._fds.append(fd)
         return fd
 
     def nodes(self) -> list[dict]:
         """Alive nodes as Ray reports them (NodeID, Resources), asked from a fresh driver."""
         code = (f"import json, ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
-                "print(json.dumps([{'id': n['NodeID'], 'cpus': n['Resources'].get('CPU', 0)} "
-                "for n in ray.nodes() if n['Alive']]))")
+                "print('NODES=' + json.dumps([{'id': n['NodeID'], "
+                "'cpus': n['Resources'].get('CPU', 0)} for n in ray.nodes() if n['Alive']]))")
         out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True,
                              text=True, timeout=120)
-        if out.returncode != 0:
+        found = [line for line in out.stdout.splitlines() if line.startswith("NODES=")]
+        if out.returncode != 0 or not found:  # Ray may print warnings on stdout, too
             return []
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return json.loads(found[-1][len("NODES="):])
 
     def worker_node_id(self) -> str:
         (node,) = [n["id"] for n in self.nodes() if n["cpus"] > 0]
