@@ -392,7 +392,7 @@ def build_section(cls: type, data: Any, prefix: str, source: str) -> Any:
         if name not in data:
             continue
         key, tp, value = f"{prefix}.{name}", hints[name], data[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = build_section(tp, value, key, source)
             continue
         try:

@@ -25,6 +25,8 @@ from typing import Literal, NamedTuple
 import torch
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TimeSampling = Literal["uniform", "logit_normal"]
+Sampler = Literal["euler", "heun"]
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 SAMPLERS = ("euler", "heun")
 # Edges of the time buckets whose loss shares flow_matching_loss reports.

@@ -12,12 +12,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 from mlflow.models import set_model
+from mlflow.pyfunc.model import PythonModel
 
 
-class LatentForgeModel(mlflow.pyfunc.PythonModel):
+class LatentForgeModel(PythonModel):
     def load_context(self, context):  # noqa: ANN001, ANN201 - MLflow reads these hints
         kind = (context.model_config or {}).get("kind")
         folder = context.artifacts["model_dir"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,8 +185,7 @@ def node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def record_nodes(tracker: Any, what: str, nodes: Iterator[str] | set[str] | list[str]
-                 ) -> list[str]:
+def record_nodes(tracker: Any, what: str, nodes: Iterable[str]) -> list[str]:
     """Tag the stage's MLflow run with the Ray nodes `what` (cache actors, sampling actors,
     Ray Train workers) ran on: `latentforge.ray_nodes.<what>` = comma-separated node ids."""
     ids = sorted(set(nodes))

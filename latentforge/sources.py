@@ -225,9 +225,9 @@ def read_folder(cfg: PrepareConfig) -> SourceData:
     index = {c: i for i, c in enumerate(class_names)}
     digest = hashlib.sha256(b"folder")
     images, labels, skipped = [], [], []
-    for class_name, rel, full in entries:
+    for class_name, rel_name, full in entries:
         data = storage.read_bytes(full)
-        digest.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+        digest.update(rel_name.encode() + b"\0" + hashlib.sha256(data).digest())
         try:
             img = decode_image(full, data)
         except ValueError as exc:

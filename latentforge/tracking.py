@@ -143,7 +143,9 @@ class MLflowTracker(Tracker):
 
         # MLflow registers two same-named local-file source classes, so every local path
         # "can be interpreted in multiple ways" and warns; one class per name keeps it quiet.
-        candidates = list({c.__name__: c for c in get_registered_sources()}.values())
+        # (Registered sources are classes; MLflow's hints say instances.)
+        candidates = list({getattr(c, "__name__", repr(c)): c
+                           for c in get_registered_sources()}.values())
         try:
             resolved = resolve_dataset_source(str(source), candidate_sources=candidates)
         except MlflowException:  # e.g. "sklearn:digits": a source that is code, not a path
@@ -151,6 +153,10 @@ class MLflowTracker(Tracker):
         # MLflow caps a dataset digest at 36 characters: the digest is the sha256's first 36
         # hex digits; the full sha256 is in the dataset profile and in a run tag.
         class DigestDataset(MetaDataset):
+            @property
+            def profile(self) -> dict[str, Any]:
+                return {"sha256": digest, **(profile or {})}
+
             def to_dict(self) -> dict[str, str]:
                 return {**super().to_dict(),
                         "profile": json.dumps({"sha256": digest, **(profile or {})})}

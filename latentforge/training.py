@@ -698,7 +698,7 @@ def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckp
                     break
     finally:
         thread.join(timeout=5)
-        ray.kill(queue.actor)
+        ray.kill(cast(Any, queue.actor))
         if remove_after or not failure:
             with contextlib.suppress(OSError, FileNotFoundError):
                 fs.rm(run_root if not remove_after else storage_path, recursive=True)

@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -80,12 +80,13 @@ class GeneratorHandle:
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size]
             idx = np.arange(start_index + start, start_index + start + len(y))
-            noise = flow.sample_noise(idx, (k, d), seed, device=device)  # drawn on the CPU
+            noise = flow.sample_noise(torch.from_numpy(idx), (k, d), seed,
+                                      device=device)  # drawn on the CPU
 
             def velocity(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
                 return self.model.forward_with_cfg(x, t, y, cfg_scale)
 
-            z, nfe = flow.ode_sample(velocity, noise, steps, sampler)
+            z, nfe = flow.ode_sample(velocity, noise, steps, cast(flow.Sampler, sampler))
             out.append((z * self.scale + self.shift).cpu().numpy())
         return np.concatenate(out), nfe
 
@@ -158,7 +159,8 @@ def sample(handle: GeneratorHandle, labels: np.ndarray, *, seed: int, steps: int
     samples beyond float rounding. `nodes` collects the Ray node ids the actors ran on.
     """
     labels = np.asarray(labels, dtype=np.int64)
-    options = {"seed": seed, "steps": steps, "cfg_scale": cfg_scale, "sampler": sampler}
+    options: dict[str, Any] = {"seed": seed, "steps": steps, "cfg_scale": cfg_scale,
+                               "sampler": sampler}
     if not use_ray(compute):
         handle.to(local_device(compute))
         try:
@@ -228,7 +230,8 @@ def generator_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], step:
         z = batch["mean"] + torch.exp(0.5 * batch["logvar"]) * torch.randn_like(batch["mean"])
     z = (z - shift.to(z.device)) / scale.to(z.device)
     return flow.flow_matching_loss(model, z, batch["labels"], class_dropout=class_dropout,
-                                   time_sampling=time_sampling, null_class=null_class)
+                                   time_sampling=cast(flow.TimeSampling, time_sampling),
+                                   null_class=null_class)
 
 
 def build_model(model_cfg: GeneratorModelConfig) -> FlowTransformer:

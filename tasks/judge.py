@@ -114,7 +114,7 @@ def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | P
 
     model = Judge(model_cfg)
     model.load_state_dict(result.ema_state)
-    meta = {"model": asdict(model_cfg), "class_names": prepared.class_names,
+    meta: dict[str, Any] = {"model": asdict(model_cfg), "class_names": prepared.class_names,
             "prepared_sha256": prepared.manifest_sha256}
     scorer = JudgeScorer(model, meta)
     _, logp = scorer.score(val_x)

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -109,7 +109,8 @@ def tokenizer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], step:
                    ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Pixel loss (l2/l1) + the quantizer's weighted terms, on prefixes when nested dropout."""
     x = batch["images"]
-    keep = unwrap_model(model).sample_keep(x.shape[0], device=x.device) if nested_dropout else None
+    tok = cast(Tokenizer, unwrap_model(model))
+    keep = tok.sample_keep(x.shape[0], device=x.device) if nested_dropout else None
     recon, enc = model(x, keep=keep, perturb=perturbation, perturb_sigma=sigma)
     pixel = F.mse_loss(recon, x) if loss == "l2" else F.l1_loss(recon, x)
     stats = {k: v for k, v in enc.stats.items()}
