@@ -9,13 +9,15 @@ derived from the dtype's precision and the magnitude of the values, so a test ch
 property (batch independence, the same result on a Ray actor) without depending on the CPU.
 
 `ULPS` is the budget in units of the dtype's epsilon at the largest magnitude of the result.
-A length-n dot product reordered moves by at most ~n*eps relative to its terms; the tiny models
-here have reductions of a few hundred terms over a few layers, and a sampler integrates a few of
-them. Measured on AMD Zen 4 under native AVX-512, ATEN_CPU_CAPABILITY=default/avx2,
-DNNL_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2 and MKL_CBWR=COMPATIBLE, the largest
-difference any of these tests saw was ~24 eps at the value scale (sampling); 512 leaves a 20x
-margin and is still ~5 orders of magnitude below what a real bug (a sample seeing its batch,
-a wrong mask, a different seed) moves the values by.
+Measured on 2026-12-02 (AMD EPYC, AVX-512, 2 cores) over the model, metric and stage tests
+natively and under ATEN_CPU_CAPABILITY=default and =avx2, DNNL_MAX_CPU_ISA=AVX2,
+MKL_ENABLE_INSTRUCTIONS=AVX2 and MKL_CBWR=COMPATIBLE (set LATENTFORGE_ROUNDING_LOG=FILE to
+record every comparison): the largest difference was 6.4 eps (judge features, one sample
+alone vs in a batch, MKL_CBWR=COMPATIBLE), then 5.9 and 5.6 (the same under
+ATEN_CPU_CAPABILITY=default); samplers 1.1 eps, decoders 2.6 eps. The Intel failure that
+started this (judge features 1.1e-6 apart) is of the same size. 512 eps leaves an 80x margin
+for other CPUs and is still ~2 orders of magnitude below what a real bug (a sample seeing its
+batch, a wrong mask, another seed) moves the values by.
 """
 
 from __future__ import annotations
