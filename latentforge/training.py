@@ -66,7 +66,6 @@ __all__ = ["EMA", "GlobalBatchSampler", "TrainResult", "TrainSpec", "clip_gradie
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-STATS_FILE = "last_run.json"
 # Fields that change bookkeeping, not the weights: a checkpoint written under other values of
 # these is still resumed.
 BOOKKEEPING_FIELDS = ("save_every", "keep_last", "log_every")
