@@ -20,21 +20,16 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from servers import free_port
+
 BIN = Path(sys.executable).parent
 MARKER = "LATENTFORGE_TEST_CLUSTER"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class TwoNodeCluster:

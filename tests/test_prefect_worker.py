@@ -13,38 +13,23 @@ SIGKILL) whatever happens.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
-import psutil
 import pytest
 import yaml
 from conftest import BIN
+from servers import free_port, stop_group, tail, wait_healthy
 from test_pipeline import tiny
 
 from latentforge import paths
 
 SERVER_START_TIMEOUT = 180  # seconds until /api/health must answer
 FLOW_RUN_TIMEOUT = 600  # seconds for the whole pipeline on the tiny preset (~2 min here)
-STOP_TIMEOUT = 30  # seconds between SIGTERM and SIGKILL
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path: Path, chars: int = 6000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
 
 def start(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
@@ -54,29 +39,6 @@ def start(args: list[str], log: Path, env: dict[str, str], cwd: Path) -> subproc
                                 start_new_session=True)
 
 
-def stop(proc: subprocess.Popen | None) -> None:
-    """SIGTERM the process group, SIGKILL it if it has not exited after STOP_TIMEOUT; then the
-    same for any descendant that left the group (the worker starts each flow run in a new
-    session, and the flow run starts DVC, the stage command and Ray)."""
-    if proc is None:
-        return
-    descendants: list[psutil.Process] = []
-    with contextlib.suppress(psutil.NoSuchProcess):
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            break
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=STOP_TIMEOUT)
-    for sig in ("terminate", "kill"):
-        for child in descendants:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                getattr(child, sig)()
-        _, descendants = psutil.wait_procs(descendants, timeout=STOP_TIMEOUT)
-
-
 def prefect(root: Path, env: dict[str, str], *args: str) -> str:
     proc = subprocess.run([str(BIN / "prefect"), *args], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -84,22 +46,6 @@ def prefect(root: Path, env: dict[str, str], *args: str) -> str:
         raise AssertionError(f"prefect {' '.join(args)} exited {proc.returncode}:\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc.stdout
-
-
-def wait_for_health(api: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"prefect server exited {server.returncode}:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"prefect server: no answer from {api}/health after "
-                         f"{SERVER_START_TIMEOUT} s:\n{tail(log)}")
 
 
 @pytest.mark.slow
@@ -132,7 +78,7 @@ def test_pipeline_deployment_runs_on_a_process_work_pool(make_project, tmp_path)
     try:
         server = start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                         "--port", str(port)], server_log, server_env, tmp_path)
-        wait_for_health(api, server, server_log)
+        wait_healthy(f"{api}/health", server, server_log, "prefect server", SERVER_START_TIMEOUT)
 
         # the yaml's own usage lines, run from the project root
         prefect(root, client_env, "work-pool", "create", pool, "--type", "process")
@@ -173,8 +119,8 @@ def test_pipeline_deployment_runs_on_a_process_work_pool(make_project, tmp_path)
               f"{tail(worker_log)}", file=sys.stderr)
         raise
     finally:
-        stop(worker)
-        stop(server)
+        stop_group(worker)
+        stop_group(server)
 
     # the flow run worked in the project root: every stage's outputs are there ...
     for stage_spec in paths.STAGES.values():

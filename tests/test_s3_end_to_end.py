@@ -12,19 +12,15 @@ Real components only: git, DVC, Prefect's test harness, MLflow's server, moto's 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from servers import free_port, stop_group, wait_healthy
 from test_pipeline import cli, dvc, tiny
 
 from latentforge import paths
@@ -101,39 +97,6 @@ def test_fresh_clone_pulls_from_s3_remote_skips_every_stage_and_samples(
         assert grid.format == "PNG" and grid.width > grid.height >= 8
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"mlflow server not healthy after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """Stop a process started with start_new_session=True and everything left in its group
-    (the server's workers): SIGTERM, up to 30 s, then SIGKILL to whatever remains."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=30)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-
-
 LOAD_SCRIPT = """
 import json, sys
 import mlflow, mlflow.pyfunc
@@ -161,7 +124,7 @@ def test_team_mlflow_server_with_s3_artifacts(make_project, prefect_harness, s3_
              "--artifacts-destination", f"s3://{s3_bucket}/mlartifacts"],
             cwd=server_dir, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_healthy(url, server, log)
+        wait_healthy(f"{url}/health", server, log, "mlflow server")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         root = make_project(tiny(**PARAMS))
         table = cli(root, "run").stdout
