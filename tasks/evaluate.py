@@ -38,6 +38,7 @@ from latentforge.config import ComputeConfig, EvaluateConfig, Params
 from latentforge.data import MANIFEST, Prepared, load_prepared
 from latentforge.errors import DataError
 from latentforge.images import png_bytes
+from latentforge.raycluster import record_nodes
 from latentforge.rewards import Reward
 from latentforge.runner import StageResult
 from latentforge.tasks import generator as generator_stage
@@ -182,11 +183,12 @@ def cfg_scale_for(model: str, handle: GeneratorHandle, params: Params) -> float:
 
 
 def sample_generator(handle: GeneratorHandle, labels: np.ndarray, cfg: EvaluateConfig,
-                     cfg_scale: float, compute: ComputeConfig) -> Samples:
+                     cfg_scale: float, compute: ComputeConfig,
+                     nodes: set[str] | None = None) -> Samples:
     started = time.perf_counter()
     _, images, nfe = generator_stage.sample(handle, labels, seed=cfg.seed, steps=cfg.sample_steps,
                                             cfg_scale=cfg_scale, sampler=cfg.sampler,
-                                            compute=compute)
+                                            compute=compute, nodes=nodes)
     return Samples(images, nfe, time.perf_counter() - started, cfg_scale)
 
 
@@ -636,9 +638,12 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     # One label set and one noise seed for both generators, so their numbers are comparable.
     labels = flow.balanced_labels(inputs.prepared.num_classes, cfg.per_class).numpy()
     reward = Reward(params.rl.rewards, judge)
+    sampled_on: set[str] = set()
     samples = {m: sample_generator(inputs.generators[m], labels, cfg,
-                                   cfg_scale_for(m, inputs.generators[m], params), params.compute)
+                                   cfg_scale_for(m, inputs.generators[m], params), params.compute,
+                                   nodes=sampled_on)
                for m in MODELS}
+    record_nodes(tracker, "sample", sampled_on)
     nested: dict[str, dict[str, float]] = {
         m: score_generator(samples[m], labels, judge, val_features, reward) for m in MODELS}
     nested["tokenizer"] = dict(tok_metrics)

@@ -31,7 +31,7 @@ needs_namespaces = pytest.mark.skipif(
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, needs_namespaces]
 
 STAGES_ON_RAY = {"judge": ["train"], "tokenizer": ["train"], "cache": ["cache"],
-                 "generator": ["train", "sample"]}
+                 "generator": ["train", "sample"], "evaluate": ["sample"]}
 
 
 @pytest.fixture

@@ -428,3 +428,18 @@ def test_ray_workers_train_a_model_with_a_parameter_the_loss_does_not_use(
     result = train(spec, tiny_cfg(steps=10), ComputeConfig(num_workers=2), tmp_path,
                    progress=False)
     assert result.steps == 10 and torch.equal(result.model_state["unused"], torch.zeros(8))
+
+
+def test_training_on_a_cluster_needs_storage_every_node_reaches(tmp_path: Path) -> None:
+    from latentforge.errors import ConfigError
+    from latentforge.training import _ray_storage
+
+    with pytest.raises(ConfigError, match="compute.storage_path is null.*127.0.0.1:6379"):
+        _ray_storage(ComputeConfig(ray_address="127.0.0.1:6379"), tmp_path)
+    # s3:// goes through pyarrow's fsspec handler; a path is used as it is; neither is removed.
+    path, pa_fs, _, remove = _ray_storage(
+        ComputeConfig(ray_address="127.0.0.1:6379", storage_path="s3://bucket/ray"), tmp_path)
+    assert (path, type(pa_fs).__name__, remove) == ("bucket/ray", "PyFileSystem", False)
+    path, pa_fs, _, remove = _ray_storage(ComputeConfig(storage_path=str(tmp_path / "s")),
+                                          tmp_path)
+    assert (path, pa_fs, remove) == (str(tmp_path / "s"), None, False)
