@@ -107,6 +107,7 @@ def package_folder() -> str:
     .flows and .models to the card's top-level folders, so those are staged into one
     temporary package (Ray uploads and caches it by content hash).
     """
+    import atexit
     import shutil
     import tempfile
 
@@ -120,23 +121,14 @@ def package_folder() -> str:
             "models": latentforge.models}
     if all(Path(m.__path__[0]).parent == root for m in subs.values()):
         return str(root)
-    staged = Path(tempfile.mkdtemp(prefix="latentforge-code-")) / "latentforge"
+    scratch = tempfile.mkdtemp(prefix="latentforge-code-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)  # Ray has uploaded it by then
+    staged = Path(scratch) / "latentforge"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(root, staged, ignore=ignore)
     for name, module in subs.items():
         shutil.copytree(module.__path__[0], staged / name, ignore=ignore, dirs_exist_ok=True)
     return str(staged)
-
-
-def _versions() -> dict[str, str]:
-    """Python, ray and torch versions of this process (imports nothing of latentforge)."""
-    import platform
-
-    import ray
-    import torch
-
-    return {"python": platform.python_version(), "ray": ray.__version__,
-            "torch": torch.__version__.split("+")[0]}
 
 
 def check_cluster(compute: ComputeConfig, timeout: float = 120.0) -> dict[str, dict[str, str]]:
@@ -161,7 +153,7 @@ def check_cluster(compute: ComputeConfig, timeout: float = 120.0) -> dict[str, d
     refs = {n["NodeID"]: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["NodeID"], soft=False)).remote() for n in nodes}
     found = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout), strict=True))
-    here = _versions()
+    here = {k: v for k, v in probe().items() if k != "latentforge"}  # this driver's
     for node, theirs in found.items():
         differ = [f"{k} {theirs[k]} on the cluster, {v} here" for k, v in here.items()
                   if theirs[k] != v]

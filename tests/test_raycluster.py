@@ -67,3 +67,19 @@ def test_the_code_shipped_in_runtime_env_is_the_whole_package(tmp_path):
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().startswith(str(folder))
+
+
+def test_the_cluster_check_probes_every_node_with_python_ray_torch(ray_local):  # noqa: F811
+    import platform
+
+    import ray
+    import torch
+
+    from latentforge.config import ComputeConfig
+    from latentforge.raycluster import check_cluster
+
+    found = check_cluster(ComputeConfig(ray_address="local"))
+    assert set(found) == {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    for versions in found.values():
+        assert versions == {"python": platform.python_version(), "ray": ray.__version__,
+                            "torch": torch.__version__.split("+")[0], "latentforge": "yes"}
