@@ -4,6 +4,12 @@ Every entry point (CLI, the DVC stage command, Prefect deployment parameters) go
 `load_params`, so an unknown key, a wrong type or an out-of-range value is reported the same
 way everywhere: the full key path, the value and what is allowed, and exit code 2.
 
+All of it happens before any stage runs, so nothing is found out hours into a pipeline:
+nan and +-inf are rejected in every numeric key; every size-like key has an upper bound (the
+MAX_* constants below); combinations that no stage can run (a patch size that does not divide
+the resolution, a batch that does not split over the workers, an empty reward table, ...) are
+checked in `__post_init__`; and a params file must be UTF-8 text without duplicate keys.
+
 Each field is declared with `param(default, doc, ...)`; the doc string is what
 `latentforge params --explain` prints and what the Prefect UI shows next to a parameter.
 """
@@ -12,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -22,6 +30,30 @@ from typing import Any, Literal
 from latentforge.errors import ConfigError
 
 DEFAULT_PARAMS_FILE = "params.yaml"
+
+# Upper bounds of the size-like keys. They are not advice: each is far above any sensible
+# value and only says "this cannot fit one machine (or cluster)", so that an extra zero fails
+# here, naming the key, instead of as an out-of-memory error or a hang inside a stage.
+MAX_SIDE = 1024  # pixels: image side, patch side, shift
+MAX_STEPS = 10_000_000  # updates, warm-up and the every-N-steps intervals
+MAX_BATCH = 65_536  # images (or rollouts) processed together
+MAX_IMAGES = 1_000_000_000  # images in a data set
+MAX_SHARD = 1_048_576  # images in one shard file
+MAX_PER_CLASS = 100_000  # generated samples per class
+MAX_SAMPLE_STEPS = 10_000  # ODE / SDE steps of one sample
+MAX_WIDTH = 8192  # channels, feature and token dimensions
+MAX_TOKENS = 65_536  # patches per image (a 256 x 256 grid), and latent tokens K
+MAX_CODEBOOK = 65_536  # vq entries: code perturbation (pFD) builds a V x V matrix, 16 GiB here
+MAX_FSQ_VOCAB = 2**24  # prod(fsq_levels): code-usage statistics keep one counter per code
+MAX_EPOCHS = 1000  # passes over one batch of rollouts
+MAX_KEEP = 1000  # checkpoints kept on disk
+MAX_WORKERS = 4096  # Ray workers / actors
+MAX_CPUS_PER_WORKER = 1024
+MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy take 64-bit seeds
+MIN_JUDGE_SIDE = 8  # the judge's three stride-2 conv blocks (models/judge.py)
+
+# A user reward `package.module:function` (latentforge/rewards.py imports it when the stage runs).
+_REWARD_FUNCTION = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
 
 
 def param(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None,
@@ -46,49 +78,58 @@ class PrepareConfig:
     path: str = param(
         "data/source", "local path or s3:// URL of the source (ignored for digits); for idx a "
         "folder holding *-images-idx3-ubyte[.gz] with matching *-labels-idx1-ubyte[.gz]")
-    resolution: int = param(16, "square output side in pixels (resize + centre crop)", ge=4, le=1024)
+    resolution: int = param(16, "square output side in pixels (resize + centre crop)", ge=4,
+                            le=MAX_SIDE)
     channels: Literal[1, 3] = param(1, "1 = grayscale, 3 = RGB")
     resize_filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = param(
         "bicubic", "PIL filter used to resize the shorter side to `resolution`")
     val_fraction: float = param(0.1, "fraction of images held out for validation", ge=0.0, lt=1.0)
-    seed: int = param(0, "seed of the deterministic train/val split", ge=0)
-    max_images: int | None = param(None, "keep at most this many images (null = all)", ge=1)
+    seed: int = param(0, "seed of the deterministic train/val split", ge=0, le=MAX_SEED)
+    max_images: int | None = param(None, "keep at most this many images (null = all)", ge=1,
+                                   le=MAX_IMAGES)
     on_bad_image: Literal["skip", "fail"] = param(
         "skip", "skip: leave out undecodable images and list them in the report; fail: stop")
-    shard_size: int = param(8192, "images per shard file (few large shards hash fast in DVC)", ge=1)
+    shard_size: int = param(8192, "images per shard file (few large shards hash fast in DVC)",
+                            ge=1, le=MAX_SHARD)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     """Fields every training stage (judge, tokenizer, generator) shares; stages subclass it."""
 
-    steps: int = param(1000, "optimizer steps", ge=1)
-    batch_size: int = param(64, "global batch size, split evenly across workers", ge=1)
+    steps: int = param(1000, "optimizer steps", ge=1, le=MAX_STEPS)
+    batch_size: int = param(64, "global batch size, split evenly across workers", ge=1,
+                            le=MAX_BATCH)
     lr: float = param(1e-3, "peak learning rate (AdamW)", gt=0.0)
     min_lr_ratio: float = param(0.1, "final learning rate as a fraction of lr (cosine)", ge=0.0, le=1.0)
-    warmup_steps: int = param(50, "linear warm-up steps", ge=0)
+    warmup_steps: int = param(50, "linear warm-up steps", ge=0, le=MAX_STEPS)
     weight_decay: float = param(0.01, "AdamW weight decay", ge=0.0)
     grad_clip: float = param(1.0, "max global gradient norm; 0 disables clipping", ge=0.0)
     ema_decay: float = param(0.999, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
     bf16: bool = param(False, "bf16 autocast for forward/backward")
-    seed: int = param(0, "seed for initialisation and data order", ge=0)
-    save_every: int = param(200, "checkpoint every N steps", ge=1)
-    keep_last: int = param(2, "checkpoints to keep", ge=1)
-    log_every: int = param(25, "log metrics every N steps", ge=1)
+    seed: int = param(0, "seed for initialisation and data order", ge=0, le=MAX_SEED)
+    save_every: int = param(200, "checkpoint every N steps", ge=1, le=MAX_STEPS)
+    keep_last: int = param(2, "checkpoints to keep", ge=1, le=MAX_KEEP)
+    log_every: int = param(25, "log metrics every N steps", ge=1, le=MAX_STEPS)
 
 
 @dataclass(kw_only=True)
 class JudgeConfig(TrainConfig):
     """The small classifier whose features and log-probs score every later stage."""
 
-    width: int = param(32, "channels of the first conv block (doubles per block)", ge=4)
-    feature_dim: int = param(128, "penultimate feature size (FD-judge, precision/recall)", ge=8)
+    # The last of the three conv blocks has 4 x width channels.
+    width: int = param(32, "channels of the first conv block (doubles per block)", ge=4,
+                       le=MAX_WIDTH // 4)
+    feature_dim: int = param(128, "penultimate feature size (FD-judge, precision/recall)", ge=8,
+                             le=MAX_WIDTH)
     dropout: float = param(0.1, "dropout before the classifier head", ge=0.0, lt=1.0)
-    augment_shift: int = param(1, "random translation in pixels during training", ge=0)
-    steps: int = param(300, "optimizer steps", ge=1)
-    batch_size: int = param(128, "global batch size, split evenly across workers", ge=1)
+    augment_shift: int = param(1, "random translation in pixels during training", ge=0,
+                               le=MAX_SIDE)
+    steps: int = param(300, "optimizer steps", ge=1, le=MAX_STEPS)
+    batch_size: int = param(128, "global batch size, split evenly across workers", ge=1,
+                            le=MAX_BATCH)
     lr: float = param(2e-3, "peak learning rate (AdamW)", gt=0.0)
-    warmup_steps: int = param(20, "linear warm-up steps", ge=0)
+    warmup_steps: int = param(20, "linear warm-up steps", ge=0, le=MAX_STEPS)
     ema_decay: float = param(0.99, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
 
 
@@ -100,14 +141,17 @@ class TokenizerConfig(TrainConfig):
         "tiny", "model size from the registry in models/tokenizer.py (width/depth/heads)")
     layout: Literal["1d", "2d"] = param("1d", "1d: K learnable latent tokens (TiTok); 2d: one "
                                         "latent per patch (baseline)")
-    patch_size: int = param(4, "ViT patch size in pixels", ge=1)
-    num_tokens: int = param(16, "K, latent tokens for layout 1d (2d uses one per patch)", ge=1)
-    token_dim: int = param(8, "D, dimension of each latent token (fsq: len(fsq_levels))", ge=1)
+    patch_size: int = param(4, "ViT patch size in pixels", ge=1, le=MAX_SIDE)
+    num_tokens: int = param(16, "K, latent tokens for layout 1d (2d uses one per patch)", ge=1,
+                            le=MAX_TOKENS)
+    token_dim: int = param(8, "D, dimension of each latent token (fsq: len(fsq_levels))", ge=1,
+                           le=MAX_WIDTH)
     quantizer: Literal["kl", "fsq", "vq"] = param("kl", "kl: continuous Gaussian; fsq: finite "
                                                   "scalar levels; vq: L2-normalised codebook")
     kl_weight: float = param(1e-4, "KL weight (kl)", ge=0.0)
-    fsq_levels: list[int] = param([8, 5, 5, 5], "levels per dimension (fsq)", ge=2)
-    codebook_size: int = param(1024, "codebook entries (vq)", ge=2)
+    fsq_levels: list[int] = param([8, 5, 5, 5], "levels per dimension (fsq)", ge=2,
+                                  le=MAX_CODEBOOK)
+    codebook_size: int = param(1024, "codebook entries (vq)", ge=2, le=MAX_CODEBOOK)
     commitment: float = param(0.25, "commitment loss weight (vq)", ge=0.0)
     entropy_weight: float = param(0.0, "entropy loss weight (vq); >0 fights codebook collapse",
                                   ge=0.0)
@@ -118,18 +162,23 @@ class TokenizerConfig(TrainConfig):
     perturbation_sigma: float = param(0.5, "noise scale of kl latent perturbation", ge=0.0)
     eval_perturbation: float = param(0.1, "fraction of tokens perturbed for the pFD metric",
                                      ge=0.0, le=1.0)
-    steps: int = param(1500, "optimizer steps", ge=1)
-    batch_size: int = param(64, "global batch size, split evenly across workers", ge=1)
+    steps: int = param(1500, "optimizer steps", ge=1, le=MAX_STEPS)
+    batch_size: int = param(64, "global batch size, split evenly across workers", ge=1,
+                            le=MAX_BATCH)
     lr: float = param(3e-3, "peak learning rate (AdamW)", gt=0.0)
-    warmup_steps: int = param(50, "linear warm-up steps", ge=0)
+    warmup_steps: int = param(50, "linear warm-up steps", ge=0, le=MAX_STEPS)
     ema_decay: float = param(0.995, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
-    save_every: int = param(500, "checkpoint every N steps", ge=1)
-    log_every: int = param(100, "log metrics every N steps", ge=1)
+    save_every: int = param(500, "checkpoint every N steps", ge=1, le=MAX_STEPS)
+    log_every: int = param(100, "log metrics every N steps", ge=1, le=MAX_STEPS)
 
     def __post_init__(self) -> None:
         if self.quantizer == "fsq" and self.token_dim != len(self.fsq_levels):
             raise ValueError(f"quantizer fsq needs token_dim == len(fsq_levels): token_dim is "
                              f"{self.token_dim}, fsq_levels has {len(self.fsq_levels)} levels")
+        if self.quantizer == "fsq" and math.prod(self.fsq_levels) > MAX_FSQ_VOCAB:
+            raise ValueError(f"fsq_levels = {self.fsq_levels} make {math.prod(self.fsq_levels)} "
+                             f"codes, more than {MAX_FSQ_VOCAB}: code-usage statistics keep one "
+                             f"counter per code every step")
         if self.nested_dropout and self.layout != "1d":
             raise ValueError("nested_dropout needs layout 1d (2d tokens have no order)")
 
@@ -138,12 +187,14 @@ class TokenizerConfig(TrainConfig):
 class CacheConfig:
     """Latent caching: encode the prepared splits once with the tokenizer's EMA weights."""
 
-    batch_size: int = param(256, "images per encoder batch (per Ray Data actor)", ge=1)
-    shard_size: int = param(4096, "images per cache shard; shards commit one by one", ge=1)
+    batch_size: int = param(256, "images per encoder batch (per Ray Data actor)", ge=1,
+                            le=MAX_BATCH)
+    shard_size: int = param(4096, "images per cache shard; shards commit one by one", ge=1,
+                            le=MAX_SHARD)
     hflip: bool = param(False, "also store a horizontally flipped view (off for digits, where "
                         "flipping changes meaning)")
     verify_samples: int = param(16, "images whose cached latents are decoded and compared with "
-                                "freshly encoded ones", ge=0)
+                                "freshly encoded ones", ge=0, le=MAX_BATCH)
 
 
 @dataclass(kw_only=True)
@@ -157,63 +208,95 @@ class GeneratorConfig(TrainConfig):
     time_sampling: Literal["uniform", "logit_normal"] = param(
         "logit_normal", "distribution of training times t")
     sampler: Literal["euler", "heun"] = param("heun", "ODE sampler")
-    sample_steps: int = param(25, "ODE steps when sampling", ge=1)
+    sample_steps: int = param(25, "ODE steps when sampling", ge=1, le=MAX_SAMPLE_STEPS)
     cfg_scale: float = param(1.5, "classifier-free guidance scale (1 = no guidance)", ge=0.0)
     eval_every: int = param(0, "evaluate on a small sample every N steps (0 = only at the end)",
-                            ge=0)
-    eval_per_class: int = param(8, "samples per class for the periodic evaluation", ge=1)
-    final_per_class: int = param(50, "samples per class for the final metrics", ge=1)
-    sample_seed: int = param(0, "seed of evaluation samples (independent of worker count)", ge=0)
-    steps: int = param(3000, "optimizer steps", ge=1)
-    batch_size: int = param(64, "global batch size, split evenly across workers", ge=1)
+                            ge=0, le=MAX_STEPS)
+    eval_per_class: int = param(8, "samples per class for the periodic evaluation", ge=1,
+                                le=MAX_PER_CLASS)
+    final_per_class: int = param(50, "samples per class for the final metrics", ge=1,
+                                 le=MAX_PER_CLASS)
+    sample_seed: int = param(0, "seed of evaluation samples (independent of worker count)", ge=0,
+                             le=MAX_SEED)
+    steps: int = param(3000, "optimizer steps", ge=1, le=MAX_STEPS)
+    batch_size: int = param(64, "global batch size, split evenly across workers", ge=1,
+                            le=MAX_BATCH)
     lr: float = param(2e-3, "peak learning rate (AdamW)", gt=0.0)
-    warmup_steps: int = param(100, "linear warm-up steps", ge=0)
+    warmup_steps: int = param(100, "linear warm-up steps", ge=0, le=MAX_STEPS)
     ema_decay: float = param(0.995, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
-    save_every: int = param(500, "checkpoint every N steps", ge=1)
-    log_every: int = param(100, "log metrics every N steps", ge=1)
+    save_every: int = param(500, "checkpoint every N steps", ge=1, le=MAX_STEPS)
+    log_every: int = param(100, "log metrics every N steps", ge=1, le=MAX_STEPS)
 
 
 @dataclass(kw_only=True)
 class RLConfig:
     """Flow-GRPO fine-tuning of the generator against a reward, with a KL leash."""
 
-    steps: int = param(40, "policy updates (each on a fresh batch of rollouts)", ge=1)
-    classes_per_step: int = param(4, "class labels sampled per update", ge=1)
+    steps: int = param(40, "policy updates (each on a fresh batch of rollouts)", ge=1,
+                       le=MAX_STEPS)
+    classes_per_step: int = param(4, "class labels sampled per update", ge=1, le=MAX_BATCH)
     group_size: int = param(8, "samples per class label; advantages are relative to the group",
-                            ge=2)
-    train_steps: int = param(10, "SDE steps per rollout (evaluation keeps the ODE sampler)", ge=2)
+                            ge=2, le=MAX_BATCH)
+    train_steps: int = param(10, "SDE steps per rollout (evaluation keeps the ODE sampler)", ge=2,
+                             le=MAX_SAMPLE_STEPS)
     noise_level: float = param(0.7, "a, the SDE noise level", gt=0.0)
     timestep_fraction: float = param(0.6, "fraction of the SDE steps trained per rollout",
                                      gt=0.0, le=1.0)
-    inner_epochs: int = param(1, "optimisation passes over each batch of rollouts", ge=1)
+    inner_epochs: int = param(1, "optimisation passes over each batch of rollouts", ge=1,
+                              le=MAX_EPOCHS)
     clip_range: float = param(0.2, "PPO clip range of the new/old probability ratio", gt=0.0)
     adv_clip: float = param(5.0, "advantages are clipped to +-adv_clip", gt=0.0)
     kl_beta: float = param(0.1, "weight of the KL to the frozen reference generator", ge=0.0)
     cfg_scale: float = param(1.0, "CFG scale during rollouts and evaluation samples", ge=0.0)
     rewards: dict[str, float] = param(
         {"judge_logprob": 1.0}, "reward name -> weight: judge_logprob, judge_margin, or a user "
-        "reward module:function taking (uint8 images, labels) and returning one float per image")
+        "reward module:function taking (uint8 images, labels) and returning one float per image. "
+        "A user reward is YOUR CODE, imported and run by the rl stage: name only modules you "
+        "trust; a module beside params.yaml is importable, others must be installed")
     lr: float = param(1e-4, "learning rate (AdamW)", gt=0.0)
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0.0)
     grad_clip: float = param(1.0, "max global gradient norm; 0 disables", ge=0.0)
     ema_decay: float = param(0.9, "EMA of the fine-tuned weights; 0 disables", ge=0.0, lt=1.0)
     eval_every: int = param(10, "gFD-judge on a fixed sample every N updates (reward hacking "
-                            "watch); 0 = only at the end", ge=0)
-    eval_per_class: int = param(50, "samples per class for the periodic evaluation", ge=1)
-    save_every: int = param(10, "checkpoint every N updates", ge=1)
-    seed: int = param(0, "seed of labels, rollouts and evaluation samples", ge=0)
+                            "watch); 0 = only at the end", ge=0, le=MAX_STEPS)
+    eval_per_class: int = param(50, "samples per class for the periodic evaluation", ge=1,
+                                le=MAX_PER_CLASS)
+    save_every: int = param(10, "checkpoint every N updates", ge=1, le=MAX_STEPS)
+    seed: int = param(0, "seed of labels, rollouts and evaluation samples", ge=0, le=MAX_SEED)
+
+    def __post_init__(self) -> None:
+        from latentforge.rewards import BUILTIN  # lazily: it imports numpy
+
+        if not self.rewards:
+            raise ValueError("rewards is empty: name at least one reward, e.g. "
+                             "{judge_logprob: 1.0}")
+        if not any(self.rewards.values()):
+            raise ValueError(f"rewards = {self.rewards!r}: every weight is 0, so every rollout "
+                             f"scores 0 and there is nothing to learn")
+        for name in self.rewards:
+            # User rewards are imported by the stage; here only their form is checked, since
+            # importing user code while reading parameters could have side effects.
+            if name not in BUILTIN and not _REWARD_FUNCTION.fullmatch(name):
+                raise ValueError(f"rewards: unknown reward '{name}'; built-ins: "
+                                 f"{', '.join(BUILTIN)}, or a user reward as module:function")
+        rollouts = self.classes_per_step * self.group_size
+        if rollouts > MAX_BATCH:
+            raise ValueError(f"classes_per_step x group_size = {self.classes_per_step} x "
+                             f"{self.group_size} = {rollouts} rollouts per update, more than "
+                             f"{MAX_BATCH}: they are sampled as one batch")
 
 
 @dataclass(kw_only=True)
 class EvaluateConfig:
     """The final, protocol-recorded evaluation of everything the pipeline produced."""
 
-    per_class: int = param(100, "generated samples per class (class-balanced)", ge=2)
-    sample_steps: int = param(25, "ODE steps for evaluation samples", ge=1)
+    per_class: int = param(100, "generated samples per class (class-balanced)", ge=2,
+                           le=MAX_PER_CLASS)
+    sample_steps: int = param(25, "ODE steps for evaluation samples", ge=1, le=MAX_SAMPLE_STEPS)
     sampler: Literal["euler", "heun"] = param("heun", "ODE sampler")
     cfg_scale: float | None = param(1.0, "CFG scale for base and RL alike (1.0 = the scale RL "
                                     "trains at); null = each model's own", ge=0.0)
-    seed: int = param(1000, "seed of evaluation samples", ge=0)
+    seed: int = param(1000, "seed of evaluation samples", ge=0, le=MAX_SEED)
     inception_weights: str | None = param(
         None, "local Inception-v3 FID weights (pytorch-fid format) for FID/rFID/gFID; null = "
         "FD-judge only. Never downloaded")
@@ -225,9 +308,10 @@ class ComputeConfig:
         None, "null: a local Ray instance; else a cluster address (e.g. auto, ray://host:10001)")
     num_workers: int = param(1, "Ray Train workers / Ray Data actors; with 1 and no ray_address "
                              "training and sampling run in-process (caching always uses Ray "
-                             "Data)", ge=1)
+                             "Data)", ge=1, le=MAX_WORKERS)
     use_gpu: bool = param(False, "give each worker one GPU")
-    cpus_per_worker: int = param(1, "CPUs reserved per worker; torch threads follow it", ge=1)
+    cpus_per_worker: int = param(1, "CPUs reserved per worker; torch threads follow it", ge=1,
+                                 le=MAX_CPUS_PER_WORKER)
     storage_path: str | None = param(
         None, "where Ray Train workers report checkpoints: an s3:// URL or a folder every node "
         "mounts; null = a folder beside the stage's checkpoints (one machine only)")
@@ -250,6 +334,12 @@ class StorageConfig:
     remote: str | None = param(
         None, "DVC remote (local path or s3:// URL) that `latentforge run` pushes outputs to; "
         "S3 endpoint and credentials come from the AWS environment, never from here")
+    connect_timeout: float = param(5.0, "seconds to wait for an S3 (or other fsspec URL) "
+                                   "connection before retrying", gt=0, le=600)
+    read_timeout: float = param(10.0, "seconds to wait for an S3 response before retrying",
+                                gt=0, le=3600)
+    retries: int = param(2, "retries of a timed-out or throttled S3 request (so a dead endpoint "
+                         "fails after about (1 + retries) x (connect + read) timeouts)", ge=0, le=20)
 
 
 @dataclass(kw_only=True)
@@ -264,6 +354,31 @@ class Params:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        """Combinations across sections that no stage could run (messages name both keys)."""
+        side, patch = self.prepare.resolution, self.tokenizer.patch_size
+        if side < MIN_JUDGE_SIDE:
+            raise ValueError(f"prepare.resolution = {side} is too small for the judge, whose "
+                             f"three stride-2 conv blocks need >= {MIN_JUDGE_SIDE} pixels")
+        if side % patch:
+            raise ValueError(f"tokenizer.patch_size = {patch} does not divide prepare.resolution "
+                             f"= {side}: images must split into whole patches")
+        patches = (side // patch) ** 2
+        if patches > MAX_TOKENS:
+            raise ValueError(f"prepare.resolution = {side} with tokenizer.patch_size = {patch} "
+                             f"makes {patches} patches per image, more than {MAX_TOKENS} for the "
+                             f"tokenizer's attention: raise tokenizer.patch_size")
+        if self.judge.augment_shift >= side:
+            raise ValueError(f"judge.augment_shift = {self.judge.augment_shift} must be smaller "
+                             f"than prepare.resolution = {side}: a shift that large moves whole "
+                             f"images out of the frame")
+        workers = self.compute.num_workers
+        for name in ("judge", "tokenizer", "generator"):
+            batch = getattr(self, name).batch_size
+            if batch % workers:
+                raise ValueError(f"{name}.batch_size = {batch} does not split evenly over "
+                                 f"compute.num_workers = {workers}")
 
     def section(self, name: str) -> Any:
         return getattr(self, name)
@@ -293,7 +408,9 @@ def _describe(tp: Any) -> str:
         parts = [_describe(a) for a in typing.get_args(tp) if a is not type(None)]
         return " or ".join(parts) + " or null"
     if origin is list:
-        return f"a list of {_describe(typing.get_args(tp)[0])}s"
+        item = _describe(typing.get_args(tp)[0])
+        plural = {"an integer": "integers", "a number": "numbers", "a string": "strings"}
+        return f"a list of {plural.get(item, item)}"
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp)
         return f"a mapping of {_describe(key_tp)} to {_describe(value_tp)}"
@@ -305,6 +422,61 @@ def _range_text(meta: Mapping[str, Any]) -> str:
     bounds = [f"{op} {meta[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
               if meta.get(k) is not None]
     return " and ".join(bounds)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr(value) for an error message, shortened: a pasted blob must not flood the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}... ({len(text)} characters)"
+
+
+def _allowed(tp: Any, meta: Mapping[str, Any]) -> str:
+    rng = _range_text(meta)
+    return _describe(tp) + (f" {rng}" if rng else "")
+
+
+def _is_numeric(tp: Any) -> bool:
+    """Whether `tp`, its non-null option, list items or mapping values are numbers."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_numeric(a) for a in args)
+    if origin is list:
+        return _is_numeric(args[0])
+    if origin is dict:
+        return _is_numeric(args[1])
+    return tp in (int, float)
+
+
+def _is_non_finite(value: Any) -> bool:
+    """nan or +-inf: a YAML float (.nan, .inf, 1e999) or text float() reads so ('-S x=nan')."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, str):
+        try:
+            return not math.isfinite(float(value))
+        except ValueError:
+            return False
+    return False
+
+
+def _check_finite(key: str, value: Any, tp: Any, meta: Mapping[str, Any], source: str) -> None:
+    """Reject nan and +-inf in a numeric key, inside lists and mappings too.
+
+    Range checks alone would not: inf passes `ge`, and nan fails every comparison, so it
+    would read as "out of range" and slip through a key without bounds.
+    """
+    if not _is_numeric(tp):
+        return
+    if isinstance(value, Mapping):
+        items = [(f"{key}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, list):
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        items = [(key, value)]
+    for name, v in items:
+        if _is_non_finite(v):
+            raise ConfigError(f"{source}: {name} = {_shown(v)} is not a finite number: {key} "
+                              f"expects {_allowed(tp, meta)}")
 
 
 class _Mismatch(Exception):
@@ -352,7 +524,10 @@ def _coerce(value: Any, tp: Any) -> Any:
         raise _Mismatch
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer with hundreds of digits
+                raise _Mismatch from None
         raise _Mismatch
     if tp is str:
         if isinstance(value, str):
@@ -370,7 +545,8 @@ def _check_range(key: str, value: Any, meta: Mapping[str, Any], source: str) -> 
         ok = ((meta.get("ge") is None or v >= meta["ge"]) and (meta.get("gt") is None or v > meta["gt"])
               and (meta.get("le") is None or v <= meta["le"]) and (meta.get("lt") is None or v < meta["lt"]))
         if not ok:
-            raise ConfigError(f"{source}: {key} = {value!r} is out of range: expected {_range_text(meta)}")
+            raise ConfigError(f"{source}: {key} = {_shown(value)} is out of range: expected "
+                              f"{_range_text(meta)}")
 
 
 def build_section(cls: type, data: Any, prefix: str, source: str) -> Any:
@@ -395,12 +571,12 @@ def build_section(cls: type, data: Any, prefix: str, source: str) -> Any:
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = build_section(tp, value, key, source)
             continue
+        _check_finite(key, value, tp, f.metadata, source)
         try:
             coerced = _coerce(value, tp)
         except _Mismatch:
-            rng = _range_text(f.metadata)
-            allowed = _describe(tp) + (f" {rng}" if rng else "")
-            raise ConfigError(f"{source}: {key} = {value!r} is invalid: expected {allowed}") from None
+            raise ConfigError(f"{source}: {key} = {_shown(value)} is invalid: expected "
+                              f"{_allowed(tp, f.metadata)}") from None
         _check_range(key, coerced, f.metadata, source)
         kwargs[name] = coerced
     try:
@@ -422,8 +598,11 @@ def build_params(raw: Any, source: str = DEFAULT_PARAMS_FILE) -> Params:
             hint = f"; did you mean '{close}'?" if close else f"; valid sections: {', '.join(fields)}"
             raise ConfigError(f"{source}: unknown key '{key}'{hint}")
     hints = typing.get_type_hints(Params)
-    return Params(**{name: build_section(hints[name], raw.get(name), name, source)
-                     for name in fields})
+    sections = {name: build_section(hints[name], raw.get(name), name, source) for name in fields}
+    try:
+        return Params(**sections)
+    except ValueError as exc:  # cross-section checks in Params.__post_init__
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -431,15 +610,56 @@ def build_params(raw: Any, source: str = DEFAULT_PARAMS_FILE) -> Params:
 # --------------------------------------------------------------------------------------------
 
 
+class DuplicateKeyError(ConfigError):
+    """A YAML mapping states a key twice: PyYAML keeps the last silently, DVC's ruamel refuses."""
+
+    def __init__(self, key: str, first: Any, second: Any) -> None:
+        """`first` and `second` are the YAML marks (0-based line and column) of both keys."""
+        self.key, self.first_line, self.second_line = key, first.line + 1, second.line + 1
+        where = f"line {self.first_line} and line {self.second_line}"
+        if self.first_line == self.second_line:  # a flow mapping such as {a: 1, a: 2}
+            where = (f"line {self.first_line}, columns {first.column + 1} and "
+                     f"{second.column + 1}")
+        super().__init__(f"duplicate key '{key}' at {where}")
+
+
 def _yaml_loader() -> Any:
     """PyYAML's safe loader, plus YAML 1.2 floats such as 2e-3 (PyYAML's 1.1 rules read them as
-    strings; DVC's ruamel reads them as numbers, and params.yaml must mean the same to both)."""
-    import re
-
+    strings; DVC's ruamel reads them as numbers, and params.yaml must mean the same to both),
+    and duplicate keys as errors (DVC rejects such a file, so `latentforge` must too)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        def construct_document(self, node: Any) -> Any:
+            # One pass over the composed document before anything is built. A check inside
+            # construct_mapping would see `<<: *base` merges already flattened into the
+            # mapping (an overridden merged key would look duplicated) and would not know the
+            # key path of the mapping it checks.
+            self._check_unique_keys(node, "", set())
+            return super().construct_document(node)
+
+        def _check_unique_keys(self, node: Any, path: str, visited: set[int]) -> None:
+            if id(node) in visited:  # an alias of a node checked where its anchor stands
+                return
+            visited.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    self._check_unique_keys(item, f"{path}[{i}]", visited)
+            elif isinstance(node, yaml.MappingNode):
+                first: dict[Any, Any] = {}
+                for key_node, value_node in node.value:
+                    name = path
+                    # Merge keys (`<<`) may repeat, and keys they bring in may be overridden.
+                    if (isinstance(key_node, yaml.ScalarNode)
+                            and key_node.tag != "tag:yaml.org,2002:merge"):
+                        # Compared as built, so 1 and 0x1 (one dict key) count as the same.
+                        key = self.construct_object(key_node)
+                        name = f"{path}.{key}" if path else str(key)
+                        if key in first:
+                            raise DuplicateKeyError(name, first[key].start_mark,
+                                                    key_node.start_mark)
+                        first[key] = key_node
+                    self._check_unique_keys(value_node, name, visited)
 
     Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
@@ -454,18 +674,48 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
 
 
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _decode_text(data: bytes, path: str | Path) -> str:
+    """The UTF-8 text of a params file; binary data or another encoding names the first bad byte."""
+    # NUL is valid UTF-8, yet no YAML text holds one: a binary file or UTF-16/32 text.
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ConfigError(f"{path}: not UTF-8 text: NUL byte at byte offset {nul} (line "
+                          f"{_line_of(data, nul)}); a binary file, or UTF-16/32 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at byte offset "
+                          f"{exc.start} (line {_line_of(data, exc.start)}); save the file as "
+                          f"UTF-8") from None
+
+
 def read_params_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML params file into a plain dict, with a clear error for bad YAML."""
+    """Read a YAML params file into a plain dict, with a clear error for anything but a mapping
+    in UTF-8 YAML without duplicate keys."""
     import yaml
 
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"params file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"params file {path} is a directory, not a YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read params file {path}: {exc.strerror or exc}") from None
+    text = _decode_text(raw, path)
     try:
         data = yaml_load(text)
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}; YAML would silently keep the last, and DVC rejects "
+                          f"the file") from None
     except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ValueError as exc:  # e.g. an integer past Python's 4300-digit limit, a bad date
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:
         return {}
@@ -478,6 +728,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """Split `section.key=value` (the syntax of `dvc exp run -S`) into a key path and a value."""
     import yaml
 
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # argv bytes that were not UTF-8 arrive as surrogates
+        raise ConfigError(f"override {ascii(text)} is not UTF-8 text (character {exc.start})"
+                          ) from None
     key, sep, raw_value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override '{text}' is not of the form section.key=value")
@@ -486,7 +741,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}': expected a key path like prepare.resolution")
     try:
         value = yaml_load(raw_value) if raw_value.strip() else None
-    except yaml.YAMLError:
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"override '{text}': duplicate key '{key.strip()}.{exc.key}'") from None
+    except (yaml.YAMLError, ValueError):  # not YAML: the text itself, as `dvc exp run -S` does
         value = raw_value
     return parts, value
 

@@ -7,12 +7,20 @@ returns one float per image. The built-ins score with the judge:
 `rl.rewards` is a mapping name -> weight; several entries give their weighted sum. A reward
 that raises, returns the wrong shape or a non-finite value stops the stage with an error
 naming the reward.
+
+A user reward is code: `rl.rewards` naming `module:function` imports that module and runs it in
+the stage's process, with the user's permissions, like any Python you run. Only name modules
+you trust. The project folder (where params.yaml is) comes first on the import path, so a
+`my_rewards.py` beside params.yaml is found as `my_rewards:fn`; anything else must be installed
+in the environment (or be on PYTHONPATH).
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,6 +65,9 @@ def resolve(name: str, judge: Any) -> RewardFn:
         raise ConfigError(f"rl.rewards: unknown reward '{name}'; built-ins: "
                           f"{', '.join(BUILTIN)}, or give a user reward as module:function")
     module_name, _, attr = name.partition(":")
+    project = str(Path.cwd())  # stages run in the project folder (DVC and --no-dvc alike)
+    if project not in sys.path:
+        sys.path.insert(0, project)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

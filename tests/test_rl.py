@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch.distributions import Normal
 
 from latentforge.config import Params, build_params, load_params
+from latentforge.errors import ConfigError
 from latentforge.models.generator import FlowTransformer, generator_config
 from latentforge.rewards import RewardError
 from latentforge.runner import StageResult
@@ -325,3 +326,22 @@ def test_reward_goes_up_on_the_fixed_eval_sample(tiny_inputs, tmp_path, monkeypa
     evals = [float(r["eval_reward_mean"]) for r in read_csv(tmp_path / "rl.csv")
              if r["eval_reward_mean"]]
     assert evals[-1] == m["after_reward_mean"] and evals[-1] > evals[0]
+
+
+def test_user_reward_beside_params_yaml_is_importable(tmp_path, monkeypatch):
+    """The `latentforge` console script puts its bin folder, not the project, first on
+    sys.path; a reward module beside params.yaml must still be found."""
+    import sys
+
+    from latentforge.rewards import resolve
+
+    (tmp_path / "lf_project_rewards.py").write_text(
+        "import numpy as np\n\ndef brightness(images, labels):\n"
+        "    return images.reshape(len(images), -1).mean(axis=1) / 255.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    fn = resolve("lf_project_rewards:brightness", judge=None)
+    images = np.full((2, 4, 4, 1), 255, dtype=np.uint8)
+    assert fn(images, np.zeros(2, dtype=int)).tolist() == [1.0, 1.0]
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_reward_module'"):
+        resolve("no_such_reward_module:fn", judge=None)
