@@ -54,6 +54,7 @@ def execute_stage(stage: str, params: Params, root: str | Path = ".") -> StageRe
     """Run `stage` with tracking; write metrics/<stage>.json and the last-run record."""
     if stage not in paths.STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(paths.STAGES)}")
+    storage.configure(params.storage)
     root = Path(root)
     parent = os.environ.get(tracking.PARENT_RUN_ENV) or None
     started = time.time()

@@ -3,6 +3,16 @@
 Local paths go through pathlib; anything with `://` through fsspec, imported lazily. S3
 endpoint and credentials come only from the standard AWS environment and config files
 (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ~/.aws/...): never from params, never logged.
+
+Timeouts and retries come from `storage.*` params (`configure`). Left to s3fs and botocore's
+own defaults, an endpoint that accepts connections but never answers held one `exists` call
+for 412 s: s3fs tries each call 5 times, botocore tries each of those 5 times, and each of
+the 25 attempts waits 15 s for an answer. Here botocore alone retries (its "standard" mode
+also covers throttling and 5xx answers) and s3fs tries once, so a dead endpoint fails after
+(1 + storage.retries) x storage.read_timeout: measured 32 s with the defaults.
+The price: a GET whose body breaks off half way is not retried; the stage fails and can be
+rerun. Failures on a URL become one DataError line naming the URL, what went wrong and which
+AWS settings were looked at (set or unset, never their values).
 """
 
 from __future__ import annotations
@@ -15,21 +25,164 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from latentforge.errors import DataError
+
+if TYPE_CHECKING:
+    from latentforge.config import StorageConfig
 
 CHUNK = 1 << 20
+
+# The AWS environment variables botocore reads for S3 (endpoint, credentials, profile,
+# region); failure messages say which are set, never their values.
+AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+AWS_FILES = {
+    "AWS_SHARED_CREDENTIALS_FILE": "~/.aws/credentials",
+    "AWS_CONFIG_FILE": "~/.aws/config",
+}
+
+# Module-wide rather than passed along: the source readers and every stage's writers call
+# this module with paths only, and a process runs one stage, which calls `configure` first.
+# None means StorageConfig's defaults (a process that never ran a stage, e.g. a test).
+_config: StorageConfig | None = None
+
+
+def configure(cfg: StorageConfig) -> None:
+    """Use `cfg`'s timeouts and retries for every URL this process opens from now on."""
+    global _config
+    _config = cfg
+
+
+def _current_config() -> StorageConfig:
+    if _config is None:
+        from latentforge.config import StorageConfig
+
+        return StorageConfig()
+    return _config
 
 
 def is_url(path: str | os.PathLike[str]) -> bool:
     return "://" in str(path)
 
 
+def _is_s3(url: str) -> bool:
+    return url.split("://", 1)[0] in ("s3", "s3a")
+
+
 def filesystem(url: str) -> tuple[Any, str]:
-    """(fsspec filesystem, path within it) for a URL."""
+    """(fsspec filesystem, path within it) for a URL; S3 ones with `configure`d time limits."""
     import fsspec
 
-    fs, fs_path = fsspec.core.url_to_fs(url)
+    if not _is_s3(url):
+        return fsspec.core.url_to_fs(url)
+    cfg = _current_config()
+    # fsspec caches one instance per distinct set of options, so other settings get their own.
+    fs, fs_path = fsspec.core.url_to_fs(
+        url,
+        config_kwargs={
+            "connect_timeout": cfg.connect_timeout,
+            "read_timeout": cfg.read_timeout,
+            "retries": {"total_max_attempts": 1 + cfg.retries, "mode": "standard"},
+        },
+    )
+    fs.retries = 1  # s3fs's own retry loop (not an __init__ option); botocore retries instead
     return fs, fs_path
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The S3 error code ("NoSuchBucket", "AccessDenied", ...) behind an exception, if any."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict) and response.get("Error", {}).get("Code"):
+            return str(response["Error"]["Code"])
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _problem(exc: BaseException) -> str | None:
+    """What went wrong, in words that hold no endpoint, key or secret; None: not a storage
+    failure (the caller re-raises it unchanged)."""
+    from botocore import exceptions as boto
+
+    cfg = _current_config()
+    attempts = f"{1 + cfg.retries} attempt{'s' if cfg.retries else ''}"
+    code = _error_code(exc)
+    if isinstance(exc, boto.ConnectTimeoutError):
+        return (
+            f"no connection within {cfg.connect_timeout:g} s after {attempts} "
+            "(storage.connect_timeout, storage.retries)"
+        )
+    if isinstance(exc, boto.ReadTimeoutError):
+        return (
+            f"no answer within {cfg.read_timeout:g} s after {attempts} "
+            "(storage.read_timeout, storage.retries)"
+        )
+    if isinstance(exc, boto.EndpointConnectionError):
+        return f"could not connect to the endpoint after {attempts}"
+    if isinstance(exc, boto.ConnectionClosedError):
+        return f"the endpoint closed the connection without answering after {attempts}"
+    if isinstance(exc, boto.NoCredentialsError):
+        return "no credentials found"
+    if isinstance(exc, boto.PartialCredentialsError):
+        return "incomplete credentials (a key id without its secret, or the reverse)"
+    if isinstance(exc, boto.ProfileNotFound):
+        return "the AWS profile named by AWS_PROFILE is not in the config files"
+    if isinstance(exc, boto.NoRegionError):
+        return "no region set"
+    if isinstance(exc, boto.BotoCoreError):
+        return f"{type(exc).__name__} from botocore"
+    if isinstance(exc, PermissionError):
+        return f"access denied ({code or 'no S3 error code'})"
+    if isinstance(exc, FileNotFoundError):
+        return "no such bucket" if code == "NoSuchBucket" else "not found"
+    if code is not None:
+        return f"the endpoint answered {code}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return None
+
+
+def _aws_settings() -> str:
+    """Which AWS settings are set (names only, never values), for failure messages."""
+    set_: list[str] = []
+    unset: list[str] = []
+    for name in AWS_VARIABLES:
+        (set_ if os.environ.get(name) else unset).append(name)
+    for name, default in AWS_FILES.items():
+        path = os.environ.get(name)
+        found = Path(os.path.expanduser(path or default)).is_file()
+        if path:
+            set_.append(f"{name} ({'file exists' if found else 'no such file'})")
+        else:
+            unset.append(f"{name} ({default} {'exists' if found else 'missing'})")
+    return (
+        f"AWS settings looked at (values not shown): set: {', '.join(set_) or 'none'}; "
+        f"unset: {', '.join(unset) or 'none'}"
+    )
+
+
+@contextlib.contextmanager
+def _storage_errors(url: str) -> Iterator[None]:
+    """Raise a failure of the S3 calls inside as one DataError line naming `url`; other
+    URLs' errors pass through as their fsspec backend raised them."""
+    try:
+        yield
+    except Exception as exc:
+        problem = _problem(exc) if _is_s3(url) else None
+        if problem is None:
+            raise
+        raise DataError(f"{url}: {problem}; {_aws_settings()}") from exc
 
 
 def join(base: str | os.PathLike[str], *parts: str) -> str:
@@ -56,7 +209,8 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def open_binary(path: str | os.PathLike[str]) -> Iterator[Any]:
     if is_url(path):
         fs, fs_path = filesystem(str(path))
-        with fs.open(fs_path, "rb") as f:
+        # Only this module's own readers use the file, so what fails inside is a read.
+        with _storage_errors(str(path)), fs.open(fs_path, "rb") as f:
             yield f
     else:
         with open(path, "rb") as f:
@@ -69,10 +223,20 @@ def read_bytes(path: str | os.PathLike[str]) -> bytes:
 
 
 def exists(path: str | os.PathLike[str]) -> bool:
-    if is_url(path):
-        fs, fs_path = filesystem(str(path))
-        return bool(fs.exists(fs_path))
-    return Path(path).exists()
+    """Whether a local path or URL exists. An S3 URL in a bucket the endpoint does not have,
+    or one that cannot be checked (no answer, no credentials), raises DataError instead."""
+    if not is_url(path):
+        return Path(path).exists()
+    fs, fs_path = filesystem(str(path))
+    # Not fs.exists: for a bare bucket s3fs answers False to any failure, a timeout included.
+    with _storage_errors(str(path)):
+        try:
+            fs.info(fs_path)
+        except FileNotFoundError as exc:
+            if _error_code(exc) == "NoSuchBucket":
+                raise
+            return False
+    return True
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
@@ -83,7 +247,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
     """
     if is_url(path):
         fs, fs_path = filesystem(str(path))
-        with fs.open(fs_path, "wb") as f:
+        with _storage_errors(str(path)), fs.open(fs_path, "wb") as f:
             f.write(data)
         return sha256_bytes(data)
     path = Path(path)
@@ -95,9 +259,12 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # A write or fsync error (a full disk) names no file: name the one being written.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     return sha256_bytes(data)
 
@@ -105,7 +272,8 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
 def upload_file(local: str | os.PathLike[str], url: str) -> None:
     """Copy a local file to a URL (S3 makes it visible only once the upload completes)."""
     fs, fs_path = filesystem(url)
-    fs.put_file(str(local), fs_path)
+    with _storage_errors(url):
+        fs.put_file(str(local), fs_path)
 
 
 def list_files(path: str | os.PathLike[str]) -> list[str]:
@@ -113,7 +281,9 @@ def list_files(path: str | os.PathLike[str]) -> list[str]:
     if is_url(path):
         fs, fs_path = filesystem(str(path))
         protocol = str(path).split("://", 1)[0]
-        return sorted(f"{protocol}://{p}" for p in fs.find(fs_path))
+        with _storage_errors(str(path)):
+            found = fs.find(fs_path)
+        return sorted(f"{protocol}://{p}" for p in found)
     root = Path(path)
     return sorted(str(p) for p in root.rglob("*") if p.is_file())
 
