@@ -5,7 +5,8 @@ Layout of a prepared folder:
     train-00000.images.npy        (n, R, R, C) uint8, memory-mappable
     train-00000.labels.npy        (n,) int64
     val-00000.images.npy ...
-    preview.png, report.json      a grid per class; skipped images with reasons
+    preview.png, report.json      a grid per class; every conversion, label decision,
+                                  warning and skipped image with its reason
 """
 
 from __future__ import annotations

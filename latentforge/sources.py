@@ -2,7 +2,48 @@
 
 Each reader returns every image already brought to the requested square resolution and
 channel count, the labels, the class names, a fingerprint of the raw source (sha256 over
-its bytes) and the list of images it had to skip. Sources may be local or any fsspec URL.
+its bytes) and a record of each decision it took, for report.json: how each image mode was
+converted, which files it skipped or ignored and why, how it read the labels, which classes
+came out empty. Sources may be local or any fsspec URL.
+
+Image modes. `convert_image` is the one conversion from a Pillow mode to 8-bit gray (L) or
+RGB. Pillow's own `convert("L")` clips 16- and 32-bit values at 255 (I;16 32768 -> 255),
+truncates F (0.5 -> 0) and drops alpha, so those modes are handled here (checked on
+Pillow 13):
+
+    1                 0 -> 0, 1 -> 255
+    L, RGB            as they are
+    P                 palette looked up
+    RGBX              padding band dropped
+    CMYK              Pillow's R = (255 - C)(255 - K) / 255 (no ICC profile applied)
+    YCbCr             Pillow's BT.601 full-range (JPEG) YCbCr -> RGB
+    LAB               Pillow's CIELAB (D65) -> sRGB (within about one level)
+    HSV               Pillow's HSV -> RGB
+    I;16 (B, L, N)    value / 65535: 65535 -> 255, 32768 -> 128
+    I                 value / 65535 when every value lies in 0..65535 (16-bit data, as
+                      Pillow's PGM and older PNG decoders give it); other values are rejected:
+                      no fixed scale fits them (dividing by 2^31 - 1 would blacken 16-bit
+                      data, and each image's own min..max would change contrast per image)
+    F                 value * 255 when every value lies in 0..1; NaN, inf or any value
+                      outside 0..1 is rejected rather than clipped or stretched
+    LA, PA, RGBA      alpha composited on white (255), what a browser shows behind a
+                      transparent image; La and RGBa are un-premultiplied first; a
+                      `transparency` colour or palette entries (PNG tRNS, GIF) count as alpha
+Colour becomes gray by Pillow's ITU-R 601-2 luma (L = 0.299 R + 0.587 G + 0.114 B); gray
+becomes RGB by repetition. Any other mode is rejected by name. A rejected image is a bad
+image: skipped and reported under `on_bad_image: skip`, a DataError under `fail`.
+
+Labels (idx, npz) must be whole numbers >= 0, and below len(class_names) when an npz holds
+`class_names`; whole-valued floats (1.0) are accepted and cast; NaN, 1.5, -1 or a value
+past the names is a DataError naming the file, the position and the value. Without class
+names the distinct label values are the classes, renumbered 0..K-1 in order and named by
+their values.
+
+Empty classes (a class sub-folder with no image files or whose images were all skipped, a
+name in an npz's `class_names` that no label uses) are left out of class_names with a
+warning under `on_bad_image: skip`, and are a DataError under `fail`. In an image folder,
+files outside a class sub-folder, with another suffix, or below a hidden (dot) name are
+ignored and listed.
 """
 
 from __future__ import annotations
@@ -12,8 +53,9 @@ import hashlib
 import io
 import logging
 import struct
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,9 +70,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
-IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+ALPHA_BACKGROUND = 255  # white; see the module docstring
+IDX_UBYTE = 0x08
+# IDX type codes (third magic byte) -> big-endian dtype; images must be unsigned bytes.
+IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+SIXTEEN_BIT = "16-bit gray: value / 65535"
+MODE_HOW = {
+    "1": "1-bit: 0 -> 0, 1 -> 255",
+    "L": "8-bit gray as is",
+    "P": "palette looked up",
+    "RGB": "8-bit RGB as is",
+    "RGBX": "8-bit RGB, padding band dropped",
+    "CMYK": "Pillow's CMYK -> RGB, R = (255 - C)(255 - K) / 255, no ICC profile",
+    "YCbCr": "Pillow's YCbCr -> RGB (BT.601 full range, as in JPEG)",
+    "LAB": "Pillow's CIELAB (D65) -> sRGB",
+    "HSV": "Pillow's HSV -> RGB",
+    "LA": "8-bit gray with alpha",
+    "La": "8-bit gray with premultiplied alpha, un-premultiplied",
+    "PA": "palette with alpha looked up",
+    "RGBA": "8-bit RGB with alpha",
+    "RGBa": "8-bit RGB with premultiplied alpha, un-premultiplied",
+    "I;16": SIXTEEN_BIT, "I;16B": SIXTEEN_BIT, "I;16L": SIXTEEN_BIT, "I;16N": SIXTEEN_BIT,
+    "I": "32-bit integer gray holding 0..65535: value / 65535",
+    "F": "32-bit float gray in 0..1: value * 255",
+}
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+HIGH_BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 
 
 @dataclass
@@ -40,6 +108,16 @@ class SourceData:
     class_names: list[str]
     fingerprint: str
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}
+    conversions: list[dict[str, Any]] = field(default_factory=list)  # {"mode", "how", "images"}
+    label_handling: dict[str, Any] = field(default_factory=dict)
+    empty_classes: list[dict[str, str]] = field(default_factory=list)  # {"class", "path", "reason"}
+    ignored: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: never read
+    warnings: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Image conversion
+# --------------------------------------------------------------------------------------------
 
 
 def _filter(name: str) -> int:
@@ -50,9 +128,84 @@ def _filter(name: str) -> int:
             "box": Image.Resampling.BOX}[name]
 
 
-def to_square(img: Image.Image, resolution: int, channels: int, resize_filter: str) -> np.ndarray:
-    """Resize the shorter side to `resolution`, centre-crop, convert: (R, R, C) uint8."""
-    img = img.convert("L" if channels == 1 else "RGB")
+def _high_bit_gray(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """(H, W, 1) gray in 0..255 as float, (H, W, 1) alpha in 0..1 or None, and notes."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        bad = int((~np.isfinite(arr)).sum())
+        if bad:
+            raise ValueError(f"image mode F holds {bad} NaN or infinite value(s); expected "
+                             "values in 0..1")
+        scale, top = 255.0, 1.0
+    else:
+        scale, top = 255.0 / 65535.0, 65535.0
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or hi > top:
+        raise ValueError(f"image mode {img.mode} holds values {lo:g}..{hi:g}, expected "
+                         f"0..{top:g}; rejected rather than clipped or stretched")
+    gray = arr.astype(np.float64)[..., None] * scale
+    t = img.info.get("transparency")
+    if isinstance(t, int) and img.mode != "F":
+        return gray, (arr != t).astype(np.float64)[..., None], [
+            f"pixels of value {t} (its transparency) made transparent"]
+    return gray, None, []
+
+
+def convert_image(img: Image.Image, channels: int) -> tuple[Image.Image, str]:
+    """Bring an image of any supported mode to L (channels 1) or RGB (3), saying how.
+
+    Raises ValueError naming the mode, or the values, when it cannot convert faithfully.
+    """
+    from PIL import Image
+
+    mode = img.mode
+    if mode not in MODE_HOW:
+        raise ValueError(f"image mode {mode!r} is not supported (supported: "
+                         f"{', '.join(MODE_HOW)})")
+    if img.width == 0 or img.height == 0:
+        raise ValueError(f"image has no pixels ({img.width}x{img.height})")
+    how = [MODE_HOW[mode]]
+    target = "L" if channels == 1 else "RGB"
+    alpha: np.ndarray | None = None
+    if mode in HIGH_BIT_MODES:  # Pillow clips these at 255 (F: truncates 0.5 to 0)
+        pixels, alpha, notes = _high_bit_gray(img)
+        how += notes
+    elif img.has_transparency_data:  # Pillow's convert to L or RGB drops alpha
+        bands = np.asarray(img.convert("LA" if mode in GRAY_MODES else "RGBA"), np.float64)
+        pixels, alpha = bands[..., :-1], bands[..., -1:] / 255.0
+        if mode not in ALPHA_MODES:
+            how.append("its transparency colour or palette entries made alpha")
+    else:
+        # Pillow has no LAB -> L; every other mode here converts exactly as before.
+        out = img.convert("RGB").convert(target) if mode == "LAB" else img.convert(target)
+        return out, "; ".join(how + _channel_note(mode, channels) + _file_notes(img))
+    if alpha is not None:
+        pixels = pixels * alpha + ALPHA_BACKGROUND * (1.0 - alpha)
+        how.append(f"alpha composited on white ({ALPHA_BACKGROUND})")
+    arr = np.round(pixels).astype(np.uint8)  # (H, W, 1) or (H, W, 3)
+    out = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).convert(target)
+    return out, "; ".join(how + _channel_note(mode, channels) + _file_notes(img))
+
+
+def _channel_note(mode: str, channels: int) -> list[str]:
+    if channels == 1 and mode not in GRAY_MODES:
+        return ["to gray by ITU-R 601-2 luma"]
+    if channels == 3 and mode in GRAY_MODES:
+        return ["gray repeated to RGB"]
+    return []
+
+
+def _file_notes(img: Image.Image) -> list[str]:
+    notes = []
+    if getattr(img, "n_frames", 1) > 1:
+        notes.append("first frame of a multi-frame file")
+    if img.info.get("icc_profile"):
+        notes.append("embedded ICC profile not applied")
+    return notes
+
+
+def resize_square(img: Image.Image, resolution: int, resize_filter: str) -> np.ndarray:
+    """Resize the shorter side of an L or RGB image to `resolution`, centre-crop: (R, R, C)."""
     w, h = img.size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
@@ -64,31 +217,105 @@ def to_square(img: Image.Image, resolution: int, channels: int, resize_filter: s
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
-def _array_to_image(arr: np.ndarray) -> Image.Image:
+def _conversions(tally: Counter[tuple[str, str]]) -> list[dict[str, Any]]:
+    return [{"mode": mode, "how": how, "images": n} for (mode, how), n in sorted(tally.items())]
+
+
+def _transform_all(arrays: Any, cfg: PrepareConfig, origin: str
+                   ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Convert and resize uint8 arrays (H, W) or (H, W, C); `origin` prefixes each `how`."""
     from PIL import Image
 
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    return Image.fromarray(np.ascontiguousarray(arr))
-
-
-def _transform_all(arrays: Any, cfg: PrepareConfig) -> np.ndarray:
-    out = [to_square(_array_to_image(a), cfg.resolution, cfg.channels, cfg.resize_filter)
-           for a in arrays]
+    out, tally = [], Counter[tuple[str, str]]()
+    for a in arrays:
+        img = Image.fromarray(np.ascontiguousarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1
+                                                   else a))
+        try:
+            converted, how = convert_image(img, cfg.channels)
+        except ValueError as exc:  # cannot happen for uint8 L/LA/RGB/RGBA; kept as a guard
+            raise DataError(f"{cfg.path}: {exc}") from None
+        tally[(img.mode, f"{origin}; {how}")] += 1
+        out.append(resize_square(converted, cfg.resolution, cfg.resize_filter))
     if not out:
-        return np.zeros((0, cfg.resolution, cfg.resolution, cfg.channels), np.uint8)
-    return np.stack(out)
+        return np.zeros((0, cfg.resolution, cfg.resolution, cfg.channels), np.uint8), []
+    return np.stack(out), _conversions(tally)
 
 
-def _index_labels(raw: np.ndarray, names: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
-    values = np.unique(raw)
-    lookup = {v: i for i, v in enumerate(values.tolist())}
-    labels = np.array([lookup[v] for v in raw.tolist()], dtype=np.int64)
-    if names is None:
-        names = [str(v) for v in values.tolist()]
-    else:
-        names = [names[int(v)] for v in values.tolist()]
-    return labels, names
+# --------------------------------------------------------------------------------------------
+# Labels and classes
+# --------------------------------------------------------------------------------------------
+
+
+def check_labels(path: str, raw: np.ndarray, names: list[str] | None) -> np.ndarray:
+    """(N,) int64 labels after checking each is a whole number >= 0 (< len(names) if given)."""
+    expected = (f"class indices 0..{len(names) - 1} ({len(names)} class names)"
+                if names is not None else "whole numbers >= 0")
+    if raw.dtype == bool or not (np.issubdtype(raw.dtype, np.integer)
+                                 or np.issubdtype(raw.dtype, np.floating)):
+        raise DataError(f"{path}: labels must be integers, got {raw.dtype}; expected {expected}")
+
+    def first_bad(mask: np.ndarray, problem: str) -> None:
+        if mask.any():
+            i = int(np.argmax(mask))
+            raise DataError(f"{path}: label {raw[i].item()!r} at index {i} {problem}; "
+                            f"expected {expected}")
+
+    if np.issubdtype(raw.dtype, np.floating):
+        with np.errstate(invalid="ignore"):
+            # 2^53: past it a float no longer tells whole numbers apart
+            first_bad(~np.isfinite(raw) | (raw != np.round(raw)) | (np.abs(raw) >= 2**53),
+                      "is not a whole number")
+    first_bad(raw < 0, "is negative")
+    if names is not None:
+        first_bad(raw >= len(names), "is out of range")
+    return raw.astype(np.int64)
+
+
+def number_classes(values: np.ndarray, names: list[str] | None
+                   ) -> tuple[np.ndarray, list[str], dict[str, int]]:
+    """Class indices, class names and the renumbering {value: index} where it changes any.
+
+    With names the checked values are the indices; without, the distinct values are the
+    classes, renumbered 0..K-1 in order and named by their values.
+    """
+    if names is not None:
+        return values, list(names), {}
+    distinct = np.unique(values)
+    renumbered = {str(v): i for i, v in enumerate(distinct.tolist()) if v != i}
+    return (np.searchsorted(distinct, values).astype(np.int64), [str(v) for v in distinct.tolist()],
+            renumbered)
+
+
+def drop_empty_classes(labels: np.ndarray, class_names: list[str],
+                       describe: dict[str, tuple[str, str]], cfg: PrepareConfig
+                       ) -> tuple[np.ndarray, list[str], list[dict[str, str]]]:
+    """Leave out classes without images (with a record each), or raise under 'fail'.
+
+    `describe` gives, per class name, the path to name and why the class could be empty.
+    """
+    counts = np.bincount(labels, minlength=len(class_names))
+    empty = [{"class": c, "path": describe[c][0], "reason": describe[c][1]}
+             for c, n in zip(class_names, counts, strict=True) if n == 0]
+    if not empty:
+        return labels, class_names, []
+    if cfg.on_bad_image == "fail":
+        e = empty[0]
+        more = (f" (and {len(empty) - 1} more: {', '.join(x['class'] for x in empty[1:])})"
+                if len(empty) > 1 else "")
+        raise DataError(f"{e['path']}: class '{e['class']}' has no images: {e['reason']}{more} "
+                        "(prepare.on_bad_image is 'fail')")
+    keep = np.flatnonzero(counts > 0)
+    index = np.full(len(class_names), -1, np.int64)
+    index[keep] = np.arange(len(keep))
+    return index[labels], [class_names[i] for i in keep], empty
+
+
+def _empty_warnings(empty: list[dict[str, str]]) -> list[str]:
+    warnings = [f"class '{e['class']}' has no images ({e['reason']}) and is left out of "
+                f"class_names: {e['path']}" for e in empty]
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +334,11 @@ def read_digits(cfg: PrepareConfig) -> SourceData:
     fingerprint = hashlib.sha256(
         b"sklearn-digits:" + sklearn.__version__.encode() + raw.tobytes() + labels.tobytes()
     ).hexdigest()
-    return SourceData(_transform_all(raw, cfg), labels, [str(i) for i in range(10)], fingerprint)
+    images, conversions = _transform_all(raw, cfg, "scikit-learn digits 0..16 scaled by 255/16")
+    return SourceData(images, labels, [str(i) for i in range(10)], fingerprint,
+                      conversions=conversions,
+                      label_handling={"from": "scikit-learn digits targets 0..9",
+                                      "class_names": "the digits 0..9"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,28 +356,32 @@ def _idx_bytes(path: str) -> bytes:
     return data
 
 
-def parse_idx(path: str, data: bytes, expected_magic: int) -> np.ndarray:
-    """Parse an IDX file of unsigned bytes, checking magic number, dimensions and length."""
+def parse_idx(path: str, data: bytes, ndim: int, types: tuple[int, ...] = (IDX_UBYTE,)
+              ) -> np.ndarray:
+    """Parse an IDX file of `ndim` dimensions and one of `types`, checking header and length."""
     if len(data) < 4:
         raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
     (magic,) = struct.unpack(">I", data[:4])
-    if magic != expected_magic:
+    type_code = (magic >> 8) & 0xFF
+    if magic >> 16 or type_code not in types or magic & 0xFF != ndim:
+        others = (f" (or type 0x{'/0x'.join(f'{t:02x}' for t in types[1:])} for labels)"
+                  if len(types) > 1 else "")
         raise DataError(f"{path}: wrong IDX magic number 0x{magic:08x}, expected "
-                        f"0x{expected_magic:08x}")
-    ndim = expected_magic & 0xFF
+                        f"0x{(types[0] << 8) | ndim:08x}{others}")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(f"{path}: truncated IDX header: {len(data)} bytes, expected {header}")
     dims = struct.unpack(f">{ndim}I", data[4:header])
     if ndim == 3 and (dims[1] == 0 or dims[2] == 0):
         raise DataError(f"{path}: wrong dimensions {dims[1]}x{dims[2]} in the IDX header")
-    expected = int(np.prod(dims))
+    dtype = np.dtype(IDX_TYPES[type_code])
+    expected = int(np.prod(dims)) * dtype.itemsize
     actual = len(data) - header
     if actual != expected:
         shape = "x".join(str(d) for d in dims)
         raise DataError(f"{path}: header declares {shape} = {expected} bytes of data but the "
                         f"file holds {actual}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
 
 
 def _idx_pairs(path: str) -> list[tuple[str, str]]:
@@ -173,21 +408,25 @@ def read_idx(cfg: PrepareConfig) -> SourceData:
     if not pairs:
         raise DataError(f"{cfg.path}: no IDX image files (*-images-idx3-ubyte[.gz]) found")
     digest = hashlib.sha256(b"idx")
-    all_images, all_labels = [], []
+    all_images, all_labels, label_dtypes = [], [], set()
     for img_path, lbl_path in pairs:
         img_bytes, lbl_bytes = _idx_bytes(img_path), _idx_bytes(lbl_path)
         digest.update(hashlib.sha256(img_bytes).digest() + hashlib.sha256(lbl_bytes).digest())
-        images = parse_idx(img_path, img_bytes, IDX_IMAGES_MAGIC)
-        labels = parse_idx(lbl_path, lbl_bytes, IDX_LABELS_MAGIC)
-        if len(images) != len(labels):
+        images = parse_idx(img_path, img_bytes, 3)
+        raw_labels = parse_idx(lbl_path, lbl_bytes, 1, tuple(IDX_TYPES))
+        if len(images) != len(raw_labels):
             raise DataError(f"image count disagrees with label count: {img_path} has "
-                            f"{len(images)} images but {lbl_path} has {len(labels)} labels")
+                            f"{len(images)} images but {lbl_path} has {len(raw_labels)} labels")
         all_images.append(images)
-        all_labels.append(labels)
-    raw_labels = np.concatenate(all_labels)
-    labels, names = _index_labels(raw_labels)
-    images = _transform_all(np.concatenate(all_images), cfg)
-    return SourceData(images, labels, names, digest.hexdigest())
+        all_labels.append(check_labels(lbl_path, raw_labels, None))
+        label_dtypes.add(raw_labels.dtype.name)
+    labels, names, renumbered = number_classes(np.concatenate(all_labels), None)
+    images, conversions = _transform_all(np.concatenate(all_images), cfg, "IDX unsigned bytes")
+    handling = {"from": f"IDX label files ({', '.join(sorted(label_dtypes))})",
+                "checks": "whole numbers >= 0",
+                "class_names": "the distinct label values, in order", "renumbered": renumbered}
+    return SourceData(images, labels, names, digest.hexdigest(), conversions=conversions,
+                      label_handling=handling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -211,36 +450,73 @@ def decode_image(path: str, data: bytes) -> Image.Image:
     return img
 
 
+def _list_folder(root: str) -> tuple[list[tuple[str, str, str]], dict[str, int],
+                                     list[dict[str, str]]]:
+    """(class, relative name, full path) per image file, the count of other files per class
+    folder (every class folder has an entry), and the files ignored with why."""
+    entries: list[tuple[str, str, str]] = []
+    others: dict[str, int] = {}
+    ignored: list[dict[str, str]] = []
+    for f in storage.list_files(root):
+        rel = PurePosixPath(f[len(root):].lstrip("/").replace("\\", "/"))
+        if any(p.startswith(".") for p in rel.parts):
+            ignored.append({"path": f, "reason": "hidden (a name starts with '.')"})
+            if len(rel.parts) > 1 and not rel.parts[0].startswith("."):
+                others[rel.parts[0]] = others.get(rel.parts[0], 0) + 1
+        elif len(rel.parts) < 2:
+            ignored.append({"path": f, "reason": "not inside a class sub-folder"})
+        elif rel.suffix.lower() not in IMAGE_SUFFIXES:
+            others[rel.parts[0]] = others.get(rel.parts[0], 0) + 1
+            ignored.append({"path": f, "reason": f"suffix '{rel.suffix}' is not one of "
+                                                 f"{' '.join(IMAGE_SUFFIXES)}"})
+        else:
+            others.setdefault(rel.parts[0], 0)
+            entries.append((rel.parts[0], str(rel), f))
+    if not storage.is_url(root) and Path(root).is_dir():  # object stores hold no empty folders
+        for d in Path(root).iterdir():
+            if d.is_dir() and not d.name.startswith("."):
+                others.setdefault(d.name, 0)
+    return entries, others, ignored
+
+
 def read_folder(cfg: PrepareConfig) -> SourceData:
-    """One sub-folder per class (its name is the class name) of PNG/JPEG/WebP/BMP files."""
+    """One sub-folder per class (its name is the class name) of image files."""
     root = cfg.path.rstrip("/")
     if not storage.exists(root):
         raise DataError(f"{root}: image folder not found")
-    entries = []
-    for f in storage.list_files(root):
-        rel = PurePosixPath(f[len(root):].lstrip("/").replace("\\", "/"))
-        if rel.suffix.lower() in IMAGE_SUFFIXES and len(rel.parts) >= 2:
-            entries.append((rel.parts[0], str(rel), f))
-    class_names = sorted({c for c, _, _ in entries})
+    entries, others, ignored = _list_folder(root)
+    class_names = sorted(others)
     index = {c: i for i, c in enumerate(class_names)}
     digest = hashlib.sha256(b"folder")
-    images, labels, skipped = [], [], []
+    images, labels, skipped, tally = [], [], [], Counter[tuple[str, str]]()
     for class_name, rel_name, full in entries:
         data = storage.read_bytes(full)
         digest.update(rel_name.encode() + b"\0" + hashlib.sha256(data).digest())
         try:
             img = decode_image(full, data)
+            converted, how = convert_image(img, cfg.channels)
         except ValueError as exc:
             if cfg.on_bad_image == "fail":
                 raise DataError(f"{full}: {exc} (prepare.on_bad_image is 'fail')") from None
             log.warning("skipping %s: %s", full, exc)
             skipped.append({"path": full, "reason": str(exc)})
             continue
-        images.append(to_square(img, cfg.resolution, cfg.channels, cfg.resize_filter))
+        tally[(img.mode, how)] += 1
+        images.append(resize_square(converted, cfg.resolution, cfg.resize_filter))
         labels.append(index[class_name])
+    files = Counter(c for c, _, _ in entries)
+    describe = {c: (f"{root}/{c}", f"all {files[c]} image file(s) were skipped" if files[c] else
+                    f"no image files, {others[c]} other file(s)" if others[c] else "empty folder")
+                for c in class_names}
+    label_arr, class_names, empty = drop_empty_classes(np.array(labels, np.int64), class_names,
+                                                       describe, cfg)
     arr = np.stack(images) if images else np.zeros(
         (0, cfg.resolution, cfg.resolution, cfg.channels), np.uint8)
-    return SourceData(arr, np.array(labels, np.int64), class_names, digest.hexdigest(), skipped)
+    return SourceData(arr, label_arr, class_names, digest.hexdigest(), skipped,
+                      conversions=_conversions(tally), empty_classes=empty, ignored=ignored,
+                      warnings=_empty_warnings(empty),
+                      label_handling={"from": "class sub-folders",
+                                      "class_names": "sub-folder names, sorted"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,8 +524,22 @@ def read_folder(cfg: PrepareConfig) -> SourceData:
 # --------------------------------------------------------------------------------------------
 
 
+def _npz_class_names(path: str, npz: Any) -> list[str] | None:
+    if "class_names" not in npz.files:
+        return None
+    arr = npz["class_names"]
+    names = [str(n) for n in arr.tolist()] if arr.ndim == 1 else []
+    if not names:
+        raise DataError(f"{path}: 'class_names' must be a non-empty 1-D array, got shape "
+                        f"{list(arr.shape)}")
+    repeated = sorted(n for n, k in Counter(names).items() if k > 1)
+    if repeated:
+        raise DataError(f"{path}: 'class_names' repeats {', '.join(map(repr, repeated))}")
+    return names
+
+
 def read_npz(cfg: PrepareConfig) -> SourceData:
-    """uint8 `images` (N,H,W) or (N,H,W,C) and integer `labels` (N,); optional `class_names`."""
+    """uint8 `images` (N,H,W) or (N,H,W,C), C in 1..4; `labels` (N,); optional `class_names`."""
     data = storage.read_bytes(cfg.path)
     try:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
@@ -261,23 +551,31 @@ def read_npz(cfg: PrepareConfig) -> SourceData:
     images, raw_labels = npz["images"], npz["labels"]
     if images.dtype != np.uint8:
         raise DataError(f"{cfg.path}: 'images' must be uint8, got {images.dtype}")
-    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
-        raise DataError(f"{cfg.path}: 'images' must be [N,H,W] or [N,H,W,C] with C in 1/3/4, "
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 2, 3, 4)):
+        raise DataError(f"{cfg.path}: 'images' must be [N,H,W] or [N,H,W,C] with C in 1/2/3/4, "
                         f"got shape {list(images.shape)}")
-    if raw_labels.ndim != 1 or not np.issubdtype(raw_labels.dtype, np.integer):
-        raise DataError(f"{cfg.path}: 'labels' must be a 1-D integer array, got "
-                        f"{raw_labels.dtype} of shape {list(raw_labels.shape)}")
+    if raw_labels.ndim != 1:
+        raise DataError(f"{cfg.path}: 'labels' must be a 1-D array, got shape "
+                        f"{list(raw_labels.shape)}")
     if len(images) != len(raw_labels):
         raise DataError(f"{cfg.path}: {len(images)} images but {len(raw_labels)} labels")
-    names = [str(n) for n in npz["class_names"].tolist()] if "class_names" in npz.files else None
-    if names is not None and len(raw_labels) and int(raw_labels.max()) >= len(names):
-        raise DataError(f"{cfg.path}: label {int(raw_labels.max())} has no entry in "
-                        f"'class_names' ({len(names)} names)")
-    labels, class_names = _index_labels(raw_labels, names)
-    if images.ndim == 4 and images.shape[3] == 4:
-        images = images[..., :3]
+    names = _npz_class_names(cfg.path, npz)
+    values = check_labels(cfg.path, raw_labels, names)
+    labels, class_names, renumbered = number_classes(values, names)
+    describe = {c: (cfg.path, f"'class_names' names it (index {i}) but no label is {i}")
+                for i, c in enumerate(class_names)}
+    labels, class_names, empty = drop_empty_classes(labels, class_names, describe, cfg)
+    handling = {"from": f"npz 'labels' ({raw_labels.dtype})",
+                "checks": "whole numbers >= 0" + (", below len(class_names)" if names else ""),
+                "class_names": "npz 'class_names'" if names else
+                "the distinct label values, in order", "renumbered": renumbered}
+    if np.issubdtype(raw_labels.dtype, np.floating):
+        handling["floats"] = "whole-valued floats cast to integers"
     fingerprint = hashlib.sha256(b"npz" + hashlib.sha256(data).digest()).hexdigest()
-    return SourceData(_transform_all(images, cfg), labels, class_names, fingerprint)
+    images, conversions = _transform_all(images, cfg, "npz uint8 array")
+    return SourceData(images, labels, class_names, fingerprint, conversions=conversions,
+                      label_handling=handling, empty_classes=empty,
+                      warnings=_empty_warnings(empty))
 
 
 READERS = {"digits": read_digits, "idx": read_idx, "folder": read_folder, "npz": read_npz}

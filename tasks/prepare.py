@@ -2,6 +2,12 @@
 
 Output (one folder, committed atomically): shards, manifest.json, preview.png, report.json.
 Nothing in the output depends on time or machine, so DVC hashes are reproducible.
+
+report.json lists every decision the stage took: per image mode how many images were
+converted and how (latentforge/sources.py holds the table), the alpha background, the files
+skipped and ignored with reasons, how labels were read, classes left out for having no
+images, and a warning for each class with no train images (or no val images when
+val_fraction > 0). The warnings are logged and repeated in the stage summary.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from latentforge.config import Params, PrepareConfig
 from latentforge.data import MANIFEST, SPLITS, shard_names
 from latentforge.images import make_grid, save_png
 from latentforge.runner import StageResult
-from latentforge.sources import SourceData, read_source
+from latentforge.sources import ALPHA_BACKGROUND, SourceData, read_source
 from latentforge.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -100,6 +106,64 @@ def build_manifest(cfg: PrepareConfig, data: SourceData, split_idx: dict[str, np
     }
 
 
+def split_warnings(labels: np.ndarray, class_names: list[str], split_idx: dict[str, np.ndarray],
+                   cfg: PrepareConfig) -> list[str]:
+    """A warning per class with no train images, or no val images when val_fraction > 0."""
+    k = len(class_names)
+    total = np.bincount(labels, minlength=k)
+    n = {s: np.bincount(labels[split_idx[s]], minlength=k) for s in SPLITS}
+    warnings = []
+    for i, name in enumerate(class_names):
+        train, val = int(n["train"][i]), int(n["val"][i])
+        if train + val == 0:
+            warnings.append(f"class '{name}': max_images={cfg.max_images} kept none of its "
+                            f"{int(total[i])} image(s), so it is in neither split")
+        elif train == 0:
+            warnings.append(f"class '{name}' has no train images ({val} in val)")
+        elif val == 0 and cfg.val_fraction > 0:
+            warnings.append(f"class '{name}' has no val images ({train} in train)")
+    return warnings
+
+
+MAX_IGNORED_LISTED = 1000  # a folder of sidecar files must not make report.json huge
+
+
+def build_report(cfg: PrepareConfig, data: SourceData, warnings: list[str]) -> dict:
+    return {
+        "channels": cfg.channels,
+        "on_bad_image": cfg.on_bad_image,
+        "conversions": data.conversions,
+        "alpha_background": f"white ({ALPHA_BACKGROUND})",
+        "labels": data.label_handling,
+        "empty_classes": data.empty_classes,
+        "warnings": warnings,
+        "skipped": data.skipped,
+        "ignored": data.ignored[:MAX_IGNORED_LISTED],
+        "ignored_count": len(data.ignored),
+    }
+
+
+def summary_lines(data: SourceData, warnings: list[str]) -> list[str]:
+    """The Markdown stage summary after its first line: conversions, labels, warnings, files."""
+    lines = ["", f"Converted (alpha composited on white, {ALPHA_BACKGROUND}):", "",
+             "| mode | images | how |", "|---|---|---|"]
+    lines += [f"| {c['mode']} | {c['images']} | {c['how']} |" for c in data.conversions]
+    labels = data.label_handling
+    if labels:
+        renumbered = f"; renumbered {labels['renumbered']}" if labels.get("renumbered") else ""
+        lines += ["", f"Labels from {labels['from']}, class names from "
+                  f"{labels['class_names']}{renumbered}."]
+    if warnings:
+        lines += ["", f"{len(warnings)} warning(s):", ""] + [f"- {w}" for w in warnings]
+    if data.ignored:
+        lines += ["", f"Ignored {len(data.ignored)} file(s) that are not class images "
+                  "(listed in report.json)."]
+    if data.skipped:
+        lines += ["", f"Skipped {len(data.skipped)} image(s):", "", "| file | reason |", "|---|---|"]
+        lines += [f"| {s['path']} | {s['reason']} |" for s in data.skipped]
+    return lines
+
+
 def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
         tracker: Tracker | None = None) -> StageResult:
     tracker = tracker or Tracker()
@@ -107,6 +171,10 @@ def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
              "" if cfg.source == "digits" else f" from {cfg.path}")
     data = read_source(cfg)
     split_idx = select_and_split(data.labels, cfg)
+    new_warnings = split_warnings(data.labels, data.class_names, split_idx, cfg)
+    for w in new_warnings:
+        log.warning("prepare: %s", w)
+    warnings = data.warnings + new_warnings
     out_dir = Path(out_dir)
     with storage.atomic_dir(out_dir) as tmp:
         shards = {s: write_shards(tmp, s, data.images[split_idx[s]], data.labels[split_idx[s]],
@@ -117,14 +185,17 @@ def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
         train = split_idx["train"]
         save_png(preview(data.images[train], data.labels[train], data.class_names),
                  tmp / "preview.png")
-        report = {"skipped": data.skipped}
+        report = build_report(cfg, data, warnings)
         storage.write_bytes_atomic(tmp / "report.json",
                                    json.dumps(report, indent=2, sort_keys=True).encode())
 
     counts = {s: manifest["splits"][s]["count"] for s in SPLITS}
-    log.info("prepare: %d train / %d val images, %d classes, %dx%dx%d, %d skipped -> %s",
-             counts["train"], counts["val"], len(data.class_names), cfg.resolution,
-             cfg.resolution, cfg.channels, len(data.skipped), out_dir)
+    log.info("prepare: %d train / %d val images, %d classes, %dx%dx%d, %d skipped, "
+             "%d ignored, %d warning(s) -> %s", counts["train"], counts["val"],
+             len(data.class_names), cfg.resolution, cfg.resolution, cfg.channels,
+             len(data.skipped), len(data.ignored), len(warnings), out_dir)
+    for c in data.conversions:
+        log.info("prepare: %d %s image(s): %s", c["images"], c["mode"], c["how"])
     source_uri = "sklearn:digits" if cfg.source == "digits" else cfg.path
     tracker.log_input("source", source_uri if "://" in source_uri else str(Path(source_uri)),
                       data.fingerprint, context="source")
@@ -135,13 +206,12 @@ def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
     tracker.log_artifact(out_dir / "report.json")
 
     metrics = {"train_images": counts["train"], "val_images": counts["val"],
-               "classes": len(data.class_names), "skipped_images": len(data.skipped)}
+               "classes": len(data.class_names), "skipped_images": len(data.skipped),
+               "warnings": len(warnings)}
     lines = [f"**{counts['train']}** train / **{counts['val']}** val images, "
              f"{len(data.class_names)} classes, {cfg.resolution}x{cfg.resolution}x{cfg.channels} "
              f"({cfg.resize_filter}); manifest sha256 `{manifest_sha[:16]}`"]
-    if data.skipped:
-        lines += ["", f"Skipped {len(data.skipped)} image(s):", "", "| file | reason |", "|---|---|"]
-        lines += [f"| {s['path']} | {s['reason']} |" for s in data.skipped]
+    lines += summary_lines(data, warnings)
     return StageResult(metrics=metrics, summary="\n".join(lines),
                        digests={"prepared": manifest_sha})
 

@@ -1,0 +1,375 @@
+"""Issue 15: every Pillow mode converted faithfully or rejected by name, labels validated,
+empty classes reported. Images are real files written by Pillow; the few modes no file
+format stores (RGBa, La, HSV, I;16L, I;16N) go through `convert_image` directly."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latentforge.config import PrepareConfig
+from latentforge.data import load_prepared
+from latentforge.errors import DataError
+from latentforge.sources import convert_image
+from latentforge.tasks import prepare
+
+SIZE = (6, 5)
+WHITE = (255, 255, 255)
+
+
+def cfg(**kw) -> PrepareConfig:
+    return PrepareConfig(**{"resolution": 4, "val_fraction": 0.0, **kw})
+
+
+def luma(rgb: tuple[int, int, int]) -> int:
+    """Pillow's own RGB -> L, the reference for every colour image brought to one channel."""
+    return int(Image.new("RGB", (1, 1), rgb).convert("L").getpixel((0, 0)))
+
+
+def filled(mode: str, value, **info) -> Image.Image:
+    img = Image.new(mode, SIZE, value)
+    img.info.update(info)
+    return img
+
+
+def palette(mode: str, colour: tuple[int, ...], index_alpha: int | None = None) -> Image.Image:
+    img = Image.new(mode, SIZE, 0 if mode == "P" else (0, 255 if index_alpha is None else
+                                                       index_alpha))
+    img.putpalette(list(colour))
+    return img
+
+
+def i16(value: int, mode: str = "I;16") -> Image.Image:
+    return Image.new(mode, SIZE, value)  # (Pillow 13's paste(int) on I;16 wraps 32768 to 0)
+
+
+def f32(value: float) -> Image.Image:
+    return Image.fromarray(np.full(SIZE[::-1], value, np.float32))
+
+
+def i32(value: int) -> Image.Image:
+    return Image.fromarray(np.full(SIZE[::-1], value, np.int32))
+
+
+# name -> (file suffix, image, save options, mode Pillow opens it as, expected RGB, tolerance)
+CASES: dict[str, tuple[str, Callable[[], Image.Image], dict, str, tuple[int, int, int], int]] = {
+    "one": (".png", lambda: filled("1", 1), {}, "1", WHITE, 0),
+    "gray": (".png", lambda: filled("L", 77), {}, "L", (77, 77, 77), 0),
+    "pal": (".png", lambda: palette("P", (255, 0, 0)), {}, "P", (255, 0, 0), 0),
+    "pal_trns": (".png", lambda: palette("P", (255, 0, 0)), {"transparency": 0}, "P", WHITE, 0),
+    "pal_trns_gif": (".gif", lambda: palette("P", (255, 0, 0)), {"transparency": 0}, "P", WHITE,
+                     0),
+    "pal_alpha128": (".png", lambda: palette("P", (0, 0, 0)), {"transparency": bytes([128])},
+                     "P", (127, 127, 127), 0),
+    "pa": (".tif", lambda: palette("PA", (0, 255, 0)), {}, "PA", (0, 255, 0), 0),
+    "pa_alpha0": (".tif", lambda: palette("PA", (0, 255, 0), index_alpha=0), {}, "PA", WHITE, 0),
+    "gray_alpha0": (".png", lambda: filled("LA", (100, 0)), {}, "LA", WHITE, 0),
+    "gray_alpha255": (".png", lambda: filled("LA", (100, 255)), {}, "LA", (100, 100, 100), 0),
+    "gray_trns": (".png", lambda: filled("L", 200), {"transparency": 200}, "L", WHITE, 0),
+    "rgb": (".png", lambda: filled("RGB", (10, 200, 30)), {}, "RGB", (10, 200, 30), 0),
+    "rgb_trns": (".png", lambda: filled("RGB", (1, 2, 3)), {"transparency": (1, 2, 3)}, "RGB",
+                 WHITE, 0),
+    "rgba0": (".png", lambda: filled("RGBA", (255, 0, 0, 0)), {}, "RGBA", WHITE, 0),
+    "rgba128": (".png", lambda: filled("RGBA", (0, 0, 255, 128)), {}, "RGBA", (127, 127, 255),
+                0),
+    "rgba0_webp": (".webp", lambda: filled("RGBA", (0, 0, 0, 0)), {"lossless": True}, "RGBA",
+                   WHITE, 0),
+    "cmyk": (".tif", lambda: filled("CMYK", (255, 0, 0, 0)), {}, "CMYK", (0, 255, 255), 0),
+    "cmyk_half_k": (".tif", lambda: filled("CMYK", (0, 0, 0, 128)), {}, "CMYK", (127, 127, 127),
+                    0),
+    "cmyk_jpeg": (".jpg", lambda: filled("CMYK", (0, 0, 0, 0)), {"quality": 100}, "CMYK", WHITE,
+                  2),
+    "ycbcr": (".tif", lambda: filled("YCbCr", (128, 128, 128)), {}, "YCbCr", (128, 128, 128), 0),
+    # CIELAB L* = 100 * 128 / 255 = 50.2 is sRGB 119 (a reference independent of Pillow)
+    "lab": (".tif", lambda: filled("LAB", (128, 128, 128)), {}, "LAB", (119, 119, 119), 0),
+    # 16-bit: Pillow's convert("L") would give 255 for all three
+    "i16_max": (".png", lambda: i16(65535), {}, "I;16", WHITE, 0),
+    "i16_half": (".png", lambda: i16(32768), {}, "I;16", (128, 128, 128), 0),
+    "i16_low": (".png", lambda: i16(255), {}, "I;16", (1, 1, 1), 0),
+    "i16_trns": (".png", lambda: i16(40000), {"transparency": 40000}, "I;16", WHITE, 0),
+    "i16b": (".tif", lambda: i16(32768, "I;16B"), {}, "I;16B", (128, 128, 128), 0),
+    "i32": (".tif", lambda: i32(32768), {}, "I", (128, 128, 128), 0),
+    # Pillow's convert("L") truncates 0.5 to 0
+    "float_half": (".tif", lambda: f32(0.5), {}, "F", (128, 128, 128), 0),
+    "float_one": (".tif", lambda: f32(1.0), {}, "F", WHITE, 0),
+}
+
+
+def write_case(folder: Path, name: str) -> Path:
+    suffix, make, options, mode, _, _ = CASES[name]
+    path = folder / name / f"img{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make().save(path, **options)
+    assert Image.open(path).mode == mode, f"{name}: Pillow opens it as {Image.open(path).mode}"
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Every case as one class folder, prepared with 1 and with 3 channels."""
+    root = tmp_path_factory.mktemp("modes")
+    for name in CASES:
+        write_case(root / "imgs", name)
+    out = {}
+    for channels in (1, 3):
+        prepared = root / f"p{channels}"
+        prepare.run(cfg(source="folder", path=str(root / "imgs"), channels=channels),
+                    out_dir=prepared)
+        data = load_prepared(prepared)
+        x, y = data.split("train")
+        images = {data.class_names[label]: x[i] for i, label in enumerate(y.tolist())}
+        out[channels] = images, json.loads((prepared / "report.json").read_text())
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_mode_round_trips_a_known_value(converted, name):
+    expected_rgb, tol = CASES[name][4], CASES[name][5]
+    gray, rgb = converted[1][0][name], converted[3][0][name]
+    assert gray.shape == (4, 4, 1) and rgb.shape == (4, 4, 3)
+    assert np.abs(gray.astype(int) - luma(expected_rgb)).max() <= tol, gray[..., 0]
+    assert np.abs(rgb.astype(int) - np.array(expected_rgb)).max() <= tol, rgb[0, 0]
+
+
+def test_report_lists_each_mode_and_how(converted):
+    report = converted[1][1]
+    assert report["alpha_background"] == "white (255)"
+    hows: dict[str, list[str]] = {}
+    for c in report["conversions"]:
+        hows.setdefault(c["mode"], []).append(c["how"])
+    assert sum(c["images"] for c in report["conversions"]) == len(CASES)
+    assert set(hows) == {mode for _, _, _, mode, _, _ in CASES.values()}
+    assert any("value / 65535" in h for h in hows["I;16"])
+    assert any("transparency" in h and "alpha composited on white (255)" in h
+               for h in hows["I;16"])
+    assert all("alpha composited on white (255)" in h for h in hows["RGBA"])
+    assert any("transparency colour or palette entries made alpha" in h for h in hows["P"])
+    assert all("value * 255" in h for h in hows["F"])
+    assert all("luma" in h for h in hows["CMYK"])
+    assert "gray repeated to RGB" in converted[3][1]["conversions"][0]["how"]  # mode "1"
+
+
+@pytest.mark.parametrize("mode, value, expected", [
+    ("RGBa", (100, 50, 0, 128), (227, 177, 127)),  # premultiplied: c + 255 * (1 - a)
+    ("La", (100, 128), (227, 227, 227)),
+    ("HSV", (85, 255, 255), (0, 255, 0)),
+    ("I;16L", 32768, (128, 128, 128)),
+    ("I;16N", 65535, WHITE),
+    ("RGBX", (10, 20, 30, 0), (10, 20, 30)),
+])
+def test_modes_no_file_format_holds(mode, value, expected):
+    img = Image.new(mode, SIZE, value)
+    assert np.asarray(img).reshape(-1)[0] == np.asarray(value).reshape(-1)[0]
+    rgb, how = convert_image(img, 3)
+    assert rgb.mode == "RGB" and np.abs(np.asarray(rgb).astype(int) - expected).max() <= 1, how
+    gray, _ = convert_image(img, 1)
+    assert gray.mode == "L" and abs(int(np.asarray(gray)[0, 0]) - luma(expected)) <= 1
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: f32(255.0), "image mode F holds values 255..255, expected 0..1"),
+    (lambda: f32(float("nan")), "image mode F holds 30 NaN or infinite value(s)"),
+    (lambda: i32(70000), "image mode I holds values 70000..70000, expected 0..65535"),
+    (lambda: i32(-1), "image mode I holds values -1..-1, expected 0..65535"),
+])
+def test_unfaithful_values_are_rejected_by_mode(tmp_path, make, message):
+    root = tmp_path / "imgs"
+    (root / "ok").mkdir(parents=True)
+    filled("L", 9).save(root / "ok" / "a.png")
+    (root / "bad").mkdir()
+    make().save(root / "bad" / "x.tif")
+    out = tmp_path / "p"
+    prepare.run(cfg(source="folder", path=str(root)), out_dir=out)
+    report = json.loads((out / "report.json").read_text())
+    assert [s["path"] for s in report["skipped"]] == [str(root / "bad" / "x.tif")]
+    assert message in report["skipped"][0]["reason"]
+    assert report["empty_classes"][0]["class"] == "bad"  # its only image was rejected
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg(source="folder", path=str(root), on_bad_image="fail"), out_dir=out)
+    assert f"{root / 'bad' / 'x.tif'}: {message}" in str(err.value)
+
+
+def test_npz_alpha_is_composited_not_dropped(tmp_path):
+    f = tmp_path / "d.npz"
+    images = np.zeros((4, 5, 5, 4), np.uint8)
+    images[..., 0] = 255  # red, fully transparent except the last image
+    images[3, ..., 3] = 255
+    np.savez(f, images=images, labels=np.array([0, 0, 1, 1]))
+    out = tmp_path / "p"
+    prepare.run(cfg(source="npz", path=str(f), channels=3), out_dir=out)
+    x, y = load_prepared(out).split("train")
+    assert [tuple(img[0, 0]) for img in x] == [WHITE, WHITE, WHITE, (255, 0, 0)]
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("labels, names, message", [
+    ([0, -1, 2], None, "label -1 at index 1 is negative; expected whole numbers >= 0"),
+    ([0, 1.5, 2], None, "label 1.5 at index 1 is not a whole number"),
+    ([0, 1, np.nan], None, "label nan at index 2 is not a whole number"),
+    ([0, np.inf, 1], None, "label inf at index 1 is not a whole number"),
+    ([0, 1, 3], ["a", "b", "c"], "label 3 at index 2 is out of range; expected class indices "
+     "0..2 (3 class names)"),
+    ([True, False, True], None, "labels must be integers, got bool"),
+])
+def test_npz_bad_labels_name_file_and_value(tmp_path, labels, names, message):
+    f = tmp_path / "d.npz"
+    extra = {"class_names": np.array(names)} if names else {}
+    np.savez(f, images=np.zeros((3, 5, 5), np.uint8), labels=np.array(labels), **extra)
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg(source="npz", path=str(f)), out_dir=tmp_path / "p")
+    assert str(err.value).startswith(f"{f}: ") and message in str(err.value)
+
+
+def test_npz_whole_float_labels_are_cast_and_reported(tmp_path):
+    f = tmp_path / "d.npz"
+    np.savez(f, images=np.zeros((6, 5, 5), np.uint8), labels=np.array([0.0, 1.0, 2.0] * 2),
+             class_names=np.array(["a", "b", "c"]))
+    out = tmp_path / "p"
+    prepare.run(cfg(source="npz", path=str(f)), out_dir=out)
+    assert sorted(load_prepared(out).split("train")[1].tolist()) == [0, 0, 1, 1, 2, 2]
+    labels = json.loads((out / "report.json").read_text())["labels"]
+    assert labels["floats"] == "whole-valued floats cast to integers"
+    assert labels["class_names"] == "npz 'class_names'"
+
+
+def test_npz_label_values_without_names_are_renumbered_and_reported(tmp_path):
+    f = tmp_path / "d.npz"
+    np.savez(f, images=np.zeros((4, 5, 5), np.uint8), labels=np.array([3, 7, 3, 7]))
+    out = tmp_path / "p"
+    prepare.run(cfg(source="npz", path=str(f)), out_dir=out)
+    assert load_prepared(out).class_names == ["3", "7"]
+    assert json.loads((out / "report.json").read_text())["labels"]["renumbered"] == {"3": 0, "7": 1}
+
+
+def test_npz_class_name_without_images_warns_or_fails(tmp_path):
+    f = tmp_path / "d.npz"
+    np.savez(f, images=np.zeros((4, 5, 5), np.uint8), labels=np.array([0, 2, 0, 2]),
+             class_names=np.array(["a", "b", "c"]))
+    out = tmp_path / "p"
+    result = prepare.run(cfg(source="npz", path=str(f)), out_dir=out)
+    assert load_prepared(out).class_names == ["a", "c"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["empty_classes"] == [{"class": "b", "path": str(f), "reason":
+                                        "'class_names' names it (index 1) but no label is 1"}]
+    assert "class 'b' has no images" in report["warnings"][0] and "class 'b'" in result.summary
+    with pytest.raises(DataError, match="class 'b' has no images"):
+        prepare.run(cfg(source="npz", path=str(f), on_bad_image="fail"), out_dir=out)
+    np.savez(f, images=np.zeros((2, 5, 5), np.uint8), labels=np.array([0, 1]),
+             class_names=np.array(["a", "a"]))
+    with pytest.raises(DataError, match="'class_names' repeats 'a'"):
+        prepare.run(cfg(source="npz", path=str(f)), out_dir=out)
+
+
+def idx_file(values: np.ndarray, type_code: int) -> bytes:
+    dtype = {0x08: ">u1", 0x09: ">i1", 0x0D: ">f4"}[type_code]
+    return (struct.pack(">I", (type_code << 8) | values.ndim)
+            + struct.pack(f">{values.ndim}I", *values.shape) + values.astype(dtype).tobytes())
+
+
+@pytest.mark.parametrize("type_code, labels, message", [
+    (0x09, [0, 1, -3, 1], "label -3 at index 2 is negative"),
+    (0x0D, [0, 1.5, 1, 1], "label 1.5 at index 1 is not a whole number"),
+    (0x0D, [0, 1, 1, np.nan], "label nan at index 3 is not a whole number"),
+])
+def test_idx_bad_labels_name_file_and_value(tmp_path, type_code, labels, message):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "train-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(idx_file(np.zeros((4, 5, 5)), 0x08)))
+    lbl = tmp_path / "m" / "train-labels-idx1-ubyte.gz"
+    lbl.write_bytes(gzip.compress(idx_file(np.array(labels), type_code)))
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg(source="idx", path=str(tmp_path / "m")), out_dir=tmp_path / "p")
+    assert str(err.value).startswith(f"{lbl}: ") and message in str(err.value)
+    lbl.write_bytes(gzip.compress(idx_file(np.array([0.0, 1.0, 1.0, 0.0]), 0x0D)))
+    prepare.run(cfg(source="idx", path=str(tmp_path / "m")), out_dir=tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "report.json").read_text())["labels"]["from"] == \
+        "IDX label files (float32)"
+
+
+# --------------------------------------------------------------------------------------------
+# Empty classes, ignored files, split warnings
+# --------------------------------------------------------------------------------------------
+
+
+def class_folder(root: Path, name: str, n: int = 2) -> None:
+    (root / name).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        filled("L", 40 * i).save(root / name / f"{i}.png")
+
+
+def test_empty_class_folders_warn_under_skip(tmp_path, caplog):
+    root = tmp_path / "imgs"
+    class_folder(root, "cat")
+    class_folder(root, "dog")
+    (root / "emu").mkdir()  # nothing at all
+    (root / "fox").mkdir()
+    (root / "fox" / "notes.txt").write_text("no images")
+    (root / "gnu").mkdir()
+    (root / "gnu" / "x.png").write_bytes(b"not a png")
+    (root / ".cache").mkdir()
+    filled("L", 1).save(root / ".cache" / "thumb.png")
+    (root / "cat" / "._0.png").write_bytes(b"AppleDouble junk")
+    filled("L", 1).save(root / "loose.png")
+    out = tmp_path / "p"
+    with caplog.at_level(logging.WARNING):
+        result = prepare.run(cfg(source="folder", path=str(root)), out_dir=out)
+    assert load_prepared(out).class_names == ["cat", "dog"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["empty_classes"] == [
+        {"class": "emu", "path": f"{root}/emu", "reason": "empty folder"},
+        {"class": "fox", "path": f"{root}/fox", "reason": "no image files, 1 other file(s)"},
+        {"class": "gnu", "path": f"{root}/gnu", "reason": "all 1 image file(s) were skipped"}]
+    for name in ("emu", "fox", "gnu"):
+        assert any(f"class '{name}' has no images" in w for w in report["warnings"])
+        assert f"class '{name}' has no images" in result.summary
+        assert f"class '{name}' has no images" in caplog.text
+    assert result.metrics["warnings"] == 3
+    ignored = {Path(i["path"]).relative_to(root).as_posix(): i["reason"] for i in report["ignored"]}
+    assert ignored == {".cache/thumb.png": "hidden (a name starts with '.')",
+                       "cat/._0.png": "hidden (a name starts with '.')",
+                       "fox/notes.txt": ignored["fox/notes.txt"],
+                       "loose.png": "not inside a class sub-folder"}
+    assert "suffix '.txt'" in ignored["fox/notes.txt"] and report["ignored_count"] == 4
+    assert [s["path"] for s in report["skipped"]] == [str(root / "gnu" / "x.png")]
+
+
+@pytest.mark.parametrize("make_empty, reason", [
+    (lambda d: d.mkdir(), "empty folder"),
+    (lambda d: (d.mkdir(), (d / "a.txt").write_text("x")), "no image files, 1 other file(s)"),
+])
+def test_empty_class_folder_fails_under_fail(tmp_path, make_empty, reason):
+    root = tmp_path / "imgs"
+    class_folder(root, "cat")
+    make_empty(root / "dog")
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg(source="folder", path=str(root), on_bad_image="fail"),
+                    out_dir=tmp_path / "p")
+    assert str(err.value) == (f"{root}/dog: class 'dog' has no images: {reason} "
+                              "(prepare.on_bad_image is 'fail')")
+    assert not (tmp_path / "p").exists()
+
+
+def test_class_missing_from_a_split_is_a_warning(tmp_path):
+    root = tmp_path / "imgs"
+    class_folder(root, "many", n=10)
+    class_folder(root, "single", n=1)
+    out = tmp_path / "p"
+    result = prepare.run(cfg(source="folder", path=str(root), val_fraction=0.2), out_dir=out)
+    warnings = json.loads((out / "report.json").read_text())["warnings"]
+    assert warnings == ["class 'single' has no val images (1 in train)"]
+    assert "class 'single' has no val images" in result.summary
+    # val_fraction 0 asks for no val images: nothing to warn about
+    prepare.run(cfg(source="folder", path=str(root)), out_dir=out)
+    assert json.loads((out / "report.json").read_text())["warnings"] == []
