@@ -11,9 +11,18 @@ Layout of a checkpoint folder (local path; training assumes a filesystem every w
       latest                  "step-000200": the newest committed folder, updated atomically
       metrics.jsonl           logged metric rows (written by training.py)
       .step-000300.tmp-1a2b   a checkpoint being written; ignored and removed by `clean_partial`
+      corrupt-step-000400-20250102T030405
+                              a checkpoint that could not be read back, set aside (never deleted)
 
 Every `step-*` folder is complete (it only appears by rename), so the newest one is the resume
-point even if a crash came between the rename and the `latest` update.
+point even if a crash came between the rename and the `latest` update. Renaming guards against
+torn saves, not against what happens to the files later (a full disk during a copy, a bad
+sector, a hand-placed file): `find_resume_checkpoint` reads the candidates back, newest first,
+and sets aside every one that does not load, with a warning naming the file and why.
+
+state.pt is read with weights_only=True, which refuses anything but tensors and plain
+containers; a refusal is reported as such, never with torch's advice to retry with
+weights_only=False (a state.pt holding a pickled object is not one LatentForge wrote).
 """
 
 from __future__ import annotations
@@ -24,12 +33,14 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from latentforge.errors import DataError
 from latentforge.storage import write_bytes_atomic
 
 if TYPE_CHECKING:
@@ -42,7 +53,22 @@ EMA_FILE = "ema.safetensors"
 STATE_FILE = "state.pt"
 LATEST_FILE = "latest"
 CHECKPOINT_FILES = (MODEL_FILE, EMA_FILE, STATE_FILE)
+CORRUPT_PREFIX = "corrupt-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# The safe unpickler names the global it refused ("... unsupported GLOBAL posix.system ...");
+# only a dotted identifier is kept, so nothing else the file says reaches the message.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]{0,80})")
+_REFUSED = ("holds objects other than tensors and plain containers; refused "
+            "(LatentForge never loads pickled code)")
+
+
+class CheckpointError(DataError):
+    """A checkpoint file that cannot be read back, or that does not fit the model."""
+
+    def __init__(self, file: Path, reason: str) -> None:
+        super().__init__(f"{file}: {reason}")
+        self.file = file
+        self.reason = reason
 
 
 @dataclass
@@ -85,22 +111,28 @@ def _to_safetensors_bytes(state: dict[str, torch.Tensor], step: int) -> bytes:
     return save(tensors, metadata={"step": str(step)})
 
 
-def committed_steps(ckpt_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """(step, folder) of every committed checkpoint that holds all its files, oldest first."""
-    root = Path(ckpt_dir)
+def _step_folders(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `step-NNNNNN` folder, complete or not, oldest first."""
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
         match = _STEP_DIR.match(child.name)
-        if not match or not child.is_dir():
-            continue
-        if all((child / name).is_file() for name in CHECKPOINT_FILES):
+        if match and child.is_dir():
             found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def committed_steps(ckpt_dir: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """(step, folder) of every committed checkpoint that holds all its files, oldest first."""
+    found = []
+    for step, child in _step_folders(Path(ckpt_dir)):
+        if all((child / name).is_file() for name in CHECKPOINT_FILES):
+            found.append((step, child))
         else:
             # Only a hand-made or half-copied folder can get here: ours appear by rename.
             log.warning("ignoring incomplete checkpoint folder %s", child)
-    return sorted(found)
+    return found
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:
@@ -215,15 +247,163 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path), device="cpu")
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Load a checkpoint folder (`step-NNNNNN/`) onto the CPU, safely (no unpickling)."""
+def _first_line(exc: BaseException) -> str:
+    """The first sentence of an exception's message (torch's go on for a paragraph)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0].split(". ")[0][:160] if lines else type(exc).__name__
+
+
+def _unreadable_reason(file: Path, exc: Exception) -> str:
+    """One line on why `file` did not parse; never torch's advice to set weights_only=False."""
+    message = str(exc)
+    if "weights_only" in message:  # the safe unpickler refused the file
+        refused = _REFUSED_GLOBAL.search(message)
+        if refused:
+            return f"{_REFUSED}; it names {refused.group(1)}"
+        return f"garbled, or {_REFUSED}"
+    kind = "safetensors" if file.suffix == ".safetensors" else "torch.save"
+    if isinstance(exc, EOFError) or not message:
+        return f"empty or truncated {kind} file"
+    return f"truncated or garbled {kind} file ({type(exc).__name__}: {_first_line(exc)})"
+
+
+def _read_file(file: Path, parse: Callable[[bytes], Any]) -> Any:
+    """`parse` of the file's bytes; a missing file or any complaint of the parser (safetensors,
+    zip, the safe unpickler) is raised as a CheckpointError naming the file.
+
+    The bytes are read first so that an OSError of the disk or the mount (which setting the
+    folder aside would hide) propagates, while one that a parser raises (torch.load of some
+    truncated archives raises EINVAL) counts against the file.
+    """
+    try:
+        data = file.read_bytes()
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise CheckpointError(file, "missing") from exc
+    try:
+        return parse(data)
+    except Exception as exc:
+        raise CheckpointError(file, _unreadable_reason(file, exc)) from exc
+
+
+def _parse_safetensors(data: bytes) -> dict[str, torch.Tensor]:
+    # From bytes, not load_file: its tensors map the file, so rewriting the file in place
+    # would change (or, truncated, crash on) weights already handed out.
+    from safetensors.torch import load
+
+    return load(data)
+
+
+def _parse_train_state(data: bytes) -> Any:
+    import io
+
     import torch
 
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def read_train_state(file: Path) -> dict[str, Any]:
+    """A state.pt, safely (tensors and plain containers only); CheckpointError naming `file`
+    when it is missing, unreadable, refused or not a training state."""
+    state = _read_file(file, _parse_train_state)
+    step = state.get("step") if isinstance(state, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise CheckpointError(file, f"no integer 'step' in it (a {type(state).__name__}); "
+                                    f"not a training state LatentForge wrote")
+    return state
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Load a checkpoint folder (`step-NNNNNN/`) onto the CPU, safely (no unpickling).
+
+    Raises CheckpointError naming the file that is missing, truncated, garbled or refused.
+    """
     path = Path(path)
-    train_state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    return Checkpoint(step=int(train_state["step"]), model_state=_load_safetensors(path / MODEL_FILE),
-                      ema_state=_load_safetensors(path / EMA_FILE), train_state=train_state,
-                      path=path)
+    train_state = read_train_state(path / STATE_FILE)
+    step = int(train_state["step"])
+    named = _STEP_DIR.match(path.name)
+    if named and int(named.group(1)) != step:
+        raise CheckpointError(path / STATE_FILE, f"says step {step} but sits in {path.name}")
+    return Checkpoint(step=step, model_state=_read_file(path / MODEL_FILE, _parse_safetensors),
+                      ema_state=_read_file(path / EMA_FILE, _parse_safetensors),
+                      train_state=train_state, path=path)
+
+
+def _misfit(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor]) -> str | None:
+    """How `state` differs from the keys and shapes `expected` (the first difference), or None."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = [f"{len(keys)} {what} key(s), e.g. {keys[0]!r}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        return ", ".join(parts)
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            return f"{key!r} is {tuple(state[key].shape)} in the file, {shape} in the model"
+    return None
+
+
+def check_weights_fit(checkpoint: Checkpoint, model: torch.nn.Module) -> None:
+    """Raise CheckpointError unless both weight files hold exactly `model`'s keys and shapes.
+
+    `model` may live on the meta device: only its state_dict's keys and shapes are compared,
+    the two things a strict `load_state_dict` refuses.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, state in ((MODEL_FILE, checkpoint.model_state), (EMA_FILE, checkpoint.ema_state)):
+        problem = _misfit(expected, state)
+        if problem is not None:
+            raise CheckpointError(checkpoint.path / name, f"does not fit the model ({problem}); "
+                                                          f"written by another model version?")
+
+
+def _point_latest(root: Path) -> None:
+    """Point `latest` at the newest committed folder, or remove it when there is none."""
+    steps = committed_steps(root)
+    if steps:
+        write_bytes_atomic(root / LATEST_FILE, f"{steps[-1][1].name}\n".encode())
+    else:
+        (root / LATEST_FILE).unlink(missing_ok=True)
+
+
+def set_aside(folder: Path) -> Path:
+    """Rename a checkpoint folder that cannot be resumed to `corrupt-<name>-<time>` beside it
+    (kept for the user to look at, never deleted) and repoint `latest`; return the new path."""
+    root = folder.parent
+    target = root / f"{CORRUPT_PREFIX}{folder.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    if target.exists():  # set aside twice within a second (a rerun that failed the same way)
+        target = target.with_name(f"{target.name}-{uuid.uuid4().hex[:4]}")
+    os.replace(folder, target)
+    _fsync_dir(root)
+    _point_latest(root)
+    return target
+
+
+def find_resume_checkpoint(ckpt_dir: str | os.PathLike[str],
+                           check: Callable[[Checkpoint], None] | None = None
+                           ) -> Checkpoint | None:
+    """The newest checkpoint that loads whole and passes `check`, or None (start afresh).
+
+    Every newer `step-*` folder that does not (a file missing, truncated, garbled or refused
+    by the safe unpickler, or `check` raising CheckpointError) is logged as a warning naming
+    the file and why, and set aside with `set_aside`; the previous one is tried next.
+    """
+    root = Path(ckpt_dir)
+    folders = _step_folders(root)
+    for _, folder in reversed(folders):
+        try:
+            checkpoint = load_checkpoint(folder)
+            if check is not None:
+                check(checkpoint)
+        except CheckpointError as exc:
+            moved = set_aside(folder)
+            log.warning("cannot resume from %s: %s; set the folder aside as %s",
+                        exc.file, exc.reason, moved.name)
+            log.debug("what reading %s raised", exc.file, exc_info=exc.__cause__ or exc)
+            continue
+        return checkpoint
+    if folders:
+        log.warning("no checkpoint in %s reads back; nothing to resume", root)
+    return None
 
 
 def load_checkpoint_weights(ckpt_dir: str | os.PathLike[str],
@@ -234,7 +414,7 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike[str],
     path = latest_checkpoint(ckpt_dir)
     if path is None:
         raise FileNotFoundError(f"no committed checkpoint in {ckpt_dir}")
-    return _load_safetensors(path / (EMA_FILE if which == "ema" else MODEL_FILE))
+    return _read_file(path / (EMA_FILE if which == "ema" else MODEL_FILE), _parse_safetensors)
 
 
 def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,

@@ -4,9 +4,10 @@ A stage describes its problem as a `TrainSpec` (how to build the model, the loss
 and calls `train(spec, cfg, compute, ckpt_dir, tracker)`. The same loop runs in this process
 (one worker, no cluster address) or in each Ray Train worker (DDP), and:
 
-- resumes by itself from the newest committed checkpoint in `ckpt_dir`; a run whose checkpoint
-  already reached `cfg.steps` returns at once; checkpoints of a different configuration
-  (anything but save_every/keep_last/log_every, or other data shapes) are discarded;
+- resumes by itself from the newest committed checkpoint in `ckpt_dir` that reads back whole
+  and fits the model (newer ones are set aside with a warning; see checkpoint.py); a run whose
+  checkpoint already reached `cfg.steps` returns at once; checkpoints of a different
+  configuration (anything but save_every/keep_last/log_every, or other data shapes) are discarded;
 - is exactly reproducible on the CPU, across crashes: the global batch of update `step` is a
   pure function of (seed, step), and before every update the torch (CPU and CUDA), numpy and
   `random` global generators are seeded from (seed, step, rank), so a loss function may draw
@@ -30,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import io
 import json
 import logging
 import math
@@ -456,25 +456,73 @@ def _evaluate_ema(spec: TrainSpec, ema: EMA, step: int) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _prepare_ckpt_dir(ckpt_dir: Path, cfg: TrainConfig, data: dict[str, np.ndarray]) -> int:
-    """Clean leftovers, discard checkpoints of another configuration; return the resume step."""
+def _shapes_model(spec: TrainSpec) -> nn.Module:
+    """The model on the meta device: its state_dict's keys and shapes, no memory, no init time."""
+    try:
+        with torch.device("meta"):
+            return spec.build_model()
+    except Exception:  # an __init__ that reads tensor values cannot run on meta tensors
+        log.debug("build_model fails on the meta device; building it on the CPU", exc_info=True)
+        return spec.build_model()
+
+
+def _check_resumable(checkpoint: ckpt.Checkpoint, model: nn.Module) -> None:
+    """Raise CheckpointError unless `_run_loop` can load `checkpoint` into `model` and its AdamW."""
+    ckpt.check_weights_fit(checkpoint, model)
+    state_file = checkpoint.path / ckpt.STATE_FILE
+    missing = [k for k in ("optimizer", "rng") if k not in checkpoint.train_state]
+    if missing:
+        raise ckpt.CheckpointError(state_file, f"lacks {', '.join(missing)}; not a training state")
+    optimizer = checkpoint.train_state["optimizer"]
+    params = [tuple(p.shape) for p in model.parameters()]
+    try:
+        # AdamW numbers the parameters in model.parameters() order; a wrong count is refused by
+        # load_state_dict, wrong moment shapes only at the next step, mid-run.
+        counted = sum(len(group["params"]) for group in optimizer["param_groups"])
+        shapes = {(int(i), tuple(v.shape)) for i, moments in optimizer["state"].items()
+                  for v in moments.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise ckpt.CheckpointError(state_file, "its optimizer state is not AdamW's") from exc
+    if counted != len(params):
+        raise ckpt.CheckpointError(state_file, f"its optimizer state is for {counted} parameters, "
+                                               f"the model has {len(params)}")
+    wrong = sorted(i for i, shape in shapes if not 0 <= i < len(params) or params[i] != shape)
+    if wrong:
+        raise ckpt.CheckpointError(state_file, f"its optimizer moments of parameter(s) {wrong[:5]} "
+                                               f"do not have the parameters' shapes")
+
+
+def _prepare_ckpt_dir(ckpt_dir: Path, cfg: TrainConfig, spec: TrainSpec) -> int:
+    """Clean leftovers, set aside checkpoints that cannot be read back, discard checkpoints of
+    another configuration; return the resume step (0: start afresh).
+
+    A resumable checkpoint is read whole here, on the driver, so that a bad one is set aside
+    before a worker (in-process or on Ray Train, which gets the folder's bytes) loads it.
+    """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt.clean_partial(ckpt_dir)
-    latest = ckpt.latest_checkpoint(ckpt_dir)
-    if latest is None:
+    fingerprint = run_fingerprint(cfg, spec.data)
+    shapes_model = functools.cache(functools.partial(_shapes_model, spec))  # once, if needed
+
+    def check(checkpoint: ckpt.Checkpoint) -> None:
+        # Another configuration's checkpoint (e.g. another model size, whose shapes differ) is
+        # not broken: it is discarded below with all the others, not set aside.
+        if checkpoint.train_state.get("fingerprint") == fingerprint:
+            _check_resumable(checkpoint, shapes_model())
+
+    resume = ckpt.find_resume_checkpoint(ckpt_dir, check)
+    if resume is None:
         (ckpt_dir / METRICS_FILE).unlink(missing_ok=True)
         return 0
-    state = torch.load(latest / ckpt.STATE_FILE, map_location="cpu", weights_only=True)
-    if state.get("fingerprint") != run_fingerprint(cfg, data):
+    if resume.train_state.get("fingerprint") != fingerprint:
         log.warning("checkpoints in %s belong to another configuration or data; starting afresh",
                     ckpt_dir)
         ckpt.prune_checkpoints(ckpt_dir, keep_last=0)
         (ckpt_dir / ckpt.LATEST_FILE).unlink(missing_ok=True)
         (ckpt_dir / METRICS_FILE).unlink(missing_ok=True)
         return 0
-    step = int(state["step"])
-    _keep_metrics_upto(ckpt_dir, step)
-    return step
+    _keep_metrics_upto(ckpt_dir, resume.step)
+    return resume.step
 
 
 def local_device(compute: ComputeConfig) -> torch.device:
@@ -558,8 +606,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
         if restored is not None:
             with restored.as_directory() as folder:
                 files = ckpt.checkpoint_files(folder)
-            step = int(torch.load(io.BytesIO(files[ckpt.STATE_FILE]), map_location="cpu",
-                                  weights_only=True)["step"])
+                step = ckpt.read_train_state(Path(folder) / ckpt.STATE_FILE)["step"]
             ckpt.install_checkpoint_files(scratch, step, files)
         elif config["resume"] is not None:
             step, ref = config["resume"]
@@ -732,7 +779,7 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
         raise ValueError(f"spec.data needs arrays of one common length, got {lengths}")
 
     started = time.perf_counter()
-    resumed_from = _prepare_ckpt_dir(ckpt_dir, cfg, spec.data)
+    resumed_from = _prepare_ckpt_dir(ckpt_dir, cfg, spec)
     _forward(tracker, read_metrics(ckpt_dir))
     if resumed_from >= cfg.steps:
         log.info("%s already holds step %d of %d; nothing to train", ckpt_dir, resumed_from,

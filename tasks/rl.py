@@ -275,10 +275,10 @@ class FineTuner:
         """Load the newest checkpoint of this configuration; (step, history) or (0, [])."""
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(ckpt_dir)
-        latest = ckpt.latest_checkpoint(ckpt_dir)
-        if latest is None:
+        # An unreadable newest checkpoint is set aside (logged); the one before it is used.
+        state = ckpt.find_resume_checkpoint(ckpt_dir)
+        if state is None:
             return 0, []
-        state = ckpt.load_checkpoint(latest)
         if state.train_state.get("fingerprint") != fingerprint:
             log.warning("checkpoints in %s belong to another rl configuration; starting afresh",
                         ckpt_dir)
