@@ -4,13 +4,16 @@ imported only inside the commands that need them, so `--help` and `params` are i
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from latentforge import procs
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.malloc import tune_malloc
 
@@ -121,27 +124,40 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raise ConfigError("inside `dvc repro` the parameters come from params.yaml only; "
                           "drop --params/-S (use `latentforge run -S ...` or `dvc exp run -S`)")
     params = _load(args)
-    if inside_dvc or args.no_dvc:
+    if inside_dvc:  # the `latentforge run` (or `dvc repro`) that started us holds the workspace
         from latentforge.runner import execute_stage
 
         execute_stage(args.name, params)
         return 0
-    _require_project()
-    _persist_params(args, params)
-    from latentforge.flows.pipeline import run_pipeline
+    if args.no_dvc:
+        from latentforge import workspace
+        from latentforge.runner import execute_stage
 
-    records = run_pipeline(stages=[args.name], force=args.force)
-    print(format_table(records))
-    return 0
+        with workspace.lock():
+            execute_stage(args.name, params)
+        return 0
+    return _orchestrate(args, params, stages=[args.name])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    params = _load(args)
-    _require_project()
-    _persist_params(args, params)
-    from latentforge.flows.pipeline import run_pipeline
+    return _orchestrate(args, _load(args), stages=None)
 
-    records = run_pipeline(force=args.force)
+
+def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None) -> int:
+    """Run stages through Prefect and DVC, holding the workspace, with a guard that stops the
+    children and ends the MLflow runs if this process is killed."""
+    from latentforge import prefectserver, procs, tracking, workspace
+
+    _require_project()
+    procs.start_guard()
+    if params.tracking.enabled:
+        procs.guard_send(f"mlflow {tracking.tracking_uri()}\t{params.tracking.experiment}")
+    with workspace.lock():
+        _persist_params(args, params)
+        from latentforge.flows.pipeline import run_pipeline
+
+        with prefectserver.temporary_server():
+            records = run_pipeline(stages=stages, force=args.force)
     print(format_table(records))
     return 0
 
@@ -259,9 +275,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     for noisy in ("httpx", "httpcore", "alembic", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    procs.install_interrupt_handlers()
+    procs.invocation_id()  # every child and MLflow run of this command carries it
     try:
         code = COMMANDS[args.command](args)
     except LatentForgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = exc.exit_code
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, after every `finally` has run
+        signum = exc.signum if isinstance(exc, procs.Interrupted) else signal.SIGINT
+        log.debug("interrupted", exc_info=True)
+        print(f"interrupted ({signal.Signals(signum).name}): stopped; MLflow runs of this "
+              f"command ended KILLED", file=sys.stderr)
+        code = 128 + signum
+    except OSError as exc:  # a full disk, a missing or unreadable file: one line, no traceback
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        code = 1
+    finally:
+        procs.stop_guard()
     return code
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`no space left on device: PATH` rather than a traceback (`-v` logs the traceback)."""
+    what = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENOSPC:
+        what = "no space left on device"
+    elif isinstance(exc, FileNotFoundError):
+        what = "file not found"
+    elif isinstance(exc, PermissionError):
+        what = "permission denied"
+    where = exc.filename if exc.filename is not None else "(file not named by the system)"
+    extra = f" -> {exc.filename2}" if exc.filename2 else ""
+    return f"{what}: {where}{extra} (run with -v for the traceback)"

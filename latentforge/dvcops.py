@@ -7,13 +7,17 @@ leave the same dvc.lock.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from latentforge import procs
 from latentforge.errors import LatentForgeError
+
+log = logging.getLogger(__name__)
 
 
 def dvc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -53,15 +57,32 @@ def reproduce(stage: str, root: str | Path = ".", env: Mapping[str, str] | None 
     cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     if force:
         cmd.append("--force")
-    proc = subprocess.Popen(cmd, cwd=root, env=dvc_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    # Its own process group: a terminal's Ctrl-C reaches `latentforge` only, which then stops
+    # DVC and the stage in order (procs.stop_group), and the guard stops them if we die.
+    proc = procs.start_group(cmd, cwd=root, env=dvc_env(env), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: list[str] = []
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        on_line(line)
-        tail = (tail + [line])[-15:]
-    if proc.wait() != 0:
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            on_line(line)
+            tail = (tail + [line])[-15:]
+        proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM, Prefect cancelling the flow run
+        with procs.interrupts_deferred():
+            log.warning("stopping stage '%s' (dvc repro, pid %d)", stage, proc.pid)
+            procs.stop_group(proc, drain=proc.stdout, on_line=on_line)
+        raise
+    procs.guard_send(f"ungroup {proc.pid}")
+    if proc.returncode != 0:
+        # The stage's own one-line `error: ...` says what to fix (and its log is above);
+        # without one (a crash), the last lines of output are the best account.
+        said = [line.removeprefix("error: ") for line in tail if line.startswith("error: ")]
+        if said:
+            log.debug("dvc repro %s exited %d; last output:\n%s", stage, proc.returncode,
+                      "\n".join(tail))
+            raise LatentForgeError(f"stage '{stage}' failed: {said[-1]}")
         raise LatentForgeError(f"stage '{stage}' failed (dvc repro exit {proc.returncode}):\n"
                                + "\n".join(tail))
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from latentforge import procs
+
 if TYPE_CHECKING:
     from latentforge.config import TrackingConfig
 
@@ -215,7 +217,7 @@ def start_run(cfg: TrackingConfig, run_name: str, tags: Mapping[str, str],
               parent_run_id: str | None = None, root: str | os.PathLike[str] = ".") -> Iterator[Tracker]:
     """Open an MLflow run (nested under `parent_run_id` if given); yields a Tracker.
 
-    The run ends FAILED when the body raises. With `cfg.enabled` false, yields a null Tracker.
+    The run ends KILLED on Ctrl-C/SIGTERM, FAILED when the body raises. With `cfg.enabled` false, yields a null Tracker.
     """
     if not cfg.enabled:
         yield Tracker()
@@ -227,9 +229,20 @@ def start_run(cfg: TrackingConfig, run_name: str, tags: Mapping[str, str],
     experiment_id = _experiment_id(cfg, root)
     all_tags = {"mlflow.source.git.commit": git_sha(root), f"{TAG_PREFIX}git_sha": git_sha(root),
                 **tags}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                          parent_run_id=parent_run_id, tags=all_tags) as run:
+    if os.environ.get(procs.INVOCATION_ENV):
+        all_tags[procs.INVOCATION_TAG] = os.environ[procs.INVOCATION_ENV]
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                           parent_run_id=parent_run_id, tags=all_tags)
+    try:
         yield MLflowTracker(run.info.run_id)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (procs.Interrupted)
+        with procs.interrupts_deferred():
+            mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
 
 
 def find_stage_run(stage: str, parent_run_id: str | None, cfg: TrackingConfig,

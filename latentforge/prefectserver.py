@@ -1,0 +1,96 @@
+"""The temporary Prefect server of a `latentforge` command, started so that it ends with it.
+
+Without PREFECT_API_URL, Prefect starts a temporary API server on 127.0.0.1 in a child
+process. Started by Prefect, that child shares the terminal's process group: Ctrl-C killed
+it first, and the flow then retried the dead API for minutes while recording its crash; and a
+SIGKILL of `latentforge` left it running. Started here instead (the same Prefect class, which
+Prefect then reuses), it runs in its own session, the guard knows its pid, and it is stopped
+last, after the flow has recorded how it ended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from latentforge import procs
+from latentforge.errors import LatentForgeError
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 120
+
+
+def _server_class() -> type:
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class SessionServer(SubprocessASGIServer):
+        """Prefect's temporary server, in its own session and registered with the guard."""
+
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # Prefect's own command line and environment (prefect/server/api/server.py).
+            env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                   "PREFECT__SERVER_FINAL": "1",
+                   **get_current_settings().to_environment_variables(exclude_unset=True)}
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent),
+                 "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                 "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+                env=env, start_new_session=True)
+            procs.guard_send(f"pid {proc.pid}")
+            return proc
+
+    return SessionServer
+
+
+def needs_temporary_server() -> bool:
+    """True when no Prefect API is configured (Prefect would start a temporary one)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return not PREFECT_API_URL.value()
+
+
+def _drain_prefect_workers(timeout: float = 10.0) -> None:
+    """Send the flow's last logs and events while the server still answers: otherwise Prefect's
+    workers retry the stopped server at exit for over a minute ("Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception:  # a failed drain costs log lines, never the run's result
+            log.debug("draining %s failed", worker.__name__, exc_info=True)
+
+
+@contextlib.contextmanager
+def temporary_server() -> Iterator[None]:
+    """Start Prefect's temporary server (when no API is configured) for the body; stop it after."""
+    if not needs_temporary_server():
+        yield
+        return
+    server = _server_class()()  # registered as Prefect's instance: its clients reuse it
+    try:
+        # Prefect's default wait (20 s) is too short for a busy 2-core machine.
+        server.start(timeout=STARTUP_TIMEOUT_S)
+    except RuntimeError as exc:
+        server.stop()
+        raise LatentForgeError(
+            f"the temporary Prefect server did not answer within {STARTUP_TIMEOUT_S} s; start "
+            "one with `prefect server start` and set PREFECT_API_URL, or retry") from exc
+    try:
+        yield
+    finally:
+        with procs.interrupts_deferred():
+            _drain_prefect_workers()
+            pid = server.server_process.pid if server.server_process else None
+            server.stop()
+            if pid:
+                procs.guard_send(f"unpid {pid}")

@@ -1,0 +1,257 @@
+"""Child processes that end with their parent: process groups, interrupts and a guard.
+
+`latentforge run` starts `dvc repro` (which starts the stage, which may start Ray) and, when no
+Prefect API is configured, a temporary Prefect server. Three rules keep them from outliving it:
+
+- Each child runs in its own session, so a terminal's Ctrl-C reaches `latentforge` alone,
+  which stops the children in order: SIGINT to the stage's process group (the stage ends its
+  MLflow run KILLED, DVC releases its lock), SIGKILL to the group after a grace period, then
+  the Prefect server last (it must still answer while the flow records its end).
+- SIGTERM is handled like Ctrl-C (`install_interrupt_handlers`): `Interrupted`, a
+  KeyboardInterrupt, unwinds the stack through every `finally`; the CLI exits 128 + signal.
+- A guard process (`python -m latentforge.procs`) holds the read end of a pipe. If
+  `latentforge` dies without saying goodbye (SIGKILL, the OOM killer), the pipe closes and the
+  guard does the cleanup instead: the registered process groups get SIGINT, then SIGKILL; the
+  registered processes SIGTERM; the invocation's MLflow runs still RUNNING end KILLED.
+
+Every process of one invocation carries `LATENTFORGE_INVOCATION` in its environment and every
+MLflow run it opens the tag `latentforge.invocation`, so the guard (and a person) can find them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+INVOCATION_ENV = "LATENTFORGE_INVOCATION"
+INVOCATION_TAG = "latentforge.invocation"
+GRACE_S = 15.0  # how long a stage gets to end its runs and release its locks after SIGINT
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM: unwinds like KeyboardInterrupt; remembers which signal came."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signum)
+
+
+def install_interrupt_handlers() -> None:
+    """SIGINT and SIGTERM raise `Interrupted` in the main thread (no-op elsewhere)."""
+    with contextlib.suppress(ValueError):  # not the main thread
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, _raise_interrupted)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM while cleaning up after the first one (a second Ctrl-C must not
+    cut the cleanup short and leave children behind)."""
+    saved = {}
+    with contextlib.suppress(ValueError):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            saved[signum] = signal.signal(signum, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def invocation_id() -> str:
+    """This invocation's id (inherited by every child through the environment)."""
+    if not os.environ.get(INVOCATION_ENV):
+        os.environ[INVOCATION_ENV] = uuid.uuid4().hex[:12]
+    return os.environ[INVOCATION_ENV]
+
+
+# --------------------------------------------------------------------------------------------
+# Process groups
+# --------------------------------------------------------------------------------------------
+
+
+def start_group(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+    """Popen in a new session (its own process group), registered with the guard."""
+    proc = subprocess.Popen(list(cmd), start_new_session=True, **kwargs)
+    guard_send(f"group {proc.pid}")
+    return proc
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def stop_group(proc: subprocess.Popen[Any], grace: float = GRACE_S,
+               drain: IO[str] | None = None, on_line: Callable[[str], None] | None = None) -> None:
+    """SIGINT to the group, wait up to `grace` seconds for the leader and the group, then
+    SIGKILL what is left. `drain`: the leader's output pipe, read (and passed to `on_line`)
+    meanwhile so that the children never block on a full pipe."""
+    pgid = proc.pid
+    _signal_group(pgid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    if drain is not None:
+        os.set_blocking(drain.fileno(), False)
+    while time.monotonic() < deadline and (proc.poll() is None or _group_alive(pgid)):
+        if drain is not None:
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                for line in drain.readlines():
+                    if on_line is not None:
+                        on_line(line.rstrip("\n"))
+        time.sleep(0.1)
+    if proc.poll() is None or _group_alive(pgid):
+        log.warning("process group %d still running %.0f s after SIGINT: killing it", pgid, grace)
+        _signal_group(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    guard_send(f"ungroup {pgid}")
+
+
+# --------------------------------------------------------------------------------------------
+# The guard
+# --------------------------------------------------------------------------------------------
+
+_guard: tuple[subprocess.Popen[Any], int] | None = None
+
+
+def start_guard() -> None:
+    """Start this process's guard (once). Later `guard_send` calls register what it cleans up."""
+    global _guard
+    if _guard is not None:
+        return
+    invocation_id()
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "latentforge.procs", str(read_fd), str(os.getpid())],
+        pass_fds=(read_fd,), start_new_session=True, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL)
+    os.close(read_fd)
+    os.set_inheritable(write_fd, False)
+    _guard = (proc, write_fd)
+
+
+def guard_send(message: str) -> None:
+    if _guard is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(_guard[1], (message + "\n").encode())
+
+
+def stop_guard() -> None:
+    """A clean exit: the guard leaves everything as it is."""
+    global _guard
+    if _guard is None:
+        return
+    proc, fd = _guard
+    guard_send("bye")
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    _guard = None
+
+
+def _guard_cleanup(groups: set[int], pids: set[int], mlflow_targets: set[tuple[str, str]],
+                   invocation: str) -> None:
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGINT)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+        time.sleep(0.2)
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for uri, experiment in mlflow_targets:
+        try:
+            _end_mlflow_runs(uri, experiment, invocation)
+        except Exception as exc:  # the guard must finish its other work
+            print(f"latentforge guard: could not end MLflow runs in {uri}: {exc}",
+                  file=sys.stderr)
+
+
+def _end_mlflow_runs(uri: str, experiment: str, invocation: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}' and attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_terminated(run.info.run_id, "KILLED")
+    if runs:
+        print(f"latentforge guard: ended {len(runs)} MLflow run(s) KILLED", file=sys.stderr)
+
+
+def guard_main(read_fd: int, parent: int) -> int:
+    """The guard's loop: collect registrations until `bye` (exit quietly) or EOF (clean up)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is for the parent
+    invocation = os.environ.get(INVOCATION_ENV, "")
+    groups: set[int] = set()
+    pids: set[int] = set()
+    mlflow_targets: set[tuple[str, str]] = set()
+    buffer = b""
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(4096):
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for raw in lines:
+                kind, _, arg = raw.decode().partition(" ")
+                if kind == "bye":
+                    return 0
+                if kind == "group":
+                    groups.add(int(arg))
+                elif kind == "ungroup":
+                    groups.discard(int(arg))
+                elif kind == "pid":
+                    pids.add(int(arg))
+                elif kind == "unpid":
+                    pids.discard(int(arg))
+                elif kind == "mlflow":
+                    uri, _, experiment = arg.partition("\t")
+                    mlflow_targets.add((uri, experiment))
+    print(f"latentforge guard: process {parent} ended without cleaning up; stopping its "
+          f"{len(groups)} process group(s) and {len(pids)} process(es)", file=sys.stderr)
+    _guard_cleanup(groups, pids, mlflow_targets, invocation)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(guard_main(int(sys.argv[1]), int(sys.argv[2])))
