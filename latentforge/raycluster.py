@@ -65,9 +65,34 @@ def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
         return
     log.info("starting a local Ray instance")
     # address="local": a fresh instance even if RAY_ADDRESS or a `ray start` cluster exists,
-    # since `ray_address: null` promises a local one.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+    # since `ray_address: null` promises a local one. Nothing of it listens beyond loopback.
+    with loopback_only():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Within the body, a new local Ray instance listens on 127.0.0.1 only.
+
+    Ray 2.x resolves a local node's address from 127.0.0.1 to the machine's outward IP and binds
+    its servers (GCS, raylet, object manager, workers' gRPC, runtime-env agent) there or on all
+    interfaces. Ray's single-machine switch (named for macOS/Windows, where Ray declines
+    clusters) makes the node address 127.0.0.1, and every server then binds to it; the raylet
+    and the workers take the address from the driver, so the driver's constant is enough
+    (tests/test_signals.py lists the sockets). Restored afterwards: the environment variable
+    of that switch would stop a later `ray start --address` from joining a cluster. A second
+    driver joining such an instance by address needs the switch too
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0); a `ray start` cluster needs nothing.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 REACH_TIMEOUT_S = 10.0

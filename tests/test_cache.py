@@ -298,7 +298,10 @@ def test_rerun_after_sigkill_keeps_committed_shards_and_matches_an_uninterrupted
         victim = subprocess.Popen(
             [sys.executable, str(script), json.dumps(raw), str(tmp_path / "cache"),
              str(tiny_root / "prepared"), str(tiny_root / "tok_kl")],
-            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+            # The session's instance listens on loopback only (raycluster.loopback_only): a
+            # second driver finds its node there only with Ray's single-machine switch.
+            env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
         try:
             deadline = time.monotonic() + 90
             while not list(work.glob("train-*.json")):
