@@ -10,7 +10,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from latentforge import dvcops, tracking
+from latentforge import dvcops, tracking, workspace
 from latentforge.config import load_params
 from latentforge.errors import ConfigError
 from latentforge.flows.stages import STAGE_FLOWS, apply_params
@@ -30,6 +30,12 @@ def stage_table_markdown(records: list[dict[str, Any]]) -> str:
       description="prepare -> ... -> evaluate: DVC decides what is up to date; MLflow tracks.")
 def pipeline(overrides: list[str] | None = None, params_file: str | None = None,
              force: bool = False, stages: list[str] | None = None) -> list[dict[str, Any]]:
+    with workspace.lock(what=f"Prefect flow run {flow_run.id or 'pipeline'}"):
+        return _pipeline(overrides, params_file, force, stages)
+
+
+def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
+              stages: list[str] | None) -> list[dict[str, Any]]:
     logger = get_run_logger()
     apply_params(params_file, overrides or [])
     params = load_params()

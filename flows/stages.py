@@ -12,7 +12,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from latentforge import dvcops, tracking
+from latentforge import dvcops, tracking, workspace
 from latentforge.config import DEFAULT_PARAMS_FILE, load_params, write_params_file
 from latentforge.runner import read_last_run
 
@@ -57,6 +57,15 @@ def _stage(stage: str, force: bool, parent_run_id: str | None) -> dict[str, Any]
     return record
 
 
+def _stage_flow(stage: str, overrides: list[str] | None, params_file: str | None, force: bool,
+                parent_run_id: str | None) -> dict[str, Any]:
+    """A stage flow's body: one run per workspace, parameters validated and persisted, the
+    stage reproduced."""
+    with workspace.lock(what=f"Prefect flow run {flow_run.id or stage}"):
+        apply_params(params_file, overrides or [])
+        return _stage(stage, force, parent_run_id)
+
+
 def _flow(stage: str, doc: str):  # noqa: ANN202 - returns a Prefect Flow
     return flow(name=stage, description=doc, log_prints=True)
 
@@ -65,56 +74,49 @@ def _flow(stage: str, doc: str):  # noqa: ANN202 - returns a Prefect Flow
        "split train/val, write shards + manifest + preview.")
 def prepare(overrides: list[str] | None = None, params_file: str | None = None,
             force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    apply_params(params_file, overrides or [])
-    return _stage("prepare", force, parent_run_id)
+    return _stage_flow("prepare", overrides, params_file, force, parent_run_id)
 
 
 @_flow("judge", "Train the small CNN classifier whose features and log-probs score the "
        "later stages (FD-judge, precision/recall, accuracy, RL reward).")
 def judge(overrides: list[str] | None = None, params_file: str | None = None,
           force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    apply_params(params_file, overrides or [])
-    return _stage("judge", force, parent_run_id)
+    return _stage_flow("judge", overrides, params_file, force, parent_run_id)
 
 
 @_flow("tokenizer", "Train the 1D (TiTok) or 2D tokenizer; PSNR, SSIM, rFD/pFD-judge, judge "
        "accuracy on reconstructions, codebook usage, PSNR per prefix length.")
 def tokenizer(overrides: list[str] | None = None, params_file: str | None = None,
               force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    apply_params(params_file, overrides or [])
-    return _stage("tokenizer", force, parent_run_id)
+    return _stage_flow("tokenizer", overrides, params_file, force, parent_run_id)
 
 
 @_flow("cache", "Encode the prepared splits with the tokenizer on a Ray Data actor pool into a "
        "sharded, resumable latent cache keyed by (tokenizer sha256, data sha256).")
 def cache(overrides: list[str] | None = None, params_file: str | None = None,
           force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    apply_params(params_file, overrides or [])
-    return _stage("cache", force, parent_run_id)
+    return _stage_flow("cache", overrides, params_file, force, parent_run_id)
 
 
 @_flow("generator", "Train the class-conditional flow-matching transformer on the cached "
        "latents; sample with CFG; gFD-judge, precision/recall, judge accuracy, IS-judge.")
 def generator(overrides: list[str] | None = None, params_file: str | None = None,
               force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    apply_params(params_file, overrides or [])
-    return _stage("generator", force, parent_run_id)
+    return _stage_flow("generator", overrides, params_file, force, parent_run_id)
 
 
 @_flow("rl", "Flow-GRPO fine-tuning of the generator against the reward (judge log-prob by "
        "default), with a KL leash to the base model and gFD-judge watched for reward hacking.")
 def rl(overrides: list[str] | None = None, params_file: str | None = None,
        force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    apply_params(params_file, overrides or [])
-    return _stage("rl", force, parent_run_id)
+    return _stage_flow("rl", overrides, params_file, force, parent_run_id)
 
 
 @_flow("evaluate", "Evaluate tokenizer, base and RL generator on the val split with the "
        "protocol recorded; metrics, plots, side-by-side grids and report.md.")
 def evaluate(overrides: list[str] | None = None, params_file: str | None = None,
              force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    apply_params(params_file, overrides or [])
-    return _stage("evaluate", force, parent_run_id)
+    return _stage_flow("evaluate", overrides, params_file, force, parent_run_id)
 
 
 STAGE_FLOWS = {"prepare": prepare, "judge": judge, "tokenizer": tokenizer, "cache": cache,

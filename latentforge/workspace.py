@@ -1,0 +1,81 @@
+"""One run per workspace: an exclusive lock on `.latentforge/run.lock`.
+
+DVC locks its own repository only while it works on a stage, so two `latentforge` runs (or a
+CLI run beside a Prefect deployment run) on one project would interleave stages and rewrite
+params.yaml under each other. The pipeline flow and every stage flow hold this lock for their
+whole run; it is re-entrant within a process (the pipeline flow calls the stage flows), and the
+operating system releases it when the holder dies, however it dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from latentforge import paths
+from latentforge.errors import LatentForgeError
+
+LOCK_FILE = paths.STATE / "run.lock"
+
+_held: dict[str, tuple[IO[str], int]] = {}  # resolved lock path -> (open file, depth)
+
+
+class WorkspaceBusy(LatentForgeError):
+    """Another run holds this workspace."""
+
+
+def _holder(f: IO[str]) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        f.seek(0)
+        return dict(json.loads(f.read() or "{}"))
+    return {}
+
+
+@contextlib.contextmanager
+def lock(root: str | os.PathLike[str] = ".", what: str = "") -> Iterator[None]:
+    """Hold the workspace lock for the body, or fail at once naming the holder."""
+    path = (Path(root) / LOCK_FILE).resolve()
+    key = str(path)
+    if key in _held:
+        f, depth = _held[key]
+        _held[key] = (f, depth + 1)
+        try:
+            yield
+        finally:
+            f, depth = _held[key]
+            _held[key] = (f, depth - 1)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(f)
+        f.close()
+        since = time.strftime("%H:%M:%S", time.localtime(holder["since"])) \
+            if "since" in holder else "?"
+        raise WorkspaceBusy(
+            f"another run is using this workspace: pid {holder.get('pid', '?')} "
+            f"({holder.get('what') or 'latentforge'}, since {since}) holds {path}; wait for it "
+            "to finish or stop it") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "since": time.time(),
+                        "what": what or " ".join(["latentforge", *sys.argv[1:3]])}))
+    f.flush()
+    _held[key] = (f, 1)
+    try:
+        yield
+    finally:
+        if _held.get(key, (None, 0))[1] <= 1:
+            _held.pop(key, None)
+            with contextlib.suppress(OSError):
+                f.truncate(0)
+            f.close()  # releases the flock

@@ -1,0 +1,90 @@
+"""A second run on one workspace, a full disk and a missing file each end in one line that
+names the cause and the path, exit non-zero, and leave no half-written output."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from test_pipeline import TINY
+
+from latentforge import workspace
+
+
+def latentforge(root, *args, env=None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in (env or os.environ).items()
+           if not k.startswith("PREFECT_API") and k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, "-m", "latentforge", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
+
+
+def test_a_second_run_on_one_workspace_is_refused_naming_the_holder(make_project):
+    root = make_project(TINY)
+    params_before = (root / "params.yaml").read_bytes()
+    with workspace.lock(root, what="latentforge run (the first one)"):
+        for args in (["run", "-S", "prepare.seed=5"], ["stage", "prepare"],
+                     ["stage", "prepare", "--no-dvc"]):
+            proc = latentforge(root, *args)
+            assert proc.returncode == 1, proc.stderr
+            line = one_error_line(proc.stderr)
+            assert f"pid {os.getpid()}" in line and "latentforge run (the first one)" in line
+            assert str(root / ".latentforge/run.lock") in line
+        # Nested use in one process (the pipeline flow calls the stage flows) is allowed.
+        with workspace.lock(root):
+            pass
+    # Nothing of the refused runs happened: params.yaml untouched, no stage output.
+    assert (root / "params.yaml").read_bytes() == params_before
+    assert not (root / "data/prepared").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_output(make_project):
+    root = make_project(TINY)
+    data = root / "data"
+    # An 8 KiB filesystem over data/ in a private mount namespace (root only, as the cluster
+    # tests' isolated node): the prepared shards (~20 KiB) do not fit.
+    script = (f"mount -t tmpfs -o size=8k tmpfs {data} && cd {root} && "
+              f"{sys.executable} -m latentforge stage prepare --no-dvc; ")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run(["unshare", "-m", "sh", "-c",
+                           script + f"code=$?; ls -A {data} > {root}/left.txt; exit $code"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = one_error_line(proc.stderr)
+    assert line.startswith("error: no space left on device: "), line
+    assert str(data) in line or "data/" in line, line
+    # atomic_dir removed its temporary folder: nothing half-written is left on that disk.
+    assert (root / "left.txt").read_text().split() == [], (root / "left.txt").read_text()
+    assert not (root / "metrics/prepare.json").exists()
+
+
+def test_a_missing_input_is_one_line_naming_it(make_project, tmp_path):
+    root = make_project(TINY)
+    shutil.rmtree(root / "data/prepared", ignore_errors=True)
+    proc = latentforge(root, "stage", "judge", "--no-dvc")
+    assert proc.returncode == 1
+    line = one_error_line(proc.stderr)
+    assert "data/prepared/manifest.json" in line and "run the prepare stage first" in line
+    assert not (root / "artifacts/judge").exists()
+
+    proc = latentforge(root, "run", "--params", str(tmp_path / "nowhere.yaml"))
+    assert proc.returncode == 2
+    assert str(tmp_path / "nowhere.yaml") in one_error_line(proc.stderr)
+
+
+def test_an_os_error_without_a_handler_is_one_line_with_the_traceback_under_verbose(
+        tmp_path, capsys):
+    from latentforge.cli import describe_os_error
+
+    err = OSError(28, "No space left on device")
+    assert describe_os_error(err).startswith("no space left on device: (file not named")
+    err = FileNotFoundError(2, "No such file or directory", str(tmp_path / "x.npz"))
+    assert describe_os_error(err).startswith(f"file not found: {tmp_path / 'x.npz'}")
