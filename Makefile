@@ -52,7 +52,7 @@ test-kernels: venv ## The model, metric and stage tests under two forced CPU ker
 
 test-infra: venv ## Slow: 2-node Ray cluster (root), Prefect work-pool worker, S3 end to end
 	$(PY) -m pytest -q -m "slow and not gpu" tests/test_cluster.py tests/test_prefect_worker.py \
-		tests/test_s3_end_to_end.py
+		tests/test_s3_end_to_end.py tests/test_storage_failures.py
 
 # Both can fail the build. (The code keeps its own wrapping, not `ruff format`'s, so there is
 # no format check: one that cannot fail says nothing.)
@@ -60,8 +60,8 @@ lint: venv ## ruff lint, mypy (both must pass; CI runs them)
 	$(BIN)/ruff check .
 	$(BIN)/mypy latentforge tasks flows models
 
-ui: venv ## Start a local Prefect server (UI on http://127.0.0.1:4200); then `make serve`
-	prefect server start
+ui: venv ## Prefect server + deployments + MLflow UI on 127.0.0.1 (Ctrl-C stops all three)
+	$(PY) -m latentforge ui
 
 serve: venv ## Serve the pipeline and stage deployments to the Prefect server (Run buttons)
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} latentforge serve

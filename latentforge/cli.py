@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve Prefect deployments (pipeline and each stage) for the UI")
     p.add_argument("--limit", type=int, default=1, help="concurrent runs (DVC allows one)")
+
+    p = sub.add_parser("ui", help="start the Prefect server, the deployments and the MLflow UI "
+                       "on 127.0.0.1; Ctrl-C stops all three",
+                       description="One command for the browser: a Prefect server (Run buttons "
+                       "for the pipeline and each stage), `latentforge serve` and `mlflow ui` on "
+                       "the project's store, all on 127.0.0.1.")
+    p.add_argument("--prefect-port", type=int, default=4200, help="Prefect UI/API port")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port")
+    p.add_argument("--limit", type=int, default=1, help="concurrent runs per deployment")
     return parser
 
 
@@ -216,6 +225,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    _require_project()
+    from latentforge.ui import run_ui
+
+    return run_ui(args.prefect_port, args.mlflow_port, args.limit)
+
+
 def format_table(records: Sequence[dict[str, Any]]) -> str:
     """The end-of-run table: stage, ran/skipped, duration, key metrics, MLflow run id."""
     header = ("stage", "status", "seconds", "key metrics", "mlflow run")
@@ -262,7 +278,7 @@ def _configure_logging(level: int) -> None:
 
 
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "params": cmd_params, "sample": cmd_sample,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "ui": cmd_ui}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -285,8 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, after every `finally` has run
         signum = exc.signum if isinstance(exc, procs.Interrupted) else signal.SIGINT
         log.debug("interrupted", exc_info=True)
-        print(f"interrupted ({signal.Signals(signum).name}): stopped; MLflow runs of this "
-              f"command ended KILLED", file=sys.stderr)
+        killed = "; MLflow runs of this command ended KILLED" \
+            if args.command in ("run", "stage") else ""
+        print(f"interrupted ({signal.Signals(signum).name}): stopped{killed}", file=sys.stderr)
         code = 128 + signum
     except OSError as exc:  # a full disk, a missing or unreadable file: one line, no traceback
         log.debug("%s failed", args.command, exc_info=True)

@@ -4,14 +4,14 @@
 Prefect API is configured, a temporary Prefect server. Three rules keep them from outliving it:
 
 - Each child runs in its own session, so a terminal's Ctrl-C reaches `latentforge` alone,
-  which stops the children in order: SIGINT to the stage's process group (the stage ends its
-  MLflow run KILLED, DVC releases its lock), SIGKILL to the group after a grace period, then
+  which stops the children in order: SIGTERM to the stage's process group (the stage ends its
+  MLflow run KILLED), SIGKILL to the group after a grace period, then
   the Prefect server last (it must still answer while the flow records its end).
 - SIGTERM is handled like Ctrl-C (`install_interrupt_handlers`): `Interrupted`, a
   KeyboardInterrupt, unwinds the stack through every `finally`; the CLI exits 128 + signal.
 - A guard process (`python -m latentforge.procs`) holds the read end of a pipe. If
   `latentforge` dies without saying goodbye (SIGKILL, the OOM killer), the pipe closes and the
-  guard does the cleanup instead: the registered process groups get SIGINT, then SIGKILL; the
+  guard does the cleanup instead: the registered process groups get SIGTERM, then SIGKILL; the
   registered processes SIGTERM; the invocation's MLflow runs still RUNNING end KILLED.
 
 Every process of one invocation carries `LATENTFORGE_INVOCATION` in its environment and every
@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 INVOCATION_ENV = "LATENTFORGE_INVOCATION"
 INVOCATION_TAG = "latentforge.invocation"
-GRACE_S = 15.0  # how long a stage gets to end its runs and release its locks after SIGINT
+GRACE_S = 15.0  # how long a stage gets to end its runs after SIGTERM
+# SIGTERM, not SIGINT, stops children: a process started from a non-interactive shell's
+# background job inherits SIGINT ignored (and so do its children), SIGTERM never is.
 
 
 class Interrupted(KeyboardInterrupt):
@@ -97,7 +99,7 @@ def start_group(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
     return proc
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -114,23 +116,23 @@ def _signal_group(pgid: int, signum: int) -> None:
 
 def stop_group(proc: subprocess.Popen[Any], grace: float = GRACE_S,
                drain: IO[str] | None = None, on_line: Callable[[str], None] | None = None) -> None:
-    """SIGINT to the group, wait up to `grace` seconds for the leader and the group, then
+    """SIGTERM to the group, wait up to `grace` seconds for the leader and the group, then
     SIGKILL what is left. `drain`: the leader's output pipe, read (and passed to `on_line`)
     meanwhile so that the children never block on a full pipe."""
     pgid = proc.pid
-    _signal_group(pgid, signal.SIGINT)
+    _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     if drain is not None:
         os.set_blocking(drain.fileno(), False)
-    while time.monotonic() < deadline and (proc.poll() is None or _group_alive(pgid)):
+    while time.monotonic() < deadline and (proc.poll() is None or group_alive(pgid)):
         if drain is not None:
             with contextlib.suppress(OSError, ValueError, TypeError):
                 for line in drain.readlines():
                     if on_line is not None:
                         on_line(line.rstrip("\n"))
         time.sleep(0.1)
-    if proc.poll() is None or _group_alive(pgid):
-        log.warning("process group %d still running %.0f s after SIGINT: killing it", pgid, grace)
+    if proc.poll() is None or group_alive(pgid):
+        log.warning("process group %d still running %.0f s after SIGTERM: killing it", pgid, grace)
         _signal_group(pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
@@ -184,12 +186,12 @@ def stop_guard() -> None:
 def _guard_cleanup(groups: set[int], pids: set[int], mlflow_targets: set[tuple[str, str]],
                    invocation: str) -> None:
     for pgid in groups:
-        _signal_group(pgid, signal.SIGINT)
+        _signal_group(pgid, signal.SIGTERM)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + GRACE_S
-    while time.monotonic() < deadline and any(_group_alive(g) for g in groups):
+    while time.monotonic() < deadline and any(group_alive(g) for g in groups):
         time.sleep(0.2)
     for pgid in groups:
         _signal_group(pgid, signal.SIGKILL)
