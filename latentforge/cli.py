@@ -20,6 +20,12 @@ from latentforge.malloc import tune_malloc
 log = logging.getLogger("latentforge")
 
 
+def _add_wait_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true",
+                   help="if another run is using this workspace, wait for it (saying so every "
+                   "minute) instead of failing at once")
+
+
 def _add_params_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", metavar="FILE", default=None,
                    help="params file to use instead of params.yaml (missing keys take defaults)")
@@ -42,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "`dvc exp run -S` does, so `dvc repro` afterwards agrees.")
     _add_params_args(p)
     p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    _add_wait_arg(p)
 
     p = sub.add_parser("stage", help="run one stage",
                        description="Inside `dvc repro` (DVC_STAGE set) this executes the stage; "
@@ -51,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rerun even if up to date")
     p.add_argument("--no-dvc", action="store_true",
                    help="execute directly, without DVC or Prefect (dvc.lock is not updated)")
+    _add_wait_arg(p)
 
     p = sub.add_parser("params", help="print the resolved parameters as YAML")
     _add_params_args(p)
@@ -133,10 +141,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raise ConfigError("inside `dvc repro` the parameters come from params.yaml only; "
                           "drop --params/-S (use `latentforge run -S ...` or `dvc exp run -S`)")
     params = _load(args)
-    if inside_dvc:  # the `latentforge run` (or `dvc repro`) that started us holds the workspace
+    if inside_dvc:
+        from latentforge import workspace
         from latentforge.runner import execute_stage
 
-        execute_stage(args.name, params)
+        if _started_by_latentforge:  # the `latentforge run` that started us holds the lock
+            execute_stage(args.name, params)
+        else:  # a plain `dvc repro`: hold the workspace as a `latentforge run` would
+            with workspace.lock(what=f"dvc repro (stage {args.name})"):
+                execute_stage(args.name, params)
         return 0
     if args.no_dvc:
         from latentforge import workspace
@@ -277,6 +290,8 @@ def _configure_logging(level: int) -> None:
     root.setLevel(level)
 
 
+_started_by_latentforge = False  # set by main: this process inherited an invocation id
+
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "params": cmd_params, "sample": cmd_sample,
             "serve": cmd_serve, "ui": cmd_ui}
 
@@ -292,7 +307,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "alembic", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     procs.install_interrupt_handlers()
+    global _started_by_latentforge
+    _started_by_latentforge = bool(os.environ.get(procs.INVOCATION_ENV))
     procs.invocation_id()  # every child and MLflow run of this command carries it
+    if getattr(args, "wait", False):
+        from latentforge.workspace import WAIT_ENV
+
+        os.environ[WAIT_ENV] = "1"  # the flows (in this process) read it
     try:
         code = COMMANDS[args.command](args)
     except LatentForgeError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sys
 import time
@@ -23,6 +24,8 @@ from latentforge import paths
 from latentforge.errors import LatentForgeError
 
 LOCK_FILE = paths.STATE / "run.lock"
+
+log = logging.getLogger(__name__)
 
 _held: dict[str, tuple[IO[str], int]] = {}  # resolved lock path -> (open file, depth)
 
@@ -38,9 +41,24 @@ def _holder(f: IO[str]) -> dict[str, Any]:
     return {}
 
 
+WAIT_ENV = "LATENTFORGE_WAIT_FOR_WORKSPACE"
+
+
+def _describe(holder: dict[str, Any], path: Path) -> str:
+    since = time.strftime("%H:%M:%S", time.localtime(holder["since"])) \
+        if "since" in holder else "?"
+    return (f"pid {holder.get('pid', '?')} ({holder.get('what') or 'latentforge'}, since "
+            f"{since}) holds {path}")
+
+
 @contextlib.contextmanager
-def lock(root: str | os.PathLike[str] = ".", what: str = "") -> Iterator[None]:
-    """Hold the workspace lock for the body, or fail at once naming the holder."""
+def lock(root: str | os.PathLike[str] = ".", what: str = "",
+         wait: bool | None = None) -> Iterator[None]:
+    """Hold the workspace lock for the body. When another run holds it: fail at once naming
+    the holder, or with `wait` (default: the LATENTFORGE_WAIT_FOR_WORKSPACE environment
+    variable, set by `--wait`) wait for it, saying so every minute."""
+    if wait is None:
+        wait = os.environ.get(WAIT_ENV, "").lower() in ("1", "true", "yes")
     path = (Path(root) / LOCK_FILE).resolve()
     key = str(path)
     if key in _held:
@@ -54,17 +72,22 @@ def lock(root: str | os.PathLike[str] = ".", what: str = "") -> Iterator[None]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(f)
-        f.close()
-        since = time.strftime("%H:%M:%S", time.localtime(holder["since"])) \
-            if "since" in holder else "?"
-        raise WorkspaceBusy(
-            f"another run is using this workspace: pid {holder.get('pid', '?')} "
-            f"({holder.get('what') or 'latentforge'}, since {since}) holds {path}; wait for it "
-            "to finish or stop it") from None
+    said = 0.0
+    while True:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = _holder(f)
+            if not wait:
+                f.close()
+                raise WorkspaceBusy(f"another run is using this workspace: "
+                                    f"{_describe(holder, path)}; wait for it to finish, stop "
+                                    "it, or pass --wait to queue behind it") from None
+            if time.monotonic() - said >= 60:
+                log.warning("waiting for the workspace: %s", _describe(holder, path))
+                said = time.monotonic()
+            time.sleep(1.0)
     f.seek(0)
     f.truncate()
     f.write(json.dumps({"pid": os.getpid(), "since": time.time(),

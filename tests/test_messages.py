@@ -88,3 +88,56 @@ def test_an_os_error_without_a_handler_is_one_line_with_the_traceback_under_verb
     assert describe_os_error(err).startswith("no space left on device: (file not named")
     err = FileNotFoundError(2, "No such file or directory", str(tmp_path / "x.npz"))
     assert describe_os_error(err).startswith(f"file not found: {tmp_path / 'x.npz'}")
+
+
+def test_wait_queues_behind_the_holder_and_dvc_repro_respects_the_lock(make_project):
+    import time
+
+    root = make_project(TINY)
+    with workspace.lock(root, what="the first run"):
+        # A plain `dvc repro` stage takes the same lock: refused while a run holds it.
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=root,
+                              capture_output=True, text=True, timeout=600,
+                              env={k: v for k, v in os.environ.items()
+                                   if k != "MLFLOW_TRACKING_URI"})
+        assert proc.returncode != 0
+        assert "another run is using this workspace" in proc.stdout + proc.stderr
+        assert not (root / "data/prepared").exists()
+
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "latentforge", "stage", "prepare", "--no-dvc", "--wait"],
+            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        seen = ""
+        while "waiting for the workspace" not in seen:
+            assert waiting.poll() is None and time.monotonic() < deadline, seen
+            seen += waiting.stderr.readline()
+        assert "the first run" in seen
+        time.sleep(2)
+        assert waiting.poll() is None  # still queued while the lock is held
+    out, err = waiting.communicate(timeout=300)
+    assert waiting.returncode == 0, err[-3000:]
+    assert (root / "data/prepared/manifest.json").exists()
+
+
+def test_a_stage_flow_refuses_a_busy_workspace(make_project, prefect_harness, monkeypatch):
+    import pytest
+
+    from latentforge.flows.stages import prepare
+
+    root = make_project(TINY)
+    monkeypatch.chdir(root)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from latentforge import workspace\n"
+         "with workspace.lock(what='deployment run A'):\n"
+         "    print('held', flush=True); time.sleep(120)"],
+        cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(workspace.WorkspaceBusy, match="deployment run A"):
+            prepare(overrides=["prepare.seed=3"])
+        assert "seed: 3" not in (root / "params.yaml").read_text()  # nothing was written
+    finally:
+        holder.kill()
+        holder.wait()
