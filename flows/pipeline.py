@@ -3,44 +3,96 @@ MLflow parent run. `latentforge run` and the Prefect UI's Run button both start 
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Any
+from typing import Annotated, Any, cast
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from pydantic import Field
 
 from latentforge import dvcops, tracking, workspace
-from latentforge.config import load_params
-from latentforge.errors import ConfigError
-from latentforge.flows.stages import STAGE_FLOWS, apply_params
+from latentforge.errors import ConfigError, LatentForgeError
+from latentforge.flows.stages import (
+    STAGE_FLOWS,
+    WRITES_PARAMS,
+    Overrides,
+    ParamsFile,
+    StageName,
+    apply_params,
+    failed_state,
+    mlflow_experiment_id,
+    mlflow_run_markdown,
+    mlflow_ui_hint,
+)
+
+Stages = Annotated[list[StageName] | None, Field(examples=[["prepare", "judge"]])]
 
 
-def stage_table_markdown(records: list[dict[str, Any]]) -> str:
+def stage_table_markdown(records: list[dict[str, Any]], tracking_uri: str | None = None,
+                         experiment_id: str | None = None) -> str:
+    """The pipeline's stage table. A skipped stage shows its last run's metrics and MLflow run,
+    marked as such, and no duration (nothing ran)."""
     lines = ["| stage | status | seconds | key metrics | MLflow run |", "|---|---|---|---|---|"]
     for r in records:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in list((r.get("metrics") or {}).items())[:4])
-        lines.append(f"| {r['stage']} | {r['status']} | {r['seconds']:.1f} | {shown} | "
-                     f"{r.get('run_id') or '-'} |")
+        run = (mlflow_run_markdown(r["run_id"], tracking_uri, experiment_id)
+               if r.get("run_id") else "-")
+        if r["status"] == "ran":
+            lines.append(f"| {r['stage']} | ran | {r['seconds']:.1f} | {shown} | {run} |")
+        else:
+            lines.append(f"| {r['stage']} | **skipped** (up to date) | - | "
+                         f"{'last run: ' + shown if shown else '-'} | "
+                         f"{'last run ' + run if r.get('run_id') else '-'} |")
     return "\n".join(lines)
 
 
+def pipeline_summary_markdown(records: list[dict[str, Any]], parent_run_id: str | None,
+                              tracking_uri: str | None, experiment_id: str | None = None) -> str:
+    """The pipeline's artifact: the stage table and the MLflow parent run."""
+    table = stage_table_markdown(records, tracking_uri, experiment_id)
+    parent = mlflow_run_markdown(parent_run_id, tracking_uri, experiment_id)
+    hint = mlflow_ui_hint(tracking_uri) if parent_run_id else ""
+    return f"## LatentForge pipeline\n\n{table}\n\nMLflow parent run {parent}. {hint}".rstrip()
+
+
 @flow(name="pipeline", log_prints=True,
-      description="prepare -> ... -> evaluate: DVC decides what is up to date; MLflow tracks.")
-def pipeline(overrides: list[str] | None = None, params_file: str | None = None,
-             force: bool = False, stages: list[str] | None = None) -> list[dict[str, Any]]:
-    with workspace.lock(what=f"Prefect flow run {flow_run.id or 'pipeline'}"):
-        return _pipeline(overrides, params_file, force, stages)
+      description="Every stage of dvc.yaml in graph order (prepare -> judge -> tokenizer -> "
+      "cache -> generator -> rl -> evaluate), one subflow each; DVC skips the stages that are "
+      f"up to date; MLflow records a parent run with a child run per stage. {WRITES_PARAMS}")
+def pipeline(overrides: Overrides = None, params_file: ParamsFile = None,
+             force: bool = False, stages: Stages = None) -> list[dict[str, Any]]:
+    """Every stage of dvc.yaml in graph order, or the chosen ones.
+
+    Args:
+        overrides: Parameter changes, one KEY=VALUE per item: a dotted params.yaml key and its
+            value, e.g. prepare.resolution=32 (what `latentforge run -S` takes). They are
+            validated, then written into params.yaml before anything runs (as `dvc exp run -S`
+            does), so a later `dvc repro` sees the same parameters. Empty: params.yaml as is.
+        params_file: A parameters file to use instead of params.yaml, e.g. presets/gpu.yaml
+            (keys it leaves out take their defaults; the overrides apply on top). The result
+            is validated and written into params.yaml before anything runs. Empty: params.yaml.
+        force: Rerun even when DVC finds a stage up to date (`dvc repro --force`).
+        stages: Run only these stages, in graph order (the stages upstream of them are not
+            run); each is still skipped when DVC finds it up to date. Empty: every stage.
+    """
+    # The stage flows share the descriptions of overrides, params_file and force
+    # (stages.PARAMETERS_DOC; a test keeps them equal): Prefect's Run form shows them.
+    try:
+        with workspace.lock(what=f"Prefect flow run {flow_run.id or 'pipeline'}"):
+            return _pipeline(overrides, params_file, force, list(stages or []))
+    except LatentForgeError as exc:  # a failed stage's own flow run logged it too
+        return failed_state(exc)  # type: ignore[return-value]  # Prefect raises exc
 
 
 def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
-              stages: list[str] | None) -> list[dict[str, Any]]:
+              stages: list[str]) -> list[dict[str, Any]]:
     logger = get_run_logger()
-    apply_params(params_file, overrides or [])
-    params = load_params()
+    params = apply_params(params_file, overrides or [])
     order = dvcops.stage_order()
-    unknown = sorted(set(stages or []) - set(order))
+    unknown = sorted(set(stages) - set(order))
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(order)}")
     selected = [s for s in order if not stages or s in stages]
@@ -49,21 +101,22 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
             f"{tracking.TAG_PREFIX}stage": "pipeline"}
     records: list[dict[str, Any]] = []
     started = time.time()
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tracking.start_run(params.tracking, "pipeline", tags) as parent:
+        experiment_id = mlflow_experiment_id(uri, params)
         for stage in selected:
             records.append(STAGE_FLOWS[stage](force=force, parent_run_id=parent.run_id))
         for r in records:
             parent.log_metrics({f"{r['stage']}.{k}": v for k, v in (r.get("metrics") or {}).items()
                                 if isinstance(v, int | float)})
-        table = stage_table_markdown(records)
-        parent.log_text(table, "stages.md")
+        parent.log_text(stage_table_markdown(records, uri, experiment_id), "stages.md")
         parent.log_metrics({"pipeline_seconds": time.time() - started})
         parent.set_tags({f"{tracking.TAG_PREFIX}ran": ",".join(
             r["stage"] for r in records if r["status"] == "ran")})
     for r in records:
         r["parent_run_id"] = parent.run_id
-    create_markdown_artifact(f"## LatentForge pipeline\n\n{table}\n\nMLflow parent run "
-                             f"`{parent.run_id}`", key="pipeline-summary")
+    create_markdown_artifact(pipeline_summary_markdown(records, parent.run_id, uri, experiment_id),
+                             key="pipeline-summary", description="latentforge pipeline")
     if params.storage.remote:
         logger.info("pushing outputs to the DVC remote %s", params.storage.remote)
         dvcops.push(params.storage.remote, on_line=lambda line: logger.info("%s", line))
@@ -74,4 +127,4 @@ def run_pipeline(stages: list[str] | None = None, force: bool = False) -> list[d
     """Entry for the CLI: the whole pipeline, or one stage flow on its own (no parent run)."""
     if stages and len(stages) == 1:
         return [STAGE_FLOWS[stages[0]](force=force)]
-    return pipeline(force=force, stages=stages)
+    return pipeline(force=force, stages=cast("list[StageName] | None", stages))  # Prefect checks

@@ -1,30 +1,164 @@
 """A Prefect flow per stage. Each asks DVC to reproduce its stage (DVC decides whether it is
-up to date), streams the stage's log lines into the Prefect run, and publishes the stage's
-Markdown summary as an artifact. The stage logic itself lives in tasks/."""
+up to date), streams the stage's log lines into the Prefect run, and publishes a Markdown
+summary artifact (ran, or skipped as up to date, with a link to the MLflow run). The stage
+logic itself lives in tasks/.
+
+A failed stage (or a bad parameter) is one ERROR line in its flow run, the cause first
+(`stage 'x' failed: ...`), with the traceback at DEBUG; the flow then returns a Failed state
+that carries the exception, so its caller (the pipeline flow, `latentforge run`) still gets
+the LatentForgeError. An exception raised out of a flow or task is logged by Prefect at ERROR
+with a 30-line traceback, and a task that returns a Failed state still logs one, so the stage
+runs inside the flow itself, not in a Prefect task.
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
+from pydantic import Field
 
-from latentforge import dvcops, tracking, workspace
-from latentforge.config import DEFAULT_PARAMS_FILE, load_params, write_params_file
+from latentforge import dvcops, procs, tracking, workspace
+from latentforge.config import DEFAULT_PARAMS_FILE, Params, load_params, write_params_file
+from latentforge.errors import LatentForgeError
 from latentforge.runner import read_last_run
 
+# Written out (not built from latentforge.paths.STAGES) so that mypy checks it; the tests check
+# that it names the stages of paths.STAGES and dvc.yaml, in order. Prefect's Run form offers
+# the names of a Literal as choices.
+StageName = Literal["prepare", "judge", "tokenizer", "cache", "generator", "rl", "evaluate"]
 
-def apply_params(params_file: str | None, overrides: list[str]) -> None:
+# Prefect's Run form shows a parameter's type, its description and its examples. Prefect 3.9
+# builds the form's schema from the signature with pydantic but sets each field's description
+# itself (from the docstring's Args section), so a description inside Annotated[..., Field()]
+# would be dropped; the examples and types survive.
+Overrides = Annotated[list[str] | None,
+                      Field(examples=[["prepare.resolution=32", "generator.steps=200"]])]
+ParamsFile = Annotated[str | None, Field(examples=["presets/gpu.yaml"])]
+
+PARAMETERS_DOC = """
+    overrides: Parameter changes, one KEY=VALUE per item: a dotted params.yaml key and its
+        value, e.g. prepare.resolution=32 (what `latentforge run -S` takes). They are
+        validated, then written into params.yaml before anything runs (as `dvc exp run -S`
+        does), so a later `dvc repro` sees the same parameters. Empty: params.yaml as is.
+    params_file: A parameters file to use instead of params.yaml, e.g. presets/gpu.yaml
+        (keys it leaves out take their defaults; the overrides apply on top). The result
+        is validated and written into params.yaml before anything runs. Empty: params.yaml.
+    force: Rerun even when DVC finds a stage up to date (`dvc repro --force`)."""
+
+STAGE_FLOW_DOC = """Reproduce the stage through DVC.
+
+Args:""" + PARAMETERS_DOC + """
+    parent_run_id: MLflow run to nest this stage's run under; the pipeline flow sets it.
+        Leave it empty when running one stage.
+"""
+
+WRITES_PARAMS = ("A run first writes the chosen params (params_file, overrides) into "
+                 "params.yaml, like `dvc exp run -S`.")
+
+
+def apply_params(params_file: str | None, overrides: list[str]) -> Params:
     """Validate deployment/CLI parameters with the typed schema; persist them to params.yaml."""
     params = load_params(params_file, overrides)
     if write_params_file(params, DEFAULT_PARAMS_FILE):
         get_run_logger().info("params.yaml updated from %s", params_file or overrides)
+    return params
 
 
-@task(task_run_name="reproduce-{stage}")
+def failed_state(exc: LatentForgeError) -> State:
+    """Log `exc` as one ERROR line, its cause first (further lines and the traceback at
+    DEBUG), and return the Failed state that ends the flow run and re-raises `exc` to the
+    flow's caller."""
+    logger = get_run_logger()
+    first, _, rest = str(exc).partition("\n")
+    logger.error("%s", first)
+    logger.debug("%s", rest or "traceback:", exc_info=exc)
+    return Failed(message=first, data=exc)
+
+
+def local_store_uri() -> str:
+    """The store `mlflow ui --backend-store-uri` opens: MLFLOW_TRACKING_URI, else the project's
+    SQLite file (relative: the command is run from the project root)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+
+
+def mlflow_server(tracking_uri: str | None) -> str | None:
+    """The web UI's base URL when the tracking URI is an MLflow server, else None."""
+    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return None
+
+
+def mlflow_run_markdown(run_id: str | None, tracking_uri: str | None,
+                        experiment_id: str | None = None) -> str:
+    """An MLflow run in Markdown: a link into the tracking server's UI, else the run id."""
+    if not run_id:
+        return "not tracked"
+    server = mlflow_server(tracking_uri)
+    if server is None:
+        return f"`{run_id}`"
+    # Without the experiment id, MLflow's direct run route (which redirects) still works.
+    page = f"experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"runs/{run_id}"
+    return f"[{run_id[:8]}…]({server}/#/{page})"
+
+
+def mlflow_ui_hint(tracking_uri: str | None) -> str:
+    """How to open the runs' UI when they are in a local store (empty for a server)."""
+    if mlflow_server(tracking_uri):
+        return ""
+    return f"Browse the MLflow runs with `mlflow ui --backend-store-uri {local_store_uri()}`."
+
+
+def mlflow_experiment_id(tracking_uri: str | None, params: Params) -> str | None:
+    """The experiment's id on an MLflow server, for links; None for a local store or if the
+    server does not say."""
+    if not (params.tracking.enabled and mlflow_server(tracking_uri)):
+        return None
+    import mlflow
+
+    try:
+        exp = mlflow.MlflowClient(tracking_uri).get_experiment_by_name(params.tracking.experiment)
+    except Exception:  # a link without the experiment id still works; never fail a run for it
+        get_run_logger().debug("no experiment id for the MLflow links", exc_info=True)
+        return None
+    return exp.experiment_id if exp is not None else None
+
+
+def stage_summary_markdown(record: dict[str, Any], tracking_uri: str | None,
+                           experiment_id: str | None = None) -> str:
+    """The stage's artifact: its summary and MLflow run when it ran; when DVC found it up to
+    date, that it was skipped and which run produced the outputs it kept."""
+    stage, run = record["stage"], mlflow_run_markdown(record.get("run_id"), tracking_uri,
+                                                       experiment_id)
+    if record["status"] == "ran":
+        lines = [f"## {stage}: ran", "", record.get("summary") or "", "",
+                 f"Ran in {record['seconds']:.1f} s; MLflow run {run}."]
+    else:
+        if record.get("run_id") or record.get("finished"):
+            when = (f", finished {_utc(record['finished'])}" if record.get("finished") else "")
+            took = (f" in {record['last_seconds']:.1f} s" if record.get("last_seconds") else "")
+            last = f"last run {run}{when}{took}"
+        else:  # outputs from elsewhere (`dvc pull`, a `dvc repro` in another clone)
+            last = "no run of it recorded in this workspace"
+        lines = [f"## {stage}: skipped", "", f"**Up to date: skipped**, {last}."]
+        if record.get("summary"):
+            lines += ["", "### Last run's summary", "", record["summary"]]
+    hint = mlflow_ui_hint(tracking_uri) if record.get("run_id") else ""
+    return "\n".join([*lines, *(["", hint] if hint else [])])
+
+
+def _utc(timestamp: float) -> str:
+    """A Unix time as minutes in UTC."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None = None
                     ) -> dict[str, Any]:
     """Run `dvc repro --single-item stage` unless DVC finds it up to date."""
@@ -34,12 +168,15 @@ def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None =
         last = read_last_run(stage) or {}
         logger.info("%s is up to date: skipped", stage)
         return {"stage": stage, "status": "skipped", "seconds": time.time() - started,
-                "metrics": last.get("metrics", {}), "run_id": last.get("run_id")}
-    env = {tracking.FLOW_RUN_ENV: str(flow_run.id or "")}
-    if parent_run_id:
-        env[tracking.PARENT_RUN_ENV] = parent_run_id
-    else:
-        env[tracking.PARENT_RUN_ENV] = ""
+                "metrics": last.get("metrics", {}), "run_id": last.get("run_id"),
+                "summary": last.get("summary", ""), "finished": last.get("finished"),
+                "last_seconds": last.get("seconds")}
+    # An invocation id tells the stage command inside DVC that a latentforge run holds the
+    # workspace (this flow run does), also where no `latentforge` command started this process
+    # (a Prefect worker's flow run process, a test); this process's environment stays as is.
+    env = {tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
+           tracking.PARENT_RUN_ENV: parent_run_id or "",
+           procs.INVOCATION_ENV: os.environ.get(procs.INVOCATION_ENV) or uuid.uuid4().hex[:12]}
     dvcops.reproduce(stage, env=env, force=force, on_line=lambda line: logger.info("%s", line))
     last = read_last_run(stage) or {}
     return {"stage": stage, "status": "ran", "seconds": time.time() - started,
@@ -47,74 +184,78 @@ def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None =
             "summary": last.get("summary", "")}
 
 
-def _stage(stage: str, force: bool, parent_run_id: str | None) -> dict[str, Any]:
-    record = reproduce_stage(stage, force=force, parent_run_id=parent_run_id)
-    if record["status"] == "ran":
-        create_markdown_artifact(
-            f"## {stage}\n\n{record.get('summary', '')}\n\nMLflow run `{record.get('run_id')}`, "
-            f"{record['seconds']:.1f} s", key=f"{stage}-summary",
-            description=f"latentforge stage {stage}")
-    return record
-
-
 def _stage_flow(stage: str, overrides: list[str] | None, params_file: str | None, force: bool,
                 parent_run_id: str | None) -> dict[str, Any]:
     """A stage flow's body: one run per workspace, parameters validated and persisted, the
-    stage reproduced."""
-    with workspace.lock(what=f"Prefect flow run {flow_run.id or stage}"):
-        apply_params(params_file, overrides or [])
-        return _stage(stage, force, parent_run_id)
+    stage reproduced, its summary published."""
+    try:
+        with workspace.lock(what=f"Prefect flow run {flow_run.id or stage}"):
+            params = apply_params(params_file, overrides or [])
+            record = reproduce_stage(stage, force=force, parent_run_id=parent_run_id)
+    except LatentForgeError as exc:  # a busy workspace, bad parameters, the stage failed
+        return failed_state(exc)  # type: ignore[return-value]  # Prefect raises exc
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    create_markdown_artifact(
+        stage_summary_markdown(record, uri, mlflow_experiment_id(uri, params)),
+        key=f"{stage}-summary",
+        description=f"latentforge stage {stage}: "
+                    + ("ran" if record["status"] == "ran" else "skipped (up to date)"))
+    return record
 
 
-def _flow(stage: str, doc: str):  # noqa: ANN202 - returns a Prefect Flow
-    return flow(name=stage, description=doc, log_prints=True)
+def _flow(stage: str, doc: str):  # noqa: ANN202 - returns a decorator of Prefect flows
+    def decorate(fn):  # noqa: ANN001, ANN202
+        fn.__doc__ = STAGE_FLOW_DOC  # before @flow, which reads the descriptions from it
+        return flow(name=stage, description=f"{doc} {WRITES_PARAMS}", log_prints=True)(fn)
+
+    return decorate
 
 
 @_flow("prepare", "Read the source (digits, IDX, image folder, npz; local or s3://), resize, "
        "split train/val, write shards + manifest + preview.")
-def prepare(overrides: list[str] | None = None, params_file: str | None = None,
+def prepare(overrides: Overrides = None, params_file: ParamsFile = None,
             force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
     return _stage_flow("prepare", overrides, params_file, force, parent_run_id)
 
 
 @_flow("judge", "Train the small CNN classifier whose features and log-probs score the "
        "later stages (FD-judge, precision/recall, accuracy, RL reward).")
-def judge(overrides: list[str] | None = None, params_file: str | None = None,
+def judge(overrides: Overrides = None, params_file: ParamsFile = None,
           force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
     return _stage_flow("judge", overrides, params_file, force, parent_run_id)
 
 
 @_flow("tokenizer", "Train the 1D (TiTok) or 2D tokenizer; PSNR, SSIM, rFD/pFD-judge, judge "
        "accuracy on reconstructions, codebook usage, PSNR per prefix length.")
-def tokenizer(overrides: list[str] | None = None, params_file: str | None = None,
+def tokenizer(overrides: Overrides = None, params_file: ParamsFile = None,
               force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
     return _stage_flow("tokenizer", overrides, params_file, force, parent_run_id)
 
 
 @_flow("cache", "Encode the prepared splits with the tokenizer on a Ray Data actor pool into a "
        "sharded, resumable latent cache keyed by (tokenizer sha256, data sha256).")
-def cache(overrides: list[str] | None = None, params_file: str | None = None,
+def cache(overrides: Overrides = None, params_file: ParamsFile = None,
           force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
     return _stage_flow("cache", overrides, params_file, force, parent_run_id)
 
 
 @_flow("generator", "Train the class-conditional flow-matching transformer on the cached "
        "latents; sample with CFG; gFD-judge, precision/recall, judge accuracy, IS-judge.")
-def generator(overrides: list[str] | None = None, params_file: str | None = None,
+def generator(overrides: Overrides = None, params_file: ParamsFile = None,
               force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
     return _stage_flow("generator", overrides, params_file, force, parent_run_id)
 
 
 @_flow("rl", "Flow-GRPO fine-tuning of the generator against the reward (judge log-prob by "
        "default), with a KL leash to the base model and gFD-judge watched for reward hacking.")
-def rl(overrides: list[str] | None = None, params_file: str | None = None,
+def rl(overrides: Overrides = None, params_file: ParamsFile = None,
        force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
     return _stage_flow("rl", overrides, params_file, force, parent_run_id)
 
 
 @_flow("evaluate", "Evaluate tokenizer, base and RL generator on the val split with the "
        "protocol recorded; metrics, plots, side-by-side grids and report.md.")
-def evaluate(overrides: list[str] | None = None, params_file: str | None = None,
+def evaluate(overrides: Overrides = None, params_file: ParamsFile = None,
              force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
     return _stage_flow("evaluate", overrides, params_file, force, parent_run_id)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -54,37 +55,21 @@ def stage_status(stage: str, root: str | Path = ".") -> dict:
 def reproduce(stage: str, root: str | Path = ".", env: Mapping[str, str] | None = None,
               force: bool = False, on_line: Callable[[str], None] = print) -> None:
     """`dvc repro --single-item STAGE`, streaming its output line by line to `on_line`."""
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    if force:
-        cmd.append("--force")
-    # Its own process group: a terminal's Ctrl-C reaches `latentforge` only, which then stops
-    # DVC and the stage in order (procs.stop_group), and the guard stops them if we die.
-    proc = procs.start_group(cmd, cwd=root, env=dvc_env(env), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, bufsize=1)
-    tail: list[str] = []
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            on_line(line)
-            tail = (tail + [line])[-15:]
-        proc.wait()
-    except BaseException:  # Ctrl-C, SIGTERM, Prefect cancelling the flow run
-        with procs.interrupts_deferred():
-            log.warning("stopping stage '%s' (dvc repro, pid %d)", stage, proc.pid)
-            procs.stop_group(proc, drain=proc.stdout, on_line=on_line)
-        raise
-    procs.guard_send(f"ungroup {proc.pid}")
-    if proc.returncode != 0:
-        # The stage's own one-line `error: ...` says what to fix (and its log is above);
-        # without one (a crash), the last lines of output are the best account.
-        said = [line.removeprefix("error: ") for line in tail if line.startswith("error: ")]
-        if said:
-            log.debug("dvc repro %s exited %d; last output:\n%s", stage, proc.returncode,
-                      "\n".join(tail))
-            raise LatentForgeError(f"stage '{stage}' failed: {said[-1]}")
-        raise LatentForgeError(f"stage '{stage}' failed (dvc repro exit {proc.returncode}):\n"
-                               + "\n".join(tail))
+    run_dvc(["repro", "--single-item", stage, *(["--force"] if force else [])], env=env,
+            root=root, what=f"stage '{stage}'", on_line=on_line)
+
+
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
+
+
+def crash_cause(lines: list[str]) -> str | None:
+    """The line of a crashed stage's output that names the cause: the last Python exception
+    (`RuntimeError: ...`), else DVC's own last `ERROR: ...` (e.g. `exited with -9`)."""
+    for matches in (_EXCEPTION_LINE.match, lambda line: line.startswith("ERROR: ")):
+        found = [line for line in lines if matches(line)]
+        if found:
+            return found[-1].removeprefix("ERROR: ")
+    return None
 
 
 def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None] = print) -> None:
@@ -101,3 +86,44 @@ def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None]
         on_line(line)
     if proc.returncode != 0:
         raise LatentForgeError(f"dvc push to {remote_url} failed:\n{proc.stderr[-2000:]}")
+
+
+def run_dvc(args: list[str], env: Mapping[str, str] | None = None, root: str | Path = ".",
+            what: str = "dvc", on_line: Callable[[str], None] = print) -> None:
+    """`dvc ARGS`, streaming its output line by line to `on_line`.
+
+    DVC runs in its own process group: a terminal's Ctrl-C reaches `latentforge` only, which
+    then stops DVC and the stage in order (procs.stop_group), and the guard stops them if we
+    die. On failure the error's first line says what went wrong (the Prefect flow logs it at
+    ERROR, the CLI prints it): the stage's own one-line `error: ...`, which says what to fix
+    (its log is above); without one (a crash), the exception it died of, and the last lines
+    of output after it as the best account.
+    """
+    proc = procs.start_group([sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_env(env),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             bufsize=1)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            on_line(line)
+            tail = (tail + [line])[-15:]
+        proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM, Prefect cancelling the flow run
+        with procs.interrupts_deferred():
+            log.warning("stopping %s (dvc %s, pid %d)", what, args[0], proc.pid)
+            procs.stop_group(proc, drain=proc.stdout, on_line=on_line)
+        raise
+    procs.guard_send(f"ungroup {proc.pid}")
+    if proc.returncode == 0:
+        return
+    said = [line.removeprefix("error: ") for line in tail if line.startswith("error: ")]
+    if said:
+        log.debug("dvc %s exited %d; last output:\n%s", " ".join(args), proc.returncode,
+                  "\n".join(tail))
+        raise LatentForgeError(f"{what} failed: {said[-1]}")
+    cause = crash_cause(tail)
+    raise LatentForgeError(f"{what} failed (dvc {args[0]} exit {proc.returncode})"
+                           + (f": {cause}" if cause else "") + "; last output:\n"
+                           + "\n".join(tail))
