@@ -1,4 +1,8 @@
-"""Served deployments: the pipeline and each stage get the Prefect UI's Run button."""
+"""Served deployments: the pipeline and each stage get the Prefect UI's Run button.
+
+Each deployment is named after its flow, so the UI and `prefect deployment ls` list them as
+`pipeline/pipeline`, `prepare/prepare`, ... (flow name/deployment name), the same names as
+infra/prefect.yaml gives them on a work pool."""
 
 from __future__ import annotations
 
@@ -6,17 +10,17 @@ from typing import Any
 
 from prefect.deployments.runner import EntrypointType
 
+from latentforge.flows.experiment import experiment
 from latentforge.flows.pipeline import pipeline
 from latentforge.flows.stages import STAGE_FLOWS
 
-DEPLOYMENT_NAME = "latentforge"
-
 
 def build_deployments(limit: int = 1) -> list[Any]:
-    """One deployment for the pipeline and one per stage. DVC allows one repro per workspace
-    at a time, so each deployment runs at most `limit` (default 1) flow runs concurrently."""
-    flows = [pipeline, *STAGE_FLOWS.values()]
-    return [f.to_deployment(name=DEPLOYMENT_NAME, concurrency_limit=limit,
+    """One deployment for the pipeline, one per stage and one for DVC experiments. One run uses
+    a workspace at a time (latentforge/workspace.py), so each deployment runs at most `limit`
+    (default 1) flow runs concurrently."""
+    flows = [pipeline, *STAGE_FLOWS.values(), experiment]
+    return [f.to_deployment(name=f.name, concurrency_limit=limit,
                             description=f.description, tags=["latentforge"],
                             entrypoint_type=EntrypointType.MODULE_PATH) for f in flows]
 

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "`dvc exp run -S` does, so `dvc repro` afterwards agrees.")
     _add_params_args(p)
     p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    p.add_argument("--exp", metavar="NAME", default=None,
+                   help="run as the DVC experiment NAME in a temporary copy of the workspace "
+                   "(dvc exp run --temp): params.yaml and the outputs here stay as they are; "
+                   "`dvc exp show` lists it, `dvc exp apply NAME` brings it in")
     _add_wait_arg(p)
 
     p = sub.add_parser("stage", help="run one stage",
@@ -162,7 +166,31 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.exp:
+        return _experiment(args)
     return _orchestrate(args, _load(args), stages=None)
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    """`run --exp NAME`: the pipeline as a DVC experiment; params.yaml is left alone."""
+    from latentforge import prefectserver, procs, tracking
+
+    if args.params:
+        raise ConfigError("--exp takes its changes as -S KEY=VALUE (as `dvc exp run -S`); "
+                          "--params would rewrite params.yaml")
+    params = _load(args)
+    _require_project()
+    procs.start_guard()
+    if params.tracking.enabled:
+        procs.guard_send(f"mlflow {tracking.tracking_uri()}\t{params.tracking.experiment}")
+    from latentforge.flows.experiment import experiment
+
+    with prefectserver.temporary_server():
+        result = experiment(args.exp, overrides=args.overrides, force=args.force)
+    print(f"experiment {result['experiment']} finished in {result['seconds']:.0f} s "
+          f"(MLflow run {result['run_id'] or '-'}); `dvc exp show` lists it, "
+          f"`dvc exp apply {result['experiment']}` brings it into the workspace")
+    return 0
 
 
 def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None) -> int:

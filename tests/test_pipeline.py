@@ -231,10 +231,11 @@ def test_deployments_cover_pipeline_and_every_stage():
 
     deployments = build_deployments()
     names = [d.flow_name for d in deployments]
-    assert names == ["pipeline", *paths.STAGES]
+    assert names == ["pipeline", *paths.STAGES, "experiment"]
     for d in deployments:
         props = d._parameter_openapi_schema.properties
-        assert {"overrides", "params_file", "force"} <= set(props)
+        assert {"overrides", "force"} <= set(props)
+        assert "params_file" in props or d.flow_name == "experiment"  # -S only: no file
         assert d.concurrency_limit == 1
         assert d.entrypoint.startswith("latentforge.flows.")
     # infra/prefect.yaml (work pools) deploys the same flows as `latentforge serve`.

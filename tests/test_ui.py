@@ -41,7 +41,7 @@ def test_ui_starts_three_services_on_loopback_and_ctrl_c_stops_them(make_project
         deadline = time.monotonic() + 300
         api = f"http://127.0.0.1:{prefect_port}/api"
         names: list[str] = []
-        while time.monotonic() < deadline and len(names) < len(paths.STAGES) + 1:
+        while time.monotonic() < deadline and len(names) < len(paths.STAGES) + 2:
             assert proc.poll() is None, "\n".join(lines[-40:])
             time.sleep(1)
             if not any(line.startswith("MLflow UI") for line in lines):
@@ -50,7 +50,7 @@ def test_ui_starts_three_services_on_loopback_and_ctrl_c_stops_them(make_project
                                              headers={"content-type": "application/json"})
             with urllib.request.urlopen(request, timeout=10) as answer:
                 names = [d["flow_id"] for d in json.load(answer)]
-        assert len(names) == len(paths.STAGES) + 1, "\n".join(lines[-40:])
+        assert len(names) == len(paths.STAGES) + 2, "\n".join(lines[-40:])
         assert any(f"http://127.0.0.1:{prefect_port}" in line for line in lines)
         with urllib.request.urlopen(f"http://127.0.0.1:{mlflow_port}/health", timeout=10) as r:
             assert r.status == 200

@@ -1,0 +1,70 @@
+"""An experiment: the pipeline with changed parameters as a DVC experiment, leaving the
+workspace's params.yaml (and outputs) untouched.
+
+`dvc exp run --temp -n NAME -S KEY=VALUE...` copies the workspace into a temporary folder,
+reproduces the graph there and records the result as an experiment (`dvc exp show`,
+`dvc exp apply NAME` to bring it into the workspace). Its stages log to the workspace's MLflow
+store, nested under one parent run tagged with the experiment's name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from pydantic import Field
+
+from latentforge import dvcops, procs, tracking, workspace
+from latentforge.config import load_params
+from latentforge.flows.stages import Overrides
+
+EXPERIMENT_TAG = f"{tracking.TAG_PREFIX}dvc_experiment"
+
+
+@flow(name="experiment", log_prints=True,
+      description="The pipeline as a DVC experiment (dvc exp run --temp): params.yaml and the "
+                  "workspace's outputs stay as they are; `dvc exp show` lists the result.")
+def experiment(name: Annotated[str, Field(examples=["seed3"])], overrides: Overrides = None,
+               force: bool = False) -> dict[str, Any]:
+    """Run the pipeline as a DVC experiment.
+
+    Args:
+        name: The experiment's name, as `dvc exp show` lists it and `dvc exp apply NAME`
+            takes it; MLflow tags the runs `latentforge.dvc_experiment = NAME`.
+        overrides: Parameter changes, one KEY=VALUE per item, e.g. prepare.seed=3 (what
+            `dvc exp run -S` takes). They apply to the experiment's copy only: the
+            workspace's params.yaml stays as it is.
+        force: Rerun every stage even when DVC finds it up to date.
+    """
+    overrides = list(overrides or [])
+    params = load_params(None, overrides)  # validated before anything runs (exit 2)
+    logger = get_run_logger()
+    started = time.time()
+    with workspace.lock(what=f"experiment {name}"), tracking.start_run(
+            params.tracking, f"experiment {name}",
+            {f"{tracking.TAG_PREFIX}stage": "pipeline", EXPERIMENT_TAG: name,
+             f"{tracking.TAG_PREFIX}prefect_flow_run_id": str(flow_run.id or "")}) as parent:
+        parent.log_params({"overrides": " ".join(overrides) or "-"})
+        # The stages run in DVC's temporary copy: the store must be named absolutely.
+        env = {tracking.PARENT_RUN_ENV: parent.run_id or "",
+               tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
+               "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+               # tells the stages inside DVC that this run holds the workspace lock
+               procs.INVOCATION_ENV: os.environ.get(procs.INVOCATION_ENV) or uuid.uuid4().hex[:12]}
+        cmd = ["exp", "run", "--temp", "-n", name]
+        for item in overrides:
+            cmd += ["-S", item]
+        if force:
+            cmd.append("--force")
+        dvcops.run_dvc(cmd, env=env, what=f"experiment {name}",
+                       on_line=lambda line: logger.info("%s", line))
+        seconds = time.time() - started
+        parent.log_metrics({"pipeline_seconds": seconds})
+    logger.info("experiment %s done in %.0f s: `dvc exp show` lists it, `dvc exp apply %s` "
+                "brings it into the workspace", name, seconds, name)
+    return {"experiment": name, "seconds": seconds, "run_id": parent.run_id,
+            "overrides": overrides}

@@ -1,0 +1,49 @@
+"""`latentforge run --exp NAME -S ...`: a DVC experiment that leaves params.yaml alone, listed
+by `dvc exp show` and tracked in the workspace's MLflow store under the experiment's name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_pipeline import TINY, runs
+
+from latentforge import paths
+
+
+@pytest.mark.slow  # the whole tiny pipeline in DVC's temporary copy: ~3-5 min on 2 cores
+def test_run_exp_leaves_params_yaml_alone_and_is_listed_by_dvc_and_mlflow(make_project):
+    root = make_project(TINY)
+    before = (root / "params.yaml").read_bytes()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_API") and k != "MLFLOW_TRACKING_URI"}
+    env["PREFECT_HOME"] = str(root / ".prefect-home")
+    proc = subprocess.run([sys.executable, "-m", "latentforge", "run", "--exp", "seed3",
+                           "-S", "prepare.seed=3"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "experiment seed3 finished" in proc.stdout
+
+    # The workspace is as it was: same params.yaml, no stage outputs here.
+    assert (root / "params.yaml").read_bytes() == before
+    assert not (root / "data/prepared").exists()
+
+    shown = json.loads(subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"],
+                                      cwd=root, capture_output=True, text=True,
+                                      check=True).stdout)
+    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
+    names = {e.get("name") for e in experiments}
+    assert "seed3" in names, shown
+    exp = next(e for e in experiments if e.get("name") == "seed3")
+    data = exp["revs"][0]["data"]
+    assert data["params"]["params.yaml"]["data"]["prepare"]["seed"] == 3
+
+    # One parent run named after the experiment; every stage ran nested under it.
+    parent = runs(root, "tags.`latentforge.dvc_experiment` = 'seed3'")
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = runs(root, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    assert {r.data.tags["latentforge.stage"] for r in children} == set(paths.STAGES)
+    assert all(r.info.status == "FINISHED" for r in children)
