@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "MLflow model, else the pipeline's)")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
 
+    p = sub.add_parser("lineage", help="print a registered model's chain back to the source "
+                       "data", description="Follow the upstream tags of a registered model "
+                       "version (models:/NAME/VERSION, models:/NAME@ALIAS, models:/NAME/latest) "
+                       "through every stage's MLflow run back to the prepared data and its "
+                       "source.")
+    p.add_argument("model_uri", metavar="MODEL_URI")
+
     p = sub.add_parser("serve", help="serve Prefect deployments (pipeline and each stage) for the UI")
     p.add_argument("--limit", type=int, default=1, help="concurrent runs (DVC allows one)")
 
@@ -266,6 +273,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from latentforge.lineage import cmd_lineage as lineage
+
+    print(lineage(args.model_uri))
+    return 0
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
     _require_project()
     from latentforge.ui import run_ui
@@ -321,7 +335,7 @@ def _configure_logging(level: int) -> None:
 _started_by_latentforge = False  # set by main: this process inherited an invocation id
 
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "params": cmd_params, "sample": cmd_sample,
-            "serve": cmd_serve, "ui": cmd_ui}
+            "serve": cmd_serve, "ui": cmd_ui, "lineage": cmd_lineage}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,11 +6,16 @@ import mlflow themselves. Only the driver process ever holds an `MLflowTracker`.
 
 Default store: an SQLite file in the project (`mlflow.db`), artifacts in `mlartifacts/`,
 both overridable (MLFLOW_TRACKING_URI; `tracking.artifact_location`).
+
+Lineage: `log_input` finds the run or registered version that produced each input (by its
+digest) and tags it; `log_output` marks what a run produced; `log_model` copies those tags
+onto the registered version. The tag scheme is in `latentforge.lineage`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -28,6 +33,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "LATENTFORGE_PARENT_RUN_ID"
+# MLflow's experiment kind: "custom_model_development" is its "Machine learning" kind (runs,
+# models), "genai_development" the GenAI one (traces). See _experiment_id.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 FLOW_RUN_ENV = "LATENTFORGE_FLOW_RUN_ID"
 TAG_PREFIX = "latentforge."
 MLFLOW_DIGEST_LEN = 36
@@ -49,7 +58,13 @@ class Tracker:
     def log_text(self, text: str, artifact_file: str) -> None: ...
 
     def log_input(self, name: str, source: str, digest: str, context: str,
-                  profile: Mapping[str, Any] | None = None) -> None: ...
+                  profile: Mapping[str, Any] | None = None) -> None:
+        """Record that this run read `name` (found by `digest`: see latentforge.lineage)."""
+
+    def log_output(self, name: str, manifest: str | os.PathLike[str], digest: str,
+                   profile: Mapping[str, Any] | None = None) -> None:
+        """Record that this run produced the data folder `name` with `digest`; `manifest` is
+        the file in it that lists its content by sha256 (logged, and named as the content)."""
 
     def log_model(self, name: str, model_dir: str | os.PathLike[str], registered_name: str,
                   tags: Mapping[str, str] | None = None,
@@ -105,14 +120,20 @@ def _flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 class MLflowTracker(Tracker):
     """Logs to the active MLflow run `run_id`."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, experiment_id: str | None = None,
+                 root: str | os.PathLike[str] = ".") -> None:
         import mlflow
+
+        from latentforge.lineage import Producer
 
         # log_model's live "Downloading artifacts" bars become a dozen lines per model in the
         # DVC/Prefect logs; a user who wants them sets the variable to true.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self._mlflow = mlflow
         self.run_id = run_id
+        self._experiment_id = experiment_id or mlflow.get_run(run_id).info.experiment_id
+        self._root = Path(root).resolve()
+        self._upstream: dict[str, Producer] = {}  # input name -> the run/version that made it
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._mlflow.log_params(_flatten(params))
@@ -135,6 +156,45 @@ class MLflowTracker(Tracker):
 
     def log_input(self, name: str, source: str, digest: str, context: str,
                   profile: Mapping[str, Any] | None = None) -> None:
+        """The dataset points at content: the registered version or the producing run's
+        manifest when MLflow knows who made `digest`, else `source` (with its DVC-tracked path
+        in the profile); the producer is tagged on the run and on the models it registers."""
+        from latentforge import lineage
+
+        producer = lineage.find_producer(self._mlflow.MlflowClient(), self._experiment_id,
+                                         name, digest)
+        if producer is not None:
+            self._upstream[name] = producer
+            self.set_tags(producer.tags())
+        elif name in lineage.REGISTERED_MODELS or name in lineage.PRODUCED_BY:
+            log.warning("MLflow has no run that produced %s %s (was it run with tracking off, "
+                        "or into another store?): lineage stops at this input", name, digest[:12])
+        self._log_dataset(name, producer.uri if producer else str(source), digest, context,
+                          {**self._dvc_path(source), **(profile or {})})
+
+    def log_output(self, name: str, manifest: str | os.PathLike[str], digest: str,
+                   profile: Mapping[str, Any] | None = None) -> None:
+        from latentforge import lineage
+
+        manifest = Path(manifest)
+        self.log_artifact(manifest)
+        uri = f"runs:/{self.run_id}/{manifest.name}"
+        self.set_tags(lineage.output_tags(name, digest, uri))
+        # MLflow has no dataset outputs: the output joins the run's datasets, context "output".
+        self._log_dataset(name, uri, digest, "output",
+                          {**self._dvc_path(manifest.parent), **(profile or {})})
+
+    def _dvc_path(self, source: str | os.PathLike[str]) -> dict[str, str]:
+        """{"dvc_path": path relative to the project} for a local path in a DVC project."""
+        if "://" in str(source) or not (self._root / "dvc.yaml").exists():
+            return {}
+        path = (self._root / source).resolve()
+        if not (path.exists() and path.is_relative_to(self._root)):  # "sklearn:digits", ...
+            return {}
+        return {"dvc_path": path.relative_to(self._root).as_posix()}
+
+    def _log_dataset(self, name: str, source: str, digest: str, context: str,
+                     profile: Mapping[str, Any]) -> None:
         from mlflow.data.code_dataset_source import CodeDatasetSource
         from mlflow.data.dataset_source_registry import (
             get_registered_sources,
@@ -143,41 +203,49 @@ class MLflowTracker(Tracker):
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.exceptions import MlflowException
 
-        # MLflow registers two same-named local-file source classes, so every local path
-        # "can be interpreted in multiple ways" and warns; one class per name keeps it quiet.
-        # (Registered sources are classes; MLflow's hints say instances.)
-        candidates = list({getattr(c, "__name__", repr(c)): c
-                           for c in get_registered_sources()}.values())
-        try:
-            resolved = resolve_dataset_source(str(source), candidate_sources=candidates)
-        except MlflowException:  # e.g. "sklearn:digits": a source that is code, not a path
-            resolved = CodeDatasetSource({"uri": str(source)})
+        if source.startswith(("runs:/", "models:/")):
+            resolved = _mlflow_uri_source()(source)
+        else:
+            # MLflow registers two same-named local-file source classes, so every local path
+            # "can be interpreted in multiple ways" and warns; one class per name keeps it
+            # quiet. (Registered sources are classes; MLflow's hints say instances.)
+            candidates = list({getattr(c, "__name__", repr(c)): c
+                               for c in get_registered_sources()}.values())
+            try:
+                resolved = resolve_dataset_source(source, candidate_sources=candidates)
+            except MlflowException:  # e.g. "sklearn:digits": a source that is code, not a path
+                resolved = CodeDatasetSource({"uri": source})
+        full = {"sha256": digest, **profile}
+
         # MLflow caps a dataset digest at 36 characters: the digest is the sha256's first 36
         # hex digits; the full sha256 is in the dataset profile and in a run tag.
         class DigestDataset(MetaDataset):
             @property
             def profile(self) -> dict[str, Any]:
-                return {"sha256": digest, **(profile or {})}
+                return full
 
             def to_dict(self) -> dict[str, str]:
-                return {**super().to_dict(),
-                        "profile": json.dumps({"sha256": digest, **(profile or {})})}
+                return {**super().to_dict(), "profile": json.dumps(full)}
 
         dataset = DigestDataset(source=resolved, name=name, digest=digest[:MLFLOW_DIGEST_LEN])
         self._mlflow.log_input(dataset, context=context)
         self._mlflow.set_tag(f"{TAG_PREFIX}input.{name}.sha256", digest)
-
 
     def log_model(self, name: str, model_dir: str | os.PathLike[str], registered_name: str,
                   tags: Mapping[str, str] | None = None,
                   artifacts: Mapping[str, str | os.PathLike[str]] | None = None) -> str | None:
         import mlflow.pyfunc
 
-        from latentforge import mlflow_model
+        from latentforge import lineage, mlflow_model
 
         # "Models from code": MLflow stores the module's source, not a pickle, and loading the
         # model reads only safetensors and JSON.
         folders = {"model_dir": str(model_dir), **{k: str(v) for k, v in (artifacts or {}).items()}}
+        # The same tags on the logged model and on the registered version: the stage's digests
+        # and, from log_input, the upstream versions and runs (latentforge.lineage).
+        model_tags = {f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()}
+        for producer in self._upstream.values():
+            model_tags.update(producer.tags())
         with warnings.catch_warnings():
             # The signature documents the tensors; an input example would make MLflow load and
             # run every model once more at logging time, which is all this warning asks for.
@@ -185,11 +253,58 @@ class MLflowTracker(Tracker):
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=mlflow_model.__file__, artifacts=folders,
                 signature=mlflow_model.signature(name, folders),
-                pip_requirements=[f"latentforge=={_version()}"], registered_model_name=registered_name,
-                tags={f"{TAG_PREFIX}{k}": str(v) for k, v in (tags or {}).items()},
+                pip_requirements=[f"latentforge=={_version()}"], tags=model_tags,
                 model_config={"kind": name})
-        self._mlflow.set_tag(f"{TAG_PREFIX}model.{name}", info.model_uri)
+        # Registered here rather than through log_model so that the version gets the tags (with
+        # registered_model_name MLflow puts them on the logged model only).
+        version = mlflow.register_model(info.model_uri, registered_name, tags=model_tags)
+        client = self._mlflow.MlflowClient()
+        client.update_model_version(registered_name, version.version, description=(
+            lineage.describe_version((tags or {}).get("stage", name), tags or {},
+                                     self._upstream, self.run_id)))
+        known = {m.name: m for m in lineage.REGISTERED_MODELS.values()}
+        if registered_name in known and not client.get_registered_model(registered_name).description:
+            client.update_registered_model(registered_name, known[registered_name].description)
+        self.set_tags({f"{TAG_PREFIX}model.{name}": info.model_uri,
+                       f"{TAG_PREFIX}registered.{name}": f"{registered_name}/{version.version}"})
         return info.model_uri
+
+
+@functools.cache
+def _mlflow_uri_source() -> type:
+    """A dataset source for runs:/ and models:/ URIs, which MLflow's resolvers do not take."""
+    from mlflow.data.dataset_source import DatasetSource
+
+    class MLflowArtifactSource(DatasetSource):
+        def __init__(self, uri: str) -> None:
+            self.uri = uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "mlflow_artifact"
+
+        def load(self, dst_path: str | None = None) -> str:
+            """Download the artifact (a manifest, a model folder); its local path."""
+            import mlflow.artifacts
+
+            return mlflow.artifacts.download_artifacts(artifact_uri=self.uri, dst_path=dst_path)
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return isinstance(raw_source, str) and raw_source.startswith(("runs:/", "models:/"))
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> MLflowArtifactSource:
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> MLflowArtifactSource:
+            return cls(source_dict["uri"])
+
+    return MLflowArtifactSource
 
 
 def _version() -> str:
@@ -201,15 +316,22 @@ def _version() -> str:
 def _experiment_id(cfg: TrackingConfig, root: Path) -> str:
     import mlflow
 
+    # The kind tells MLflow this is model training, not a GenAI app: without it MLflow 3 shows
+    # traces and "Agent versions". An existing experiment without one gets it; a kind someone
+    # chose in the UI stays.
     exp = mlflow.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
+                                                     EXPERIMENT_KIND)
         return exp.experiment_id
     # Against a tracking server the server decides (its --artifacts-destination, e.g. S3);
     # a local file:// location would put a team's artifacts on this machine's disk.
     served = tracking_uri(root).startswith(("http://", "https://", "databricks"))
     location = cfg.artifact_location or (
         None if served else (root / "mlartifacts").resolve().as_uri())
-    return mlflow.create_experiment(cfg.experiment, artifact_location=location)
+    return mlflow.create_experiment(cfg.experiment, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 @contextlib.contextmanager
@@ -234,7 +356,7 @@ def start_run(cfg: TrackingConfig, run_name: str, tags: Mapping[str, str],
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
                            parent_run_id=parent_run_id, tags=all_tags)
     try:
-        yield MLflowTracker(run.info.run_id)
+        yield MLflowTracker(run.info.run_id, experiment_id, root)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (procs.Interrupted)
         with procs.interrupts_deferred():
             mlflow.end_run("KILLED")

@@ -106,7 +106,8 @@ def run_ui(prefect_port: int = 4200, mlflow_port: int = 5000, limit: int = 1) ->
             "the deployments (latentforge serve)",
             [sys.executable, "-m", "latentforge", "serve", "--limit", str(limit)], env, None))
         print(f"Prefect UI   http://{HOST}:{prefect_port}   (Deployments: press Run on "
-              f"pipeline or a stage)\nMLflow UI    http://{HOST}:{mlflow_port}   ({store})\n"
+              f"pipeline or a stage)\nMLflow UI    http://{HOST}:{mlflow_port}/#/experiments"
+              f"?workflowType=machine_learning   ({store})\n"
               "Ctrl-C stops all three.", flush=True)
         while True:
             for service in services:

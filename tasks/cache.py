@@ -699,7 +699,7 @@ def run(params: Params, out_dir: str | Path = paths.CACHE,
         max_diff = verify_decoding(load_cache(tmp, handle.sha256, prepared.manifest_sha256),
                                    handle, prepared, cfg.verify_samples)
     shutil.rmtree(work, ignore_errors=True)
-    tracker.log_artifact(out_dir / MANIFEST)
+    tracker.log_output("cache", out_dir / MANIFEST, key)  # the key: what consumers look up
 
     timings = {"cache_seconds": stats.seconds, "cache_startup_seconds": stats.startup_seconds,
                "encoder_seconds": stats.encoder_seconds,

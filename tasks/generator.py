@@ -28,6 +28,7 @@ from latentforge.config import ComputeConfig, GeneratorConfig, Params
 from latentforge.data import load_prepared
 from latentforge.errors import DataError
 from latentforge.images import make_grid, save_png
+from latentforge.lineage import REGISTERED_MODELS
 from latentforge.malloc import tune_malloc
 from latentforge.models.generator import FlowTransformer, GeneratorModelConfig, generator_config
 from latentforge.raycluster import map_on_actor_pool, record_nodes, use_ray
@@ -303,6 +304,8 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     tracker.log_input("tokenizer", str(Path(tokenizer_dir).resolve()), tok.sha256,
                       context="decoder")
     tracker.log_input("judge", str(Path(judge_dir).resolve()), judge.sha256, context="judge")
+    tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
+                      context="evaluation")
 
     data = training_arrays(cache, tok)
     val_x, _ = prepared.split("val")
@@ -353,9 +356,10 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     weights_sha = storage.sha256_file(out_dir / WEIGHTS)
     for name in (META, "samples.png"):
         tracker.log_artifact(out_dir / name)
-    tracker.log_model("generator", out_dir, registered_name="latentforge-generator",
+    tracker.log_model("generator", out_dir, registered_name=REGISTERED_MODELS["generator"].name,
                       artifacts={"tokenizer_dir": Path(tokenizer_dir)},
-                      tags={"cache_key": cache.key, "tokenizer_sha256": tok.sha256,
+                      tags={"stage": "generator", "prepared_sha256": prepared.manifest_sha256,
+                            "cache_key": cache.key, "tokenizer_sha256": tok.sha256,
                             "judge_sha256": judge.sha256, "weights_sha256": weights_sha})
     log.info("generator: gFD-judge %.3f (train/val FD %.3f), judge accuracy %.4f, precision "
              "%.3f, recall %.3f, %.0f images/s sampling at NFE %d", m["gfd_judge"],

@@ -23,6 +23,7 @@ from latentforge import paths, storage
 from latentforge.checkpoint import load_model_folder
 from latentforge.config import JudgeConfig, Params
 from latentforge.data import load_prepared
+from latentforge.lineage import REGISTERED_MODELS
 from latentforge.models.judge import Judge, JudgeModelConfig
 from latentforge.runner import StageResult
 from latentforge.tracking import Tracker
@@ -127,8 +128,9 @@ def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | P
     weights_sha = storage.sha256_file(Path(out_dir) / WEIGHTS)
     log.info("judge: val accuracy %.4f on %d images", val_acc, len(val_y))
     tracker.log_artifact(Path(out_dir) / META)
-    tracker.log_model("judge", Path(out_dir), registered_name="latentforge-judge",
-                      tags={"prepared_sha256": prepared.manifest_sha256, "weights_sha256": weights_sha})
+    tracker.log_model("judge", Path(out_dir), registered_name=REGISTERED_MODELS["judge"].name,
+                      tags={"stage": "judge", "prepared_sha256": prepared.manifest_sha256,
+                            "weights_sha256": weights_sha})
     metrics = {"val_accuracy": round(val_acc, 6)}
     return StageResult(
         metrics=metrics,

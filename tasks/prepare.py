@@ -199,9 +199,8 @@ def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
     source_uri = "sklearn:digits" if cfg.source == "digits" else cfg.path
     tracker.log_input("source", source_uri if "://" in source_uri else str(Path(source_uri)),
                       data.fingerprint, context="source")
-    tracker.log_input("prepared", str(out_dir.resolve()), manifest_sha, context="prepared",
-                      profile={"train": counts["train"], "val": counts["val"]})
-    tracker.log_artifact(out_dir / MANIFEST)
+    tracker.log_output("prepared", out_dir / MANIFEST, manifest_sha,
+                       profile={"train": counts["train"], "val": counts["val"]})
     tracker.log_artifact(out_dir / "preview.png")
     tracker.log_artifact(out_dir / "report.json")
 

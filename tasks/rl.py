@@ -37,6 +37,7 @@ from latentforge import flow, paths, storage
 from latentforge.config import Params, RLConfig
 from latentforge.data import load_prepared
 from latentforge.images import save_png
+from latentforge.lineage import REGISTERED_MODELS
 from latentforge.models.generator import FlowTransformer
 from latentforge.rewards import Reward
 from latentforge.runner import StageResult
@@ -468,6 +469,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     tracker.log_input("judge", str(Path(judge_dir).resolve()), judge.sha256, context="reward")
     tracker.log_input("tokenizer", str(Path(tokenizer_dir).resolve()), tok.sha256,
                       context="decoder")
+    tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
+                      context="evaluation")
 
     val_x, _ = prepared.split("val")
     es = EvalSet(labels=flow.balanced_labels(len(base.class_names), cfg.eval_per_class).numpy(),
@@ -513,11 +516,14 @@ def run(params: Params, out_dir: str | Path = paths.RL,
                                class_grid(images, es.labels, base.class_names))
     for name in (META, "samples.png"):
         tracker.log_artifact(Path(out_dir) / name)
-    tracker.log_model("generator", out_dir, registered_name="latentforge-generator",
+    # Its own registered model: the base generator's versions stay one kind of model.
+    tracker.log_model("generator", out_dir, registered_name=REGISTERED_MODELS["rl"].name,
                       artifacts={"tokenizer_dir": Path(tokenizer_dir)},
-                      tags={"base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
+                      tags={"stage": "rl", "prepared_sha256": prepared.manifest_sha256,
+                            "cache_key": base.meta.get("cache_key", ""),
+                            "base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
                             "tokenizer_sha256": tok.sha256, "reward": reward.definition(),
-                            "weights_sha256": weights_sha, "stage": "rl"})
+                            "weights_sha256": weights_sha})
     log.info("rl: reward %.4f -> %.4f, judge accuracy %.4f -> %.4f, gFD-judge %.3f -> %.3f "
              "(x%.2f), final KL %.5f", m["before_reward_mean"], m["after_reward_mean"],
              m["before_judge_accuracy"], m["after_judge_accuracy"], m["before_gfd_judge"],

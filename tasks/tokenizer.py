@@ -26,6 +26,7 @@ from latentforge.checkpoint import load_model_folder
 from latentforge.config import Params, TokenizerConfig
 from latentforge.data import load_prepared
 from latentforge.images import make_grid, save_png, to_uint8
+from latentforge.lineage import REGISTERED_MODELS
 from latentforge.models.tokenizer import Tokenizer, TokenizerModelConfig, tokenizer_config
 from latentforge.runner import StageResult
 from latentforge.tasks.judge import images_to_tensor, load_judge
@@ -230,8 +231,8 @@ def run(params: Params, out_dir: str | Path = paths.TOKENIZER,
     weights_sha = storage.sha256_file(out_dir / WEIGHTS)
     for name in (META, "recon.png", "prefix_psnr.png"):
         tracker.log_artifact(out_dir / name)
-    tracker.log_model("tokenizer", out_dir, registered_name="latentforge-tokenizer",
-                      tags={"prepared_sha256": prepared.manifest_sha256,
+    tracker.log_model("tokenizer", out_dir, registered_name=REGISTERED_MODELS["tokenizer"].name,
+                      tags={"stage": "tokenizer", "prepared_sha256": prepared.manifest_sha256,
                             "judge_sha256": judge.sha256, "weights_sha256": weights_sha,
                             "layout": cfg.layout, "quantizer": cfg.quantizer})
     log.info("tokenizer: val PSNR %.2f dB, SSIM %.3f, rFD-judge %.3f, judge acc on recon %.4f "

@@ -252,7 +252,7 @@ def test_smoke_outputs_and_resume_after_crash(tiny_inputs, tmp_path, monkeypatch
     assert logged == set(range(steps + 1))  # step 0 = the base model's evaluation
     assert any("eval/gfd_judge" in row for step, row in tracker.metrics if step == 0)
     name, registered, tags = tracker.models[0]
-    assert registered == "latentforge-generator" and tags["base_generator_sha256"] == base_sha
+    assert registered == "latentforge-generator-rl" and tags["base_generator_sha256"] == base_sha
     assert set(tracker.inputs) >= {"generator", "judge", "tokenizer"}
     assert first.timings["resumed_from_step"] == 0
 

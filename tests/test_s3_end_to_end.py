@@ -141,11 +141,14 @@ def test_team_mlflow_server_with_s3_artifacts(make_project, prefect_harness, s3_
         parents = client.search_runs([experiment.experiment_id],
                                      "tags.`latentforge.stage` = 'pipeline'")
         assert len(parents) == 1
-        versions = sorted(client.search_model_versions("name = 'latentforge-generator'"),
-                          key=lambda v: int(v.version))
-        assert [v.version for v in versions] == ["1", "2"]  # generator, then its RL fine-tune
+        # the generator and its RL fine-tune, each its own registered model
+        versions = [v for name in ("latentforge-generator", "latentforge-generator-rl")
+                    for v in client.search_model_versions(f"name = '{name}'")]
+        assert sorted((v.name, v.version) for v in versions) == [
+            ("latentforge-generator", "1"), ("latentforge-generator-rl", "1")]
         assert {m.name for m in client.search_registered_models()} >= {
-            "latentforge-judge", "latentforge-tokenizer", "latentforge-generator"}
+            "latentforge-judge", "latentforge-tokenizer", "latentforge-generator",
+            "latentforge-generator-rl"}
 
         # artifacts went through the server to S3: none in a local mlartifacts folder
         keys = s3_keys(s3_bucket, "mlartifacts/")
@@ -165,7 +168,7 @@ def test_team_mlflow_server_with_s3_artifacts(make_project, prefect_harness, s3_
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("AWS_") and k != "MLFLOW_S3_ENDPOINT_URL"}
         for v in versions:
-            uri = f"models:/latentforge-generator/{v.version}"
+            uri = f"models:/{v.name}/{v.version}"
             proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, url, uri], cwd=elsewhere,
                                   env=env, capture_output=True, text=True)
             assert proc.returncode == 0, f"{uri}:\n{proc.stdout}\n{proc.stderr[-3000:]}"

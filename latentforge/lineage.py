@@ -1,0 +1,342 @@
+"""Where a registered model came from: the tags that record it, and `latentforge lineage`.
+
+Every stage input is found in MLflow by its digest, never by a workspace path (the folder
+holds other content after the next run): a model input is the registered version whose
+`latentforge.weights_sha256` tag equals the digest, a data input (prepared images, latent
+cache) the newest finished run that tagged `latentforge.output.<name>.sha256` with it. Runs
+with identical outputs are interchangeable here (same bytes), so "newest" is a safe choice.
+
+Tags, on the consuming run and copied onto every model version it registers:
+
+    latentforge.upstream.<input>        registered version of a model input, e.g.
+                                        latentforge.upstream.tokenizer = latentforge-tokenizer/3
+    latentforge.upstream.<input>_run    run that produced the input (models and data alike)
+    latentforge.output.<name>.sha256    on a run: the digest of what it produced (data outputs)
+    latentforge.output.<name>.uri       on a run: the logged artifact naming that content
+
+Version tags also carry `latentforge.stage`, `latentforge.prepared_sha256` (the data digest),
+the input digests the stage recorded, and the version has a one-paragraph description.
+Following `latentforge.upstream.*` from any version reaches the prepare run, whose params
+name the source. The RL generator is its own registered model (not a tagged version of the
+base generator's), so `latest` and version numbers mean one kind of model each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentforge import tracking
+from latentforge.errors import LatentForgeError
+
+UPSTREAM = f"{tracking.TAG_PREFIX}upstream."
+RUN_SUFFIX = "_run"
+WEIGHTS_TAG = f"{tracking.TAG_PREFIX}weights_sha256"
+STAGE_TAG = f"{tracking.TAG_PREFIX}stage"
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A registered model one stage adds a version to on every run."""
+
+    name: str
+    description: str
+
+
+# Keyed by the stage output's name (what later stages call the input, StageResult.digests).
+REGISTERED_MODELS: dict[str, RegisteredModel] = {
+    "judge": RegisteredModel(
+        "latentforge-judge", "Judge classifiers from the judge stage: their features give "
+        "FD-judge and precision/recall, their log-probabilities accuracy, IS-judge and the RL "
+        "reward. Input: uint8 images (N, H, W, C); output: class log-probabilities."),
+    "tokenizer": RegisteredModel(
+        "latentforge-tokenizer", "Image tokenizers from the tokenizer stage (1D TiTok-style or "
+        "2D). Input: uint8 images (N, H, W, C); output: their reconstructions."),
+    "generator": RegisteredModel(
+        "latentforge-generator", "Base class-conditional flow-matching generators from the "
+        "generator stage, logged with the tokenizer they decode with. Input: int64 class "
+        "labels (N,); output: uint8 images. RL fine-tunes are in latentforge-generator-rl."),
+    "rl": RegisteredModel(
+        "latentforge-generator-rl", "Generators fine-tuned with Flow-GRPO by the rl stage, "
+        "each from a version of latentforge-generator (tag latentforge.upstream.generator). "
+        "Input: int64 class labels (N,); output: uint8 images."),
+}
+
+# Outputs of stages that register no model: found by the run's latentforge.output tag.
+PRODUCED_BY = {"prepared": "prepare", "cache": "cache"}
+
+WHAT = {
+    "judge": "A small CNN classifier of the prepared images, the pipeline's judge.",
+    "tokenizer": "An image tokenizer ({layout} layout, {quantizer} quantizer) that encodes "
+                 "images to latent tokens and decodes them back.",
+    "generator": "A class-conditional flow-matching transformer over the tokenizer's latents "
+                 "(the base model, before RL).",
+    "rl": "The base generator fine-tuned with Flow-GRPO on the reward `{reward}`.",
+}
+
+
+@dataclass(frozen=True)
+class Producer:
+    """The run (and registered version, for a model) that produced an input of this run."""
+
+    name: str  # the input's name: prepared, judge, tokenizer, cache, generator, rl
+    run_id: str
+    uri: str  # content, not a folder: models:/NAME/VERSION or runs:/ID/manifest.json
+    version: str | None = None  # NAME/VERSION of a registered model
+
+    def tags(self) -> dict[str, str]:
+        tags = {f"{UPSTREAM}{self.name}{RUN_SUFFIX}": self.run_id}
+        if self.version:
+            tags[f"{UPSTREAM}{self.name}"] = self.version
+        return tags
+
+
+def output_tags(name: str, digest: str, uri: str) -> dict[str, str]:
+    prefix = f"{tracking.TAG_PREFIX}output.{name}"
+    return {f"{prefix}.sha256": digest, f"{prefix}.uri": uri}
+
+
+def find_producer(client: Any, experiment_id: str, name: str, digest: str) -> Producer | None:
+    """The newest registered version or finished run whose output `name` has `digest`."""
+    if not re.fullmatch(r"[0-9a-f]{16,128}", digest):  # goes into a filter string
+        return None
+    if name in REGISTERED_MODELS:
+        model = REGISTERED_MODELS[name].name
+        versions = client.search_model_versions(
+            f"name = '{model}' and tags.`{WEIGHTS_TAG}` = '{digest}'")
+        if not versions:
+            return None
+        v = max(versions, key=lambda v: int(v.version))
+        return Producer(name, v.run_id, f"models:/{v.name}/{v.version}", f"{v.name}/{v.version}")
+    if name in PRODUCED_BY:
+        tag = f"{tracking.TAG_PREFIX}output.{name}"
+        runs = client.search_runs(
+            [experiment_id], f"tags.`{tag}.sha256` = '{digest}' and "
+            f"tags.`{STAGE_TAG}` = '{PRODUCED_BY[name]}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            return None
+        run = runs[0]
+        return Producer(name, run.info.run_id,
+                        run.data.tags.get(f"{tag}.uri", f"runs:/{run.info.run_id}"))
+    return None
+
+
+class _Blanks(dict):
+    """Tags for str.format_map: a tag the stage did not set reads "?"."""
+
+    def __missing__(self, key: str) -> str:
+        return "?"
+
+
+def describe_version(stage: str, tags: Mapping[str, str], upstream: Mapping[str, Producer],
+                     run_id: str | None) -> str:
+    """The model version's one-paragraph description: what it is, on what, from what."""
+    what = WHAT.get(stage, f"A model from the {stage} stage.").format_map(_Blanks(tags))
+    made = f" Trained by the {stage} stage in run {run_id or '?'}"
+    if data := tags.get("prepared_sha256"):
+        made += f" on prepared data sha256 {data[:12]}"
+        if "prepared" in upstream:
+            made += f" (prepare run {upstream['prepared'].run_id})"
+    made += "."
+    others = [f"{p.name} {p.version}" if p.version else f"{p.name} from run {p.run_id}"
+              for p in upstream.values() if p.name != "prepared"]
+    if others:
+        made += f" Upstream: {', '.join(others)}."
+    weights = tags.get("weights_sha256")
+    return what + made + (f" Weights sha256 {weights[:12]}." if weights else "")
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+@dataclass
+class Hop:
+    """One step of the chain: a registered version (with its run) or a run alone."""
+
+    name: str  # input name that led here (the model's own stage for the first hop)
+    run_id: str
+    stage: str
+    params_digest: str
+    digest: str  # weights sha256 for a model, output sha256 for data
+    version: str | None = None
+    upstream: list[Hop | str] = field(default_factory=list)  # str: why an input is missing
+    seen: bool = False  # printed earlier in the chain
+    run: Any = None
+
+
+def params_digest(run: Any, stage: str) -> str:
+    """sha256 of the stage's own params as the run logged them (compute excluded)."""
+    own = sorted((k, v) for k, v in run.data.params.items() if k.startswith(f"{stage}."))
+    return hashlib.sha256("\n".join(f"{k}={v}" for k, v in own).encode()).hexdigest()
+
+
+# Nearest stage first, so that the first branch printed is the chain back to the data.
+ORDER = ("rl", "generator", "cache", "tokenizer", "judge", "prepared")
+
+
+def _references(tags: Mapping[str, str]) -> dict[str, tuple[str | None, str | None]]:
+    """input name -> (registered NAME/VERSION or None, run id or None), from upstream tags."""
+    refs: dict[str, tuple[str | None, str | None]] = {}
+    for key, value in tags.items():
+        if not key.startswith(UPSTREAM):
+            continue
+        name = key.removeprefix(UPSTREAM)
+        if name.endswith(RUN_SUFFIX):
+            name = name.removesuffix(RUN_SUFFIX)
+            refs[name] = (refs.get(name, (None, None))[0], value)
+        else:
+            refs[name] = (value, refs.get(name, (None, None))[1])
+    return dict(sorted(refs.items(), key=lambda kv: (
+        ORDER.index(kv[0]) if kv[0] in ORDER else len(ORDER), kv[0])))
+
+
+class _Walker:
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.visited: dict[str, Hop] = {}
+
+    def version_hop(self, name: str, mv: Any) -> Hop:
+        key = f"{mv.name}/{mv.version}"
+        if key in self.visited:
+            return _seen(self.visited[key], name)
+        run = self.client.get_run(mv.run_id)
+        stage = mv.tags.get(STAGE_TAG) or run.data.tags.get(STAGE_TAG, "?")
+        hop = Hop(name, mv.run_id, stage, params_digest(run, stage),
+                  mv.tags.get(WEIGHTS_TAG, "?"), version=key, run=run)
+        self.visited[key] = hop
+        hop.upstream = self.follow(mv.tags)
+        return hop
+
+    def run_hop(self, name: str, run_id: str) -> Hop:
+        if run_id in self.visited:
+            return _seen(self.visited[run_id], name)
+        run = self.client.get_run(run_id)
+        stage = run.data.tags.get(STAGE_TAG, "?")
+        hop = Hop(name, run_id, stage, params_digest(run, stage),
+                  run.data.tags.get(f"{tracking.TAG_PREFIX}output.{name}.sha256", "?"), run=run)
+        self.visited[run_id] = hop
+        hop.upstream = self.follow(run.data.tags)
+        return hop
+
+    def follow(self, tags: Mapping[str, str]) -> list[Hop | str]:
+        from mlflow.exceptions import MlflowException
+
+        hops: list[Hop | str] = []
+        for name, (version, run_id) in _references(tags).items():
+            try:
+                if version:
+                    model, number = version.rsplit("/", 1)
+                    hops.append(self.version_hop(name, self.client.get_model_version(model,
+                                                                                    number)))
+                elif run_id:
+                    hops.append(self.run_hop(name, run_id))
+            except MlflowException:
+                hops.append(f"{name}: {version or 'run ' + str(run_id)} is no longer in the "
+                            "store (deleted?)")
+        return hops
+
+
+def _seen(hop: Hop, name: str) -> Hop:
+    return Hop(name, hop.run_id, hop.stage, hop.params_digest, hop.digest, hop.version,
+               seen=True)
+
+
+def _describe(hop: Hop) -> str:
+    kind = "weights" if hop.version else "sha256"
+    return f"{hop.name}: " + "  ".join([*([hop.version] if hop.version else []),
+                                        f"stage {hop.stage}", f"run {hop.run_id}",
+                                        f"params {hop.params_digest[:12]}",
+                                        f"{kind} {hop.digest[:12]}"])
+
+
+def _lines(hop: Hop, depth: int = 0) -> list[str]:
+    indent = "  " * (depth + 1)
+    lines = ["  " * depth + _describe(hop)]
+    for up in hop.upstream:
+        if isinstance(up, str):
+            lines.append(indent + up)
+        elif not up.seen:
+            lines += _lines(up, depth + 1)
+    again = [up.name for up in hop.upstream if isinstance(up, Hop) and up.seen]
+    if again:
+        lines.append(f"{indent}also {', '.join(again)} (shown above)")
+    if not hop.upstream and hop.stage != "prepare":
+        lines.append(f"{indent}(no upstream tags: logged before LatentForge recorded lineage)")
+    return lines
+
+
+def _prepare_hops(hop: Hop) -> list[Hop]:
+    found = [hop] if hop.stage == "prepare" and not hop.seen else []
+    for up in hop.upstream:
+        if isinstance(up, Hop):
+            found += _prepare_hops(up)
+    return found
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/NAME/VERSION, models:/NAME/latest or models:/NAME@ALIAS -> (name, version,
+    alias); anything else raises LatentForgeError."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:/(\d+|latest)|@([\w-]+))", uri)
+    if not match:
+        raise LatentForgeError(f"lineage needs a registered model version, models:/NAME/VERSION "
+                               f"or models:/NAME@ALIAS (e.g. models:/"
+                               f"{REGISTERED_MODELS['rl'].name}/1), got {uri!r}")
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _model_version(client: Any, uri: str, store: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_model_uri(uri)
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        if version == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            if versions:
+                return max(versions, key=lambda v: int(v.version))
+        else:
+            return client.get_model_version(name, version)
+    except MlflowException:
+        pass
+    known = sorted(m.name for m in client.search_registered_models())
+    raise LatentForgeError(f"{uri}: no such registered model version in {store}; "
+                           f"registered models: {', '.join(known) or 'none'}")
+
+
+def cmd_lineage(model_uri: str, root: str | Path = ".") -> str:
+    """The chain from a registered model version back to the prepared data and its source,
+    as text to print; LatentForgeError (one line) for a bad or unknown URI."""
+    from mlflow import MlflowClient
+
+    parse_model_uri(model_uri)  # a bad URI fails before any store is opened
+    uri = tracking.tracking_uri(root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        # MLflow would create an empty store there and then report the model as unknown.
+        raise LatentForgeError(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run the "
+                               f"pipeline first, or set MLFLOW_TRACKING_URI")
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = _model_version(client, model_uri, uri)
+    walker = _Walker(client)
+    top = walker.version_hop(mv.tags.get(STAGE_TAG, "model"), mv)
+    lines = [f"{model_uri} comes from (each hop: input, registered version, stage, MLflow run, "
+             f"sha256 of the stage's params and of the content, 12 digits):", *_lines(top)]
+    data = _prepare_hops(top)
+    if not data:
+        lines.append("data: not reached (a hop lacks lineage tags)")
+    for hop in data:
+        params = hop.run.data.params
+        source = params.get("prepare.source", "?")
+        where = "" if source == "digits" else f", path {params.get('prepare.path', '?')}"
+        fingerprint = hop.run.data.tags.get(f"{tracking.TAG_PREFIX}input.source.sha256")
+        lines.append(f"data: prepared sha256 {hop.digest} from prepare run {hop.run_id}")
+        lines.append(f"source: {source}{where}"
+                     + (f" (source fingerprint {fingerprint[:12]})" if fingerprint else ""))
+    if len({h.digest for h in data}) > 1:
+        lines.append("warning: the chain reaches more than one prepared data set")
+    return "\n".join(lines)
