@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, cast
 
 from prefect import flow, get_run_logger
@@ -15,6 +16,7 @@ from pydantic import Field
 from latentforge import dvcops, tracking, workspace
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.flows.stages import (
+    PARAMETERS_DOC,
     STAGE_FLOWS,
     WRITES_PARAMS,
     Overrides,
@@ -58,28 +60,26 @@ def pipeline_summary_markdown(records: list[dict[str, Any]], parent_run_id: str 
     return f"## LatentForge pipeline\n\n{table}\n\nMLflow parent run {parent}. {hint}".rstrip()
 
 
+PIPELINE_DOC = """Every stage of dvc.yaml in graph order, or the chosen ones.
+
+Args:""" + PARAMETERS_DOC + """
+    stages: Run only these stages, in graph order (the stages upstream of them are not
+        run); each is still skipped when DVC finds it up to date. Empty: every stage.
+"""
+
+
+def _documented(fn: Callable[..., list[dict[str, Any]]]) -> Callable[..., list[dict[str, Any]]]:
+    fn.__doc__ = PIPELINE_DOC  # before @flow, which reads the parameter descriptions from it
+    return fn
+
+
 @flow(name="pipeline", log_prints=True,
       description="Every stage of dvc.yaml in graph order (prepare -> judge -> tokenizer -> "
       "cache -> generator -> rl -> evaluate), one subflow each; DVC skips the stages that are "
       f"up to date; MLflow records a parent run with a child run per stage. {WRITES_PARAMS}")
+@_documented
 def pipeline(overrides: Overrides = None, params_file: ParamsFile = None,
              force: bool = False, stages: Stages = None) -> list[dict[str, Any]]:
-    """Every stage of dvc.yaml in graph order, or the chosen ones.
-
-    Args:
-        overrides: Parameter changes, one KEY=VALUE per item: a dotted params.yaml key and its
-            value, e.g. prepare.resolution=32 (what `latentforge run -S` takes). They are
-            validated, then written into params.yaml before anything runs (as `dvc exp run -S`
-            does), so a later `dvc repro` sees the same parameters. Empty: params.yaml as is.
-        params_file: A parameters file to use instead of params.yaml, e.g. presets/gpu.yaml
-            (keys it leaves out take their defaults; the overrides apply on top). The result
-            is validated and written into params.yaml before anything runs. Empty: params.yaml.
-        force: Rerun even when DVC finds a stage up to date (`dvc repro --force`).
-        stages: Run only these stages, in graph order (the stages upstream of them are not
-            run); each is still skipped when DVC finds it up to date. Empty: every stage.
-    """
-    # The stage flows share the descriptions of overrides, params_file and force
-    # (stages.PARAMETERS_DOC; a test keeps them equal): Prefect's Run form shows them.
     try:
         with workspace.lock(what=f"Prefect flow run {flow_run.id or 'pipeline'}"):
             return _pipeline(overrides, params_file, force, list(stages or []))
