@@ -171,9 +171,10 @@ def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None =
                 "metrics": last.get("metrics", {}), "run_id": last.get("run_id"),
                 "summary": last.get("summary", ""), "finished": last.get("finished"),
                 "last_seconds": last.get("seconds")}
-    # An invocation id tells the stage command inside DVC that a latentforge run holds the
-    # workspace (this flow run does), also where no `latentforge` command started this process
-    # (a Prefect worker's flow run process, a test); this process's environment stays as is.
+    # The stage inside DVC learns from workspace.HOLDER_ENV (set while this flow holds the
+    # workspace lock) that it must not take the lock itself. An invocation id groups the
+    # stage's MLflow run with this flow's, also where no `latentforge` command started this
+    # process (a Prefect worker's flow run process, a test).
     env = {tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
            tracking.PARENT_RUN_ENV: parent_run_id or "",
            procs.INVOCATION_ENV: os.environ.get(procs.INVOCATION_ENV) or uuid.uuid4().hex[:12]}

@@ -156,7 +156,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
         from latentforge import workspace
         from latentforge.runner import execute_stage
 
-        if _started_by_latentforge:  # the `latentforge run` that started us holds the lock
+        if workspace.held_by_parent():  # the `latentforge run` that started us holds it
             execute_stage(args.name, params)
         else:  # a plain `dvc repro`: hold the workspace as a `latentforge run` would
             with workspace.lock(what=f"dvc repro (stage {args.name})"):
@@ -332,8 +332,6 @@ def _configure_logging(level: int) -> None:
     root.setLevel(level)
 
 
-_started_by_latentforge = False  # set by main: this process inherited an invocation id
-
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "params": cmd_params, "sample": cmd_sample,
             "serve": cmd_serve, "ui": cmd_ui, "lineage": cmd_lineage}
 
@@ -349,8 +347,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "alembic", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     procs.install_interrupt_handlers()
-    global _started_by_latentforge
-    _started_by_latentforge = bool(os.environ.get(procs.INVOCATION_ENV))
     procs.invocation_id()  # every child and MLflow run of this command carries it
     if getattr(args, "wait", False):
         from latentforge.workspace import WAIT_ENV

@@ -42,6 +42,7 @@ def _holder(f: IO[str]) -> dict[str, Any]:
 
 
 WAIT_ENV = "LATENTFORGE_WAIT_FOR_WORKSPACE"
+HOLDER_ENV = "LATENTFORGE_WORKSPACE_HOLDER"
 
 
 def _describe(holder: dict[str, Any], path: Path) -> str:
@@ -94,11 +95,26 @@ def lock(root: str | os.PathLike[str] = ".", what: str = "",
                         "what": what or " ".join(["latentforge", *sys.argv[1:3]])}))
     f.flush()
     _held[key] = (f, 1)
+    os.environ[HOLDER_ENV] = str(os.getpid())  # what our children (dvc's stages) inherit
     try:
         yield
     finally:
         if _held.get(key, (None, 0))[1] <= 1:
             _held.pop(key, None)
+            if os.environ.get(HOLDER_ENV) == str(os.getpid()):
+                del os.environ[HOLDER_ENV]
             with contextlib.suppress(OSError):
                 f.truncate(0)
             f.close()  # releases the flock
+
+
+def held_by_parent(root: str | os.PathLike[str] = ".") -> bool:
+    """True when the process that started us (through dvc) holds this workspace's lock: it
+    set HOLDER_ENV while holding it, and the lock file still names that pid."""
+    pid = os.environ.get(HOLDER_ENV)
+    path = Path(root) / LOCK_FILE
+    if not pid or not path.exists():
+        return False
+    with contextlib.suppress(OSError, ValueError):
+        return str(json.loads(path.read_text() or "{}").get("pid")) == pid
+    return False

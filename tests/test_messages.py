@@ -95,16 +95,17 @@ def test_wait_queues_behind_the_holder_and_dvc_repro_respects_the_lock(make_proj
 
     root = make_project(TINY)
     with workspace.lock(root, what="the first run"):
+        # Children of this process would inherit the holder's mark; an unrelated shell's
+        # `dvc repro` does not have it.
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("MLFLOW_TRACKING_URI", workspace.HOLDER_ENV)}
         # A plain `dvc repro` stage takes the same lock: refused while a run holds it.
         proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "prepare"], cwd=root,
-                              capture_output=True, text=True, timeout=600,
-                              env={k: v for k, v in os.environ.items()
-                                   if k != "MLFLOW_TRACKING_URI"})
+                              capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode != 0
         assert "another run is using this workspace" in proc.stdout + proc.stderr
         assert not (root / "data/prepared").exists()
 
-        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
         waiting = subprocess.Popen(
             [sys.executable, "-m", "latentforge", "stage", "prepare", "--no-dvc", "--wait"],
             cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
