@@ -1,0 +1,267 @@
+"""Issue 14 in a real browser: `latentforge ui`, Run on the pipeline deployment in the Prefect
+UI (tiny preset from params.yaml), then, in the MLflow UI, the generator's registered version
+followed back hop by hop to the tokenizer and the prepare run that made its data.
+
+Playwright drives Debian's chromium (`apt-get install -y chromium`, as .ci/run does);
+`playwright install` cannot download browsers on these machines. One screenshot per page goes
+to tmp_path and to test-artifacts/browser/ (CI keeps that folder; a failed run keeps what it
+got so far). 5-7 min on 2 busy cores: ~40 s to start the servers, the pipeline 100 s (idle
+cores) to 6 min, ~1 min of browsing; hence slow, in `make test-infra`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from servers import free_port, stop_group
+from test_pipeline import TINY
+
+from latentforge import paths
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the networking flags chromium keeps dialling Google's hosts, which a closed network
+# refuses many times a second; --no-sandbox because CI runs as root.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def require_browser():
+    """Playwright's sync API; fails (not skips) with how to install what is missing."""
+    try:
+        from playwright import sync_api
+    except ImportError:
+        pytest.fail("playwright is not installed: `make venv` or `pip install -c "
+                    "requirements/constraints.txt -e '.[dev]'` (its browser is Debian's "
+                    "chromium: `apt-get install -y chromium`)", pytrace=False)
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} not found: `apt-get install -y chromium` (Debian's package, as "
+                    ".ci/run installs it); `playwright install` cannot download browsers here",
+                    pytrace=False)
+    return sync_api
+
+
+@contextmanager
+def running_ui(root: Path, tmp_path: Path):
+    """`latentforge ui` in `root` on free ports; yields (Prefect URL, MLflow URL, its output
+    lines) once both are up and the deployments are served; Ctrl-C at the end."""
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_API") and k != "MLFLOW_TRACKING_URI"}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "latentforge", "ui", "--prefect-port", str(prefect_port),
+         "--mlflow-port", str(mlflow_port)], cwd=root, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(line.rstrip() for line in proc.stdout),
+                     daemon=True).start()
+    prefect = f"http://127.0.0.1:{prefect_port}"
+    try:
+        deadline = time.monotonic() + 300
+        served = 0
+        while served < len(paths.STAGES) + 2:
+            assert proc.poll() is None, "\n".join(lines[-40:])
+            assert time.monotonic() < deadline, "\n".join(lines[-40:])
+            time.sleep(1)
+            if any(line.startswith("MLflow UI") for line in lines):
+                served = len(api(prefect, "deployments/filter", {}))
+        yield prefect, f"http://127.0.0.1:{mlflow_port}", lines, proc
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        stop_group(proc)
+
+
+def api(prefect: str, route: str, body: dict | None = None):
+    """GET (or POST `body` to) the Prefect REST API."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{prefect}/api/{route}", data=data,
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)
+
+
+def tag(page, key: str, value: str = r"\S+") -> str:
+    """A tag's value as the page shows it: `key value` in a table, `key: value` as a chip."""
+    match = re.search(rf"(?<![\w.]){re.escape(key)}(?:\s*:\s*|\s+)({value})(?:\s|$)",
+                      page.inner_text("body"))
+    assert match, f"{key} not shown on {page.url}"
+    return match.group(1)
+
+
+class Shots:
+    """Numbered full-window screenshots, one per page visited."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.count = 0
+
+    def __call__(self, page, name: str) -> None:
+        self.count += 1
+        page.screenshot(path=self.folder / f"{self.count:02d}-{name}.png")
+
+
+def press_run(page, expect, prefect: str, shot: Shots) -> str:
+    """Deployments -> pipeline -> Run -> Quick run; the new flow run's id, its page open."""
+    page.goto(f"{prefect}/deployments")
+    expect(page.get_by_text(f"{len(paths.STAGES) + 2} Deployments")).to_be_visible()
+    shot(page, "prefect-deployments")
+    page.get_by_role("link", name="pipeline", exact=True).first.click()
+    expect(page.get_by_text("latentforge.flows.pipeline.pipeline")).to_be_visible()
+    shot(page, "prefect-pipeline-deployment")
+    page.get_by_role("button", name="Run", exact=True).click()
+    expect(page.get_by_text("Quick run", exact=True)).to_be_visible()
+    shot(page, "prefect-run-menu")
+    page.get_by_text("Quick run", exact=True).click()
+    # The new run's link on the deployment's page: the toast's own "View run" button sits
+    # under a second copy of the toast, which takes the click.
+    run_link = page.locator("a[href*='/runs/flow-run/']").first
+    expect(run_link).to_be_visible()
+    expect(page.get_by_text("scheduled to start").first).to_be_visible()
+    shot(page, "prefect-run-scheduled")
+    run_link.click()
+    page.wait_for_url(re.compile(r"/runs/flow-run/[0-9a-f-]{36}"))
+    return re.search(r"/runs/flow-run/([0-9a-f-]{36})", page.url).group(1)
+
+
+def wait_for_flow_run(prefect: str, run_id: str, alive, timeout: float = 900) -> str:
+    """Poll the REST API until the flow run ends; its final state type."""
+    started = time.monotonic()
+    state = api(prefect, f"flow_runs/{run_id}")["state_type"]
+    while state not in TERMINAL and time.monotonic() - started < timeout:
+        alive()
+        time.sleep(3)
+        state = api(prefect, f"flow_runs/{run_id}")["state_type"]
+    print(f"pipeline flow run {state.lower()} after {time.monotonic() - started:.0f} s")
+    return state
+
+
+def show_completed_run(page, expect, shot: Shots) -> None:
+    """The flow run's page: Completed, and a subflow run per stage."""
+    page.reload()
+    expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
+    page.wait_for_timeout(2_000)  # the run graph is a canvas: no text to wait for
+    shot(page, "prefect-flow-run-completed")
+    page.get_by_text("Subflow Runs", exact=True).click()
+    expect(page.get_by_text(f"{len(paths.STAGES)} Flow runs")).to_be_visible()
+    for stage in paths.STAGES:
+        expect(page.get_by_role("link", name=stage, exact=True).first).to_be_visible()
+    # the run's own badge and one per subflow run
+    expect(page.get_by_text("Completed", exact=True)).to_have_count(len(paths.STAGES) + 1)
+    shot(page, "prefect-subflow-runs")
+
+
+def follow_lineage(page, expect, error, mlflow: str, shot: Shots) -> None:
+    """MLflow: generator version -> its run and inputs -> tokenizer version and run -> the
+    prepare run, checking at each hop that the digests and run ids agree."""
+    page.goto(f"{mlflow}/#/experiments")
+    page.get_by_role("link", name="latentforge", exact=True).click()
+    for popup in ("Got it", "Close"):  # first-visit guidance; the Assistant panel
+        with suppress(error):
+            page.get_by_role("button", name=popup, exact=True).click(timeout=5_000)
+    page.get_by_role("link", name="Training runs").click()
+    pipeline_cell = page.get_by_role("gridcell").filter(
+        has=page.get_by_role("link", name="pipeline", exact=True))
+    pipeline_cell.get_by_role("button").first.click()  # show its child runs, one per stage
+    for stage in paths.STAGES:
+        expect(page.get_by_role("link", name=stage, exact=True)).to_be_visible()
+    expect(page.get_by_text(f"{len(paths.STAGES) + 1} matching runs")).to_be_visible()
+    shot(page, "mlflow-experiment-runs")
+
+    # the generator run's registered version, from the table's Models column (the link
+    # opens a new tab: follow its address in this one)
+    model_link = page.locator("a[href*='#/models/latentforge-generator/versions/']").first
+    page.goto(f"{mlflow}/{model_link.get_attribute('href')}")
+    expect(page.get_by_text("Trained by the generator stage")).to_be_visible()
+    tokenizer = tag(page, "latentforge.upstream.tokenizer", r"latentforge-tokenizer/\d+")
+    tokenizer_sha = tag(page, "latentforge.tokenizer_sha256", "[0-9a-f]{64}")
+    data_sha = tag(page, "latentforge.prepared_sha256", "[0-9a-f]{64}")
+    prepare_run = tag(page, "latentforge.upstream.prepared_run", "[0-9a-f]{32}")
+    page.get_by_text("latentforge.upstream.tokenizer", exact=True).scroll_into_view_if_needed()
+    shot(page, "mlflow-generator-version")
+
+    # its source run: the same upstream tags, and the prepared data among its inputs
+    page.locator("a[href*='/runs/']").first.click()
+    expect(page.get_by_text("About this run")).to_be_visible()
+    experiment = re.search(r"#/experiments/([^/]+)/runs/", page.url).group(1)
+    assert tag(page, "latentforge.stage") == "generator"
+    assert tag(page, "latentforge.upstream.tokenizer") == tokenizer
+    assert tag(page, "latentforge.upstream.prepared_run") == prepare_run
+    expect(page.locator("a[href*='#/models/latentforge-generator/versions/']").first).to_be_visible()
+    shot(page, "mlflow-generator-run")
+    page.get_by_text(re.compile(r"^\+\d+$")).click()  # the inputs beyond the first
+    page.get_by_text("prepared (").first.click()
+    expect(page.get_by_text(data_sha).first).to_be_visible()
+    page.wait_for_timeout(1_000)  # the drawer slides in from the right
+    shot(page, "mlflow-generator-inputs")
+    page.keyboard.press("Escape")
+
+    # the tokenizer version the tag names (tag values are text, not links)
+    name, version = tokenizer.split("/")
+    page.goto(f"{mlflow}/#/models/{name}/versions/{version}")
+    expect(page.get_by_text("Trained by the tokenizer stage")).to_be_visible()
+    assert tag(page, "latentforge.weights_sha256") == tokenizer_sha
+    assert tag(page, "latentforge.upstream.prepared_run") == prepare_run
+    page.get_by_text("latentforge.upstream.prepared_run", exact=True).scroll_into_view_if_needed()
+    shot(page, "mlflow-tokenizer-version")
+    page.locator("a[href*='/runs/']").first.click()
+    expect(page.get_by_text("About this run")).to_be_visible()
+    assert tag(page, "latentforge.stage") == "tokenizer"
+    shot(page, "mlflow-tokenizer-run")
+
+    # the prepare run both versions name: it produced exactly the generator's data
+    page.goto(f"{mlflow}/#/experiments/{experiment}/runs/{prepare_run}")
+    expect(page.get_by_text("About this run")).to_be_visible()
+    assert tag(page, "latentforge.stage") == "prepare"
+    assert tag(page, "latentforge.output.prepared.sha256") == data_sha
+    assert tag(page, "prepare.source") == TINY["prepare"]["source"]
+    shot(page, "mlflow-prepare-run")
+
+
+@pytest.mark.slow
+def test_run_button_then_lineage_links_in_mlflow(make_project, tmp_path):
+    sync_api = require_browser()
+    expect = sync_api.expect
+    expect.set_options(timeout=60_000)  # first loads of both UIs on 2 busy cores
+    root = make_project(TINY)  # params.yaml holds the tiny preset: a plain Run uses it
+    shot = Shots(tmp_path / "browser")
+    shot.folder.mkdir()
+    print(f"screenshots: {shot.folder} (copied to {ARTIFACTS})")
+    try:
+        with running_ui(root, tmp_path) as (prefect, mlflow, lines, proc), \
+                sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                                 args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1440, "height": 1200})
+            page.set_default_timeout(60_000)
+
+            def alive() -> None:
+                assert proc.poll() is None, "\n".join(lines[-60:])
+
+            run_id = press_run(page, expect, prefect, shot)
+            state = wait_for_flow_run(prefect, run_id, alive)
+            assert state == "COMPLETED", "\n".join(lines[-60:])
+            show_completed_run(page, expect, shot)
+            follow_lineage(page, expect, sync_api.Error, mlflow, shot)
+            browser.close()
+    finally:
+        expect.set_options(timeout=5_000)  # Playwright's default, for any later test
+        shutil.rmtree(ARTIFACTS, ignore_errors=True)
+        shutil.copytree(shot.folder, ARTIFACTS)
