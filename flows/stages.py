@@ -106,7 +106,8 @@ def mlflow_run_markdown(run_id: str | None, tracking_uri: str | None,
         return f"`{run_id}`"
     # Without the experiment id, MLflow's direct run route (which redirects) still works.
     page = f"experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"runs/{run_id}"
-    return f"[{run_id[:8]}…]({server}/#/{page})"
+    # workflowType: MLflow 3.17's UI opens its GenAI view unless the link asks for this one
+    return f"[{run_id[:8]}…]({server}/#/{page}?workflowType=machine_learning)"
 
 
 def mlflow_ui_hint(tracking_uri: str | None) -> str:

@@ -100,9 +100,9 @@ def test_mlflow_run_links(monkeypatch):
     run = RAN["run_id"]
     server = "http://mlflow.example:5000/"
     assert mlflow_run_markdown(run, server, "7") == \
-        f"[acb1d51c…](http://mlflow.example:5000/#/experiments/7/runs/{run})"
+        f"[acb1d51c…](http://mlflow.example:5000/#/experiments/7/runs/{run}?workflowType=machine_learning)"
     # without the experiment id, MLflow's direct run route
-    assert mlflow_run_markdown(run, server) == f"[acb1d51c…](http://mlflow.example:5000/#/runs/{run})"
+    assert mlflow_run_markdown(run, server) == f"[acb1d51c…](http://mlflow.example:5000/#/runs/{run}?workflowType=machine_learning)"
     assert mlflow_ui_hint(server) == ""
     # a local store: the id, and the command that opens a UI on it
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -127,7 +127,8 @@ def test_stage_summary_markdown_says_ran_or_skipped(monkeypatch):
     skipped = stage_summary_markdown(SKIPPED, "https://mlflow.example", "3")
     assert skipped.startswith("## judge: skipped\n\n**Up to date: skipped**, last run "
                               f"[c33c7852…](https://mlflow.example/#/experiments/3/runs/"
-                              f"{SKIPPED['run_id']}), finished 2025-12-02 15:36 UTC in 18.0 s.")
+                              f"{SKIPPED['run_id']}?workflowType=machine_learning), finished "
+                              "2025-12-02 15:36 UTC in 18.0 s.")
     assert "### Last run's summary\n\njudge summary" in skipped
     assert "Ran in" not in skipped and "mlflow ui" not in skipped
 
@@ -141,9 +142,11 @@ def test_pipeline_table_marks_skipped_stages():
     server = "http://127.0.0.1:5000"
     rows = stage_table_markdown([RAN, SKIPPED], server, "0").splitlines()
     assert rows[2] == ("| prepare | ran | 5.5 | train_images=1618, val_psnr=25.22 | "
-                       f"[acb1d51c…]({server}/#/experiments/0/runs/{RAN['run_id']}) |")
+                       f"[acb1d51c…]({server}/#/experiments/0/runs/{RAN['run_id']}"
+                       "?workflowType=machine_learning) |")
     assert rows[3] == ("| judge | **skipped** (up to date) | - | last run: val_accuracy=0.9944 | "
-                       f"last run [c33c7852…]({server}/#/experiments/0/runs/{SKIPPED['run_id']}) |")
+                       f"last run [c33c7852…]({server}/#/experiments/0/runs/{SKIPPED['run_id']}"
+                       "?workflowType=machine_learning) |")
     summary = pipeline_summary_markdown([RAN, SKIPPED], "f" * 32, None)
     assert f"MLflow parent run `{'f' * 32}`. Browse the MLflow runs with `mlflow ui" in summary
 
