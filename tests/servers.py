@@ -4,15 +4,20 @@ a free loopback port, waiting for a health endpoint, stopping a process group fo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import psutil
+
+from latentforge import paths
 
 
 def free_port() -> int:
@@ -61,3 +66,49 @@ def stop_group(proc: subprocess.Popen | None, timeout: float = 30) -> None:
             with contextlib.suppress(psutil.NoSuchProcess):
                 getattr(child, sig)()
         _, descendants = psutil.wait_procs(descendants, timeout=timeout)
+
+
+@contextlib.contextmanager
+def running_ui(root: Path, tmp_path: Path, env_extra: dict[str, str] | None = None):
+    """`latentforge ui` in `root` on free ports; yields (Prefect URL, MLflow URL, its output
+    lines, the process) once both are up and every deployment is served; Ctrl-C at the end
+    (a test may send it itself first)."""
+
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PREFECT_API") and k != "MLFLOW_TRACKING_URI"}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
+                **(env_extra or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "latentforge", "ui", "--prefect-port", str(prefect_port),
+         "--mlflow-port", str(mlflow_port)], cwd=root, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(line.rstrip() for line in proc.stdout),
+                     daemon=True).start()
+    prefect = f"http://127.0.0.1:{prefect_port}"
+    try:
+        deadline = time.monotonic() + 300
+        served = 0
+        while served < len(paths.STAGES) + 2:
+            assert proc.poll() is None, "\n".join(lines[-40:])
+            assert time.monotonic() < deadline, "\n".join(lines[-40:])
+            time.sleep(1)
+            if any(line.startswith("MLflow UI") for line in lines):
+                served = len(api(prefect, "deployments/filter", {}))
+        yield prefect, f"http://127.0.0.1:{mlflow_port}", lines, proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=60)
+        stop_group(proc)
+
+
+def api(prefect: str, route: str, body: dict | None = None):
+    """GET (or POST `body` to) the Prefect REST API."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{prefect}/api/{route}", data=data,
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)

@@ -10,22 +10,15 @@ cores) to 6 min, ~1 min of browsing; hence slow, in `make test-infra`."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import threading
 import time
-import urllib.request
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 from conftest import REPO
-from servers import free_port, stop_group
+from servers import api, running_ui
 from test_pipeline import TINY
 
 from latentforge import paths
@@ -53,49 +46,6 @@ def require_browser():
                     ".ci/run installs it); `playwright install` cannot download browsers here",
                     pytrace=False)
     return sync_api
-
-
-@contextmanager
-def running_ui(root: Path, tmp_path: Path):
-    """`latentforge ui` in `root` on free ports; yields (Prefect URL, MLflow URL, its output
-    lines) once both are up and the deployments are served; Ctrl-C at the end."""
-    prefect_port, mlflow_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PREFECT_API") and k != "MLFLOW_TRACKING_URI"}
-    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "latentforge", "ui", "--prefect-port", str(prefect_port),
-         "--mlflow-port", str(mlflow_port)], cwd=root, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(line.rstrip() for line in proc.stdout),
-                     daemon=True).start()
-    prefect = f"http://127.0.0.1:{prefect_port}"
-    try:
-        deadline = time.monotonic() + 300
-        served = 0
-        while served < len(paths.STAGES) + 2:
-            assert proc.poll() is None, "\n".join(lines[-40:])
-            assert time.monotonic() < deadline, "\n".join(lines[-40:])
-            time.sleep(1)
-            if any(line.startswith("MLflow UI") for line in lines):
-                served = len(api(prefect, "deployments/filter", {}))
-        yield prefect, f"http://127.0.0.1:{mlflow_port}", lines, proc
-    finally:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
-        stop_group(proc)
-
-
-def api(prefect: str, route: str, body: dict | None = None):
-    """GET (or POST `body` to) the Prefect REST API."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{prefect}/api/{route}", data=data,
-                                     headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return json.load(answer)
 
 
 def tag(page, key: str, value: str = r"\S+") -> str:
