@@ -9,6 +9,7 @@ import time
 import urllib.request
 import uuid
 
+import pytest
 from servers import running_ui
 from test_pipeline import TINY
 from test_signals import is_loopback, marked_processes
@@ -48,3 +49,60 @@ def test_ui_starts_three_services_on_loopback_and_ctrl_c_stops_them(make_project
     assert lines[-1] == "stopped", "\n".join(lines[-30:])
     assert not marked_processes(token), marked_processes(token)
     assert "Traceback" not in "\n".join(lines), "\n".join(lines[-60:])
+
+
+@pytest.mark.slow
+def test_serve_stops_at_once_when_its_server_is_gone(make_project, tmp_path):
+    """`latentforge serve` whose Prefect server died: Ctrl-C ends it at once in one line
+    (Prefect's own shutdown would retry pausing every deployment for minutes, then print a
+    traceback), and the server's loss itself is one WARNING line, no traceback."""
+    import subprocess
+    import sys
+
+    from servers import api, free_port, stop_group, wait_healthy
+
+    root = make_project(TINY)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    server_log = tmp_path / "server.log"
+    with server_log.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port)], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    serve = None
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(f"{url}/api/health", server, server_log, "the Prefect server")
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "latentforge", "serve"], cwd=root,
+            env={**env, "PREFECT_API_URL": f"{url}/api"}, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        lines: list[str] = []
+        import threading
+
+        threading.Thread(target=lambda: lines.extend(line.rstrip() for line in serve.stdout),
+                         daemon=True).start()
+        deadline = time.monotonic() + 180
+        while len(api(url, "deployments/filter", {})) < 9 or not any(
+                "being served" in line for line in lines):
+            assert serve.poll() is None and time.monotonic() < deadline, "\n".join(lines)
+            time.sleep(1)
+        stop_group(server)  # the server goes away
+        time.sleep(5)  # long enough for the runner to notice
+        sent = time.monotonic()
+        os.killpg(serve.pid, signal.SIGINT)
+        code = serve.wait(timeout=120)
+        seconds = time.monotonic() - sent
+        time.sleep(0.5)  # the reader thread's last lines
+    finally:
+        stop_group(serve)
+        stop_group(server)
+    print(f"serve stopped {seconds:.1f} s after Ctrl-C")
+    out = "\n".join(lines)
+    assert code == 130, out[-3000:]
+    assert lines[-1] == (f"SIGINT: the Prefect server {url}/api no longer answers; stopped "
+                         "without pausing the deployments"), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
