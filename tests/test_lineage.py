@@ -121,10 +121,13 @@ def test_mlflow_alone_walks_from_the_rl_generator_back_to_the_prepared_data(chai
         assert tags["latentforge.weights_sha256"] == weights[stage]
         assert client.get_run(mv.run_id).data.tags["latentforge.stage"] == stage
         # the description says what it is and names every upstream version
-        assert mv.description and "\n" not in mv.description and mv.run_id in mv.description
+        # as Markdown links the MLflow UI follows
+        assert mv.description and "\n" not in mv.description
+        assert f"[{mv.run_id}](#/runs/{mv.run_id})" in mv.description
         for key, value in tags.items():
             if key.startswith("latentforge.upstream.") and not key.endswith("_run"):
-                assert value in mv.description
+                name, number = value.split("/")
+                assert f"[{value}](#/models/{name}/versions/{number})" in mv.description
         return tags
 
     rl_tags = check_version(rl_version, "rl")
