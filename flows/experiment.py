@@ -20,7 +20,8 @@ from pydantic import Field
 
 from latentforge import dvcops, procs, tracking, workspace
 from latentforge.config import load_params
-from latentforge.flows.stages import Overrides
+from latentforge.flows.stages import NO_CHANGES, Overrides, ParamChanges
+from latentforge.schema import as_overrides
 
 EXPERIMENT_TAG = f"{tracking.TAG_PREFIX}dvc_experiment"
 
@@ -29,7 +30,8 @@ EXPERIMENT_TAG = f"{tracking.TAG_PREFIX}dvc_experiment"
       description="The pipeline as a DVC experiment (dvc exp run --temp): params.yaml and the "
                   "workspace's outputs stay as they are; `dvc exp show` lists the result.")
 def experiment(name: Annotated[str, Field(examples=["seed3"])], overrides: Overrides = None,
-               force: bool = False) -> dict[str, Any]:
+               force: bool = False, params: ParamChanges = NO_CHANGES,
+               wait: bool = False) -> dict[str, Any]:
     """Run the pipeline as a DVC experiment.
 
     Args:
@@ -39,12 +41,18 @@ def experiment(name: Annotated[str, Field(examples=["seed3"])], overrides: Overr
             `dvc exp run -S` takes). They apply to the experiment's copy only: the
             workspace's params.yaml stays as it is.
         force: Rerun every stage even when DVC finds it up to date.
+        params: Parameter changes, section by section: every params.yaml key with its doc,
+            default and bounds. Fill in only what should change; applied before the
+            overrides, to the experiment's copy only.
+        wait: When another run holds this workspace, wait for it to finish, saying so every
+            minute, instead of failing at once.
     """
-    overrides = list(overrides or [])
+    overrides = [*as_overrides(params), *(overrides or [])]
     params = load_params(None, overrides)  # validated before anything runs (exit 2)
     logger = get_run_logger()
     started = time.time()
-    with workspace.lock(what=f"experiment {name}"), tracking.start_run(
+    with workspace.lock(what=f"experiment {name}", wait=wait or None,
+                        say=logger.warning), tracking.start_run(
             params.tracking, f"experiment {name}",
             {f"{tracking.TAG_PREFIX}stage": "pipeline", EXPERIMENT_TAG: name,
              f"{tracking.TAG_PREFIX}prefect_flow_run_id": str(flow_run.id or "")}) as parent:

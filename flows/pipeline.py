@@ -16,10 +16,12 @@ from pydantic import Field
 from latentforge import dvcops, tracking, workspace
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.flows.stages import (
+    NO_CHANGES,
     PARAMETERS_DOC,
     STAGE_FLOWS,
     WRITES_PARAMS,
     Overrides,
+    ParamChanges,
     ParamsFile,
     StageName,
     apply_params,
@@ -79,18 +81,20 @@ def _documented(fn: Callable[..., list[dict[str, Any]]]) -> Callable[..., list[d
       f"up to date; MLflow records a parent run with a child run per stage. {WRITES_PARAMS}")
 @_documented
 def pipeline(overrides: Overrides = None, params_file: ParamsFile = None,
-             force: bool = False, stages: Stages = None) -> list[dict[str, Any]]:
+             force: bool = False, stages: Stages = None,
+             params: ParamChanges = NO_CHANGES, wait: bool = False) -> list[dict[str, Any]]:
     try:
-        with workspace.lock(what=f"Prefect flow run {flow_run.id or 'pipeline'}"):
-            return _pipeline(overrides, params_file, force, list(stages or []))
+        with workspace.lock(what=f"Prefect flow run {flow_run.id or 'pipeline'}",
+                            wait=wait or None, say=get_run_logger().warning):
+            return _pipeline(overrides, params_file, force, list(stages or []), params)
     except LatentForgeError as exc:  # a failed stage's own flow run logged it too
         return failed_state(exc)  # type: ignore[return-value]  # Prefect raises exc
 
 
 def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
-              stages: list[str]) -> list[dict[str, Any]]:
+              stages: list[str], changes: Any = None) -> list[dict[str, Any]]:
     logger = get_run_logger()
-    params = apply_params(params_file, overrides or [])
+    params = apply_params(params_file, overrides or [], changes)
     order = dvcops.stage_order()
     unknown = sorted(set(stages) - set(order))
     if unknown:

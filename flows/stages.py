@@ -17,7 +17,7 @@ import os
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -29,6 +29,7 @@ from latentforge import dvcops, procs, tracking, workspace
 from latentforge.config import DEFAULT_PARAMS_FILE, Params, load_params, write_params_file
 from latentforge.errors import LatentForgeError
 from latentforge.runner import read_last_run
+from latentforge.schema import as_overrides, form_model
 
 # Written out (not built from latentforge.paths.STAGES) so that mypy checks it; the tests check
 # that it names the stages of paths.STAGES and dvc.yaml, in order. Prefect's Run form offers
@@ -43,6 +44,15 @@ Overrides = Annotated[list[str] | None,
                       Field(examples=[["prepare.resolution=32", "generator.steps=200"]])]
 ParamsFile = Annotated[str | None, Field(examples=["presets/gpu.yaml"])]
 
+# The Run form's "params": every section and key of params.yaml with its doc, default and
+# bounds, built from latentforge/config.py (latentforge/schema.py). mypy sees Any.
+# Its default is an empty form (every key empty), not None: pydantic refuses None for a model.
+if TYPE_CHECKING:
+    ParamChanges = Any
+else:
+    ParamChanges = form_model()
+NO_CHANGES: Any = form_model()()
+
 PARAMETERS_DOC = """
     overrides: Parameter changes, one KEY=VALUE per item: a dotted params.yaml key and its
         value, e.g. prepare.resolution=32 (what `latentforge run -S` takes). They are
@@ -51,7 +61,13 @@ PARAMETERS_DOC = """
     params_file: A parameters file to use instead of params.yaml, e.g. presets/gpu.yaml
         (keys it leaves out take their defaults; the overrides apply on top). The result
         is validated and written into params.yaml before anything runs. Empty: params.yaml.
-    force: Rerun even when DVC finds a stage up to date (`dvc repro --force`)."""
+    force: Rerun even when DVC finds a stage up to date (`dvc repro --force`).
+    params: Parameter changes, section by section: every params.yaml key with its doc,
+        default and bounds. Fill in only what should change; an empty key keeps params.yaml's
+        value. Applied before the overrides, and like them written into params.yaml first.
+        (To set a key to null, use overrides: KEY=null.)
+    wait: When another run holds this workspace (one run at a time per workspace), wait
+        for it to finish, saying so every minute, instead of failing at once."""
 
 STAGE_FLOW_DOC = """Reproduce the stage through DVC.
 
@@ -64,11 +80,14 @@ WRITES_PARAMS = ("A run first writes the chosen params (params_file, overrides) 
                  "params.yaml, like `dvc exp run -S`.")
 
 
-def apply_params(params_file: str | None, overrides: list[str]) -> Params:
-    """Validate deployment/CLI parameters with the typed schema; persist them to params.yaml."""
+def apply_params(params_file: str | None, overrides: list[str], changes: Any = None) -> Params:
+    """Validate deployment/CLI parameters with the typed schema; persist them to params.yaml.
+    `changes` (the Run form's `params`) apply first, as overrides."""
+    overrides = [*as_overrides(changes), *overrides]
     params = load_params(params_file, overrides)
     if write_params_file(params, DEFAULT_PARAMS_FILE):
-        get_run_logger().info("params.yaml updated from %s", params_file or overrides)
+        get_run_logger().info("params.yaml updated from %s",
+                              " ".join(filter(None, [params_file, *overrides])))
     return params
 
 
@@ -187,12 +206,14 @@ def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None =
 
 
 def _stage_flow(stage: str, overrides: list[str] | None, params_file: str | None, force: bool,
-                parent_run_id: str | None) -> dict[str, Any]:
+                parent_run_id: str | None, changes: Any = None, wait: bool = False
+                ) -> dict[str, Any]:
     """A stage flow's body: one run per workspace, parameters validated and persisted, the
     stage reproduced, its summary published."""
     try:
-        with workspace.lock(what=f"Prefect flow run {flow_run.id or stage}"):
-            params = apply_params(params_file, overrides or [])
+        with workspace.lock(what=f"Prefect flow run {flow_run.id or stage}", wait=wait or None,
+                            say=get_run_logger().warning):
+            params = apply_params(params_file, overrides or [], changes)
             record = reproduce_stage(stage, force=force, parent_run_id=parent_run_id)
     except LatentForgeError as exc:  # a busy workspace, bad parameters, the stage failed
         return failed_state(exc)  # type: ignore[return-value]  # Prefect raises exc
@@ -216,50 +237,57 @@ def _flow(stage: str, doc: str):  # noqa: ANN202 - returns a decorator of Prefec
 @_flow("prepare", "Read the source (digits, IDX, image folder, npz; local or s3://), resize, "
        "split train/val, write shards + manifest + preview.")
 def prepare(overrides: Overrides = None, params_file: ParamsFile = None,
-            force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    return _stage_flow("prepare", overrides, params_file, force, parent_run_id)
+            force: bool = False, parent_run_id: str | None = None,
+            params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
+    return _stage_flow("prepare", overrides, params_file, force, parent_run_id, params, wait)
 
 
 @_flow("judge", "Train the small CNN classifier whose features and log-probs score the "
        "later stages (FD-judge, precision/recall, accuracy, RL reward).")
 def judge(overrides: Overrides = None, params_file: ParamsFile = None,
-          force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    return _stage_flow("judge", overrides, params_file, force, parent_run_id)
+          force: bool = False, parent_run_id: str | None = None,
+          params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
+    return _stage_flow("judge", overrides, params_file, force, parent_run_id, params, wait)
 
 
 @_flow("tokenizer", "Train the 1D (TiTok) or 2D tokenizer; PSNR, SSIM, rFD/pFD-judge, judge "
        "accuracy on reconstructions, codebook usage, PSNR per prefix length.")
 def tokenizer(overrides: Overrides = None, params_file: ParamsFile = None,
-              force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    return _stage_flow("tokenizer", overrides, params_file, force, parent_run_id)
+              force: bool = False, parent_run_id: str | None = None,
+              params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
+    return _stage_flow("tokenizer", overrides, params_file, force, parent_run_id, params, wait)
 
 
 @_flow("cache", "Encode the prepared splits with the tokenizer on a Ray Data actor pool into a "
        "sharded, resumable latent cache keyed by (tokenizer sha256, data sha256).")
 def cache(overrides: Overrides = None, params_file: ParamsFile = None,
-          force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    return _stage_flow("cache", overrides, params_file, force, parent_run_id)
+          force: bool = False, parent_run_id: str | None = None,
+          params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
+    return _stage_flow("cache", overrides, params_file, force, parent_run_id, params, wait)
 
 
 @_flow("generator", "Train the class-conditional flow-matching transformer on the cached "
        "latents; sample with CFG; gFD-judge, precision/recall, judge accuracy, IS-judge.")
 def generator(overrides: Overrides = None, params_file: ParamsFile = None,
-              force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    return _stage_flow("generator", overrides, params_file, force, parent_run_id)
+              force: bool = False, parent_run_id: str | None = None,
+              params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
+    return _stage_flow("generator", overrides, params_file, force, parent_run_id, params, wait)
 
 
 @_flow("rl", "Flow-GRPO fine-tuning of the generator against the reward (judge log-prob by "
        "default), with a KL leash to the base model and gFD-judge watched for reward hacking.")
 def rl(overrides: Overrides = None, params_file: ParamsFile = None,
-       force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    return _stage_flow("rl", overrides, params_file, force, parent_run_id)
+       force: bool = False, parent_run_id: str | None = None,
+       params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
+    return _stage_flow("rl", overrides, params_file, force, parent_run_id, params, wait)
 
 
 @_flow("evaluate", "Evaluate tokenizer, base and RL generator on the val split with the "
        "protocol recorded; metrics, plots, side-by-side grids and report.md.")
 def evaluate(overrides: Overrides = None, params_file: ParamsFile = None,
-             force: bool = False, parent_run_id: str | None = None) -> dict[str, Any]:
-    return _stage_flow("evaluate", overrides, params_file, force, parent_run_id)
+             force: bool = False, parent_run_id: str | None = None,
+             params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
+    return _stage_flow("evaluate", overrides, params_file, force, parent_run_id, params, wait)
 
 
 STAGE_FLOWS = {"prepare": prepare, "judge": judge, "tokenizer": tokenizer, "cache": cache,

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="print the resolved parameters as YAML")
     _add_params_args(p)
     p.add_argument("--explain", action="store_true", help="list every parameter with its doc")
+    p.add_argument("--schema", action="store_true",
+                   help="print params.yaml's JSON Schema (for editors; the Prefect Run form "
+                        "is built from the same schema)")
 
     p = sub.add_parser("sample", help="sample images from the trained generator into a PNG grid")
     p.add_argument("--class", dest="cls", required=True, metavar="CLASS",
@@ -129,6 +132,13 @@ def _require_project() -> None:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
+    if args.schema:
+        import json
+
+        from latentforge.schema import json_schema
+
+        print(json.dumps(json_schema(), indent=2))
+        return 0
     if args.explain:
         from latentforge.config import explain
 

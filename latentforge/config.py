@@ -72,6 +72,8 @@ def param(default: Any, doc: str, *, ge: float | None = None, gt: float | None =
 
 @dataclass(kw_only=True)
 class PrepareConfig:
+    """Data preparation: read the source, resize, split train/val, write shards."""
+
     source: Literal["digits", "idx", "folder", "npz"] = param(
         "digits", "digits: scikit-learn's embedded 8x8 digits; idx: MNIST IDX files in `path`; "
         "folder: one sub-folder of images per class; npz: `images` and `labels` arrays")
@@ -304,6 +306,8 @@ class EvaluateConfig:
 
 @dataclass(kw_only=True)
 class ComputeConfig:
+    """Where the work runs: a local Ray instance or a cluster, workers, GPUs."""
+
     ray_address: str | None = param(
         None, "null: a local Ray instance; else a cluster address (e.g. auto, ray://host:10001)")
     num_workers: int = param(1, "Ray Train workers / Ray Data actors; with 1 and no ray_address "
@@ -321,6 +325,8 @@ class ComputeConfig:
 
 @dataclass(kw_only=True)
 class TrackingConfig:
+    """MLflow tracking: the experiment and where its artifacts go."""
+
     experiment: str = param("latentforge", "MLflow experiment name")
     artifact_location: str | None = param(
         None, "where a new experiment keeps artifacts (e.g. s3://bucket/mlflow); null = beside "
@@ -331,6 +337,8 @@ class TrackingConfig:
 
 @dataclass(kw_only=True)
 class StorageConfig:
+    """The DVC remote and the network limits of S3 and other fsspec URLs."""
+
     remote: str | None = param(
         None, "DVC remote (local path or s3:// URL) that `latentforge run` pushes outputs to; "
         "S3 endpoint and credentials come from the AWS environment, never from here")

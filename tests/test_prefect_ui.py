@@ -13,7 +13,7 @@ from test_pipeline import TINY
 
 from latentforge import paths
 
-SHARED = ("overrides", "params_file", "force")
+SHARED = ("overrides", "params_file", "force", "params", "wait")
 
 
 def flows() -> list:
@@ -32,7 +32,8 @@ def schema(flow) -> dict:
 def test_run_form_parameters_are_typed_and_described():
     pipeline, *stage_flows = flows()
     props = schema(pipeline)["properties"]
-    assert list(props) == ["overrides", "params_file", "force", "stages"]
+    assert list(props) == ["overrides", "params_file", "force", "stages", "params",
+                           "wait"]
 
     # `stages`: a list of choices, exactly the stages of dvc.yaml in graph order
     dvc_stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
@@ -48,15 +49,102 @@ def test_run_form_parameters_are_typed_and_described():
         assert "written into params.yaml" in props[name]["description"], name
     assert props["params_file"]["examples"] == ["presets/gpu.yaml"]
     assert props["force"]["type"] == "boolean" and "dvc repro --force" in props["force"]["description"]
+    assert props["wait"]["type"] == "boolean" and props["wait"]["default"] is False
+    assert "another run holds this workspace" in props["wait"]["description"]
 
     for flow in stage_flows:
         stage_props = schema(flow)["properties"]
-        assert list(stage_props) == ["overrides", "params_file", "force", "parent_run_id"]
+        assert list(stage_props) == ["overrides", "params_file", "force", "parent_run_id",
+                                     "params", "wait"]
         for name in SHARED:  # one text, whichever flow the Run form is for
-            assert stage_props[name] == props[name]
+            assert {**stage_props[name], "position": 0} == {**props[name], "position": 0}
         assert stage_props["parent_run_id"]["description"]
     for flow in flows():
         assert "params.yaml" in flow.description and "dvc exp run -S" in flow.description
+
+
+def test_run_form_params_offer_every_key_with_its_doc_default_and_bounds():
+    """The form's `params`: a block per params.yaml section, a field per key, labelled by the
+    key, described by config.py's doc with the default, bounded as config.py bounds it."""
+    import dataclasses
+
+    from latentforge.config import SECTIONS, Params
+
+    pipeline, *_ = flows()
+    full = schema(pipeline)
+    assert "section by section" in full["properties"]["params"]["description"]
+    defs = full["definitions"]
+    root = defs[full["properties"]["params"]["$ref"].rsplit("/", 1)[1]]
+    assert list(root["properties"]) == list(SECTIONS) and root["additionalProperties"] is False
+    defaults = Params()
+    for section in SECTIONS:
+        ref = root["properties"][section]["$ref"].rsplit("/", 1)[1]
+        block = defs[ref]
+        fields = dataclasses.fields(getattr(defaults, section))
+        assert list(block["properties"]) == [f.name for f in fields], section
+        assert block["additionalProperties"] is False
+        for f in fields:
+            prop = block["properties"][f.name]
+            assert prop["title"] == f.name and prop["default"] is None
+            assert prop["description"].startswith(f.metadata["doc"].rstrip(".")), f.name
+            assert "Default " in prop["description"] and "keep params.yaml" in prop["description"]
+    resolution = defs["PrepareParams"]["properties"]["resolution"]
+    (number,) = [t for t in resolution["anyOf"] if t.get("type") == "integer"]
+    assert (number["minimum"], number["maximum"]) == (4, 1024)  # as config.py bounds it
+    (source,) = [t for t in defs["PrepareParams"]["properties"]["source"]["anyOf"] if "enum" in t]
+    assert source["enum"] == ["digits", "idx", "folder", "npz"]
+
+
+def test_run_form_params_are_validated_then_become_overrides():
+    from prefect.exceptions import ParameterTypeError
+
+    from latentforge.config import load_params
+    from latentforge.schema import as_overrides, form_model
+
+    pipeline, *_ = flows()
+    for bad in ({"prepare": {"resolution": 2}}, {"prepare": {"nope": 1}},
+                {"rl": {"kl_beta": float("nan")}}, {"prepare": {"source": "imagenet"}}):
+        with pytest.raises(ParameterTypeError, match="params"):
+            pipeline.validate_parameters({"params": bad})
+    changes = form_model().model_validate(
+        {"prepare": {"resolution": 32, "resize_filter": "lanczos"},
+         "tokenizer": {"fsq_levels": [8, 8, 8]}, "rl": {"rewards": {"judge_margin": 0.5}},
+         "tracking": {"artifact_location": "s3://b/m"}, "judge": {}})
+    overrides = as_overrides(changes)
+    assert overrides == ['prepare.resolution=32', 'prepare.resize_filter="lanczos"',
+                         'tokenizer.fsq_levels=[8, 8, 8]', 'rl.rewards={"judge_margin": 0.5}',
+                         'tracking.artifact_location="s3://b/m"']
+    params = load_params(REPO / "params.yaml", overrides)  # YAML reads the JSON back
+    assert params.prepare.resolution == 32 and params.prepare.resize_filter == "lanczos"
+    assert params.tokenizer.fsq_levels == [8, 8, 8]
+    assert params.rl.rewards == {"judge_margin": 0.5}
+    assert params.tracking.artifact_location == "s3://b/m"
+    assert as_overrides(None) == [] and as_overrides(form_model()()) == []
+
+
+def test_params_json_schema_matches_the_defaults(tmp_path):
+    """`latentforge params --schema`: params.yaml's JSON Schema, whose defaults are config.py's
+    and which a written-out default params.yaml satisfies."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import jsonschema
+
+    from latentforge.config import Params, params_to_yaml
+
+    cli = str(Path(sys.executable).parent / "latentforge")
+    out = subprocess.run([cli, "params", "--schema"],
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    doc = json.loads(out)
+    data = yaml.safe_load(params_to_yaml(Params()))
+    jsonschema.validate(data, doc)
+    bad = {**data, "prepare": {**data["prepare"], "resolution": 0}}
+    with pytest.raises(jsonschema.ValidationError, match="minimum"):
+        jsonschema.validate(bad, doc)
+    prepare = doc["$defs"]["PrepareParams"]["properties"]
+    assert prepare["resolution"]["default"] == Params().prepare.resolution
 
 
 def test_run_form_rejects_an_unknown_stage():
