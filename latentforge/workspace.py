@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -53,11 +53,13 @@ def _describe(holder: dict[str, Any], path: Path) -> str:
 
 
 @contextlib.contextmanager
-def lock(root: str | os.PathLike[str] = ".", what: str = "",
-         wait: bool | None = None) -> Iterator[None]:
+def lock(root: str | os.PathLike[str] = ".", what: str = "", wait: bool | None = None,
+         say: Callable[[str], Any] | None = None) -> Iterator[None]:
     """Hold the workspace lock for the body. When another run holds it: fail at once naming
     the holder, or with `wait` (default: the LATENTFORGE_WAIT_FOR_WORKSPACE environment
-    variable, set by `--wait`) wait for it, saying so every minute."""
+    variable, set by `--wait`) wait for it, saying so every minute through `say` (default:
+    a warning on this module's logger; a flow passes its run logger, so the Prefect UI
+    shows it)."""
     if wait is None:
         wait = os.environ.get(WAIT_ENV, "").lower() in ("1", "true", "yes")
     path = (Path(root) / LOCK_FILE).resolve()
@@ -86,7 +88,7 @@ def lock(root: str | os.PathLike[str] = ".", what: str = "",
                                     f"{_describe(holder, path)}; wait for it to finish, stop "
                                     "it, or pass --wait to queue behind it") from None
             if time.monotonic() - said >= 60:
-                log.warning("waiting for the workspace: %s", _describe(holder, path))
+                (say or log.warning)(f"waiting for the workspace: {_describe(holder, path)}")
                 said = time.monotonic()
             time.sleep(1.0)
     f.seek(0)

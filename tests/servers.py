@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -105,10 +106,20 @@ def running_ui(root: Path, tmp_path: Path, env_extra: dict[str, str] | None = No
         stop_group(proc)
 
 
-def api(prefect: str, route: str, body: dict | None = None):
-    """GET (or POST `body` to) the Prefect REST API."""
+def api(prefect: str, route: str, body: dict | None = None, tries: int = 5):
+    """GET (or POST `body` to) the Prefect REST API. A 503 (the server's SQLite database busy
+    on 2 loaded cores) is retried."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"{prefect}/api/{route}", data=data,
                                      headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        return json.load(answer)
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                return json.load(answer)
+        except urllib.error.HTTPError as exc:  # the API says why in the body
+            text = exc.read().decode(errors="replace")[:2000]
+            if exc.code != 503 or attempt == tries - 1:
+                raise AssertionError(f"{request.get_method()} {route}: {exc.code} {text}"
+                                     ) from None
+            time.sleep(2)
+    raise AssertionError("unreachable")
