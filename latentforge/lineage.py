@@ -133,31 +133,38 @@ class _Blanks(dict):
         return "?"
 
 
-def _run_link(run_id: str) -> str:
-    """A run as a Markdown link the MLflow UI follows (its run route finds the experiment)."""
-    return f"[{run_id}](#/runs/{run_id})"
+# MLflow 3.17's UI opens a page in its GenAI view unless the link asks for this one.
+UI_VIEW = "?workflowType=machine_learning"
+
+
+def _run_link(run_id: str, experiment_id: str | None) -> str:
+    """A run as a Markdown link the MLflow UI follows. The run's own page, not the short
+    `#/runs/ID` route: that one redirects and drops the view."""
+    page = f"experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"runs/{run_id}"
+    return f"[{run_id}](#/{page}{UI_VIEW})"
 
 
 def _version_link(version: str) -> str:
     """NAME/VERSION as a Markdown link to the registered version's page in the MLflow UI."""
     name, _, number = version.partition("/")
-    return f"[{version}](#/models/{name}/versions/{number})"
+    return f"[{version}](#/models/{name}/versions/{number}{UI_VIEW})"
 
 
 def describe_version(stage: str, tags: Mapping[str, str], upstream: Mapping[str, Producer],
-                     run_id: str | None) -> str:
+                     run_id: str | None, experiment_id: str | None = None) -> str:
     """The model version's one-paragraph description: what it is, on what, from what. Runs and
     upstream versions are Markdown links: the MLflow UI renders the description, so the chain
     back to the data is a series of clicks there."""
     what = WHAT.get(stage, f"A model from the {stage} stage.").format_map(_Blanks(tags))
-    made = f" Trained by the {stage} stage in run {_run_link(run_id) if run_id else '?'}"
+    made = (f" Trained by the {stage} stage in run "
+            f"{_run_link(run_id, experiment_id) if run_id else '?'}")
     if data := tags.get("prepared_sha256"):
         made += f" on prepared data sha256 {data[:12]}"
         if "prepared" in upstream:
-            made += f" (prepare run {_run_link(upstream['prepared'].run_id)})"
+            made += f" (prepare run {_run_link(upstream['prepared'].run_id, experiment_id)})"
     made += "."
     others = [f"{p.name} {_version_link(p.version)}" if p.version
-              else f"{p.name} from run {_run_link(p.run_id)}"
+              else f"{p.name} from run {_run_link(p.run_id, experiment_id)}"
               for p in upstream.values() if p.name != "prepared"]
     if others:
         made += f" Upstream: {', '.join(others)}."

@@ -261,7 +261,7 @@ class MLflowTracker(Tracker):
         client = self._mlflow.MlflowClient()
         client.update_model_version(registered_name, version.version, description=(
             lineage.describe_version((tags or {}).get("stage", name), tags or {},
-                                     self._upstream, self.run_id)))
+                                     self._upstream, self.run_id, self._experiment_id)))
         known = {m.name: m for m in lineage.REGISTERED_MODELS.values()}
         if registered_name in known and not client.get_registered_model(registered_name).description:
             client.update_registered_model(registered_name, known[registered_name].description)

@@ -1,5 +1,5 @@
 """Issue 14 in a real browser: `latentforge ui`, Run on the pipeline deployment in the Prefect
-UI (tiny preset from params.yaml), then, in the MLflow UI, the generator's registered version
+UI (tiny preset from params.yaml, one key changed in the Run form's params), then, in the MLflow UI, the generator's registered version
 followed back hop by hop to the tokenizer and the prepare run that made its data.
 
 Playwright drives Debian's chromium (`apt-get install -y chromium`, as .ci/run does);
@@ -22,6 +22,7 @@ from servers import api, running_ui
 from test_pipeline import TINY
 
 from latentforge import paths
+from latentforge.config import SECTIONS
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the networking flags chromium keeps dialling Google's hosts, which a closed network
@@ -31,6 +32,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-sync"]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+FORM_MAX_IMAGES = 240  # set in the Run form; params.yaml (TINY) says 300
 
 
 def require_browser():
@@ -69,7 +71,9 @@ class Shots:
 
 
 def press_run(page, expect, prefect: str, shot: Shots) -> str:
-    """Deployments -> pipeline -> Run -> Quick run; the new flow run's id, its page open."""
+    """Deployments -> pipeline -> Run -> Custom run: the form offers every params.yaml section
+    and key with its doc; set prepare.max_images there and submit. The new flow run's id, its
+    page open."""
     page.goto(f"{prefect}/deployments")
     expect(page.get_by_text(f"{len(paths.STAGES) + 2} Deployments")).to_be_visible()
     shot(page, "prefect-deployments")
@@ -77,15 +81,26 @@ def press_run(page, expect, prefect: str, shot: Shots) -> str:
     expect(page.get_by_text("latentforge.flows.pipeline.pipeline")).to_be_visible()
     shot(page, "prefect-pipeline-deployment")
     page.get_by_role("button", name="Run", exact=True).click()
-    expect(page.get_by_text("Quick run", exact=True)).to_be_visible()
-    shot(page, "prefect-run-menu")
-    page.get_by_text("Quick run", exact=True).click()
-    # The new run's link on the deployment's page: the toast's own "View run" button sits
-    # under a second copy of the toast, which takes the click.
+    page.get_by_text("Custom run", exact=True).click()
+    expect(page.get_by_text("params (Optional)", exact=True)).to_be_visible()
+    for section in SECTIONS:  # the params form: a block per section, labelled by its key
+        label = re.compile(rf"^{section} \(Optional\)$", re.IGNORECASE)  # Prefect capitalises
+        expect(page.get_by_text(label)).to_be_visible()
+    # a key: its label, its doc with the default, its type; bounds come from the schema
+    key = page.get_by_text("max_images (Optional)", exact=True).locator(
+        "xpath=ancestor::*[.//button[normalize-space()='int']][1]")
+    expect(key.get_by_text("keep at most this many images (null = all). Default null")
+           ).to_be_visible()
+    key.get_by_role("button", name="int", exact=True).click()
+    key.locator("input[type=number]").fill(str(FORM_MAX_IMAGES))
+    key.scroll_into_view_if_needed()
+    shot(page, "prefect-run-form")
+    page.get_by_role("button", name="Submit", exact=True).click()
+    # back on the deployment's page: the new run's link (the toast's own "View run" button
+    # sits under a second copy of the toast, which takes the click)
     run_link = page.locator("a[href*='/runs/flow-run/']").first
     expect(run_link).to_be_visible()
-    expect(page.get_by_text("scheduled to start").first).to_be_visible()
-    shot(page, "prefect-run-scheduled")
+    shot(page, "prefect-run-submitted")
     run_link.click()
     page.wait_for_url(re.compile(r"/runs/flow-run/[0-9a-f-]{36}"))
     return re.search(r"/runs/flow-run/([0-9a-f-]{36})", page.url).group(1)
@@ -118,6 +133,20 @@ def show_completed_run(page, expect, shot: Shots) -> None:
     shot(page, "prefect-subflow-runs")
 
 
+def click_through(page, link):
+    """Click a link and return the page it opened: MLflow opens the links of a rendered
+    description in a new tab (target=_blank)."""
+    if link.get_attribute("target") != "_blank":
+        link.click()
+        return page
+    with page.expect_popup() as popup:
+        link.click()
+    opened = popup.value
+    opened.set_viewport_size({"width": 1440, "height": 1200})
+    opened.wait_for_load_state()
+    return opened
+
+
 def follow_lineage(page, expect, error, mlflow: str, shot: Shots) -> None:
     """MLflow: generator version -> its run and inputs -> tokenizer version and run -> the
     prepare run, checking at each hop that the digests and run ids agree."""
@@ -140,6 +169,7 @@ def follow_lineage(page, expect, error, mlflow: str, shot: Shots) -> None:
     model_link = page.locator("a[href*='#/models/latentforge-generator/versions/']").first
     page.goto(f"{mlflow}/{model_link.get_attribute('href')}")
     expect(page.get_by_text("Trained by the generator stage")).to_be_visible()
+    generator_version = page.url
     tokenizer = tag(page, "latentforge.upstream.tokenizer", r"latentforge-tokenizer/\d+")
     tokenizer_sha = tag(page, "latentforge.tokenizer_sha256", "[0-9a-f]{64}")
     data_sha = tag(page, "latentforge.prepared_sha256", "[0-9a-f]{64}")
@@ -163,10 +193,13 @@ def follow_lineage(page, expect, error, mlflow: str, shot: Shots) -> None:
     shot(page, "mlflow-generator-inputs")
     page.keyboard.press("Escape")
 
-    # the tokenizer version the tag names (tag values are text, not links)
-    name, version = tokenizer.split("/")
-    page.goto(f"{mlflow}/#/models/{name}/versions/{version}")
+    # the tokenizer version: a link in the generator version's description (tag values are
+    # text, not links)
+    page.goto(generator_version)  # back to the page already visited
+    expect(page.get_by_text("Trained by the generator stage")).to_be_visible()
+    page = click_through(page, page.get_by_role("link", name=tokenizer, exact=True))
     expect(page.get_by_text("Trained by the tokenizer stage")).to_be_visible()
+    tokenizer_version = page.url
     assert tag(page, "latentforge.weights_sha256") == tokenizer_sha
     assert tag(page, "latentforge.upstream.prepared_run") == prepare_run
     page.get_by_text("latentforge.upstream.prepared_run", exact=True).scroll_into_view_if_needed()
@@ -176,12 +209,18 @@ def follow_lineage(page, expect, error, mlflow: str, shot: Shots) -> None:
     assert tag(page, "latentforge.stage") == "tokenizer"
     shot(page, "mlflow-tokenizer-run")
 
-    # the prepare run both versions name: it produced exactly the generator's data
-    page.goto(f"{mlflow}/#/experiments/{experiment}/runs/{prepare_run}")
+    # the prepare run both versions name (a link in the description): it produced exactly
+    # the generator's data
+    page.goto(tokenizer_version)
+    expect(page.get_by_text("Trained by the tokenizer stage")).to_be_visible()
+    page = click_through(page, page.get_by_role("link", name=prepare_run, exact=True))
+    page.wait_for_url(re.compile(rf"#/experiments/{experiment}/runs/{prepare_run}"))
     expect(page.get_by_text("About this run")).to_be_visible()
     assert tag(page, "latentforge.stage") == "prepare"
     assert tag(page, "latentforge.output.prepared.sha256") == data_sha
     assert tag(page, "prepare.source") == TINY["prepare"]["source"]
+    assert tag(page, "prepare.max_images") == str(FORM_MAX_IMAGES)  # from the Run form
+    assert "workflowType=machine_learning" in page.url  # not the GenAI view
     shot(page, "mlflow-prepare-run")
 
 

@@ -123,11 +123,13 @@ def test_mlflow_alone_walks_from_the_rl_generator_back_to_the_prepared_data(chai
         # the description says what it is and names every upstream version
         # as Markdown links the MLflow UI follows
         assert mv.description and "\n" not in mv.description
-        assert f"[{mv.run_id}](#/runs/{mv.run_id})" in mv.description
+        view = "?workflowType=machine_learning"  # the UI's model-training view
+        run_page = f"#/experiments/{client.get_run(mv.run_id).info.experiment_id}/runs/{mv.run_id}"
+        assert f"[{mv.run_id}]({run_page}{view})" in mv.description
         for key, value in tags.items():
             if key.startswith("latentforge.upstream.") and not key.endswith("_run"):
                 name, number = value.split("/")
-                assert f"[{value}](#/models/{name}/versions/{number})" in mv.description
+                assert f"[{value}](#/models/{name}/versions/{number}{view})" in mv.description
         return tags
 
     rl_tags = check_version(rl_version, "rl")
