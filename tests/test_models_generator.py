@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import datetime
 from functools import partial
 
 import pytest
@@ -134,11 +135,15 @@ def test_every_parameter_gets_a_gradient() -> None:
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-def test_ddp_training_step_calls_forward_once(tmp_path) -> None:
+def test_ddp_training_step_calls_forward_once(tmp_path, monkeypatch) -> None:
     """The trainer's path: one model(x, t, y) through a DDP wrapper per step."""
     assert not dist.is_initialized()
+    # Loopback, not the address the host name resolves to (a CI machine's may not answer),
+    # and a bounded wait: a collective that cannot complete fails in a minute, not 30.
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         model = FlowTransformer(_config())
