@@ -246,12 +246,39 @@ class RLConfig:
                                      gt=0.0, le=1.0)
     inner_epochs: int = param(1, "optimisation passes over each batch of rollouts", ge=1,
                               le=MAX_EPOCHS)
-    clip_range: float = param(0.2, "PPO clip range of the new/old probability ratio", gt=0.0)
+    timestep_choice: Literal["random", "first"] = param(
+        "random", "which SDE steps of each rollout are trained: random: a fresh random "
+        "subset of timestep_fraction of them per pass; first: the first (noisiest) "
+        "timestep_fraction of them, as Flow-GRPO's reference code trains")
+    minibatches: int = param(
+        4, "optimizer steps per pass: the batch's trajectories are split into this many "
+        "minibatches, so that after the first step the policy differs from the rollouts' and "
+        "the PPO clip can act (1 pass x 1 minibatch is REINFORCE with a group baseline)", ge=1,
+        le=MAX_BATCH)
+    advantage: Literal["group", "global", "none"] = param(
+        "global", "what divides a reward's difference from its group's mean: global: the std "
+        "of the whole batch's rewards (Flow-GRPO's reference configs); group: the group's own "
+        "std (tiny spreads become full-size steps); none: nothing")
+    adv_std_floor: float = param(
+        1e-4, "the std that divides advantages is at least this (a batch of near-equal "
+        "rewards then gives a near-zero step, not a full-size one)", gt=0.0)
+    clip_range: float = param(
+        1e-3, "PPO clip range of the new/old probability ratio per latent dimension (Flow-GRPO's "
+        "units: exp of the mean log-ratio over the K x D dimensions; the paper's 1e-4 is for "
+        "65536 dimensions)", gt=0.0)
     adv_clip: float = param(5.0, "advantages are clipped to +-adv_clip", gt=0.0)
-    kl_beta: float = param(0.1, "weight of the KL to the frozen reference generator", ge=0.0)
-    cfg_scale: float = param(1.0, "CFG scale during rollouts and evaluation samples", ge=0.0)
+    kl_beta: float = param(
+        0.04, "weight of the KL to the frozen reference generator, in Flow-GRPO's units (mean "
+        "over dimensions of |mean - mean_ref|^2 / (2 sigma_t^2); the paper uses 0.01-0.04)",
+        ge=0.0)
+    cfg_scale: float = param(
+        1.0, "CFG scale during rollouts and evaluation samples; the guided velocity is the "
+        "policy (rollouts, rescored steps and the KL all use it, as Flow-GRPO trains with CFG)",
+        ge=0.0)
     rewards: dict[str, float] = param(
-        {"judge_logprob": 1.0}, "reward name -> weight: judge_logprob, judge_margin, or a user "
+        {"judge_logprob": 1.0}, "reward name -> weight: judge_logprob, judge_prob (bounded, "
+        "p(y|x)), judge_margin, jpeg_compressibility / jpeg_incompressibility (DDPO's, no "
+        "network involved), or a user "
         "reward module:function taking (uint8 images, labels) and returning one float per image. "
         "A user reward is YOUR CODE, imported and run by the rl stage: name only modules you "
         "trust; a module beside params.yaml is importable, others must be installed")
@@ -282,6 +309,9 @@ class RLConfig:
                 raise ValueError(f"rewards: unknown reward '{name}'; built-ins: "
                                  f"{', '.join(BUILTIN)}, or a user reward as module:function")
         rollouts = self.classes_per_step * self.group_size
+        if self.minibatches > rollouts:
+            raise ValueError(f"minibatches = {self.minibatches} is more than the {rollouts} "
+                             f"rollouts per update (classes_per_step x group_size)")
         if rollouts > MAX_BATCH:
             raise ValueError(f"classes_per_step x group_size = {self.classes_per_step} x "
                              f"{self.group_size} = {rollouts} rollouts per update, more than "

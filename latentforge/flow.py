@@ -237,6 +237,23 @@ def sample_noise(
 # error of the early steps either: with g^2 ~ a^2 / t the k-th step is a Langevin step of size
 # ~a^2 / k at any dt. Measured on the Gaussian data of tests/test_flow.py with a = 0.7, the
 # final std is off by ~6% at 10 steps and <1% at 100 (Euler ODE: 18% and 2%).
+#
+# Flow-GRPO's units. This module sums a step's log-probability and KL over the latent's n
+# dimensions (n = K x token_dim; a sum is the density of the whole latent) and uses the step's
+# true std sigma_t sqrt(dt), sigma_t = a sqrt((1 - t) / t). Flow-GRPO's reference code instead
+# averages the log-probability over the dimensions, and its KL term is
+# mean_d (mean - mean_ref)^2 / (2 sigma_t^2), without the dt. Hence
+#     log ratio (Flow-GRPO) = log ratio (sum) / n
+#     KL (Flow-GRPO)        = KL (sum) * dt / n
+# (``per_dimension_log_ratio``, ``flow_grpo_kl``). Consequences for its hyper-parameters:
+# - the clip range eps bounds the per-dimension ratio, i.e. the summed log-ratio at about
+#   n eps: 1e-4 (the paper's, for SD3's n = 16 x 64 x 64 = 65536) is 6.6 nats there but only
+#   0.0128 nats for this project's default n = 128;
+# - the policy term carries the same 1/n as the KL term, so against it beta weights the
+#   summed, true-variance step KL by beta dt: the paper's beta = 0.04 at dt = 0.1 is 0.004
+#   (a weight of 0.1 on the summed KL is ~25x the paper's beta);
+# - with Adam the common 1/n of both terms does not change the step, only what grad
+#   clipping sees.
 
 
 class SDEStep(NamedTuple):
@@ -333,6 +350,18 @@ def sde_sample(
         trajectory.append(SDETransition(x, t, step.prev_sample, step.log_prob))
         x = step.prev_sample
     return x, trajectory
+
+
+def per_dimension_log_ratio(log_ratio: torch.Tensor, dims: int) -> torch.Tensor:
+    """A log-ratio of summed step log-probabilities in Flow-GRPO's per-dimension units."""
+    return log_ratio / dims
+
+
+def flow_grpo_kl(kl: torch.Tensor, dims: int, dt: float) -> torch.Tensor:
+    """A summed, true-variance step KL (:func:`gaussian_kl_equal_std` with :attr:`SDEStep.std`)
+    in Flow-GRPO's units: mean over dimensions of (mean - mean_ref)^2 / (2 sigma_t^2), where
+    sigma_t^2 = std^2 / dt is the diffusion per unit time (see "Flow-GRPO's units" above)."""
+    return kl * dt / dims
 
 
 def gaussian_kl_equal_std(

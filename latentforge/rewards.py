@@ -3,7 +3,12 @@
 A reward receives decoded images (uint8 (N, H, W, C)) and the requested labels (N,) and
 returns one float per image. The built-ins score with the judge:
   judge_logprob  log p_judge(requested class | image)                  (the default)
+  judge_prob     p_judge(requested class | image), bounded in [0, 1]
   judge_margin   log p(requested) - max over other classes of log p(c)
+and two that no network grades (DDPO's), so an RL effect can be shown on a reward that is not
+also the evaluator:
+  jpeg_compressibility    -(JPEG size in kB) at quality 95: smaller files score higher
+  jpeg_incompressibility  +(JPEG size in kB)
 `rl.rewards` is a mapping name -> weight; several entries give their weighted sum. A reward
 that raises, returns the wrong shape or a non-finite value stops the stage with an error
 naming the reward.
@@ -53,8 +58,45 @@ def judge_margin(judge: Any) -> RewardFn:
     return reward
 
 
-BUILTIN: dict[str, Callable[[Any], RewardFn]] = {"judge_logprob": judge_logprob,
-                                                  "judge_margin": judge_margin}
+def judge_prob(judge: Any) -> RewardFn:
+    def reward(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        _, logp = judge.score(images)
+        return np.exp(logp[np.arange(len(labels)), labels])
+
+    return reward
+
+
+JPEG_QUALITY = 95  # DDPO's setting
+
+
+def jpeg_kilobytes(images: np.ndarray) -> np.ndarray:
+    """Size in kB (1000 bytes) of each uint8 image (N, H, W, C) saved as JPEG, quality 95."""
+    import io
+
+    from PIL import Image
+
+    sizes = np.empty(len(images), np.float64)
+    for i, image in enumerate(images):
+        pixels = image[..., 0] if image.shape[-1] == 1 else image
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)).save(
+            buffer, format="JPEG", quality=JPEG_QUALITY)
+        sizes[i] = buffer.tell() / 1000.0
+    return sizes
+
+
+def jpeg_compressibility(judge: Any) -> RewardFn:
+    return lambda images, labels: -jpeg_kilobytes(images)
+
+
+def jpeg_incompressibility(judge: Any) -> RewardFn:
+    return lambda images, labels: jpeg_kilobytes(images)
+
+
+BUILTIN: dict[str, Callable[[Any], RewardFn]] = {
+    "judge_logprob": judge_logprob, "judge_prob": judge_prob, "judge_margin": judge_margin,
+    "jpeg_compressibility": jpeg_compressibility,
+    "jpeg_incompressibility": jpeg_incompressibility}
 
 
 def resolve(name: str, judge: Any) -> RewardFn:

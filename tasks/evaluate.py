@@ -364,9 +364,10 @@ def read_csv_columns(path: Path) -> dict[str, np.ndarray] | None:
 
 # Columns of the rl stage's curve shown next to the reward: the leash, the quality watch on the
 # fixed evaluation sample (reward hacking = reward up while gFD-judge goes up too), clipping.
-WATCH_COLUMNS = {"kl": "KL to reference", "eval_gfd_judge": "gFD-judge, eval sample",
+WATCH_COLUMNS = {"kl": "KL to reference (per dim)", "eval_gfd_judge": "gFD-judge, eval sample",
                  "eval_judge_accuracy": "judge accuracy, eval sample",
-                 "clip_fraction": "clip fraction"}
+                 "clip_fraction": "clip fraction",
+                 "approx_kl": "approx. KL to rollout policy (per dim)"}
 
 
 def reward_plot(curve: Mapping[str, np.ndarray]) -> bytes:

@@ -7,7 +7,10 @@ rollouts each; the final latents are decoded by the tokenizer and scored by the 
 each sample's advantage is its reward relative to its group. The policy then minimises a
 PPO-clipped ratio of new to rollout step probabilities on a random subset of each rollout's
 steps, plus ``rl.kl_beta`` times the closed-form KL between its step and the frozen base
-generator's step from the same state. A fixed, class-balanced ODE sample is scored before the
+generator's step from the same state. Ratio, clip range and KL are in Flow-GRPO's
+per-dimension units, so the paper's values mean what they mean there (``latentforge/flow.py``
+derives the conversion). ``rl.inner_epochs`` x ``rl.minibatches`` optimizer steps per batch of
+rollouts let the policy move off the rollouts' so that the clip acts. A fixed, class-balanced ODE sample is scored before the
 first update, every ``rl.eval_every`` updates and at the end (reward, gFD-judge, judge
 accuracy), so that reward hacking (reward up, gFD-judge up) shows in the curves.
 
@@ -67,7 +70,8 @@ ZERO_SPREAD_RTOL = 1e-9
 MAX_LOG_RATIO = 20.0
 # rl params that change bookkeeping only: a checkpoint written under other values is resumed.
 BOOKKEEPING_FIELDS = ("save_every",)
-CURVE_COLUMNS = ("reward_mean", "reward_std", "kl", "clip_fraction", "zero_spread")
+CURVE_COLUMNS = ("reward_mean", "reward_std", "kl", "clip_fraction", "approx_kl",
+                 "log_ratio_min", "log_ratio_max", "zero_spread")
 EVAL_COLUMNS = ("reward_mean", "gfd_judge", "judge_accuracy")
 # Evaluation metrics compared before/after in the DVC metrics file.
 COMPARED = ("reward_mean", "gfd_judge", "judge_accuracy", "precision", "recall", "diversity",
@@ -98,6 +102,11 @@ class Rollout:
     def final(self) -> torch.Tensor:
         """(N, K, D) latents at t = 1 (still normalised)."""
         return self.x_next[:, -1]
+
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The trajectories `rows` (a minibatch)."""
+        return Rollout(self.labels[rows], self.times, self.x_t[rows], self.x_next[rows],
+                       self.log_prob[rows])
 
 
 def guided_velocity(model: FlowTransformer, labels: torch.Tensor,
@@ -138,18 +147,29 @@ def rescore_steps(model: FlowTransformer, ro: Rollout, step_index: torch.Tensor,
                          prev_sample=ro.x_next[rows, step_index])
 
 
-def group_advantages(rewards: np.ndarray, group_size: int, clip: float
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def group_advantages(rewards: np.ndarray, group_size: int, clip: float, mode: str = "group",
+                     std_floor: float = ADV_EPS) -> tuple[np.ndarray, np.ndarray]:
     """(advantages (N,), valid (N,) bool) of rewards laid out as consecutive groups.
 
-    Advantages are (reward - group mean) / (group std + eps), clipped to +-clip; groups with
-    no reward spread carry no signal and are marked invalid (advantage 0).
+    Advantages are (reward - group mean) / scale, clipped to +-clip, where scale is the
+    group's std (mode group), the whole batch's std (global, as Flow-GRPO's reference configs
+    do) or 1 (none); a std below `std_floor` counts as `std_floor`, so near-equal rewards make a
+    near-zero step. Groups with no reward spread carry no signal and are marked invalid
+    (advantage 0).
     """
     groups = rewards.reshape(-1, group_size)  # (G, group_size)
     mean = groups.mean(1, keepdims=True)
     std = groups.std(1, keepdims=True)
     flat = std <= ZERO_SPREAD_RTOL * np.abs(mean)
-    adv = np.where(flat, 0.0, np.clip((groups - mean) / (std + ADV_EPS), -clip, clip))
+    if mode == "group":
+        scale = np.maximum(std, std_floor)
+    elif mode == "global":
+        scale = np.full_like(std, max(float(rewards.std()), std_floor))
+    elif mode == "none":
+        scale = np.ones_like(std)
+    else:
+        raise ValueError(f"advantage mode {mode!r}: expected group, global or none")
+    adv = np.where(flat, 0.0, np.clip((groups - mean) / scale, -clip, clip))
     valid = np.broadcast_to(~flat, groups.shape)
     return adv.reshape(-1), valid.reshape(-1).copy()
 
@@ -167,9 +187,12 @@ def grpo_loss(policy: FlowTransformer, reference: FlowTransformer, ro: Rollout,
     with torch.no_grad():
         ref = rescore_steps(reference, ro, step_index, **kwargs)
     rows = torch.arange(len(step_index), device=step_index.device)
-    log_ratio = new.log_prob - ro.log_prob[rows, step_index]  # (N,)
-    # Log-probs are sums over K * D dimensions, so a policy far from the rollout's can give
-    # ratios past float range; that far outside the trust region they only need to stay finite.
+    # Ratio, clip and KL in Flow-GRPO's per-dimension units (flow.py: "Flow-GRPO's units").
+    dims = ro.x_t[0, 0].numel()  # K * D
+    dt = 1.0 / ro.x_t.shape[1]
+    log_ratio = flow.per_dimension_log_ratio(new.log_prob - ro.log_prob[rows, step_index], dims)
+    # A policy far from the rollout's could give ratios past float range; that far outside
+    # the trust region they only need to stay finite.
     ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     clipped = torch.clamp(ratio, 1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
     per_sample = torch.maximum(-advantages * ratio, -advantages * clipped)
@@ -178,7 +201,7 @@ def grpo_loss(policy: FlowTransformer, reference: FlowTransformer, ro: Rollout,
     # where, not a product: a masked sample's 0 * inf must not turn the loss into NaN.
     policy_loss = torch.where(valid, per_sample, 0.0).sum() / n_valid
     # Same x_t and the same std for both models, so the step KL has the closed form.
-    kl = flow.gaussian_kl_equal_std(new.mean, ref.mean, new.std)  # (N,)
+    kl = flow.flow_grpo_kl(flow.gaussian_kl_equal_std(new.mean, ref.mean, new.std), dims, dt)
     loss = policy_loss + cfg.kl_beta * kl.mean()
     with torch.no_grad():
         stats = {"policy_loss": policy_loss.detach(), "kl": kl.mean(),
@@ -186,14 +209,18 @@ def grpo_loss(policy: FlowTransformer, reference: FlowTransformer, ro: Rollout,
                  / n_valid,
                  "approx_kl": (0.5 * log_ratio.pow(2) * weight).sum() / n_valid,
                  "ratio_mean": (ratio * weight).sum() / n_valid,
-                 "ratio_max": ratio.max(), "ratio_min": ratio.min()}
+                 "ratio_max": ratio.max(), "ratio_min": ratio.min(),
+                 "log_ratio_min": log_ratio.min(), "log_ratio_max": log_ratio.max()}
     return loss, stats
 
 
-def trained_steps(n: int, steps: int, fraction: float, generator: torch.Generator
-                  ) -> torch.Tensor:
-    """(n, m) distinct random step indices per trajectory, m = max(1, round(fraction * steps))."""
+def trained_steps(n: int, steps: int, fraction: float, generator: torch.Generator,
+                  choice: str = "random") -> torch.Tensor:
+    """(n, m) distinct step indices per trajectory, m = max(1, round(fraction * steps)): a
+    random subset per trajectory, or the first m steps (choice "first")."""
     m = max(1, round(fraction * steps))
+    if choice == "first":
+        return torch.arange(m).expand(n, m).clone()
     return torch.rand((n, steps), generator=generator).argsort(dim=1)[:, :m]
 
 
@@ -308,7 +335,8 @@ class FineTuner:
         ro = rollout(self.policy, labels, steps=cfg.train_steps, noise_level=cfg.noise_level,
                      cfg_scale=cfg.cfg_scale, generator=gen)
         rewards, parts = self.reward(self.decode(ro.final), labels_np)
-        adv_np, valid_np = group_advantages(rewards, cfg.group_size, cfg.adv_clip)
+        adv_np, valid_np = group_advantages(rewards, cfg.group_size, cfg.adv_clip,
+                                            cfg.advantage, cfg.adv_std_floor)
         adv = torch.from_numpy(adv_np).float().to(self.device)
         valid = torch.from_numpy(valid_np).to(self.device)
 
@@ -317,24 +345,35 @@ class FineTuner:
         sums: dict[str, float] = {}
         grad_norms = []
         passes = 0
+        extremes = {"log_ratio_min": np.inf, "log_ratio_max": -np.inf}
         for _ in range(cfg.inner_epochs):
             chosen = trained_steps(len(labels), cfg.train_steps, cfg.timestep_fraction,
-                                   cpu_gen).to(self.device)  # (N, m)
-            self.optimizer.zero_grad(set_to_none=True)
-            passes += chosen.shape[1]
-            for j in range(chosen.shape[1]):
-                loss, stats = grpo_loss(self.policy, self.reference, ro, chosen[:, j], adv,
-                                        valid, cfg)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"rl loss is {loss.item()} at update {step}")
-                # The mean over trained steps, as one accumulated gradient (Flow-GRPO/DDPO).
-                (loss / chosen.shape[1]).backward()
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-            grad_norms.append(float(clip_gradients(self.policy.parameters(), cfg.grad_clip)))
-            self.optimizer.step()
-            self.ema.update()
+                                   cpu_gen, cfg.timestep_choice).to(self.device)  # (N, m)
+            # Minibatches of trajectories, in a fresh order each pass; one optimizer step each.
+            order = (torch.randperm(len(labels), generator=cpu_gen) if cfg.minibatches > 1
+                     else torch.arange(len(labels))).to(self.device)
+            for rows in torch.tensor_split(order, cfg.minibatches):
+                self.optimizer.zero_grad(set_to_none=True)
+                passes += chosen.shape[1]
+                sub_ro = ro.select(rows)
+                for j in range(chosen.shape[1]):
+                    loss, stats = grpo_loss(self.policy, self.reference, sub_ro,
+                                            chosen[rows, j], adv[rows], valid[rows], cfg)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"rl loss is {loss.item()} at update {step}")
+                    # The mean over trained steps, as one accumulated gradient (Flow-GRPO/DDPO).
+                    (loss / chosen.shape[1]).backward()
+                    for key, value in stats.items():
+                        if key in ("log_ratio_min", "log_ratio_max"):
+                            pick = min if key.endswith("min") else max
+                            extremes[key] = pick(extremes[key], float(value))
+                        else:
+                            sums[key] = sums.get(key, 0.0) + float(value)
+                grad_norms.append(float(clip_gradients(self.policy.parameters(), cfg.grad_clip)))
+                self.optimizer.step()
+                self.ema.update()
         row = {key: value / passes for key, value in sums.items()}
+        row.update(extremes)
         groups = rewards.reshape(-1, cfg.group_size)
         row.update({"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                     "group_std": float(groups.std(1).mean()),
@@ -415,7 +454,7 @@ def curve_csv(history: list[dict[str, float]]) -> str:
     for row in history:
         if row["step"] < 1:
             continue
-        cells = [str(int(row["step"]))] + [f"{row[c]:.6f}" for c in CURVE_COLUMNS]
+        cells = [str(int(row["step"]))] + [f"{row[c]:.6g}" for c in CURVE_COLUMNS]
         cells += [f"{row[f'eval/{c}']:.6f}" if f"eval/{c}" in row else "" for c in EVAL_COLUMNS]
         lines.append(",".join(cells))
     return "\n".join(lines) + "\n"

@@ -141,7 +141,7 @@ def test_group_advantages_normalise_clip_and_mask_flat_groups() -> None:
                         0.0, 0.0, 0.0, 100.0])  # one outlier: clipped
     adv, valid = rl.group_advantages(rewards, group_size=4, clip=1.5)
     g = rewards[:4]
-    np.testing.assert_allclose(adv[:4], (g - g.mean()) / (g.std() + rl.ADV_EPS))
+    np.testing.assert_allclose(adv[:4], (g - g.mean()) / max(g.std(), rl.ADV_EPS))
     assert valid.tolist() == [True] * 4 + [False] * 4 + [True] * 4
     assert (adv[4:8] == 0).all()
     assert adv[11] == 1.5 and (np.abs(adv) <= 1.5).all()
@@ -345,3 +345,122 @@ def test_user_reward_beside_params_yaml_is_importable(tmp_path, monkeypatch):
     assert fn(images, np.zeros(2, dtype=int)).tolist() == [1.0, 1.0]
     with pytest.raises(ConfigError, match="cannot import module 'no_such_reward_module'"):
         resolve("no_such_reward_module:fn", judge=None)
+
+
+def test_advantage_modes_scale_by_group_batch_or_nothing_with_a_floor() -> None:
+    rewards = np.array([1.0, 2.0, 3.0, 4.0, 10.0, 10.5, 11.0, 11.5])
+    mean = np.repeat(rewards.reshape(2, 4).mean(1), 4)
+    group = rl.group_advantages(rewards, 4, clip=100, mode="group")[0]
+    np.testing.assert_allclose(group[:4], (rewards[:4] - mean[:4]) / rewards[:4].std())
+    glob = rl.group_advantages(rewards, 4, clip=100, mode="global")[0]
+    np.testing.assert_allclose(glob, (rewards - mean) / rewards.std())
+    none = rl.group_advantages(rewards, 4, clip=100, mode="none")[0]
+    np.testing.assert_allclose(none, rewards - mean)
+    # a batch whose rewards differ by 1e-6: with the floor, a 1e-6-sized step, not a unit one
+    tiny_spread = 0.5 + 1e-6 * np.arange(8.0)
+    for mode in ("group", "global"):
+        adv = rl.group_advantages(tiny_spread, 4, clip=100, mode=mode, std_floor=1e-3)[0]
+        assert np.abs(adv).max() < 1e-2, mode
+        unfloored = rl.group_advantages(tiny_spread, 4, clip=100, mode=mode, std_floor=1e-12)[0]
+        assert np.abs(unfloored).max() > 0.5, mode  # what the floor prevents: unit-size steps
+    # equal rewards: zero advantages in every mode
+    for mode in ("group", "global", "none"):
+        adv, valid = rl.group_advantages(np.full(8, 0.3), 4, clip=5, mode=mode)
+        assert (adv == 0).all() and not valid.any()
+
+
+def test_judge_prob_and_jpeg_rewards() -> None:
+    from latentforge import rewards
+
+    class Judge:
+        def score(self, images):  # noqa: ANN001, ANN202
+            logits = images.reshape(len(images), -1)[:, :3].astype(np.float64) / 50.0
+            logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+            return None, logp
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(4, 16, 16, 1), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0])
+    prob = rewards.resolve("judge_prob", Judge())(images, labels)
+    logprob = rewards.resolve("judge_logprob", Judge())(images, labels)
+    np.testing.assert_allclose(prob, np.exp(logprob))
+    assert ((prob > 0) & (prob <= 1)).all()
+
+    flat = np.full((2, 16, 16, 3), 128, np.uint8)
+    noisy = rng.integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+    both = np.concatenate([flat, noisy])
+    small = rewards.resolve("jpeg_compressibility", None)(both, np.zeros(4, int))
+    large = rewards.resolve("jpeg_incompressibility", None)(both, np.zeros(4, int))
+    np.testing.assert_array_equal(small, -large)
+    assert large[2:].min() > large[:2].max()  # noise costs more bytes than a flat grey
+    assert (rewards.jpeg_kilobytes(images) > 0).all()  # grayscale (N, H, W, 1) too
+
+
+def test_minibatches_must_fit_the_rollouts() -> None:
+    with pytest.raises(ConfigError, match="minibatches = 33"):
+        build_params({"rl": {"classes_per_step": 4, "group_size": 8, "minibatches": 33}})
+    with pytest.raises(ConfigError, match="rl.advantage"):
+        build_params({"rl": {"advantage": "batch"}})
+
+
+def test_minibatches_and_epochs_make_the_clip_act(tiny_inputs, tmp_path, monkeypatch):
+    """One pass, one minibatch: every ratio is 1 up to float round-off (rescoring in other
+    batch shapes), i.e. REINFORCE with a baseline. Two passes over four minibatches: after the
+    first optimizer step the policy differs from the rollouts', so log-ratios move off 0 and
+    approx-KL grows by orders of magnitude."""
+    monkeypatch.chdir(tmp_path)
+    common = {"rewards": {"test_rl:brightness_reward": 1.0}, "steps": 2, "lr": 1e-3,
+              "eval_every": 0, "save_every": 10}
+    run_rl(tiny_inputs, tiny(**common, minibatches=1), tmp_path / "single")
+    single = read_csv(tmp_path / "single.csv")
+    for row in single:
+        assert float(row["clip_fraction"]) == 0.0
+        assert -1e-3 < float(row["log_ratio_min"]) <= float(row["log_ratio_max"]) < 1e-3
+    run_rl(tiny_inputs, tiny(**common, inner_epochs=2, minibatches=4), tmp_path / "multi")
+    multi = read_csv(tmp_path / "multi.csv")
+    for before, after in zip(single, multi, strict=True):
+        assert float(after["approx_kl"]) > 100 * float(before["approx_kl"]) + 1e-9
+        spread = float(after["log_ratio_max"]) - float(after["log_ratio_min"])
+        assert spread > 10 * (float(before["log_ratio_max"]) - float(before["log_ratio_min"]))
+
+
+def test_trained_steps_random_subsets_or_the_first_ones() -> None:
+    gen = torch.Generator().manual_seed(0)
+    random = rl.trained_steps(5, 10, 0.6, gen)
+    assert random.shape == (5, 6)
+    assert all(len(set(row.tolist())) == 6 for row in random)
+    assert len({tuple(sorted(row.tolist())) for row in random}) > 1
+    first = rl.trained_steps(5, 10, 0.6, gen, "first")
+    assert (first == torch.arange(6)).all()
+
+
+def test_ratio_clip_and_kl_are_in_flow_grpo_per_dimension_units() -> None:
+    """Flow-GRPO's reference code averages step log-probs over the latent's dimensions and its
+    KL is mean_d (mean - mean_ref)^2 / (2 sigma_t^2) with sigma_t^2 = step variance / dt; the
+    loss's ratio, clip and KL must be those, computed here from the SDE step directly."""
+    steps, eps = 5, 1e-3
+    cfg = build_params({"rl": {"train_steps": steps, "clip_range": eps}}).rl
+    reference = random_policy(0).requires_grad_(False)
+    rollout_policy = random_policy(0)
+    labels = torch.tensor([0, 1, 2, 3])
+    ro = rl.rollout(rollout_policy, labels, steps=steps, noise_level=cfg.noise_level,
+                    cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    policy = random_policy(0)
+    with torch.no_grad():  # a policy a little off the rollouts'
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    step_index = torch.tensor([0, 1, 3, 4])
+    _, stats = rl.grpo_loss(policy, reference, ro, step_index, torch.ones(4),
+                            torch.ones(4, dtype=torch.bool), cfg)
+    n_dims, dt = 4 * 3, 1.0 / steps
+    new = rl.rescore_steps(policy, ro, step_index, noise_level=cfg.noise_level, cfg_scale=1.0)
+    ref = rl.rescore_steps(reference, ro, step_index, noise_level=cfg.noise_level, cfg_scale=1.0)
+    log_ratio = (new.log_prob - ro.log_prob[torch.arange(4), step_index]) / n_dims
+    sigma_t2 = new.std.pow(2).flatten() / dt
+    kl = ((new.mean - ref.mean).pow(2).flatten(1).mean(1) / (2 * sigma_t2)).mean()
+    torch.testing.assert_close(stats["log_ratio_max"], log_ratio.max().detach())
+    torch.testing.assert_close(stats["log_ratio_min"], log_ratio.min().detach())
+    torch.testing.assert_close(stats["kl"], kl.detach(), rtol=1e-4, atol=0)
+    clipped = ((log_ratio.exp() - 1).abs() > eps).float().mean()
+    assert stats["clip_fraction"] == clipped and clipped > 0  # the per-dimension ratio clips
+    assert stats["kl"] > 0
