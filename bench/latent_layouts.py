@@ -6,7 +6,7 @@ sampling throughput (Heun, 25 steps, CFG) with decoding, and the ratios to the 2
 next to the ratio of token counts.
 
 Quality (--quality): trains tokenizer + cache + generator per layout with the stage code on
-the embedded digits in a temporary folder and prints gFD-judge and judge accuracy (minutes).
+the embedded digits in a temporary folder and prints gFD-eval and judge accuracy (minutes).
 
     python bench/latent_layouts.py [--size small] [--resolution 16] [--quality]
 """
@@ -84,7 +84,7 @@ def quality(layout: dict, root: str) -> dict[str, float]:
     cache.run(params, out_dir="cache", prepared_dir="prepared", tokenizer_dir="tok")
     started = time.perf_counter()
     r = generator.run(params, out_dir="gen", cache_dir="cache", tokenizer_dir="tok",
-                      judge_dir="judge", prepared_dir="prepared")
+                      evaluator_dir="evaluator", prepared_dir="prepared")
     return {**r.metrics, "generator_seconds": time.perf_counter() - started}
 
 
@@ -113,8 +113,8 @@ def main() -> None:
                 # cannot start once the folder is gone, so stop it before removing it.
                 ray.shutdown()
                 os.chdir(tempfile.gettempdir())
-            print(f"{name:11s} gFD-judge {q['gfd_judge']:.3f} (train/val {q['train_val_fd_judge']:.3f})"
-                  f"  judge accuracy {q['judge_accuracy']:.3f}  generator stage "
+            print(f"{name:11s} gFD-eval {q['gfd_eval']:.3f} (train/val {q['train_val_fd_eval']:.3f})"
+                  f"  judge accuracy {q['eval_accuracy']:.3f}  generator stage "
                   f"{q['generator_seconds']:.0f} s")
 
 

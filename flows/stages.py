@@ -242,8 +242,8 @@ def prepare(overrides: Overrides = None, params_file: ParamsFile = None,
     return _stage_flow("prepare", overrides, params_file, force, parent_run_id, params, wait)
 
 
-@_flow("judge", "Train the small CNN classifier whose features and log-probs score the "
-       "later stages (FD-judge, precision/recall, accuracy, RL reward).")
+@_flow("judge", "Train two small CNN classifiers: the judge (the RL reward, the tokenizer's "
+       "FD-judge) and the evaluator (another seed and width), which grades generated samples.")
 def judge(overrides: Overrides = None, params_file: ParamsFile = None,
           force: bool = False, parent_run_id: str | None = None,
           params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
@@ -267,7 +267,7 @@ def cache(overrides: Overrides = None, params_file: ParamsFile = None,
 
 
 @_flow("generator", "Train the class-conditional flow-matching transformer on the cached "
-       "latents; sample with CFG; gFD-judge, precision/recall, judge accuracy, IS-judge.")
+       "latents; sample with CFG; the evaluator's gFD-eval, precision/recall, accuracy, IS-eval.")
 def generator(overrides: Overrides = None, params_file: ParamsFile = None,
               force: bool = False, parent_run_id: str | None = None,
               params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
@@ -275,7 +275,8 @@ def generator(overrides: Overrides = None, params_file: ParamsFile = None,
 
 
 @_flow("rl", "Flow-GRPO fine-tuning of the generator against the reward (judge log-prob by "
-       "default), with a KL leash to the base model and gFD-judge watched for reward hacking.")
+       "default), with a KL leash to the base model and the evaluator's gFD-eval watched for "
+       "reward hacking.")
 def rl(overrides: Overrides = None, params_file: ParamsFile = None,
        force: bool = False, parent_run_id: str | None = None,
        params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:

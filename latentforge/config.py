@@ -122,7 +122,8 @@ class JudgeConfig(TrainConfig):
     # The last of the three conv blocks has 4 x width channels.
     width: int = param(32, "channels of the first conv block (doubles per block)", ge=4,
                        le=MAX_WIDTH // 4)
-    feature_dim: int = param(128, "penultimate feature size (FD-judge, precision/recall)", ge=8,
+    feature_dim: int = param(128, "penultimate feature size of judge and evaluator (FD, "
+                             "precision/recall)", ge=8,
                              le=MAX_WIDTH)
     dropout: float = param(0.1, "dropout before the classifier head", ge=0.0, lt=1.0)
     augment_shift: int = param(1, "random translation in pixels during training", ge=0,
@@ -133,6 +134,19 @@ class JudgeConfig(TrainConfig):
     lr: float = param(2e-3, "peak learning rate (AdamW)", gt=0.0)
     warmup_steps: int = param(20, "linear warm-up steps", ge=0, le=MAX_STEPS)
     ema_decay: float = param(0.99, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
+    evaluator_seed: int = param(
+        1, "seed of the evaluator, a second classifier the stage trains on the same data: it "
+        "computes every generated-sample metric (gFD, accuracy, precision/recall, IS, "
+        "diversity), so that RL against the judge's reward is graded by another network", ge=0,
+        le=MAX_SEED)
+    evaluator_width: int = param(48, "the evaluator's first-block channels (an architecture "
+                                 "variant of the judge)", ge=4, le=MAX_WIDTH // 4)
+
+    def __post_init__(self) -> None:
+        if self.evaluator_seed == self.seed and self.evaluator_width == self.width:
+            raise ValueError(f"evaluator_seed = {self.evaluator_seed} and evaluator_width = "
+                             f"{self.evaluator_width} equal the judge's seed and width: the "
+                             f"evaluator would be a copy of the reward judge; change either")
 
 
 @dataclass(kw_only=True)
@@ -286,7 +300,7 @@ class RLConfig:
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0.0)
     grad_clip: float = param(1.0, "max global gradient norm; 0 disables", ge=0.0)
     ema_decay: float = param(0.9, "EMA of the fine-tuned weights; 0 disables", ge=0.0, lt=1.0)
-    eval_every: int = param(10, "gFD-judge on a fixed sample every N updates (reward hacking "
+    eval_every: int = param(10, "gFD-eval on a fixed sample every N updates (reward hacking "
                             "watch); 0 = only at the end", ge=0, le=MAX_STEPS)
     eval_per_class: int = param(50, "samples per class for the periodic evaluation", ge=1,
                                 le=MAX_PER_CLASS)

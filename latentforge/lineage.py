@@ -50,9 +50,14 @@ class RegisteredModel:
 # Keyed by the stage output's name (what later stages call the input, StageResult.digests).
 REGISTERED_MODELS: dict[str, RegisteredModel] = {
     "judge": RegisteredModel(
-        "latentforge-judge", "Judge classifiers from the judge stage: their features give "
-        "FD-judge and precision/recall, their log-probabilities accuracy, IS-judge and the RL "
-        "reward. Input: uint8 images (N, H, W, C); output: class log-probabilities."),
+        "latentforge-judge", "Judge classifiers from the judge stage: their features give the "
+        "tokenizer's rFD-judge, their log-probabilities the RL reward (generated samples are "
+        "graded by latentforge-evaluator). Input: uint8 images (N, H, W, C); output: class log-probabilities."),
+    "evaluator": RegisteredModel(
+        "latentforge-evaluator", "Evaluator classifiers from the judge stage (another seed and "
+        "width than the judge, same data): they grade generated samples (gFD, accuracy, "
+        "precision/recall, IS, diversity) and never give a reward. Input: uint8 images "
+        "(N, H, W, C); output: class log-probabilities."),
     "tokenizer": RegisteredModel(
         "latentforge-tokenizer", "Image tokenizers from the tokenizer stage (1D TiTok-style or "
         "2D). Input: uint8 images (N, H, W, C); output: their reconstructions."),
@@ -70,7 +75,10 @@ REGISTERED_MODELS: dict[str, RegisteredModel] = {
 PRODUCED_BY = {"prepared": "prepare", "cache": "cache"}
 
 WHAT = {
-    "judge": "A small CNN classifier of the prepared images, the pipeline's judge.",
+    "judge": "A small CNN classifier of the prepared images, the pipeline's judge (the RL "
+             "reward).",
+    "evaluator": "A small CNN classifier of the prepared images (width {width}, seed {seed}), "
+                 "the pipeline's evaluator: it grades generated samples, never rewards them.",
     "tokenizer": "An image tokenizer ({layout} layout, {quantizer} quantizer) that encodes "
                  "images to latent tokens and decodes them back.",
     "generator": "A class-conditional flow-matching transformer over the tokenizer's latents "
@@ -155,7 +163,8 @@ def describe_version(stage: str, tags: Mapping[str, str], upstream: Mapping[str,
     """The model version's one-paragraph description: what it is, on what, from what. Runs and
     upstream versions are Markdown links: the MLflow UI renders the description, so the chain
     back to the data is a series of clicks there."""
-    what = WHAT.get(stage, f"A model from the {stage} stage.").format_map(_Blanks(tags))
+    role = tags.get("role", stage)  # the judge stage makes two models: judge and evaluator
+    what = WHAT.get(role, f"A model from the {stage} stage.").format_map(_Blanks(tags))
     made = (f" Trained by the {stage} stage in run "
             f"{_run_link(run_id, experiment_id) if run_id else '?'}")
     if data := tags.get("prepared_sha256"):
@@ -197,7 +206,7 @@ def params_digest(run: Any, stage: str) -> str:
 
 
 # Nearest stage first, so that the first branch printed is the chain back to the data.
-ORDER = ("rl", "generator", "cache", "tokenizer", "judge", "prepared")
+ORDER = ("rl", "generator", "cache", "tokenizer", "judge", "evaluator", "prepared")
 
 
 def _references(tags: Mapping[str, str]) -> dict[str, tuple[str | None, str | None]]:

@@ -21,7 +21,7 @@ class LatentForgeModel(PythonModel):
     def load_context(self, context):  # noqa: ANN001, ANN201 - MLflow reads these hints
         kind = (context.model_config or {}).get("kind")
         folder = context.artifacts["model_dir"]
-        if kind == "judge":
+        if kind in ("judge", "evaluator"):  # the evaluator is a judge-like classifier
             from latentforge.tasks.judge import load_judge
 
             self.model = load_judge(folder)
@@ -49,7 +49,7 @@ class LatentForgeModel(PythonModel):
             labels = np.asarray(model_input, dtype=np.int64).reshape(-1)
             return self.model.sample_images(labels, seed=0, steps=25, cfg_scale=1.5)
         images = np.asarray(model_input, dtype=np.uint8)
-        if self.kind == "judge":
+        if self.kind in ("judge", "evaluator"):
             return self.model.score(images)[1]
         return self.model.reconstruct(images)
 
@@ -57,7 +57,7 @@ class LatentForgeModel(PythonModel):
 def signature(kind: str, artifacts: Mapping[str, str | Path]) -> Any:
     """The MLflow signature of a `kind` model, from the JSON files of its logged folders.
 
-    judge: uint8 images (N, H, W, C) -> float64 class log-probabilities (N, classes);
+    judge, evaluator: uint8 images (N, H, W, C) -> float64 class log-probabilities (N, classes);
     tokenizer: uint8 images -> uint8 reconstructions; generator: int64 class labels (N,) ->
     uint8 images (N, H, W, C), the image shape from the tokenizer logged beside it.
     """
@@ -74,7 +74,7 @@ def signature(kind: str, artifacts: Mapping[str, str | Path]) -> Any:
         shape = (-1, cfg["image_size"], cfg["image_size"], cfg["channels"]) if cfg else (-1,) * 4
         return TensorSpec(np.dtype(np.uint8), shape)
 
-    if kind == "judge":
+    if kind in ("judge", "evaluator"):
         cfg = model_cfg("model_dir", judge.META)
         inputs, outputs = images(cfg), TensorSpec(np.dtype(np.float64), (-1, cfg["num_classes"]))
     elif kind == "tokenizer":

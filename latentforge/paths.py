@@ -14,6 +14,7 @@ CACHE = DATA / "cache"
 METRICS = Path("metrics")
 ARTIFACTS = Path("artifacts")
 JUDGE = ARTIFACTS / "judge"
+EVALUATOR = ARTIFACTS / "evaluator"  # the judge stage's second classifier: grades, never rewards
 TOKENIZER = ARTIFACTS / "tokenizer"
 GENERATOR = ARTIFACTS / "generator"
 RL = ARTIFACTS / "rl"
@@ -57,7 +58,7 @@ STAGES: dict[str, StageSpec] = {
         code=("tasks/judge.py", "models/judge.py", "latentforge/training.py"),
         deps=(str(PREPARED),),
         params=("judge",),
-        outs=(str(JUDGE),),
+        outs=(str(JUDGE), str(EVALUATOR)),
         metrics=(str(metrics_file("judge")),),
     ),
     "tokenizer": StageSpec(
@@ -81,7 +82,7 @@ STAGES: dict[str, StageSpec] = {
         name="generator",
         code=("tasks/generator.py", "models/generator.py", "latentforge/flow.py",
               "latentforge/training.py"),
-        deps=(str(CACHE), str(TOKENIZER), str(JUDGE), str(PREPARED)),
+        deps=(str(CACHE), str(TOKENIZER), str(EVALUATOR), str(PREPARED)),
         params=("generator",),
         outs=(str(GENERATOR),),
         metrics=(str(metrics_file("generator")),),
@@ -89,7 +90,7 @@ STAGES: dict[str, StageSpec] = {
     "rl": StageSpec(
         name="rl",
         code=("tasks/rl.py", "latentforge/rewards.py", "latentforge/flow.py"),
-        deps=(str(GENERATOR), str(JUDGE), str(TOKENIZER), str(PREPARED)),
+        deps=(str(GENERATOR), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(PREPARED)),
         params=("rl", "generator.sample_steps", "generator.sampler"),
         outs=(str(RL),),
         metrics=(str(metrics_file("rl")),),
@@ -98,7 +99,8 @@ STAGES: dict[str, StageSpec] = {
     "evaluate": StageSpec(
         name="evaluate",
         code=("tasks/evaluate.py",),
-        deps=(str(PREPARED), str(JUDGE), str(TOKENIZER), str(GENERATOR), str(RL),
+        deps=(str(PREPARED), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(GENERATOR),
+              str(RL),
               str(PLOTS / "rl_reward.csv")),
         params=("evaluate", "rl.rewards", "rl.cfg_scale", "generator.cfg_scale",
                 "tokenizer.eval_perturbation", "tokenizer.perturbation_sigma"),

@@ -4,14 +4,15 @@ On the prepared val split it measures
   - the tokenizer: PSNR, SSIM, rFD-judge, pFD-judge, judge accuracy on reconstructions
     (`tasks.tokenizer.evaluate`, the same code the tokenizer stage reports with);
   - the base and the RL generator, sampled with the *same* class-balanced labels and the same
-    per-sample noise (sample i's noise depends only on (evaluate.seed, i)): gFD-judge,
-    precision/recall, judge accuracy on the requested class, IS-judge, mean reward under the
-    `rl.rewards` definition, diversity (mean pairwise judge-feature distance within a class)
-    and NFE; sampling speed goes to MLflow only, since it varies run to run;
+    per-sample noise (sample i's noise depends only on (evaluate.seed, i)): gFD-eval,
+    precision/recall, evaluator accuracy on the requested class, IS-eval, diversity (mean
+    pairwise evaluator-feature distance within a class), all from the evaluator network, never
+    the reward judge; the mean reward under the `rl.rewards` definition (the judge's); and NFE.
+    Sampling speed goes to MLflow only, since it varies run to run;
   - FID-named numbers (rFID, gFID) only when `evaluate.inception_weights` names a local
     Inception-v3 file. Without it nothing is called FID: judge-based distances are FD-judge.
 
-Outputs: the DVC metrics (flat keys such as "base.gfd_judge", headline numbers first) and the
+Outputs: the DVC metrics (flat keys such as "base.gfd_eval", headline numbers first) and the
 folder reports/evaluate/ (report.md, protocol.json, plots, base-vs-RL sample grid), built under
 a temporary name and swapped in whole. Every file in it is a pure function of the inputs and
 parameters (no timings, no timestamps), so reruns leave identical bytes and dvc.lock entries.
@@ -68,20 +69,20 @@ PR_NEIGHBOURS = 3
 # Fewer reference images than this and precision/recall (k = 3 neighbours) is undefined.
 MIN_VAL_IMAGES = PR_NEIGHBOURS + 1
 # The `latentforge run` table shows a stage's first four metrics.
-HEADLINE = ("rl.judge_accuracy", "base.judge_accuracy", "rl.gfd_judge", "base.gfd_judge")
+HEADLINE = ("rl.eval_accuracy", "base.eval_accuracy", "rl.gfd_eval", "base.gfd_eval")
 DECIMALS = 6
 INCEPTION_BATCH = 32
 
 # Generator metrics in report order: (key, label, which direction is better).
 GENERATOR_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("judge_accuracy", "judge accuracy", "higher"),
-    ("gfd_judge", "gFD-judge", "lower"),
+    ("eval_accuracy", "evaluator accuracy", "higher"),
+    ("gfd_eval", "gFD-eval", "lower"),
     ("gfid", "gFID", "lower"),
     ("precision", "precision", "higher"),
     ("recall", "recall", "higher"),
-    ("is_judge", "IS-judge", "higher"),
-    ("reward_mean", "mean reward", "higher"),
-    ("reward_std", "reward std", ""),
+    ("is_eval", "IS-eval", "higher"),
+    ("reward_mean", "mean reward (judge)", "higher"),
+    ("reward_std", "reward std (judge)", ""),
     ("diversity", "diversity (within-class)", "higher"),
     ("cfg_scale", "CFG scale", ""),
     ("nfe", "NFE", ""),
@@ -107,15 +108,17 @@ class Inputs:
     """Everything the stage evaluates, loaded and cross-checked."""
 
     prepared: Prepared
-    judge: JudgeScorer
+    judge: JudgeScorer  # the reward (and the tokenizer's FD-judge)
+    evaluator: JudgeScorer  # grades the generated samples
     tokenizer: TokenizerHandle
     generators: dict[str, GeneratorHandle]  # "base", "rl"
-    dirs: dict[str, Path]  # stage name (prepared, judge, tokenizer, generator, rl) -> folder
+    dirs: dict[str, Path]  # input name (prepared, judge, evaluator, tokenizer, ...) -> folder
 
 
 def require_inputs(dirs: Mapping[str, Path]) -> None:
     """Fail before any work with a DataError naming the first missing input file."""
     needed = {"prepared": (MANIFEST, "prepare"), "judge": (judge_stage.META, "judge"),
+              "evaluator": (judge_stage.META, "judge"),
               "tokenizer": (tokenizer_stage.META, "tokenizer"),
               "generator": (generator_stage.META, "generator"), "rl": (generator_stage.META, "rl")}
     for name, (marker, stage) in needed.items():
@@ -129,20 +132,27 @@ def load_inputs(dirs: Mapping[str, Path]) -> Inputs:
     require_inputs(dirs)
     prepared = load_prepared(dirs["prepared"])
     judge = load_judge(dirs["judge"])
+    evaluator = load_judge(dirs["evaluator"])
+    if evaluator.sha256 == judge.sha256:
+        raise DataError(f"{dirs['evaluator']} holds the same weights as the reward judge in "
+                        f"{dirs['judge']}: a network that gave the reward cannot grade the "
+                        "result; evaluate needs the judge stage's evaluator")
     generators = {m: load_generator(dirs[STAGE_OF[m]], dirs["tokenizer"]) for m in MODELS}
-    for owner, names in (("judge", judge.class_names),
+    for owner, names in (("judge", judge.class_names), ("evaluator", evaluator.class_names),
                          *((str(dirs[STAGE_OF[m]]), generators[m].class_names) for m in MODELS)):
         if list(names) != prepared.class_names:
             raise DataError(f"{owner} knows classes {list(names)[:5]}... but "
                             f"{dirs['prepared']} has {prepared.class_names[:5]}...; evaluate "
                             "needs every model trained on the same prepared data")
     # Both generators decode with the one tokenizer load_generator checked them against.
-    return Inputs(prepared, judge, generators["base"].tokenizer, generators, dict(dirs))
+    return Inputs(prepared, judge, evaluator, generators["base"].tokenizer, generators,
+                  dict(dirs))
 
 
 def input_digests(inputs: Inputs, fid_weights_sha: str | None) -> dict[str, str]:
     """sha256 of each input: the prepared manifest and every model's weights."""
     digests = {"prepared": inputs.prepared.manifest_sha256, "judge": inputs.judge.sha256,
+               "evaluator": inputs.evaluator.sha256,
                "tokenizer": inputs.tokenizer.sha256,
                **{STAGE_OF[m]: inputs.generators[m].meta["sha256"] for m in MODELS}}
     if fid_weights_sha:
@@ -192,9 +202,10 @@ def sample_generator(handle: GeneratorHandle, labels: np.ndarray, cfg: EvaluateC
     return Samples(images, nfe, time.perf_counter() - started, cfg_scale)
 
 
-def score_generator(samples: Samples, labels: np.ndarray, judge: JudgeScorer,
+def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer,
                     val_features: np.ndarray, reward: Reward) -> dict[str, float]:
-    m = score_samples(judge, samples.images, labels, val_features)
+    """The evaluator's metrics of one generated set, and the (judge's) reward beside them."""
+    m = score_samples(evaluator, samples.images, labels, val_features)
     total, _ = reward(samples.images, labels)
     m["reward_mean"] = float(total.mean())
     m["reward_std"] = float(total.std())
@@ -203,15 +214,15 @@ def score_generator(samples: Samples, labels: np.ndarray, judge: JudgeScorer,
     return m
 
 
-def train_val_fd(judge: JudgeScorer, prepared: Prepared, val_features: np.ndarray, n: int,
+def train_val_fd(evaluator: JudgeScorer, prepared: Prepared, val_features: np.ndarray, n: int,
                  seed: int) -> float:
-    """FD-judge between n train images (a fixed random subset) and val: the floor a generator's
-    gFD-judge can reach at this sample count (FD is biased upwards at small n)."""
+    """FD-eval between n train images (a fixed random subset) and val: the floor a generator's
+    gFD-eval can reach at this sample count (FD is biased upwards at small n)."""
     train_x, _ = prepared.split("train")
     if len(train_x) < 2:
         return float("nan")
     pick = np.sort(np.random.default_rng(seed).permutation(len(train_x))[:n])
-    return metrics.fd_from_features(judge.score(np.asarray(train_x[pick]))[0], val_features)
+    return metrics.fd_from_features(evaluator.score(np.asarray(train_x[pick]))[0], val_features)
 
 
 def inception_features(net: torch.nn.Module, images: np.ndarray, device: torch.device
@@ -248,7 +259,7 @@ def fid_metrics(weights: str, val_x: np.ndarray, recon: np.ndarray,
 
 
 def flatten_metrics(nested: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """{"base": {"gfd_judge": x}} -> {"base.gfd_judge": x}, rounded, headline keys first."""
+    """{"base": {"gfd_eval": x}} -> {"base.gfd_eval": x}, rounded, headline keys first."""
     flat = {f"{group}.{key}": round(float(value), DECIMALS)
             for group, values in nested.items() for key, value in values.items()}
     head = {k: flat[k] for k in HEADLINE if k in flat}
@@ -266,7 +277,7 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
     """Everything that changes the numbers, next to them (FD depends on all of it)."""
     cfg = params.evaluate
     names = inputs.prepared.class_names
-    judge_model = inputs.judge.meta["model"]
+    evaluator_model = inputs.evaluator.meta["model"]
     fid: dict[str, Any] | None = None
     if cfg.inception_weights:
         fid = {"network": "Inception-v3, FID port (pytorch-fid layout), pool3 2048-d",
@@ -289,21 +300,26 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                       "each model's own (generator.cfg_scale for base, rl.cfg_scale for RL)",
         "seed": cfg.seed,
         "noise": "sample i starts from flow.sample_noise(index i, seed): independent of batching",
-        "feature_network": {"name": "judge", "sha256": digests["judge"],
-                            "features": f"penultimate layer, {judge_model['feature_dim']}-d",
+        "feature_network": {"name": "evaluator", "sha256": digests["evaluator"],
+                            "width": evaluator_model["width"],
+                            "features": f"penultimate layer, {evaluator_model['feature_dim']}-d",
                             "input": f"native {inputs.prepared.resolution}x"
-                                     f"{inputs.prepared.resolution}, no resizing"},
+                                     f"{inputs.prepared.resolution}, no resizing",
+                            "grades": "every generated-sample metric; never the reward"},
+        "reward_network": {"name": "judge", "sha256": digests["judge"],
+                           "used_for": "the reward, and the tokenizer's FD-judge numbers"},
         "metrics": {
-            "gfd_judge": "Frechet distance of judge features, val split vs samples",
+            "gfd_eval": "Frechet distance of evaluator features, val split vs samples",
             "precision_recall": f"Kynkaanniemi et al. 2019, k = {PR_NEIGHBOURS} neighbours, "
-                                "judge features, val split as real",
-            "judge_accuracy": "judge top-1 equals the requested class",
-            "is_judge": "Inception Score formula on judge class probabilities, 1 split",
-            "diversity": "mean pairwise L2 distance of judge features within a class, "
+                                "evaluator features, val split as real",
+            "eval_accuracy": "evaluator top-1 equals the requested class",
+            "is_eval": "Inception Score formula on evaluator class probabilities, 1 split",
+            "diversity": "mean pairwise L2 distance of evaluator features within a class, "
                          "averaged over classes",
-            "reward": f"{reward.definition()} (rl.rewards), mean over each generated set",
-            "reference.train_val_fd_judge": f"FD-judge of {len(labels)} train images (seeded "
-                                            "subset) vs val: the floor for gFD-judge",
+            "reward": f"{reward.definition()} (rl.rewards, the judge's), mean over each "
+                      "generated set",
+            "reference.train_val_fd_eval": f"FD-eval of {len(labels)} train images (seeded "
+                                           "subset) vs val: the floor for gFD-eval",
         },
         "tokenizer": {"images": int(len(val_y)),
                       "eval_perturbation": params.tokenizer.eval_perturbation,
@@ -363,9 +379,9 @@ def read_csv_columns(path: Path) -> dict[str, np.ndarray] | None:
 
 
 # Columns of the rl stage's curve shown next to the reward: the leash, the quality watch on the
-# fixed evaluation sample (reward hacking = reward up while gFD-judge goes up too), clipping.
-WATCH_COLUMNS = {"kl": "KL to reference (per dim)", "eval_gfd_judge": "gFD-judge, eval sample",
-                 "eval_judge_accuracy": "judge accuracy, eval sample",
+# fixed evaluation sample (reward hacking = reward up while gFD-eval goes up too), clipping.
+WATCH_COLUMNS = {"kl": "KL to reference (per dim)", "eval_gfd_eval": "gFD-eval, eval sample",
+                 "eval_eval_accuracy": "judge accuracy, eval sample",
                  "clip_fraction": "clip fraction",
                  "approx_kl": "approx. KL to rollout policy (per dim)"}
 
@@ -487,9 +503,13 @@ def protocol_table(p: Mapping[str, Any]) -> list[str]:
         ("CFG scale", f"base {p['cfg_scale']['base']:g}, RL {p['cfg_scale']['rl']:g} "
                       f"({p['cfg_source']})"),
         ("seed", f"{p['seed']} (sample i: noise from (seed, i), independent of batching)"),
-        ("feature network", f"judge ({p['feature_network']['features']}, "
-                            f"{p['feature_network']['input']}, sha256 "
-                            f"{p['feature_network']['sha256'][:12]})"),
+        ("feature network (grades)", f"evaluator ({p['feature_network']['features']}, "
+                                     f"width {p['feature_network']['width']}, "
+                                     f"{p['feature_network']['input']}, sha256 "
+                                     f"{p['feature_network']['sha256'][:12]}): every "
+                                     "generated-sample metric"),
+        ("reward network", f"judge (sha256 {p['reward_network']['sha256'][:12]}): the reward "
+                           "and the tokenizer's FD-judge only"),
         ("precision / recall", p["metrics"]["precision_recall"]),
         ("diversity", p["metrics"]["diversity"]),
         ("reward", p["metrics"]["reward"]),
@@ -498,7 +518,7 @@ def protocol_table(p: Mapping[str, Any]) -> list[str]:
         ("FID", f"{fid['network']}; weights sha256 {fid['weights_sha256'][:12]}; "
                 f"{fid['preprocessing']}" if fid else
                 "not computed: no evaluate.inception_weights (Frechet distances here use the "
-                "judge and are named FD-judge)"),
+                "evaluator or the judge and are named FD-eval or FD-judge)"),
     ]
     rows += [(f"input: {name}", f"`{v['path']}` sha256 {v['sha256'][:12]}")
              for name, v in p["inputs"].items()]
@@ -526,7 +546,8 @@ def render_report(report: Report, link_images: bool = True) -> str:
         f"All numbers on the **{p['split']}** split ({p['reference_set']['images']} images). "
         f"Generated sets: **{p['samples']['per_generator']}** samples per generator, "
         f"{p['samples']['per_class']} per class, sampler **{p['sampler']}**, "
-        f"**{p['steps']}** steps, seed **{p['seed']}**. Feature network: **judge**"
+        f"**{p['steps']}** steps, seed **{p['seed']}**. Generated samples are graded by the "
+        f"**evaluator** network, never by the reward **judge**"
         + (" (FID: Inception-v3 from evaluate.inception_weights)." if p["fid"] else
            "; no Inception weights, so no FID."), "",
         "↑ higher is better, ↓ lower is better.", "",
@@ -534,8 +555,8 @@ def render_report(report: Report, link_images: bool = True) -> str:
         *image(RECON_PNG, "val originals (x) above their reconstructions (r)"),
         *image(PREFIX_PNG, "PSNR per prefix length"),
         "## Generators: base vs RL", "", *generators_table(n["base"], n["rl"]), "",
-        f"Reference: FD-judge of train vs val at the same sample count "
-        f"{_fmt(n['reference']['train_val_fd_judge'])} (the floor for gFD-judge).", "",
+        f"Reference: FD-eval of train vs val at the same sample count "
+        f"{_fmt(n['reference']['train_val_fd_eval'])} (the floor for gFD-eval).", "",
         *cfg_note,
         *image(SAMPLES_PNG, "samples, one row per class: base (left) and RL (right), same seeds"),
         "## Training curves", "",
@@ -613,22 +634,26 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         prepared_dir: str | Path = paths.PREPARED, judge_dir: str | Path = paths.JUDGE,
         tokenizer_dir: str | Path = paths.TOKENIZER, generator_dir: str | Path = paths.GENERATOR,
         rl_dir: str | Path = paths.RL, plots_dir: str | Path = paths.PLOTS,
-        tracker: Tracker | None = None) -> StageResult:
+        tracker: Tracker | None = None, evaluator_dir: str | Path | None = None) -> StageResult:
+    """Evaluate everything; `evaluator_dir` defaults to the folder `evaluator` beside
+    `judge_dir` (where the judge stage puts it)."""
     cfg: EvaluateConfig = params.evaluate
     tracker = tracker or Tracker()
     if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
         raise DataError(f"evaluate.inception_weights: {cfg.inception_weights} is not a local "
                         "file (Inception weights are never downloaded); set it to null for "
                         "FD-judge only")
+    evaluator_dir = Path(evaluator_dir) if evaluator_dir else Path(judge_dir).parent / "evaluator"
     inputs = load_inputs({"prepared": Path(prepared_dir), "judge": Path(judge_dir),
+                          "evaluator": evaluator_dir,
                           "tokenizer": Path(tokenizer_dir), "generator": Path(generator_dir),
                           "rl": Path(rl_dir)})
     val_x, val_y = (np.asarray(a) for a in inputs.prepared.split("val"))
     if len(val_x) < MIN_VAL_IMAGES:
         raise DataError(f"{prepared_dir}: the val split has {len(val_x)} images; evaluation "
                         f"needs at least {MIN_VAL_IMAGES} (raise prepare.val_fraction)")
-    judge = inputs.judge
-    val_features, _ = judge.score(val_x)
+    judge, evaluator = inputs.judge, inputs.evaluator
+    val_features, _ = evaluator.score(val_x)
 
     # The prefix sweep follows the trained model's layout, not whatever params now say.
     tok_cfg = dataclasses.replace(params.tokenizer, layout=inputs.tokenizer.meta["model"]["layout"],
@@ -646,10 +671,10 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
                for m in MODELS}
     record_nodes(tracker, "sample", sampled_on)
     nested: dict[str, dict[str, float]] = {
-        m: score_generator(samples[m], labels, judge, val_features, reward) for m in MODELS}
+        m: score_generator(samples[m], labels, evaluator, val_features, reward) for m in MODELS}
     nested["tokenizer"] = dict(tok_metrics)
-    nested["reference"] = {"train_val_fd_judge": train_val_fd(judge, inputs.prepared,
-                                                              val_features, len(labels), cfg.seed)}
+    nested["reference"] = {"train_val_fd_eval": train_val_fd(evaluator, inputs.prepared,
+                                                             val_features, len(labels), cfg.seed)}
     fid_sha = None
     if cfg.inception_weights:
         device = torch.device("cuda" if params.compute.use_gpu and torch.cuda.is_available()
@@ -673,9 +698,9 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     result_metrics = flatten_metrics(nested)
     timings, speed = speed_section(samples)
     b, r = nested["base"], nested["rl"]
-    log.info("evaluate: judge accuracy base %.4f -> RL %.4f, gFD-judge %.3f -> %.3f, mean reward "
-             "%.3f -> %.3f (%d samples each); report in %s", b["judge_accuracy"],
-             r["judge_accuracy"], b["gfd_judge"], r["gfd_judge"], b["reward_mean"],
+    log.info("evaluate: evaluator accuracy base %.4f -> RL %.4f, gFD-eval %.3f -> %.3f, mean reward "
+             "%.3f -> %.3f (%d samples each); report in %s", b["eval_accuracy"],
+             r["eval_accuracy"], b["gfd_eval"], r["gfd_eval"], b["reward_mean"],
              r["reward_mean"], len(labels), report_dir)
     return StageResult(metrics=result_metrics,
                        summary=render_report(report, link_images=False) + "\n" + speed + "\n",

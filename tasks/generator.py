@@ -4,8 +4,9 @@ Trains on the latent cache with the shared harness (resume, EMA, Ray Train worke
 fresh posterior sample per step for kl caches, latents normalised per dimension, and class
 dropout for classifier-free guidance. At the end it samples a class-balanced set with the
 ODE sampler (noise for sample i depends only on (seed, i), never on the number of workers),
-decodes through the tokenizer and scores it with the judge: gFD-judge against the val split,
-precision/recall, judge accuracy on the requested class, IS-judge, sampling images/s, NFE.
+decodes through the tokenizer and scores it with the evaluator (the judge stage's second
+network; the judge itself only gives RL rewards): gFD-eval against the val split,
+precision/recall, evaluator accuracy on the requested class, IS-eval, sampling images/s, NFE.
 """
 
 from __future__ import annotations
@@ -240,27 +241,27 @@ def build_model(model_cfg: GeneratorModelConfig) -> FlowTransformer:
 
 
 class PeriodicEval:
-    """gFD-judge and judge accuracy of a small balanced sample, for TrainSpec.evaluate.
+    """gFD-eval and evaluator accuracy of a small balanced sample, for TrainSpec.evaluate.
 
-    Holds the judge, the tokenizer and the val features themselves, not paths: it is pickled
+    Holds the evaluator, the tokenizer and the val features themselves, not paths: it is pickled
     to the Ray Train worker that evaluates, which on a cluster does not see the driver's disk.
     """
 
-    def __init__(self, meta: dict[str, Any], cfg: GeneratorConfig, judge: JudgeScorer,
+    def __init__(self, meta: dict[str, Any], cfg: GeneratorConfig, evaluator: JudgeScorer,
                  tokenizer: TokenizerHandle, val_features: np.ndarray) -> None:
         self.meta, self.cfg = meta, cfg
-        self.judge, self.tokenizer, self.val_features = judge, tokenizer, val_features
+        self.evaluator, self.tokenizer, self.val_features = evaluator, tokenizer, val_features
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        judge, tok, val_feats = self.judge, self.tokenizer, self.val_features
+        evaluator, tok, val_feats = self.evaluator, self.tokenizer, self.val_features
         handle = GeneratorHandle(model, self.meta, tok)
         labels = flow.balanced_labels(len(self.meta["class_names"]), self.cfg.eval_per_class)
         images = handle.sample_images(labels.numpy(), seed=self.cfg.sample_seed,
                                       steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale,
                                       sampler=self.cfg.sampler)
-        feats, logp = judge.score(images)
-        return {"gfd_judge": metrics.fd_from_features(val_feats, feats),
-                "judge_accuracy": metrics.accuracy(logp, labels.numpy())}
+        feats, logp = evaluator.score(images)
+        return {"gfd_eval": metrics.fd_from_features(val_feats, feats),
+                "eval_accuracy": metrics.accuracy(logp, labels.numpy())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,20 +269,21 @@ class PeriodicEval:
 # --------------------------------------------------------------------------------------------
 
 
-def score_samples(judge: JudgeScorer, images: np.ndarray, labels: np.ndarray,
+def score_samples(evaluator: JudgeScorer, images: np.ndarray, labels: np.ndarray,
                   ref_features: np.ndarray) -> dict[str, float]:
-    """gFD-judge, precision/recall against the reference features, judge accuracy on the
-    requested class, IS-judge, and diversity (mean pairwise feature distance within a class)."""
-    feats, logp = judge.score(images)
+    """The evaluator's grades of generated images: gFD-eval, precision/recall against the
+    reference features (computed with the same network), evaluator accuracy on the
+    requested class, IS-eval, and diversity (mean pairwise feature distance within a class)."""
+    feats, logp = evaluator.score(images)
     # k = 3 (Kynkaanniemi et al.) unless a set is too small to have 3 other neighbours.
     k = max(1, min(3, len(ref_features) - 1, len(feats) - 1))
     precision, recall = metrics.precision_recall(ref_features, feats, k=k)
     is_mean, _ = metrics.inception_score(logp)
     diversity = [metrics.mean_pairwise_distance(feats[labels == c])
                  for c in np.unique(labels) if (labels == c).sum() > 1]
-    return {"gfd_judge": metrics.fd_from_features(ref_features, feats), "precision": precision,
-            "recall": recall, "judge_accuracy": metrics.accuracy(logp, labels),
-            "is_judge": is_mean, "diversity": float(np.mean(diversity)) if diversity else 0.0}
+    return {"gfd_eval": metrics.fd_from_features(ref_features, feats), "precision": precision,
+            "recall": recall, "eval_accuracy": metrics.accuracy(logp, labels),
+            "is_eval": is_mean, "diversity": float(np.mean(diversity)) if diversity else 0.0}
 
 
 def class_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str],
@@ -292,24 +294,25 @@ def class_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str],
 
 
 def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | Path = paths.CACHE,
-        tokenizer_dir: str | Path = paths.TOKENIZER, judge_dir: str | Path = paths.JUDGE,
+        tokenizer_dir: str | Path = paths.TOKENIZER, evaluator_dir: str | Path = paths.EVALUATOR,
         prepared_dir: str | Path = paths.PREPARED, tracker: Tracker | None = None) -> StageResult:
     cfg: GeneratorConfig = params.generator
     tracker = tracker or Tracker()
     tok = load_tokenizer(tokenizer_dir)
     cache = load_cache(cache_dir, tokenizer_sha256=tok.sha256)
-    judge = load_judge(judge_dir)
+    evaluator = load_judge(evaluator_dir)  # grades the samples (the judge gives RL rewards)
     prepared = load_prepared(prepared_dir)
     tracker.log_input("cache", str(Path(cache_dir).resolve()), cache.key, context="training")
     tracker.log_input("tokenizer", str(Path(tokenizer_dir).resolve()), tok.sha256,
                       context="decoder")
-    tracker.log_input("judge", str(Path(judge_dir).resolve()), judge.sha256, context="judge")
+    tracker.log_input("evaluator", str(Path(evaluator_dir).resolve()), evaluator.sha256,
+                      context="evaluation")
     tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
                       context="evaluation")
 
     data = training_arrays(cache, tok)
     val_x, _ = prepared.split("val")
-    val_feats, _ = judge.score(val_x)
+    val_feats, _ = evaluator.score(val_x)
     shift, scale = latent_statistics(data)
     k, d = tok.meta["latent_shape"]
     model_cfg = generator_config(cfg.size, num_tokens=k, token_dim=d,
@@ -317,13 +320,13 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     meta: dict[str, Any] = {
         "model": asdict(model_cfg), "latent_shape": [k, d], "latent_shift": shift.tolist(),
         "latent_scale": scale.tolist(), "class_names": prepared.class_names,
-        "tokenizer_sha256": tok.sha256, "cache_key": cache.key, "judge_sha256": judge.sha256}
+        "tokenizer_sha256": tok.sha256, "cache_key": cache.key, "evaluator_sha256": evaluator.sha256}
     loss_fn = functools.partial(
         generator_loss, shift=torch.tensor(shift, dtype=torch.float32),
         scale=torch.tensor(scale, dtype=torch.float32), class_dropout=cfg.class_dropout,
         time_sampling=cfg.time_sampling, null_class=prepared.num_classes)
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg), loss_fn=loss_fn,
-                     data=data, evaluate=PeriodicEval(meta, cfg, judge, tok, val_feats),
+                     data=data, evaluate=PeriodicEval(meta, cfg, evaluator, tok, val_feats),
                      eval_every=cfg.eval_every)
     result = train(spec, cfg, params.compute, paths.checkpoint_dir("generator", cache.key),
                    tracker=tracker, progress=False)
@@ -340,9 +343,9 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     record_nodes(tracker, "sample", sampled_on)
     sample_seconds = time.perf_counter() - started
     train_x, _ = prepared.split("train")
-    m = score_samples(judge, images, labels, val_feats)
-    m["train_val_fd_judge"] = metrics.fd_from_features(judge.score(train_x)[0], val_feats)
-    m["gfd_ratio_to_train_val"] = m["gfd_judge"] / max(m["train_val_fd_judge"], 1e-9)
+    m = score_samples(evaluator, images, labels, val_feats)
+    m["train_val_fd_eval"] = metrics.fd_from_features(evaluator.score(train_x)[0], val_feats)
+    m["gfd_ratio_to_train_val"] = m["gfd_eval"] / max(m["train_val_fd_eval"], 1e-9)
     m["nfe"] = nfe
     m = {key: round(float(v), 6) for key, v in m.items()}
     meta["metrics"] = m
@@ -360,10 +363,11 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
                       artifacts={"tokenizer_dir": Path(tokenizer_dir)},
                       tags={"stage": "generator", "prepared_sha256": prepared.manifest_sha256,
                             "cache_key": cache.key, "tokenizer_sha256": tok.sha256,
-                            "judge_sha256": judge.sha256, "weights_sha256": weights_sha})
-    log.info("generator: gFD-judge %.3f (train/val FD %.3f), judge accuracy %.4f, precision "
-             "%.3f, recall %.3f, %.0f images/s sampling at NFE %d", m["gfd_judge"],
-             m["train_val_fd_judge"], m["judge_accuracy"], m["precision"], m["recall"],
+                            "evaluator_sha256": evaluator.sha256,
+                            "weights_sha256": weights_sha})
+    log.info("generator: gFD-eval %.3f (train/val FD %.3f), evaluator accuracy %.4f, precision "
+             "%.3f, recall %.3f, %.0f images/s sampling at NFE %d", m["gfd_eval"],
+             m["train_val_fd_eval"], m["eval_accuracy"], m["precision"], m["recall"],
              len(images) / sample_seconds, nfe)
     table = "\n".join(f"| {key} | {v:.4g} |" for key, v in m.items())
     where = "".join(f"\n\n{what} on Ray node(s) {', '.join(n[:12] for n in sorted(ids))}"

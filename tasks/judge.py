@@ -1,16 +1,21 @@
-"""The `judge` stage: a small CNN classifier trained on the prepared train split.
+"""The `judge` stage: two small CNN classifiers trained on the prepared train split.
 
-Its penultimate features define FD-judge and precision/recall; its class log-probabilities
-define judge accuracy, IS-judge and the default RL reward. Later stages load it by path with
-`load_judge(path)` and never touch its internals.
+The judge's class log-probabilities are the RL rewards (and its features the tokenizer's
+rFD-judge). The evaluator, trained on the same data with another seed and width, grades every
+generated sample: its penultimate features define gFD and precision/recall, its class
+log-probabilities accuracy and IS. A reward network that also grades its own result is no
+evidence (RL learns the judge's class directions), hence two networks. Later stages load
+either by path with `load_judge(path)` and never touch their internals.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +27,12 @@ from safetensors.torch import save_file
 from latentforge import paths, storage
 from latentforge.checkpoint import load_model_folder
 from latentforge.config import JudgeConfig, Params
-from latentforge.data import load_prepared
+from latentforge.data import Prepared, load_prepared
 from latentforge.lineage import REGISTERED_MODELS
 from latentforge.models.judge import Judge, JudgeModelConfig
 from latentforge.runner import StageResult
 from latentforge.tracking import Tracker
-from latentforge.training import TrainSpec, loss_curve_csv, train
+from latentforge.training import TrainResult, TrainSpec, loss_curve_csv, train
 
 log = logging.getLogger(__name__)
 
@@ -95,28 +100,45 @@ def judge_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int
     return loss, {"train_accuracy": acc.detach()}
 
 
-def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | Path = paths.PREPARED,
-        tracker: Tracker | None = None) -> StageResult:
-    cfg: JudgeConfig = params.judge
-    tracker = tracker or Tracker()
-    prepared = load_prepared(prepared_dir)
+class _Prefixed(Tracker):
+    """Training metrics as `prefix/name`: the judge's and the evaluator's share one run."""
+
+    def __init__(self, tracker: Tracker, prefix: str) -> None:
+        self._tracker, self._prefix = tracker, prefix
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self._tracker.log_metrics({f"{self._prefix}{k}": v for k, v in metrics.items()}, step)
+
+
+@dataclass
+class _Trained:
+    role: str
+    out_dir: Path
+    val_accuracy: float
+    weights_sha256: str
+    result: TrainResult
+
+
+def _train_one(role: str, cfg: JudgeConfig, params: Params, prepared: Prepared, out_dir: Path,
+               tracker: Tracker) -> _Trained:
+    """Train the judge or the evaluator (cfg already carries the role's seed and width)."""
     train_x, train_y = prepared.split("train")
     val_x, val_y = prepared.split("val")
-    tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
-                      context="training")
     model_cfg = JudgeModelConfig(image_size=prepared.resolution, channels=prepared.channels,
                                  num_classes=prepared.num_classes, width=cfg.width,
                                  feature_dim=cfg.feature_dim, dropout=cfg.dropout)
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg),
                      loss_fn=functools.partial(judge_loss, shift=cfg.augment_shift),
                      data={"images": train_x, "labels": train_y})
-    ckpt = paths.checkpoint_dir("judge", prepared.manifest_sha256)
+    ckpt = paths.checkpoint_dir(role, prepared.manifest_sha256)
+    log.info("%s: training (width %d, seed %d)", role, cfg.width, cfg.seed)
     result = train(spec, cfg, params.compute, ckpt, tracker=tracker, progress=False)
 
     model = Judge(model_cfg)
     model.load_state_dict(result.ema_state)
     meta: dict[str, Any] = {"model": asdict(model_cfg), "class_names": prepared.class_names,
-            "prepared_sha256": prepared.manifest_sha256}
+                            "prepared_sha256": prepared.manifest_sha256, "role": role,
+                            "seed": cfg.seed}
     scorer = JudgeScorer(model, meta)
     _, logp = scorer.score(val_x)
     val_acc = float((logp.argmax(-1) == np.asarray(val_y)).mean()) if len(val_y) else float("nan")
@@ -125,21 +147,50 @@ def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | P
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
         storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
         storage.write_bytes_atomic(tmp / "train_curve.csv", loss_curve_csv(result.history).encode())
-    weights_sha = storage.sha256_file(Path(out_dir) / WEIGHTS)
-    log.info("judge: val accuracy %.4f on %d images", val_acc, len(val_y))
-    tracker.log_artifact(Path(out_dir) / META)
-    tracker.log_model("judge", Path(out_dir), registered_name=REGISTERED_MODELS["judge"].name,
-                      tags={"stage": "judge", "prepared_sha256": prepared.manifest_sha256,
-                            "weights_sha256": weights_sha})
-    metrics = {"val_accuracy": round(val_acc, 6)}
+    log.info("%s: val accuracy %.4f on %d images", role, val_acc, len(val_y))
+    return _Trained(role, out_dir, val_acc, storage.sha256_file(out_dir / WEIGHTS), result)
+
+
+def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | Path = paths.PREPARED,
+        tracker: Tracker | None = None, evaluator_dir: str | Path | None = None) -> StageResult:
+    """Train the judge into `out_dir` and the evaluator into `evaluator_dir` (default: the
+    folder `evaluator` beside `out_dir`)."""
+    cfg: JudgeConfig = params.judge
+    tracker = tracker or Tracker()
+    out_dir = Path(out_dir)
+    evaluator_dir = Path(evaluator_dir) if evaluator_dir else out_dir.parent / "evaluator"
+    prepared = load_prepared(prepared_dir)
+    tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
+                      context="training")
+    # The evaluator's config swaps seed and width with the judge's (the check that they differ
+    # then still holds); its training metrics are logged as evaluator/NAME.
+    evaluator_cfg = dataclasses.replace(cfg, seed=cfg.evaluator_seed, width=cfg.evaluator_width,
+                                        evaluator_seed=cfg.seed, evaluator_width=cfg.width)
+    trained = [_train_one("judge", cfg, params, prepared, out_dir, tracker),
+               _train_one("evaluator", evaluator_cfg, params, prepared, evaluator_dir,
+                          _Prefixed(tracker, "evaluator/"))]
+    for t, role_cfg in zip(trained, (cfg, evaluator_cfg), strict=True):
+        tracker.log_artifact(t.out_dir / META, artifact_path=t.role)
+        tracker.log_model(t.role, t.out_dir, registered_name=REGISTERED_MODELS[t.role].name,
+                          tags={"stage": "judge", "role": t.role, "width": str(role_cfg.width),
+                                "seed": str(role_cfg.seed),
+                                "prepared_sha256": prepared.manifest_sha256,
+                                "weights_sha256": t.weights_sha256})
+    judge, evaluator = trained
+    metrics = {"val_accuracy": round(judge.val_accuracy, 6),
+               "evaluator_val_accuracy": round(evaluator.val_accuracy, 6)}
+    n_val = len(prepared.split("val")[1])
     return StageResult(
         metrics=metrics,
-        summary=f"judge val accuracy **{val_acc:.4f}** on {len(val_y)} images "
-                f"({result.steps} steps, {result.images_per_s:.0f} images/s)",
-        digests={"judge": weights_sha},
-        timings={"train_images_per_s": result.images_per_s, "train_seconds": result.seconds,
-                 "resumed_from_step": result.resumed_from})
+        summary=f"judge (the reward) val accuracy **{judge.val_accuracy:.4f}**, evaluator (the "
+                f"grader) **{evaluator.val_accuracy:.4f}** on {n_val} images "
+                f"({judge.result.steps} steps each, "
+                f"{judge.result.images_per_s:.0f} images/s)",
+        digests={"judge": judge.weights_sha256, "evaluator": evaluator.weights_sha256},
+        timings={"train_images_per_s": judge.result.images_per_s,
+                 "train_seconds": judge.result.seconds + evaluator.result.seconds,
+                 "resumed_from_step": judge.result.resumed_from})
 
 
 def run_stage(params: Params, tracker: Tracker) -> StageResult:
-    return run(params, tracker=tracker)
+    return run(params, tracker=tracker, evaluator_dir=paths.EVALUATOR)

@@ -10,9 +10,10 @@ steps, plus ``rl.kl_beta`` times the closed-form KL between its step and the fro
 generator's step from the same state. Ratio, clip range and KL are in Flow-GRPO's
 per-dimension units, so the paper's values mean what they mean there (``latentforge/flow.py``
 derives the conversion). ``rl.inner_epochs`` x ``rl.minibatches`` optimizer steps per batch of
-rollouts let the policy move off the rollouts' so that the clip acts. A fixed, class-balanced ODE sample is scored before the
-first update, every ``rl.eval_every`` updates and at the end (reward, gFD-judge, judge
-accuracy), so that reward hacking (reward up, gFD-judge up) shows in the curves.
+rollouts let the policy move off the rollouts' so that the clip acts. A fixed, class-balanced
+ODE sample is scored before the first update, every ``rl.eval_every`` updates and at the end
+(the reward, and gFD-eval and accuracy from the evaluator, a network the reward never saw), so
+that reward hacking (reward up, gFD-eval up) shows in the curves.
 
 Every update's randomness (labels, rollout noise, trained steps) is a pure function of
 (rl.seed, update), so a run resumed from a checkpoint reproduces an uninterrupted one.
@@ -72,10 +73,10 @@ MAX_LOG_RATIO = 20.0
 BOOKKEEPING_FIELDS = ("save_every",)
 CURVE_COLUMNS = ("reward_mean", "reward_std", "kl", "clip_fraction", "approx_kl",
                  "log_ratio_min", "log_ratio_max", "zero_spread")
-EVAL_COLUMNS = ("reward_mean", "gfd_judge", "judge_accuracy")
+EVAL_COLUMNS = ("reward_mean", "gfd_eval", "eval_accuracy")
 # Evaluation metrics compared before/after in the DVC metrics file.
-COMPARED = ("reward_mean", "gfd_judge", "judge_accuracy", "precision", "recall", "diversity",
-            "is_judge")
+COMPARED = ("reward_mean", "gfd_eval", "eval_accuracy", "precision", "recall", "diversity",
+            "is_eval")
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,17 +257,19 @@ class EvalSet:
     def protocol(self) -> dict[str, Any]:
         return {"samples": len(self.labels), "per_class": int(np.bincount(self.labels).max()),
                 "seed": self.seed, "sampler": self.sampler, "steps": self.steps,
-                "cfg_scale": self.cfg_scale, "reference": "val split judge features"}
+                "cfg_scale": self.cfg_scale, "reference": "val split evaluator features",
+                "graded_by": "evaluator"}
 
 
 def evaluate(model: FlowTransformer, meta: dict[str, Any], tok: TokenizerHandle,
-             judge: JudgeScorer, reward: Reward, es: EvalSet
+             evaluator: JudgeScorer, reward: Reward, es: EvalSet
              ) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics of the fixed ODE sample of `model` (a CPU model), and its images."""
+    """Metrics of the fixed ODE sample of `model` (a CPU model), and its images: the
+    evaluator's grades, and the reward (the judge's) beside them."""
     handle = GeneratorHandle(model, meta, tok)
     images = handle.sample_images(es.labels, seed=es.seed, steps=es.steps,
                                   cfg_scale=es.cfg_scale, sampler=es.sampler)
-    m = score_samples(judge, images, es.labels, es.ref_features)
+    m = score_samples(evaluator, images, es.labels, es.ref_features)
     total, parts = reward(images, es.labels)
     m["reward_mean"] = float(total.mean())
     m.update({f"reward/{name}": value for name, value in parts.items()})
@@ -409,8 +412,8 @@ def fine_tune(tuner: FineTuner, cfg: RLConfig, ckpt_dir: Path, fingerprint: str,
         row = {"step": 0, **{f"eval/{k}": v for k, v in evaluate_ema().items()}}
         history.append(row)
         tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=0)
-        log.info("rl base model: reward %.4f, gFD-judge %.3f, judge accuracy %.4f",
-                 row["eval/reward_mean"], row["eval/gfd_judge"], row["eval/judge_accuracy"])
+        log.info("rl base model: reward %.4f, gFD-eval %.3f, evaluator accuracy %.4f",
+                 row["eval/reward_mean"], row["eval/gfd_eval"], row["eval/eval_accuracy"])
 
     loop_start = time.perf_counter()
     for step in range(start + 1, cfg.steps + 1):
@@ -423,8 +426,8 @@ def fine_tune(tuner: FineTuner, cfg: RLConfig, ckpt_dir: Path, fingerprint: str,
         log.info("rl step %d/%d reward %.4f (std %.3f) kl %.5f clip %.3f zero-spread %.2f%s "
                  "ETA %s", step, cfg.steps, row["reward_mean"], row["reward_std"], row["kl"],
                  row["clip_fraction"], row["zero_spread"],
-                 f" | eval reward {row['eval/reward_mean']:.4f} gFD-judge "
-                 f"{row['eval/gfd_judge']:.3f} acc {row['eval/judge_accuracy']:.3f}"
+                 f" | eval reward {row['eval/reward_mean']:.4f} gFD-eval "
+                 f"{row['eval/gfd_eval']:.3f} acc {row['eval/eval_accuracy']:.3f}"
                  if "eval/reward_mean" in row else "", _format_eta(eta))
         if step % cfg.save_every == 0 or step == cfg.steps:
             tuner.save(ckpt_dir, step, fingerprint, history)
@@ -467,8 +470,8 @@ def stage_metrics(before: dict[str, float], after: dict[str, float],
     for key in COMPARED:
         m[f"before_{key}"], m[f"after_{key}"] = before[key], after[key]
     m["reward_gain"] = after["reward_mean"] - before["reward_mean"]
-    m["judge_accuracy_gain"] = after["judge_accuracy"] - before["judge_accuracy"]
-    m["gfd_change_ratio"] = after["gfd_judge"] / max(before["gfd_judge"], 1e-9)
+    m["eval_accuracy_gain"] = after["eval_accuracy"] - before["eval_accuracy"]
+    m["gfd_change_ratio"] = after["gfd_eval"] / max(before["gfd_eval"], 1e-9)
     updates = [r for r in history if r["step"] >= 1]
     last = updates[-1]
     m.update({"final_kl": last["kl"], "final_train_reward_mean": last["reward_mean"],
@@ -494,11 +497,15 @@ def run(params: Params, out_dir: str | Path = paths.RL,
         generator_dir: str | Path = paths.GENERATOR, tokenizer_dir: str | Path = paths.TOKENIZER,
         judge_dir: str | Path = paths.JUDGE, prepared_dir: str | Path = paths.PREPARED,
         plot_file: str | Path = paths.PLOTS / "rl_reward.csv",
-        tracker: Tracker | None = None) -> StageResult:
+        tracker: Tracker | None = None, evaluator_dir: str | Path | None = None) -> StageResult:
+    """Fine-tune against the judge's reward; the evaluator (default: the folder `evaluator`
+    beside `judge_dir`) grades the fixed evaluation sample."""
     cfg: RLConfig = params.rl
     tracker = tracker or Tracker()
+    evaluator_dir = Path(evaluator_dir) if evaluator_dir else Path(judge_dir).parent / "evaluator"
     base = load_generator(generator_dir, tokenizer_dir)
     judge = load_judge(judge_dir)
+    evaluator = load_judge(evaluator_dir)
     prepared = load_prepared(prepared_dir)
     reward = Reward(cfg.rewards, judge)  # unknown or unimportable rewards fail here, early
     tok = base.tokenizer
@@ -506,6 +513,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     tracker.log_input("generator", str(Path(generator_dir).resolve()), base_sha,
                       context="base_model")
     tracker.log_input("judge", str(Path(judge_dir).resolve()), judge.sha256, context="reward")
+    tracker.log_input("evaluator", str(evaluator_dir.resolve()), evaluator.sha256,
+                      context="evaluation")
     tracker.log_input("tokenizer", str(Path(tokenizer_dir).resolve()), tok.sha256,
                       context="decoder")
     tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
@@ -513,7 +522,7 @@ def run(params: Params, out_dir: str | Path = paths.RL,
 
     val_x, _ = prepared.split("val")
     es = EvalSet(labels=flow.balanced_labels(len(base.class_names), cfg.eval_per_class).numpy(),
-                 ref_features=judge.score(val_x)[0], seed=cfg.seed,
+                 ref_features=evaluator.score(val_x)[0], seed=cfg.seed,
                  steps=params.generator.sample_steps, sampler=params.generator.sampler,
                  cfg_scale=cfg.cfg_scale)
     meta = {k: v for k, v in base.meta.items() if k != "sha256"}
@@ -526,24 +535,26 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     tuner = FineTuner(cfg, base.model, reward, decode, device)
     key = hashlib.sha256(f"{base_sha}\n{reward.definition()}".encode()).hexdigest()
     fingerprint = run_fingerprint(cfg, {
-        "generator": base_sha, "judge": judge.sha256, "tokenizer": tok.sha256,
+        "generator": base_sha, "judge": judge.sha256, "evaluator": evaluator.sha256,
+        "tokenizer": tok.sha256,
         "prepared": prepared.manifest_sha256, "eval": es.protocol()})
 
     def evaluate_ema() -> dict[str, float]:
-        return evaluate(tuner.ema_model(), meta, tok, judge, reward, es)[0]
+        return evaluate(tuner.ema_model(), meta, tok, evaluator, reward, es)[0]
 
     result = fine_tune(tuner, cfg, paths.checkpoint_dir("rl", key), fingerprint, evaluate_ema,
                        tracker)
     before = {k.removeprefix("eval/"): v for k, v in result.history[0].items() if k != "step"}
     started = time.perf_counter()
     model = tuner.ema_model()
-    after, images = evaluate(model, meta, tok, judge, reward, es)
+    after, images = evaluate(model, meta, tok, evaluator, reward, es)
     eval_seconds = time.perf_counter() - started
     result.history[-1].update({f"eval/{k}": v for k, v in after.items()})
     tracker.log_metrics({f"eval/{k}": v for k, v in after.items()}, step=cfg.steps)
     m = stage_metrics(before, after, result.history)
 
     meta["rl"] = {"base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
+                  "evaluator_sha256": evaluator.sha256,
                   "tokenizer_sha256": tok.sha256, "reward": reward.definition(),
                   "params": dataclasses.asdict(cfg), "eval_protocol": es.protocol(),
                   "eval_before": before, "eval_after": after,
@@ -561,12 +572,13 @@ def run(params: Params, out_dir: str | Path = paths.RL,
                       tags={"stage": "rl", "prepared_sha256": prepared.manifest_sha256,
                             "cache_key": base.meta.get("cache_key", ""),
                             "base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
+                            "evaluator_sha256": evaluator.sha256,
                             "tokenizer_sha256": tok.sha256, "reward": reward.definition(),
                             "weights_sha256": weights_sha})
-    log.info("rl: reward %.4f -> %.4f, judge accuracy %.4f -> %.4f, gFD-judge %.3f -> %.3f "
+    log.info("rl: reward %.4f -> %.4f, evaluator accuracy %.4f -> %.4f, gFD-eval %.3f -> %.3f "
              "(x%.2f), final KL %.5f", m["before_reward_mean"], m["after_reward_mean"],
-             m["before_judge_accuracy"], m["after_judge_accuracy"], m["before_gfd_judge"],
-             m["after_gfd_judge"], m["gfd_change_ratio"], m["final_kl"])
+             m["before_eval_accuracy"], m["after_eval_accuracy"], m["before_gfd_eval"],
+             m["after_gfd_eval"], m["gfd_change_ratio"], m["final_kl"])
     table = "\n".join(f"| {k} | {before[k]:.4g} | {after[k]:.4g} |" for k in COMPARED)
     summary = (f"Flow-GRPO on `{reward.definition()}`, {cfg.steps} updates of "
                f"{cfg.classes_per_step}x{cfg.group_size} rollouts; fixed sample of "

@@ -51,7 +51,7 @@ def inputs(tmp_path_factory, ray_local) -> dict[str, Path]:
         cache.run(params, out_dir=d["cache"], prepared_dir=d["prepared"],
                   tokenizer_dir=d["tokenizer"])
         generator.run(params, out_dir=d["generator"], cache_dir=d["cache"],
-                      tokenizer_dir=d["tokenizer"], judge_dir=d["judge"],
+                      tokenizer_dir=d["tokenizer"], evaluator_dir=d["judge"].parent / "evaluator",
                       prepared_dir=d["prepared"])
         rl.run(params, out_dir=d["rl"], generator_dir=d["generator"],
                tokenizer_dir=d["tokenizer"], judge_dir=d["judge"], prepared_dir=d["prepared"],
@@ -80,10 +80,10 @@ def test_report_files_metrics_and_protocol(first):
     m = result.metrics
     assert list(m)[:4] == list(evaluate.HEADLINE)  # what `latentforge run` shows
     for key in ("tokenizer.val_psnr", "tokenizer.val_ssim", "tokenizer.rfd_judge",
-                "tokenizer.pfd_judge", "reference.train_val_fd_judge"):
+                "tokenizer.pfd_judge", "reference.train_val_fd_eval"):
         assert key in m, key
     for model in ("base", "rl"):
-        for key in ("gfd_judge", "precision", "recall", "judge_accuracy", "is_judge",
+        for key in ("gfd_eval", "precision", "recall", "eval_accuracy", "is_eval",
                     "reward_mean", "diversity", "nfe"):
             assert f"{model}.{key}" in m, f"{model}.{key}"
     assert all(np.isfinite(v) for v in m.values())
@@ -107,10 +107,13 @@ def test_report_files_metrics_and_protocol(first):
 
     protocol = json.loads((report / "protocol.json").read_text())
     assert protocol["samples"]["per_generator"] == cfg.per_class * 10
-    assert protocol["feature_network"]["name"] == "judge" and protocol["fid"] is None
+    assert protocol["feature_network"]["name"] == "evaluator" and protocol["fid"] is None
+    assert protocol["reward_network"]["name"] == "judge"
+    assert protocol["feature_network"]["sha256"] != protocol["reward_network"]["sha256"]
     assert protocol["sampler"] == cfg.sampler and protocol["seed"] == cfg.seed
     assert protocol["samples"]["labels_and_noise"] == "identical for base and RL"
-    assert set(protocol["inputs"]) == {"prepared", "judge", "tokenizer", "generator", "rl"}
+    assert set(protocol["inputs"]) == {"prepared", "judge", "evaluator", "tokenizer", "generator",
+                                       "rl"}
 
 
 def test_rerun_gives_identical_metrics_and_report_bytes(inputs, first, tmp_path):
@@ -162,3 +165,38 @@ def test_missing_inputs_fail_with_the_path(inputs, tmp_path):
         run_evaluate(inputs, tmp_path / "evaluate", params)
     assert not (tmp_path / "evaluate").exists()  # nothing half-written
 
+
+
+def test_generated_samples_are_graded_by_the_evaluator_not_the_reward_judge(inputs, first,
+                                                                            tmp_path):
+    """The same samples scored by each network: evaluate's gFD-eval and accuracy are the
+    evaluator's, not the judge's; and an evaluator with the judge's weights is refused."""
+    import shutil
+
+    from latentforge import flow
+    from latentforge.data import load_prepared
+
+    _, result = first
+    params = tiny()
+    cfg = params.evaluate
+    handle = generator.load_generator(inputs["generator"], inputs["tokenizer"])
+    labels = flow.balanced_labels(len(handle.class_names), cfg.per_class).numpy()
+    _, images, _ = generator.sample(handle, labels, seed=cfg.seed, steps=cfg.sample_steps,
+                                    cfg_scale=evaluate.cfg_scale_for("base", handle, params),
+                                    sampler=cfg.sampler, compute=params.compute)
+    val_x, _ = (np.asarray(a) for a in load_prepared(inputs["prepared"]).split("val"))
+    graded = {}
+    for name in ("judge", "evaluator"):
+        net = judge.load_judge(inputs["judge"].parent / name)
+        graded[name] = generator.score_samples(net, images, labels, net.score(val_x)[0])
+    reported = result.metrics["base.gfd_eval"]
+    assert reported == pytest.approx(graded["evaluator"]["gfd_eval"], rel=1e-4)
+    assert abs(reported - graded["judge"]["gfd_eval"]) > 1e-3 * reported
+    assert result.metrics["base.eval_accuracy"] == pytest.approx(
+        graded["evaluator"]["eval_accuracy"], abs=1e-6)
+
+    copy = tmp_path / "evaluator-is-judge"
+    shutil.copytree(inputs["judge"], copy)
+    with pytest.raises(DataError, match="same weights as the reward judge"):
+        run_evaluate(inputs, tmp_path / "evaluate", evaluator_dir=copy)
+    assert not (tmp_path / "evaluate").exists()

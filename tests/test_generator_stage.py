@@ -47,7 +47,7 @@ def chain(tmp_path_factory, ray_local):  # Ray started the way every test expect
         params = tiny()
         d = build_chain(root, params)
         result = generator.run(params, out_dir=d["gen"], cache_dir=d["cache"],
-                               tokenizer_dir=d["tok"], judge_dir=d["judge"],
+                               tokenizer_dir=d["tok"], evaluator_dir=d["judge"].parent / "evaluator",
                                prepared_dir=d["prepared"])
     finally:
         os.chdir(cwd)
@@ -58,8 +58,8 @@ def test_generator_outputs_and_metrics(chain):
     d, result = chain
     assert {p.name for p in d["gen"].iterdir()} == {"model.safetensors", "generator.json",
                                                     "samples.png", "train_curve.csv"}
-    for key in ("gfd_judge", "precision", "recall", "judge_accuracy", "is_judge",
-                "train_val_fd_judge", "nfe"):
+    for key in ("gfd_eval", "precision", "recall", "eval_accuracy", "is_eval",
+                "train_val_fd_eval", "nfe"):
         assert np.isfinite(result.metrics[key]), key
     assert result.metrics["nfe"] == 4  # euler, 4 steps in the tiny preset
     assert result.timings["sampling_images_per_s"] > 0
@@ -91,7 +91,7 @@ def test_generator_refuses_a_cache_of_another_tokenizer(chain, tmp_path, monkeyp
                   judge_dir=d["judge"], plot_file=tmp_path / "p.csv")
     with pytest.raises(DataError) as err:
         generator.run(other, out_dir=tmp_path / "gen2", cache_dir=d["cache"],
-                      tokenizer_dir=tmp_path / "tok2", judge_dir=d["judge"],
+                      tokenizer_dir=tmp_path / "tok2", evaluator_dir=d["judge"].parent / "evaluator",
                       prepared_dir=d["prepared"])
     assert str(d["cache"]) in str(err.value)
     assert not (tmp_path / "gen2").exists()
@@ -116,10 +116,10 @@ def test_generator_on_a_2d_tokenizer(tmp_path, monkeypatch):
                              "fsq_levels": [5, 4, 3]})
     d = build_chain(tmp_path, params)
     result = generator.run(params, out_dir=d["gen"], cache_dir=d["cache"], tokenizer_dir=d["tok"],
-                           judge_dir=d["judge"], prepared_dir=d["prepared"])
+                           evaluator_dir=d["judge"].parent / "evaluator", prepared_dir=d["prepared"])
     meta = json.loads((d["gen"] / "generator.json").read_text())
     assert meta["latent_shape"] == [16, 3]  # 8x8 with 2x2 patches, fsq codes -> latents
-    assert np.isfinite(result.metrics["gfd_judge"])
+    assert np.isfinite(result.metrics["gfd_eval"])
 
 
 def test_a_registered_generator_samples_anywhere_with_its_own_tokenizer(chain, tmp_path,

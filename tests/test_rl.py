@@ -193,7 +193,7 @@ def tiny_inputs(tmp_path_factory, ray_local):
         cache.run(params, out_dir=root / "cache", prepared_dir=root / "prepared",
                   tokenizer_dir=root / "tokenizer")
         generator.run(params, out_dir=root / "generator", cache_dir=root / "cache",
-                      tokenizer_dir=root / "tokenizer", judge_dir=root / "judge",
+                      tokenizer_dir=root / "tokenizer", evaluator_dir=root / "evaluator",
                       prepared_dir=root / "prepared")
     return root
 
@@ -238,19 +238,19 @@ def test_smoke_outputs_and_resume_after_crash(tiny_inputs, tmp_path, monkeypatch
     assert meta["rl"]["base_generator_sha256"] == base_sha
     assert meta["rl"]["reward"] == "1*judge_logprob"
     assert meta["rl"]["params"]["steps"] == steps
-    assert set(meta["rl"]["eval_before"]) >= {"reward_mean", "gfd_judge", "judge_accuracy"}
+    assert set(meta["rl"]["eval_before"]) >= {"reward_mean", "gfd_eval", "eval_accuracy"}
     m = first.metrics
-    for key in ("reward_mean", "judge_accuracy", "gfd_judge"):
+    for key in ("reward_mean", "eval_accuracy", "gfd_eval"):
         assert np.isfinite(m[f"before_{key}"]) and np.isfinite(m[f"after_{key}"])
     assert {"gfd_change_ratio", "final_kl", "mean_zero_spread"} <= set(m)
     assert all(v == round(v, 6) for v in m.values())
     rows = read_csv(first_dir / "rl.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
-    assert [bool(r["eval_gfd_judge"]) for r in rows] == [False, True, True]
+    assert [bool(r["eval_gfd_eval"]) for r in rows] == [False, True, True]
     assert (out / "train_curve.csv").read_text() == (first_dir / "rl.csv").read_text()
     logged = {step for step, _ in tracker.metrics}
     assert logged == set(range(steps + 1))  # step 0 = the base model's evaluation
-    assert any("eval/gfd_judge" in row for step, row in tracker.metrics if step == 0)
+    assert any("eval/gfd_eval" in row for step, row in tracker.metrics if step == 0)
     name, registered, tags = tracker.models[0]
     assert registered == "latentforge-generator-rl" and tags["base_generator_sha256"] == base_sha
     assert set(tracker.inputs) >= {"generator", "judge", "tokenizer"}
