@@ -113,7 +113,7 @@ def main() -> None:
                 # cannot start once the folder is gone, so stop it before removing it.
                 ray.shutdown()
                 os.chdir(tempfile.gettempdir())
-            print(f"{name:11s} gFD-eval {q['gfd_eval']:.3f} (train/val {q['train_val_fd_eval']:.3f})"
+            print(f"{name:11s} gFD-eval {q['gfd_eval']:.3f} (held-out real {q['real_fd_eval']:.3f})"
                   f"  judge accuracy {q['eval_accuracy']:.3f}  generator stage "
                   f"{q['generator_seconds']:.0f} s")
 

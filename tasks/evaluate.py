@@ -81,6 +81,12 @@ GENERATOR_ROWS: tuple[tuple[str, str, str], ...] = (
     ("precision", "precision", "higher"),
     ("recall", "recall", "higher"),
     ("is_eval", "IS-eval", "higher"),
+    ("kid_eval", "KID-eval (unbiased)", "lower"),
+    ("kid_eval_std", "KID-eval std over subsets", ""),
+    ("fd_at_n", "FD-eval at the real set's count", "lower"),
+    ("kid_at_n", "KID-eval at the real set's count", "lower"),
+    ("precision_at_n", "precision at the real set's count", "higher"),
+    ("recall_at_n", "recall at the real set's count", "higher"),
     ("reward_mean", "mean reward (judge)", "higher"),
     ("reward_std", "reward std (judge)", ""),
     ("diversity", "diversity (within-class)", "higher"),
@@ -203,26 +209,21 @@ def sample_generator(handle: GeneratorHandle, labels: np.ndarray, cfg: EvaluateC
 
 
 def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer,
-                    val_features: np.ndarray, reward: Reward) -> dict[str, float]:
-    """The evaluator's metrics of one generated set, and the (judge's) reward beside them."""
-    m = score_samples(evaluator, samples.images, labels, val_features)
+                    ref_features: np.ndarray, real_features: np.ndarray, reward: Reward
+                    ) -> tuple[dict[str, float], dict[str, float]]:
+    """The evaluator's metrics of one generated set against the reference (train split), the
+    same at the held-out real set's count, and the (judge's) reward beside them; with the
+    held-out real set's own numbers at that count (the floor)."""
+    m = score_samples(evaluator, samples.images, labels, ref_features)
+    generated, real = generator_stage.at_real_count(
+        ref_features, evaluator.score(samples.images)[0], real_features)
+    m.update({k: v for k, v in generated.items() if k != "n"})
     total, _ = reward(samples.images, labels)
     m["reward_mean"] = float(total.mean())
     m["reward_std"] = float(total.std())
     m["cfg_scale"] = samples.cfg_scale
     m["nfe"] = samples.nfe
-    return m
-
-
-def train_val_fd(evaluator: JudgeScorer, prepared: Prepared, val_features: np.ndarray, n: int,
-                 seed: int) -> float:
-    """FD-eval between n train images (a fixed random subset) and val: the floor a generator's
-    gFD-eval can reach at this sample count (FD is biased upwards at small n)."""
-    train_x, _ = prepared.split("train")
-    if len(train_x) < 2:
-        return float("nan")
-    pick = np.sort(np.random.default_rng(seed).permutation(len(train_x))[:n])
-    return metrics.fd_from_features(evaluator.score(np.asarray(train_x[pick]))[0], val_features)
+    return m, real
 
 
 def inception_features(net: torch.nn.Module, images: np.ndarray, device: torch.device
@@ -286,10 +287,17 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                                 "to 299x299 (no antialias)",
                "metrics": {"rfid": "val originals vs their reconstructions",
                            "gfid": "val split vs generated samples"}}
+    _, train_y = inputs.prepared.split("train")
     return {
         "split": "val",
-        "reference_set": {"name": "prepared val split", "images": int(len(val_y)),
-                          "class_counts": class_counts(val_y, names)},
+        "reference_set": {"name": "prepared train split", "images": int(len(train_y)),
+                          "class_counts": class_counts(np.asarray(train_y), names),
+                          "role": "what generated and held-out real images are compared with "
+                                  "(FD, KID, precision/recall)"},
+        "real_set": {"name": "prepared val split (held out)", "images": int(len(val_y)),
+                     "class_counts": class_counts(val_y, names),
+                     "role": "scored like a generated set at its own count: the floor a "
+                             "perfect generator would reach there"},
         "samples": {"per_generator": int(len(labels)), "per_class": cfg.per_class,
                     "classes": len(names), "class_balance": "balanced, class-major order",
                     "labels_and_noise": "identical for base and RL"},
@@ -309,17 +317,23 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
         "reward_network": {"name": "judge", "sha256": digests["judge"],
                            "used_for": "the reward, and the tokenizer's FD-judge numbers"},
         "metrics": {
-            "gfd_eval": "Frechet distance of evaluator features, val split vs samples",
+            "gfd_eval": "Frechet distance of evaluator features, train split vs all samples",
+            "kid_eval": "unbiased squared MMD, cubic polynomial kernel (KID's), evaluator "
+                        "features, train split vs samples; mean and std over 10 subsets of "
+                        "min(train, samples, 1000) rows",
             "precision_recall": f"Kynkaanniemi et al. 2019, k = {PR_NEIGHBOURS} neighbours, "
-                                "evaluator features, val split as real",
+                                "evaluator features, equal-size sets: min(train, samples) "
+                                "seeded rows of the train split and of the samples",
+            "at_real_count": f"FD, KID, precision/recall of n = {len(val_y)} samples (the "
+                             "held-out real set's count; mean over 5 seeded subsets) vs the "
+                             "train split; the real column scores the val split itself, so "
+                             "the two compare at one count",
             "eval_accuracy": "evaluator top-1 equals the requested class",
             "is_eval": "Inception Score formula on evaluator class probabilities, 1 split",
             "diversity": "mean pairwise L2 distance of evaluator features within a class, "
                          "averaged over classes",
             "reward": f"{reward.definition()} (rl.rewards, the judge's), mean over each "
                       "generated set",
-            "reference.train_val_fd_eval": f"FD-eval of {len(labels)} train images (seeded "
-                                           "subset) vs val: the floor for gFD-eval",
         },
         "tokenizer": {"images": int(len(val_y)),
                       "eval_perturbation": params.tokenizer.eval_perturbation,
@@ -480,13 +494,17 @@ def tokenizer_table(values: Mapping[str, float]) -> list[str]:
     return lines
 
 
-def generators_table(base: Mapping[str, float], rl: Mapping[str, float]) -> list[str]:
-    lines = ["| metric | base | RL | delta (RL - base) |", "|---|---|---|---|"]
+def generators_table(base: Mapping[str, float], rl: Mapping[str, float],
+                     real: Mapping[str, float]) -> list[str]:
+    """base, RL, their difference, and held-out real images where the metric applies."""
+    lines = ["| metric | base | RL | delta (RL - base) | held-out real (floor) |",
+             "|---|---|---|---|---|"]
     for key, label, better in GENERATOR_ROWS:
         if key in base and key in rl:
             delta = rl[key] - base[key]
+            floor = _fmt(real[key]) if key in real else ""
             lines.append(f"| {label}{_arrow(better)} | {_fmt(base[key])} | {_fmt(rl[key])} | "
-                         f"{delta:+.4g} |")
+                         f"{delta:+.4g} | {floor} |")
     return lines
 
 
@@ -494,8 +512,11 @@ def protocol_table(p: Mapping[str, Any]) -> list[str]:
     s = p["samples"]
     fid = p["fid"]
     rows = [
-        ("split / reference set", f"{p['split']}: {p['reference_set']['images']} images of the "
-                                  "prepared val split (FD, precision/recall reference)"),
+        ("reference set", f"{p['reference_set']['images']} images of the prepared train "
+                          "split (FD, KID, precision/recall reference)"),
+        ("held-out real set", f"{p['real_set']['images']} images of the prepared val split, "
+                              "scored like a generated set (the floor); the tokenizer is "
+                              "measured on it too"),
         ("samples", f"{s['per_generator']} per generator, class-balanced: {s['per_class']} per "
                     f"class x {s['classes']} classes; labels and noise identical for base and RL"),
         ("sampler / steps", f"{p['sampler']}, {p['steps']} steps (NFE base {p['nfe']['base']}, "
@@ -543,7 +564,8 @@ def render_report(report: Report, link_images: bool = True) -> str:
                     "evaluate.cfg_scale to compare them at one scale.", ""]
     lines = [
         "# LatentForge evaluation", "",
-        f"All numbers on the **{p['split']}** split ({p['reference_set']['images']} images). "
+        f"Reference set: the **train** split ({p['reference_set']['images']} images); held-out "
+        f"real set: the **{p['split']}** split ({p['real_set']['images']} images). "
         f"Generated sets: **{p['samples']['per_generator']}** samples per generator, "
         f"{p['samples']['per_class']} per class, sampler **{p['sampler']}**, "
         f"**{p['steps']}** steps, seed **{p['seed']}**. Generated samples are graded by the "
@@ -554,9 +576,10 @@ def render_report(report: Report, link_images: bool = True) -> str:
         "## Tokenizer", "", *tokenizer_table(n["tokenizer"]), "",
         *image(RECON_PNG, "val originals (x) above their reconstructions (r)"),
         *image(PREFIX_PNG, "PSNR per prefix length"),
-        "## Generators: base vs RL", "", *generators_table(n["base"], n["rl"]), "",
-        f"Reference: FD-eval of train vs val at the same sample count "
-        f"{_fmt(n['reference']['train_val_fd_eval'])} (the floor for gFD-eval).", "",
+        "## Generators: base vs RL", "", *generators_table(n["base"], n["rl"], n["real"]), "",
+        f"FD is biased upwards at small counts, so compare a generator's FD with the held-out "
+        f"real images' only at one count: the rows *at the real set's count* "
+        f"(n = {int(n['real']['n'])}) do.", "",
         *cfg_note,
         *image(SAMPLES_PNG, "samples, one row per class: base (left) and RL (right), same seeds"),
         "## Training curves", "",
@@ -653,7 +676,12 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         raise DataError(f"{prepared_dir}: the val split has {len(val_x)} images; evaluation "
                         f"needs at least {MIN_VAL_IMAGES} (raise prepare.val_fraction)")
     judge, evaluator = inputs.judge, inputs.evaluator
-    val_features, _ = evaluator.score(val_x)
+    train_x, _ = inputs.prepared.split("train")
+    if len(train_x) < MIN_VAL_IMAGES:
+        raise DataError(f"{prepared_dir}: the train split has {len(train_x)} images; the "
+                        f"reference set needs at least {MIN_VAL_IMAGES}")
+    ref_features, _ = evaluator.score(np.asarray(train_x))  # the reference set: train split
+    val_features, _ = evaluator.score(val_x)  # held-out real images: the floor
 
     # The prefix sweep follows the trained model's layout, not whatever params now say.
     tok_cfg = dataclasses.replace(params.tokenizer, layout=inputs.tokenizer.meta["model"]["layout"],
@@ -670,11 +698,12 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
                                    nodes=sampled_on)
                for m in MODELS}
     record_nodes(tracker, "sample", sampled_on)
-    nested: dict[str, dict[str, float]] = {
-        m: score_generator(samples[m], labels, evaluator, val_features, reward) for m in MODELS}
+    nested: dict[str, dict[str, float]] = {}
+    for m in MODELS:
+        nested[m], real = score_generator(samples[m], labels, evaluator, ref_features,
+                                          val_features, reward)
+    nested["real"] = real  # the same for both generators: one count, one subset seed
     nested["tokenizer"] = dict(tok_metrics)
-    nested["reference"] = {"train_val_fd_eval": train_val_fd(evaluator, inputs.prepared,
-                                                             val_features, len(labels), cfg.seed)}
     fid_sha = None
     if cfg.inception_weights:
         device = torch.device("cuda" if params.compute.use_gpu and torch.cuda.is_available()

@@ -257,7 +257,7 @@ class EvalSet:
     def protocol(self) -> dict[str, Any]:
         return {"samples": len(self.labels), "per_class": int(np.bincount(self.labels).max()),
                 "seed": self.seed, "sampler": self.sampler, "steps": self.steps,
-                "cfg_scale": self.cfg_scale, "reference": "val split evaluator features",
+                "cfg_scale": self.cfg_scale, "reference": "train split evaluator features",
                 "graded_by": "evaluator"}
 
 
@@ -520,9 +520,9 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
                       context="evaluation")
 
-    val_x, _ = prepared.split("val")
+    train_x, _ = prepared.split("train")
     es = EvalSet(labels=flow.balanced_labels(len(base.class_names), cfg.eval_per_class).numpy(),
-                 ref_features=evaluator.score(val_x)[0], seed=cfg.seed,
+                 ref_features=evaluator.score(train_x)[0], seed=cfg.seed,
                  steps=params.generator.sample_steps, sampler=params.generator.sampler,
                  cfg_scale=cfg.cfg_scale)
     meta = {k: v for k, v in base.meta.items() if k != "sha256"}

@@ -80,12 +80,19 @@ def test_report_files_metrics_and_protocol(first):
     m = result.metrics
     assert list(m)[:4] == list(evaluate.HEADLINE)  # what `latentforge run` shows
     for key in ("tokenizer.val_psnr", "tokenizer.val_ssim", "tokenizer.rfd_judge",
-                "tokenizer.pfd_judge", "reference.train_val_fd_eval"):
+                "tokenizer.pfd_judge", "real.n", "real.fd_at_n", "real.kid_at_n",
+                "real.precision_at_n", "real.recall_at_n"):
         assert key in m, key
     for model in ("base", "rl"):
         for key in ("gfd_eval", "precision", "recall", "eval_accuracy", "is_eval",
-                    "reward_mean", "diversity", "nfe"):
+                    "reward_mean", "diversity", "nfe", "kid_eval", "kid_eval_std", "fd_at_n",
+                    "kid_at_n", "precision_at_n", "recall_at_n"):
             assert f"{model}.{key}" in m, f"{model}.{key}"
+    # Generated and held-out real images compared with the train split at one count.
+    protocol = json.loads((report / "protocol.json").read_text())
+    assert m["real.n"] == min(protocol["real_set"]["images"], protocol["samples"]["per_generator"])
+    assert protocol["reference_set"]["name"] == "prepared train split"
+    assert protocol["reference_set"]["images"] > protocol["real_set"]["images"]
     assert all(np.isfinite(v) for v in m.values())
     assert not any("fid" in k for k in m), "FID-named numbers need Inception weights"
     assert m["base.nfe"] == m["rl.nfe"] == 4  # euler, 4 steps in the tiny preset
@@ -97,7 +104,8 @@ def test_report_files_metrics_and_protocol(first):
     cfg = tiny().evaluate
     for needle in (f"**{cfg.per_class * 10}** samples per generator", f"sampler **{cfg.sampler}**",
                    f"**{cfg.sample_steps}** steps", f"seed **{cfg.seed}**", "**judge**",
-                   "FD-judge", "| metric | base | RL | delta (RL - base) |", "## Protocol"):
+                   "**evaluator**", "FD-judge", "held-out real (floor)", "## Protocol",
+                   "| metric | base | RL | delta (RL - base) | held-out real (floor) |"):
         assert needle in text, needle
     links = re.findall(r"\]\(([^)]+)\)", text)
     assert set(links) >= REPORT_FILES - {"report.md"}
@@ -184,11 +192,11 @@ def test_generated_samples_are_graded_by_the_evaluator_not_the_reward_judge(inpu
     _, images, _ = generator.sample(handle, labels, seed=cfg.seed, steps=cfg.sample_steps,
                                     cfg_scale=evaluate.cfg_scale_for("base", handle, params),
                                     sampler=cfg.sampler, compute=params.compute)
-    val_x, _ = (np.asarray(a) for a in load_prepared(inputs["prepared"]).split("val"))
+    train_x, _ = (np.asarray(a) for a in load_prepared(inputs["prepared"]).split("train"))
     graded = {}
     for name in ("judge", "evaluator"):
         net = judge.load_judge(inputs["judge"].parent / name)
-        graded[name] = generator.score_samples(net, images, labels, net.score(val_x)[0])
+        graded[name] = generator.score_samples(net, images, labels, net.score(train_x)[0])
     reported = result.metrics["base.gfd_eval"]
     assert reported == pytest.approx(graded["evaluator"]["gfd_eval"], rel=1e-4)
     assert abs(reported - graded["judge"]["gfd_eval"]) > 1e-3 * reported

@@ -59,7 +59,8 @@ def test_generator_outputs_and_metrics(chain):
     assert {p.name for p in d["gen"].iterdir()} == {"model.safetensors", "generator.json",
                                                     "samples.png", "train_curve.csv"}
     for key in ("gfd_eval", "precision", "recall", "eval_accuracy", "is_eval",
-                "train_val_fd_eval", "nfe"):
+                "kid_eval", "kid_eval_std", "real_count", "gfd_eval_at_real_count", "real_fd_eval",
+                "gfd_ratio_to_real", "nfe"):
         assert np.isfinite(result.metrics[key]), key
     assert result.metrics["nfe"] == 4  # euler, 4 steps in the tiny preset
     assert result.timings["sampling_images_per_s"] > 0

@@ -325,3 +325,35 @@ def test_low_rank_frechet_distance_matches_the_eigendecomposition(n, m):
     # of the singular F x F product; the SVD route never forms it.
     assert metrics.fd_from_features(a, b) == pytest.approx(
         metrics.frechet_distance(mu1, s1, mu2, s2), rel=1e-7)
+
+
+def test_kernel_distance_is_unbiased_matches_brute_force_and_sees_a_shift() -> None:
+    from latentforge.metrics import kernel_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(60, 5)), rng.normal(size=(40, 5))
+    # Brute force on one subset holding every row of b and as many of a.
+    mean, std = kernel_distance(a, b, subsets=1, subset_size=40, seed=3)
+    rng3 = np.random.default_rng(3)
+    xs, ys = a[rng3.choice(60, 40, replace=False)], b[rng3.choice(40, 40, replace=False)]
+
+    def k(x, y):  # noqa: ANN001, ANN202
+        return (x @ y / 5 + 1) ** 3
+
+    n = 40
+    kxx = sum(k(xs[i], xs[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kyy = sum(k(ys[i], ys[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kxy = sum(k(xs[i], ys[j]) for i in range(n) for j in range(n)) / n**2
+    assert mean == pytest.approx(kxx + kyy - 2 * kxy, rel=1e-9) and std == 0.0
+    # Unbiased: over 300 independent pairs of 20-row samples of one distribution the mean
+    # estimate is 0 within its standard error, while FD of the same pairs is clearly positive.
+    pairs = [(rng.normal(size=(20, 5)), rng.normal(size=(20, 5))) for _ in range(300)]
+    kid = np.array([kernel_distance(x, y, subsets=1)[0] for x, y in pairs])
+    fd = np.array([metrics.fd_from_features(x, y) for x, y in pairs])
+    assert abs(kid.mean()) < 4 * kid.std() / np.sqrt(len(kid))
+    assert fd.mean() > 10 * fd.std() / np.sqrt(len(fd))
+    shifted, shifted_std = kernel_distance(rng.normal(size=(400, 5)),
+                                           rng.normal(size=(400, 5)) + 0.5, subsets=20, seed=1)
+    assert shifted > 10 * shifted_std / np.sqrt(20) and shifted > 0.05
+    with pytest.raises(ValueError, match="feature dims differ"):
+        kernel_distance(a, rng.normal(size=(10, 4)))
