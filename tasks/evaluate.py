@@ -226,6 +226,104 @@ def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer
     return m, real
 
 
+# Bootstrap: replicates, and the metrics that get a 95% interval (resampling with replacement
+# is sound for them; precision/recall and diversity count near neighbours, and duplicates
+# made by resampling would shrink their radii and distances).
+BOOTSTRAP_REPLICATES = 200
+INTERVAL_METRICS = ("eval_accuracy", "gfd_eval", "is_eval", "reward_mean")
+# Where a metric's values lie: a bias-corrected interval is clipped to it (a differences' not).
+METRIC_RANGE = {"eval_accuracy": (0.0, 1.0), "gfd_eval": (0.0, np.inf), "is_eval": (1.0, np.inf),
+                "reward_mean": (-np.inf, np.inf)}
+
+
+@dataclass
+class PerSample:
+    """What the bootstrap resamples of one generated set: (N, F) features, (N, C) log-probs,
+    (N,) rewards; row i of every generator comes from the same label and noise."""
+
+    features: np.ndarray
+    log_probs: np.ndarray
+    rewards: np.ndarray
+
+
+class _Reference:
+    """A reference feature set's statistics, with the square root of its covariance that
+    every Frechet distance against it needs once (metrics._trace_sqrt_product's route)."""
+
+    def __init__(self, features: np.ndarray) -> None:
+        self.mu, sigma = metrics.feature_statistics(features)
+        w, v = np.linalg.eigh((sigma + sigma.T) / 2)
+        self.root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+        self.trace = float(np.trace(sigma))
+
+    def fd(self, features: np.ndarray) -> float:
+        mu, sigma = metrics.feature_statistics(features)
+        m = self.root @ sigma @ self.root
+        ev = np.linalg.eigvalsh((m + m.T) / 2)
+        diff = self.mu - mu
+        return float(max(diff @ diff + self.trace + np.trace(sigma)
+                         - 2.0 * np.sqrt(np.clip(ev, 0.0, None)).sum(), 0.0))
+
+
+def _interval_metrics(ref: _Reference, s: PerSample, labels: np.ndarray,
+                      rows: np.ndarray) -> dict[str, float]:
+    logp = s.log_probs[rows]
+    return {"eval_accuracy": metrics.accuracy(logp, labels[rows]),
+            "gfd_eval": ref.fd(s.features[rows]),
+            "is_eval": metrics.inception_score(logp)[0],
+            "reward_mean": float(s.rewards[rows].mean())}
+
+
+def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
+                        labels: np.ndarray, seed: int,
+                        replicates: int = BOOTSTRAP_REPLICATES) -> dict[str, dict[str, float]]:
+    """95% bias-corrected percentile intervals of INTERVAL_METRICS for each generated set,
+    resampling the generated samples (within each class, so every replicate stays
+    class-balanced) and the reference set; and paired intervals of the differences
+    sets[1] - sets[0]: one resample of sample indices serves both sets, whose row i shares its
+    label and noise.
+
+    Bias-corrected: the 2.5/97.5 percentiles of the replicates, shifted by the replicates'
+    mean minus the full-set value. FD needs it: resampled duplicates lower the effective count
+    and FD grows as counts fall, so its replicates sit above the full-set value (on the default
+    digits by ~0.5 for gFD 0.64); for means (accuracy, reward) the shift is ~0.
+
+    Returns {name: {metric_ci_low, metric_ci_high}} and, under "diff", the same for
+    the difference."""
+    rng = np.random.default_rng(seed)
+    names = list(sets)
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    everything = np.arange(len(labels))
+    full_ref = _Reference(ref_features)
+    point = {name: _interval_metrics(full_ref, sets[name], labels, everything) for name in names}
+    draws: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for _ in range(replicates):
+        rows = np.concatenate([rng.choice(idx, len(idx)) for idx in by_class])
+        ref = _Reference(ref_features[rng.integers(0, len(ref_features), len(ref_features))])
+        for name in names:
+            draws[name].append(_interval_metrics(ref, sets[name], labels, rows))
+
+    def interval(values: np.ndarray, full: float, key: str,
+                 bounds: tuple[float, float] = (-np.inf, np.inf)) -> dict[str, float]:
+        low, high = np.clip(np.percentile(values, [2.5, 97.5]) - (values.mean() - full), *bounds)
+        return {f"{key}_ci_low": float(low), f"{key}_ci_high": float(high)}
+
+    out: dict[str, dict[str, float]] = {}
+    for name in names:
+        out[name] = {}
+        for key in INTERVAL_METRICS:
+            out[name].update(interval(np.array([d[key] for d in draws[name]]),
+                                      point[name][key], key, METRIC_RANGE[key]))
+    if len(names) == 2:
+        first, second = names
+        out["diff"] = {}
+        for key in INTERVAL_METRICS:
+            diffs = np.array([b[key] - a[key] for a, b in
+                              zip(draws[first], draws[second], strict=True)])
+            out["diff"].update(interval(diffs, point[second][key] - point[first][key], key))
+    return out
+
+
 def inception_features(net: torch.nn.Module, images: np.ndarray, device: torch.device
                        ) -> np.ndarray:
     """FID Inception pool3 features (N, 2048), float64, of uint8 images (N, H, W, C)."""
@@ -324,6 +422,10 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
             "precision_recall": f"Kynkaanniemi et al. 2019, k = {PR_NEIGHBOURS} neighbours, "
                                 "evaluator features, equal-size sets: min(train, samples) "
                                 "seeded rows of the train split and of the samples",
+            "intervals": f"95% bias-corrected percentile bootstrap, {BOOTSTRAP_REPLICATES} replicates, seed "
+                         f"{cfg.seed}, for {', '.join(INTERVAL_METRICS)}: samples resampled "
+                         "within each class, the reference set resampled too; the base-vs-RL "
+                         "delta's paired (one resample for both generators)",
             "at_real_count": f"FD, KID, precision/recall of n = {len(val_y)} samples (the "
                              "held-out real set's count; mean over 5 seeded subsets) vs the "
                              "train split; the real column scores the val split itself, so "
@@ -494,17 +596,29 @@ def tokenizer_table(values: Mapping[str, float]) -> list[str]:
     return lines
 
 
+def _with_interval(values: Mapping[str, float], key: str, sign: bool = False) -> str:
+    """"1.23 [1.10, 1.40]" when values carry key's 95% interval, else the number alone."""
+    text = f"{values[key]:+.4g}" if sign else _fmt(values[key])
+    if f"{key}_ci_low" in values:
+        low, high = values[f"{key}_ci_low"], values[f"{key}_ci_high"]
+        text += f" [{low:+.3g}, {high:+.3g}]" if sign else f" [{low:.4g}, {high:.4g}]"
+    return text
+
+
 def generators_table(base: Mapping[str, float], rl: Mapping[str, float],
-                     real: Mapping[str, float]) -> list[str]:
-    """base, RL, their difference, and held-out real images where the metric applies."""
+                     real: Mapping[str, float], diff: Mapping[str, float] | None = None
+                     ) -> list[str]:
+    """base, RL, their difference, and held-out real images where the metric applies; 95%
+    intervals (bootstrap; paired for the difference) where computed."""
     lines = ["| metric | base | RL | delta (RL - base) | held-out real (floor) |",
              "|---|---|---|---|---|"]
     for key, label, better in GENERATOR_ROWS:
         if key in base and key in rl:
-            delta = rl[key] - base[key]
+            delta = (_with_interval(diff, key, sign=True) if diff and key in diff
+                     else f"{rl[key] - base[key]:+.4g}")
             floor = _fmt(real[key]) if key in real else ""
-            lines.append(f"| {label}{_arrow(better)} | {_fmt(base[key])} | {_fmt(rl[key])} | "
-                         f"{delta:+.4g} | {floor} |")
+            lines.append(f"| {label}{_arrow(better)} | {_with_interval(base, key)} | "
+                         f"{_with_interval(rl, key)} | {delta} | {floor} |")
     return lines
 
 
@@ -576,7 +690,14 @@ def render_report(report: Report, link_images: bool = True) -> str:
         "## Tokenizer", "", *tokenizer_table(n["tokenizer"]), "",
         *image(RECON_PNG, "val originals (x) above their reconstructions (r)"),
         *image(PREFIX_PNG, "PSNR per prefix length"),
-        "## Generators: base vs RL", "", *generators_table(n["base"], n["rl"], n["real"]), "",
+        "## Generators: base vs RL", "",
+        *generators_table(n["base"], n["rl"], n["real"], n.get("diff")), "",
+        f"[low, high]: 95% bootstrap intervals (bias-corrected percentile, "
+        f"{BOOTSTRAP_REPLICATES} replicates resampling "
+        f"the samples within each class and the reference set; the delta's are paired, one "
+        f"resample serving both generators). A delta whose interval holds 0 is no evidence "
+        f"of a difference. Single seeds: these intervals are over samples, not over RL runs.",
+        "",
         f"FD is biased upwards at small counts, so compare a generator's FD with the held-out "
         f"real images' only at one count: the rows *at the real set's count* "
         f"(n = {int(n['real']['n'])}) do.", "",
@@ -703,6 +824,16 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         nested[m], real = score_generator(samples[m], labels, evaluator, ref_features,
                                           val_features, reward)
     nested["real"] = real  # the same for both generators: one count, one subset seed
+    per_sample = {}
+    for m in MODELS:
+        feats, logp = evaluator.score(samples[m].images)
+        per_sample[m] = PerSample(feats, logp, reward(samples[m].images, labels)[0])
+    log.info("evaluate: %d bootstrap replicates for the 95%% intervals", BOOTSTRAP_REPLICATES)
+    intervals = bootstrap_intervals(ref_features, per_sample, labels, seed=cfg.seed)
+    for m in MODELS:
+        nested[m].update(intervals[m])
+    nested["diff"] = {**{key: nested["rl"][key] - nested["base"][key]
+                         for key in INTERVAL_METRICS}, **intervals["diff"]}
     nested["tokenizer"] = dict(tok_metrics)
     fid_sha = None
     if cfg.inception_weights:

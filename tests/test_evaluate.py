@@ -88,6 +88,12 @@ def test_report_files_metrics_and_protocol(first):
                     "reward_mean", "diversity", "nfe", "kid_eval", "kid_eval_std", "fd_at_n",
                     "kid_at_n", "precision_at_n", "recall_at_n"):
             assert f"{model}.{key}" in m, f"{model}.{key}"
+    # 95% intervals for the headline metrics, paired ones for the base-vs-RL difference.
+    for group in ("base", "rl", "diff"):
+        for key in evaluate.INTERVAL_METRICS:
+            low, high = m[f"{group}.{key}_ci_low"], m[f"{group}.{key}_ci_high"]
+            assert low <= high, (group, key)
+    assert m["diff.gfd_eval"] == pytest.approx(m["rl.gfd_eval"] - m["base.gfd_eval"], abs=2e-6)
     # Generated and held-out real images compared with the train split at one count.
     protocol = json.loads((report / "protocol.json").read_text())
     assert m["real.n"] == min(protocol["real_set"]["images"], protocol["samples"]["per_generator"])
@@ -105,6 +111,7 @@ def test_report_files_metrics_and_protocol(first):
     for needle in (f"**{cfg.per_class * 10}** samples per generator", f"sampler **{cfg.sampler}**",
                    f"**{cfg.sample_steps}** steps", f"seed **{cfg.seed}**", "**judge**",
                    "**evaluator**", "FD-judge", "held-out real (floor)", "## Protocol",
+                   "95% bootstrap intervals",
                    "| metric | base | RL | delta (RL - base) | held-out real (floor) |"):
         assert needle in text, needle
     links = re.findall(r"\]\(([^)]+)\)", text)
@@ -208,3 +215,33 @@ def test_generated_samples_are_graded_by_the_evaluator_not_the_reward_judge(inpu
     with pytest.raises(DataError, match="same weights as the reward judge"):
         run_evaluate(inputs, tmp_path / "evaluate", evaluator_dir=copy)
     assert not (tmp_path / "evaluate").exists()
+
+
+def test_bootstrap_intervals_match_a_known_case_and_pair_the_difference() -> None:
+    """Mean reward of 1000 N(0, 1) draws: the interval is mean +- 1.96 / sqrt(1000) (within
+    bootstrap noise); a second set equal to the first plus 0.1 differs by exactly 0.1 in every
+    paired replicate, although either set's own interval is ten times wider than that."""
+    rng = np.random.default_rng(0)
+    n, classes = 1000, 10
+    labels = np.repeat(np.arange(classes), n // classes)
+    feats = rng.normal(size=(n, 4))
+    logp = np.log(np.full((n, classes), 1.0 / classes))
+    base = evaluate.PerSample(feats, logp, rng.normal(size=n))
+    shifted = evaluate.PerSample(feats, logp, base.rewards + 0.1)
+    out = evaluate.bootstrap_intervals(rng.normal(size=(500, 4)), {"base": base, "rl": shifted},
+                                       labels, seed=1, replicates=400)
+    half_width = (out["base"]["reward_mean_ci_high"] - out["base"]["reward_mean_ci_low"]) / 2
+    assert half_width == pytest.approx(1.96 / np.sqrt(n), rel=0.15)
+    assert out["base"]["reward_mean_ci_low"] < base.rewards.mean() < out["base"][
+        "reward_mean_ci_high"]
+    assert out["diff"]["reward_mean_ci_low"] == pytest.approx(0.1, abs=1e-12)
+    assert out["diff"]["reward_mean_ci_high"] == pytest.approx(0.1, abs=1e-12)
+    assert out["diff"]["gfd_eval_ci_low"] == out["diff"]["gfd_eval_ci_high"] == 0.0  # same feats
+    assert out["base"]["gfd_eval_ci_high"] > out["base"]["gfd_eval_ci_low"] >= 0  # clipped at 0
+
+
+def test_the_bootstraps_shared_reference_fd_is_metrics_fd() -> None:
+    rng = np.random.default_rng(0)
+    ref, gen = rng.normal(size=(300, 6)), rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
+    fd = evaluate._Reference(ref).fd(gen)
+    assert fd == pytest.approx(evaluate.metrics.fd_from_features(ref, gen), rel=1e-9)
