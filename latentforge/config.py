@@ -49,6 +49,7 @@ MAX_EPOCHS = 1000  # passes over one batch of rollouts
 MAX_KEEP = 1000  # checkpoints kept on disk
 MAX_WORKERS = 4096  # Ray workers / actors
 MAX_CPUS_PER_WORKER = 1024
+MAX_CFG_SWEEP = 12  # evaluate.cfg_sweep scales: each samples base and RL once more
 MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy take 64-bit seeds
 MIN_JUDGE_SIDE = 8  # the judge's three stride-2 conv blocks (models/judge.py)
 
@@ -343,9 +344,23 @@ class EvaluateConfig:
     cfg_scale: float | None = param(1.0, "CFG scale for base and RL alike (1.0 = the scale RL "
                                     "trains at); null = each model's own", ge=0.0)
     seed: int = param(1000, "seed of evaluation samples", ge=0, le=MAX_SEED)
+    cfg_sweep: list[float] = param(
+        [1.0, 1.25, 1.5, 2.0, 3.0], "CFG scales at which base and RL are both sampled and "
+        "graded (evaluator accuracy, recall against gFD-eval), so each is compared at its best "
+        "operating point (lowest gFD-eval); [] skips the sweep", ge=0.0)
+    cfg_sweep_per_class: int = param(50, "samples per class at each sweep scale (one count for "
+                                     "every point, so their FDs compare)", ge=2,
+                                     le=MAX_PER_CLASS)
     inception_weights: str | None = param(
         None, "local Inception-v3 FID weights (pytorch-fid format) for FID/rFID/gFID; null = "
         "FD-judge only. Never downloaded")
+
+    def __post_init__(self) -> None:
+        if len(set(self.cfg_sweep)) != len(self.cfg_sweep):
+            raise ValueError(f"cfg_sweep = {self.cfg_sweep} repeats a scale")
+        if len(self.cfg_sweep) > MAX_CFG_SWEEP:
+            raise ValueError(f"cfg_sweep has {len(self.cfg_sweep)} scales; at most "
+                             f"{MAX_CFG_SWEEP} (each samples both generators)")
 
 
 @dataclass(kw_only=True)

@@ -58,6 +58,9 @@ RECON_PNG = "tokenizer_recon.png"
 PREFIX_PNG = "tokenizer_prefix_psnr.png"
 REWARD_PNG = "rl_reward.png"
 LOSSES_PNG = "training_losses.png"
+SWEEP_PNG = "cfg_sweep.png"
+# What the CFG sweep records per scale; the best operating point is the lowest gFD-eval.
+SWEEP_KEYS = ("eval_accuracy", "gfd_eval", "precision", "recall", "diversity")
 REWARD_CSV = "rl_reward.csv"  # in plots_dir, written by the rl stage
 TRAIN_CURVE = "train_curve.csv"  # in each training stage's output folder
 
@@ -246,6 +249,81 @@ class PerSample:
     rewards: np.ndarray
 
 
+def sweep_key(scale: float) -> str:
+    """1.25 -> "cfg1_25" (no dot: DVC reads dots in metric names as nesting)."""
+    return f"cfg{scale:g}".replace(".", "_")
+
+
+def cfg_sweep(inputs: Inputs, cfg: EvaluateConfig, evaluator: JudgeScorer,
+              ref_features: np.ndarray, compute: ComputeConfig, nodes: set[str]
+              ) -> dict[str, dict[str, float]]:
+    """Base and RL sampled at every evaluate.cfg_sweep scale (same labels and noise) and graded
+    by the evaluator: {"sweep_base": {"cfg1_5_gfd_eval": ...}, "sweep_rl": ..., "best": the
+    scale of each model's lowest gFD-eval and its numbers there}."""
+    labels = flow.balanced_labels(inputs.prepared.num_classes, cfg.cfg_sweep_per_class).numpy()
+    out: dict[str, dict[str, float]] = {f"sweep_{m}": {} for m in MODELS}
+    for scale in cfg.cfg_sweep:
+        for m in MODELS:
+            log.info("evaluate: CFG sweep, %s at scale %g (%d samples)", m, scale, len(labels))
+            s = sample_generator(inputs.generators[m], labels, cfg, scale, compute, nodes)
+            graded = score_samples(evaluator, s.images, labels, ref_features)
+            out[f"sweep_{m}"].update({f"{sweep_key(scale)}_{k}": graded[k] for k in SWEEP_KEYS})
+    best: dict[str, float] = {}
+    for m in MODELS:
+        values = out[f"sweep_{m}"]
+        scale = min(cfg.cfg_sweep, key=lambda c: values[f"{sweep_key(c)}_gfd_eval"])
+        best[f"{m}_cfg_scale"] = scale
+        for k in SWEEP_KEYS:
+            best[f"{m}_{k}"] = values[f"{sweep_key(scale)}_{k}"]
+    for k in ("eval_accuracy", "gfd_eval", "recall"):
+        best[f"rl_minus_base_{k}"] = best[f"rl_{k}"] - best[f"base_{k}"]
+    out["best"] = best
+    return out
+
+
+def sweep_plot(nested: Mapping[str, Mapping[str, float]], scales: Sequence[float]) -> bytes:
+    """Evaluator accuracy and recall against gFD-eval, one line per generator, one point per
+    CFG scale (labelled)."""
+    fig, axes = new_figure(2, width=4.2)
+    for ax, key, title in zip(axes, ("eval_accuracy", "recall"),
+                              ("evaluator accuracy", "recall"), strict=True):
+        for m in MODELS:
+            values = nested[f"sweep_{m}"]
+            x = [values[f"{sweep_key(c)}_gfd_eval"] for c in scales]
+            y = [values[f"{sweep_key(c)}_{key}"] for c in scales]
+            ax.plot(x, y, marker="o", label=MODEL_TITLES[m])
+            for c, xi, yi in zip(scales, x, y, strict=True):
+                ax.annotate(f"{c:g}", (xi, yi), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+        style_axes(ax, "gFD-eval (lower is better)")
+        ax.set_ylabel(title)
+        ax.set_title(f"{title} vs gFD-eval across CFG scales")
+        ax.legend(loc="best", fontsize=8)
+    return figure_png(fig)
+
+
+def sweep_section(nested: Mapping[str, Mapping[str, float]], scales: Sequence[float],
+                  per_class: int, classes: int) -> list[str]:
+    if "best" not in nested:
+        return []
+    lines = ["## CFG sweep: base and RL at each guidance scale", "",
+             f"{per_class * classes} samples per point ({per_class} per class, the same labels "
+             "and noise at every point), graded by the evaluator against the train split.", "",
+             "| CFG | base accuracy | base gFD-eval | base recall | RL accuracy | RL gFD-eval | "
+             "RL recall |", "|---|---|---|---|---|---|---|"]
+    for c in scales:
+        cells = [_fmt(nested[f"sweep_{m}"][f"{sweep_key(c)}_{k}"]) for m in MODELS
+                 for k in ("eval_accuracy", "gfd_eval", "recall")]
+        lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
+    b = nested["best"]
+    lines += ["", f"Best operating points (lowest gFD-eval): base at CFG **{b['base_cfg_scale']:g}** "
+              f"(accuracy {_fmt(b['base_eval_accuracy'])}, gFD-eval {_fmt(b['base_gfd_eval'])}, "
+              f"recall {_fmt(b['base_recall'])}); RL at CFG **{b['rl_cfg_scale']:g}** (accuracy "
+              f"{_fmt(b['rl_eval_accuracy'])}, gFD-eval {_fmt(b['rl_gfd_eval'])}, recall "
+              f"{_fmt(b['rl_recall'])}). One sample draw per point: no intervals here.", ""]
+    return lines
+
+
 class _Reference:
     """A reference feature set's statistics, with the square root of its covariance that
     every Frechet distance against it needs once (metrics._trace_sqrt_product's route)."""
@@ -400,6 +478,8 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                     "classes": len(names), "class_balance": "balanced, class-major order",
                     "labels_and_noise": "identical for base and RL"},
         "sampler": cfg.sampler, "steps": cfg.sample_steps,
+        "cfg_sweep": {"scales": list(cfg.cfg_sweep), "per_class": cfg.cfg_sweep_per_class,
+                      "best_operating_point": "the scale with the lowest gFD-eval, per model"},
         "nfe": {m: samples[m].nfe for m in MODELS},
         "cfg_scale": {m: samples[m].cfg_scale for m in MODELS},
         "cfg_source": "evaluate.cfg_scale" if cfg.cfg_scale is not None else
@@ -703,6 +783,9 @@ def render_report(report: Report, link_images: bool = True) -> str:
         f"(n = {int(n['real']['n'])}) do.", "",
         *cfg_note,
         *image(SAMPLES_PNG, "samples, one row per class: base (left) and RL (right), same seeds"),
+        *sweep_section(n, p["cfg_sweep"]["scales"], p["cfg_sweep"]["per_class"],
+                       p["samples"]["classes"]),
+        *image(SWEEP_PNG, "evaluator accuracy and recall against gFD-eval across CFG scales"),
         "## Training curves", "",
         *image(REWARD_PNG, "RL reward per update"),
         *image(LOSSES_PNG, "training losses"),
@@ -834,6 +917,10 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         nested[m].update(intervals[m])
     nested["diff"] = {**{key: nested["rl"][key] - nested["base"][key]
                          for key in INTERVAL_METRICS}, **intervals["diff"]}
+    if cfg.cfg_sweep:
+        nested.update(cfg_sweep(inputs, cfg, evaluator, ref_features, params.compute,
+                                sampled_on))
+        record_nodes(tracker, "sample", sampled_on)
     nested["tokenizer"] = dict(tok_metrics)
     fid_sha = None
     if cfg.inception_weights:
@@ -850,6 +937,8 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     protocol = build_protocol(params, inputs, val_y, labels, samples, reward, digests)
     images, notes = build_pictures(inputs, cfg, labels, samples, val_x, recon, prefix,
                                    Path(plots_dir))
+    if "best" in nested:
+        images[SWEEP_PNG] = sweep_plot(nested, cfg.cfg_sweep)
     report = Report(nested, protocol, images, notes)
     with storage.atomic_dir(report_dir) as tmp:
         report_sha = write_report(tmp, report)

@@ -18,6 +18,7 @@ from latentforge.tasks import cache, evaluate, generator, judge, prepare, rl, to
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_FILES = {"report.md", "protocol.json", "samples_base_vs_rl.png", "tokenizer_recon.png",
+                "cfg_sweep.png",
                 "tokenizer_prefix_psnr.png", "rl_reward.png", "training_losses.png"}
 
 
@@ -94,6 +95,15 @@ def test_report_files_metrics_and_protocol(first):
             low, high = m[f"{group}.{key}_ci_low"], m[f"{group}.{key}_ci_high"]
             assert low <= high, (group, key)
     assert m["diff.gfd_eval"] == pytest.approx(m["rl.gfd_eval"] - m["base.gfd_eval"], abs=2e-6)
+    # The CFG sweep: both generators at every scale, each one's best operating point.
+    for model in ("base", "rl"):
+        for scale in ("cfg1", "cfg2"):
+            for key in ("eval_accuracy", "gfd_eval", "recall"):
+                assert f"sweep_{model}.{scale}_{key}" in m, (model, scale, key)
+        best = m[f"best.{model}_cfg_scale"]
+        assert best in (1.0, 2.0)
+        assert m[f"best.{model}_gfd_eval"] == min(m[f"sweep_{model}.cfg1_gfd_eval"],
+                                                  m[f"sweep_{model}.cfg2_gfd_eval"])
     # Generated and held-out real images compared with the train split at one count.
     protocol = json.loads((report / "protocol.json").read_text())
     assert m["real.n"] == min(protocol["real_set"]["images"], protocol["samples"]["per_generator"])
@@ -111,7 +121,7 @@ def test_report_files_metrics_and_protocol(first):
     for needle in (f"**{cfg.per_class * 10}** samples per generator", f"sampler **{cfg.sampler}**",
                    f"**{cfg.sample_steps}** steps", f"seed **{cfg.seed}**", "**judge**",
                    "**evaluator**", "FD-judge", "held-out real (floor)", "## Protocol",
-                   "95% bootstrap intervals",
+                   "95% bootstrap intervals", "## CFG sweep", "Best operating points",
                    "| metric | base | RL | delta (RL - base) | held-out real (floor) |"):
         assert needle in text, needle
     links = re.findall(r"\]\(([^)]+)\)", text)
