@@ -356,8 +356,9 @@ class EvaluateConfig:
         "FD-judge only. Never downloaded")
 
     def __post_init__(self) -> None:
-        if len(set(self.cfg_sweep)) != len(self.cfg_sweep):
-            raise ValueError(f"cfg_sweep = {self.cfg_sweep} repeats a scale")
+        if len({f"{c:g}" for c in self.cfg_sweep}) != len(self.cfg_sweep):
+            raise ValueError(f"cfg_sweep = {self.cfg_sweep} repeats a scale (to 6 significant "
+                             "digits, as the metrics name them)")
         if len(self.cfg_sweep) > MAX_CFG_SWEEP:
             raise ValueError(f"cfg_sweep has {len(self.cfg_sweep)} scales; at most "
                              f"{MAX_CFG_SWEEP} (each samples both generators)")

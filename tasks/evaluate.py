@@ -213,20 +213,22 @@ def sample_generator(handle: GeneratorHandle, labels: np.ndarray, cfg: EvaluateC
 
 def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer,
                     ref_features: np.ndarray, real_features: np.ndarray, reward: Reward
-                    ) -> tuple[dict[str, float], dict[str, float]]:
+                    ) -> tuple[dict[str, float], dict[str, float], PerSample]:
     """The evaluator's metrics of one generated set against the reference (train split), the
     same at the held-out real set's count, and the (judge's) reward beside them; with the
-    held-out real set's own numbers at that count (the floor)."""
+    held-out real set's own numbers at that count (the floor), and the per-sample values the
+    bootstrap resamples (the reward computed once, so a nondeterministic user reward cannot
+    centre the interval away from the reported mean)."""
     m = score_samples(evaluator, samples.images, labels, ref_features)
-    generated, real = generator_stage.at_real_count(
-        ref_features, evaluator.score(samples.images)[0], real_features)
+    feats, logp = evaluator.score(samples.images)
+    generated, real = generator_stage.at_real_count(ref_features, feats, real_features)
     m.update({k: v for k, v in generated.items() if k != "n"})
     total, _ = reward(samples.images, labels)
     m["reward_mean"] = float(total.mean())
     m["reward_std"] = float(total.std())
     m["cfg_scale"] = samples.cfg_scale
     m["nfe"] = samples.nfe
-    return m, real
+    return m, real, PerSample(feats, logp, total)
 
 
 # Bootstrap: replicates, and the metrics that get a 95% interval (resampling with replacement
@@ -234,7 +236,7 @@ def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer
 # made by resampling would shrink their radii and distances).
 BOOTSTRAP_REPLICATES = 200
 INTERVAL_METRICS = ("eval_accuracy", "gfd_eval", "is_eval", "reward_mean")
-# Where a metric's values lie: a bias-corrected interval is clipped to it (a differences' not).
+# Where a metric's values lie: a bias-shifted interval is clipped to it (a differences' not).
 METRIC_RANGE = {"eval_accuracy": (0.0, 1.0), "gfd_eval": (0.0, np.inf), "is_eval": (1.0, np.inf),
                 "reward_mean": (-np.inf, np.inf)}
 
@@ -355,14 +357,15 @@ def _interval_metrics(ref: _Reference, s: PerSample, labels: np.ndarray,
 def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
                         labels: np.ndarray, seed: int,
                         replicates: int = BOOTSTRAP_REPLICATES) -> dict[str, dict[str, float]]:
-    """95% bias-corrected percentile intervals of INTERVAL_METRICS for each generated set,
+    """95% bias-shifted percentile intervals of INTERVAL_METRICS for each generated set,
     resampling the generated samples (within each class, so every replicate stays
     class-balanced) and the reference set; and paired intervals of the differences
     sets[1] - sets[0]: one resample of sample indices serves both sets, whose row i shares its
     label and noise.
 
-    Bias-corrected: the 2.5/97.5 percentiles of the replicates, shifted by the replicates'
-    mean minus the full-set value. FD needs it: resampled duplicates lower the effective count
+    Bias-shifted (not Efron's BC, which needs replicates on both sides of the full-set value):
+    the 2.5/97.5 percentiles of the replicates, shifted by the replicates' mean minus the
+    full-set value. FD needs it: resampled duplicates lower the effective count
     and FD grows as counts fall, so its replicates sit above the full-set value (on the default
     digits by ~0.5 for gFD 0.64); for means (accuracy, reward) the shift is ~0.
 
@@ -502,12 +505,14 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
             "precision_recall": f"Kynkaanniemi et al. 2019, k = {PR_NEIGHBOURS} neighbours, "
                                 "evaluator features, equal-size sets: min(train, samples) "
                                 "seeded rows of the train split and of the samples",
-            "intervals": f"95% bias-corrected percentile bootstrap, {BOOTSTRAP_REPLICATES} replicates, seed "
+            "intervals": f"95% bias-shifted percentile bootstrap (percentiles moved by the "
+                         "replicates' mean minus the full-set value), {BOOTSTRAP_REPLICATES} replicates, seed "
                          f"{cfg.seed}, for {', '.join(INTERVAL_METRICS)}: samples resampled "
                          "within each class, the reference set resampled too; the base-vs-RL "
                          "delta's paired (one resample for both generators)",
-            "at_real_count": f"FD, KID, precision/recall of n = {len(val_y)} samples (the "
-                             "held-out real set's count; mean over 5 seeded subsets) vs the "
+            "at_real_count": f"FD, KID, precision/recall of n = min(samples, held-out real) "
+                             f"= {min(len(val_y), len(labels))} samples (mean over 5 seeded "
+                             "subsets when that is fewer than all of them) vs the "
                              "train split; the real column scores the val split itself, so "
                              "the two compare at one count",
             "eval_accuracy": "evaluator top-1 equals the requested class",
@@ -577,7 +582,7 @@ def read_csv_columns(path: Path) -> dict[str, np.ndarray] | None:
 # Columns of the rl stage's curve shown next to the reward: the leash, the quality watch on the
 # fixed evaluation sample (reward hacking = reward up while gFD-eval goes up too), clipping.
 WATCH_COLUMNS = {"kl": "KL to reference (per dim)", "eval_gfd_eval": "gFD-eval, eval sample",
-                 "eval_eval_accuracy": "judge accuracy, eval sample",
+                 "eval_eval_accuracy": "evaluator accuracy, eval sample",
                  "clip_fraction": "clip fraction",
                  "approx_kl": "approx. KL to rollout policy (per dim)"}
 
@@ -772,7 +777,7 @@ def render_report(report: Report, link_images: bool = True) -> str:
         *image(PREFIX_PNG, "PSNR per prefix length"),
         "## Generators: base vs RL", "",
         *generators_table(n["base"], n["rl"], n["real"], n.get("diff")), "",
-        f"[low, high]: 95% bootstrap intervals (bias-corrected percentile, "
+        f"[low, high]: 95% bootstrap intervals (percentiles shifted by the replicates' bias, "
         f"{BOOTSTRAP_REPLICATES} replicates resampling "
         f"the samples within each class and the reference set; the delta's are paired, one "
         f"resample serving both generators). A delta whose interval holds 0 is no evidence "
@@ -903,14 +908,11 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
                for m in MODELS}
     record_nodes(tracker, "sample", sampled_on)
     nested: dict[str, dict[str, float]] = {}
+    per_sample: dict[str, PerSample] = {}
     for m in MODELS:
-        nested[m], real = score_generator(samples[m], labels, evaluator, ref_features,
-                                          val_features, reward)
+        nested[m], real, per_sample[m] = score_generator(samples[m], labels, evaluator,
+                                                         ref_features, val_features, reward)
     nested["real"] = real  # the same for both generators: one count, one subset seed
-    per_sample = {}
-    for m in MODELS:
-        feats, logp = evaluator.score(samples[m].images)
-        per_sample[m] = PerSample(feats, logp, reward(samples[m].images, labels)[0])
     log.info("evaluate: %d bootstrap replicates for the 95%% intervals", BOOTSTRAP_REPLICATES)
     intervals = bootstrap_intervals(ref_features, per_sample, labels, seed=cfg.seed)
     for m in MODELS:

@@ -5,7 +5,7 @@ fresh posterior sample per step for kl caches, latents normalised per dimension,
 dropout for classifier-free guidance. At the end it samples a class-balanced set with the
 ODE sampler (noise for sample i depends only on (seed, i), never on the number of workers),
 decodes through the tokenizer and scores it with the evaluator (the judge stage's second
-network; the judge itself only gives RL rewards): gFD-eval against the val split,
+network; the judge itself only gives RL rewards): gFD-eval against the train split,
 precision/recall, evaluator accuracy on the requested class, IS-eval, sampling images/s, NFE.
 """
 
@@ -248,19 +248,19 @@ class PeriodicEval:
     """
 
     def __init__(self, meta: dict[str, Any], cfg: GeneratorConfig, evaluator: JudgeScorer,
-                 tokenizer: TokenizerHandle, val_features: np.ndarray) -> None:
+                 tokenizer: TokenizerHandle, ref_features: np.ndarray) -> None:
         self.meta, self.cfg = meta, cfg
-        self.evaluator, self.tokenizer, self.val_features = evaluator, tokenizer, val_features
+        self.evaluator, self.tokenizer, self.ref_features = evaluator, tokenizer, ref_features
 
     def __call__(self, model: torch.nn.Module, step: int) -> dict[str, float]:
-        evaluator, tok, val_feats = self.evaluator, self.tokenizer, self.val_features
+        evaluator, tok, ref_feats = self.evaluator, self.tokenizer, self.ref_features
         handle = GeneratorHandle(model, self.meta, tok)
         labels = flow.balanced_labels(len(self.meta["class_names"]), self.cfg.eval_per_class)
         images = handle.sample_images(labels.numpy(), seed=self.cfg.sample_seed,
                                       steps=self.cfg.sample_steps, cfg_scale=self.cfg.cfg_scale,
                                       sampler=self.cfg.sampler)
         feats, logp = evaluator.score(images)
-        return {"gfd_eval": metrics.fd_from_features(val_feats, feats),
+        return {"gfd_eval": metrics.fd_from_features(ref_feats, feats),
                 "eval_accuracy": metrics.accuracy(logp, labels.numpy())}
 
 
@@ -400,13 +400,17 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     record_nodes(tracker, "sample", sampled_on)
     sample_seconds = time.perf_counter() - started
     m = score_samples(evaluator, images, labels, ref_feats)
-    generated, real = at_real_count(ref_feats, evaluator.score(images)[0], val_feats)
-    # At equal counts: gFD of as many samples as there are held-out real images, over the FD
-    # of those real images (both against the train split); 1 would be a perfect generator.
-    m["real_count"] = generated["n"]
-    m["gfd_eval_at_real_count"] = generated["fd_at_n"]
-    m["real_fd_eval"] = real["fd_at_n"]
-    m["gfd_ratio_to_real"] = generated["fd_at_n"] / max(real["fd_at_n"], 1e-9)
+    if len(val_feats) >= 2:
+        generated, real = at_real_count(ref_feats, evaluator.score(images)[0], val_feats)
+        # At equal counts: gFD of as many samples as there are held-out real images, over the
+        # FD of those real images (both against the train split); 1 would be a perfect generator.
+        m["real_count"] = generated["n"]
+        m["gfd_eval_at_real_count"] = generated["fd_at_n"]
+        m["real_fd_eval"] = real["fd_at_n"]
+        m["gfd_ratio_to_real"] = generated["fd_at_n"] / max(real["fd_at_n"], 1e-9)
+    else:
+        log.warning("generator: the val split has %d image(s); no comparison with held-out "
+                    "real images at equal counts (it needs 2)", len(val_feats))
     m["nfe"] = nfe
     m = {key: round(float(v), 6) for key, v in m.items()}
     meta["metrics"] = m
@@ -428,8 +432,9 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
                             "weights_sha256": weights_sha})
     log.info("generator: gFD-eval %.3f; at %d images %.3f vs %.3f for held-out real images "
              "(x%.2f); evaluator accuracy %.4f, precision %.3f, recall %.3f, %.0f images/s "
-             "sampling at NFE %d", m["gfd_eval"], m["real_count"], m["gfd_eval_at_real_count"],
-             m["real_fd_eval"], m["gfd_ratio_to_real"], m["eval_accuracy"], m["precision"],
+             "sampling at NFE %d", m["gfd_eval"], m.get("real_count", 0),
+             m.get("gfd_eval_at_real_count", float("nan")), m.get("real_fd_eval", float("nan")),
+             m.get("gfd_ratio_to_real", float("nan")), m["eval_accuracy"], m["precision"],
              m["recall"], len(images) / sample_seconds, nfe)
     table = "\n".join(f"| {key} | {v:.4g} |" for key, v in m.items())
     where = "".join(f"\n\n{what} on Ray node(s) {', '.join(n[:12] for n in sorted(ids))}"

@@ -374,7 +374,7 @@ class FineTuner:
                             sums[key] = sums.get(key, 0.0) + float(value)
                 grad_norms.append(float(clip_gradients(self.policy.parameters(), cfg.grad_clip)))
                 self.optimizer.step()
-                self.ema.update()
+        self.ema.update()  # once per update, whatever the optimizer steps: rl.ema_decay's unit
         row = {key: value / passes for key, value in sums.items()}
         row.update(extremes)
         groups = rewards.reshape(-1, cfg.group_size)
