@@ -170,7 +170,8 @@ def test_mlflow_alone_walks_from_the_rl_generator_back_to_the_prepared_data(chai
             if key.startswith("latentforge.upstream."):
                 todo.append(("run" if key.endswith("_run") else "version", value))
     assert {ref.split("/")[0] for kind, ref in seen if kind == "version"} == {
-        RL_MODEL, "latentforge-generator", "latentforge-tokenizer", "latentforge-judge"}
+        RL_MODEL, "latentforge-generator", "latentforge-tokenizer", "latentforge-judge",
+        "latentforge-evaluator"}
     assert {client.get_run(ref).data.tags["latentforge.stage"] for kind, ref in seen
             if kind == "run"} == {"prepare", "judge", "tokenizer", "cache", "generator"}
 
@@ -194,8 +195,8 @@ def test_datasets_name_content_not_workspace_folders(chain):
             profile = json.loads(ds.profile)
             assert profile["sha256"].startswith(ds.digest)
             assert profile["dvc_path"] in {str(p) for p in (paths.PREPARED, paths.CACHE,
-                                                            paths.JUDGE, paths.TOKENIZER,
-                                                            paths.GENERATOR)}
+                                                            paths.JUDGE, paths.EVALUATOR,
+                                                            paths.TOKENIZER, paths.GENERATOR)}
     # the content they name is where they say: the prepared manifest, byte for byte
     prepare_id = rl_version.tags["latentforge.upstream.prepared_run"]
     local = mlflow.artifacts.download_artifacts(f"runs:/{prepare_id}/manifest.json",
@@ -214,13 +215,15 @@ def test_lineage_command_prints_every_hop_and_the_source(chain):
                                f"run {rl_version.run_id}  params ")
     # the chain back to the data, nearest stage first, each hop once
     hops = [line.strip().split(":")[0] for line in lines[1:] if "stage " in line]
-    assert hops == ["rl", "generator", "cache", "tokenizer", "judge", "prepared"]
-    for name in ("latentforge-generator/1", "latentforge-tokenizer/1", "latentforge-judge/1"):
+    # the evaluator (the generator's and rl's grader) hangs off the generator, after the data
+    assert hops == ["rl", "generator", "cache", "tokenizer", "judge", "prepared", "evaluator"]
+    for name in ("latentforge-generator/1", "latentforge-tokenizer/1", "latentforge-judge/1",
+                 "latentforge-evaluator/1"):
         assert sum(f"{name}  stage" in line for line in lines) == 1, name
     assert any(line.strip().startswith("cache: stage cache  run ") for line in lines)
     assert f"data: prepared sha256 {manifest_sha} from prepare run " in text
     assert lines[-1].startswith("source: digits (source fingerprint ")
-    assert "also tokenizer, judge, prepared (shown above)" in text  # reached by several paths
+    assert "also tokenizer, judge, evaluator, prepared (shown above)" in text  # several paths
 
     # an alias leads to the same chain
     client.set_registered_model_alias(RL_MODEL, "champion", rl_version.version)
