@@ -87,9 +87,12 @@ def test_two_deployments_on_one_workspace_never_overlap(make_project, tmp_path):
             assert final["state_type"] == "COMPLETED", "\n".join(lines[-80:])
         # the queued run did its work only after the pipeline run ended
         pipeline_end = datetime.fromisoformat(state(prefect, first)["end_time"])
-        skipped = [datetime.fromisoformat(log["timestamp"]) for log in logs(prefect, queued)
-                   if "judge is up to date: skipped" in log["message"]]
-        assert skipped and skipped[0] >= pipeline_end
+        # Prefect ships a flow run's logs in batches, after its state may read COMPLETED.
+        skipped = wait_until(
+            lambda: [datetime.fromisoformat(log["timestamp"]) for log in logs(prefect, queued)
+                     if "judge is up to date: skipped" in log["message"]],
+            "the queued run's skip line in its log", alive, timeout=60)
+        assert skipped[0] >= pipeline_end
 
     # dvc.lock parses and matches the workspace; mlflow.db answers with one run per stage
     lock = yaml.safe_load((root / "dvc.lock").read_text())
