@@ -219,8 +219,8 @@ def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer
     held-out real set's own numbers at that count (the floor), and the per-sample values the
     bootstrap resamples (the reward computed once, so a nondeterministic user reward cannot
     centre the interval away from the reported mean)."""
-    m = score_samples(evaluator, samples.images, labels, ref_features)
     feats, logp = evaluator.score(samples.images)
+    m = generator_stage.grade_features(feats, logp, labels, ref_features)
     generated, real = generator_stage.at_real_count(ref_features, feats, real_features)
     m.update({k: v for k, v in generated.items() if k != "n"})
     total, _ = reward(samples.images, labels)

@@ -296,6 +296,13 @@ def score_samples(evaluator: JudgeScorer, images: np.ndarray, labels: np.ndarray
     precision/recall on equal-size sets, evaluator accuracy on the requested class, IS-eval,
     and diversity (mean pairwise feature distance within a class)."""
     feats, logp = evaluator.score(images)
+    return grade_features(feats, logp, labels, ref_features)
+
+
+def grade_features(feats: np.ndarray, logp: np.ndarray, labels: np.ndarray,
+                   ref_features: np.ndarray) -> dict[str, float]:
+    """score_samples on the evaluator's features (N, F) and log-probs (N, C) of the images,
+    for callers that need those arrays too (each image set is scored once)."""
     precision, recall = precision_recall_equal(ref_features, feats)
     kid, kid_std = metrics.kernel_distance(ref_features, feats, seed=SUBSET_SEED)
     is_mean, _ = metrics.inception_score(logp)
@@ -399,9 +406,10 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
                             nodes=sampled_on)
     record_nodes(tracker, "sample", sampled_on)
     sample_seconds = time.perf_counter() - started
-    m = score_samples(evaluator, images, labels, ref_feats)
+    feats, logp = evaluator.score(images)
+    m = grade_features(feats, logp, labels, ref_feats)
     if len(val_feats) >= 2:
-        generated, real = at_real_count(ref_feats, evaluator.score(images)[0], val_feats)
+        generated, real = at_real_count(ref_feats, feats, val_feats)
         # At equal counts: gFD of as many samples as there are held-out real images, over the
         # FD of those real images (both against the train split); 1 would be a perfect generator.
         m["real_count"] = generated["n"]
