@@ -50,6 +50,7 @@ MAX_KEEP = 1000  # checkpoints kept on disk
 MAX_WORKERS = 4096  # Ray workers / actors
 MAX_CPUS_PER_WORKER = 1024
 MAX_CFG_SWEEP = 12  # evaluate.cfg_sweep scales: each samples base and RL once more
+MAX_RL_SEEDS = 16  # rl.seeds: each is a whole fine-tuning and an evaluation
 MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy take 64-bit seeds
 MIN_JUDGE_SIDE = 8  # the judge's three stride-2 conv blocks (models/judge.py)
 
@@ -249,7 +250,7 @@ class GeneratorConfig(TrainConfig):
 class RLConfig:
     """Flow-GRPO fine-tuning of the generator against a reward, with a KL leash."""
 
-    steps: int = param(40, "policy updates (each on a fresh batch of rollouts)", ge=1,
+    steps: int = param(120, "policy updates (each on a fresh batch of rollouts)", ge=1,
                        le=MAX_STEPS)
     classes_per_step: int = param(4, "class labels sampled per update", ge=1, le=MAX_BATCH)
     group_size: int = param(8, "samples per class label; advantages are relative to the group",
@@ -271,9 +272,11 @@ class RLConfig:
         "the PPO clip can act (1 pass x 1 minibatch is REINFORCE with a group baseline)", ge=1,
         le=MAX_BATCH)
     advantage: Literal["group", "global", "none"] = param(
-        "global", "what divides a reward's difference from its group's mean: global: the std "
-        "of the whole batch's rewards (Flow-GRPO's reference configs); group: the group's own "
-        "std (tiny spreads become full-size steps); none: nothing")
+        "none", "what divides a reward's difference from its group's mean: none: nothing, so "
+        "kl_beta weighs the KL against the reward in the reward's own units (on the default "
+        "digits the best gFD-eval of the settings tried); global: the std of the whole batch's "
+        "rewards (Flow-GRPO's reference configs: the balance then moves with the batch's "
+        "spread); group: the group's own std (tiny spreads become full-size steps)")
     adv_std_floor: float = param(
         1e-4, "the std that divides advantages is at least this (a batch of near-equal "
         "rewards then gives a near-zero step, not a full-size one)", gt=0.0)
@@ -283,8 +286,9 @@ class RLConfig:
         "65536 dimensions)", gt=0.0)
     adv_clip: float = param(5.0, "advantages are clipped to +-adv_clip", gt=0.0)
     kl_beta: float = param(
-        0.04, "weight of the KL to the frozen reference generator, in Flow-GRPO's units (mean "
-        "over dimensions of |mean - mean_ref|^2 / (2 sigma_t^2); the paper uses 0.01-0.04)",
+        1.0, "weight of the KL to the frozen reference generator, in Flow-GRPO's units (mean "
+        "over dimensions of |mean - mean_ref|^2 / (2 sigma_t^2); the paper uses 0.01-0.04 with "
+        "std-normalised advantages)",
         ge=0.0)
     cfg_scale: float = param(
         1.0, "CFG scale during rollouts and evaluation samples; the guided velocity is the "
@@ -297,19 +301,33 @@ class RLConfig:
         "reward module:function taking (uint8 images, labels) and returning one float per image. "
         "A user reward is YOUR CODE, imported and run by the rl stage: name only modules you "
         "trust; a module beside params.yaml is importable, others must be installed")
-    lr: float = param(1e-4, "learning rate (AdamW)", gt=0.0)
+    lr: float = param(3e-4, "learning rate (AdamW)", gt=0.0)
     weight_decay: float = param(0.0, "AdamW weight decay", ge=0.0)
     grad_clip: float = param(1.0, "max global gradient norm; 0 disables", ge=0.0)
     ema_decay: float = param(0.9, "EMA of the fine-tuned weights; 0 disables", ge=0.0, lt=1.0)
-    eval_every: int = param(10, "gFD-eval on a fixed sample every N updates (reward hacking "
+    eval_every: int = param(40, "gFD-eval on a fixed sample every N updates (reward hacking "
                             "watch); 0 = only at the end", ge=0, le=MAX_STEPS)
     eval_per_class: int = param(50, "samples per class for the periodic evaluation", ge=1,
                                 le=MAX_PER_CLASS)
     save_every: int = param(10, "checkpoint every N updates", ge=1, le=MAX_STEPS)
-    seed: int = param(0, "seed of labels, rollouts and evaluation samples", ge=0, le=MAX_SEED)
+    seeds: list[int] = param(
+        [0, 1, 2], "RL seeds (labels and rollouts): one fine-tuning per seed from the same base, "
+        "so the evaluation can say whether an effect outlives the seed; the first is the RL "
+        "model that is registered, sampled and swept, the others sit in the rl folder's "
+        "seeds/ and are graded beside it. Its first seed also seeds the fixed evaluation sample",
+        ge=0, le=MAX_SEED)
 
     def __post_init__(self) -> None:
         from latentforge.rewards import BUILTIN  # lazily: it imports numpy
+
+        if not self.seeds:
+            raise ValueError("seeds is empty: name at least one RL seed, e.g. [0]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds = {self.seeds} repeats a seed (each one is a separate "
+                             "fine-tuning)")
+        if len(self.seeds) > MAX_RL_SEEDS:
+            raise ValueError(f"seeds has {len(self.seeds)} entries; at most {MAX_RL_SEEDS} "
+                             "(each is a whole fine-tuning)")
 
         if not self.rewards:
             raise ValueError("rewards is empty: name at least one reward, e.g. "

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import json
 import logging
 import time
@@ -38,14 +37,30 @@ from latentforge import flow, metrics, paths, storage
 from latentforge.config import ComputeConfig, EvaluateConfig, Params
 from latentforge.data import MANIFEST, Prepared, load_prepared
 from latentforge.errors import DataError
+from latentforge.figures import (
+    figure_png,
+    losses_plot,
+    new_figure,
+    prefix_plot,
+    reward_plot,
+    side_by_side,
+    style_axes,
+)
 from latentforge.images import png_bytes
+from latentforge.intervals import (
+    BOOTSTRAP_REPLICATES,
+    INTERVAL_METRICS,
+    PerSample,
+    bootstrap_intervals,
+)
 from latentforge.raycluster import record_nodes
 from latentforge.rewards import Reward
 from latentforge.runner import StageResult
+from latentforge.tasks import compare
 from latentforge.tasks import generator as generator_stage
 from latentforge.tasks import judge as judge_stage
 from latentforge.tasks import tokenizer as tokenizer_stage
-from latentforge.tasks.generator import GeneratorHandle, class_grid, load_generator, score_samples
+from latentforge.tasks.generator import GeneratorHandle, class_grid, load_generator
 from latentforge.tasks.judge import JudgeScorer, images_to_tensor, load_judge
 from latentforge.tasks.tokenizer import TokenizerHandle, recon_grid
 from latentforge.tracking import Tracker
@@ -61,6 +76,7 @@ LOSSES_PNG = "training_losses.png"
 SWEEP_PNG = "cfg_sweep.png"
 # What the CFG sweep records per scale; the best operating point is the lowest gFD-eval.
 SWEEP_KEYS = ("eval_accuracy", "gfd_eval", "precision", "recall", "diversity")
+SWEEP_INTERVAL_KEYS = ("eval_accuracy", "gfd_eval")  # with 95% bootstrap intervals
 REWARD_CSV = "rl_reward.csv"  # in plots_dir, written by the rl stage
 TRAIN_CURVE = "train_curve.csv"  # in each training stage's output folder
 
@@ -120,8 +136,15 @@ class Inputs:
     judge: JudgeScorer  # the reward (and the tokenizer's FD-judge)
     evaluator: JudgeScorer  # grades the generated samples
     tokenizer: TokenizerHandle
-    generators: dict[str, GeneratorHandle]  # "base", "rl"
+    generators: dict[str, GeneratorHandle]  # "base", "rl" (the first RL seed)
     dirs: dict[str, Path]  # input name (prepared, judge, evaluator, tokenizer, ...) -> folder
+    seed_generators: dict[int, GeneratorHandle] = dataclasses.field(default_factory=dict)
+    """The other RL seeds (rl.seeds after the first), from the rl folder's seeds/."""
+
+    @property
+    def seeds(self) -> list[compare.SeedSet]:
+        first = self.generators["rl"].meta.get("rl", {}).get("seed")
+        return compare.seed_sets(first, list(self.seed_generators))
 
 
 def require_inputs(dirs: Mapping[str, Path]) -> None:
@@ -147,15 +170,26 @@ def load_inputs(dirs: Mapping[str, Path]) -> Inputs:
                         f"{dirs['judge']}: a network that gave the reward cannot grade the "
                         "result; evaluate needs the judge stage's evaluator")
     generators = {m: load_generator(dirs[STAGE_OF[m]], dirs["tokenizer"]) for m in MODELS}
-    for owner, names in (("judge", judge.class_names), ("evaluator", evaluator.class_names),
-                         *((str(dirs[STAGE_OF[m]]), generators[m].class_names) for m in MODELS)):
+    dirs = dict(dirs)
+    seed_generators = {}
+    for seed, rel in generators["rl"].meta.get("rl", {}).get("other_seeds", {}).items():
+        folder = dirs["rl"] / rel
+        if not (folder / generator_stage.META).is_file():
+            raise DataError(f"{folder / generator_stage.META}: missing; {dirs['rl']} lists RL "
+                            f"seed {seed} there (rerun the rl stage)")
+        seed_generators[int(seed)] = load_generator(folder, dirs["tokenizer"])
+        dirs[f"rl_seed{seed}"] = folder
+    owners = [("judge", judge.class_names), ("evaluator", evaluator.class_names),
+              *((str(dirs[STAGE_OF[m]]), generators[m].class_names) for m in MODELS),
+              *((str(dirs[f"rl_seed{s}"]), h.class_names) for s, h in seed_generators.items())]
+    for owner, names in owners:
         if list(names) != prepared.class_names:
             raise DataError(f"{owner} knows classes {list(names)[:5]}... but "
                             f"{dirs['prepared']} has {prepared.class_names[:5]}...; evaluate "
                             "needs every model trained on the same prepared data")
-    # Both generators decode with the one tokenizer load_generator checked them against.
-    return Inputs(prepared, judge, evaluator, generators["base"].tokenizer, generators,
-                  dict(dirs))
+    # Every generator decodes with the one tokenizer load_generator checked them against.
+    return Inputs(prepared, judge, evaluator, generators["base"].tokenizer, generators, dirs,
+                  seed_generators)
 
 
 def input_digests(inputs: Inputs, fid_weights_sha: str | None) -> dict[str, str]:
@@ -163,7 +197,8 @@ def input_digests(inputs: Inputs, fid_weights_sha: str | None) -> dict[str, str]
     digests = {"prepared": inputs.prepared.manifest_sha256, "judge": inputs.judge.sha256,
                "evaluator": inputs.evaluator.sha256,
                "tokenizer": inputs.tokenizer.sha256,
-               **{STAGE_OF[m]: inputs.generators[m].meta["sha256"] for m in MODELS}}
+               **{STAGE_OF[m]: inputs.generators[m].meta["sha256"] for m in MODELS},
+               **{f"rl_seed{s}": h.meta["sha256"] for s, h in inputs.seed_generators.items()}}
     if fid_weights_sha:
         digests["inception"] = fid_weights_sha
     return digests
@@ -231,25 +266,6 @@ def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer
     return m, real, PerSample(feats, logp, total)
 
 
-# Bootstrap: replicates, and the metrics that get a 95% interval (resampling with replacement
-# is sound for them; precision/recall and diversity count near neighbours, and duplicates
-# made by resampling would shrink their radii and distances).
-BOOTSTRAP_REPLICATES = 200
-INTERVAL_METRICS = ("eval_accuracy", "gfd_eval", "is_eval", "reward_mean")
-# Where a metric's values lie: a bias-shifted interval is clipped to it (a differences' not).
-METRIC_RANGE = {"eval_accuracy": (0.0, 1.0), "gfd_eval": (0.0, np.inf), "is_eval": (1.0, np.inf),
-                "reward_mean": (-np.inf, np.inf)}
-
-
-@dataclass
-class PerSample:
-    """What the bootstrap resamples of one generated set: (N, F) features, (N, C) log-probs,
-    (N,) rewards; row i of every generator comes from the same label and noise."""
-
-    features: np.ndarray
-    log_probs: np.ndarray
-    rewards: np.ndarray
-
 
 def sweep_key(scale: float) -> str:
     """1.25 -> "cfg1_25" (no dot: DVC reads dots in metric names as nesting)."""
@@ -264,12 +280,22 @@ def cfg_sweep(inputs: Inputs, cfg: EvaluateConfig, evaluator: JudgeScorer,
     scale of each model's lowest gFD-eval and its numbers there}."""
     labels = flow.balanced_labels(inputs.prepared.num_classes, cfg.cfg_sweep_per_class).numpy()
     out: dict[str, dict[str, float]] = {f"sweep_{m}": {} for m in MODELS}
+    sets: dict[str, PerSample] = {}
     for scale in cfg.cfg_sweep:
         for m in MODELS:
             log.info("evaluate: CFG sweep, %s at scale %g (%d samples)", m, scale, len(labels))
             s = sample_generator(inputs.generators[m], labels, cfg, scale, compute, nodes)
-            graded = score_samples(evaluator, s.images, labels, ref_features)
+            feats, logp = evaluator.score(s.images)
+            graded = generator_stage.grade_features(feats, logp, labels, ref_features)
             out[f"sweep_{m}"].update({f"{sweep_key(scale)}_{k}": graded[k] for k in SWEEP_KEYS})
+            sets[f"{m}@{sweep_key(scale)}"] = PerSample(feats, logp)
+    log.info("evaluate: %d bootstrap replicates for the CFG sweep's intervals",
+             BOOTSTRAP_REPLICATES)
+    intervals = bootstrap_intervals(ref_features, sets, labels, seed=cfg.seed, pairs={},
+                                    keys=SWEEP_INTERVAL_KEYS)
+    for name, values in intervals.items():
+        m, key = name.split("@")
+        out[f"sweep_{m}"].update({f"{key}_{k}": v for k, v in values.items()})
     best: dict[str, float] = {}
     for m in MODELS:
         values = out[f"sweep_{m}"]
@@ -277,6 +303,9 @@ def cfg_sweep(inputs: Inputs, cfg: EvaluateConfig, evaluator: JudgeScorer,
         best[f"{m}_cfg_scale"] = scale
         for k in SWEEP_KEYS:
             best[f"{m}_{k}"] = values[f"{sweep_key(scale)}_{k}"]
+        for k in SWEEP_INTERVAL_KEYS:
+            for end in ("ci_low", "ci_high"):
+                best[f"{m}_{k}_{end}"] = values[f"{sweep_key(scale)}_{k}_{end}"]
     for k in ("eval_accuracy", "gfd_eval", "recall"):
         best[f"rl_minus_base_{k}"] = best[f"rl_{k}"] - best[f"base_{k}"]
     out["best"] = best
@@ -291,9 +320,23 @@ def sweep_plot(nested: Mapping[str, Mapping[str, float]], scales: Sequence[float
                               ("evaluator accuracy", "recall"), strict=True):
         for m in MODELS:
             values = nested[f"sweep_{m}"]
-            x = [values[f"{sweep_key(c)}_gfd_eval"] for c in scales]
-            y = [values[f"{sweep_key(c)}_{key}"] for c in scales]
-            ax.plot(x, y, marker="o", label=MODEL_TITLES[m])
+            x = np.array([values[f"{sweep_key(c)}_gfd_eval"] for c in scales])
+            y = np.array([values[f"{sweep_key(c)}_{key}"] for c in scales])
+
+            line = ax.plot(x, y, marker="o", label=MODEL_TITLES[m])[0]
+
+            def ends(k: str, values: Mapping[str, float] = values) -> np.ndarray | None:
+                names = [f"{sweep_key(c)}_{k}_ci_{e}" for c in scales for e in ("low", "high")]
+                if not all(n in values for n in names):
+                    return None
+                return np.array([values[n] for n in names]).reshape(-1, 2)  # (scales, 2)
+
+            # Interval segments from their ends (a bias-shifted interval need not hold its
+            # point, so they are not drawn as +- errors).
+            if (gfd := ends("gfd_eval")) is not None:
+                ax.hlines(y, gfd[:, 0], gfd[:, 1], color=line.get_color(), alpha=0.5)
+            if (val := ends(key)) is not None:
+                ax.vlines(x, val[:, 0], val[:, 1], color=line.get_color(), alpha=0.5)
             for c, xi, yi in zip(scales, x, y, strict=True):
                 ax.annotate(f"{c:g}", (xi, yi), textcoords="offset points", xytext=(4, 4),
                             fontsize=7)
@@ -314,95 +357,19 @@ def sweep_section(nested: Mapping[str, Mapping[str, float]], scales: Sequence[fl
              "| CFG | base accuracy | base gFD-eval | base recall | RL accuracy | RL gFD-eval | "
              "RL recall |", "|---|---|---|---|---|---|---|"]
     for c in scales:
-        cells = [_fmt(nested[f"sweep_{m}"][f"{sweep_key(c)}_{k}"]) for m in MODELS
+        cells = [_with_interval(nested[f"sweep_{m}"], f"{sweep_key(c)}_{k}") for m in MODELS
                  for k in ("eval_accuracy", "gfd_eval", "recall")]
         lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
     b = nested["best"]
     lines += ["", f"Best operating points (lowest gFD-eval): base at CFG **{b['base_cfg_scale']:g}** "
-              f"(accuracy {_fmt(b['base_eval_accuracy'])}, gFD-eval {_fmt(b['base_gfd_eval'])}, "
-              f"recall {_fmt(b['base_recall'])}); RL at CFG **{b['rl_cfg_scale']:g}** (accuracy "
-              f"{_fmt(b['rl_eval_accuracy'])}, gFD-eval {_fmt(b['rl_gfd_eval'])}, recall "
-              f"{_fmt(b['rl_recall'])}). One sample draw per point: no intervals here.", ""]
+              f"(accuracy {_with_interval(b, 'base_eval_accuracy')}, gFD-eval "
+              f"{_with_interval(b, 'base_gfd_eval')}, recall {_fmt(b['base_recall'])}); RL at "
+              f"CFG **{b['rl_cfg_scale']:g}** (accuracy {_with_interval(b, 'rl_eval_accuracy')}, "
+              f"gFD-eval {_with_interval(b, 'rl_gfd_eval')}, recall {_fmt(b['rl_recall'])}). "
+              "[low, high]: 95% bootstrap intervals over this point's samples and the reference "
+              "set; the lowest gFD-eval is picked on the point values, so where intervals "
+              "overlap the best scale is not a sharp choice.", ""]
     return lines
-
-
-class _Reference:
-    """A reference feature set's statistics, with the square root of its covariance that
-    every Frechet distance against it needs once (metrics._trace_sqrt_product's route)."""
-
-    def __init__(self, features: np.ndarray) -> None:
-        self.mu, sigma = metrics.feature_statistics(features)
-        w, v = np.linalg.eigh((sigma + sigma.T) / 2)
-        self.root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
-        self.trace = float(np.trace(sigma))
-
-    def fd(self, features: np.ndarray) -> float:
-        mu, sigma = metrics.feature_statistics(features)
-        m = self.root @ sigma @ self.root
-        ev = np.linalg.eigvalsh((m + m.T) / 2)
-        diff = self.mu - mu
-        return float(max(diff @ diff + self.trace + np.trace(sigma)
-                         - 2.0 * np.sqrt(np.clip(ev, 0.0, None)).sum(), 0.0))
-
-
-def _interval_metrics(ref: _Reference, s: PerSample, labels: np.ndarray,
-                      rows: np.ndarray) -> dict[str, float]:
-    logp = s.log_probs[rows]
-    return {"eval_accuracy": metrics.accuracy(logp, labels[rows]),
-            "gfd_eval": ref.fd(s.features[rows]),
-            "is_eval": metrics.inception_score(logp)[0],
-            "reward_mean": float(s.rewards[rows].mean())}
-
-
-def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
-                        labels: np.ndarray, seed: int,
-                        replicates: int = BOOTSTRAP_REPLICATES) -> dict[str, dict[str, float]]:
-    """95% bias-shifted percentile intervals of INTERVAL_METRICS for each generated set,
-    resampling the generated samples (within each class, so every replicate stays
-    class-balanced) and the reference set; and paired intervals of the differences
-    sets[1] - sets[0]: one resample of sample indices serves both sets, whose row i shares its
-    label and noise.
-
-    Bias-shifted (not Efron's BC, which needs replicates on both sides of the full-set value):
-    the 2.5/97.5 percentiles of the replicates, shifted by the replicates' mean minus the
-    full-set value. FD needs it: resampled duplicates lower the effective count
-    and FD grows as counts fall, so its replicates sit above the full-set value (on the default
-    digits by ~0.5 for gFD 0.64); for means (accuracy, reward) the shift is ~0.
-
-    Returns {name: {metric_ci_low, metric_ci_high}} and, under "diff", the same for
-    the difference."""
-    rng = np.random.default_rng(seed)
-    names = list(sets)
-    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    everything = np.arange(len(labels))
-    full_ref = _Reference(ref_features)
-    point = {name: _interval_metrics(full_ref, sets[name], labels, everything) for name in names}
-    draws: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    for _ in range(replicates):
-        rows = np.concatenate([rng.choice(idx, len(idx)) for idx in by_class])
-        ref = _Reference(ref_features[rng.integers(0, len(ref_features), len(ref_features))])
-        for name in names:
-            draws[name].append(_interval_metrics(ref, sets[name], labels, rows))
-
-    def interval(values: np.ndarray, full: float, key: str,
-                 bounds: tuple[float, float] = (-np.inf, np.inf)) -> dict[str, float]:
-        low, high = np.clip(np.percentile(values, [2.5, 97.5]) - (values.mean() - full), *bounds)
-        return {f"{key}_ci_low": float(low), f"{key}_ci_high": float(high)}
-
-    out: dict[str, dict[str, float]] = {}
-    for name in names:
-        out[name] = {}
-        for key in INTERVAL_METRICS:
-            out[name].update(interval(np.array([d[key] for d in draws[name]]),
-                                      point[name][key], key, METRIC_RANGE[key]))
-    if len(names) == 2:
-        first, second = names
-        out["diff"] = {}
-        for key in INTERVAL_METRICS:
-            diffs = np.array([b[key] - a[key] for a, b in
-                              zip(draws[first], draws[second], strict=True)])
-            out["diff"].update(interval(diffs, point[second][key] - point[first][key], key))
-    return out
 
 
 def inception_features(net: torch.nn.Module, images: np.ndarray, device: torch.device
@@ -485,6 +452,18 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                       "best_operating_point": "the scale with the lowest gFD-eval, per model"},
         "nfe": {m: samples[m].nfe for m in MODELS},
         "cfg_scale": {m: samples[m].cfg_scale for m in MODELS},
+        "rl_seeds": {"seeds": [s.seed for s in inputs.seeds],
+                     "sets": {str(s.seed): s.samples for s in inputs.seeds},
+                     "sampling": "every seed at the RL CFG scale, with the base's labels and "
+                                 "noise",
+                     "interval_across_seeds": "95% Student-t over the seeds' differences to the "
+                                              "base (none with one seed)"},
+        "guided_base": ({"cfg_scale": samples["guided"].cfg_scale if "guided" in samples else
+                         samples["base"].cfg_scale,
+                         "role": "the base at its best CFG scale (lowest gFD-eval of the sweep), "
+                                 "sampled at this count with the same labels and noise: what "
+                                 "RL at its own scale is compared with"}
+                        if cfg.cfg_sweep else None),
         "cfg_source": "evaluate.cfg_scale" if cfg.cfg_scale is not None else
                       "each model's own (generator.cfg_scale for base, rl.cfg_scale for RL)",
         "seed": cfg.seed,
@@ -538,29 +517,6 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
 # --------------------------------------------------------------------------------------------
 
 
-def figure_png(fig: Any) -> bytes:
-    """PNG bytes of a matplotlib Figure; no Software/date chunks, so reruns give equal bytes."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
-
-
-def new_figure(panels: int, width: float = 4.2, height: float = 3.2) -> tuple[Any, list[Any]]:
-    # Figure without pyplot: no global backend state, safe in threads and Prefect workers.
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width * panels, height), dpi=100, layout="tight")
-    return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
-
-
-def style_axes(ax: Any, xlabel: str) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    ax.set_xlabel(xlabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and token counts
-    ax.grid(alpha=0.3)
-
-
 def read_csv_columns(path: Path) -> dict[str, np.ndarray] | None:
     """Numeric columns of a CSV with a header row (empty cells -> NaN); None if absent/empty."""
     if not path.is_file():
@@ -579,82 +535,6 @@ def read_csv_columns(path: Path) -> dict[str, np.ndarray] | None:
     return {col: np.array([number(r.get(col)) for r in rows]) for col in rows[0]}
 
 
-# Columns of the rl stage's curve shown next to the reward: the leash, the quality watch on the
-# fixed evaluation sample (reward hacking = reward up while gFD-eval goes up too), clipping.
-WATCH_COLUMNS = {"kl": "KL to reference (per dim)", "eval_gfd_eval": "gFD-eval, eval sample",
-                 "eval_eval_accuracy": "evaluator accuracy, eval sample",
-                 "clip_fraction": "clip fraction",
-                 "approx_kl": "approx. KL to rollout policy (per dim)"}
-
-
-def reward_plot(curve: Mapping[str, np.ndarray]) -> bytes:
-    """Mean rollout reward (+- std) per RL update, and next to it the watch columns."""
-    extra = [c for c in WATCH_COLUMNS if c in curve and np.isfinite(curve[c]).any()]
-    fig, axes = new_figure(1 + len(extra), width=3.6)
-    step = curve["step"]
-    mean = curve["reward_mean"]
-    axes[0].plot(step, mean, marker="o", ms=3, label="rollouts")
-    if "reward_std" in curve:
-        std = curve["reward_std"]
-        axes[0].fill_between(step, mean - std, mean + std, alpha=0.25, label="+- std")
-    if "eval_reward_mean" in curve and np.isfinite(curve["eval_reward_mean"]).any():
-        ok = np.isfinite(curve["eval_reward_mean"])
-        axes[0].plot(step[ok], curve["eval_reward_mean"][ok], marker="s", ms=4, ls="--",
-                     label="eval sample")
-    axes[0].legend(loc="best", fontsize=8)
-    axes[0].set_title("RL reward")
-    for ax, col in zip(axes[1:], extra, strict=True):
-        ok = np.isfinite(curve[col])
-        ax.plot(step[ok], curve[col][ok], marker="o", ms=3, color="tab:red")
-        ax.set_title(WATCH_COLUMNS[col])
-    for ax in axes:
-        style_axes(ax, "RL update")
-    return figure_png(fig)
-
-
-def prefix_plot(prefix: Sequence[tuple[int, float]]) -> bytes:
-    fig, (ax,) = new_figure(1)
-    ax.plot([k for k, _ in prefix], [v for _, v in prefix], marker="o")
-    style_axes(ax, "tokens kept (prefix length)")
-    ax.set_ylabel("val PSNR (dB)")
-    ax.set_title("Reconstruction quality per prefix length")
-    return figure_png(fig)
-
-
-def losses_plot(curves: Mapping[str, Mapping[str, np.ndarray]]) -> bytes:
-    fig, axes = new_figure(len(curves), width=3.6)
-    for ax, (stage, curve) in zip(axes, curves.items(), strict=True):
-        ok = np.isfinite(curve["loss"])
-        ax.plot(curve["step"][ok], curve["loss"][ok])
-        loss = curve["loss"][ok]
-        if len(loss) and loss.min() > 0 and loss.max() > 10 * loss.min():
-            ax.set_yscale("log")  # a loss spanning decades: log scale shows the late steps
-        ax.set_title(f"{stage} training loss")
-        style_axes(ax, "step")
-    return figure_png(fig)
-
-
-def side_by_side(grids: Mapping[str, np.ndarray], gap: int = 12, header: int = 18) -> np.ndarray:
-    """Grids (H, W, 3) next to each other under their titles, on one canvas."""
-    from PIL import Image, ImageDraw
-
-    width = sum(g.shape[1] for g in grids.values()) + gap * (len(grids) - 1)
-    height = header + max(g.shape[0] for g in grids.values())
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    x = 0
-    for title, grid in grids.items():
-        draw.text((x + 4, 3), title, fill=(0, 0, 0))
-        canvas.paste(Image.fromarray(grid), (x, header))
-        x += grid.shape[1] + gap
-    return np.asarray(canvas)
-
-
-# --------------------------------------------------------------------------------------------
-# The report
-# --------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Report:
     """What report.md shows; `images` maps file name -> PNG bytes, `notes` explain gaps."""
@@ -663,6 +543,7 @@ class Report:
     protocol: dict[str, Any]
     images: dict[str, bytes]
     notes: list[str]
+    seeds: list[compare.SeedSet] = dataclasses.field(default_factory=list)
 
 
 def _fmt(value: float) -> str:
@@ -791,6 +672,9 @@ def render_report(report: Report, link_images: bool = True) -> str:
         *sweep_section(n, p["cfg_sweep"]["scales"], p["cfg_sweep"]["per_class"],
                        p["samples"]["classes"]),
         *image(SWEEP_PNG, "evaluator accuracy and recall against gFD-eval across CFG scales"),
+        *compare.seeds_section(n, report.seeds),
+        *image(compare.SEEDS_PNG, "evaluator accuracy, gFD-eval and diversity: base, each RL "
+                                  "seed, their mean and the base at its best CFG"),
         "## Training curves", "",
         *image(REWARD_PNG, "RL reward per update"),
         *image(LOSSES_PNG, "training losses"),
@@ -853,7 +737,7 @@ def speed_section(samples: Mapping[str, Samples]) -> tuple[dict[str, float], str
         rate = len(s.images) / max(s.seconds, 1e-9)
         timings[f"{m}.sampling_images_per_s"] = rate
         timings[f"{m}.sampling_seconds"] = s.seconds
-        lines.append(f"| {MODEL_TITLES[m]} | {rate:.1f} | {s.seconds:.2f} | {s.nfe} |")
+        lines.append(f"| {MODEL_TITLES.get(m, m)} | {rate:.1f} | {s.seconds:.2f} | {s.nfe} |")
     return timings, "\n".join(lines)
 
 
@@ -898,7 +782,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     tok_metrics, recon, prefix = tokenizer_stage.evaluate(inputs.tokenizer, tok_cfg, val_x, val_y,
                                                           judge)
 
-    # One label set and one noise seed for both generators, so their numbers are comparable.
+    # One label set and one noise seed for every generated set, so their numbers pair.
     labels = flow.balanced_labels(inputs.prepared.num_classes, cfg.per_class).numpy()
     reward = Reward(params.rl.rewards, judge)
     sampled_on: set[str] = set()
@@ -906,23 +790,46 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
                                    cfg_scale_for(m, inputs.generators[m], params), params.compute,
                                    nodes=sampled_on)
                for m in MODELS}
-    record_nodes(tracker, "sample", sampled_on)
+    seeds = inputs.seeds
+    for s in seeds[1:]:
+        log.info("evaluate: RL seed %d at CFG %g", s.seed, samples["rl"].cfg_scale)
+        samples[s.samples] = sample_generator(inputs.seed_generators[s.seed], labels, cfg,
+                                              samples["rl"].cfg_scale, params.compute,
+                                              nodes=sampled_on)
     nested: dict[str, dict[str, float]] = {}
-    per_sample: dict[str, PerSample] = {}
-    for m in MODELS:
-        nested[m], real, per_sample[m] = score_generator(samples[m], labels, evaluator,
-                                                         ref_features, val_features, reward)
-    nested["real"] = real  # the same for both generators: one count, one subset seed
-    log.info("evaluate: %d bootstrap replicates for the 95%% intervals", BOOTSTRAP_REPLICATES)
-    intervals = bootstrap_intervals(ref_features, per_sample, labels, seed=cfg.seed)
-    for m in MODELS:
-        nested[m].update(intervals[m])
-    nested["diff"] = {**{key: nested["rl"][key] - nested["base"][key]
-                         for key in INTERVAL_METRICS}, **intervals["diff"]}
+    guided = None  # the base at its best CFG scale, at this evaluation's count
     if cfg.cfg_sweep:
         nested.update(cfg_sweep(inputs, cfg, evaluator, ref_features, params.compute,
                                 sampled_on))
-        record_nodes(tracker, "sample", sampled_on)
+        scale = nested["best"]["base_cfg_scale"]
+        guided = "base"
+        if scale != samples["base"].cfg_scale:
+            guided = "guided"
+            log.info("evaluate: base at its best CFG scale %g for the guidance comparison",
+                     scale)
+            samples[guided] = sample_generator(inputs.generators["base"], labels, cfg, scale,
+                                               params.compute, nodes=sampled_on)
+    record_nodes(tracker, "sample", sampled_on)
+    per_sample: dict[str, PerSample] = {}
+    for name, sample_set in samples.items():
+        nested[name], real, per_sample[name] = score_generator(sample_set, labels, evaluator,
+                                                               ref_features, val_features, reward)
+    nested["real"] = real  # the same for every set: one count, one subset seed
+    log.info("evaluate: %d bootstrap replicates for the 95%% intervals", BOOTSTRAP_REPLICATES)
+    pairs = {s.diff: ("base", s.samples) for s in seeds}
+    if guided:
+        pairs.update({f"{s.samples}_vs_guided": (guided, s.samples) for s in seeds})
+    intervals = bootstrap_intervals(ref_features, per_sample, labels, seed=cfg.seed, pairs=pairs)
+    for name in samples:
+        nested[name].update(intervals[name])
+    for pair, (first, second) in pairs.items():
+        nested[pair] = {**{key: nested[second][key] - nested[first][key]
+                           for key in INTERVAL_METRICS}, **intervals[pair]}
+    nested["seeds"] = compare.seeds_summary(nested, seeds)
+    if guided:
+        nested["distil"] = compare.distil_summary(nested, seeds, guided,
+                                                  samples[guided].cfg_scale,
+                                                  samples["rl"].cfg_scale)
     nested["tokenizer"] = dict(tok_metrics)
     fid_sha = None
     if cfg.inception_weights:
@@ -941,7 +848,8 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
                                    Path(plots_dir))
     if "best" in nested:
         images[SWEEP_PNG] = sweep_plot(nested, cfg.cfg_sweep)
-    report = Report(nested, protocol, images, notes)
+    images[compare.SEEDS_PNG] = compare.seeds_plot(nested, seeds, samples["base"].cfg_scale)
+    report = Report(nested, protocol, images, notes, seeds)
     with storage.atomic_dir(report_dir) as tmp:
         report_sha = write_report(tmp, report)
     tracker.log_artifact(Path(report_dir), "report")

@@ -16,7 +16,13 @@ ODE sample is scored before the first update, every ``rl.eval_every`` updates an
 that reward hacking (reward up, gFD-eval up) shows in the curves.
 
 Every update's randomness (labels, rollout noise, trained steps) is a pure function of
-(rl.seed, update), so a run resumed from a checkpoint reproduces an uninterrupted one.
+(seed, update), so a run resumed from a checkpoint reproduces an uninterrupted one.
+
+``rl.seeds`` fine-tunes the same base once per seed, one after another through the same code
+(each with its own checkpoints, so adding a seed reruns only that seed). The first seed's model
+is the stage's RL model (the rl folder itself: registered, sampled, swept by evaluate); the
+others are generator folders under ``seeds/seed_<n>/`` that evaluate grades beside it. All
+seeds share the fixed evaluation sample (seeded by the first), so their numbers pair.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ from latentforge.training import EMA, capture_rng, clip_gradients, local_device,
 log = logging.getLogger(__name__)
 
 KEEP_LAST = 2
+SEEDS_DIR = "seeds"  # in the rl folder: one generator folder per RL seed after the first
 # Flow-GRPO's epsilon: keeps groups whose rewards differ by round-off from getting huge
 # advantages.
 ADV_EPS = 1e-4
@@ -235,9 +242,10 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> 1)
 
 
-def update_labels(cfg: RLConfig, step: int, num_classes: int) -> np.ndarray:
-    """(classes_per_step * group_size,) labels of update `step`, group-major."""
-    rng = np.random.default_rng([cfg.seed, step, 0x1AB])
+def update_labels(cfg: RLConfig, seed: int, step: int, num_classes: int) -> np.ndarray:
+    """(classes_per_step * group_size,) labels of update `step` of RL seed `seed`,
+    group-major."""
+    rng = np.random.default_rng([seed, step, 0x1AB])
     classes = rng.choice(num_classes, cfg.classes_per_step,
                          replace=cfg.classes_per_step > num_classes)
     return np.repeat(classes, cfg.group_size).astype(np.int64)
@@ -287,9 +295,10 @@ class FineTuneResult:
 class FineTuner:
     """Policy, frozen reference, optimizer and EMA, with checkpointed resume."""
 
-    def __init__(self, cfg: RLConfig, base: FlowTransformer, reward: Reward,
+    def __init__(self, cfg: RLConfig, seed: int, base: FlowTransformer, reward: Reward,
                  decode: Callable[[torch.Tensor], np.ndarray], device: torch.device) -> None:
-        self.cfg, self.reward, self.decode, self.device = cfg, reward, decode, device
+        self.cfg, self.seed, self.reward, self.decode = cfg, seed, reward, decode
+        self.device = device
         self.reference = copy.deepcopy(base).to(device).eval().requires_grad_(False)
         self.policy = copy.deepcopy(base).to(device).train()
         self.ema = EMA(self.policy, cfg.ema_decay)
@@ -332,8 +341,8 @@ class FineTuner:
     def update(self, step: int) -> dict[str, float]:
         """One Flow-GRPO update: rollouts, rewards, advantages, inner_epochs optimizer steps."""
         cfg = self.cfg
-        gen = torch.Generator(device=self.device).manual_seed(_seed(cfg.seed, step, 0x5DE))
-        labels_np = update_labels(cfg, step, self.policy.cfg.num_classes)
+        gen = torch.Generator(device=self.device).manual_seed(_seed(self.seed, step, 0x5DE))
+        labels_np = update_labels(cfg, self.seed, step, self.policy.cfg.num_classes)
         labels = torch.from_numpy(labels_np).to(self.device)
         ro = rollout(self.policy, labels, steps=cfg.train_steps, noise_level=cfg.noise_level,
                      cfg_scale=cfg.cfg_scale, generator=gen)
@@ -344,7 +353,7 @@ class FineTuner:
         valid = torch.from_numpy(valid_np).to(self.device)
 
         # Timestep subsets come from a CPU generator: they index, they are not sampled noise.
-        cpu_gen = torch.Generator().manual_seed(_seed(cfg.seed, step, 0x7135))
+        cpu_gen = torch.Generator().manual_seed(_seed(self.seed, step, 0x7135))
         sums: dict[str, float] = {}
         grad_norms = []
         passes = 0
@@ -393,25 +402,34 @@ def _format_eta(seconds: float) -> str:
 
 
 def fine_tune(tuner: FineTuner, cfg: RLConfig, ckpt_dir: Path, fingerprint: str,
-              evaluate_ema: Callable[[], dict[str, float]], tracker: Tracker) -> FineTuneResult:
+              evaluate_ema: Callable[[], dict[str, float]], tracker: Tracker,
+              before: dict[str, float] | None = None, prefix: str = "") -> FineTuneResult:
     """Run (or resume, or return a finished) fine-tuning to cfg.steps updates.
 
     `evaluate_ema()` -> metrics of the current EMA policy; it runs before the first update
-    (step 0) and every eval_every updates except the last (the stage evaluates the end itself).
-    Every row reaches the tracker, earlier attempts' rows included.
+    (step 0; unless `before` gives the base model's, as another seed measured them) and every
+    eval_every updates except the last (the stage evaluates the end itself). Every row reaches
+    the tracker, earlier attempts' rows included, its keys prefixed by `prefix`.
     """
     started = time.perf_counter()
+    name = f"rl seed {tuner.seed}"
+
+    def track(row: dict[str, float]) -> None:
+        tracker.log_metrics({prefix + k: v for k, v in row.items() if k != "step"},
+                            step=int(row["step"]))
+
     start, history = tuner.resume(ckpt_dir, fingerprint)
     for row in history:
-        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+        track(row)
     if start >= cfg.steps:
-        log.info("%s already holds update %d of %d; nothing to train", ckpt_dir, start, cfg.steps)
+        log.info("%s: %s already holds update %d of %d; nothing to train", name, ckpt_dir,
+                 start, cfg.steps)
     elif start:
-        log.info("resuming rl from update %d in %s", start, ckpt_dir)
+        log.info("%s: resuming from update %d in %s", name, start, ckpt_dir)
     if not history:
-        row = {"step": 0, **{f"eval/{k}": v for k, v in evaluate_ema().items()}}
+        row = {"step": 0, **{f"eval/{k}": v for k, v in (before or evaluate_ema()).items()}}
         history.append(row)
-        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=0)
+        track(row)
         log.info("rl base model: reward %.4f, gFD-eval %.3f, evaluator accuracy %.4f",
                  row["eval/reward_mean"], row["eval/gfd_eval"], row["eval/eval_accuracy"])
 
@@ -421,10 +439,10 @@ def fine_tune(tuner: FineTuner, cfg: RLConfig, ckpt_dir: Path, fingerprint: str,
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             row.update({f"eval/{k}": v for k, v in evaluate_ema().items()})
         history.append(row)
-        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+        track(row)
         eta = (time.perf_counter() - loop_start) / (step - start) * (cfg.steps - step)
-        log.info("rl step %d/%d reward %.4f (std %.3f) kl %.5f clip %.3f zero-spread %.2f%s "
-                 "ETA %s", step, cfg.steps, row["reward_mean"], row["reward_std"], row["kl"],
+        log.info("%s step %d/%d reward %.4f (std %.3f) kl %.5f clip %.3f zero-spread %.2f%s "
+                 "ETA %s", name, step, cfg.steps, row["reward_mean"], row["reward_std"], row["kl"],
                  row["clip_fraction"], row["zero_spread"],
                  f" | eval reward {row['eval/reward_mean']:.4f} gFD-eval "
                  f"{row['eval/gfd_eval']:.3f} acc {row['eval/eval_accuracy']:.3f}"
@@ -444,10 +462,13 @@ def fine_tune(tuner: FineTuner, cfg: RLConfig, ckpt_dir: Path, fingerprint: str,
 # --------------------------------------------------------------------------------------------
 
 
-def run_fingerprint(cfg: RLConfig, inputs: dict[str, Any]) -> str:
-    """What must match for a checkpoint to be resumed: rl params (less bookkeeping), inputs."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING_FIELDS}
-    return json.dumps({"rl": fields, "inputs": inputs}, sort_keys=True, default=str)
+def run_fingerprint(cfg: RLConfig, seed: int, inputs: dict[str, Any]) -> str:
+    """What must match for a checkpoint of RL seed `seed` to be resumed: rl params (less
+    bookkeeping and the other seeds), the seed, the inputs."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if k not in BOOKKEEPING_FIELDS and k != "seeds"}
+    return json.dumps({"rl": fields, "seed": seed, "inputs": inputs}, sort_keys=True,
+                      default=str)
 
 
 def curve_csv(history: list[dict[str, float]]) -> str:
@@ -481,15 +502,56 @@ def stage_metrics(before: dict[str, float], after: dict[str, float],
     return {k: round(float(v), 6) for k, v in m.items()}
 
 
-def save_outputs(out_dir: Path, plot_file: Path, model: FlowTransformer, meta: dict[str, Any],
-                 csv: str, grid: np.ndarray) -> str:
-    """Write the generator-format folder in one swap, then the plot CSV; the weights' sha256."""
+# Per-seed keys of the DVC metrics (the first seed's are the unprefixed ones), and the means
+# over all seeds of the gains.
+SEED_KEYS = ("after_reward_mean", "after_eval_accuracy", "after_gfd_eval", "after_diversity",
+             "reward_gain", "eval_accuracy_gain", "gfd_change_ratio")
+SEED_MEANS = ("reward_gain", "eval_accuracy_gain", "gfd_change_ratio")
+
+
+def seeds_metrics(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    """`seed<n>_<key>` for every seed after the first, and `seeds_mean_<gain>` over all."""
+    seeds = list(per_seed)
+    m = {f"seed{s}_{k}": per_seed[s][k] for s in seeds[1:] for k in SEED_KEYS}
+    if len(seeds) > 1:
+        m.update({f"seeds_mean_{k}": round(float(np.mean([per_seed[s][k] for s in seeds])), 6)
+                  for k in SEED_MEANS})
+    return m
+
+
+@dataclass
+class SeedResult:
+    """One seed's fine-tuned model and what the stage writes about it."""
+
+    seed: int
+    model: FlowTransformer
+    meta: dict[str, Any]
+    csv: str
+    grid: np.ndarray
+    metrics: dict[str, float]
+
+
+def seed_folder(seed: int) -> str:
+    """Where an RL seed after the first is written, relative to the rl folder."""
+    return f"{SEEDS_DIR}/seed_{seed}"
+
+
+def _write_generator(folder: Path, r: SeedResult) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in r.model.state_dict().items()}, str(folder / WEIGHTS))
+    storage.write_bytes_atomic(folder / META, json.dumps(r.meta, indent=2, sort_keys=True).encode())
+    storage.write_bytes_atomic(folder / "train_curve.csv", r.csv.encode())
+    save_png(r.grid, folder / "samples.png")
+
+
+def save_outputs(out_dir: Path, plot_file: Path, results: list[SeedResult]) -> str:
+    """Write the generator-format folder (the first seed; the others under seeds/) in one
+    swap, then the first seed's plot CSV; the first seed's weights' sha256."""
     with storage.atomic_dir(out_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-        storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
-        storage.write_bytes_atomic(tmp / "train_curve.csv", csv.encode())
-        save_png(grid, tmp / "samples.png")
-    storage.write_bytes_atomic(plot_file, csv.encode())
+        _write_generator(tmp, results[0])
+        for r in results[1:]:
+            _write_generator(tmp / seed_folder(r.seed), r)
+    storage.write_bytes_atomic(plot_file, results[0].csv.encode())
     return storage.sha256_file(out_dir / WEIGHTS)
 
 
@@ -498,8 +560,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
         judge_dir: str | Path = paths.JUDGE, prepared_dir: str | Path = paths.PREPARED,
         plot_file: str | Path = paths.PLOTS / "rl_reward.csv",
         tracker: Tracker | None = None, evaluator_dir: str | Path | None = None) -> StageResult:
-    """Fine-tune against the judge's reward; the evaluator (default: the folder `evaluator`
-    beside `judge_dir`) grades the fixed evaluation sample."""
+    """Fine-tune against the judge's reward, once per rl.seeds entry; the evaluator (default:
+    the folder `evaluator` beside `judge_dir`) grades the fixed evaluation sample."""
     cfg: RLConfig = params.rl
     tracker = tracker or Tracker()
     evaluator_dir = Path(evaluator_dir) if evaluator_dir else Path(judge_dir).parent / "evaluator"
@@ -522,51 +584,73 @@ def run(params: Params, out_dir: str | Path = paths.RL,
 
     train_x, _ = prepared.split("train")
     es = EvalSet(labels=flow.balanced_labels(len(base.class_names), cfg.eval_per_class).numpy(),
-                 ref_features=evaluator.score(train_x)[0], seed=cfg.seed,
+                 ref_features=evaluator.score(train_x)[0], seed=cfg.seeds[0],
                  steps=params.generator.sample_steps, sampler=params.generator.sampler,
                  cfg_scale=cfg.cfg_scale)
-    meta = {k: v for k, v in base.meta.items() if k != "sha256"}
+    base_meta = {k: v for k, v in base.meta.items() if k != "sha256"}
     shift, scale = base.shift, base.scale
 
     def decode(z: torch.Tensor) -> np.ndarray:
         return tok.decode((z.detach().cpu() * scale + shift).numpy())
 
     device = local_device(params.compute)
-    tuner = FineTuner(cfg, base.model, reward, decode, device)
-    key = hashlib.sha256(f"{base_sha}\n{reward.definition()}".encode()).hexdigest()
-    fingerprint = run_fingerprint(cfg, {
-        "generator": base_sha, "judge": judge.sha256, "evaluator": evaluator.sha256,
-        "tokenizer": tok.sha256,
-        "prepared": prepared.manifest_sha256, "eval": es.protocol()})
+    inputs = {"generator": base_sha, "judge": judge.sha256, "evaluator": evaluator.sha256,
+              "tokenizer": tok.sha256, "prepared": prepared.manifest_sha256,
+              "eval": es.protocol()}
+    results: list[SeedResult] = []
+    before: dict[str, float] | None = None
+    seconds = eval_seconds = 0.0
+    rollouts_per_s, resumed_from = [], []
+    for seed in cfg.seeds:
+        tuner = FineTuner(cfg, seed, base.model, reward, decode, device)
+        key = hashlib.sha256(f"{base_sha}\n{reward.definition()}\n{seed}".encode()).hexdigest()
 
-    def evaluate_ema() -> dict[str, float]:
-        return evaluate(tuner.ema_model(), meta, tok, evaluator, reward, es)[0]
+        def evaluate_ema(tuner: FineTuner = tuner) -> dict[str, float]:
+            return evaluate(tuner.ema_model(), base_meta, tok, evaluator, reward, es)[0]
 
-    result = fine_tune(tuner, cfg, paths.checkpoint_dir("rl", key), fingerprint, evaluate_ema,
-                       tracker)
-    before = {k.removeprefix("eval/"): v for k, v in result.history[0].items() if k != "step"}
-    started = time.perf_counter()
-    model = tuner.ema_model()
-    after, images = evaluate(model, meta, tok, evaluator, reward, es)
-    eval_seconds = time.perf_counter() - started
-    result.history[-1].update({f"eval/{k}": v for k, v in after.items()})
-    tracker.log_metrics({f"eval/{k}": v for k, v in after.items()}, step=cfg.steps)
-    m = stage_metrics(before, after, result.history)
+        log.info("rl: seed %d (%d of %d)", seed, len(results) + 1, len(cfg.seeds))
+        result = fine_tune(tuner, cfg, paths.checkpoint_dir("rl", key),
+                           run_fingerprint(cfg, seed, inputs), evaluate_ema, tracker,
+                           before=before, prefix="" if not results else f"seed{seed}/")
+        # The base model's numbers on the shared sample: measured once, for every seed.
+        before = {k.removeprefix("eval/"): v for k, v in result.history[0].items()
+                  if k != "step"}
+        started = time.perf_counter()
+        model = tuner.ema_model()
+        after, images = evaluate(model, base_meta, tok, evaluator, reward, es)
+        eval_seconds += time.perf_counter() - started
+        seconds += result.seconds
+        rollouts_per_s.append(result.rollouts_per_s)
+        resumed_from.append(result.resumed_from)
+        result.history[-1].update({f"eval/{k}": v for k, v in after.items()})
+        prefix = "" if not results else f"seed{seed}/"
+        tracker.log_metrics({f"{prefix}eval/{k}": v for k, v in after.items()}, step=cfg.steps)
+        meta = copy.deepcopy(base_meta)
+        meta["rl"] = {"base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
+                      "evaluator_sha256": evaluator.sha256, "tokenizer_sha256": tok.sha256,
+                      "reward": reward.definition(), "params": dataclasses.asdict(cfg),
+                      "seed": seed, "eval_protocol": es.protocol(), "eval_before": before,
+                      "eval_after": after,
+                      "base_generator_metrics": base.meta.get("metrics", {})}
+        if not results:  # the first seed's folder lists the others (evaluate reads it)
+            meta["rl"]["other_seeds"] = {str(s): seed_folder(s) for s in cfg.seeds[1:]}
+        # "metrics" describes this model; the base's own stage metrics move to rl.
+        meta["metrics"] = {k: round(v, 6) for k, v in after.items()}
+        results.append(SeedResult(seed, model, meta, curve_csv(result.history),
+                                  class_grid(images, es.labels, base.class_names),
+                                  stage_metrics(before, after, result.history)))
+        m = results[-1].metrics
+        log.info("rl seed %d: reward %.4f -> %.4f, evaluator accuracy %.4f -> %.4f, gFD-eval "
+                 "%.3f -> %.3f (x%.2f), final KL %.5f", seed, m["before_reward_mean"],
+                 m["after_reward_mean"], m["before_eval_accuracy"], m["after_eval_accuracy"],
+                 m["before_gfd_eval"], m["after_gfd_eval"], m["gfd_change_ratio"],
+                 m["final_kl"])
 
-    meta["rl"] = {"base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
-                  "evaluator_sha256": evaluator.sha256,
-                  "tokenizer_sha256": tok.sha256, "reward": reward.definition(),
-                  "params": dataclasses.asdict(cfg), "eval_protocol": es.protocol(),
-                  "eval_before": before, "eval_after": after,
-                  "base_generator_metrics": base.meta.get("metrics", {})}
-    # "metrics" describes this model; the base's own stage metrics move to rl.
-    meta["metrics"] = {k: round(v, 6) for k, v in after.items()}
-    weights_sha = save_outputs(Path(out_dir), Path(plot_file), model, meta,
-                               curve_csv(result.history),
-                               class_grid(images, es.labels, base.class_names))
+    weights_sha = save_outputs(Path(out_dir), Path(plot_file), results)
     for name in (META, "samples.png"):
         tracker.log_artifact(Path(out_dir) / name)
-    # Its own registered model: the base generator's versions stay one kind of model.
+    # Its own registered model (the first seed's): the base generator's versions stay one
+    # kind of model; the other seeds travel in the same folder, under seeds/.
     tracker.log_model("generator", out_dir, registered_name=REGISTERED_MODELS["rl"].name,
                       artifacts={"tokenizer_dir": Path(tokenizer_dir)},
                       tags={"stage": "rl", "prepared_sha256": prepared.manifest_sha256,
@@ -574,19 +658,22 @@ def run(params: Params, out_dir: str | Path = paths.RL,
                             "base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
                             "evaluator_sha256": evaluator.sha256,
                             "tokenizer_sha256": tok.sha256, "reward": reward.definition(),
+                            "rl_seeds": ",".join(map(str, cfg.seeds)),
                             "weights_sha256": weights_sha})
-    log.info("rl: reward %.4f -> %.4f, evaluator accuracy %.4f -> %.4f, gFD-eval %.3f -> %.3f "
-             "(x%.2f), final KL %.5f", m["before_reward_mean"], m["after_reward_mean"],
-             m["before_eval_accuracy"], m["after_eval_accuracy"], m["before_gfd_eval"],
-             m["after_gfd_eval"], m["gfd_change_ratio"], m["final_kl"])
-    table = "\n".join(f"| {k} | {before[k]:.4g} | {after[k]:.4g} |" for k in COMPARED)
+    m = {**results[0].metrics, **seeds_metrics({r.seed: r.metrics for r in results})}
+    first = results[0].meta["rl"]
+    table = "\n".join(f"| {k} | {first['eval_before'][k]:.4g} | "
+                      + " | ".join(f"{r.meta['rl']['eval_after'][k]:.4g}" for r in results)
+                      + " |" for k in COMPARED)
     summary = (f"Flow-GRPO on `{reward.definition()}`, {cfg.steps} updates of "
-               f"{cfg.classes_per_step}x{cfg.group_size} rollouts; fixed sample of "
-               f"{len(es.labels)}\n\n| metric | before | after |\n|---|---|---|\n{table}")
+               f"{cfg.classes_per_step}x{cfg.group_size} rollouts per seed; fixed sample of "
+               f"{len(es.labels)} (the same for every seed)\n\n| metric | before | "
+               + " | ".join(f"after, seed {r.seed}" for r in results) + " |\n|---|---|"
+               + "---|" * len(results) + f"\n{table}")
     return StageResult(
         metrics=m, summary=summary, digests={"rl": weights_sha},
-        timings={"seconds": result.seconds, "rollouts_per_s": result.rollouts_per_s,
-                 "eval_seconds": eval_seconds, "resumed_from_step": result.resumed_from})
+        timings={"seconds": seconds, "rollouts_per_s": float(np.mean(rollouts_per_s)),
+                 "eval_seconds": eval_seconds, "resumed_from_step": resumed_from[0]})
 
 
 def run_stage(params: Params, tracker: Tracker) -> StageResult:

@@ -150,7 +150,7 @@ def test_every_int_upper_bound_rejects_one_past_it(key, shape, meta):
     ("generator.steps", config.MAX_STEPS),
     ("judge.batch_size", config.MAX_BATCH),
     ("prepare.seed", config.MAX_SEED),
-    ("rl.seed", config.MAX_SEED),
+    ("rl.seeds", [config.MAX_SEED]),
     ("prepare.max_images", config.MAX_IMAGES),
     ("tokenizer.codebook_size", config.MAX_CODEBOOK),
     ("compute.num_workers", 1024),  # divides every default batch size

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from latentforge import intervals
 from latentforge.config import build_params, load_params
 from latentforge.errors import DataError
 from latentforge.tasks import cache, evaluate, generator, judge, prepare, rl, tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_FILES = {"report.md", "protocol.json", "samples_base_vs_rl.png", "tokenizer_recon.png",
-                "cfg_sweep.png",
+                "cfg_sweep.png", "rl_seeds.png",
                 "tokenizer_prefix_psnr.png", "rl_reward.png", "training_losses.png"}
 
 
@@ -29,7 +30,7 @@ def tiny(**sections: dict) -> object:
     raw["judge"].update(steps=20)
     raw["tokenizer"].update(steps=10)
     raw["generator"].update(steps=10)
-    raw["rl"].update(steps=2, eval_every=0)
+    raw["rl"].update(steps=2, eval_every=0, seeds=[0, 1])  # two RL seeds: the seeds section
     for name, values in sections.items():
         raw[name].update(values)
     return build_params(raw)
@@ -104,6 +105,31 @@ def test_report_files_metrics_and_protocol(first):
         assert best in (1.0, 2.0)
         assert m[f"best.{model}_gfd_eval"] == min(m[f"sweep_{model}.cfg1_gfd_eval"],
                                                   m[f"sweep_{model}.cfg2_gfd_eval"])
+        # Every sweep point and the best operating point carry 95% intervals.
+        for key in evaluate.SWEEP_INTERVAL_KEYS:
+            for point in (f"sweep_{model}.cfg1_{key}", f"sweep_{model}.cfg2_{key}",
+                          f"best.{model}_{key}"):
+                assert m[f"{point}_ci_low"] <= m[point] <= m[f"{point}_ci_high"], point
+    # RL seed 1 beside seed 0 ("rl"): graded like it, paired with the base, aggregated.
+    for key in evaluate.INTERVAL_METRICS:
+        assert m[f"diff_seed1.{key}"] == pytest.approx(m[f"rl_seed1.{key}"] - m[f"base.{key}"],
+                                                       abs=2e-6)
+        assert m[f"diff_seed1.{key}_ci_low"] <= m[f"diff_seed1.{key}_ci_high"]
+    assert m["seeds.n"] == 2
+    for key in ("eval_accuracy", "gfd_eval", "diversity"):
+        mean = (m[f"rl.{key}"] + m[f"rl_seed1.{key}"]) / 2
+        assert m[f"seeds.mean_{key}"] == pytest.approx(mean, abs=2e-6)
+        assert m[f"seeds.diff_{key}"] == pytest.approx(mean - m[f"base.{key}"], abs=4e-6)
+        assert m[f"seeds.diff_{key}_ci_low"] <= m[f"seeds.diff_{key}"] <= \
+            m[f"seeds.diff_{key}_ci_high"]
+    # RL against the base at its best CFG scale, sampled at the evaluation's count.
+    assert m["distil.guided_cfg_scale"] == m["best.base_cfg_scale"]
+    assert m["distil.seeds"] == 2 and m["distil.met"] == 0.0  # needs >= 3 seeds to claim
+    assert m["distil.rl_eval_accuracy"] == m["seeds.mean_eval_accuracy"]
+    groups = {k.split(".")[0] for k in m}
+    assert "rl_seed1" in groups
+    # The base is sampled once more only when its best scale is not the evaluation's.
+    assert ("guided" in groups) == (m["best.base_cfg_scale"] != m["base.cfg_scale"])
     # Generated and held-out real images compared with the train split at one count.
     protocol = json.loads((report / "protocol.json").read_text())
     assert m["real.n"] == min(protocol["real_set"]["images"], protocol["samples"]["per_generator"])
@@ -122,6 +148,8 @@ def test_report_files_metrics_and_protocol(first):
                    f"**{cfg.sample_steps}** steps", f"seed **{cfg.seed}**", "**judge**",
                    "**evaluator**", "FD-judge", "held-out real (floor)", "## Protocol",
                    "95% bootstrap intervals", "## CFG sweep", "Best operating points",
+                   "## RL seeds", "| **mean of 2** |", "### Does RL distil guidance?",
+                   "a claim needs at least 3 seeds",
                    "| metric | base | RL | delta (RL - base) | held-out real (floor) |"):
         assert needle in text, needle
     links = re.findall(r"\]\(([^)]+)\)", text)
@@ -138,7 +166,8 @@ def test_report_files_metrics_and_protocol(first):
     assert protocol["sampler"] == cfg.sampler and protocol["seed"] == cfg.seed
     assert protocol["samples"]["labels_and_noise"] == "identical for base and RL"
     assert set(protocol["inputs"]) == {"prepared", "judge", "evaluator", "tokenizer", "generator",
-                                       "rl"}
+                                       "rl", "rl_seed1"}
+    assert protocol["rl_seeds"]["seeds"] == [0, 1]
 
 
 def test_rerun_gives_identical_metrics_and_report_bytes(inputs, first, tmp_path):
@@ -253,5 +282,5 @@ def test_bootstrap_intervals_match_a_known_case_and_pair_the_difference() -> Non
 def test_the_bootstraps_shared_reference_fd_is_metrics_fd() -> None:
     rng = np.random.default_rng(0)
     ref, gen = rng.normal(size=(300, 6)), rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6))
-    fd = evaluate._Reference(ref).fd(gen)
-    assert fd == pytest.approx(evaluate.metrics.fd_from_features(ref, gen), rel=1e-9)
+    fd = intervals.Reference(ref).fd(gen)
+    assert fd == pytest.approx(intervals.metrics.fd_from_features(ref, gen), rel=1e-9)

@@ -153,6 +153,21 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
     report = (a / "reports/evaluate/report.md").read_text()
     assert "base" in report and "RL" in report
 
+    # Several RL seeds in one pipeline: only rl and evaluate rerun, seed 0 from its
+    # checkpoints; the report aggregates the three.
+    table = cli(a, "run", "-S", "rl.seeds=[0, 1, 2]").stdout
+    assert re.search(r"rl\s+ran", table) and re.search(r"generator\s+skipped", table)
+    assert sha("artifacts/rl/model.safetensors") == upstream["rl"]
+    for seed in (1, 2):
+        assert (a / f"artifacts/rl/seeds/seed_{seed}/model.safetensors").is_file()
+    m = json.loads((a / "metrics/evaluate.json").read_text())
+    assert m["seeds.n"] == 3 and m["distil.seeds"] == 3
+    assert m["seeds.diff_gfd_eval_ci_low"] <= m["seeds.diff_gfd_eval"] <= \
+        m["seeds.diff_gfd_eval_ci_high"]
+    report = (a / "reports/evaluate/report.md").read_text()
+    assert "| **mean of 3** |" in report and "](rl_seeds.png)" in report
+    assert "didn't change" in dvc(a, "repro")
+
     # the `dvc repro` run in project b logged a top-level run
     (solo,) = runs(b, "tags.`latentforge.stage` = 'prepare'")
     assert "mlflow.parentRunId" not in solo.data.tags

@@ -169,11 +169,12 @@ def test_kl_term_pulls_a_drifted_policy_back_without_reward_signal() -> None:
 
 
 def test_update_labels_are_seeded_groups() -> None:
-    cfg = build_params({"rl": {"classes_per_step": 3, "group_size": 2, "seed": 5}}).rl
-    a = rl.update_labels(cfg, 7, num_classes=10)
-    assert a.tolist() == rl.update_labels(cfg, 7, num_classes=10).tolist()
+    cfg = build_params({"rl": {"classes_per_step": 3, "group_size": 2}}).rl
+    a = rl.update_labels(cfg, 5, 7, num_classes=10)
+    assert a.tolist() == rl.update_labels(cfg, 5, 7, num_classes=10).tolist()
     assert len(set(a[::2].tolist())) == 3 and (a[::2] == a[1::2]).all()
-    assert a.tolist() != rl.update_labels(cfg, 8, num_classes=10).tolist()
+    assert a.tolist() != rl.update_labels(cfg, 5, 8, num_classes=10).tolist()
+    assert a.tolist() != rl.update_labels(cfg, 6, 7, num_classes=10).tolist()
 
 
 # ------------------------------------------------------------------------- stage smoke runs
@@ -291,6 +292,38 @@ def test_smoke_outputs_and_resume_after_crash(tiny_inputs, tmp_path, monkeypatch
     assert other.timings["resumed_from_step"] == 0
 
 
+def test_several_seeds_one_folder_and_each_resumes_on_its_own(tiny_inputs, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one = run_rl(tiny_inputs, tiny(seeds=[0], eval_every=0), tmp_path / "one")
+    tracker = RecordingTracker()
+    two = run_rl(tiny_inputs, tiny(seeds=[0, 1], eval_every=0), tmp_path / "two", tracker)
+    # Seed 0's checkpoints are reused (its fingerprint does not hold the seed list): same
+    # weights, nothing retrained; seed 1 is trained from the same base into seeds/seed_1.
+    assert two.timings["resumed_from_step"] == tiny().rl.steps
+    assert (tmp_path / "two/model.safetensors").read_bytes() == \
+        (tmp_path / "one/model.safetensors").read_bytes()
+    other = tmp_path / "two/seeds/seed_1"
+    assert {p.name for p in other.iterdir()} == {"model.safetensors", "generator.json",
+                                                 "samples.png", "train_curve.csv"}
+    first = load_file(str(tmp_path / "two/model.safetensors"))
+    second = load_file(str(other / "model.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    meta = json.loads((tmp_path / "two/generator.json").read_text())
+    assert meta["rl"]["seed"] == 0 and meta["rl"]["other_seeds"] == {"1": "seeds/seed_1"}
+    meta1 = json.loads((other / "generator.json").read_text())
+    assert meta1["rl"]["seed"] == 1 and meta1["rl"]["eval_before"] == meta["rl"]["eval_before"]
+    assert generator.load_generator(other, tiny_inputs / "tokenizer").meta["sha256"]
+    # The first seed's metrics keep their names; the others' are prefixed; gains are averaged.
+    m = two.metrics
+    assert {k: v for k, v in m.items() if k in one.metrics} == one.metrics
+    assert m["seed1_after_gfd_eval"] == meta1["metrics"]["gfd_eval"]
+    assert m["seeds_mean_reward_gain"] == pytest.approx(
+        (m["reward_gain"] + m["seed1_reward_gain"]) / 2, abs=2e-6)
+    assert any("seed1/reward_mean" in row for _, row in tracker.metrics)
+    assert tracker.models[0][2]["rl_seeds"] == "0,1"
+
+
 def test_flat_reward_keeps_the_policy_at_the_reference(tiny_inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = tiny(rewards={"test_rl:constant_reward": 1.0}, kl_beta=0.1, eval_every=0)
@@ -318,8 +351,10 @@ def test_reward_goes_up_on_the_fixed_eval_sample(tiny_inputs, tmp_path, monkeypa
     # The tiny generator barely depends on the class, so the judge's reward cannot move in a
     # few updates; image brightness is a reward its latents do control.
     monkeypatch.chdir(tmp_path)
+    # Std-normalised advantages: brightness differs by ~1e-2 between rollouts, which as raw
+    # advantages (the default, advantage: none) would move a tiny model little in 20 updates.
     params = tiny(rewards={"test_rl:brightness_reward": 1.0}, steps=20, lr=1e-3,
-                  group_size=8, eval_every=5)
+                  group_size=8, eval_every=5, advantage="global", kl_beta=0.04)
     result = run_rl(tiny_inputs, params, tmp_path / "rl")
     m = result.metrics
     assert m["after_reward_mean"] > m["before_reward_mean"] + 1e-3

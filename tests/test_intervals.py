@@ -1,0 +1,93 @@
+"""The interval arithmetic on known cases: the weighted, batched FD of a resample against FD of
+the resampled rows themselves, the t-interval across seeds, and the seed aggregate and the
+guidance verdict of tasks/compare.py on hand-made numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from latentforge import intervals, metrics
+from latentforge.tasks import compare
+
+
+def test_weighted_fd_of_a_resample_is_fd_of_the_resampled_rows() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(400, 6))
+    sets = rng.normal(size=(3, 120, 6)) @ rng.normal(size=(6, 6))
+    rows = rng.integers(0, 120, 120)
+    counts = np.bincount(rows, minlength=120)
+    got = intervals.Reference(ref).fds(sets, counts)
+    for s in range(3):
+        # float64 throughout; the two routes sum in other orders, so equal to rounding only.
+        assert got[s] == pytest.approx(metrics.fd_from_features(ref, sets[s][rows]), rel=1e-9)
+
+
+def test_a_metric_without_a_bootstrap_is_refused() -> None:
+    s = intervals.PerSample(np.zeros((4, 2)), np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="reward_mean asked of a set scored without rewards"):
+        intervals.bootstrap_intervals(np.zeros((4, 2)), {"a": s}, np.arange(4), seed=0)
+    with pytest.raises(ValueError, match="no bootstrap for metric 'recall'"):
+        intervals.bootstrap_intervals(np.zeros((4, 2)), {"a": s}, np.arange(4), seed=0,
+                                      keys=("recall",))
+
+
+def test_interval_across_seeds_is_students_t() -> None:
+    mean, low, high = intervals.across_seeds([1.0, 2.0, 3.0])
+    # t(0.975, 2) = 4.3027; s = 1; half width = 4.3027 / sqrt(3)
+    assert mean == 2.0 and high - mean == pytest.approx(4.3027 / np.sqrt(3), rel=1e-4)
+    assert mean - low == pytest.approx(high - mean)
+    mean, low, high = intervals.across_seeds([0.7])
+    assert mean == 0.7 and np.isnan(low) and np.isnan(high)
+
+
+def nested(rl_values: list[dict[str, float]], guided: dict[str, float]) -> dict:
+    base = {"eval_accuracy": 0.95, "gfd_eval": 0.6, "diversity": 6.0, "recall": 0.9,
+            "is_eval": 9.0, "reward_mean": -0.2, "precision": 0.9}
+    out = {"base": base, "guided": {**base, **guided}}
+    for i, values in enumerate(rl_values):
+        out["rl" if i == 0 else f"rl_seed{i}"] = {**base, **values}
+    return out
+
+
+def test_seed_aggregate_and_the_distillation_verdict() -> None:
+    seeds = compare.seed_sets(0, [1, 2])
+    n = nested([{"eval_accuracy": 0.99, "gfd_eval": 0.30, "diversity": 5.8},
+                {"eval_accuracy": 0.99, "gfd_eval": 0.32, "diversity": 5.7},
+                {"eval_accuracy": 0.99, "gfd_eval": 0.31, "diversity": 5.9}],
+               {"eval_accuracy": 0.99, "gfd_eval": 0.40, "diversity": 4.0,
+                "gfd_eval_ci_low": 0.1, "gfd_eval_ci_high": 0.9})
+    agg = compare.seeds_summary(n, seeds)
+    assert agg["n"] == 3 and agg["mean_gfd_eval"] == pytest.approx(0.31)
+    assert agg["diff_gfd_eval"] == pytest.approx(0.31 - 0.6)
+    assert agg["diff_gfd_eval_ci_low"] < agg["diff_gfd_eval"] < agg["diff_gfd_eval_ci_high"]
+    d = compare.distil_summary(n, seeds, "guided", 1.25, 1.0)
+    assert d["accuracy_reached"] == d["gfd_no_worse"] == d["diversity_kept"] == d["met"] == 1.0
+    assert d["guided_gfd_eval_ci_high"] == 0.9
+    assert d["diversity_ratio_to_guided"] == pytest.approx(5.8 / 4.0)
+    # Diversity more than 10% below the guided base's fails; so does a gFD interval that
+    # reaches above the guided base's, or fewer than three seeds.
+    n["guided"]["diversity"] = 7.0  # RL's mean 5.8 is 0.83 of it
+    assert compare.distil_summary(n, seeds, "guided", 1.25, 1.0)["diversity_kept"] == 0.0
+    n["guided"]["diversity"] = 4.0
+    for name in ("rl", "rl_seed1", "rl_seed2"):  # consistently above the guided base's 0.40
+        n[name]["gfd_eval"] += 0.2
+    d = compare.distil_summary(n, seeds, "guided", 1.25, 1.0)
+    assert d["rl_minus_guided_gfd_eval_ci_low"] > 0
+    assert d["gfd_no_worse"] == 0.0 and d["met"] == 0.0
+    assert compare.distil_summary(n, seeds[:2], "guided", 1.25, 1.0)["met"] == 0.0
+
+
+def test_one_seed_has_no_interval_across_seeds() -> None:
+    seeds = compare.seed_sets(0, [])
+    n = nested([{"gfd_eval": 0.5, "gfd_eval_ci_low": 0.2, "gfd_eval_ci_high": 0.8}], {})
+    n["rl_vs_guided"] = {"gfd_eval_ci_low": -0.3, "gfd_eval_ci_high": 0.1,
+                         "eval_accuracy_ci_low": -0.02, "eval_accuracy_ci_high": 0.01}
+    agg = compare.seeds_summary(n, seeds)
+    assert "diff_gfd_eval" in agg and "diff_gfd_eval_ci_low" not in agg
+    d = compare.distil_summary(n, seeds, "guided", 1.0, 1.0)
+    # One seed: its bootstrap intervals stand in, and the verdict names what is missing.
+    assert (d["rl_gfd_eval_ci_low"], d["rl_gfd_eval_ci_high"]) == (0.2, 0.8)
+    assert d["rl_minus_guided_gfd_eval_ci_low"] == -0.3
+    assert d["gfd_no_worse"] == d["accuracy_reached"] == 1.0 and d["met"] == 0.0
+    assert "a claim needs at least 3 seeds" in "\n".join(compare.distil_lines(d))
