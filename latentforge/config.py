@@ -314,7 +314,8 @@ class RLConfig:
         [0, 1, 2], "RL seeds (labels and rollouts): one fine-tuning per seed from the same base, "
         "so the evaluation can say whether an effect outlives the seed; the first is the RL "
         "model that is registered, sampled and swept, the others sit in the rl folder's "
-        "seeds/ and are graded beside it. Its first seed also seeds the fixed evaluation sample",
+        "seeds/ and are graded beside it. Each seed has its own checkpoints: adding or "
+        "reordering seeds trains only the new ones",
         ge=0, le=MAX_SEED)
 
     def __post_init__(self) -> None:
@@ -389,8 +390,8 @@ class ComputeConfig:
     ray_address: str | None = param(
         None, "null: a local Ray instance; else a cluster address (e.g. auto, ray://host:10001)")
     num_workers: int = param(1, "Ray Train workers / Ray Data actors; with 1 and no ray_address "
-                             "training and sampling run in-process (caching always uses Ray "
-                             "Data)", ge=1, le=MAX_WORKERS)
+                             "training, caching and sampling run in-process (no Ray start-up)",
+                             ge=1, le=MAX_WORKERS)
     use_gpu: bool = param(False, "give each worker one GPU")
     cpus_per_worker: int = param(1, "CPUs reserved per worker; torch threads follow it", ge=1,
                                  le=MAX_CPUS_PER_WORKER)

@@ -109,7 +109,9 @@ def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
                         labels: np.ndarray, seed: int,
                         replicates: int = BOOTSTRAP_REPLICATES,
                         pairs: Mapping[str, tuple[str, str]] | None = None,
-                        keys: Sequence[str] = INTERVAL_METRICS) -> dict[str, dict[str, float]]:
+                        keys: Sequence[str] = INTERVAL_METRICS,
+                        means: Mapping[str, tuple[str, Sequence[str]]] | None = None
+                        ) -> dict[str, dict[str, float]]:
     """95% bias-shifted percentile intervals of `keys` for each generated set, resampling the
     generated samples (within each class, so every replicate stays class-balanced) and the
     reference set; and paired intervals of the differences second - first for each
@@ -121,6 +123,11 @@ def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
     full-set value. FD needs it: resampled duplicates lower the effective count
     and FD grows as counts fall, so its replicates sit above the full-set value (on the default
     digits by ~0.5 for gFD 0.64); for means (accuracy, reward) the shift is ~0.
+
+    `means[name] = (first, seconds)`: the replicates' std of the mean over `seconds` of the
+    paired differences second - first, as {metric_sd} under out[name]: the sample noise of
+    a mean over RL seeds that share one evaluation draw (which a spread across seeds cannot
+    show; `across_seeds` adds it).
 
     Returns {name: {metric_ci_low, metric_ci_high}} per set and per pair."""
     names = list(sets)
@@ -155,19 +162,30 @@ def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
             diffs = np.array([b[key] - a[key] for a, b in
                               zip(draws[first], draws[second], strict=True)])
             out[pair].update(interval(diffs, point[second][key] - point[first][key], key))
+    for name, (first, seconds) in (means or {}).items():
+        out[name] = {}
+        for key in keys:
+            mean_diffs = np.mean([[d[key] for d in draws[second]] for second in seconds], 0) \
+                - np.array([d[key] for d in draws[first]])
+            out[name][f"{key}_sd"] = float(mean_diffs.std(ddof=1))
     return out
 
 
-def across_seeds(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of one number per RL seed and its 95% Student-t interval,
-    mean +- t(0.975, n - 1) s / sqrt(n); with one seed the interval is (nan, nan), as nothing
-    says how far another seed would land. With 3 seeds t = 4.30: the interval is wide, by
-    design (it is what 3 runs can say)."""
+def across_seeds(values: Sequence[float], sample_sd: float = 0.0
+                 ) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of one number per RL seed and its 95% interval,
+    mean +- sqrt((t(0.975, n - 1) s / sqrt(n))^2 + (1.96 sample_sd)^2): Student-t over the
+    seeds (the noise between RL runs), widened by `sample_sd`, the bootstrap std of the same
+    mean (the noise of the one evaluation draw every seed shares, which the spread across
+    seeds cannot show). With one seed the interval is (nan, nan), as nothing says how far
+    another seed would land. With 3 seeds t = 4.30: the interval is wide, by design (it is
+    what 3 runs can say)."""
     from scipy import stats
 
     x = np.asarray(values, dtype=np.float64)
     mean = float(x.mean())
     if len(x) < 2:
         return mean, float("nan"), float("nan")
-    half = float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    seeds_half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))
+    half = float(np.hypot(seeds_half, 1.959964 * sample_sd))
     return mean, mean - half, mean + half

@@ -98,7 +98,8 @@ STAGES: dict[str, StageSpec] = {
     ),
     "evaluate": StageSpec(
         name="evaluate",
-        code=("tasks/evaluate.py",),
+        code=("tasks/evaluate.py", "tasks/compare.py", "latentforge/intervals.py",
+              "latentforge/figures.py"),
         deps=(str(PREPARED), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(GENERATOR),
               str(RL),
               str(PLOTS / "rl_reward.csv")),

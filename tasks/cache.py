@@ -17,7 +17,11 @@ Output folder (data/cache), swapped in atomically and memory-mappable:
 Nothing in it depends on time, machine or worker count, so DVC hashes are reproducible.
 
 How it runs: the driver plans the shards (cache.shard_size images each) and cuts them into
-encoder batches aligned to the shard start (cache.batch_size images each). Ray Data feeds
+encoder batches aligned to the shard start (cache.batch_size images each). With one worker and
+no cluster (`compute`'s defaults) the driver encodes them itself, through the same
+`EncodeBatches` code with the same batches and torch threads: a local Ray instance and an
+actor would cost ~4 s and ~2.5 s of start-up on 2 cores for ~1 s of encoding of the default
+digits. Otherwise Ray Data feeds
 these index ranges, a block of consecutive ones per call, to a pool of `compute.num_workers`
 actors (`EncodeBatches`; `compute.cpus_per_worker` CPUs and torch threads each, one GPU each
 with `compute.use_gpu`) that hold the model and read the images straight from the
@@ -44,6 +48,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -62,6 +67,7 @@ from latentforge.raycluster import (
     on_cluster,
     record_nodes,
     start_ray_data,
+    use_ray,
 )
 from latentforge.runner import StageResult
 from latentforge.tracking import Tracker
@@ -337,7 +343,9 @@ class EncodeBatches:
                         [SplitReader(prepared["dir"], prepared["shards"][s]) for s in SPLITS])
         self.image_shape = tuple(image_shape)
         self.hflip = hflip
-        self.node = node_id()
+        # In-process (no Ray started) there is no node to name; ray is not even imported.
+        ray = sys.modules.get("ray")
+        self.node = node_id() if ray is not None and ray.is_initialized() else ""
         # One full batch before the first call (allocator, kernel selection, cuDNN autotune):
         # start-up work that should not slow the first real batch.
         cfg = self.model.cfg
@@ -500,11 +508,27 @@ class ShardBuffers:
         return done
 
 
+def encode_in_process(batches: list[dict[str, Any]], actor_kwargs: dict[str, Any]
+                      ) -> Iterator[dict[str, np.ndarray]]:
+    """The actor pool's output, computed by one EncodeBatches in this process, batch by
+    batch in order; the process's torch thread count is restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        encoder = EncodeBatches(**actor_kwargs)
+        for item in batches:
+            yield encoder({k: np.asarray([v]) for k, v in item.items()})
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cache_shards(todo: list[Shard], work: Path, labels: Mapping[str, np.ndarray],
                  specs: Mapping[str, dict], cfg: CacheConfig, compute: ComputeConfig,
                  actor_kwargs: dict[str, Any], records: dict[str, dict],
                  readers: list[SplitReader] | None = None) -> EncodeStats:
-    """Encode the shards in `todo` on Ray and commit each one as soon as it is complete.
+    """Encode the shards in `todo` and commit each one as soon as it is complete: on Ray when
+    `compute` asks for several workers or a cluster, else in this process.
 
     With `readers` the driver reads each batch's images and ships them to the actors (blocks
     in the object store); without, the actors read the prepared shards themselves.
@@ -514,7 +538,9 @@ def cache_shards(todo: list[Shard], work: Path, labels: Mapping[str, np.ndarray]
         return stats
     total = len(records) + len(todo)
     buffers = ShardBuffers(todo, specs, cfg.shard_size)
-    start_ray_data(compute)  # before the clock: the pipeline's throughput excludes Ray's own start
+    on_ray = use_ray(compute)
+    if on_ray:
+        start_ray_data(compute)  # before the clock: throughput excludes Ray's own start
     # Wall clock, not perf_counter: it is compared with the actors' `ready_at` (same clock on
     # one machine; NTP-close on a cluster).
     started = time.time()
@@ -523,8 +549,10 @@ def cache_shards(todo: list[Shard], work: Path, labels: Mapping[str, np.ndarray]
     if readers is not None:
         for item in batches:
             item["images"] = readers[item["split"]].read(item["start"], item["stop"]).tobytes()
-    for batch in map_on_actor_pool(batches, EncodeBatches, actor_kwargs, compute):
-        stats.nodes.update(str(n) for n in np.unique(batch["node"]))
+    results = (map_on_actor_pool(batches, EncodeBatches, actor_kwargs, compute) if on_ray
+               else encode_in_process(batches, actor_kwargs))
+    for batch in results:
+        stats.nodes.update(str(n) for n in np.unique(batch["node"]) if n)
         stats.encoder_seconds += float(batch["encoder_seconds"].sum())
         stats.call_seconds += float(batch["call_seconds"].sum())
         first_ready = min(first_ready, float(batch["ready_at"].min()))
@@ -670,8 +698,10 @@ def run(params: Params, out_dir: str | Path = paths.CACHE,
     if records:
         log.info("cache: resuming from %s: %d of %d shards already committed, encoding %d",
                  work, len(records), len(plan), len(todo))
-    log.info("cache: encoding %d images in %d shard(s) with %d Ray Data actor(s), batch %d",
-             sum(s.count for s in todo), len(todo), compute.num_workers, cfg.batch_size)
+    log.info("cache: encoding %d images in %d shard(s) %s, batch %d",
+             sum(s.count for s in todo), len(todo),
+             f"with {compute.num_workers} Ray Data actor(s)" if use_ray(compute) else
+             "in this process (one worker, no cluster)", cfg.batch_size)
     shards = {s: prepared.manifest["splits"][s]["shards"] for s in SPLITS}
     # On a cluster the actors see none of this machine's files: the images travel with the
     # blocks. On the local instance they map the prepared shards themselves (no copies).

@@ -6,11 +6,14 @@ noise, and this module aggregates them:
 
 - per seed, the evaluator's numbers and the paired bootstrap interval of its difference to the
   base (one evaluation's sample noise);
-- over seeds, the mean difference and its 95% Student-t interval (the noise between RL runs,
-  which the bootstrap cannot see);
+- over seeds, the mean difference and its 95% interval: Student-t across seeds (the noise
+  between RL runs, which the bootstrap cannot see) widened by the bootstrap std of that mean
+  (the noise of the one evaluation draw all seeds share, which the spread cannot see);
 - "does RL distil guidance?": RL at its own CFG scale against the base at its best CFG scale
   (the lowest gFD-eval of evaluate.cfg_sweep), sampled at the evaluation's count with the same
-  labels and noise, so the numbers compare.
+  labels and noise, so the numbers compare. The verdict is "not shown worse at 95%", and the
+  report says so next to the point estimates: with 3 seeds the interval is wide, so "not shown
+  worse" is a weak claim and is never printed as "as good".
 
 Pure functions of the nested metrics dict that tasks/evaluate.py builds ({set name: {metric:
 value, metric_ci_low: ..., ...}}), so they are tested without sampling anything.
@@ -64,10 +67,12 @@ def seed_sets(first: int | None, others: Sequence[int]) -> list[SeedSet]:
     return sets + [SeedSet(s, f"rl_seed{s}", f"diff_seed{s}") for s in others]
 
 
-def seeds_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[SeedSet]
-                  ) -> dict[str, float]:
+def seeds_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[SeedSet],
+                  sample_sd: Mapping[str, float] | None = None) -> dict[str, float]:
     """Over seeds: n, the mean of each metric, and the mean difference to the base with its
-    95% t-interval across seeds (nan with one seed)."""
+    95% interval across seeds (none with one seed), widened by sample_sd[f"{metric}_sd"]
+    (the bootstrap std of the mean difference) where given."""
+    sd = sample_sd or {}
     out: dict[str, float] = {"n": float(len(seeds))}
     base = nested["base"]
     for key in SEED_METRICS:
@@ -75,23 +80,27 @@ def seeds_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[See
             continue
         out[f"mean_{key}"] = float(np.mean([nested[s.samples][key] for s in seeds]))
         _interval(out, f"diff_{key}",
-                  *across_seeds([nested[s.samples][key] - base[key] for s in seeds]))
+                  *across_seeds([nested[s.samples][key] - base[key] for s in seeds],
+                                sd.get(f"{key}_sd", 0.0)))
     return out
 
 
 def distil_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[SeedSet],
-                   guided: str, guided_scale: float, rl_scale: float) -> dict[str, float]:
+                   guided: str, guided_scale: float, rl_scale: float,
+                   sample_sd: Mapping[str, float] | None = None) -> dict[str, float]:
     """RL (mean over seeds, at rl_scale) against the base at its best CFG scale (the set named
     `guided`), and whether RL distils guidance. The differences RL - guided base are paired
-    (same labels and noise); their 95% interval is Student-t across seeds, or with one seed
-    the paired bootstrap interval nested[f"{samples}_vs_guided"]:
-      accuracy_reached: RL's accuracy is not shown lower than the guided base's (the upper
+    (same labels and noise); their 95% interval is Student-t across seeds widened by
+    sample_sd (as in seeds_summary), or with one seed the paired bootstrap interval
+    nested[f"{samples}_vs_guided"]:
+      accuracy_not_lower: RL's accuracy is not shown lower than the guided base's (the upper
         end of the difference's interval >= 0);
-      gfd_no_worse: RL's gFD-eval is not shown higher (the lower end of the difference's
+      gfd_not_higher: RL's gFD-eval is not shown higher (the lower end of the difference's
         interval <= 0);
       diversity_kept: RL's mean diversity >= DIVERSITY_KEPT x the guided base's (the ratio to
         the unguided base, which RL started from, is diversity_ratio_to_base);
-      met: all three, over at least MIN_SEEDS_FOR_CLAIM seeds."""
+      not_shown_worse: all three, over at least MIN_SEEDS_FOR_CLAIM seeds."""
+    sd = sample_sd or {}
     g = nested[guided]
     out: dict[str, float] = {"guided_cfg_scale": guided_scale, "rl_cfg_scale": rl_scale,
                              "seeds": float(len(seeds))}
@@ -105,7 +114,7 @@ def distil_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[Se
         if len(seeds) == 1 and f"{key}_ci_low" in nested[seeds[0].samples]:
             low, high = (nested[seeds[0].samples][f"{key}_{e}"] for e in ("ci_low", "ci_high"))
         _interval(out, f"rl_{key}", mean, low, high)
-        diff = across_seeds([v - g[key] for v in values])
+        diff = across_seeds([v - g[key] for v in values], sd.get(f"{key}_sd", 0.0))
         paired = nested.get(f"{seeds[0].samples}_vs_guided", {})
         if len(seeds) == 1 and f"{key}_ci_low" in paired:
             diff = (diff[0], paired[f"{key}_ci_low"], paired[f"{key}_ci_high"])
@@ -115,11 +124,11 @@ def distil_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[Se
     tol = 1e-9  # a mean of equal numbers may round past them
     acc_high = out.get("rl_minus_guided_eval_accuracy_ci_high", np.nan)
     gfd_low = out.get("rl_minus_guided_gfd_eval_ci_low", np.nan)
-    checks = {"accuracy_reached": bool(np.isfinite(acc_high)) and acc_high >= -tol,
-              "gfd_no_worse": bool(np.isfinite(gfd_low)) and gfd_low <= tol,
+    checks = {"accuracy_not_lower": bool(np.isfinite(acc_high)) and acc_high >= -tol,
+              "gfd_not_higher": bool(np.isfinite(gfd_low)) and gfd_low <= tol,
               "diversity_kept": out["diversity_ratio_to_guided"] >= DIVERSITY_KEPT - tol}
     out.update({k: float(v) for k, v in checks.items()})
-    out["met"] = float(all(checks.values()) and len(seeds) >= MIN_SEEDS_FOR_CLAIM)
+    out["not_shown_worse"] = float(all(checks.values()) and len(seeds) >= MIN_SEEDS_FOR_CLAIM)
     return out
 
 
@@ -147,8 +156,9 @@ def seeds_section(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[See
              f"{len(seeds)} RL fine-tunings of the same base (`rl.seeds`), sampled with the "
              "evaluation's labels and noise. Per seed, [low, high] is the paired bootstrap "
              "interval of its difference to the base (sample noise only); the mean row's is the "
-             "95% Student-t interval across seeds (the noise between RL runs; none with one "
-             "seed).", "", head + " |", "|---|" + "---|---|" * len(TABLE_METRICS)]
+             "95% Student-t interval across seeds (the noise between RL runs) widened by the "
+             "bootstrap std of the mean (the sample noise of the draw all seeds share); none "
+             "with one seed.", "", head + " |", "|---|" + "---|---|" * len(TABLE_METRICS)]
     for s in seeds:
         cells = []
         for key, _ in TABLE_METRICS:
@@ -184,8 +194,9 @@ def distil_lines(d: Mapping[str, float]) -> list[str]:
         f"RL at CFG {d['rl_cfg_scale']:g} (mean of {n} seed{'s' * (n != 1)}) against the base "
         f"at its best CFG scale, {d['guided_cfg_scale']:g} (lowest gFD-eval in the sweep), "
         "sampled at this evaluation's count with the same labels and noise:", "",
-        "Intervals: RL's and the difference's are 95% Student-t across seeds (paired bootstrap "
-        "with one seed); the guided base's, its bootstrap over samples.", "",
+        "Intervals: RL's and the difference's are 95% Student-t across seeds, the difference's "
+        "widened by the sample noise of the draw all seeds share (paired bootstrap with one "
+        "seed); the guided base's, its bootstrap over samples.", "",
         "| metric | RL (mean, 95% interval) | base at best CFG | RL - guided base |",
         "|---|---|---|---|",
         *(f"| {label} | {_cell(d, f'rl_{key}')} | {_cell(d, f'guided_{key}')} | "
@@ -195,14 +206,15 @@ def distil_lines(d: Mapping[str, float]) -> list[str]:
                              ("recall", "recall ↑"))),
         "",
         f"- evaluator accuracy not shown lower than the guided base's (the upper end of the "
-        f"difference's interval >= 0): {verdict('accuracy_reached')}",
+        f"difference's interval >= 0): {verdict('accuracy_not_lower')}",
         f"- gFD-eval not shown higher (the lower end of the difference's interval <= 0): "
-        f"{verdict('gfd_no_worse')}",
+        f"{verdict('gfd_not_higher')}",
         f"- diversity within {1 - DIVERSITY_KEPT:.0%} of the guided base's (ratio "
         f"{d['diversity_ratio_to_guided']:.3f}; to the unguided base at CFG "
         f"{d['rl_cfg_scale']:g}: {d['diversity_ratio_to_base']:.3f}): "
         f"{verdict('diversity_kept')}",
-        f"- **RL matches the guided base within the intervals: {'yes' if d['met'] else 'no'}**"
+        f"- **RL not shown worse than the guided base at 95%: "
+        f"{'yes' if d['not_shown_worse'] else 'no'}**"
         + ("" if n >= MIN_SEEDS_FOR_CLAIM else
            f" (a claim needs at least {MIN_SEEDS_FOR_CLAIM} seeds; this run has {n})"),
         f"- point estimates: RL is {ahead('eval_accuracy', higher=True)} in accuracy and "

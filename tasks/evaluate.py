@@ -77,6 +77,7 @@ SWEEP_PNG = "cfg_sweep.png"
 # What the CFG sweep records per scale; the best operating point is the lowest gFD-eval.
 SWEEP_KEYS = ("eval_accuracy", "gfd_eval", "precision", "recall", "diversity")
 SWEEP_INTERVAL_KEYS = ("eval_accuracy", "gfd_eval")  # with 95% bootstrap intervals
+SWEEP_SEED_OFFSET = 1  # the sweep samples with noise seed evaluate.seed + 1
 REWARD_CSV = "rl_reward.csv"  # in plots_dir, written by the rl stage
 TRAIN_CURVE = "train_curve.csv"  # in each training stage's output folder
 
@@ -172,7 +173,7 @@ def load_inputs(dirs: Mapping[str, Path]) -> Inputs:
     generators = {m: load_generator(dirs[STAGE_OF[m]], dirs["tokenizer"]) for m in MODELS}
     dirs = dict(dirs)
     seed_generators = {}
-    for seed, rel in generators["rl"].meta.get("rl", {}).get("other_seeds", {}).items():
+    for seed, rel in generators["rl"].meta.get("rl", {}).get("other_seeds", []):
         folder = dirs["rl"] / rel
         if not (folder / generator_stage.META).is_file():
             raise DataError(f"{folder / generator_stage.META}: missing; {dirs['rl']} lists RL "
@@ -279,6 +280,9 @@ def cfg_sweep(inputs: Inputs, cfg: EvaluateConfig, evaluator: JudgeScorer,
     by the evaluator: {"sweep_base": {"cfg1_5_gfd_eval": ...}, "sweep_rl": ..., "best": the
     scale of each model's lowest gFD-eval and its numbers there}."""
     labels = flow.balanced_labels(inputs.prepared.num_classes, cfg.cfg_sweep_per_class).numpy()
+    # Its own noise: the base's best scale is picked here and then compared with RL on the
+    # evaluation's draw, which must not be the draw it was picked on.
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + SWEEP_SEED_OFFSET)
     out: dict[str, dict[str, float]] = {f"sweep_{m}": {} for m in MODELS}
     sets: dict[str, PerSample] = {}
     for scale in cfg.cfg_sweep:
@@ -353,7 +357,9 @@ def sweep_section(nested: Mapping[str, Mapping[str, float]], scales: Sequence[fl
         return []
     lines = ["## CFG sweep: base and RL at each guidance scale", "",
              f"{per_class * classes} samples per point ({per_class} per class, the same labels "
-             "and noise at every point), graded by the evaluator against the train split.", "",
+             "and noise at every point, noise seed evaluate.seed + "
+             f"{SWEEP_SEED_OFFSET}: not the draw the tables above compare on), graded by the "
+             "evaluator against the train split.", "",
              "| CFG | base accuracy | base gFD-eval | base recall | RL accuracy | RL gFD-eval | "
              "RL recall |", "|---|---|---|---|---|---|---|"]
     for c in scales:
@@ -449,10 +455,11 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                     "labels_and_noise": "identical for base and RL"},
         "sampler": cfg.sampler, "steps": cfg.sample_steps,
         "cfg_sweep": {"scales": list(cfg.cfg_sweep), "per_class": cfg.cfg_sweep_per_class,
+                      "seed": cfg.seed + SWEEP_SEED_OFFSET,
                       "best_operating_point": "the scale with the lowest gFD-eval, per model"},
         "nfe": {m: samples[m].nfe for m in MODELS},
         "cfg_scale": {m: samples[m].cfg_scale for m in MODELS},
-        "rl_seeds": {"seeds": [s.seed for s in inputs.seeds],
+        "rl_seeds": {"seeds": [s.seed if s.seed >= 0 else None for s in inputs.seeds],
                      "sets": {str(s.seed): s.samples for s in inputs.seeds},
                      "sampling": "every seed at the RL CFG scale, with the base's labels and "
                                  "noise",
@@ -817,19 +824,23 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     nested["real"] = real  # the same for every set: one count, one subset seed
     log.info("evaluate: %d bootstrap replicates for the 95%% intervals", BOOTSTRAP_REPLICATES)
     pairs = {s.diff: ("base", s.samples) for s in seeds}
+    # The sample noise of a mean over seeds that all share this one draw.
+    means = {"seeds": ("base", [s.samples for s in seeds])}
     if guided:
         pairs.update({f"{s.samples}_vs_guided": (guided, s.samples) for s in seeds})
-    intervals = bootstrap_intervals(ref_features, per_sample, labels, seed=cfg.seed, pairs=pairs)
+        means["distil"] = (guided, [s.samples for s in seeds])
+    intervals = bootstrap_intervals(ref_features, per_sample, labels, seed=cfg.seed, pairs=pairs,
+                                    means=means)
     for name in samples:
         nested[name].update(intervals[name])
     for pair, (first, second) in pairs.items():
         nested[pair] = {**{key: nested[second][key] - nested[first][key]
                            for key in INTERVAL_METRICS}, **intervals[pair]}
-    nested["seeds"] = compare.seeds_summary(nested, seeds)
+    nested["seeds"] = compare.seeds_summary(nested, seeds, intervals["seeds"])
     if guided:
         nested["distil"] = compare.distil_summary(nested, seeds, guided,
                                                   samples[guided].cfg_scale,
-                                                  samples["rl"].cfg_scale)
+                                                  samples["rl"].cfg_scale, intervals["distil"])
     nested["tokenizer"] = dict(tok_metrics)
     fid_sha = None
     if cfg.inception_weights:

@@ -22,7 +22,9 @@ Every update's randomness (labels, rollout noise, trained steps) is a pure funct
 (each with its own checkpoints, so adding a seed reruns only that seed). The first seed's model
 is the stage's RL model (the rl folder itself: registered, sampled, swept by evaluate); the
 others are generator folders under ``seeds/seed_<n>/`` that evaluate grades beside it. All
-seeds share the fixed evaluation sample (seeded by the first), so their numbers pair.
+seeds share the fixed evaluation sample (seed EVAL_SAMPLE_SEED, whatever rl.seeds holds, so
+reordering or extending the seeds keeps every finished seed's checkpoints), so their numbers
+pair.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ log = logging.getLogger(__name__)
 
 KEEP_LAST = 2
 SEEDS_DIR = "seeds"  # in the rl folder: one generator folder per RL seed after the first
+EVAL_SAMPLE_SEED = 0  # noise of the fixed evaluation sample, shared by every RL seed
 # Flow-GRPO's epsilon: keeps groups whose rewards differ by round-off from getting huge
 # advantages.
 ADV_EPS = 1e-4
@@ -584,7 +587,7 @@ def run(params: Params, out_dir: str | Path = paths.RL,
 
     train_x, _ = prepared.split("train")
     es = EvalSet(labels=flow.balanced_labels(len(base.class_names), cfg.eval_per_class).numpy(),
-                 ref_features=evaluator.score(train_x)[0], seed=cfg.seeds[0],
+                 ref_features=evaluator.score(train_x)[0], seed=EVAL_SAMPLE_SEED,
                  steps=params.generator.sample_steps, sampler=params.generator.sampler,
                  cfg_scale=cfg.cfg_scale)
     base_meta = {k: v for k, v in base.meta.items() if k != "sha256"}
@@ -620,7 +623,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
         after, images = evaluate(model, base_meta, tok, evaluator, reward, es)
         eval_seconds += time.perf_counter() - started
         seconds += result.seconds
-        rollouts_per_s.append(result.rollouts_per_s)
+        if result.rollouts_per_s:  # 0 for a seed that was already finished
+            rollouts_per_s.append(result.rollouts_per_s)
         resumed_from.append(result.resumed_from)
         result.history[-1].update({f"eval/{k}": v for k, v in after.items()})
         prefix = "" if not results else f"seed{seed}/"
@@ -633,7 +637,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
                       "eval_after": after,
                       "base_generator_metrics": base.meta.get("metrics", {})}
         if not results:  # the first seed's folder lists the others (evaluate reads it)
-            meta["rl"]["other_seeds"] = {str(s): seed_folder(s) for s in cfg.seeds[1:]}
+            # A list, in rl.seeds order (a mapping would be key-sorted by the JSON writer).
+            meta["rl"]["other_seeds"] = [[s, seed_folder(s)] for s in cfg.seeds[1:]]
         # "metrics" describes this model; the base's own stage metrics move to rl.
         meta["metrics"] = {k: round(v, 6) for k, v in after.items()}
         results.append(SeedResult(seed, model, meta, curve_csv(result.history),
@@ -672,8 +677,10 @@ def run(params: Params, out_dir: str | Path = paths.RL,
                + "---|" * len(results) + f"\n{table}")
     return StageResult(
         metrics=m, summary=summary, digests={"rl": weights_sha},
-        timings={"seconds": seconds, "rollouts_per_s": float(np.mean(rollouts_per_s)),
-                 "eval_seconds": eval_seconds, "resumed_from_step": resumed_from[0]})
+        timings={"seconds": seconds,
+                 "rollouts_per_s": float(np.mean(rollouts_per_s)) if rollouts_per_s else 0.0,
+                 "eval_seconds": eval_seconds, "resumed_from_step": resumed_from[0],
+                 "resumed_from_step_min": min(resumed_from)})
 
 
 def run_stage(params: Params, tracker: Tracker) -> StageResult:

@@ -3,6 +3,7 @@ resume after SIGKILL, and 1 against 2 Ray Data actors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -260,9 +261,48 @@ def test_shard_buffers_gather_rows_arriving_in_any_order():
         assert (arrays["codes"][:, 1] == (shard.split == "val")).all()
 
 
-def test_two_actors_write_the_same_cache_as_one(tiny_root, tmp_path, monkeypatch):
+def assert_same_cache(a: Path, b: Path) -> None:
+    """The same files, labels, codes and manifest (less the float arrays' sha256s), and
+    float arrays equal to rounding: another process may pick other kernels (tests/numerics)."""
+    files_a, files_b = read_folder(a), read_folder(b)
+    assert files_a.keys() == files_b.keys()
+    floats = [n for n in files_a if n.endswith((".mean.npy", ".logvar.npy"))]
+    for name in files_a:
+        if name in floats:
+            assert_rounding_close(np.load(a / name), np.load(b / name))
+        elif name != cache.MANIFEST:
+            assert files_a[name] == files_b[name], name
+
+    def without_float_digests(manifest: dict) -> str:
+        text = json.dumps(manifest, sort_keys=True)
+        for name in floats:
+            for folder in (a, b):
+                text = text.replace(hashlib.sha256((folder / name).read_bytes()).hexdigest(), "")
+        return text
+
+    assert without_float_digests(json.loads(files_a[cache.MANIFEST])) == \
+        without_float_digests(json.loads(files_b[cache.MANIFEST]))
+
+
+def test_ray_actors_write_the_same_cache_as_the_in_process_encoder(tiny_root, tmp_path,
+                                                                   monkeypatch, caplog):
+    # The module's cache_kl was encoded in this process (one worker, no cluster: no Ray).
     monkeypatch.chdir(tmp_path)
-    run_cache(tiny_root, tmp_path / "cache", compute={"num_workers": 2})
+    with caplog.at_level(logging.INFO, logger="latentforge.tasks.cache"):
+        run_cache(tiny_root, tmp_path / "cache", compute={"num_workers": 2})
+    assert "with 2 Ray Data actor(s)" in caplog.text
+    assert_same_cache(tmp_path / "cache", tiny_root / "cache_kl")
+
+
+def test_one_worker_encodes_in_process_without_ray_data(tiny_root, tmp_path, monkeypatch,
+                                                        caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cache, "map_on_actor_pool", None)  # calling it would raise
+    monkeypatch.setattr(cache, "start_ray_data", None)
+    with caplog.at_level(logging.INFO, logger="latentforge.tasks.cache"):
+        run_cache(tiny_root, tmp_path / "cache")
+    assert "in this process (one worker, no cluster)" in caplog.text
+    # Same process, same batches and threads as the module's run: the same bytes.
     assert read_folder(tmp_path / "cache") == read_folder(tiny_root / "cache_kl")
 
 
@@ -326,7 +366,8 @@ def test_rerun_after_sigkill_keeps_committed_shards_and_matches_an_uninterrupted
     for name, before in kept.items():  # the very files the victim wrote, not re-encoded ones
         after = (tmp_path / "cache" / name).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), name
-    assert read_folder(tmp_path / "cache") == read_folder(tiny_root / "cache_kl")
+    # The victim's shards came from a Ray actor, the rest from this process.
+    assert_same_cache(tmp_path / "cache", tiny_root / "cache_kl")
     assert not work.exists()
 
 
@@ -342,7 +383,7 @@ def test_a_cache_run_does_not_warn_that_ray_data_bars_are_off(tiny_root, tmp_pat
     progress_log.addHandler(handler)
     ray.util.debug._logged.discard("ray_data_progress_manager_disabled")  # Ray warns once
     try:
-        run_cache(tiny_root, tmp_path / "cache")
+        run_cache(tiny_root, tmp_path / "cache", compute={"num_workers": 2})  # on Ray Data
     finally:
         progress_log.removeHandler(handler)
     assert not [r.getMessage() for r in records if "disabled" in r.getMessage()]

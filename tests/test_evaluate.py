@@ -109,7 +109,8 @@ def test_report_files_metrics_and_protocol(first):
         for key in evaluate.SWEEP_INTERVAL_KEYS:
             for point in (f"sweep_{model}.cfg1_{key}", f"sweep_{model}.cfg2_{key}",
                           f"best.{model}_{key}"):
-                assert m[f"{point}_ci_low"] <= m[point] <= m[f"{point}_ci_high"], point
+                # Bias-shifted: the interval need not hold its point, only be ordered.
+                assert m[f"{point}_ci_low"] <= m[f"{point}_ci_high"], point
     # RL seed 1 beside seed 0 ("rl"): graded like it, paired with the base, aggregated.
     for key in evaluate.INTERVAL_METRICS:
         assert m[f"diff_seed1.{key}"] == pytest.approx(m[f"rl_seed1.{key}"] - m[f"base.{key}"],
@@ -124,7 +125,7 @@ def test_report_files_metrics_and_protocol(first):
             m[f"seeds.diff_{key}_ci_high"]
     # RL against the base at its best CFG scale, sampled at the evaluation's count.
     assert m["distil.guided_cfg_scale"] == m["best.base_cfg_scale"]
-    assert m["distil.seeds"] == 2 and m["distil.met"] == 0.0  # needs >= 3 seeds to claim
+    assert m["distil.seeds"] == 2 and m["distil.not_shown_worse"] == 0.0  # needs >= 3 seeds to claim
     assert m["distil.rl_eval_accuracy"] == m["seeds.mean_eval_accuracy"]
     groups = {k.split(".")[0] for k in m}
     assert "rl_seed1" in groups

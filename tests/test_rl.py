@@ -310,7 +310,7 @@ def test_several_seeds_one_folder_and_each_resumes_on_its_own(tiny_inputs, tmp_p
     second = load_file(str(other / "model.safetensors"))
     assert any(not torch.equal(first[k], second[k]) for k in first)
     meta = json.loads((tmp_path / "two/generator.json").read_text())
-    assert meta["rl"]["seed"] == 0 and meta["rl"]["other_seeds"] == {"1": "seeds/seed_1"}
+    assert meta["rl"]["seed"] == 0 and meta["rl"]["other_seeds"] == [[1, "seeds/seed_1"]]
     meta1 = json.loads((other / "generator.json").read_text())
     assert meta1["rl"]["seed"] == 1 and meta1["rl"]["eval_before"] == meta["rl"]["eval_before"]
     assert generator.load_generator(other, tiny_inputs / "tokenizer").meta["sha256"]
