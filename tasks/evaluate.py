@@ -669,7 +669,8 @@ def render_report(report: Report, link_images: bool = True) -> str:
         f"{BOOTSTRAP_REPLICATES} replicates resampling "
         f"the samples within each class and the reference set; the delta's are paired, one "
         f"resample serving both generators). A delta whose interval holds 0 is no evidence "
-        f"of a difference. Single seeds: these intervals are over samples, not over RL runs.",
+        f"of a difference. RL here is the first of `rl.seeds`, and these intervals are over "
+        f"samples, not over RL runs: the RL seeds section below has the spread across runs.",
         "",
         f"FD is biased upwards at small counts, so compare a generator's FD with the held-out "
         f"real images' only at one count: the rows *at the real set's count* "
