@@ -1,5 +1,5 @@
 """The cache stage on the tiny preset: what it stores, the loader's checks, the decode check,
-resume after SIGKILL, and 1 against 2 Ray Data actors."""
+resume after SIGKILL, and in-process against 2 Ray Data actors."""
 
 from __future__ import annotations
 

@@ -83,3 +83,25 @@ def test_the_cluster_check_probes_every_node_with_python_ray_torch(ray_local):  
     for versions in found.values():
         assert versions == {"python": platform.python_version(), "ray": ray.__version__,
                             "torch": torch.__version__.split("+")[0], "latentforge": "yes"}
+
+
+def test_a_local_ray_instance_listens_on_loopback_only(ray_local):  # noqa: F811
+    """raycluster.init_ray's local instance: its GCS, raylet and agents listen on loopback
+    only (the default pipeline starts none; several workers or a sampling pool start one)."""
+    import psutil
+    from test_signals import is_loopback
+
+    ray_names = ("gcs_server", "raylet", "dashboard", "agent", "ray::")
+    listening = {}
+    for conn in psutil.net_connections("inet"):
+        if conn.status != psutil.CONN_LISTEN or conn.pid is None:
+            continue
+        try:
+            name = " ".join(psutil.Process(conn.pid).cmdline())[:120]
+        except psutil.Error:
+            continue
+        if any(n in name for n in ray_names):
+            listening[(conn.laddr.ip, conn.laddr.port)] = name
+    assert any("gcs_server" in n or "raylet" in n for n in listening.values()), listening
+    outside = {k: v for k, v in listening.items() if not is_loopback(k[0])}
+    assert not outside, f"listening beyond loopback: {outside}"

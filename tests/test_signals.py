@@ -99,7 +99,8 @@ class Run:
 
 def test_ctrl_c_stops_stage_and_server_ends_runs_killed_and_listens_on_loopback_only(
         make_project, tmp_path):
-    # The generator trains until interrupted; caching before it starts a local Ray instance.
+    # The generator trains until interrupted. With compute's defaults (one worker, no cluster)
+    # nothing starts Ray: caching, training and sampling run in the stages' processes.
     root = make_project(tiny(prepare={"max_images": 300}, generator={"steps": 100000}))
     run = Run(root, tmp_path)
     run.wait_for("Running stage 'generator'")
@@ -124,11 +125,12 @@ def test_ctrl_c_stops_stage_and_server_ends_runs_killed_and_listens_on_loopback_
     assert statuses["generator"] == "KILLED", statuses
     assert statuses["prepare"] == statuses["cache"] == "FINISHED", statuses
 
-    # Every socket the run listened on (Prefect's server, Ray's GCS, raylet, workers, agents)
-    # was on loopback; Ray and the Prefect server were both seen.
+    # Every socket the run listened on (Prefect's server) was on loopback, and no Ray process
+    # listened at all (test_raycluster checks that a local Ray instance, when one is started,
+    # listens on loopback only).
     names = set(run.listening.values())
-    assert any("gcs_server" in n or "raylet" in n for n in names), run.listening
-    assert len(run.listening) >= 3, run.listening
+    assert not any("gcs_server" in n or "raylet" in n for n in names), run.listening
+    assert run.listening, "the temporary Prefect server was never seen listening"
     outside = {k: v for k, v in run.listening.items() if not is_loopback(k[0])}
     assert not outside, f"listening beyond loopback: {outside}"
 
