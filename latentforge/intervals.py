@@ -171,6 +171,20 @@ def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
     return out
 
 
+def with_interval(values: Mapping[str, float], key: str, sign: bool = False) -> str:
+    """values[key] as report text, "1.23 [1.10, 1.40]" when values carry key's finite 95%
+    interval (key_ci_low, key_ci_high), else the number alone ("n/a" when not finite);
+    `sign` writes a difference: "+0.12 [-0.03, +0.27]"."""
+    value = values[key]
+    if not np.isfinite(value):
+        return "n/a"
+    text = f"{value:+.4g}" if sign else f"{value:.4g}"
+    low, high = values.get(f"{key}_ci_low", np.nan), values.get(f"{key}_ci_high", np.nan)
+    if np.isfinite(low) and np.isfinite(high):
+        text += f" [{low:+.3g}, {high:+.3g}]" if sign else f" [{low:.4g}, {high:.4g}]"
+    return text
+
+
 def across_seeds(values: Sequence[float], sample_sd: float = 0.0
                  ) -> tuple[float, float, float]:
     """(mean, low, high): the mean of one number per RL seed and its 95% interval,

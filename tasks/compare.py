@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from latentforge.figures import points_with_intervals
-from latentforge.intervals import across_seeds
+from latentforge.intervals import across_seeds, with_interval
 
 # Metrics aggregated over seeds (each set has them; intervals where the bootstrap gives one).
 SEED_METRICS = ("eval_accuracy", "gfd_eval", "is_eval", "reward_mean", "precision", "recall",
@@ -132,15 +132,6 @@ def distil_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[Se
     return out
 
 
-def _cell(values: Mapping[str, float], key: str, sign: bool = False) -> str:
-    value = values[key]
-    text = f"{value:+.4g}" if sign else f"{value:.4g}"
-    low, high = values.get(f"{key}_ci_low", np.nan), values.get(f"{key}_ci_high", np.nan)
-    if np.isfinite(low) and np.isfinite(high):
-        text += f" [{low:+.3g}, {high:+.3g}]" if sign else f" [{low:.4g}, {high:.4g}]"
-    return text
-
-
 TABLE_METRICS = (("eval_accuracy", "accuracy"), ("gfd_eval", "gFD-eval"),
                  ("diversity", "diversity"), ("reward_mean", "reward"))
 
@@ -164,13 +155,13 @@ def seeds_section(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[See
         for key, _ in TABLE_METRICS:
             diff = nested[s.diff] if key in nested[s.diff] else \
                 {key: nested[s.samples][key] - base[key]}
-            cells += [_cell(nested[s.samples], key), _cell(diff, key, sign=True)]
+            cells += [with_interval(nested[s.samples], key), with_interval(diff, key, sign=True)]
         name = "(unnamed)" if s.seed < 0 else str(s.seed)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     cells = []
     for key, _ in TABLE_METRICS:
         if f"mean_{key}" in agg:
-            cells += [f"{agg[f'mean_{key}']:.4g}", _cell(agg, f"diff_{key}", sign=True)]
+            cells += [f"{agg[f'mean_{key}']:.4g}", with_interval(agg, f"diff_{key}", sign=True)]
         else:
             cells += ["", ""]
     lines += [f"| **mean of {len(seeds)}** | " + " | ".join(cells) + " |", ""]
@@ -199,8 +190,8 @@ def distil_lines(d: Mapping[str, float]) -> list[str]:
         "seed); the guided base's, its bootstrap over samples.", "",
         "| metric | RL (mean, 95% interval) | base at best CFG | RL - guided base |",
         "|---|---|---|---|",
-        *(f"| {label} | {_cell(d, f'rl_{key}')} | {_cell(d, f'guided_{key}')} | "
-          f"{_cell(d, f'rl_minus_guided_{key}', sign=True)} |"
+        *(f"| {label} | {with_interval(d, f'rl_{key}')} | {with_interval(d, f'guided_{key}')} | "
+          f"{with_interval(d, f'rl_minus_guided_{key}', sign=True)} |"
           for key, label in (("eval_accuracy", "evaluator accuracy ↑"),
                              ("gfd_eval", "gFD-eval ↓"), ("diversity", "diversity ↑"),
                              ("recall", "recall ↑"))),

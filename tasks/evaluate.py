@@ -52,6 +52,7 @@ from latentforge.intervals import (
     INTERVAL_METRICS,
     PerSample,
     bootstrap_intervals,
+    with_interval,
 )
 from latentforge.raycluster import record_nodes
 from latentforge.rewards import Reward
@@ -363,15 +364,15 @@ def sweep_section(nested: Mapping[str, Mapping[str, float]], scales: Sequence[fl
              "| CFG | base accuracy | base gFD-eval | base recall | RL accuracy | RL gFD-eval | "
              "RL recall |", "|---|---|---|---|---|---|---|"]
     for c in scales:
-        cells = [_with_interval(nested[f"sweep_{m}"], f"{sweep_key(c)}_{k}") for m in MODELS
+        cells = [with_interval(nested[f"sweep_{m}"], f"{sweep_key(c)}_{k}") for m in MODELS
                  for k in ("eval_accuracy", "gfd_eval", "recall")]
         lines.append(f"| {c:g} | " + " | ".join(cells) + " |")
     b = nested["best"]
     lines += ["", f"Best operating points (lowest gFD-eval): base at CFG **{b['base_cfg_scale']:g}** "
-              f"(accuracy {_with_interval(b, 'base_eval_accuracy')}, gFD-eval "
-              f"{_with_interval(b, 'base_gfd_eval')}, recall {_fmt(b['base_recall'])}); RL at "
-              f"CFG **{b['rl_cfg_scale']:g}** (accuracy {_with_interval(b, 'rl_eval_accuracy')}, "
-              f"gFD-eval {_with_interval(b, 'rl_gfd_eval')}, recall {_fmt(b['rl_recall'])}). "
+              f"(accuracy {with_interval(b, 'base_eval_accuracy')}, gFD-eval "
+              f"{with_interval(b, 'base_gfd_eval')}, recall {_fmt(b['base_recall'])}); RL at "
+              f"CFG **{b['rl_cfg_scale']:g}** (accuracy {with_interval(b, 'rl_eval_accuracy')}, "
+              f"gFD-eval {with_interval(b, 'rl_gfd_eval')}, recall {_fmt(b['rl_recall'])}). "
               "[low, high]: 95% bootstrap intervals over this point's samples and the reference "
               "set; the lowest gFD-eval is picked on the point values, so where intervals "
               "overlap the best scale is not a sharp choice.", ""]
@@ -569,15 +570,6 @@ def tokenizer_table(values: Mapping[str, float]) -> list[str]:
     return lines
 
 
-def _with_interval(values: Mapping[str, float], key: str, sign: bool = False) -> str:
-    """"1.23 [1.10, 1.40]" when values carry key's 95% interval, else the number alone."""
-    text = f"{values[key]:+.4g}" if sign else _fmt(values[key])
-    if f"{key}_ci_low" in values:
-        low, high = values[f"{key}_ci_low"], values[f"{key}_ci_high"]
-        text += f" [{low:+.3g}, {high:+.3g}]" if sign else f" [{low:.4g}, {high:.4g}]"
-    return text
-
-
 def generators_table(base: Mapping[str, float], rl: Mapping[str, float],
                      real: Mapping[str, float], diff: Mapping[str, float] | None = None
                      ) -> list[str]:
@@ -587,11 +579,11 @@ def generators_table(base: Mapping[str, float], rl: Mapping[str, float],
              "|---|---|---|---|---|"]
     for key, label, better in GENERATOR_ROWS:
         if key in base and key in rl:
-            delta = (_with_interval(diff, key, sign=True) if diff and key in diff
+            delta = (with_interval(diff, key, sign=True) if diff and key in diff
                      else f"{rl[key] - base[key]:+.4g}")
             floor = _fmt(real[key]) if key in real else ""
-            lines.append(f"| {label}{_arrow(better)} | {_with_interval(base, key)} | "
-                         f"{_with_interval(rl, key)} | {delta} | {floor} |")
+            lines.append(f"| {label}{_arrow(better)} | {with_interval(base, key)} | "
+                         f"{with_interval(rl, key)} | {delta} | {floor} |")
     return lines
 
 

@@ -605,6 +605,7 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     seconds = eval_seconds = 0.0
     rollouts_per_s, resumed_from = [], []
     for seed in cfg.seeds:
+        prefix = "" if not results else f"seed{seed}/"  # MLflow keys: the first seed's plain
         tuner = FineTuner(cfg, seed, base.model, reward, decode, device)
         key = hashlib.sha256(f"{base_sha}\n{reward.definition()}\n{seed}".encode()).hexdigest()
 
@@ -614,7 +615,7 @@ def run(params: Params, out_dir: str | Path = paths.RL,
         log.info("rl: seed %d (%d of %d)", seed, len(results) + 1, len(cfg.seeds))
         result = fine_tune(tuner, cfg, paths.checkpoint_dir("rl", key),
                            run_fingerprint(cfg, seed, inputs), evaluate_ema, tracker,
-                           before=before, prefix="" if not results else f"seed{seed}/")
+                           before=before, prefix=prefix)
         # The base model's numbers on the shared sample: measured once, for every seed.
         before = {k.removeprefix("eval/"): v for k, v in result.history[0].items()
                   if k != "step"}
@@ -627,7 +628,6 @@ def run(params: Params, out_dir: str | Path = paths.RL,
             rollouts_per_s.append(result.rollouts_per_s)
         resumed_from.append(result.resumed_from)
         result.history[-1].update({f"eval/{k}": v for k, v in after.items()})
-        prefix = "" if not results else f"seed{seed}/"
         tracker.log_metrics({f"{prefix}eval/{k}": v for k, v in after.items()}, step=cfg.steps)
         meta = copy.deepcopy(base_meta)
         meta["rl"] = {"base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
