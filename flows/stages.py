@@ -266,15 +266,17 @@ def cache(overrides: Overrides = None, params_file: ParamsFile = None,
     return _stage_flow("cache", overrides, params_file, force, parent_run_id, params, wait)
 
 
-@_flow("generator", "Train the class-conditional flow-matching transformer on the cached "
-       "latents; sample with CFG; the evaluator's gFD-eval, precision/recall, accuracy, IS-eval.")
+@_flow("generator", "Train the class-conditional generator on the cache (generator.kind: "
+       "flow matching on the latents, or maskgit / ar over the codes); sample with CFG; the "
+       "evaluator's gFD-eval, precision/recall, accuracy, IS-eval.")
 def generator(overrides: Overrides = None, params_file: ParamsFile = None,
               force: bool = False, parent_run_id: str | None = None,
               params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
     return _stage_flow("generator", overrides, params_file, force, parent_run_id, params, wait)
 
 
-@_flow("rl", "Flow-GRPO fine-tuning of the generator against the reward (judge log-prob by "
+@_flow("rl", "Flow-GRPO (or, for maskgit / ar, GRPO over tokens) fine-tuning of the "
+       "generator against the reward (judge log-prob by "
        "default), with a KL leash to the base model and the evaluator's gFD-eval watched for "
        "reward hacking.")
 def rl(overrides: Overrides = None, params_file: ParamsFile = None,

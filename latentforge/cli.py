@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="cls", required=True, metavar="CLASS",
                    help="class name (e.g. 3) or index")
     p.add_argument("--n", type=int, default=64, help="number of images")
-    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: generator params)")
+    p.add_argument("--steps", type=int, default=None, help="flow ODE steps (default: generator params; maskgit "
+                   "and ar sample as their generator stage set them)")
     p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: generator params)")
     p.add_argument("--sampler", choices=["euler", "heun"], default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -62,11 +62,12 @@ REGISTERED_MODELS: dict[str, RegisteredModel] = {
         "latentforge-tokenizer", "Image tokenizers from the tokenizer stage (1D TiTok-style or "
         "2D). Input: uint8 images (N, H, W, C); output: their reconstructions."),
     "generator": RegisteredModel(
-        "latentforge-generator", "Base class-conditional flow-matching generators from the "
-        "generator stage, logged with the tokenizer they decode with. Input: int64 class "
+        "latentforge-generator", "Base class-conditional generators (flow matching, MaskGIT "
+        "or autoregressive) from the generator stage, logged with the tokenizer they decode with. Input: int64 class "
         "labels (N,); output: uint8 images. RL fine-tunes are in latentforge-generator-rl."),
     "rl": RegisteredModel(
-        "latentforge-generator-rl", "Generators fine-tuned with Flow-GRPO by the rl stage, "
+        "latentforge-generator-rl", "Generators fine-tuned with Flow-GRPO (or GRPO over "
+        "tokens) by the rl stage, "
         "each from a version of latentforge-generator (tag latentforge.upstream.generator). "
         "Input: int64 class labels (N,); output: uint8 images."),
 }
@@ -81,9 +82,10 @@ WHAT = {
                  "the pipeline's evaluator: it grades generated samples, never rewards them.",
     "tokenizer": "An image tokenizer ({layout} layout, {quantizer} quantizer) that encodes "
                  "images to latent tokens and decodes them back.",
-    "generator": "A class-conditional flow-matching transformer over the tokenizer's latents "
-                 "(the base model, before RL).",
-    "rl": "The base generator fine-tuned with Flow-GRPO on the reward `{reward}`.",
+    "generator": "A class-conditional generator (flow matching on the tokenizer's latents, or "
+                 "MaskGIT / autoregressive over its codes; the base model, before RL).",
+    "rl": "The base generator fine-tuned with Flow-GRPO (GRPO over tokens for MaskGIT and "
+          "autoregressive generators) on the reward `{reward}`.",
 }
 
 

@@ -80,8 +80,8 @@ STAGES: dict[str, StageSpec] = {
     ),
     "generator": StageSpec(
         name="generator",
-        code=("tasks/generator.py", "models/generator.py", "latentforge/flow.py",
-              "latentforge/training.py"),
+        code=("tasks/generator.py", "models/generator.py", "models/token_generator.py",
+              "latentforge/flow.py", "latentforge/tokens.py", "latentforge/training.py"),
         deps=(str(CACHE), str(TOKENIZER), str(EVALUATOR), str(PREPARED)),
         params=("generator",),
         outs=(str(GENERATOR),),
@@ -89,7 +89,8 @@ STAGES: dict[str, StageSpec] = {
     ),
     "rl": StageSpec(
         name="rl",
-        code=("tasks/rl.py", "latentforge/rewards.py", "latentforge/flow.py"),
+        code=("tasks/rl.py", "latentforge/rewards.py", "latentforge/flow.py",
+              "latentforge/tokens.py"),
         deps=(str(GENERATOR), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(PREPARED)),
         params=("rl", "generator.sample_steps", "generator.sampler"),
         outs=(str(RL),),

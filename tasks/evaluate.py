@@ -425,6 +425,24 @@ def class_counts(labels: np.ndarray, class_names: Sequence[str]) -> dict[str, in
     return {name: int(counts[i]) for i, name in enumerate(class_names)}
 
 
+def sampling_protocol(handle: GeneratorHandle, cfg: EvaluateConfig
+                      ) -> dict[str, Any]:
+    """The sampler and its step count as the report states them, for the generator's kind:
+    the flow ODE's evaluate.sampler / sample_steps, or a token generator's own sampling."""
+    if handle.kind == "maskgit":
+        s = handle.meta["sampling"]
+        return {"kind": "maskgit", "steps": s["steps"],
+                "sampler": f"maskgit confidence unmasking (temperature {s['temperature']:g}, "
+                           f"choice temperature {s['choice_temperature']:g})"}
+    if handle.kind == "ar":
+        s = handle.meta["sampling"]
+        return {"kind": "ar", "steps": handle.model.cfg.num_tokens,
+                "sampler": f"autoregressive, one code per step (temperature "
+                           f"{s['temperature']:g}, top-k {s['top_k'] or 'off'}, top-p "
+                           f"{s['top_p']:g})"}
+    return {"kind": "flow", "sampler": cfg.sampler, "steps": cfg.sample_steps}
+
+
 def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np.ndarray,
                    samples: Mapping[str, Samples], reward: Reward, digests: Mapping[str, str]
                    ) -> dict[str, Any]:
@@ -454,7 +472,7 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
         "samples": {"per_generator": int(len(labels)), "per_class": cfg.per_class,
                     "classes": len(names), "class_balance": "balanced, class-major order",
                     "labels_and_noise": "identical for base and RL"},
-        "sampler": cfg.sampler, "steps": cfg.sample_steps,
+        **sampling_protocol(inputs.generators["base"], cfg),
         "cfg_sweep": {"scales": list(cfg.cfg_sweep), "per_class": cfg.cfg_sweep_per_class,
                       "seed": cfg.seed + SWEEP_SEED_OFFSET,
                       "best_operating_point": "the scale with the lowest gFD-eval, per model"},
@@ -646,7 +664,8 @@ def render_report(report: Report, link_images: bool = True) -> str:
         f"Reference set: the **train** split ({p['reference_set']['images']} images); held-out "
         f"real set: the **{p['split']}** split ({p['real_set']['images']} images). "
         f"Generated sets: **{p['samples']['per_generator']}** samples per generator, "
-        f"{p['samples']['per_class']} per class, sampler **{p['sampler']}**, "
+        f"{p['samples']['per_class']} per class, **{p.get('kind', 'flow')}** generators, "
+        f"sampler **{p['sampler']}**, "
         f"**{p['steps']}** steps, seed **{p['seed']}**. Generated samples are graded by the "
         f"**evaluator** network, never by the reward **judge**"
         + (" (FID: Inception-v3 from evaluate.inception_weights)." if p["fid"] else

@@ -1,12 +1,21 @@
-"""The `generator` stage: a class-conditional flow-matching transformer over the latent tokens.
+"""The `generator` stage: a class-conditional generator over the latent tokens.
 
-Trains on the latent cache with the shared harness (resume, EMA, Ray Train workers), with a
-fresh posterior sample per step for kl caches, latents normalised per dimension, and class
-dropout for classifier-free guidance. At the end it samples a class-balanced set with the
-ODE sampler (noise for sample i depends only on (seed, i), never on the number of workers),
-decodes through the tokenizer and scores it with the evaluator (the judge stage's second
-network; the judge itself only gives RL rewards): gFD-eval against the train split,
-precision/recall, evaluator accuracy on the requested class, IS-eval, sampling images/s, NFE.
+`generator.kind` picks the model:
+- flow (default): a flow-matching transformer (models/generator.py) on the latents, with a
+  fresh posterior sample per step for kl caches and latents normalised per dimension; sampled
+  with the ODE sampler (latentforge/flow.py).
+- maskgit / ar: a transformer over a discrete tokenizer's codes (models/token_generator.py),
+  trained on the cached codes with masked or next-code cross-entropy; sampled by confidence
+  unmasking or autoregressively with a key/value cache (latentforge/tokens.py). Sampled codes
+  become latents through the tokenizer's own code table, so everything downstream (decoding,
+  scoring, rl, evaluate, `latentforge sample`) reads latents whatever the kind.
+
+Every kind trains with the shared harness (resume, EMA, Ray Train workers) and class dropout
+for classifier-free guidance. At the end it samples a class-balanced set (the randomness of
+sample i depends only on (seed, i), never on the number of workers), decodes through the
+tokenizer and scores it with the evaluator (the judge stage's second network; the judge itself
+only gives RL rewards): gFD-eval against the train split, precision/recall, evaluator accuracy
+on the requested class, IS-eval, sampling images/s, NFE (network evaluations per sample).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from latentforge import flow, metrics, paths, storage
+from latentforge import flow, metrics, paths, storage, tokens
 from latentforge.checkpoint import load_model_folder
 from latentforge.config import ComputeConfig, GeneratorConfig, Params
 from latentforge.data import load_prepared
@@ -32,6 +41,11 @@ from latentforge.images import make_grid, save_png
 from latentforge.lineage import REGISTERED_MODELS
 from latentforge.malloc import tune_malloc
 from latentforge.models.generator import FlowTransformer, GeneratorModelConfig, generator_config
+from latentforge.models.token_generator import (
+    TokenGeneratorConfig,
+    TokenTransformer,
+    token_generator_config,
+)
 from latentforge.raycluster import map_on_actor_pool, record_nodes, use_ray
 from latentforge.runner import StageResult
 from latentforge.tasks.cache import load_cache
@@ -43,14 +57,25 @@ from latentforge.training import TrainSpec, local_device, loss_curve_csv, train
 log = logging.getLogger(__name__)
 
 WEIGHTS, META = "model.safetensors", "generator.json"
+TOKEN_KINDS = ("maskgit", "ar")
+
+GeneratorModel = FlowTransformer | TokenTransformer
+
+
+def build_generator_model(model_cfg: dict[str, Any]) -> GeneratorModel:
+    """The model a generator folder's meta["model"] describes (token kinds name their kind)."""
+    if model_cfg.get("kind") in TOKEN_KINDS:
+        return TokenTransformer(TokenGeneratorConfig(**model_cfg))
+    return FlowTransformer(GeneratorModelConfig(**model_cfg))
 
 
 class GeneratorHandle:
     """A trained generator plus the tokenizer that decodes its latents."""
 
-    def __init__(self, model: FlowTransformer, meta: dict[str, Any], tok: TokenizerHandle) -> None:
+    def __init__(self, model: GeneratorModel, meta: dict[str, Any], tok: TokenizerHandle) -> None:
         self.model = model.eval()
         self.meta = meta
+        self.kind: str = meta.get("kind", "flow")
         self.tokenizer = tok
         self.shift = torch.tensor(meta["latent_shift"], dtype=torch.float32)
         self.scale = torch.tensor(meta["latent_scale"], dtype=torch.float32)
@@ -71,10 +96,19 @@ class GeneratorHandle:
     def sample_latents(self, labels: np.ndarray | torch.Tensor, *, seed: int, steps: int,
                        cfg_scale: float, sampler: str = "heun", start_index: int = 0,
                        batch_size: int = 256) -> tuple[np.ndarray, int]:
-        """Class-conditional ODE samples (N, K, D) in the tokenizer's latent space, and NFE.
+        """Class-conditional samples (N, K, D) in the tokenizer's latent space, and NFE.
 
-        Sample i's noise depends only on (seed, start_index + i).
+        Sample i's randomness depends only on (seed, start_index + i). `steps` and `sampler`
+        are the flow ODE's; maskgit and ar sample as the generator stage configured them
+        (meta["sampling"]), and their codes become latents through the tokenizer.
         """
+        if self.kind in TOKEN_KINDS:
+            codes, nfe = self.sample_codes(labels, seed=seed, cfg_scale=cfg_scale,
+                                           start_index=start_index, batch_size=batch_size)
+            with torch.no_grad():
+                latents = self.tokenizer.model.codes_to_latents(
+                    torch.as_tensor(codes, dtype=torch.long, device=self.device))
+            return latents.float().cpu().numpy(), nfe
         device = self.device
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
         k, d = self.meta["latent_shape"]
@@ -92,15 +126,50 @@ class GeneratorHandle:
             out.append((z * self.scale + self.shift).cpu().numpy())
         return np.concatenate(out), nfe
 
+    @torch.no_grad()
+    def sample_codes(self, labels: np.ndarray | torch.Tensor, *, seed: int, cfg_scale: float,
+                     start_index: int = 0, batch_size: int = 256) -> tuple[np.ndarray, int]:
+        """maskgit / ar: class-conditional codes (N, K) int64, and NFE per sample."""
+        if self.kind not in TOKEN_KINDS:
+            raise ValueError(f"sample_codes needs a maskgit or ar generator, not {self.kind!r}")
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device)
+        out = []
+        for start in range(0, len(labels), batch_size):
+            y = labels[start:start + batch_size]
+            noise = tokens.SampleNoise(range(start_index + start, start_index + start + len(y)),
+                                       seed, device=self.device)
+            out.append(sample_token_rollout(self.model, self.meta["sampling"], y, noise,
+                                            cfg_scale).codes.cpu().numpy())
+        passes = (self.meta["sampling"]["steps"] if self.kind == "maskgit"
+                  else self.model.cfg.num_tokens)
+        codes = np.concatenate(out) if out else np.empty((0, self.model.cfg.num_tokens), np.int64)
+        return codes, passes  # CFG runs its two halves as one batch, as the flow's NFE counts
+
     def sample_images(self, labels: np.ndarray, **kwargs: Any) -> np.ndarray:
         latents, _ = self.sample_latents(labels, **kwargs)
         return self.tokenizer.decode(latents)
 
 
+def sample_token_rollout(model: TokenTransformer, sampling: dict[str, Any], labels: torch.Tensor,
+                         noise: tokens.SampleNoise, cfg_scale: float, *,
+                         for_rl: bool = False) -> tokens.TokenRollout:
+    """One batch of maskgit or ar samples with the stage's sampling options (meta["sampling"]).
+
+    `for_rl` samples the full distribution (no top-k/top-p), whose log-probabilities RL uses.
+    """
+    if model.cfg.kind == "maskgit":
+        return tokens.maskgit_sample(model, labels, noise, steps=sampling["steps"],
+                                     cfg_scale=cfg_scale, temperature=sampling["temperature"],
+                                     choice_temperature=sampling["choice_temperature"])
+    return tokens.ar_sample(model, labels, noise, cfg_scale=cfg_scale,
+                            temperature=sampling["temperature"],
+                            top_k=0 if for_rl else sampling["top_k"],
+                            top_p=1.0 if for_rl else sampling["top_p"])
+
+
 def load_generator(path: str | Path = paths.GENERATOR,
                    tokenizer_dir: str | Path = paths.TOKENIZER) -> GeneratorHandle:
-    model, meta = load_model_folder(path, META, "generator",
-                                    lambda cfg: FlowTransformer(GeneratorModelConfig(**cfg)),
+    model, meta = load_model_folder(path, META, "generator", build_generator_model,
                                     missing_hint=" (or pass --model PATH)")
     tok = load_tokenizer(tokenizer_dir)
     if meta["tokenizer_sha256"] != tok.sha256:
@@ -199,9 +268,17 @@ def sample(handle: GeneratorHandle, labels: np.ndarray, *, seed: int, steps: int
 # --------------------------------------------------------------------------------------------
 
 
-def training_arrays(cache: Any, tok: TokenizerHandle) -> dict[str, np.ndarray]:
-    """What the generator learns from: moments (kl; sampled fresh every step) or latents."""
+def training_arrays(cache: Any, tok: TokenizerHandle, kind: str = "flow"
+                    ) -> dict[str, np.ndarray]:
+    """What the generator learns from: moments (kl; sampled fresh every step) or latents for
+    flow, the codes themselves for maskgit and ar."""
     arrays = cache.split("train")
+    if kind in TOKEN_KINDS:
+        if cache.kind != "codes":
+            raise DataError(f"generator.kind {kind!r} needs discrete codes, but the cache holds "
+                            f"{cache.kind} of a {tok.model.cfg.quantizer!r} tokenizer: "
+                            "use tokenizer.quantizer fsq, vq or binary, or generator.kind flow")
+        return {"codes": np.asarray(arrays["codes"], np.int64), "labels": arrays["labels"]}
     if cache.kind == "moments":
         return {"mean": arrays["mean"], "logvar": arrays["logvar"], "labels": arrays["labels"]}
     with torch.no_grad():
@@ -236,8 +313,51 @@ def generator_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], step:
                                    null_class=null_class)
 
 
-def build_model(model_cfg: GeneratorModelConfig) -> FlowTransformer:
+def token_generator_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int, *,
+                         kind: str, class_dropout: float, label_smoothing: float,
+                         null_class: int, mask_code: int) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Masked-code (maskgit) or next-code (ar) cross-entropy on a batch of cached codes."""
+    codes, labels = batch["codes"].long(), batch["labels"]
+    if kind == "maskgit":
+        return tokens.maskgit_loss(model, codes, labels, class_dropout=class_dropout,
+                                   label_smoothing=label_smoothing, null_class=null_class,
+                                   mask_code=mask_code)
+    return tokens.ar_loss(model, codes, labels, class_dropout=class_dropout,
+                          label_smoothing=label_smoothing, null_class=null_class)
+
+
+def build_model(model_cfg: GeneratorModelConfig | TokenGeneratorConfig) -> GeneratorModel:
+    if isinstance(model_cfg, TokenGeneratorConfig):
+        return TokenTransformer(model_cfg)
     return FlowTransformer(model_cfg)
+
+
+def model_setup(cfg: GeneratorConfig, tok: TokenizerHandle, data: dict[str, np.ndarray],
+                num_classes: int
+                ) -> tuple[GeneratorModelConfig | TokenGeneratorConfig, dict[str, Any], Any]:
+    """(model config, the meta fields of this kind, the loss function) for generator.kind."""
+    k, d = tok.meta["latent_shape"]
+    if cfg.kind in TOKEN_KINDS:
+        vocab = tok.model.vocab_size
+        token_cfg = token_generator_config(cfg.size, kind=cfg.kind, num_tokens=k,
+                                           vocab_size=vocab, num_classes=num_classes,
+                                           dropout=cfg.dropout)
+        meta = {"kind": cfg.kind, "latent_shift": [0.0] * d, "latent_scale": [1.0] * d,
+                "sampling": {"steps": cfg.maskgit_steps, "temperature": cfg.temperature,
+                             "choice_temperature": cfg.choice_temperature,
+                             "top_k": cfg.top_k, "top_p": cfg.top_p}}
+        loss_fn = functools.partial(
+            token_generator_loss, kind=cfg.kind, class_dropout=cfg.class_dropout,
+            label_smoothing=cfg.label_smoothing, null_class=num_classes, mask_code=vocab)
+        return token_cfg, meta, loss_fn
+    shift, scale = latent_statistics(data)
+    flow_cfg = generator_config(cfg.size, num_tokens=k, token_dim=d, num_classes=num_classes)
+    loss_fn = functools.partial(
+        generator_loss, shift=torch.tensor(shift, dtype=torch.float32),
+        scale=torch.tensor(scale, dtype=torch.float32), class_dropout=cfg.class_dropout,
+        time_sampling=cfg.time_sampling, null_class=num_classes)
+    return flow_cfg, {"kind": "flow", "latent_shift": shift.tolist(),
+                      "latent_scale": scale.tolist()}, loss_fn
 
 
 class PeriodicEval:
@@ -346,6 +466,25 @@ def at_real_count(ref_features: np.ndarray, gen_features: np.ndarray,
     return {"n": n, **generated}, {"n": n, **panel(real)}
 
 
+def prefix_lengths(k: int) -> list[int]:
+    """Powers of two below K, then K itself."""
+    return [2**i for i in range(k.bit_length()) if 2**i < k] + [k]
+
+
+def prefix_quality(tok: TokenizerHandle, latents: np.ndarray, labels: np.ndarray,
+                   evaluator: JudgeScorer, ref_features: np.ndarray) -> dict[str, float]:
+    """ar samples cut to their first k codes and decoded with the rest dropped (a flexible-
+    length image: an ar sampler stopped after k steps draws exactly this prefix): gFD-eval and
+    evaluator accuracy per prefix length k. Meaningful for a tokenizer trained with
+    tokenizer.nested_dropout, whose decoder learned to read prefixes (FlexTok)."""
+    out: dict[str, float] = {}
+    for k in prefix_lengths(latents.shape[1]):
+        feats, logp = evaluator.score(tok.decode(latents, keep=k))
+        out[f"prefix{k}_gfd_eval"] = metrics.fd_from_features(ref_features, feats)
+        out[f"prefix{k}_eval_accuracy"] = metrics.accuracy(logp, labels)
+    return out
+
+
 def class_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str],
                per_row: int = 10) -> np.ndarray:
     """One row per class of its first `per_row` samples."""
@@ -370,38 +509,31 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
                       context="evaluation")
 
-    data = training_arrays(cache, tok)
+    data = training_arrays(cache, tok, cfg.kind)
     train_x, _ = prepared.split("train")
     val_x, _ = prepared.split("val")
     # The train split is the reference (the larger set); val, held out, is the real set a
     # perfect generator would be compared like.
     ref_feats, _ = evaluator.score(train_x)
     val_feats, _ = evaluator.score(val_x)
-    shift, scale = latent_statistics(data)
-    k, d = tok.meta["latent_shape"]
-    model_cfg = generator_config(cfg.size, num_tokens=k, token_dim=d,
-                                 num_classes=prepared.num_classes)
+    model_cfg, kind_meta, loss_fn = model_setup(cfg, tok, data, prepared.num_classes)
     meta: dict[str, Any] = {
-        "model": asdict(model_cfg), "latent_shape": [k, d], "latent_shift": shift.tolist(),
-        "latent_scale": scale.tolist(), "class_names": prepared.class_names,
-        "tokenizer_sha256": tok.sha256, "cache_key": cache.key, "evaluator_sha256": evaluator.sha256}
-    loss_fn = functools.partial(
-        generator_loss, shift=torch.tensor(shift, dtype=torch.float32),
-        scale=torch.tensor(scale, dtype=torch.float32), class_dropout=cfg.class_dropout,
-        time_sampling=cfg.time_sampling, null_class=prepared.num_classes)
+        "model": asdict(model_cfg), "latent_shape": tok.meta["latent_shape"], **kind_meta,
+        "class_names": prepared.class_names, "tokenizer_sha256": tok.sha256,
+        "cache_key": cache.key, "evaluator_sha256": evaluator.sha256}
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg), loss_fn=loss_fn,
                      data=data, evaluate=PeriodicEval(meta, cfg, evaluator, tok, ref_feats),
                      eval_every=cfg.eval_every)
     result = train(spec, cfg, params.compute, paths.checkpoint_dir("generator", cache.key),
                    tracker=tracker, progress=False)
 
-    model = FlowTransformer(model_cfg)
+    model = build_model(model_cfg)
     model.load_state_dict(result.ema_state)
     handle = GeneratorHandle(model, meta, tok)
     labels = flow.balanced_labels(prepared.num_classes, cfg.final_per_class).numpy()
     started = time.perf_counter()
     sampled_on: set[str] = set()
-    _, images, nfe = sample(handle, labels, seed=cfg.sample_seed, steps=cfg.sample_steps,
+    latents, images, nfe = sample(handle, labels, seed=cfg.sample_seed, steps=cfg.sample_steps,
                             cfg_scale=cfg.cfg_scale, sampler=cfg.sampler, compute=params.compute,
                             nodes=sampled_on)
     record_nodes(tracker, "sample", sampled_on)
@@ -420,6 +552,8 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
         log.warning("generator: the val split has %d image(s); no comparison with held-out "
                     "real images at equal counts (it needs 2)", len(val_feats))
     m["nfe"] = nfe
+    if cfg.kind == "ar":
+        m.update(prefix_quality(tok, latents, labels, evaluator, ref_feats))
     m = {key: round(float(v), 6) for key, v in m.items()}
     meta["metrics"] = m
     with storage.atomic_dir(out_dir) as tmp:
@@ -438,9 +572,9 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
                             "cache_key": cache.key, "tokenizer_sha256": tok.sha256,
                             "evaluator_sha256": evaluator.sha256,
                             "weights_sha256": weights_sha})
-    log.info("generator: gFD-eval %.3f; at %d images %.3f vs %.3f for held-out real images "
+    log.info("%s generator: gFD-eval %.3f; at %d images %.3f vs %.3f for held-out real images "
              "(x%.2f); evaluator accuracy %.4f, precision %.3f, recall %.3f, %.0f images/s "
-             "sampling at NFE %d", m["gfd_eval"], m.get("real_count", 0),
+             "sampling at NFE %d", cfg.kind, m["gfd_eval"], m.get("real_count", 0),
              m.get("gfd_eval_at_real_count", float("nan")), m.get("real_fd_eval", float("nan")),
              m.get("gfd_ratio_to_real", float("nan")), m["eval_accuracy"], m["precision"],
              m["recall"], len(images) / sample_seconds, nfe)
@@ -448,7 +582,8 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     where = "".join(f"\n\n{what} on Ray node(s) {', '.join(n[:12] for n in sorted(ids))}"
                     for what, ids in (("Trained", result.nodes), ("Sampled", sampled_on)) if ids)
     return StageResult(
-        metrics=m, summary=f"| metric | value |\n|---|---|\n{table}{where}",
+        metrics=m, summary=f"{cfg.kind} generator ({cfg.size}) over {tok.model.cfg.quantizer} "
+                           f"latents\n\n| metric | value |\n|---|---|\n{table}{where}",
         digests={"generator": weights_sha},
         timings={"train_images_per_s": result.images_per_s, "train_seconds": result.seconds,
                  "sampling_images_per_s": len(images) / sample_seconds,

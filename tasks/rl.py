@@ -18,6 +18,14 @@ that reward hacking (reward up, gFD-eval up) shows in the curves.
 Every update's randomness (labels, rollout noise, trained steps) is a pure function of
 (seed, update), so a run resumed from a checkpoint reproduces an uninterrupted one.
 
+maskgit and ar generators (``generator.kind``) take the same loop with GRPO over tokens
+(``tokens.token_grpo_loss``): a rollout is the generator's own sampler at ``rl.cfg_scale``
+(maskgit: confidence unmasking; ar: the full distribution, no top-k/top-p), each sampled code
+is an action whose log-probability is taken under the state it was decided in, and the KL to
+the frozen base is the exact KL of the code distributions from those states. Ratio clip and
+KL weight are per code (``rl.token_clip_range``, ``rl.token_kl_beta``); the SDE keys
+(train_steps, noise_level, timestep_*) do not apply, and every code is trained in each pass.
+
 ``rl.seeds`` fine-tunes the same base once per seed, one after another through the same code
 (each with its own checkpoints, so adding a seed reruns only that seed). The first seed's model
 is the stage's RL model (the rl folder itself: registered, sampled, swept by evaluate); the
@@ -45,7 +53,7 @@ import torch
 from safetensors.torch import save_file
 
 from latentforge import checkpoint as ckpt
-from latentforge import flow, paths, storage
+from latentforge import flow, paths, storage, tokens
 from latentforge.config import Params, RLConfig
 from latentforge.data import load_prepared
 from latentforge.images import save_png
@@ -55,10 +63,14 @@ from latentforge.rewards import Reward
 from latentforge.runner import StageResult
 from latentforge.tasks.generator import (
     META,
+    TOKEN_KINDS,
     WEIGHTS,
     GeneratorHandle,
+    GeneratorModel,
+    build_model,
     class_grid,
     load_generator,
+    sample_token_rollout,
     score_samples,
 )
 from latentforge.tasks.judge import JudgeScorer, load_judge
@@ -272,7 +284,7 @@ class EvalSet:
                 "graded_by": "evaluator"}
 
 
-def evaluate(model: FlowTransformer, meta: dict[str, Any], tok: TokenizerHandle,
+def evaluate(model: GeneratorModel, meta: dict[str, Any], tok: TokenizerHandle,
              evaluator: JudgeScorer, reward: Reward, es: EvalSet
              ) -> tuple[dict[str, float], np.ndarray]:
     """Metrics of the fixed ODE sample of `model` (a CPU model), and its images: the
@@ -298,19 +310,22 @@ class FineTuneResult:
 class FineTuner:
     """Policy, frozen reference, optimizer and EMA, with checkpointed resume."""
 
-    def __init__(self, cfg: RLConfig, seed: int, base: FlowTransformer, reward: Reward,
-                 decode: Callable[[torch.Tensor], np.ndarray], device: torch.device) -> None:
+    def __init__(self, cfg: RLConfig, seed: int, base: GeneratorModel, reward: Reward,
+                 decode: Callable[[torch.Tensor], np.ndarray], device: torch.device,
+                 token_sampling: dict[str, Any] | None = None) -> None:
+        """`decode` maps the rollouts' final latents (flow) or codes (maskgit, ar) to images;
+        `token_sampling` is a token generator's meta["sampling"] (None for flow)."""
         self.cfg, self.seed, self.reward, self.decode = cfg, seed, reward, decode
-        self.device = device
+        self.device, self.token_sampling = device, token_sampling
         self.reference = copy.deepcopy(base).to(device).eval().requires_grad_(False)
         self.policy = copy.deepcopy(base).to(device).train()
         self.ema = EMA(self.policy, cfg.ema_decay)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)
 
-    def ema_model(self) -> FlowTransformer:
+    def ema_model(self) -> GeneratorModel:
         """A CPU copy of the policy with the EMA weights (what is evaluated and saved)."""
-        model = FlowTransformer(self.policy.cfg)
+        model = build_model(self.policy.cfg)
         model.load_state_dict({k: v.detach().cpu() for k, v in self.ema.state_dict().items()})
         return model.eval()
 
@@ -341,15 +356,37 @@ class FineTuner:
                               "fingerprint": fingerprint, "history": history},
                              keep_last=KEEP_LAST)
 
+    def objective(self, ro: Rollout | tokens.TokenRollout, step_index: torch.Tensor,
+                  advantages: torch.Tensor, valid: torch.Tensor
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a minibatch: Flow-GRPO on one step per trajectory, or GRPO over codes."""
+        if isinstance(ro, tokens.TokenRollout):
+            assert self.token_sampling is not None
+            return tokens.token_grpo_loss(
+                self.policy, self.reference, ro, advantages, valid, cfg_scale=self.cfg.cfg_scale,
+                temperature=self.token_sampling["temperature"],
+                clip_range=self.cfg.token_clip_range, kl_beta=self.cfg.token_kl_beta)
+        return grpo_loss(self.policy, self.reference, ro, step_index, advantages, valid,
+                         self.cfg)
+
     def update(self, step: int) -> dict[str, float]:
-        """One Flow-GRPO update: rollouts, rewards, advantages, inner_epochs optimizer steps."""
+        """One GRPO update: rollouts, rewards, advantages, inner_epochs optimizer steps."""
         cfg = self.cfg
-        gen = torch.Generator(device=self.device).manual_seed(_seed(self.seed, step, 0x5DE))
         labels_np = update_labels(cfg, self.seed, step, self.policy.cfg.num_classes)
         labels = torch.from_numpy(labels_np).to(self.device)
-        ro = rollout(self.policy, labels, steps=cfg.train_steps, noise_level=cfg.noise_level,
-                     cfg_scale=cfg.cfg_scale, generator=gen)
-        rewards, parts = self.reward(self.decode(ro.final), labels_np)
+        ro: Rollout | tokens.TokenRollout
+        if self.token_sampling is not None:
+            noise = tokens.SampleNoise(range(len(labels)), _seed(self.seed, step, 0x5DE),
+                                       device=self.device)
+            ro = sample_token_rollout(self.policy, self.token_sampling, labels, noise,
+                                      cfg.cfg_scale, for_rl=True)
+            final = ro.codes
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(_seed(self.seed, step, 0x5DE))
+            ro = rollout(self.policy, labels, steps=cfg.train_steps, noise_level=cfg.noise_level,
+                         cfg_scale=cfg.cfg_scale, generator=gen)
+            final = ro.final
+        rewards, parts = self.reward(self.decode(final), labels_np)
         adv_np, valid_np = group_advantages(rewards, cfg.group_size, cfg.adv_clip,
                                             cfg.advantage, cfg.adv_std_floor)
         adv = torch.from_numpy(adv_np).float().to(self.device)
@@ -362,8 +399,11 @@ class FineTuner:
         passes = 0
         extremes = {"log_ratio_min": np.inf, "log_ratio_max": -np.inf}
         for _ in range(cfg.inner_epochs):
-            chosen = trained_steps(len(labels), cfg.train_steps, cfg.timestep_fraction,
-                                   cpu_gen, cfg.timestep_choice).to(self.device)  # (N, m)
+            if self.token_sampling is None:
+                chosen = trained_steps(len(labels), cfg.train_steps, cfg.timestep_fraction,
+                                       cpu_gen, cfg.timestep_choice).to(self.device)  # (N, m)
+            else:  # token GRPO scores every code of a rollout in one pass
+                chosen = torch.zeros((len(labels), 1), dtype=torch.long, device=self.device)
             # Minibatches of trajectories, in a fresh order each pass; one optimizer step each.
             order = (torch.randperm(len(labels), generator=cpu_gen) if cfg.minibatches > 1
                      else torch.arange(len(labels))).to(self.device)
@@ -372,8 +412,8 @@ class FineTuner:
                 passes += chosen.shape[1]
                 sub_ro = ro.select(rows)
                 for j in range(chosen.shape[1]):
-                    loss, stats = grpo_loss(self.policy, self.reference, sub_ro,
-                                            chosen[rows, j], adv[rows], valid[rows], cfg)
+                    loss, stats = self.objective(sub_ro, chosen[rows, j], adv[rows],
+                                                 valid[rows])
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"rl loss is {loss.item()} at update {step}")
                     # The mean over trained steps, as one accumulated gradient (Flow-GRPO/DDPO).
@@ -527,7 +567,7 @@ class SeedResult:
     """One seed's fine-tuned model and what the stage writes about it."""
 
     seed: int
-    model: FlowTransformer
+    model: GeneratorModel
     meta: dict[str, Any]
     csv: str
     grid: np.ndarray
@@ -594,6 +634,10 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     shift, scale = base.shift, base.scale
 
     def decode(z: torch.Tensor) -> np.ndarray:
+        """Final rollout latents (flow, normalised) or codes (maskgit, ar) -> uint8 images."""
+        if base.kind in TOKEN_KINDS:
+            with torch.no_grad():
+                return tok.decode(tok.model.codes_to_latents(z.detach().cpu()).float().numpy())
         return tok.decode((z.detach().cpu() * scale + shift).numpy())
 
     device = local_device(params.compute)
@@ -606,7 +650,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     rollouts_per_s, resumed_from = [], []
     for seed in cfg.seeds:
         prefix = "" if not results else f"seed{seed}/"  # MLflow keys: the first seed's plain
-        tuner = FineTuner(cfg, seed, base.model, reward, decode, device)
+        tuner = FineTuner(cfg, seed, base.model, reward, decode, device,
+                          base.meta.get("sampling") if base.kind in TOKEN_KINDS else None)
         key = hashlib.sha256(f"{base_sha}\n{reward.definition()}\n{seed}".encode()).hexdigest()
 
         def evaluate_ema(tuner: FineTuner = tuner) -> dict[str, float]:
@@ -670,7 +715,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     table = "\n".join(f"| {k} | {first['eval_before'][k]:.4g} | "
                       + " | ".join(f"{r.meta['rl']['eval_after'][k]:.4g}" for r in results)
                       + " |" for k in COMPARED)
-    summary = (f"Flow-GRPO on `{reward.definition()}`, {cfg.steps} updates of "
+    method = "GRPO over tokens" if base.kind in TOKEN_KINDS else "Flow-GRPO"
+    summary = (f"{method} ({base.kind} generator) on `{reward.definition()}`, {cfg.steps} updates of "
                f"{cfg.classes_per_step}x{cfg.group_size} rollouts per seed; fixed sample of "
                f"{len(es.labels)} (the same for every seed)\n\n| metric | before | "
                + " | ".join(f"after, seed {r.seed}" for r in results) + " |\n|---|---|"

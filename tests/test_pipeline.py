@@ -258,3 +258,28 @@ def test_deployments_cover_pipeline_and_every_stage():
 
     pool = yaml.safe_load((REPO / "infra/prefect.yaml").read_text())["deployments"]
     assert [d["entrypoint"].rsplit(":", 1)[1] for d in pool] == names
+
+
+def test_token_generators_through_latentforge_run(make_project, prefect_harness, tmp_path):
+    """maskgit and ar over fsq codes through every stage by `latentforge run` (rl is GRPO over
+    tokens), switching kind reruns only the generator onwards, and `latentforge sample` draws
+    from each."""
+    root = make_project(tiny(prepare={"max_images": 200}, tokenizer={"quantizer": "fsq"},
+                             generator={"kind": "maskgit"}))
+    table = cli(root, "run").stdout
+    assert re.search(r"evaluate\s+ran", table)
+    for kind in ("maskgit", "ar"):
+        if kind == "ar":
+            table = cli(root, "run", "-S", "generator.kind=ar").stdout
+            assert re.search(r"cache\s+skipped", table) and re.search(r"rl\s+ran", table)
+        meta = json.loads((root / "artifacts/generator/generator.json").read_text())
+        assert meta["kind"] == kind and meta["model"]["vocab_size"] == 8 * 5 * 5 * 5
+        rl_meta = json.loads((root / "artifacts/rl/generator.json").read_text())
+        assert rl_meta["kind"] == kind and rl_meta["rl"]["params"]["token_kl_beta"] > 0
+        m = json.loads((root / "metrics/rl.json").read_text())
+        assert m["updates"] == 3 and m["final_kl"] >= 0
+        ev = json.loads((root / "metrics/evaluate.json").read_text())
+        assert 0 <= ev["base.eval_accuracy"] <= 1 and 0 <= ev["rl.eval_accuracy"] <= 1
+        out = tmp_path / f"{kind}.png"
+        cli(root, "sample", "--class", "3", "--n", "4", "--out", str(out))
+        assert out.stat().st_size > 0

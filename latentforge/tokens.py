@@ -1,0 +1,314 @@
+"""Objectives, samplers and log-probabilities of generators over discrete codes.
+
+The models are ``models/token_generator.py``'s ``TokenTransformer`` (kinds maskgit and ar);
+codes are (B, K) long in [0, V). What this module fixes:
+
+- **MaskGIT training** (Chang et al. 2022): per sample r ~ U(0, 1) and ceil(cos(pi r / 2) K)
+  random positions are masked (at least one); cross-entropy on the masked positions only.
+- **MaskGIT sampling**: start fully masked; at step s of S predict every masked code, draw it
+  from softmax(guided logits / temperature) and keep the most confident draws so that
+  floor(cos(pi/2 (s+1)/S) K) positions stay masked (at least one position is decided per
+  step). Confidence is the draw's log-probability plus Gumbel noise scaled by
+  ``choice_temperature * (1 - (s+1)/S)`` (annealed to 0, as MaskGIT does); decided codes never
+  change again.
+- **AR sampling** (LlamaGen): one position at a time against the key/value cache, from
+  softmax(guided logits / temperature), optionally restricted to the top-k codes and the
+  top-p probability mass.
+- **Guidance** mixes logits: uncond + s (cond - uncond) (``guided_logits``); s = 1 is the plain
+  conditional model in one pass.
+- **Randomness per sample**: every draw of sample i comes from its own generator seeded by
+  (seed, i) (``SampleNoise``; the flow sampler's ``flow.sample_noise`` does the same), so a
+  sample does not depend on its batch, the number of workers or the device.
+- **Log-probabilities for RL** (GRPO over tokens): a rollout records each code's
+  log-probability under the state it was decided in (maskgit: the partly unmasked sequence of
+  its step; ar: the prefix), under the policy distribution softmax(guided logits /
+  temperature) without top-k/top-p (a truncated distribution would make ratios of codes
+  outside the support undefined). ``token_log_probs`` recomputes them with gradients from the
+  recorded states, and returns each code's full distribution for the KL to a reference model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from latentforge.flow import _sample_seed
+
+# Uniform draws are kept inside (0, 1) so that the Gumbel transform -log(-log u) stays finite.
+UNIFORM_EPS = 1e-10
+
+
+def mask_ratio(r: torch.Tensor | float) -> torch.Tensor:
+    """MaskGIT's cosine schedule gamma(r) = cos(pi r / 2): the fraction still masked at r."""
+    return torch.cos(math.pi / 2 * torch.as_tensor(r, dtype=torch.float64))
+
+
+def masked_after(step: int, steps: int, num_tokens: int) -> int:
+    """Positions still masked after decode step `step` (0-based) of `steps`."""
+    return int(math.floor(float(mask_ratio((step + 1) / steps)) * num_tokens + 1e-9))
+
+
+def drop_labels(labels: torch.Tensor, class_dropout: float, null_class: int) -> torch.Tensor:
+    """Replace each label by `null_class` with probability `class_dropout` (trains CFG)."""
+    if not 0.0 <= class_dropout <= 1.0:
+        raise ValueError(f"class_dropout must be in [0, 1], got {class_dropout}")
+    drop = torch.rand(labels.shape, device=labels.device) < class_dropout
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Training objectives
+# --------------------------------------------------------------------------------------------
+
+
+def random_mask(codes: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: ceil(gamma(r) K) random positions per row, r ~ U(0, 1), at least one."""
+    b, k = codes.shape
+    r = torch.rand(b, device=codes.device)
+    n_mask = torch.ceil(mask_ratio(r).to(codes.device) * k).long().clamp(1, k)  # (B,)
+    ranks = torch.rand(b, k, device=codes.device).argsort(1).argsort(1)  # random rank per slot
+    return ranks < n_mask.unsqueeze(1)
+
+
+def maskgit_loss(model: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor, *,
+                 class_dropout: float, label_smoothing: float, null_class: int,
+                 mask_code: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy on the masked positions of codes (B, K); randomness from the global RNG
+    (the training harness seeds it per step, so a resumed run draws the same masks)."""
+    masked = random_mask(codes)  # (B, K)
+    inputs = torch.where(masked, torch.full_like(codes, mask_code), codes)
+    logits = model(inputs, drop_labels(labels, class_dropout, null_class))  # (B, K, V)
+    loss = F.cross_entropy(logits[masked].float(), codes[masked], label_smoothing=label_smoothing)
+    with torch.no_grad():
+        accuracy = (logits[masked].argmax(-1) == codes[masked]).float().mean()
+    return loss, {"masked_fraction": masked.float().mean(), "masked_accuracy": accuracy}
+
+
+def ar_loss(model: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor, *,
+            class_dropout: float, label_smoothing: float, null_class: int
+            ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-code cross-entropy over all K positions of codes (B, K)."""
+    logits = model(codes, drop_labels(labels, class_dropout, null_class))  # (B, K, V)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(),
+                           label_smoothing=label_smoothing)
+    with torch.no_grad():
+        accuracy = (logits.argmax(-1) == codes).float().mean()
+    return loss, {"next_code_accuracy": accuracy}
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------
+
+
+class SampleNoise:
+    """Per-sample uniform draws: row i comes from a CPU generator seeded by (seed, index i)."""
+
+    def __init__(self, indices: Sequence[int] | torch.Tensor, seed: int,
+                 device: torch.device | str = "cpu") -> None:
+        index_list = [int(i) for i in torch.as_tensor(indices).flatten().tolist()]
+        self.generators = [torch.Generator().manual_seed(_sample_seed(seed, i))
+                           for i in index_list]
+        self.device = device
+
+    def uniform(self, *shape: int) -> torch.Tensor:
+        """(N, *shape) uniform draws in (0, 1), on the device."""
+        rows = [torch.rand(shape, generator=g) for g in self.generators]
+        out = torch.stack(rows) if rows else torch.empty((0, *shape))
+        return out.clamp(UNIFORM_EPS, 1 - UNIFORM_EPS).to(self.device)
+
+    def gumbel(self, *shape: int) -> torch.Tensor:
+        """(N, *shape) standard Gumbel draws."""
+        return -torch.log(-torch.log(self.uniform(*shape)))
+
+
+def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Draws from the distributions probs (..., V) by inverting their CDFs at u (...,) in
+    (0, 1): one uniform per draw rather than V Gumbels (at V = 1000 the Gumbel-max draws
+    cost more than the model). Codes of probability 0 are never drawn."""
+    cdf = probs.cumsum(-1)  # (..., V)
+    target = (u * cdf[..., -1]).unsqueeze(-1)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+
+
+def guided_logits(model: torch.nn.Module, codes: torch.Tensor, y: torch.Tensor,
+                  cfg_scale: float, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Classifier-free guided logits (B, K, V) (or (B, M, V) at `positions` (B, M)):
+    uncond + cfg_scale (cond - uncond); scale 1 is one conditional pass. Conditional and
+    unconditional halves run as one batch of 2B."""
+    if cfg_scale == 1.0:
+        return model(codes, y, positions)
+    null = torch.full_like(y, model.null_class)
+    both = None if positions is None else torch.cat([positions, positions])
+    logits = model(torch.cat([codes, codes]), torch.cat([y, null]), both)
+    cond, uncond = logits.float().chunk(2)
+    return torch.lerp(uncond, cond, cfg_scale)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """logits (..., V) with codes outside the top-k and outside the smallest set holding top_p
+    of the probability set to -inf (0 and 1.0 switch a filter off; the best code always stays)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a code when the mass before it already reaches top_p (so the first stays).
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@dataclass
+class TokenRollout:
+    """Sampled codes and, for RL, the states they were decided in; S = decode steps."""
+
+    labels: torch.Tensor
+    """(N,) requested classes."""
+    codes: torch.Tensor
+    """(N, K) final codes."""
+    log_prob: torch.Tensor
+    """(N, K) each code's log-probability under the state it was decided in."""
+    states: torch.Tensor | None = None
+    """maskgit: (N, S, K) input codes at the start of each step (mask_code where masked)."""
+    decided: torch.Tensor | None = None
+    """maskgit: (N, S, K) bool, the positions each step decided (each position exactly once)."""
+
+    def select(self, rows: torch.Tensor) -> TokenRollout:
+        """The rollouts `rows` (a minibatch)."""
+        return TokenRollout(self.labels[rows], self.codes[rows], self.log_prob[rows],
+                            None if self.states is None else self.states[rows],
+                            None if self.decided is None else self.decided[rows])
+
+
+@torch.no_grad()
+def maskgit_sample(model: torch.nn.Module, labels: torch.Tensor, noise: SampleNoise, *,
+                   steps: int, cfg_scale: float, temperature: float = 1.0,
+                   choice_temperature: float = 4.5) -> TokenRollout:
+    """MaskGIT's confidence-based parallel decoding of labels (N,) in `steps` steps."""
+    k = model.cfg.num_tokens
+    if not 1 <= steps <= k:
+        raise ValueError(f"maskgit sampling needs 1 <= steps <= K = {k}, got {steps}")
+    n = len(labels)
+    codes = torch.full((n, k), model.mask_code, dtype=torch.long, device=labels.device)
+    masked = torch.ones(n, k, dtype=torch.bool, device=labels.device)
+    log_prob = torch.zeros(n, k, device=labels.device)
+    states, decided = [], []
+    for s in range(steps):
+        # Only the M still-masked positions (the same count in every row) are predicted.
+        positions = masked.nonzero()[:, 1].view(n, -1)  # (N, M)
+        logits = guided_logits(model, codes, labels, cfg_scale, positions).float()  # (N, M, V)
+        probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+        u = noise.uniform(k).gather(1, positions)  # each position's own draw, (N, M)
+        picked = categorical(probs, u)  # (N, M)
+        picked_logp = probs.gather(-1, picked.unsqueeze(-1)).squeeze(-1).log()
+        draws = codes.scatter(1, positions, picked)  # (N, K); decided positions keep theirs
+        draw_logp = torch.zeros(n, k, device=labels.device).scatter(1, positions, picked_logp)
+        still = positions.shape[1]
+        keep_masked = min(masked_after(s, steps, k), still - 1) if s < steps - 1 else 0
+        anneal = choice_temperature * (1.0 - (s + 1) / steps)
+        confidence = draw_logp + anneal * noise.gumbel(k)
+        confidence = torch.where(masked, confidence, torch.inf)  # decided codes stay
+        remask = confidence.argsort(1).argsort(1) < keep_masked  # the least confident
+        newly = masked & ~remask
+        states.append(codes.clone())
+        decided.append(newly)
+        codes = torch.where(newly, draws, codes)
+        log_prob = torch.where(newly, draw_logp, log_prob)
+        masked = remask
+    return TokenRollout(labels, codes, log_prob, torch.stack(states, 1), torch.stack(decided, 1))
+
+
+@torch.no_grad()
+def ar_sample(model: torch.nn.Module, labels: torch.Tensor, noise: SampleNoise, *,
+              cfg_scale: float, temperature: float = 1.0, top_k: int = 0,
+              top_p: float = 1.0) -> TokenRollout:
+    """Autoregressive sampling of labels (N,) with the key/value cache; K model steps."""
+    k = model.cfg.num_tokens
+    guided = cfg_scale != 1.0
+    y = torch.cat([labels, torch.full_like(labels, model.null_class)]) if guided else labels
+    codes, log_prob = [], []
+    cache, prev = None, None
+    for i in range(k):
+        logits, cache = model.decode_step(prev, y, i, cache)  # (N or 2N, V)
+        logits = logits.float()
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + cfg_scale * (cond - uncond)
+        logits = logits / temperature
+        filtered = torch.softmax(filter_logits(logits, top_k, top_p), -1)
+        draw = categorical(filtered, noise.uniform(1)[:, 0])  # (N,)
+        log_prob.append(torch.log_softmax(logits, -1).gather(-1, draw.unsqueeze(-1))[:, 0])
+        codes.append(draw)
+        prev = torch.cat([draw, draw]) if guided else draw
+    return TokenRollout(labels, torch.stack(codes, 1), torch.stack(log_prob, 1))
+
+
+def token_log_probs(model: torch.nn.Module, ro: TokenRollout, *, cfg_scale: float,
+                    temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recompute, with gradients, each code's log-probability (N, K) under the state it was
+    decided in, and that state's full log-distribution (N, K, V) (for KLs between models)."""
+    if ro.states is None:  # ar: one teacher-forced pass gives every prefix's distribution
+        logp = torch.log_softmax(guided_logits(model, ro.codes, ro.labels, cfg_scale).float()
+                                 / temperature, dim=-1)  # (N, K, V)
+    else:  # maskgit: every step's state as one batch, then each position from its own step
+        assert ro.decided is not None
+        n, s, k = ro.states.shape
+        logits = guided_logits(model, ro.states.reshape(n * s, k),
+                               ro.labels.repeat_interleave(s), cfg_scale)
+        logp_steps = torch.log_softmax(logits.float() / temperature, -1).view(n, s, k, -1)
+        logp = (logp_steps * ro.decided.unsqueeze(-1)).sum(1)  # (N, K, V): one step each
+    return logp.gather(-1, ro.codes.unsqueeze(-1)).squeeze(-1), logp
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO over tokens
+# --------------------------------------------------------------------------------------------
+
+# Bound on |log new/old probability ratio| before exponentiating (as the flow objective's).
+MAX_LOG_RATIO = 20.0
+
+
+def token_grpo_loss(policy: torch.nn.Module, reference: torch.nn.Module, ro: TokenRollout,
+                    advantages: torch.Tensor, valid: torch.Tensor, *, cfg_scale: float,
+                    temperature: float, clip_range: float, kl_beta: float
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO on the sampled codes: each code is an action with its own PPO-clipped ratio of new
+    to rollout probability under the state it was decided in (the sample's advantage for all
+    its codes, averaged over codes), plus kl_beta times the exact KL(policy || reference) of
+    the codes' distributions from the same states (mean over codes).
+
+    advantages (N,) float, valid (N,) bool: the policy term averages over valid samples only,
+    the KL term over all of them (the flow objective's convention, ``tasks/rl.py``).
+    """
+    new_lp, new_logp = token_log_probs(policy, ro, cfg_scale=cfg_scale, temperature=temperature)
+    with torch.no_grad():
+        _, ref_logp = token_log_probs(reference, ro, cfg_scale=cfg_scale,
+                                      temperature=temperature)
+    log_ratio = new_lp - ro.log_prob  # (N, K)
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    clipped = torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    adv = advantages.unsqueeze(1)  # (N, 1)
+    per_sample = torch.maximum(-adv * ratio, -adv * clipped).mean(1)  # (N,)
+    weight = valid.float()
+    n_valid = weight.sum().clamp_min(1.0)
+    policy_loss = torch.where(valid, per_sample, 0.0).sum() / n_valid
+    kl = (new_logp.exp() * (new_logp - ref_logp)).sum(-1).mean(1)  # (N,)
+    loss = policy_loss + kl_beta * kl.mean()
+    with torch.no_grad():
+        code_weight = weight.unsqueeze(1).expand_as(ratio)
+        n_codes = code_weight.sum().clamp_min(1.0)
+        stats = {"policy_loss": policy_loss.detach(), "kl": kl.mean().detach(),
+                 "clip_fraction": (((ratio - 1).abs() > clip_range).float() * code_weight).sum()
+                 / n_codes,
+                 "approx_kl": (0.5 * log_ratio.pow(2) * code_weight).sum() / n_codes,
+                 "ratio_mean": (ratio * code_weight).sum() / n_codes,
+                 "ratio_max": ratio.max(), "ratio_min": ratio.min(),
+                 "log_ratio_min": log_ratio.min(), "log_ratio_max": log_ratio.max()}
+    return loss, stats

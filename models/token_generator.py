@@ -1,0 +1,235 @@
+"""Class-conditional transformers over K discrete latent tokens: MaskGIT and autoregressive.
+
+One file holds the config, the blocks, the model and the size registry. Both kinds read a
+sequence of K integer codes (B, K) from a discrete tokenizer (fsq, vq or binary; the code of a
+token indexes its vocabulary of V entries) and return logits (B, K, V); the objectives, the
+samplers and the log-probabilities that RL needs live in ``latentforge/tokens.py``.
+
+- ``kind='maskgit'`` (MaskGIT, TiTok's generator): bidirectional attention; a masked position
+  holds the extra input code V ([MASK]) and its logits predict the code that belongs there.
+- ``kind='ar'`` (LlamaGen, FlexTok-style): causal attention over [class, t_0, ..., t_{K-2}];
+  the logits at position i predict t_i from the class and t_<i, so a 1D tokenizer's
+  coarse-to-fine order is the generation order. :meth:`TokenTransformer.decode_step` runs one
+  position at a time against a key/value cache.
+
+The class enters as a prefix token (LlamaGen), not through adaLN: it is one more position both
+kinds attend to. Its table has one extra row, index ``num_classes``, the null label that
+classifier-free guidance uses (guidance mixes logits, ``tokens.guided_logits``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KINDS = ("maskgit", "ar")
+# Above this vocabulary the output head and the embedding table dominate a small model and a
+# code is seen too rarely to learn its logit: a 2^20-code binary tokenizer needs grouped bits.
+MAX_VOCAB = 65536
+
+
+@dataclass(kw_only=True)
+class TokenGeneratorConfig:
+    """Architecture of a :class:`TokenTransformer`."""
+
+    kind: str
+    """'maskgit' (bidirectional, predicts masked codes) or 'ar' (causal, next code)."""
+    num_tokens: int
+    """K, the number of codes per image (from the tokenizer)."""
+    vocab_size: int
+    """V, distinct codes per token (fsq: prod(levels), vq: codebook size, binary: 2^D)."""
+    num_classes: int
+    """Number of real classes; the model adds one null class for guidance."""
+    width: int
+    """Transformer width."""
+    depth: int
+    """Number of transformer blocks."""
+    heads: int
+    """Attention heads; must divide ``width``."""
+    mlp_ratio: float = 4.0
+    """Hidden width of the MLP as a multiple of ``width``."""
+    dropout: float = 0.0
+    """Dropout on the attention and MLP branches' outputs (MaskGIT trains with 0.1)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        for name in ("num_tokens", "num_classes", "width", "depth", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 2 <= self.vocab_size <= MAX_VOCAB:
+            raise ValueError(f"vocab_size must be in [2, {MAX_VOCAB}], got {self.vocab_size}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+# The same shapes as the flow generator's registry (models/generator.py), so that "small" means
+# one transformer whatever the kind and sampling speeds compare at matched size.
+TOKEN_GENERATOR_SIZES: dict[str, dict] = {
+    "tiny": {"width": 64, "depth": 2, "heads": 4},
+    "small": {"width": 128, "depth": 4, "heads": 4},
+    "base": {"width": 256, "depth": 8, "heads": 8},
+    "large": {"width": 512, "depth": 12, "heads": 8},
+}
+
+
+def token_generator_config(size: str, **overrides) -> TokenGeneratorConfig:
+    """Build a config from a ``TOKEN_GENERATOR_SIZES`` key plus field overrides."""
+    if size not in TOKEN_GENERATOR_SIZES:
+        raise ValueError(f"unknown generator size {size!r}; choose from "
+                         f"{list(TOKEN_GENERATOR_SIZES)}")
+    return TokenGeneratorConfig(**{**TOKEN_GENERATOR_SIZES[size], **overrides})
+
+
+# ----------------------------------------------------------------------------- blocks
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, heads, T, W/h)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over (B, T, W), optionally causal, optionally cached."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x: (B, T, W) -> ((B, T, W), this call's keys and values appended to `past`).
+
+        With `past` the T new positions follow the cached ones; causal attention then lets
+        new position i see every cached position and the new ones up to i.
+        """
+        b, t, w = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        mask = None
+        if causal and t > 1:
+            offset = k.shape[2] - t  # cached positions before the new ones
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(offset)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(b, t, w)), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
+                                 nn.Linear(hidden, width), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, causal: bool,
+                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x: (B, T, W) -> ((B, T, W), keys and values)."""
+        h, kv = self.attn(self.norm1(x), causal, past)
+        x = x + self.drop(h)
+        return x + self.mlp(self.norm2(x)), kv
+
+
+# ------------------------------------------------------------------------------ model
+
+
+class TokenTransformer(nn.Module):
+    """Logits over the vocabulary for each of K code positions, conditioned on a class."""
+
+    def __init__(self, cfg: TokenGeneratorConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        # maskgit: one extra input row, the [MASK] code (index V); ar never reads it.
+        self.tok_embed = nn.Embedding(cfg.vocab_size + 1, w)
+        self.cls_embed = nn.Embedding(cfg.num_classes + 1, w)  # last row: the null label
+        # Position 0 is the class token; 1 .. K the codes (maskgit) or codes shifted right (ar).
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens + 1, w))
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+                                    for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(w)
+        self.head = nn.Linear(w, cfg.vocab_size)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """GPT-2 style init: N(0, 0.02) linears and embeddings, zero biases."""
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def null_class(self) -> int:
+        """The label index meaning "no class" (unconditional), used for guidance."""
+        return self.cfg.num_classes
+
+    @property
+    def mask_code(self) -> int:
+        """The input code of a masked position (maskgit)."""
+        return self.cfg.vocab_size
+
+    @property
+    def causal(self) -> bool:
+        return self.cfg.kind == "ar"
+
+    def forward(self, codes: torch.Tensor, y: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """codes: (B, K) long, y: (B,) long -> logits (B, K, V), or (B, M, V) at `positions`.
+
+        maskgit: codes may hold ``mask_code``; logits at i predict the code at i.
+        ar: logits at i predict codes[:, i] from y and codes[:, :i] (the last code is not read).
+        `positions` (B, M) long: only those code positions go through the output head (a
+        sampler needs the still-masked ones; the head is a third of a tiny model's FLOPs).
+        The training entry point: DDP syncs gradients only for calls through ``__call__``.
+        """
+        cls = self.cls_embed(y).unsqueeze(1)  # (B, 1, W)
+        if self.causal:
+            h = torch.cat([cls, self.tok_embed(codes[:, :-1])], dim=1)  # (B, K, W)
+        else:
+            h = torch.cat([cls, self.tok_embed(codes)], dim=1)  # (B, K + 1, W)
+        h = h + self.pos_embed[:, : h.shape[1]]
+        for block in self.blocks:
+            h, _ = block(h, self.causal)
+        # ar: outputs 0 .. K-1 (class and K-1 codes) predict codes 0 .. K-1;
+        # maskgit: outputs 1 .. K belong to the code positions.
+        h = h if self.causal else h[:, 1:]  # (B, K, W)
+        if positions is not None:
+            h = h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, M, W)
+        return self.head(self.norm(h))  # (B, K or M, V)
+
+    def decode_step(self, prev: torch.Tensor | None, y: torch.Tensor, position: int,
+                    cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
+        """One ar step against the cache: logits (B, V) for code `position`, and the cache.
+
+        Position 0 reads the class token (`prev` None, `cache` None); position i > 0 reads
+        code i-1 (`prev`: (B,) long) after the cache of the positions before it.
+        """
+        if not self.causal:
+            raise ValueError("decode_step is for kind 'ar'; maskgit decodes whole sequences")
+        if position == 0:
+            h = self.cls_embed(y).unsqueeze(1)  # (B, 1, W)
+        else:
+            assert prev is not None
+            h = self.tok_embed(prev).unsqueeze(1)
+        h = h + self.pos_embed[:, position: position + 1]
+        new_cache: KVCache = []
+        for i, block in enumerate(self.blocks):
+            h, kv = block(h, True, None if cache is None else cache[i])
+            new_cache.append(kv)
+        return self.head(self.norm(h))[:, 0], new_cache

@@ -1,0 +1,264 @@
+"""MaskGIT and autoregressive generators over discrete codes on tiny shapes: the mask schedule,
+confidence unmasking, the causal mask and KV cache, per-sample randomness, guidance, top-k/p,
+token log-probabilities and GRPO over tokens, and the kind/quantizer configuration checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from latentforge import tokens
+from latentforge.config import Params, build_params
+from latentforge.errors import ConfigError
+from latentforge.models.token_generator import TokenTransformer, token_generator_config
+
+K, V, C = 6, 11, 3
+
+
+def model(kind: str, seed: int = 0) -> TokenTransformer:
+    torch.manual_seed(seed)
+    m = TokenTransformer(token_generator_config("tiny", kind=kind, num_tokens=K, vocab_size=V,
+                                                num_classes=C))
+    # Larger output weights than the init's, so that distributions are far from uniform and a
+    # bug that mixes positions or classes shows in the numbers.
+    with torch.no_grad():
+        m.head.weight.mul_(20)
+        m.cls_embed.weight.mul_(20)
+    return m.eval()
+
+
+def rollout(m: TokenTransformer, n: int = 4, cfg_scale: float = 2.0, seed: int = 0,
+            steps: int = 4) -> tokens.TokenRollout:
+    labels = torch.arange(n) % C
+    noise = tokens.SampleNoise(range(n), seed)
+    if m.cfg.kind == "maskgit":
+        return tokens.maskgit_sample(m, labels, noise, steps=steps, cfg_scale=cfg_scale)
+    return tokens.ar_sample(m, labels, noise, cfg_scale=cfg_scale)
+
+
+def test_mask_schedule_is_cosine_and_masks_at_least_one():
+    torch.manual_seed(0)
+    masked = tokens.random_mask(torch.zeros(20000, 16, dtype=torch.long))
+    counts = masked.sum(1)
+    assert counts.min() >= 1 and counts.max() <= 16
+    # E[ceil(cos(pi r / 2) K)] for r ~ U(0, 1), by quadrature.
+    r = (torch.arange(100000) + 0.5) / 100000
+    expected = torch.ceil(torch.cos(math.pi / 2 * r) * 16).mean()
+    assert counts.float().mean() == pytest.approx(float(expected), abs=0.1)
+    # masked positions are spread over the sequence, not a prefix
+    assert masked.float().mean(0).std() < 0.02
+    assert [tokens.masked_after(s, 8, 16) for s in range(8)] == [
+        math.floor(math.cos(math.pi / 2 * (s + 1) / 8) * 16 + 1e-9) for s in range(8)]
+
+
+def test_maskgit_loss_reads_only_masked_positions():
+    m = model("maskgit")
+    codes = torch.randint(0, V, (8, K))
+    labels = torch.arange(8) % C
+    torch.manual_seed(3)
+    loss, stats = tokens.maskgit_loss(m, codes, labels, class_dropout=0.0, label_smoothing=0.0,
+                                      null_class=C, mask_code=V)
+    torch.manual_seed(3)
+    masked = tokens.random_mask(codes)
+    inputs = torch.where(masked, torch.full_like(codes, V), codes)
+    logits = m(inputs, labels)
+    expected = torch.nn.functional.cross_entropy(logits[masked], codes[masked])
+    torch.testing.assert_close(loss, expected)
+    assert float(stats["masked_fraction"]) == pytest.approx(float(masked.float().mean()))
+
+
+def test_maskgit_sampling_decides_each_position_once_and_keeps_given_codes():
+    m = model("maskgit")
+    ro = rollout(m, n=5, steps=4)
+    assert ro.states is not None and ro.decided is not None
+    assert (ro.decided.sum(1) == 1).all()  # every position decided in exactly one step
+    assert ro.decided.sum(2)[0].tolist() == [
+        (K if s == 0 else tokens.masked_after(s - 1, 4, K)) - tokens.masked_after(s, 4, K)
+        for s in range(4)]
+    for s in range(4):
+        state = ro.states[:, s]
+        given = state != m.mask_code
+        # a code decided before step s is in its state with its final value, and nothing else is
+        assert torch.equal(given, ro.decided[:, :s].any(1))
+        assert torch.equal(state[given], ro.codes[given])
+    assert ((ro.codes >= 0) & (ro.codes < V)).all()
+    with pytest.raises(ValueError, match="steps <= K"):
+        rollout(m, steps=K + 1)
+
+
+def test_output_head_at_chosen_positions_equals_the_full_forward():
+    m = model("maskgit")
+    codes = torch.randint(0, V + 1, (3, K))
+    y = torch.tensor([0, 1, 2])
+    positions = torch.tensor([[0, 2, 5], [1, 3, 4], [2, 3, 5]])
+    full = m(codes, y)
+    torch.testing.assert_close(m(codes, y, positions),
+                               full.gather(1, positions.unsqueeze(-1).expand(-1, -1, V)))
+
+
+def test_kv_cache_and_causal_mask_equal_the_full_forward():
+    m = model("ar")
+    codes = torch.randint(0, V, (3, K))
+    y = torch.tensor([0, 1, C])  # C is the null label
+    full = m(codes, y)  # (3, K, V)
+    cache, prev, steps = None, None, []
+    for i in range(K):
+        logits, cache = m.decode_step(prev, y, i, cache)
+        steps.append(logits)
+        prev = codes[:, i]
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=1e-5)
+    # causal: a later code changes no earlier position's logits, and does change its own
+    changed = codes.clone()
+    changed[:, 3] = (changed[:, 3] + 1) % V
+    out = m(changed, y)
+    torch.testing.assert_close(out[:, :4], full[:, :4])
+    assert not torch.allclose(out[:, 4:], full[:, 4:])
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "ar"])
+def test_a_sample_depends_only_on_its_seed_and_index(kind):
+    m = model(kind)
+    labels = torch.tensor([0, 1, 2, 1])
+    together = tokens.SampleNoise([10, 11, 12, 13], seed=5)
+    alone = tokens.SampleNoise([12], seed=5)
+    if kind == "maskgit":
+        a = tokens.maskgit_sample(m, labels, together, steps=3, cfg_scale=1.5).codes
+        b = tokens.maskgit_sample(m, labels[2:3], alone, steps=3, cfg_scale=1.5).codes
+    else:
+        a = tokens.ar_sample(m, labels, together, cfg_scale=1.5).codes
+        b = tokens.ar_sample(m, labels[2:3], alone, cfg_scale=1.5).codes
+    assert torch.equal(a[2:3], b)
+    other = tokens.SampleNoise([10, 11, 12, 13], seed=6)
+    c = (tokens.maskgit_sample(m, labels, other, steps=3, cfg_scale=1.5) if kind == "maskgit"
+         else tokens.ar_sample(m, labels, other, cfg_scale=1.5)).codes
+    assert not torch.equal(a, c)
+
+
+def test_guidance_mixes_conditional_and_unconditional_logits():
+    m = model("maskgit")
+    codes = torch.randint(0, V + 1, (4, K))
+    y = torch.tensor([0, 1, 2, 0])
+    cond, uncond = m(codes, y), m(codes, torch.full_like(y, C))
+    torch.testing.assert_close(tokens.guided_logits(m, codes, y, 1.0), cond)
+    torch.testing.assert_close(tokens.guided_logits(m, codes, y, 0.0), uncond)
+    torch.testing.assert_close(tokens.guided_logits(m, codes, y, 3.0),
+                               uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
+
+
+def test_categorical_draws_follow_the_probabilities_and_skip_zero_ones():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    draws = tokens.categorical(probs.expand(200000, -1),
+                               torch.rand(200000).clamp(1e-10, 1 - 1e-10))
+    freq = torch.bincount(draws, minlength=6).float() / 200000
+    assert freq[probs == 0].sum() == 0
+    torch.testing.assert_close(freq, probs, atol=0.005, rtol=0)  # 200k draws: sd <= 0.0012
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
+    keep = torch.isfinite
+    assert keep(tokens.filter_logits(logits, top_k=2)).tolist() == [[True, True, False, False]]
+    assert keep(tokens.filter_logits(logits, top_p=0.7)).tolist() == [[True, True, False, False]]
+    assert keep(tokens.filter_logits(logits, top_p=0.75)).tolist() == [[True, True, False, False]]
+    assert keep(tokens.filter_logits(logits, top_p=0.76)).tolist() == [[True, True, True, False]]
+    assert keep(tokens.filter_logits(logits, top_p=0.1)).tolist() == [[True, False, False, False]]
+    assert keep(tokens.filter_logits(logits)).all()
+    # ar sampling with top_k = 1 is greedy
+    m = model("ar")
+    labels = torch.tensor([0, 1])
+    greedy = tokens.ar_sample(m, labels, tokens.SampleNoise([0, 1], 0), cfg_scale=1.0, top_k=1)
+    cache, prev = None, None
+    for i in range(K):
+        logits_i, cache = m.decode_step(prev, labels, i, cache)
+        prev = logits_i.argmax(-1)
+        assert torch.equal(greedy.codes[:, i], prev)
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "ar"])
+def test_token_log_probs_match_the_rollout_and_sum_to_the_sequence(kind):
+    m = model(kind)
+    ro = rollout(m, n=6, cfg_scale=2.0)
+    new, full = tokens.token_log_probs(m, ro, cfg_scale=2.0, temperature=1.0)
+    torch.testing.assert_close(new, ro.log_prob, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full.exp().sum(-1), torch.ones(6, K))
+    if kind == "ar":
+        # the sequence's log-probability by the chain rule, position by position
+        seq = torch.zeros(6)
+        for i in range(K):
+            logits = tokens.guided_logits(m, ro.codes, ro.labels, 2.0)[:, i]
+            seq += torch.log_softmax(logits, -1).gather(-1, ro.codes[:, i:i + 1])[:, 0]
+        torch.testing.assert_close(new.sum(1), seq, atol=1e-4, rtol=1e-5)
+    else:
+        # each code's log-probability is from the step that decided it: recompute step by step
+        assert ro.states is not None and ro.decided is not None
+        for s in range(ro.states.shape[1]):
+            logp = torch.log_softmax(tokens.guided_logits(m, ro.states[:, s], ro.labels, 2.0), -1)
+            picked = logp.gather(-1, ro.codes.unsqueeze(-1))[..., 0]
+            mask = ro.decided[:, s]
+            torch.testing.assert_close(new[mask], picked[mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "ar"])
+def test_token_grpo_zero_step_on_equal_rewards_and_ascent_on_advantage(kind):
+    policy, reference = model(kind), model(kind)
+    policy.train()
+    ro = rollout(policy, n=6, cfg_scale=1.0)
+    kwargs = {"cfg_scale": 1.0, "temperature": 1.0, "clip_range": 0.2, "kl_beta": 0.0}
+    valid = torch.ones(6, dtype=torch.bool)
+    # all advantages 0 (a batch of equal rewards): no gradient at all
+    loss, stats = tokens.token_grpo_loss(policy, reference, ro, torch.zeros(6), valid, **kwargs)
+    loss.backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in policy.parameters())
+    assert float(stats["approx_kl"]) < 1e-9 and float(stats["clip_fraction"]) == 0
+    # a positive advantage on sample 0 only: a small step raises its codes' log-probability
+    adv = torch.zeros(6)
+    adv[0] = 1.0
+    opt = torch.optim.SGD(policy.parameters(), lr=1e-3)
+    before, _ = tokens.token_log_probs(policy, ro, cfg_scale=1.0, temperature=1.0)
+    opt.zero_grad()
+    tokens.token_grpo_loss(policy, reference, ro, adv, valid, **kwargs)[0].backward()
+    opt.step()
+    after, _ = tokens.token_log_probs(policy, ro, cfg_scale=1.0, temperature=1.0)
+    assert after[0].sum() > before[0].sum()
+
+
+def test_token_grpo_clip_acts_after_the_policy_moves_and_kl_is_exact():
+    policy, reference = model("ar", seed=0), model("ar", seed=1)
+    ro = rollout(policy, n=6, cfg_scale=1.0)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0])
+    valid = torch.ones(6, dtype=torch.bool)
+    kwargs = {"cfg_scale": 1.0, "temperature": 1.0, "clip_range": 0.01}
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    for _ in range(2):  # two inner steps on the same rollouts: the ratio leaves 1
+        opt.zero_grad()
+        loss, stats = tokens.token_grpo_loss(policy, reference, ro, adv, valid, kl_beta=0.0,
+                                             **kwargs)
+        loss.backward()
+        opt.step()
+    _, stats = tokens.token_grpo_loss(policy, reference, ro, adv, valid, kl_beta=0.0, **kwargs)
+    assert float(stats["clip_fraction"]) > 0
+    # the KL term is the exact categorical KL of the code distributions from the same states
+    loss_kl, stats = tokens.token_grpo_loss(policy, reference, ro, torch.zeros(6), valid,
+                                            kl_beta=1.0, **kwargs)
+    _, p = tokens.token_log_probs(policy, ro, cfg_scale=1.0, temperature=1.0)
+    _, q = tokens.token_log_probs(reference, ro, cfg_scale=1.0, temperature=1.0)
+    exact = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=p),
+                                              torch.distributions.Categorical(logits=q))
+    torch.testing.assert_close(stats["kl"], exact.mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_kl.detach(), exact.mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_kind_and_quantizer_must_fit():
+    raw = Params().to_dict()
+    raw["generator"]["kind"] = "maskgit"
+    with pytest.raises(ConfigError, match=r"generator.kind = 'maskgit'.*tokenizer.quantizer = "
+                                         r"'kl'"):
+        build_params(raw)
+    raw["tokenizer"].update(quantizer="fsq", token_dim=4)
+    raw["generator"]["maskgit_steps"] = 17
+    with pytest.raises(ConfigError, match="generator.maskgit_steps = 17 is more than the 16"):
+        build_params(raw)
+    raw["generator"]["maskgit_steps"] = 8
+    assert build_params(raw).generator.kind == "maskgit"
