@@ -318,7 +318,9 @@ class FineTuner:
         self.cfg, self.seed, self.reward, self.decode = cfg, seed, reward, decode
         self.device, self.token_sampling = device, token_sampling
         self.reference = copy.deepcopy(base).to(device).eval().requires_grad_(False)
-        self.policy = copy.deepcopy(base).to(device).train()
+        # Eval mode even while training: with dropout on (token generators train with it),
+        # rollouts and rescoring would see different networks and the ratio would be noise.
+        self.policy = copy.deepcopy(base).to(device).eval()
         self.ema = EMA(self.policy, cfg.ema_decay)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.lr,
                                            weight_decay=cfg.weight_decay)

@@ -262,3 +262,21 @@ def test_kind_and_quantizer_must_fit():
         build_params(raw)
     raw["generator"]["maskgit_steps"] = 8
     assert build_params(raw).generator.kind == "maskgit"
+
+
+def test_rl_policy_runs_without_dropout_so_ratios_compare_one_network():
+    from latentforge.config import RLConfig
+    from latentforge.tasks.rl import FineTuner
+
+    torch.manual_seed(0)
+    base = TokenTransformer(token_generator_config("tiny", kind="maskgit", num_tokens=K,
+                                                   vocab_size=V, num_classes=C, dropout=0.5))
+    tuner = FineTuner(RLConfig(), 0, base, reward=None, decode=None, device=torch.device("cpu"),
+                      token_sampling={"steps": 3, "temperature": 1.0, "choice_temperature": 1.0,
+                                      "top_k": 0, "top_p": 1.0})
+    ro = tokens.maskgit_sample(tuner.policy, torch.tensor([0, 1]), tokens.SampleNoise([0, 1], 0),
+                               steps=3, cfg_scale=1.0)
+    a, _ = tokens.token_log_probs(tuner.policy, ro, cfg_scale=1.0, temperature=1.0)
+    b, _ = tokens.token_log_probs(tuner.policy, ro, cfg_scale=1.0, temperature=1.0)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a, ro.log_prob, atol=1e-5, rtol=1e-5)
