@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from latentforge.flow import _sample_seed
+from latentforge.models.token_generator import TokenTransformer
 
 # Uniform draws are kept inside (0, 1) so that the Gumbel transform -log(-log u) stays finite.
 UNIFORM_EPS = 1e-10
@@ -135,7 +136,7 @@ def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
-def guided_logits(model: torch.nn.Module, codes: torch.Tensor, y: torch.Tensor,
+def guided_logits(model: TokenTransformer, codes: torch.Tensor, y: torch.Tensor,
                   cfg_scale: float, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Classifier-free guided logits (B, K, V) (or (B, M, V) at `positions` (B, M)):
     uncond + cfg_scale (cond - uncond); scale 1 is one conditional pass. Conditional and
@@ -188,7 +189,7 @@ class TokenRollout:
 
 
 @torch.no_grad()
-def maskgit_sample(model: torch.nn.Module, labels: torch.Tensor, noise: SampleNoise, *,
+def maskgit_sample(model: TokenTransformer, labels: torch.Tensor, noise: SampleNoise, *,
                    steps: int, cfg_scale: float, temperature: float = 1.0,
                    choice_temperature: float = 4.5) -> TokenRollout:
     """MaskGIT's confidence-based parallel decoding of labels (N,) in `steps` steps."""
@@ -226,7 +227,7 @@ def maskgit_sample(model: torch.nn.Module, labels: torch.Tensor, noise: SampleNo
 
 
 @torch.no_grad()
-def ar_sample(model: torch.nn.Module, labels: torch.Tensor, noise: SampleNoise, *,
+def ar_sample(model: TokenTransformer, labels: torch.Tensor, noise: SampleNoise, *,
               cfg_scale: float, temperature: float = 1.0, top_k: int = 0,
               top_p: float = 1.0) -> TokenRollout:
     """Autoregressive sampling of labels (N,) with the key/value cache; K model steps."""
@@ -250,7 +251,7 @@ def ar_sample(model: torch.nn.Module, labels: torch.Tensor, noise: SampleNoise, 
     return TokenRollout(labels, torch.stack(codes, 1), torch.stack(log_prob, 1))
 
 
-def token_log_probs(model: torch.nn.Module, ro: TokenRollout, *, cfg_scale: float,
+def token_log_probs(model: TokenTransformer, ro: TokenRollout, *, cfg_scale: float,
                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Recompute, with gradients, each code's log-probability (N, K) under the state it was
     decided in, and that state's full log-distribution (N, K, V) (for KLs between models)."""
@@ -275,7 +276,7 @@ def token_log_probs(model: torch.nn.Module, ro: TokenRollout, *, cfg_scale: floa
 MAX_LOG_RATIO = 20.0
 
 
-def token_grpo_loss(policy: torch.nn.Module, reference: torch.nn.Module, ro: TokenRollout,
+def token_grpo_loss(policy: TokenTransformer, reference: TokenTransformer, ro: TokenRollout,
                     advantages: torch.Tensor, valid: torch.Tensor, *, cfg_scale: float,
                     temperature: float, clip_range: float, kl_beta: float
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 WEIGHTS, META = "model.safetensors", "generator.json"
 TOKEN_KINDS = ("maskgit", "ar")
 
-GeneratorModel = FlowTransformer | TokenTransformer
+GeneratorModel: TypeAlias = FlowTransformer | TokenTransformer
 
 
 def build_generator_model(model_cfg: dict[str, Any]) -> GeneratorModel:

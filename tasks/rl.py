@@ -380,9 +380,9 @@ class FineTuner:
         if self.token_sampling is not None:
             noise = tokens.SampleNoise(range(len(labels)), _seed(self.seed, step, 0x5DE),
                                        device=self.device)
-            ro = sample_token_rollout(self.policy, self.token_sampling, labels, noise,
-                                      cfg.cfg_scale, for_rl=True)
-            final = ro.codes
+            token_ro = sample_token_rollout(self.policy, self.token_sampling, labels, noise,
+                                            cfg.cfg_scale, for_rl=True)
+            ro, final = token_ro, token_ro.codes
         else:
             gen = torch.Generator(device=self.device).manual_seed(_seed(self.seed, step, 0x5DE))
             ro = rollout(self.policy, labels, steps=cfg.train_steps, noise_level=cfg.noise_level,
