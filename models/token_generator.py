@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.generator import GENERATOR_SIZES
+
 KINDS = ("maskgit", "ar")
 # Above this vocabulary the output head and the embedding table dominate a small model and a
 # code is seen too rarely to learn its logit: a 2^20-code binary tokenizer needs grouped bits.
@@ -70,14 +72,9 @@ class TokenGeneratorConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
-# The same shapes as the flow generator's registry (models/generator.py), so that "small" means
-# one transformer whatever the kind and sampling speeds compare at matched size.
-TOKEN_GENERATOR_SIZES: dict[str, dict] = {
-    "tiny": {"width": 64, "depth": 2, "heads": 4},
-    "small": {"width": 128, "depth": 4, "heads": 4},
-    "base": {"width": 256, "depth": 8, "heads": 8},
-    "large": {"width": 512, "depth": 12, "heads": 8},
-}
+# The flow generator's registry itself, so that "small" means one transformer shape whatever
+# the kind (generator.size is one key) and sampling speeds compare at matched size.
+TOKEN_GENERATOR_SIZES: dict[str, dict] = GENERATOR_SIZES
 
 
 def token_generator_config(size: str, **overrides) -> TokenGeneratorConfig:
