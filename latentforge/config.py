@@ -45,6 +45,7 @@ MAX_WIDTH = 8192  # channels, feature and token dimensions
 MAX_TOKENS = 65_536  # patches per image (a 256 x 256 grid), and latent tokens K
 MAX_CODEBOOK = 65_536  # vq entries: code perturbation (pFD) builds a V x V matrix, 16 GiB here
 MAX_FSQ_VOCAB = 2**24  # prod(fsq_levels): code-usage statistics keep one counter per code
+MAX_BINARY_BITS = 30  # binary token_dim: codes are 2^token_dim bit patterns, cached as int32
 MAX_EPOCHS = 1000  # passes over one batch of rollouts
 MAX_KEEP = 1000  # checkpoints kept on disk
 MAX_WORKERS = 4096  # Ray workers / actors
@@ -153,7 +154,8 @@ class JudgeConfig(TrainConfig):
 
 @dataclass(kw_only=True)
 class TokenizerConfig(TrainConfig):
-    """TiTok-style 1D tokenizer (or the 2D patch baseline) with a kl / fsq / vq bottleneck."""
+    """TiTok-style 1D tokenizer (or the 2D patch baseline) with a kl / fsq / vq / binary
+    bottleneck."""
 
     size: Literal["tiny", "small", "base", "large"] = param(
         "tiny", "model size from the registry in models/tokenizer.py (width/depth/heads)")
@@ -162,24 +164,52 @@ class TokenizerConfig(TrainConfig):
     patch_size: int = param(4, "ViT patch size in pixels", ge=1, le=MAX_SIDE)
     num_tokens: int = param(16, "K, latent tokens for layout 1d (2d uses one per patch)", ge=1,
                             le=MAX_TOKENS)
-    token_dim: int = param(8, "D, dimension of each latent token (fsq: len(fsq_levels))", ge=1,
-                           le=MAX_WIDTH)
-    quantizer: Literal["kl", "fsq", "vq"] = param("kl", "kl: continuous Gaussian; fsq: finite "
-                                                  "scalar levels; vq: L2-normalised codebook")
+    token_dim: int = param(8, "D, dimension of each latent token (fsq: len(fsq_levels); binary: "
+                           f"bits per token, at most {MAX_BINARY_BITS})", ge=1, le=MAX_WIDTH)
+    quantizer: Literal["kl", "fsq", "vq", "binary"] = param(
+        "kl", "kl: continuous Gaussian; fsq: finite scalar levels; vq: L2-normalised codebook; "
+        "binary: the sign of each dimension is a bit (LFQ), 2^token_dim codes; set "
+        "entropy_weight (0.1) against code collapse")
     kl_weight: float = param(1e-4, "KL weight (kl)", ge=0.0)
     fsq_levels: list[int] = param([8, 5, 5, 5], "levels per dimension (fsq)", ge=2,
                                   le=MAX_CODEBOOK)
     codebook_size: int = param(1024, "codebook entries (vq)", ge=2, le=MAX_CODEBOOK)
     commitment: float = param(0.25, "commitment loss weight (vq)", ge=0.0)
-    entropy_weight: float = param(0.0, "entropy loss weight (vq); >0 fights codebook collapse",
-                                  ge=0.0)
+    entropy_weight: float = param(0.0, "entropy loss weight (vq and binary); >0 fights codebook "
+                                  "collapse", ge=0.0)
     loss: Literal["l2", "l1"] = param("l2", "pixel reconstruction loss")
     nested_dropout: bool = param(False, "FlexTok: train on random token prefixes (1d only)")
+    nested_dropout_lengths: Literal["uniform", "pow2"] = param(
+        "uniform", "prefix lengths of nested_dropout: uniform: any of 1 .. K; pow2: the powers of "
+        "two <= K and K itself, each as likely (FlexTok: 1, 2, 4, ..., 256 of 256 registers)")
+    register_causal: bool = param(
+        False, "FlexTok: causal attention among the latent tokens in the 1d encoder (latent token "
+        "i sees every patch and latent tokens <= i; patches see only patches), so a token cannot "
+        "carry what later tokens encode; false: full attention (TiTok)")
     latent_perturbation: float = param(
-        0.0, "RobustTok: fraction of tokens perturbed during training", ge=0.0, le=1.0)
-    perturbation_sigma: float = param(0.5, "noise scale of kl latent perturbation", ge=0.0)
-    eval_perturbation: float = param(0.1, "fraction of tokens perturbed for the pFD metric",
-                                     ge=0.0, le=1.0)
+        0.0, "RobustTok's alpha: fraction of the tokens of each perturbed image moved to nearby "
+        "codes (kl: noised) during training; the rate at the first step when "
+        "perturbation_anneal is not none", ge=0.0, le=1.0)
+    perturbation_images: float = param(
+        1.0, "RobustTok's beta: proportion of the images of each batch whose latents are "
+        "perturbed (round(beta x batch), at least one), the others decode clean. 1.0 keeps "
+        "latent_perturbation a fraction of all tokens; the paper's recipe is beta 0.1 with "
+        "alpha (latent_perturbation) 1.0 annealed to 0.5", ge=0.0, le=1.0)
+    perturbation_anneal: Literal["none", "linear", "cosine"] = param(
+        "none", "schedule of the perturbation rate over training: none: latent_perturbation "
+        "throughout; linear / cosine: from latent_perturbation at the first step to "
+        "perturbation_final at the last. RobustTok anneals down: its released config holds alpha "
+        "1.0 for the first 20% of training, then lowers it linearly to 0.5 by 60%")
+    perturbation_final: float = param(
+        0.0, "the perturbation rate at the last step when perturbation_anneal is linear or "
+        "cosine", ge=0.0, le=1.0)
+    perturbation_sigma: float = param(
+        0.5, "noise scale of kl latent perturbation, in units of each latent dimension's std "
+        "(over the batch in training, over the val latents for pFD), so pFD compares across "
+        "tokenizers whose latents differ in spread", ge=0.0)
+    eval_perturbation: float = param(0.1, "fraction of tokens perturbed for the pFD metric "
+                                     "(every val image; kl: sigma x each dimension's std over "
+                                     "the val latents)", ge=0.0, le=1.0)
     steps: int = param(1500, "optimizer steps", ge=1, le=MAX_STEPS)
     batch_size: int = param(64, "global batch size, split evenly across workers", ge=1,
                             le=MAX_BATCH)
@@ -197,8 +227,15 @@ class TokenizerConfig(TrainConfig):
             raise ValueError(f"fsq_levels = {self.fsq_levels} make {math.prod(self.fsq_levels)} "
                              f"codes, more than {MAX_FSQ_VOCAB}: code-usage statistics keep one "
                              f"counter per code every step")
+        if self.quantizer == "binary" and self.token_dim > MAX_BINARY_BITS:
+            raise ValueError(f"quantizer binary needs token_dim <= {MAX_BINARY_BITS}: token_dim is "
+                             f"{self.token_dim}, and its 2^token_dim codes are stored as int32 in "
+                             f"the cache")
         if self.nested_dropout and self.layout != "1d":
             raise ValueError("nested_dropout needs layout 1d (2d tokens have no order)")
+        if self.register_causal and self.layout != "1d":
+            raise ValueError(f"register_causal = true needs layout 1d (the causal mask orders "
+                             f"the K latent tokens of the 1d encoder), got layout {self.layout}")
 
 
 @dataclass(kw_only=True)
@@ -243,7 +280,8 @@ class GeneratorConfig(TrainConfig):
     choice_temperature: float = param(
         4.5, "maskgit: Gumbel noise on the confidences that pick which codes to keep, annealed "
         "linearly to 0 over the steps (MaskGIT's choice temperature)", ge=0.0)
-    top_k: int = param(0, "ar: draw only among the k most likely codes (0 = all)", ge=0)
+    top_k: int = param(0, "ar: draw only among the k most likely codes (0 = all)", ge=0,
+                       le=MAX_CODEBOOK)
     top_p: float = param(1.0, "ar: draw only within the smallest set of codes holding this "
                          "probability mass (1 = all)", gt=0.0, le=1.0)
     label_smoothing: float = param(0.1, "maskgit and ar: label smoothing of the cross-entropy",

@@ -531,7 +531,8 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                       "eval_perturbation": params.tokenizer.eval_perturbation,
                       "perturbation_sigma": params.tokenizer.perturbation_sigma,
                       "pfd_judge": "FD-judge of val vs reconstructions from perturbed latents "
-                                   "(fixed seed inside tasks.tokenizer.evaluate)"},
+                                   "(fixed seed inside tasks.tokenizer.evaluate; kl noise is "
+                                   "sigma x each latent dimension's std over the val latents)"},
         "fid": fid,
         "inputs": {name: {"path": str(inputs.dirs.get(name, cfg.inception_weights)),
                           "sha256": digest} for name, digest in digests.items()},
@@ -632,7 +633,8 @@ def protocol_table(p: Mapping[str, Any]) -> list[str]:
         ("diversity", p["metrics"]["diversity"]),
         ("reward", p["metrics"]["reward"]),
         ("pFD-judge", f"{p['tokenizer']['eval_perturbation']:g} of tokens perturbed "
-                      f"(sigma {p['tokenizer']['perturbation_sigma']:g} for kl)"),
+                      f"(kl: sigma {p['tokenizer']['perturbation_sigma']:g} x each latent "
+                      f"dimension's std)"),
         ("FID", f"{fid['network']}; weights sha256 {fid['weights_sha256'][:12]}; "
                 f"{fid['preprocessing']}" if fid else
                 "not computed: no evaluate.inception_weights (Frechet distances here use the "

@@ -1,7 +1,7 @@
 """The `tokenizer` stage: train a TiTok-style 1D tokenizer (or the 2D baseline) and measure it.
 
 Train on the prepared train split with the shared harness; evaluate the EMA weights on val:
-PSNR, SSIM, rFD-judge, judge accuracy on reconstructions, codebook usage (fsq/vq), PSNR per
+PSNR, SSIM, rFD-judge, judge accuracy on reconstructions, codebook usage (fsq/vq/binary), PSNR per
 prefix length (nested dropout) and pFD-judge (FD of reconstructions decoded from perturbed
 latents, RobustTok). Later stages load the result with `load_tokenizer(path)`.
 """
@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import logging
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +28,12 @@ from latentforge.config import Params, TokenizerConfig
 from latentforge.data import load_prepared
 from latentforge.images import make_grid, save_png, to_uint8
 from latentforge.lineage import REGISTERED_MODELS
-from latentforge.models.tokenizer import Tokenizer, TokenizerModelConfig, tokenizer_config
+from latentforge.models.tokenizer import (
+    Tokenizer,
+    TokenizerModelConfig,
+    latent_spread,
+    tokenizer_config,
+)
 from latentforge.runner import StageResult
 from latentforge.tasks.judge import images_to_tensor, load_judge
 from latentforge.tracking import Tracker
@@ -98,23 +104,45 @@ def model_config(cfg: TokenizerConfig, resolution: int, channels: int) -> Tokeni
         cfg.size, image_size=resolution, channels=channels, layout=cfg.layout,
         patch_size=cfg.patch_size, num_tokens=cfg.num_tokens, token_dim=cfg.token_dim,
         quantizer=cfg.quantizer, fsq_levels=list(cfg.fsq_levels), codebook_size=cfg.codebook_size,
-        commitment=cfg.commitment, entropy_weight=cfg.entropy_weight, kl_weight=cfg.kl_weight)
+        commitment=cfg.commitment, entropy_weight=cfg.entropy_weight, kl_weight=cfg.kl_weight,
+        register_causal=cfg.register_causal)
 
 
 def build_model(model_cfg: TokenizerModelConfig) -> Tokenizer:
     return Tokenizer(model_cfg)
 
 
+def perturbation_rate(step: int, steps: int, start: float, final: float, anneal: str) -> float:
+    """The latent perturbation rate at update ``step`` (1 .. steps, as the harness counts):
+    ``start`` at the first step, ``final`` at the last, linearly or on a half cosine."""
+    if anneal == "none" or steps <= 1:
+        return start
+    progress = min(max((step - 1) / (steps - 1), 0.0), 1.0)
+    if anneal == "linear":
+        weight = progress
+    elif anneal == "cosine":
+        weight = 0.5 * (1.0 - math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"perturbation_anneal must be none, linear or cosine, got {anneal!r}")
+    return start + (final - start) * weight
+
+
 def tokenizer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int, *,
-                   loss: str, nested_dropout: bool, perturbation: float, sigma: float
-                   ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Pixel loss (l2/l1) + the quantizer's weighted terms, on prefixes when nested dropout."""
+                   cfg: TokenizerConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Pixel loss (l2/l1) + the quantizer's weighted terms, on prefixes when nested dropout,
+    from latents perturbed at this step's rate (RobustTok)."""
     x = batch["images"]
     tok = cast(Tokenizer, unwrap_model(model))
-    keep = tok.sample_keep(x.shape[0], device=x.device) if nested_dropout else None
-    recon, enc = model(x, keep=keep, perturb=perturbation, perturb_sigma=sigma)
-    pixel = F.mse_loss(recon, x) if loss == "l2" else F.l1_loss(recon, x)
+    keep = (tok.sample_keep(x.shape[0], device=x.device, lengths=cfg.nested_dropout_lengths)
+            if cfg.nested_dropout else None)
+    rate = perturbation_rate(step, cfg.steps, cfg.latent_perturbation, cfg.perturbation_final,
+                             cfg.perturbation_anneal)
+    recon, enc = model(x, keep=keep, perturb=rate, perturb_sigma=cfg.perturbation_sigma,
+                       perturb_images=cfg.perturbation_images)
+    pixel = F.mse_loss(recon, x) if cfg.loss == "l2" else F.l1_loss(recon, x)
     stats = {k: v for k, v in enc.stats.items()}
+    if cfg.perturbation_anneal != "none":
+        stats["perturbation_rate"] = rate
     return pixel + enc.aux_loss, {"recon_loss": pixel.detach(), "aux_loss": enc.aux_loss.detach(),
                                   **stats}
 
@@ -140,18 +168,21 @@ def evaluate(handle: TokenizerHandle, cfg: TokenizerConfig, images: np.ndarray,
     generator = torch.Generator().manual_seed(1234)
     if handle.model.is_discrete:
         codes = torch.as_tensor(enc["codes"])
-        vocab = handle.model.vocab_size
-        counts = np.bincount(enc["codes"].reshape(-1), minlength=vocab)
+        # Counts of the codes that occur only: binary has up to 2^30 codes.
+        counts = np.unique(enc["codes"], return_counts=True)[1]
         p = counts / counts.sum()
-        m["codebook_usage"] = float((counts > 0).mean())
-        m["codebook_perplexity"] = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()))
+        m["codebook_usage"] = len(counts) / handle.model.vocab_size
+        m["codebook_perplexity"] = float(np.exp(-(p * np.log(p)).sum()))
         with torch.no_grad():
             moved = handle.model.perturb_codes(codes, cfg.eval_perturbation, generator=generator)
             perturbed = handle.model.codes_to_latents(moved)
     else:
-        perturbed = handle.model.perturb_latents(torch.as_tensor(enc["latents"]),
-                                                 cfg.eval_perturbation, cfg.perturbation_sigma,
-                                                 generator=generator)
+        # sigma in units of each dimension's std over the val latents, as in training: the
+        # same pFD setting then perturbs tokenizers with wide and narrow latents alike.
+        latents = torch.as_tensor(enc["latents"])
+        perturbed = handle.model.perturb_latents(latents, cfg.eval_perturbation,
+                                                 cfg.perturbation_sigma, generator=generator,
+                                                 scale=latent_spread(latents))
     feats_p, _ = judge.score(handle.decode(perturbed))
     m["pfd_judge"] = metrics.fd_from_features(feats_x, feats_p)
     prefix = []
@@ -203,8 +234,7 @@ def run(params: Params, out_dir: str | Path = paths.TOKENIZER,
                       context="training")
     tracker.log_input("judge", str(Path(judge_dir).resolve()), judge.sha256, context="judge")
     model_cfg = model_config(cfg, prepared.resolution, prepared.channels)
-    loss_fn = functools.partial(tokenizer_loss, loss=cfg.loss, nested_dropout=cfg.nested_dropout,
-                                perturbation=cfg.latent_perturbation, sigma=cfg.perturbation_sigma)
+    loss_fn = functools.partial(tokenizer_loss, cfg=cfg)
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg), loss_fn=loss_fn,
                      data={"images": train_x})
     result = train(spec, cfg, params.compute,

@@ -28,6 +28,7 @@ from latentforge.tasks import cache, judge, prepare, tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 FSQ = {"quantizer": "fsq", "token_dim": 3, "fsq_levels": [5, 4, 3]}
+BINARY = {"quantizer": "binary", "token_dim": 5}
 
 
 def tiny(tokenizer_overrides: dict | None = None, **sections: dict) -> Params:
@@ -53,14 +54,15 @@ def read_folder(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory, ray_local):  # noqa: F811
-    """prepare + judge + a kl and an fsq tokenizer, then the kl cache (1 actor), once."""
+    """prepare + judge + a kl, an fsq and a binary tokenizer, then the kl cache (1 actor),
+    once."""
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # checkpoints and the cache's scratch folder go under .latentforge/ here
         params = tiny()
         prepare.run(params.prepare, out_dir=root / "prepared")
         judge.run(params, out_dir=root / "judge", prepared_dir=root / "prepared")
-        for name, overrides in (("kl", {}), ("fsq", FSQ)):
+        for name, overrides in (("kl", {}), ("fsq", FSQ), ("binary", BINARY)):
             tokenizer.run(tiny(overrides), out_dir=root / f"tok_{name}",
                           prepared_dir=root / "prepared", judge_dir=root / "judge",
                           plot_file=root / "prefix.csv")
@@ -237,6 +239,35 @@ def test_fsq_cache_stores_codes_and_flipped_views(tiny_root, tmp_path, monkeypat
         latents = handle.model.codes_to_latents(torch.as_tensor(arrays[key], dtype=torch.long))
         same = ~differs
         np.testing.assert_allclose(latents.numpy()[same], fresh["latents"][same], atol=1e-6)
+
+
+def test_binary_cache_stores_bit_pattern_codes(tiny_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run_cache(tiny_root, tmp_path / "cache", tok="binary")
+    c = cache.load_cache(tmp_path / "cache", verify=True)
+    assert c.kind == "codes" and c.token_shape == (8, 5)
+    assert c.manifest["tokenizer"]["quantizer"] == "binary"
+    assert c.manifest["tokenizer"]["vocab_size"] == 32
+    assert result.metrics["codes"] == 1 and result.metrics["verify_max_abs_diff"] == 0.0
+    arrays = c.split("train")
+    assert arrays["codes"].dtype == np.int32 and arrays["codes"].shape == (360, 8)
+    assert arrays["codes"].min() >= 0 and arrays["codes"].max() < 32
+    handle = tokenizer.load_tokenizer(tiny_root / "tok_binary")
+    images, _ = load_prepared(tiny_root / "prepared").split("train")
+    quantizer = handle.model.quantizer
+    inputs: list[torch.Tensor] = []
+    hook = quantizer.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+    try:
+        fresh = handle.encode(np.asarray(images))
+    finally:
+        hook.remove()
+    # A sign within kernel rounding of 0 may come out the other way in another batch shape.
+    z = torch.cat(inputs).float().numpy()
+    ambiguous = (np.abs(z) <= rounding_tolerance(z)).any(-1)
+    differs = arrays["codes"] != fresh["codes"]
+    assert not (differs & ~ambiguous).any(), "codes differ away from a sign change"
+    latents = handle.model.codes_to_latents(torch.as_tensor(arrays["codes"], dtype=torch.long))
+    np.testing.assert_array_equal(latents.numpy()[~differs], fresh["latents"][~differs])
 
 
 def test_shard_buffers_gather_rows_arriving_in_any_order():

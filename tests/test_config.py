@@ -50,6 +50,17 @@ def test_presets_are_valid():
     ({"prepare": {"max_images": 0}}, "prepare.max_images = 0 is out of range: expected >= 1"),
     ({"compute": {"use_gpu": "yes"}}, "compute.use_gpu = 'yes' is invalid: expected true or false"),
     ({"prepare": 3}, "prepare must be a mapping"),
+    ({"tokenizer": {"layout": "2d", "register_causal": True}},
+     "register_causal = true needs layout 1d"),
+    ({"tokenizer": {"nested_dropout_lengths": "pow3"}},
+     "tokenizer.nested_dropout_lengths = 'pow3' is invalid: expected one of 'uniform', 'pow2'"),
+    ({"tokenizer": {"perturbation_anneal": "exp"}},
+     "tokenizer.perturbation_anneal = 'exp' is invalid: expected one of 'none', 'linear', "
+     "'cosine'"),
+    ({"tokenizer": {"perturbation_images": 1.5}},
+     "tokenizer.perturbation_images = 1.5 is out of range: expected >= 0.0 and <= 1.0"),
+    ({"tokenizer": {"perturbation_final": -0.1}},
+     "tokenizer.perturbation_final = -0.1 is out of range"),
 ])
 def test_bad_parameters_name_key_value_and_allowed(raw, expected):
     with pytest.raises(ConfigError) as err:

@@ -8,17 +8,25 @@ import torch.nn.functional as F
 from numerics import assert_rounding_close
 from torch.distributions import Normal, kl_divergence
 
+from latentforge.config import TokenizerConfig
 from latentforge.models.tokenizer import (
     TOKENIZER_SIZES,
+    BinaryQuantizer,
     FSQuantizer,
     KLQuantizer,
     Tokenizer,
+    TokenizerEncoding,
     TokenizerModelConfig,
     VectorQuantizer,
+    latent_spread,
+    register_causal_mask,
+    select_images,
     tokenizer_config,
 )
+from latentforge.tasks.tokenizer import perturbation_rate, tokenizer_loss
 
-LAYOUTS_AND_QUANTIZERS = [(lay, q) for lay in ("1d", "2d") for q in ("kl", "fsq", "vq")]
+QUANTIZERS = ("kl", "fsq", "vq", "binary")
+LAYOUTS_AND_QUANTIZERS = [(lay, q) for lay in ("1d", "2d") for q in QUANTIZERS]
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -62,7 +70,9 @@ def test_size_registry() -> None:
         ({"quantizer": "fsq", "token_dim": 3}, "len\\(fsq_levels\\)"),
         ({"quantizer": "fsq", "fsq_levels": [8, 5, 1, 5]}, "fsq level"),
         ({"quantizer": "vq", "codebook_size": 1}, "codebook_size"),
+        ({"quantizer": "binary", "token_dim": 31}, "binary needs token_dim <= 30.*got token_dim 31"),
         ({"num_tokens": 0}, "num_tokens"),
+        ({"layout": "2d", "register_causal": True}, "register_causal = True needs layout '1d'"),
     ],
 )
 def test_config_validation(overrides: dict, match: str) -> None:
@@ -78,7 +88,7 @@ def test_unknown_size() -> None:
 # -------------------------------------------------------------------------- quantizers
 
 
-@pytest.mark.parametrize("quantizer", ["kl", "fsq", "vq"])
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
 def test_straight_through_gradients_reach_encoder(quantizer: str) -> None:
     torch.manual_seed(0)
     model = Tokenizer(_config(quantizer=quantizer))
@@ -151,6 +161,76 @@ def test_vq_entropy_loss_prefers_diverse_confident_usage() -> None:
     torch.testing.assert_close(diverse.loss, base + 0.1 * diverse.stats["entropy_loss"])
 
 
+def test_binary_quantizer_signs_codes_and_straight_through() -> None:
+    binary = BinaryQuantizer(token_dim=3)
+    z = torch.tensor([[[0.3, -2.0, 1.5], [-0.1, -0.4, -3.0]]], requires_grad=True)
+    out = binary(z)
+    assert out.latents.tolist() == [[[1.0, -1.0, 1.0], [-1.0, -1.0, -1.0]]]
+    assert out.codes.tolist() == [[0b101, 0b000]]  # bit i = dimension i is positive
+    assert out.loss.item() == 0.0
+    # Straight through: d latents / d z is the identity, whatever the signs.
+    grad = torch.randn(1, 2, 3, generator=torch.Generator().manual_seed(0))
+    out.latents.backward(grad)
+    assert torch.equal(z.grad, grad)
+
+
+def test_binary_code_latent_round_trip() -> None:
+    binary = BinaryQuantizer(token_dim=6)
+    codes = torch.arange(binary.vocab_size).view(1, -1)  # every code once
+    latents = binary.codes_to_latents(codes)
+    assert latents.shape == (1, 64, 6) and set(latents.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(binary.latents_to_codes(latents), codes)
+    assert len({tuple(row) for row in latents[0].tolist()}) == 64  # distinct codes, distinct latents
+    out = binary(torch.randn(2, 16, 6, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(binary.codes_to_latents(out.codes), out.latents)
+    assert torch.equal(binary.latents_to_codes(out.latents), out.codes)
+    # The widest binary code still fits the cache's int32.
+    wide = BinaryQuantizer(token_dim=30)
+    top = torch.tensor([[2**30 - 1, 0, 2**29]])
+    assert torch.equal(wide.latents_to_codes(wide.codes_to_latents(top)), top)
+    assert top.max() <= torch.iinfo(torch.int32).max
+
+
+def test_binary_usage_stats() -> None:
+    binary = BinaryQuantizer(token_dim=3)
+    z = torch.tensor([[[2.0, -1.0, 0.5], [-1.0, 1.0, -1.0]]])
+    out = binary(z)
+    assert out.loss.item() == 0.0 and "entropy_loss" not in out.stats  # entropy_weight 0: off
+    # Every bit takes both values once in the two tokens: 1 bit of entropy each.
+    torch.testing.assert_close(out.stats["bit_entropy"], torch.tensor(1.0))
+    torch.testing.assert_close(out.stats["usage"], torch.tensor(2 / 8))
+    torch.testing.assert_close(out.stats["perplexity"], torch.tensor(2.0))
+    stuck = binary(torch.ones(1, 5, 3))
+    assert stuck.stats["bit_entropy"].item() == 0.0 and stuck.stats["perplexity"].item() == 1.0
+
+
+def test_binary_entropy_loss_prefers_spread_confident_codes() -> None:
+    binary = BinaryQuantizer(token_dim=4, entropy_weight=0.1)
+    spread = BinaryQuantizer(4).codes_to_latents(torch.arange(16).view(1, 16))  # every code once
+    collapsed = spread[:, :1].expand(1, 16, 4)  # one code for all tokens
+    low, high = binary(2 * spread), binary(2 * collapsed)
+    assert low.stats["entropy_loss"] < high.stats["entropy_loss"]
+    torch.testing.assert_close(low.loss, 0.1 * low.stats["entropy_loss"])
+    # Reference: the factorised entropies from the soft bit probabilities sigmoid(4 z / T).
+    p = torch.sigmoid(4 * 2 * spread.flatten(0, 1))  # (16, 4)
+    per_token = -(p * p.log() + (1 - p) * (1 - p).log()).sum(-1).mean()
+    q = p.mean(0)
+    batch = -(q * q.log() + (1 - q) * (1 - q).log()).sum()
+    torch.testing.assert_close(low.stats["entropy_loss"], per_token - batch)
+    # Spread codes reach the lowest possible value: confident bits, each bit on half the time.
+    assert low.stats["entropy_loss"] < -4 * math.log(2) + 0.02
+    # Unsure inputs near 0 score worse than confident ones with the same signs.
+    assert binary(0.05 * spread).stats["entropy_loss"] > low.stats["entropy_loss"]
+
+
+def test_binary_entropy_loss_is_finite_for_saturated_bits() -> None:
+    binary = BinaryQuantizer(token_dim=2, entropy_weight=1.0)
+    z = torch.tensor([[[1e4, -1e4], [1e4, -1e4]]], requires_grad=True)
+    out = binary(z)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(z.grad).all()
+
+
 def test_kl_matches_closed_form() -> None:
     kl = KLQuantizer(token_dim=3, kl_weight=1e-3)
     z = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
@@ -188,6 +268,8 @@ def test_encode_decode_shapes(layout: str, quantizer: str) -> None:
         assert enc.codes.shape == (3, k) and enc.codes.dtype == torch.long
         assert enc.mean is None and enc.logvar is None
         torch.testing.assert_close(model.codes_to_latents(enc.codes), enc.latents)
+        if quantizer == "binary":
+            assert model.vocab_size == 2**4
     assert model.decode(enc.latents).shape == x.shape
     recon, _ = model(x)
     assert recon.shape == x.shape
@@ -238,7 +320,7 @@ def test_sample_keep() -> None:
     assert torch.equal(keep, again)
 
 
-@pytest.mark.parametrize("quantizer", ["fsq", "vq"])
+@pytest.mark.parametrize("quantizer", ["fsq", "vq", "binary"])
 def test_perturb_codes_fraction_extremes(quantizer: str) -> None:
     torch.manual_seed(0)
     model = Tokenizer(_config(quantizer=quantizer, patch_size=2, layout="2d")).eval()
@@ -271,6 +353,21 @@ def test_perturbed_fsq_codes_move_one_level_per_dim() -> None:
     assert (step == 1).all()
 
 
+def test_perturbed_binary_codes_flip_one_bit_of_selected_tokens() -> None:
+    binary = BinaryQuantizer(token_dim=10)
+    codes = torch.randint(0, binary.vocab_size, (64, 16), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    perturbed = binary.perturb_codes(codes, 0.3, generator=gen)
+    # The tokens the same generator selects (perturb_codes draws the mask first).
+    selected = torch.rand(codes.shape, generator=torch.Generator().manual_seed(1)) < 0.3
+    flipped = (binary.codes_to_bits(perturbed) != binary.codes_to_bits(codes)).sum(-1)  # (B, K)
+    assert (flipped[selected] == 1).all() and (flipped[~selected] == 0).all()
+    assert 0 < selected.float().mean() < 1
+    # Every bit position gets flipped somewhere.
+    positions = (perturbed ^ codes)[selected]
+    assert set(torch.log2(positions.float()).round().long().tolist()) == set(range(10))
+
+
 def test_perturb_latents() -> None:
     model = Tokenizer(_config(quantizer="kl"))
     latents = torch.randn(4, 4, 4)
@@ -283,6 +380,8 @@ def test_perturb_latents() -> None:
     assert torch.equal(token_changed, (half != latents).all(-1))
     with pytest.raises(ValueError, match="perturb_latents"):
         model.perturb_codes(torch.zeros(4, 4, dtype=torch.long), 0.5)
+    with pytest.raises(ValueError, match="discrete quantizer"):
+        model.codes_to_latents(torch.zeros(4, 4, dtype=torch.long))
 
 
 def test_tiny_kl_tokenizer_overfits() -> None:
@@ -302,3 +401,165 @@ def test_tiny_kl_tokenizer_overfits() -> None:
     with torch.no_grad():
         after = F.mse_loss(model.eval()(x)[0], x)
     assert after < 0.5 * before
+
+
+def test_tiny_binary_tokenizer_codes_come_to_depend_on_the_image() -> None:
+    """The 1D tokens start almost image-independent; the signs must move away from there (a
+    commitment term pulling the inputs to +-1 kept 1-4 codes per position for 8 images here,
+    at 0.5x the starting loss)."""
+    torch.manual_seed(0)
+    model = Tokenizer(_config(quantizer="binary", token_dim=8))
+    x = _images(8)
+    with torch.no_grad():
+        before = F.mse_loss(model.eval()(x)[0], x)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(100):
+        recon, enc = model(x)
+        loss = F.mse_loss(recon, x) + enc.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = F.mse_loss(model.eval()(x)[0], x)
+        codes = model.encode(x).codes  # (8, 4)
+    assert after < 0.2 * before
+    assert all(len(codes[:, k].unique()) >= 6 for k in range(codes.shape[1]))
+
+
+# ------------------------------------------------------- RobustTok and FlexTok options
+
+
+@pytest.mark.parametrize(
+    "batch,proportion,count",
+    [(8, 0.25, 2), (20, 0.33, 7), (10, 0.1, 1), (64, 0.1, 6), (4, 0.1, 1), (16, 0.0, 0),
+     (16, 1.0, 16)],
+)
+def test_select_images_takes_round_beta_b_images(batch: int, proportion: float,
+                                                 count: int) -> None:
+    seen = set()
+    for seed in range(5):
+        chosen = select_images(batch, proportion, torch.device("cpu"),
+                               torch.Generator().manual_seed(seed))
+        assert chosen.shape == (batch,) and chosen.dtype == torch.bool
+        assert int(chosen.sum()) == count
+        seen.add(tuple(chosen.tolist()))
+    if 0 < count < batch:  # random images, not always the same ones
+        assert len(seen) > 1
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_perturbation_touches_only_the_chosen_proportion_of_images(quantizer: str) -> None:
+    torch.manual_seed(0)
+    model = Tokenizer(_config(quantizer=quantizer)).eval()
+    with torch.no_grad():
+        enc = model.encode(_images(8))
+        latents = model.perturbed_latents(enc, 1.0, 0.5, images=0.25,
+                                          generator=torch.Generator().manual_seed(0))
+    changed = (latents != enc.latents).flatten(1).any(-1)  # (B,)
+    assert int(changed.sum()) == 2
+    # The forward pass decodes the same perturbed latents: 2 of the 8 reconstructions move.
+    with torch.no_grad():
+        clean = model(_images(8))[0]
+        recon = model(_images(8), perturb=1.0, perturb_images=0.25,
+                      generator=torch.Generator().manual_seed(0))[0]
+    assert torch.equal((recon != clean).flatten(1).any(-1), changed)
+
+
+@pytest.mark.parametrize("anneal", ["linear", "cosine"])
+def test_perturbation_rate_anneals_from_start_to_final(anneal: str) -> None:
+    steps = 101  # the harness counts updates 1 .. steps
+    assert perturbation_rate(1, steps, 0.8, 0.2, anneal) == pytest.approx(0.8)
+    assert perturbation_rate(51, steps, 0.8, 0.2, anneal) == pytest.approx(0.5)
+    assert perturbation_rate(steps, steps, 0.8, 0.2, anneal) == pytest.approx(0.2)
+    quarter = perturbation_rate(26, steps, 0.8, 0.2, anneal)
+    expected = 0.25 if anneal == "linear" else 0.5 * (1 - math.cos(math.pi / 4))
+    assert quarter == pytest.approx(0.8 - 0.6 * expected)
+    rates = [perturbation_rate(s, steps, 0.8, 0.2, anneal) for s in range(1, steps + 1)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))  # monotone down
+
+
+def test_perturbation_rate_none_is_constant() -> None:
+    assert {perturbation_rate(s, 50, 0.3, 0.0, "none") for s in (1, 25, 50)} == {0.3}
+    assert perturbation_rate(1, 1, 0.3, 0.0, "linear") == 0.3  # a one-step run
+    with pytest.raises(ValueError, match="perturbation_anneal"):
+        perturbation_rate(1, 10, 0.3, 0.0, "exp")
+
+
+def test_tokenizer_loss_uses_the_annealed_rate_and_prefix_lengths() -> None:
+    torch.manual_seed(0)
+    model = Tokenizer(_config())
+    cfg = TokenizerConfig(steps=11, latent_perturbation=0.6, perturbation_final=0.1,
+                          perturbation_anneal="linear", nested_dropout=True,
+                          nested_dropout_lengths="pow2")
+    batch = {"images": _images(4)}
+    _, stats = tokenizer_loss(model, batch, 6, cfg=cfg)
+    assert stats["perturbation_rate"] == pytest.approx(0.35)
+    _, stats = tokenizer_loss(model, batch, 11, cfg=cfg)
+    assert stats["perturbation_rate"] == pytest.approx(0.1)
+
+
+def test_kl_perturbation_is_scaled_by_each_dimension_spread() -> None:
+    gen = torch.Generator().manual_seed(0)
+    spread = torch.tensor([1.0, 10.0, 0.5])
+    latents = torch.randn(256, 8, 3, generator=gen) * spread + torch.tensor([3.0, -2.0, 0.0])
+    torch.testing.assert_close(latent_spread(latents), spread, rtol=0.05, atol=0)
+    model = Tokenizer(_config(quantizer="kl", token_dim=3))
+    enc = TokenizerEncoding(latents=latents, aux_loss=torch.zeros(()), stats={})
+    noise = model.perturbed_latents(enc, 1.0, 0.5, generator=gen) - latents
+    std = noise.flatten(0, 1).std(0)  # (D,)
+    # sigma is in units of each dimension's spread: 10x the spread, 10x the noise.
+    torch.testing.assert_close(std, 0.5 * spread, rtol=0.05, atol=0)
+    assert 9.0 < float(std[1] / std[0]) < 11.0
+    # Without a scale, perturb_latents keeps absolute units.
+    plain = model.perturb_latents(latents, 1.0, 0.5, generator=gen) - latents
+    torch.testing.assert_close(plain.flatten(0, 1).std(0), torch.full((3,), 0.5), rtol=0.05,
+                               atol=0)
+
+
+def test_register_causal_mask_layout() -> None:
+    mask = register_causal_mask(2, 3, torch.device("cpu"))
+    expected = torch.tensor([
+        [1, 1, 0, 0, 0],  # patches see patches only
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],  # latent token i sees every patch and latent tokens <= i
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_register_causal_encoder_hides_later_tokens(causal: bool) -> None:
+    torch.manual_seed(0)
+    model = Tokenizer(_config(quantizer="kl", num_tokens=6, register_causal=causal)).eval()
+    with torch.no_grad():  # the init's 0.02-std weights make token interactions ~1e-6
+        for weight in model.encoder.parameters():
+            if weight.dim() > 1:
+                weight.normal_(std=0.3)
+    x = _images(2)
+    j = 3
+    with torch.no_grad():
+        before = model.encode(x).latents  # (B, K, D) posterior means in eval mode
+        # Latent token j's input; not a constant shift, which LayerNorm would remove.
+        model.latent_tokens[:, j] += torch.randn(model.cfg.width, generator=torch.Generator()
+                                                 .manual_seed(1))
+        after = model.encode(x).latents
+    change = (after - before).abs().amax(dim=(0, 2))  # (K,)
+    assert change[j] > 1e-2
+    if causal:  # masked keys get exactly zero weight
+        assert (change[:j] <= 1e-6).all(), change
+    else:
+        assert (change[:j] > 1e-3).all(), change
+
+
+@pytest.mark.parametrize("k,lengths", [(4, {1, 2, 4}), (6, {1, 2, 4, 6}), (1, {1})])
+def test_sample_keep_pow2_takes_powers_of_two_and_k(k: int, lengths: set[int]) -> None:
+    model = Tokenizer(_config(num_tokens=k))
+    keep = model.sample_keep(2000, generator=torch.Generator().manual_seed(0), lengths="pow2")
+    assert keep.dtype == torch.long
+    assert set(keep.tolist()) == lengths
+    counts = torch.bincount(keep)[sorted(lengths)].float()
+    assert counts.min() / counts.max() > 0.8  # each length as likely
+    with pytest.raises(ValueError, match="lengths must be 'uniform' or 'pow2'"):
+        model.sample_keep(4, lengths="pow3")

@@ -50,6 +50,7 @@ def test_judge_outputs_and_scoring_api(tiny_root):
     {"quantizer": "fsq", "token_dim": 3, "fsq_levels": [5, 4, 3], "nested_dropout": True,
      "latent_perturbation": 0.2},
     {"quantizer": "vq", "codebook_size": 32, "layout": "2d", "loss": "l1"},
+    {"quantizer": "binary", "token_dim": 6, "entropy_weight": 0.1, "latent_perturbation": 0.2},
 ])
 def test_tokenizer_stage_outputs(tiny_root, tmp_path, monkeypatch, overrides):
     monkeypatch.chdir(tmp_path)  # checkpoints go under .latentforge/ here
@@ -94,6 +95,8 @@ def test_tokenizer_param_cross_checks():
 
     with pytest.raises(ConfigError, match="token_dim == len\\(fsq_levels\\)"):
         build_params({"tokenizer": {"quantizer": "fsq", "token_dim": 8}})
+    with pytest.raises(ConfigError, match="quantizer binary needs token_dim <= 30: token_dim is 31"):
+        build_params({"tokenizer": {"quantizer": "binary", "token_dim": 31}})
     with pytest.raises(ConfigError, match="nested_dropout needs layout 1d"):
         build_params({"tokenizer": {"layout": "2d", "nested_dropout": True}})
 
