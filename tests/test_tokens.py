@@ -130,7 +130,7 @@ def test_a_sample_depends_only_on_its_seed_and_index(kind):
         a = tokens.ar_sample(m, labels, together, cfg_scale=1.5).codes
         b = tokens.ar_sample(m, labels[2:3], alone, cfg_scale=1.5).codes
     # Batches of 4 and of 1 run other CPU kernel blockings: a rounding-level difference may flip
-    # a near-tie draw, so one differing code of K is tolerated; another seed changes most.
+    # a near-tie draw, so one differing code of K is tolerated; another seed changes many.
     assert (a[2:3] != b).sum() <= 1
     other = tokens.SampleNoise([10, 11, 12, 13], seed=6)
     c = (tokens.maskgit_sample(m, labels, other, steps=3, cfg_scale=1.5) if kind == "maskgit"
