@@ -27,39 +27,11 @@ from latentforge.flows.stages import (
     apply_params,
     failed_state,
     mlflow_experiment_id,
-    mlflow_run_markdown,
-    mlflow_ui_hint,
 )
+from latentforge.runner import skipped_record
+from latentforge.summaries import pipeline_summary_markdown, stage_table_markdown
 
 Stages = Annotated[list[StageName] | None, Field(examples=[["prepare", "judge"]])]
-
-
-def stage_table_markdown(records: list[dict[str, Any]], tracking_uri: str | None = None,
-                         experiment_id: str | None = None) -> str:
-    """The pipeline's stage table. A skipped stage shows its last run's metrics and MLflow run,
-    marked as such, and no duration (nothing ran)."""
-    lines = ["| stage | status | seconds | key metrics | MLflow run |", "|---|---|---|---|---|"]
-    for r in records:
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in list((r.get("metrics") or {}).items())[:4])
-        run = (mlflow_run_markdown(r["run_id"], tracking_uri, experiment_id)
-               if r.get("run_id") else "-")
-        if r["status"] == "ran":
-            lines.append(f"| {r['stage']} | ran | {r['seconds']:.1f} | {shown} | {run} |")
-        else:
-            lines.append(f"| {r['stage']} | **skipped** (up to date) | - | "
-                         f"{'last run: ' + shown if shown else '-'} | "
-                         f"{'last run ' + run if r.get('run_id') else '-'} |")
-    return "\n".join(lines)
-
-
-def pipeline_summary_markdown(records: list[dict[str, Any]], parent_run_id: str | None,
-                              tracking_uri: str | None, experiment_id: str | None = None) -> str:
-    """The pipeline's artifact: the stage table and the MLflow parent run."""
-    table = stage_table_markdown(records, tracking_uri, experiment_id)
-    parent = mlflow_run_markdown(parent_run_id, tracking_uri, experiment_id)
-    hint = mlflow_ui_hint(tracking_uri) if parent_run_id else ""
-    return f"## LatentForge pipeline\n\n{table}\n\nMLflow parent run {parent}. {hint}".rstrip()
 
 
 PIPELINE_DOC = """Every stage of dvc.yaml in graph order, or the chosen ones.
@@ -95,7 +67,10 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
               stages: list[str], changes: Any = None) -> list[dict[str, Any]]:
     logger = get_run_logger()
     params = apply_params(params_file, overrides or [], changes)
-    order = dvcops.stage_order()
+    # One DVC status of the graph: a stage found unchanged, none of whose upstream stages ran
+    # in this pipeline, is skipped here without a subflow or another look at DVC.
+    status = dvcops.graph_status()
+    order = status.order
     unknown = sorted(set(stages) - set(order))
     if unknown:
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(order)}")
@@ -108,8 +83,15 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tracking.start_run(params.tracking, "pipeline", tags) as parent:
         experiment_id = mlflow_experiment_id(uri, params)
+        ran: set[str] = set()
         for stage in selected:
+            if not force and status.clean(stage, ran):
+                logger.info("%s is up to date: skipped", stage)
+                records.append(skipped_record(stage))
+                continue
             records.append(STAGE_FLOWS[stage](force=force, parent_run_id=parent.run_id))
+            if records[-1]["status"] == "ran":
+                ran.add(stage)
         for r in records:
             parent.log_metrics({f"{r['stage']}.{k}": v for k, v in (r.get("metrics") or {}).items()
                                 if isinstance(v, int | float)})

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from prefect import flow, get_run_logger
@@ -28,8 +27,15 @@ from pydantic import Field
 from latentforge import dvcops, procs, tracking, workspace
 from latentforge.config import DEFAULT_PARAMS_FILE, Params, load_params, write_params_file
 from latentforge.errors import LatentForgeError
-from latentforge.runner import read_last_run
+from latentforge.runner import read_last_run, skipped_record
 from latentforge.schema import as_overrides, form_model
+from latentforge.summaries import (  # noqa: F401 - the flows' public names
+    local_store_uri,
+    mlflow_run_markdown,
+    mlflow_server,
+    mlflow_ui_hint,
+    stage_summary_markdown,
+)
 
 # Written out (not built from latentforge.paths.STAGES) so that mypy checks it; the tests check
 # that it names the stages of paths.STAGES and dvc.yaml, in order. Prefect's Run form offers
@@ -102,40 +108,6 @@ def failed_state(exc: LatentForgeError) -> State:
     return Failed(message=first, data=exc)
 
 
-def local_store_uri() -> str:
-    """The store `mlflow ui --backend-store-uri` opens: MLFLOW_TRACKING_URI, else the project's
-    SQLite file (relative: the command is run from the project root)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-
-
-def mlflow_server(tracking_uri: str | None) -> str | None:
-    """The web UI's base URL when the tracking URI is an MLflow server, else None."""
-    if tracking_uri and tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri.rstrip("/")
-    return None
-
-
-def mlflow_run_markdown(run_id: str | None, tracking_uri: str | None,
-                        experiment_id: str | None = None) -> str:
-    """An MLflow run in Markdown: a link into the tracking server's UI, else the run id."""
-    if not run_id:
-        return "not tracked"
-    server = mlflow_server(tracking_uri)
-    if server is None:
-        return f"`{run_id}`"
-    # Without the experiment id, MLflow's direct run route (which redirects) still works.
-    page = f"experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"runs/{run_id}"
-    # workflowType: MLflow 3.17's UI opens its GenAI view unless the link asks for this one
-    return f"[{run_id[:8]}…]({server}/#/{page}?workflowType=machine_learning)"
-
-
-def mlflow_ui_hint(tracking_uri: str | None) -> str:
-    """How to open the runs' UI when they are in a local store (empty for a server)."""
-    if mlflow_server(tracking_uri):
-        return ""
-    return f"Browse the MLflow runs with `mlflow ui --backend-store-uri {local_store_uri()}`."
-
-
 def mlflow_experiment_id(tracking_uri: str | None, params: Params) -> str | None:
     """The experiment's id on an MLflow server, for links; None for a local store or if the
     server does not say."""
@@ -151,46 +123,14 @@ def mlflow_experiment_id(tracking_uri: str | None, params: Params) -> str | None
     return exp.experiment_id if exp is not None else None
 
 
-def stage_summary_markdown(record: dict[str, Any], tracking_uri: str | None,
-                           experiment_id: str | None = None) -> str:
-    """The stage's artifact: its summary and MLflow run when it ran; when DVC found it up to
-    date, that it was skipped and which run produced the outputs it kept."""
-    stage, run = record["stage"], mlflow_run_markdown(record.get("run_id"), tracking_uri,
-                                                       experiment_id)
-    if record["status"] == "ran":
-        lines = [f"## {stage}: ran", "", record.get("summary") or "", "",
-                 f"Ran in {record['seconds']:.1f} s; MLflow run {run}."]
-    else:
-        if record.get("run_id") or record.get("finished"):
-            when = (f", finished {_utc(record['finished'])}" if record.get("finished") else "")
-            took = (f" in {record['last_seconds']:.1f} s" if record.get("last_seconds") else "")
-            last = f"last run {run}{when}{took}"
-        else:  # outputs from elsewhere (`dvc pull`, a `dvc repro` in another clone)
-            last = "no run of it recorded in this workspace"
-        lines = [f"## {stage}: skipped", "", f"**Up to date: skipped**, {last}."]
-        if record.get("summary"):
-            lines += ["", "### Last run's summary", "", record["summary"]]
-    hint = mlflow_ui_hint(tracking_uri) if record.get("run_id") else ""
-    return "\n".join([*lines, *(["", hint] if hint else [])])
-
-
-def _utc(timestamp: float) -> str:
-    """A Unix time as minutes in UTC."""
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
-
-
 def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None = None
                     ) -> dict[str, Any]:
     """Run `dvc repro --single-item stage` unless DVC finds it up to date."""
     logger = get_run_logger()
     started = time.time()
     if not force and not dvcops.stage_status(stage):
-        last = read_last_run(stage) or {}
         logger.info("%s is up to date: skipped", stage)
-        return {"stage": stage, "status": "skipped", "seconds": time.time() - started,
-                "metrics": last.get("metrics", {}), "run_id": last.get("run_id"),
-                "summary": last.get("summary", ""), "finished": last.get("finished"),
-                "last_seconds": last.get("seconds")}
+        return skipped_record(stage, seconds=time.time() - started)
     # The stage inside DVC learns from workspace.HOLDER_ENV (set while this flow holds the
     # workspace lock) that it must not take the lock itself. An invocation id groups the
     # stage's MLflow run with this flow's, also where no `latentforge` command started this
@@ -234,8 +174,8 @@ def _flow(stage: str, doc: str):  # noqa: ANN202 - returns a decorator of Prefec
     return decorate
 
 
-@_flow("prepare", "Read the source (digits, IDX, image folder, npz; local or s3://), resize, "
-       "split train/val, write shards + manifest + preview.")
+@_flow("prepare", "Read the source (digits, IDX, image folder, npz; local or s3://), "
+       "resize, split train/val, write shards + manifest + preview.")
 def prepare(overrides: Overrides = None, params_file: ParamsFile = None,
             force: bool = False, parent_run_id: str | None = None,
             params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:

@@ -7,12 +7,14 @@ leave the same dvc.lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from latentforge import procs
@@ -31,16 +33,58 @@ def dvc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def stage_order(root: str | Path = ".") -> list[str]:
-    """Stage names of dvc.yaml in an order where every stage follows its dependencies."""
-    import networkx as nx
-    from dvc.repo import Repo
+@dataclass(frozen=True)
+class GraphStatus:
+    """dvc.yaml's stages in graph order, each stage's upstream stages, and the stages DVC finds
+    changed on their own (deps, params, outs or command), from one look at the repository."""
 
-    with Repo(str(root)) as repo:
+    order: list[str]
+    upstream: dict[str, frozenset[str]]
+    changed: frozenset[str]
+
+    def clean(self, stage: str, ran: set[str] | frozenset[str] = frozenset()) -> bool:
+        """True when `stage` is known up to date: unchanged, and none of its upstream stages
+        ran since this status was taken (a stage that ran may have changed its outputs)."""
+        return stage not in self.changed and not (self.upstream[stage] & ran)
+
+
+_known: list[GraphStatus] = []
+
+
+@contextlib.contextmanager
+def known_status(status: GraphStatus) -> Iterator[None]:
+    """Hand a status just taken to the next graph_status() call in this process (once): the
+    CLI looks before it starts the flow (the no-op check), the flow would look again ~1 s
+    later. Only for a caller that holds the workspace lock throughout, so nothing changed."""
+    _known[:] = [status]
+    try:
+        yield
+    finally:
+        _known.clear()
+
+
+def graph_status(root: str | Path = ".") -> GraphStatus:
+    """The whole graph's status in one pass (what `dvc status` prints), for the pipeline to
+    skip up-to-date stages without asking DVC again per stage."""
+    if _known:
+        return _known.pop()
+    import networkx as nx
+    from dvc.repo import Repo, lock_repo
+
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    # Under one repository lock DVC builds its index (parsing dvc.yaml and dvc.lock) once;
+    # status() on its own would take the lock again and rebuild it.
+    with Repo(str(root)) as repo, lock_repo(repo):
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        stages = [s for s in graph if getattr(s, "cmd", None) and hasattr(s, "name")]
         ordered = list(reversed(list(nx.lexicographical_topological_sort(
             graph, key=lambda s: getattr(s, "addressing", str(s))))))
-        return [s.name for s in ordered if getattr(s, "cmd", None) and hasattr(s, "name")]
+        order = [s.name for s in ordered if s in stages]
+        upstream = {s.name: frozenset(d.name for d in nx.descendants(graph, s) if d in stages)
+                    for s in stages}
+        names = {s.addressing: s.name for s in stages}
+        changed = frozenset(names.get(key, key.rsplit(":", 1)[-1]) for key in repo.status())
+    return GraphStatus(order, upstream, changed)
 
 
 def stage_status(stage: str, root: str | Path = ".") -> dict:

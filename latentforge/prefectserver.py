@@ -1,4 +1,7 @@
-"""The temporary Prefect server of a `latentforge` command, started so that it ends with it.
+"""The Prefect API of a `latentforge` command: configured, background (prefectbg.py) or temporary.
+
+The temporary server (LATENTFORGE_PREFECT_SERVER=temporary) is started so that it ends with
+the command.
 
 Without PREFECT_API_URL, Prefect starts a temporary API server on 127.0.0.1 in a child
 process. Started by Prefect, that child shares the terminal's process group: Ctrl-C killed
@@ -18,7 +21,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from latentforge import procs
+from latentforge import prefectbg, procs
 from latentforge.errors import LatentForgeError
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,33 @@ def _drain_prefect_workers(timeout: float = 10.0) -> None:
             worker.drain_all(timeout=timeout)
         except Exception:  # a failed drain costs log lines, never the run's result
             log.debug("draining %s failed", worker.__name__, exc_info=True)
+
+
+@contextlib.contextmanager
+def api_server() -> Iterator[None]:
+    """A Prefect API for the body: the one the user configured; else the background server
+    (started once, reused by every later command: prefectbg.py); else, with
+    LATENTFORGE_PREFECT_SERVER=temporary, a temporary server that stops with the body."""
+    if prefectbg.configured_api_url() or not needs_temporary_server():
+        yield
+        return
+    if prefectbg.mode() == "temporary":
+        with temporary_server():
+            yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = prefectbg.ensure()
+    saved = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url  # for children (a flow run process, a worker)
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
 
 
 @contextlib.contextmanager

@@ -80,6 +80,16 @@ def execute_stage(stage: str, params: Params, root: str | Path = ".") -> StageRe
     return result
 
 
+def skipped_record(stage: str, root: str | Path = ".", seconds: float = 0.0) -> dict[str, Any]:
+    """The record of a stage DVC found up to date: its last run's metrics, MLflow run and
+    summary (none when its outputs came from elsewhere, e.g. `dvc pull`)."""
+    last = read_last_run(stage, root) or {}
+    return {"stage": stage, "status": "skipped", "seconds": seconds,
+            "metrics": last.get("metrics", {}), "run_id": last.get("run_id"),
+            "summary": last.get("summary", ""), "finished": last.get("finished"),
+            "last_seconds": last.get("seconds")}
+
+
 def read_last_run(stage: str, root: str | Path = ".") -> dict[str, Any] | None:
     path = Path(root) / paths.last_run_file(stage)
     if not path.exists():

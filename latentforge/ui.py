@@ -2,7 +2,9 @@
 
 Three child processes, each in its own session (procs.start_group), all on 127.0.0.1:
 a Prefect server (the UI with Run buttons), `latentforge serve` (the deployments, pointed at
-that server) and `mlflow ui` on the project's store. Ctrl-C stops them in the reverse order
+that server) and `mlflow ui` on the project's store. The Prefect server is the background one
+every `latentforge run` reports to (prefectbg.py; started if none runs, left running), or, with
+LATENTFORGE_PREFECT_SERVER=temporary, one of its own. Ctrl-C stops them in the reverse order
 (deployments first, so they never retry a server that is already gone); if one of them exits
 on its own, the others are stopped and the command fails naming it. The guard stops them all
 if this process is killed.
@@ -22,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from latentforge import procs, tracking
+from latentforge import prefectbg, procs, tracking
 from latentforge.errors import LatentForgeError
 
 log = logging.getLogger(__name__)
@@ -77,12 +79,22 @@ def _stop(services: list[Service]) -> None:
 
 def run_ui(prefect_port: int = 4200, mlflow_port: int = 5000, limit: int = 1) -> int:
     """Start the three services, print their URLs, wait for Ctrl-C (exit 0) or a failure."""
-    for what, port in (("Prefect", prefect_port), ("MLflow", mlflow_port)):
+    # The background Prefect server (prefectbg.py) is the one every `latentforge run` reports
+    # to: the UI shows it, started here if none runs, and it stays up after Ctrl-C. With
+    # LATENTFORGE_PREFECT_SERVER=temporary, or an API configured elsewhere that is not ours to
+    # show, this command starts its own server and stops it.
+    shared = prefectbg.mode() == "background" and not prefectbg.configured_api_url()
+    ports = [("MLflow", mlflow_port)] if shared else [("Prefect", prefect_port),
+                                                       ("MLflow", mlflow_port)]
+    for what, port in ports:
         if not _port_free(port):
             raise LatentForgeError(f"port {port} on {HOST} is taken: is another `latentforge "
                                    f"ui` or {what} server running? Pick another with "
                                    f"--{what.lower()}-port")
     procs.start_guard()
+    if shared:
+        record = prefectbg.start(port=prefect_port)
+        prefect_port = record.port
     prefect_api = f"http://{HOST}:{prefect_port}/api"
     env = {**os.environ, "PREFECT_API_URL": prefect_api,
            # Offline, Prefect's start-up telemetry logs an ERROR that reads like a failure.
@@ -91,10 +103,11 @@ def run_ui(prefect_port: int = 4200, mlflow_port: int = 5000, limit: int = 1) ->
     services: list[Service] = []
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        services.append(_start(
-            "the Prefect server",
-            [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port",
-             str(prefect_port)], env, f"{prefect_api}/health"))
+        if not shared:
+            services.append(_start(
+                "the Prefect server",
+                [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port",
+                 str(prefect_port)], env, f"{prefect_api}/health"))
         store = tracking.tracking_uri()
         services.append(_start(
             "the MLflow UI",
@@ -108,7 +121,9 @@ def run_ui(prefect_port: int = 4200, mlflow_port: int = 5000, limit: int = 1) ->
         print(f"Prefect UI   http://{HOST}:{prefect_port}   (Deployments: press Run on "
               f"pipeline or a stage)\nMLflow UI    http://{HOST}:{mlflow_port}/#/experiments"
               f"?workflowType=machine_learning   ({store})\n"
-              "Ctrl-C stops all three.", flush=True)
+              + ("Ctrl-C stops the deployments and the MLflow UI; the background Prefect "
+                 "server stays up (`latentforge server stop`)." if shared else
+                 "Ctrl-C stops all three."), flush=True)
         while True:
             for service in services:
                 if service.proc.poll() is not None:
@@ -117,8 +132,8 @@ def run_ui(prefect_port: int = 4200, mlflow_port: int = 5000, limit: int = 1) ->
             time.sleep(0.5)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, procs.Interrupted) else signal.SIGINT
-        print(f"{signal.Signals(signum).name}: stopping the deployments, the MLflow UI and "
-              "the Prefect server", file=sys.stderr, flush=True)
+        print(f"{signal.Signals(signum).name}: stopping the deployments, the MLflow UI"
+              + ("" if shared else " and the Prefect server"), file=sys.stderr, flush=True)
         _stop(services)
         print("stopped", file=sys.stderr)
         return 0

@@ -21,6 +21,10 @@ os.environ.setdefault("GIT_COMMITTER_NAME", "LatentForge Tests")
 os.environ.setdefault("GIT_COMMITTER_EMAIL", "tests@latentforge.invalid")
 os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# A `latentforge` command without PREFECT_API_URL starts a server per command here, not the
+# background server that outlives it (tests/test_prefect_background.py tests that one, in a
+# temporary PREFECT_HOME).
+os.environ["LATENTFORGE_PREFECT_SERVER"] = "temporary"
 
 
 @pytest.fixture

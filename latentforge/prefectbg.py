@@ -1,0 +1,261 @@
+"""The background Prefect server that `latentforge run` starts once and every later command reuses.
+
+Prefect's temporary server costs a `latentforge run` 4-13 s of start-up and leaves no UI behind.
+Instead, the first command that needs an API starts `prefect server start` on 127.0.0.1 in its
+own session (it outlives the command, as a database server would), writes where it listens to
+`$PREFECT_HOME/latentforge-server.json`, and later commands find it there and connect at once.
+Its UI (the same port) shows every run. `latentforge server status|start|stop` manage it;
+`LATENTFORGE_PREFECT_SERVER=temporary` brings back a server per command; a PREFECT_API_URL the
+user configured (environment or active Prefect profile) always wins.
+
+Everything here avoids importing prefect (2+ s): the no-op `latentforge run` depends on it.
+A record that is unreadable, names a dead process, a server that does not answer /health or
+another Prefect version is set aside (never trusted, never fatal), and a fresh server starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from latentforge.errors import LatentForgeError
+
+log = logging.getLogger(__name__)
+
+MODE_ENV = "LATENTFORGE_PREFECT_SERVER"  # background (default) | temporary
+HOST = "127.0.0.1"
+DEFAULT_PORT = 4200
+START_TIMEOUT_S = 120.0
+HEALTH_TIMEOUT_S = 2.0
+STOP_GRACE_S = 20.0
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    pid: int
+    port: int
+    prefect_version: str
+    python: str
+    started: float
+    log: str
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{HOST}:{self.port}/api"
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+
+def prefect_home() -> Path:
+    """PREFECT_HOME as Prefect resolves it by default (its database lives there)."""
+    return Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+
+
+def record_file() -> Path:
+    return prefect_home() / "latentforge-server.json"
+
+
+def mode() -> str:
+    value = os.environ.get(MODE_ENV, "background").strip().lower() or "background"
+    if value not in ("background", "temporary"):
+        raise LatentForgeError(f"{MODE_ENV}={value!r}: expected 'background' (one Prefect "
+                               "server started once and reused) or 'temporary' (one per command)")
+    return value
+
+
+def configured_api_url() -> str | None:
+    """The PREFECT_API_URL the user configured, from the environment or the active profile in
+    $PREFECT_HOME/profiles.toml, read without importing prefect (Prefect's own order: the
+    environment first, then the profile named by PREFECT_PROFILE or `active`)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    path = prefect_home() / "profiles.toml"
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        log.debug("cannot read %s (%s): Prefect's own resolution decides", path, exc)
+        return None
+    name = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    value = (profiles.get("profiles", {}).get(name) or {}).get("PREFECT_API_URL")
+    return str(value) if value else None
+
+
+def _prefect_version() -> str:
+    return metadata.version("prefect")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive, but not ours to use
+        return True
+    return True
+
+
+def healthy(api_url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
+    with contextlib.suppress(OSError, ValueError), \
+            urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as answer:  # noqa: S310
+        return answer.status == 200
+    return False
+
+
+def _set_aside(path: Path, why: str) -> None:
+    aside = path.with_name(f"{path.name}.stale-{int(time.time())}")
+    with contextlib.suppress(OSError):
+        path.replace(aside)
+        log.warning("set aside the background Prefect server record %s (%s) as %s", path, why,
+                    aside.name)
+
+
+def read_record() -> ServerRecord | None:
+    path = record_file()
+    try:
+        data = json.loads(path.read_text())
+        return ServerRecord(**data)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError) as exc:
+        _set_aside(path, f"unreadable: {exc}")
+        return None
+
+
+def running() -> ServerRecord | None:
+    """The recorded background server when it is alive, answers /health and runs this Prefect
+    version; None otherwise (a stale record is set aside)."""
+    record = read_record()
+    if record is None:
+        return None
+    if not _pid_alive(record.pid):
+        _set_aside(record_file(), f"its process {record.pid} is gone")
+        return None
+    if record.prefect_version != _prefect_version():
+        log.warning("the background Prefect server (pid %d) runs Prefect %s, this is %s: not "
+                    "reused; `latentforge server stop` stops it", record.pid,
+                    record.prefect_version, _prefect_version())
+        return None
+    if not healthy(record.api_url):
+        return None
+    return record
+
+
+def _free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise LatentForgeError(f"no free TCP port on {HOST} for a Prefect server")
+
+
+@contextlib.contextmanager
+def _start_lock() -> Iterator[None]:
+    """One starter at a time: two commands started together share one server."""
+    prefect_home().mkdir(parents=True, exist_ok=True)
+    with open(prefect_home() / "latentforge-server.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def start(port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S) -> ServerRecord:
+    """Start the background server (or return the one already running) and wait for /health."""
+    with _start_lock():
+        found = running()
+        if found is not None:
+            return found
+        port = _free_port(port)
+        home = prefect_home()
+        log_path = home / "latentforge-server.log"
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED":
+               os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
+        env.pop("PREFECT_API_URL", None)
+        with open(log_path, "ab") as out:
+            # Its own session: a terminal's Ctrl-C and the guard of the command that started it
+            # leave it alone; `latentforge server stop` ends its whole group.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
+                 "--port", str(port)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                env=env, start_new_session=True, cwd=home)
+        record = ServerRecord(pid=proc.pid, port=port, prefect_version=_prefect_version(),
+                              python=sys.executable, started=time.time(), log=str(log_path))
+        deadline = time.monotonic() + timeout
+        while not healthy(record.api_url):
+            if proc.poll() is not None:
+                raise LatentForgeError(f"the background Prefect server exited with code "
+                                       f"{proc.returncode} while starting; see {log_path}")
+            if time.monotonic() > deadline:
+                _kill_group(proc.pid)
+                raise LatentForgeError(f"the background Prefect server did not answer "
+                                       f"{record.api_url}/health within {timeout:.0f} s; see "
+                                       f"{log_path}")
+            time.sleep(0.25)
+        tmp = record_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(record), indent=2))
+        tmp.replace(record_file())
+        return record
+
+
+def _kill_group(pid: int, grace: float = STOP_GRACE_S) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def stop() -> ServerRecord | None:
+    """Stop the recorded background server (whichever Prefect version); None if none ran."""
+    with _start_lock():
+        record = read_record()
+        if record is None:
+            return None
+        alive = _pid_alive(record.pid)
+        if alive:
+            _kill_group(record.pid)
+        with contextlib.suppress(FileNotFoundError):
+            record_file().unlink()
+        return record if alive else None
+
+
+def ensure(say: bool = True) -> str:
+    """The background server's API URL, starting it first if none runs."""
+    found = running()
+    if found is not None:
+        return found.api_url
+    began = time.monotonic()
+    record = start()
+    if say:
+        print(f"started a Prefect server in the background: UI {record.ui_url} (every run is "
+              f"there); it stays up for later commands, `latentforge server stop` stops it "
+              f"({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
+    return record.api_url

@@ -1,0 +1,152 @@
+"""The background Prefect server (latentforge/prefectbg.py) and the no-op run (latentforge/noop.py).
+
+A real `prefect server start` in a temporary PREFECT_HOME: started by one command, reused by the
+next, outliving both, stopped by `latentforge server stop`; stale records set aside. The no-op
+run answers from one DVC status and still leaves its flow run in the Prefect API.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from latentforge import noop, prefectbg
+from latentforge.errors import LatentForgeError
+
+
+@pytest.fixture
+def prefect_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "prefect_home"
+    home.mkdir()
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_PROFILE", raising=False)
+    monkeypatch.setenv(prefectbg.MODE_ENV, "background")
+    yield home
+    prefectbg.stop()  # whatever a failing test left running
+
+
+def lf(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "latentforge", *args], cwd=root,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=600)
+    return proc
+
+
+def test_configured_api_url_follows_prefects_own_resolution(prefect_home, monkeypatch):
+    assert prefectbg.configured_api_url() is None
+    (prefect_home / "profiles.toml").write_text(
+        'active = "work"\n[profiles.work]\nPREFECT_API_URL = "http://127.0.0.1:9/api"\n'
+        '[profiles.other]\nPREFECT_API_URL = "http://127.0.0.1:8/api"\n')
+    assert prefectbg.configured_api_url() == "http://127.0.0.1:9/api"
+    monkeypatch.setenv("PREFECT_PROFILE", "other")
+    ours = prefectbg.configured_api_url()
+    theirs = subprocess.run(
+        [sys.executable, "-c", "from prefect.settings import PREFECT_API_URL; "
+         "print(PREFECT_API_URL.value())"], capture_output=True, text=True, check=True,
+        env=os.environ).stdout.strip()
+    assert ours == theirs == "http://127.0.0.1:8/api"
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:7/api")
+    assert prefectbg.configured_api_url() == "http://127.0.0.1:7/api"
+
+
+def test_bad_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(prefectbg.MODE_ENV, "forever")
+    with pytest.raises(LatentForgeError, match="LATENTFORGE_PREFECT_SERVER='forever'.*background"):
+        prefectbg.mode()
+
+
+def test_stale_records_are_set_aside_not_trusted(prefect_home):
+    record = prefectbg.record_file()
+    record.write_text("{not json")
+    assert prefectbg.running() is None
+    assert not record.exists() and len(list(prefect_home.glob("latentforge-server.json.stale-*"))) == 1
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    record.write_text(json.dumps({"pid": int(dead), "port": 9, "prefect_version": "3.9.1",
+                                  "python": sys.executable, "started": 0.0, "log": "x"}))
+    assert prefectbg.running() is None
+    assert not record.exists() and len(list(prefect_home.glob("latentforge-server.json.stale-*"))) >= 1
+
+
+def test_noop_falls_back_when_the_api_refuses(make_project, monkeypatch, prefect_harness):
+    """An up-to-date project, but the configured API is gone: no record, the full path decides."""
+    from conftest import REPO  # noqa: F401
+
+    root = make_project({"prepare": {"max_images": 50, "resolution": 8}})
+    monkeypatch.chdir(root)
+    assert subprocess.run([sys.executable, "-m", "dvc", "repro", "-q", "prepare"], cwd=root,
+                          capture_output=True).returncode == 0
+    from latentforge import dvcops
+
+    status = dvcops.graph_status()
+    assert status.order[:3] == ["prepare", "judge", "tokenizer"] and len(status.order) == 7
+    assert "prepare" not in status.changed and {"judge", "evaluate"} <= status.changed
+    assert status.upstream["prepare"] == frozenset()
+    assert status.upstream["cache"] >= {"prepare", "tokenizer"}
+    assert status.clean("prepare") and not status.clean("judge")
+    assert status.clean("prepare", ran={"prepare"})  # its own run is not upstream of it
+    two = dvcops.GraphStatus(["a", "b"], {"a": frozenset(), "b": frozenset({"a"})}, frozenset())
+    assert two.clean("b") and not two.clean("b", ran={"a"})  # an upstream stage ran
+    with dvcops.known_status(status):  # handed over once, then looked up afresh
+        assert dvcops.graph_status() is status
+        assert dvcops.graph_status() is not status
+
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    records = noop.try_noop(["prepare"])
+    assert records is not None and records[0]["status"] == "skipped"
+    assert records[0]["metrics"]["train_images"] + records[0]["metrics"]["val_images"] == 50
+    assert noop.try_noop(["judge"]) is None  # judge has not run: not a no-op
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # discard port: refused
+    assert noop.try_noop(["prepare"]) is None
+
+
+def test_background_server_started_once_reused_and_stopped(make_project, prefect_home):
+    root = make_project({"prepare": {"max_images": 50, "resolution": 8}})
+    first = lf(root, "stage", "prepare")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "started a Prefect server in the background" in first.stderr
+    record = prefectbg.running()
+    assert record is not None, "the server did not outlive the command that started it"
+    assert prefectbg.healthy(record.api_url)
+
+    # the next command finds it: no start, and (up to date) the no-op path records the run there
+    second = lf(root, "stage", "prepare")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "started a Prefect server" not in second.stderr
+    assert re.search(r"prepare\s+skipped", second.stdout)
+    flow_run = re.search(r"nothing ran: every stage is up to date \(Prefect flow run (\S+)\)",
+                         second.stderr).group(1)
+    assert prefectbg.running().pid == record.pid
+
+    import urllib.request
+
+    def api(path: str, body: dict) -> list:
+        request = urllib.request.Request(f"{record.api_url}{path}", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return json.loads(answer.read())
+
+    runs = api("/flow_runs/filter", {"flow_runs": {"name": {"any_": [flow_run]}}})
+    assert len(runs) == 1 and runs[0]["state_type"] == "COMPLETED"
+    assert "no-op" in runs[0]["tags"]
+    ran = api("/flow_runs/filter", {})
+    assert len(ran) == 2  # the first command's flow run is in the same server's history
+    artifacts = api("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [runs[0]["id"]]}}})
+    assert artifacts[0]["key"] == "prepare-summary" and "skipped" in artifacts[0]["data"]
+
+    status = lf(root, "server", "status")
+    assert status.returncode == 0 and record.ui_url in status.stdout
+    stop = lf(root, "server", "stop")
+    assert stop.returncode == 0 and f"pid {record.pid}" in stop.stdout
+    assert prefectbg.running() is None and not prefectbg.healthy(record.api_url)
+    assert lf(root, "server", "status").returncode == 3
