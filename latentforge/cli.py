@@ -303,9 +303,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     _require_project()
+    from latentforge import prefectserver
     from latentforge.flows.deployments import serve_all
 
-    serve_all(limit=args.limit)
+    with prefectserver.api_server():  # the background server's UI then offers the Run buttons
+        serve_all(limit=args.limit)
     return 0
 
 
