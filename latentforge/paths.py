@@ -57,7 +57,7 @@ STAGES: dict[str, StageSpec] = {
         name="judge",
         code=("tasks/judge.py", "models/judge.py", "latentforge/training.py"),
         deps=(str(PREPARED),),
-        params=("judge",),
+        params=("judge", "compute.precision"),  # bf16 changes the numbers
         outs=(str(JUDGE), str(EVALUATOR)),
         metrics=(str(metrics_file("judge")),),
     ),
@@ -65,7 +65,7 @@ STAGES: dict[str, StageSpec] = {
         name="tokenizer",
         code=("tasks/tokenizer.py", "models/tokenizer.py", "latentforge/training.py"),
         deps=(str(PREPARED), str(JUDGE)),
-        params=("tokenizer",),
+        params=("tokenizer", "compute.precision"),  # bf16 changes the numbers
         outs=(str(TOKENIZER),),
         metrics=(str(metrics_file("tokenizer")),),
         plots=(str(PLOTS / "tokenizer_prefix_psnr.csv"),),
@@ -83,7 +83,7 @@ STAGES: dict[str, StageSpec] = {
         code=("tasks/generator.py", "models/generator.py", "models/token_generator.py",
               "latentforge/flow.py", "latentforge/tokens.py", "latentforge/training.py"),
         deps=(str(CACHE), str(TOKENIZER), str(EVALUATOR), str(PREPARED)),
-        params=("generator",),
+        params=("generator", "compute.precision"),  # bf16 changes the numbers
         outs=(str(GENERATOR),),
         metrics=(str(metrics_file("generator")),),
     ),

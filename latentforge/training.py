@@ -20,7 +20,11 @@ and calls `train(spec, cfg, compute, ckpt_dir, tracker)`. The same loop runs in 
 - on Ray Train touches nothing of the driver's disk: arrays travel as object-store refs (or
   memmaps when the workers share the driver's node), the checkpoint to resume from as bytes;
   workers report checkpoints to `compute.storage_path` (S3 or a shared mount on a cluster)
-  with `ray.train.report`, and the driver copies each one into `ckpt_dir` as it arrives.
+  with `ray.train.report`, and the driver copies each one into `ckpt_dir` as it arrives;
+- trains in fp32 or bf16 autocast (`bf16: true`, or compute.precision bf16, or auto measured
+  where the workers run: latentforge/precision.py), the precision part of the checkpoints'
+  fingerprint; with compute.compile the model's forward goes through torch.compile. AdamW is
+  fused and the EMA a foreach update: per-tensor loops were 10% of a tiny model's step.
 
 Steps count from 1: after update `step` the weights are those of checkpoint `step-NNNNNN`, and
 `loss_fn(model, batch, step)` computes update `step`.
@@ -59,9 +63,10 @@ from latentforge.tracking import Tracker
 if TYPE_CHECKING:
     from latentforge.config import ComputeConfig, TrainConfig
 
-__all__ = ["EMA", "GlobalBatchSampler", "TrainResult", "TrainSpec", "clip_gradients",
-           "default_collate", "load_checkpoint_weights", "lr_at", "read_metrics", "seed_step",
-           "train", "unwrap_model"]
+__all__ = ["EMA", "GlobalBatchSampler", "TrainResult", "TrainSpec", "build_optimizer",
+           "clip_gradients", "default_collate", "load_checkpoint_weights", "load_optimizer_state",
+           "lr_at", "read_metrics", "resolve_precision", "seed_step", "train", "train_step",
+           "unwrap_model"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +128,12 @@ class TrainResult:
     images_per_s: float
     seconds: float
     nodes: list[str] = dataclasses.field(default_factory=list)  # Ray Train workers' node ids
+    precision: str = "fp32"  # what the run trained in: fp32 or bf16 (autocast)
+    compiled: bool = False  # whether the model's forward went through torch.compile
+
+    def training_meta(self) -> dict[str, Any]:
+        """How the weights were trained, for a stage's output meta."""
+        return {"precision": self.precision, "compile": self.compiled}
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,14 +167,17 @@ class EMA:
         self._state = {k: v.detach().clone() for k, v in live.items()} if decay > 0 else None
         # state_dict() tensors share storage with the model, so these pairs stay current.
         self._pairs = list(zip(self._state.values(), live.values(), strict=True)) if self._state else []
+        floats = [(avg, now) for avg, now in self._pairs if avg.is_floating_point()]
+        self._float_avgs, self._float_now = [a for a, _ in floats], [n for _, n in floats]
 
     @torch.no_grad()
     def update(self) -> None:
         """Step the EMA towards the current model: ema = decay * ema + (1 - decay) * weights."""
+        # One foreach call rather than a lerp_ per tensor: the same kernel, a third of the time.
+        if self._float_avgs:
+            torch._foreach_lerp_(self._float_avgs, self._float_now, 1.0 - self.decay)
         for avg, now in self._pairs:
-            if avg.is_floating_point():
-                avg.lerp_(now, 1.0 - self.decay)
-            else:  # integer buffers (counters) are copied, not averaged
+            if not avg.is_floating_point():  # integer buffers (counters) are copied, not averaged
                 avg.copy_(now)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -175,6 +189,32 @@ class EMA:
             return
         for key, avg in self._state.items():
             avg.copy_(state[key])
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over `model`'s parameters: fused (one kernel for every parameter) where torch has
+    the kernel for their device, else foreach.
+
+    Measured on the CPU (1 thread): the per-tensor loop took 6.6 ms per step for the tiny
+    tokenizer's 66 tensors, foreach 4.8 ms, fused 1.6 ms (of a ~60 ms step); fused rounds
+    differently from the loop (1 ulp), foreach not at all.
+    """
+    params = list(model.parameters())
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a saved optimizer state but keep this optimizer's implementation (fused/foreach):
+    load_state_dict takes those flags from the saved groups, and a resumed run must step as
+    an uninterrupted one does."""
+    impl: dict[str, Any] = {k: optimizer.defaults[k] for k in ("fused", "foreach")
+                            if k in optimizer.defaults}
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(impl)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -327,6 +367,23 @@ def _format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None,
+               loss_fn: LossFn, batch: Batch, step: int, cfg: TrainConfig
+               ) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    """One update (the learning rate already set): the loss under bf16 autocast if
+    `cfg.bf16`, backward, clipping, AdamW, EMA. Returns (loss, the loss's metrics, grad norm)."""
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        loss, metrics = loss_fn(model, batch, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    if ema is not None:
+        ema.update()
+    return loss, metrics, grad_norm
+
+
 def _reduce_mean(values: list[torch.Tensor | float], worker: _Worker) -> list[float]:
     """Average a few scalars over the workers (one all-reduce)."""
     packed = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=worker.device).detach()
@@ -341,11 +398,13 @@ def _reduce_mean(values: list[torch.Tensor | float], worker: _Worker) -> list[fl
 
 def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker,
               progress: bool, on_row: Callable[[dict[str, float]], None] | None,
-              on_save: Callable[[int, Path | None], None] | None = None) -> _LoopStats:
+              on_save: Callable[[int, Path | None], None] | None = None,
+              compile_model: bool = False) -> _LoopStats:
     """Train from the newest checkpoint (or from scratch) to `cfg.steps`; rank 0 writes files.
 
     `on_save(step, folder)` runs on every rank after each save (rank 0 gets the checkpoint's
     folder, the others None): Ray Train's report is a call all workers make together.
+    `compile_model`: torch.compile the model's forward (in place, so state_dict keys stay).
     """
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts)
     model = spec.build_model()
@@ -354,11 +413,13 @@ def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker
     if resume is not None:
         model.load_state_dict(resume.model_state)
     model = worker.wrap(model)
+    if compile_model:
+        unwrap_model(model).compile()
     ema = EMA(unwrap_model(model), cfg.ema_decay)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg)
     start = 0
     if resume is not None:
-        optimizer.load_state_dict(resume.train_state["optimizer"])
+        load_optimizer_state(optimizer, resume.train_state["optimizer"])
         ema.load_state_dict(resume.ema_state)
         # Steps reseed anyway; restoring keeps the global generators where the saving run left them.
         restore_rng(resume.train_state["rng"])
@@ -378,13 +439,8 @@ def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker
             group["lr"] = lr
         idx = sampler.rank_indices(step, worker.rank, worker.world_size)
         batch = spec.collate({k: v[idx] for k, v in spec.data.items()}, worker.device)
-        with torch.autocast(worker.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss, metrics = spec.loss_fn(model, batch, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        ema.update()
+        loss, metrics, grad_norm = train_step(model, optimizer, ema, spec.loss_fn, batch, step,
+                                              cfg)
 
         # Sum as tensors: no device sync until a row is logged.
         for key, value in {**metrics, "loss": loss, "grad_norm": grad_norm}.items():
@@ -532,6 +588,65 @@ def local_device(compute: ComputeConfig) -> torch.device:
     return torch.device("cuda" if compute.use_gpu else "cpu")
 
 
+def _probe_step(spec: TrainSpec, cfg: TrainConfig, device: torch.device,
+                batch_size: int) -> Callable[[bool], object]:
+    """One training update of a fresh model on the first `batch_size` examples, as
+    `step(bf16)`, for timing the two precisions (precision.choose_precision)."""
+    model = spec.build_model().to(device)
+    optimizer = build_optimizer(model, cfg)
+    rows = np.arange(batch_size) % len(next(iter(spec.data.values())))
+    batch = spec.collate({k: v[rows] for k, v in spec.data.items()}, device)
+    configs = {bf16: dataclasses.replace(cfg, bf16=bf16) for bf16 in (False, True)}
+    return lambda bf16: train_step(model, optimizer, None, spec.loss_fn, batch, 1, configs[bf16])
+
+
+def _choose_precision_here(spec: TrainSpec, cfg: TrainConfig, device: torch.device,
+                           batch_size: int) -> str:
+    """compute.precision auto, measured in this process on `device`."""
+    from latentforge.precision import choose_precision
+
+    model = _shapes_model(spec)
+    workload = (f"{type(model).__module__}.{type(model).__qualname__} "
+                f"{sum(p.numel() for p in model.parameters())} params, batch {batch_size} "
+                + ", ".join(f"{k} {v.dtype}{list(v.shape[1:])}" for k, v in sorted(spec.data.items())))
+    rng = capture_rng()
+    try:
+        return choose_precision(device, workload,
+                                functools.partial(_probe_step, spec, cfg, device, batch_size))
+    finally:
+        restore_rng(rng)
+
+
+def _choose_precision_on_worker(spec: TrainSpec, cfg: TrainConfig, batch_size: int,
+                                cpus: int, use_gpu: bool) -> str:
+    """A Ray task with a training worker's resources: auto measured where the workers run."""
+    torch.set_num_threads(cpus)
+    device = torch.device("cuda" if use_gpu else "cpu")
+    return _choose_precision_here(spec, cfg, device, batch_size)
+
+
+def resolve_precision(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig) -> str:
+    """'fp32' or 'bf16': the stage's `bf16: true`, else compute.precision, with auto measured
+    (or read from the cache) on the device the training runs on (latentforge/precision.py)."""
+    requested = "bf16" if cfg.bf16 else compute.precision
+    if requested != "auto":
+        return requested
+    if not use_ray(compute):
+        return _choose_precision_here(spec, cfg, local_device(compute), cfg.batch_size)
+    import ray
+
+    # The driver may run on another machine than the workers (a cluster): ask one of them.
+    init_ray(compute)
+    per_rank = cfg.batch_size // compute.num_workers
+    rows = np.arange(per_rank) % len(next(iter(spec.data.values())))
+    sample = dataclasses.replace(spec, data={k: np.asarray(v[rows]) for k, v in spec.data.items()},
+                                 evaluate=None)
+    task = ray.remote(_choose_precision_on_worker).options(
+        num_cpus=compute.cpus_per_worker, num_gpus=1 if compute.use_gpu else 0)
+    return cast(str, ray.get(task.remote(sample, cfg, per_rank, compute.cpus_per_worker,
+                                         compute.use_gpu)))
+
+
 def _train_in_process(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: Path,
                       tracker: Tracker, progress: bool) -> _LoopStats:
     device = local_device(compute)
@@ -539,7 +654,7 @@ def _train_in_process(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig,
     # workers, and the driver process owns the whole machine here.
     worker = _Worker(rank=0, world_size=1, device=device, wrap=lambda m: m.to(device))
     return _run_loop(spec, cfg, ckpt_dir, worker, progress,
-                     on_row=lambda row: _forward(tracker, [row]))
+                     on_row=lambda row: _forward(tracker, [row]), compile_model=compute.compile)
 
 
 def _share_array(array: np.ndarray, same_node: bool) -> Any:
@@ -625,7 +740,7 @@ def _ray_worker(config: dict[str, Any]) -> None:
         # and a print on top showed every progress line three times.
         stats = _run_loop(spec, cfg, scratch, worker, progress=False,
                           on_row=(lambda row: queue.put(("row", row))) if rank == 0 else None,
-                          on_save=on_save)
+                          on_save=on_save, compile_model=config["compile"])
         if rank == 0:
             queue.put(("stats", dataclasses.asdict(stats)))
     finally:
@@ -695,7 +810,8 @@ def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckp
     config = {"spec": dataclasses.replace(spec, data={}), "cfg": cfg,
               "data": {k: _share_array(v, same_node=not on_cluster(compute))
                        for k, v in spec.data.items()},
-              "resume": resume, "queue": queue, "cpus_per_worker": compute.cpus_per_worker}
+              "resume": resume, "queue": queue, "cpus_per_worker": compute.cpus_per_worker,
+              "compile": compute.compile}
     trainer = TorchTrainer(
         _ray_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
@@ -779,6 +895,9 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
         raise ValueError(f"spec.data needs arrays of one common length, got {lengths}")
 
     started = time.perf_counter()
+    precision = resolve_precision(spec, cfg, compute)
+    # The loop reads cfg.bf16; the fingerprint then keeps an fp32 run from resuming a bf16 one.
+    cfg = dataclasses.replace(cfg, bf16=precision == "bf16")
     resumed_from = _prepare_ckpt_dir(ckpt_dir, cfg, spec)
     _forward(tracker, read_metrics(ckpt_dir))
     if resumed_from >= cfg.steps:
@@ -798,8 +917,8 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
     return TrainResult(ema_state=final.ema_state, model_state=final.model_state,
                        history=read_metrics(ckpt_dir), steps=final.step,
                        resumed_from=resumed_from, images_per_s=stats.images_per_s,
-                       seconds=time.perf_counter() - started, nodes=list(stats.nodes))
-
+                       seconds=time.perf_counter() - started, nodes=list(stats.nodes),
+                       precision=precision, compiled=compute.compile)
 
 
 def loss_curve_csv(history: list[dict[str, float]]) -> str:

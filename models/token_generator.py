@@ -55,10 +55,16 @@ class TokenGeneratorConfig:
     """Hidden width of the MLP as a multiple of ``width``."""
     dropout: float = 0.0
     """Dropout on the attention and MLP branches' outputs (MaskGIT trains with 0.1)."""
+    gelu_approximate: str = "none"
+    """The MLP's GELU: 'none' (erf) or 'tanh' (within 5e-4 of erf; torch's CPU kernel for it is
+    ~6x slower). Folders written before this field existed hold 'tanh' models."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got "
+                             f"{self.gelu_approximate!r}")
         for name in ("num_tokens", "num_classes", "width", "depth", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -122,13 +128,14 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout: float,
+                 gelu_approximate: str = "none") -> None:
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"),
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate=gelu_approximate),
                                  nn.Linear(hidden, width), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
@@ -156,8 +163,9 @@ class TokenTransformer(nn.Module):
         self.cls_embed = nn.Embedding(cfg.num_classes + 1, w)  # last row: the null label
         # Position 0 is the class token; 1 .. K the codes (maskgit) or codes shifted right (ar).
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens + 1, w))
-        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout)
-                                    for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(
+            Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.gelu_approximate)
+            for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, cfg.vocab_size)
         self.apply(self._init_weights)

@@ -166,8 +166,11 @@ class Attention(nn.Module):
         key j (None: full attention)."""
         b, t, w = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        # (B, heads, T, W/heads); a bool mask broadcasts over batch and heads.
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
+        # unbind, not qkv[0], qkv[1], qkv[2]: the backward of three selects zero-fills and adds
+        # three (3, B, heads, T, W/heads) tensors, unbind's stacks once (5-15% of a tiny step).
+        q, k, v = qkv.unbind(0)  # (B, heads, T, W/heads) each
+        # A bool mask broadcasts over batch and heads.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, t, w))
 
 

@@ -64,6 +64,8 @@ GeneratorModel: TypeAlias = FlowTransformer | TokenTransformer
 
 def build_generator_model(model_cfg: dict[str, Any]) -> GeneratorModel:
     """The model a generator folder's meta["model"] describes (token kinds name their kind)."""
+    # Folders from before the configs had gelu_approximate hold tanh-GELU models.
+    model_cfg = {"gelu_approximate": "tanh", **model_cfg}
     if model_cfg.get("kind") in TOKEN_KINDS:
         return TokenTransformer(TokenGeneratorConfig(**model_cfg))
     return FlowTransformer(GeneratorModelConfig(**model_cfg))
@@ -526,6 +528,7 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
                      eval_every=cfg.eval_every)
     result = train(spec, cfg, params.compute, paths.checkpoint_dir("generator", cache.key),
                    tracker=tracker, progress=False)
+    meta["training"] = result.training_meta()
 
     model = build_model(model_cfg)
     model.load_state_dict(result.ema_state)

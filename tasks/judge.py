@@ -138,7 +138,7 @@ def _train_one(role: str, cfg: JudgeConfig, params: Params, prepared: Prepared, 
     model.load_state_dict(result.ema_state)
     meta: dict[str, Any] = {"model": asdict(model_cfg), "class_names": prepared.class_names,
                             "prepared_sha256": prepared.manifest_sha256, "role": role,
-                            "seed": cfg.seed}
+                            "seed": cfg.seed, "training": result.training_meta()}
     scorer = JudgeScorer(model, meta)
     _, logp = scorer.score(val_x)
     val_acc = float((logp.argmax(-1) == np.asarray(val_y)).mean()) if len(val_y) else float("nan")

@@ -688,6 +688,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
             meta["rl"]["other_seeds"] = [[s, seed_folder(s)] for s in cfg.seeds[1:]]
         # "metrics" describes this model; the base's own stage metrics move to rl.
         meta["metrics"] = {k: round(v, 6) for k, v in after.items()}
+        # Likewise "training": the RL loop updates in fp32, uncompiled, whatever the base's was.
+        meta["training"] = {"precision": "fp32", "compile": False}
         results.append(SeedResult(seed, model, meta, curve_csv(result.history),
                                   class_grid(images, es.labels, base.class_names),
                                   stage_metrics(before, after, result.history)))

@@ -245,7 +245,8 @@ def run(params: Params, out_dir: str | Path = paths.TOKENIZER,
     model.load_state_dict(result.ema_state)
     meta: dict[str, Any] = {"model": asdict(model_cfg), "prepared_sha256": prepared.manifest_sha256,
                             "judge_sha256": judge.sha256, "latent_shape": [model.num_tokens,
-                                                                           model.token_dim]}
+                                                                           model.token_dim],
+                            "training": result.training_meta()}
     handle = TokenizerHandle(model, meta)
     m, recon, prefix = evaluate(handle, cfg, np.asarray(val_x), np.asarray(val_y), judge)
     meta["metrics"] = m

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from numerics import assert_rounding_close
 from torch import nn
 
 from latentforge import checkpoint as ckpt
@@ -29,11 +30,14 @@ from latentforge.training import (
     GlobalBatchSampler,
     LossFn,
     TrainSpec,
+    build_optimizer,
     capture_rng,
     clip_gradients,
     default_collate,
+    load_optimizer_state,
     lr_at,
     restore_rng,
+    seed_step,
     train,
 )
 
@@ -244,22 +248,24 @@ def test_keep_last_prunes_and_a_partial_save_is_ignored_and_cleaned(tmp_path: Pa
 # --------------------------------------------------------------------------------------------
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path, precision: str) -> None:
     cfg = tiny_cfg()
     data = toy_data()
-    whole = train(TrainSpec(build_mlp, mse_loss, data), cfg, ComputeConfig(), tmp_path / "a",
+    compute = ComputeConfig(precision=precision)
+    whole = train(TrainSpec(build_mlp, mse_loss, data), cfg, compute, tmp_path / "a",
                   progress=False)
+    assert whole.precision == precision
     assert whole.resumed_from == 0 and whole.steps == 30
     assert [r["step"] for r in whole.history] == [5, 10, 15, 20, 25, 30]
     assert whole.history[-1]["loss"] < whole.history[0]["loss"]
 
     crashing = TrainSpec(build_mlp, CrashAt(25), data)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(crashing, cfg, ComputeConfig(), tmp_path / "b", progress=False)
+        train(crashing, cfg, compute, tmp_path / "b", progress=False)
     assert [s for s, _ in ckpt.committed_steps(tmp_path / "b")] == [10, 20]
     tracker = RecordingTracker()
-    resumed = train(crashing, cfg, ComputeConfig(), tmp_path / "b", tracker=tracker,
-                    progress=False)
+    resumed = train(crashing, cfg, compute, tmp_path / "b", tracker=tracker, progress=False)
     assert resumed.resumed_from == 20
     assert_same_state(resumed.model_state, whole.model_state)
     assert_same_state(resumed.ema_state, whole.ema_state)
@@ -269,13 +275,149 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tmp_path: Path) -> No
     assert {"loss", "lr", "grad_norm", "images_per_s", "mae"} <= tracker.rows[-1][1].keys()
 
     # Finished: returns at once with the saved weights.
-    again = train(crashing, cfg, ComputeConfig(), tmp_path / "b", progress=False)
+    again = train(crashing, cfg, compute, tmp_path / "b", progress=False)
     assert again.resumed_from == 30
     assert_same_state(again.ema_state, whole.ema_state)
     # Another configuration does not resume these checkpoints.
-    other = train(crashing, dataclasses.replace(cfg, lr=5e-3, steps=10), ComputeConfig(),
+    other = train(crashing, dataclasses.replace(cfg, lr=5e-3, steps=10), compute,
                   tmp_path / "b", progress=False)
     assert other.resumed_from == 0 and other.steps == 10
+
+
+def reference_run(spec: TrainSpec, cfg: TrainConfig) -> tuple[dict[str, torch.Tensor],
+                                                                dict[str, torch.Tensor]]:
+    """The loop's arithmetic written out plainly: AdamW's per-tensor loop, a lerp_ per EMA
+    tensor. Returns (model state, EMA state) after cfg.steps updates."""
+    torch.manual_seed(cfg.seed)
+    model = spec.build_model()
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  foreach=False)
+    sampler = GlobalBatchSampler(len(spec.data["x"]), cfg.batch_size, cfg.seed)
+    for step in range(1, cfg.steps + 1):
+        seed_step(cfg.seed, step, 0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        idx = sampler.rank_indices(step, 0, 1)
+        batch = default_collate({k: v[idx] for k, v in spec.data.items()}, torch.device("cpu"))
+        loss, _ = spec.loss_fn(model, batch, step)
+        optimizer.zero_grad()
+        loss.backward()
+        clip_gradients(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():
+            for key, value in model.state_dict().items():
+                ema[key].lerp_(value, 1.0 - cfg.ema_decay)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, ema
+
+
+def test_fused_adamw_and_foreach_ema_follow_the_plain_reference_loop(tmp_path: Path) -> None:
+    spec, cfg = TrainSpec(build_mlp, mse_loss, toy_data()), tiny_cfg(steps=20)
+    result = train(spec, cfg, ComputeConfig(), tmp_path, progress=False)
+    model_state, ema_state = reference_run(spec, cfg)
+    for key in model_state:  # fused AdamW rounds differently (1 ulp per update), not more
+        assert_rounding_close(result.model_state[key], model_state[key], what=key)
+        assert_rounding_close(result.ema_state[key], ema_state[key], what=f"ema {key}")
+
+
+def test_a_loaded_optimizer_state_keeps_the_fused_kernel() -> None:
+    """load_state_dict takes fused/foreach from the saved groups: a run resumed from a
+    checkpoint of a per-tensor AdamW must still step fused, as the uninterrupted run does."""
+    model = build_mlp()
+    loop = torch.optim.AdamW(model.parameters(), foreach=False)
+    model(torch.randn(2, 8)).sum().backward()
+    loop.step()
+    fused = build_optimizer(model, tiny_cfg())
+    assert fused.defaults["fused"] is True  # the CPU has the kernel (torch >= 2.4)
+    load_optimizer_state(fused, loop.state_dict())
+    assert all(g["fused"] is True for g in fused.param_groups)
+    torch.testing.assert_close(fused.state[model[0].weight]["exp_avg"],
+                               loop.state[model[0].weight]["exp_avg"], rtol=0, atol=0)
+
+
+def test_precision_comes_from_compute_or_the_stage_and_splits_checkpoints(
+        tmp_path: Path) -> None:
+    spec, cfg = TrainSpec(build_mlp, mse_loss, toy_data()), tiny_cfg(steps=10)
+    bf16 = train(spec, cfg, ComputeConfig(precision="bf16"), tmp_path, progress=False)
+    assert bf16.training_meta() == {"precision": "bf16", "compile": False}
+    # The stage's own bf16 flag is the same run: its checkpoint is the finished run.
+    again = train(spec, dataclasses.replace(cfg, bf16=True), ComputeConfig(), tmp_path,
+                  progress=False)
+    assert again.precision == "bf16" and again.resumed_from == 10
+    # An fp32 run does not resume bf16 checkpoints (nor the other way round).
+    fp32 = train(spec, cfg, ComputeConfig(), tmp_path, progress=False)
+    assert fp32.precision == "fp32" and fp32.resumed_from == 0
+
+
+def test_auto_precision_that_picks_fp32_trains_exactly_as_fp32(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentforge import precision
+
+    monkeypatch.setenv("LATENTFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "matmul_speedup", lambda device: 0.5)  # no faster bf16
+    spec, cfg = TrainSpec(build_mlp, mse_loss, toy_data()), tiny_cfg(steps=10)
+    auto = train(spec, cfg, ComputeConfig(precision="auto"), tmp_path / "auto", progress=False)
+    fp32 = train(spec, cfg, ComputeConfig(), tmp_path / "fp32", progress=False)
+    assert auto.precision == "fp32"
+    assert_same_state(auto.model_state, fp32.model_state)
+    assert_same_state(auto.ema_state, fp32.ema_state)
+
+
+class CompilableMLP(nn.Module):
+    """build_mlp as a module of its own: nn.Module.compile() on a bare nn.Sequential compiles
+    nothing (dynamo skips torch.nn's own frames); the models in models/ are like this one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.slow  # compiling takes ~30 s here
+def test_compiled_training_follows_eager_and_resumes_exactly(tmp_path: Path) -> None:
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    cfg, data = tiny_cfg(steps=20), toy_data()
+    eager = train(TrainSpec(CompilableMLP, mse_loss, data), cfg, ComputeConfig(), tmp_path / "a",
+                  progress=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compute = ComputeConfig(compile=True)
+    compiled = train(TrainSpec(CompilableMLP, mse_loss, data), cfg, compute, tmp_path / "b",
+                     progress=False)
+    assert counters["stats"]["unique_graphs"] >= 1  # compiled indeed, not skipped
+    assert compiled.training_meta() == {"precision": "fp32", "compile": True}
+    for key in eager.model_state:  # inductor fuses, so sums round in other orders
+        assert_rounding_close(compiled.model_state[key], eager.model_state[key], what=key)
+    crashing = TrainSpec(CompilableMLP, CrashAt(15), data)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(crashing, cfg, compute, tmp_path / "c", progress=False)
+    resumed = train(crashing, cfg, compute, tmp_path / "c", progress=False)
+    assert resumed.resumed_from == 10
+    assert_same_state(resumed.model_state, compiled.model_state)
+    assert_same_state(resumed.ema_state, compiled.ema_state)
+
+
+def test_auto_precision_times_the_stage_model_once_and_caches_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from latentforge import precision
+    from latentforge.training import _choose_precision_on_worker
+
+    monkeypatch.setenv("LATENTFORGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(precision, "matmul_speedup", lambda device: 4.0)  # bf16 might pay
+    spec, cfg = TrainSpec(build_mlp, mse_loss, toy_data()), tiny_cfg(steps=5)
+    result = train(spec, cfg, ComputeConfig(precision="auto"), tmp_path / "run", progress=False)
+    record = json.loads((tmp_path / "cache" / "precision.json").read_text())
+    [(workload, seconds)] = record[precision.machine_key(torch.device("cpu"))]["steps"].items()
+    assert "Sequential 161 params, batch 16" in workload
+    assert result.precision == ("bf16" if seconds["fp32"] >= 1.1 * seconds["bf16"] else "fp32")
+    # The Ray task's side reads the same cache on its machine (here: this one).
+    monkeypatch.setattr(precision, "time_steps", lambda *a, **k: pytest.fail("timed again"))
+    assert _choose_precision_on_worker(spec, cfg, 16, torch.get_num_threads(),
+                                       False) == result.precision
 
 
 def mean_abs_output(model: nn.Module, step: int) -> dict[str, float]:
@@ -350,7 +492,7 @@ KILL_SCRIPT = textwrap.dedent('''
     from latentforge.training import TrainSpec, train
 
     torch.set_num_threads(1)
-    SLEEP = float(sys.argv[2])
+    SLEEP, PRECISION = float(sys.argv[2]), sys.argv[3]
 
     def build():
         return nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Dropout(0.1), nn.Linear(32, 1))
@@ -365,19 +507,24 @@ KILL_SCRIPT = textwrap.dedent('''
     data = {"x": x, "y": np.sin(x.sum(1)).astype(np.float32)}
     cfg = TrainConfig(steps=200, batch_size=20, lr=3e-3, warmup_steps=10, save_every=20,
                       keep_last=2, log_every=20, ema_decay=0.95, seed=11)
-    result = train(TrainSpec(build, loss_fn, data), cfg, ComputeConfig(), sys.argv[1],
-                   progress=False)
+    result = train(TrainSpec(build, loss_fn, data), cfg, ComputeConfig(precision=PRECISION),
+                   sys.argv[1], progress=False)
     print(json.dumps({"resumed_from": result.resumed_from, "steps": result.steps,
                       "steps_per_s": result.images_per_s / cfg.batch_size}))
 ''')
 
 
-def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+# bf16 is slow-marked: the same 17 s again, for the autocast path of the same loop.
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
+def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path: Path,
+                                                                 precision: str) -> None:
     script = tmp_path / "train_mlp.py"
     script.write_text(KILL_SCRIPT)
     run = [sys.executable, str(script)]
-    reference = subprocess.Popen([*run, str(tmp_path / "ref"), "0"], stdout=subprocess.PIPE)
-    victim = subprocess.Popen([*run, str(tmp_path / "victim"), "0.02"], stdout=subprocess.PIPE)
+    reference = subprocess.Popen([*run, str(tmp_path / "ref"), "0", precision],
+                                 stdout=subprocess.PIPE)
+    victim = subprocess.Popen([*run, str(tmp_path / "victim"), "0.02", precision],
+                              stdout=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         while not (tmp_path / "victim" / ckpt.LATEST_FILE).exists():
@@ -391,7 +538,8 @@ def test_sigkill_mid_run_then_rerun_matches_an_uninterrupted_run(tmp_path: Path)
         victim.kill()
     assert victim.returncode == -signal.SIGKILL
 
-    rerun = subprocess.run([*run, str(tmp_path / "victim"), "0"], capture_output=True, check=True)
+    rerun = subprocess.run([*run, str(tmp_path / "victim"), "0", precision], capture_output=True,
+                           check=True)
     report = json.loads(rerun.stdout.decode().splitlines()[-1])
     assert 20 <= report["resumed_from"] < 200 and report["steps"] == 200
     assert reference.wait(timeout=60) == 0
