@@ -61,7 +61,7 @@ lint: venv ## ruff lint, mypy (both must pass; CI runs them)
 	$(BIN)/ruff check .
 	$(BIN)/mypy latentforge tasks flows models
 
-ui: venv ## Prefect server + deployments + MLflow UI on 127.0.0.1 (Ctrl-C stops all three)
+ui: venv ## Prefect UI (the background server) + deployments + MLflow UI on 127.0.0.1
 	$(PY) -m latentforge ui
 
 serve: venv ## Serve the pipeline and stage deployments to the Prefect server (Run buttons)
