@@ -18,11 +18,12 @@ the params.yaml generator on its latents (K x D); "small" is the registry's smal
 ratios say what the code does rather than how busy the machine was. `--compile` adds
 torch.compile variants and prints their compile time (compute.compile).
 
-The orchestration overhead of a default run (`latentforge run` against its stages' training
-loops) is not measured here.
+`--overhead` then runs the default pipeline in a fresh clone (bench/overhead.py): its wall time
+against the stages' own work, and a no-op `latentforge run` against `dvc status`.
 
     python bench/throughput.py [--threads 1] [--rounds 5] [--steps 3] [--cpu-time] [--compile]
         [--models tokenizer,generator,maskgit] [--sizes default,small] [--precisions fp32,bf16]
+        [--overhead]
 """
 
 from __future__ import annotations
@@ -244,6 +245,8 @@ def main() -> None:
     parser.add_argument("--small-resolution", type=int, default=32)
     parser.add_argument("--cpu-time", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--overhead", action="store_true",
+                        help="also time a default `latentforge run` (minutes; bench/overhead.py)")
     args = parser.parse_args()
     for key in ("models", "sizes", "precisions"):
         setattr(args, key, getattr(args, key).split(","))
@@ -269,6 +272,18 @@ def main() -> None:
                   f"{r['bf16_matmul_gflops']:.0f} |"
                   + (f" {r['compile_s']:.1f} |" if args.compile else ""), flush=True)
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
+    if args.overhead:
+        import sys
+        import tempfile
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from overhead import fresh_clone, report
+        from overhead import measure as measure_overhead
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print("# orchestration of a default run (bench/overhead.py)")
+            print(report(measure_overhead(fresh_clone(Path(tmp) / "project"))), flush=True)
 
 
 if __name__ == "__main__":
