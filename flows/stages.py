@@ -174,7 +174,7 @@ def _flow(stage: str, doc: str):  # noqa: ANN202 - returns a decorator of Prefec
     return decorate
 
 
-@_flow("prepare", "Read the source (digits, IDX, image folder, npz; local or s3://), "
+@_flow("prepare", "Read the source (digits, shapes, IDX, image folder, npz; local or s3://), "
        "resize, split train/val, write shards + manifest + preview.")
 def prepare(overrides: Overrides = None, params_file: ParamsFile = None,
             force: bool = False, parent_run_id: str | None = None,

@@ -38,6 +38,7 @@ MAX_SIDE = 1024  # pixels: image side, patch side, shift
 MAX_STEPS = 10_000_000  # updates, warm-up and the every-N-steps intervals
 MAX_BATCH = 65_536  # images (or rollouts) processed together
 MAX_IMAGES = 1_000_000_000  # images in a data set
+MAX_SHAPES = 10_000_000  # shapes drawn in memory: 29 GiB at 32x32x3, 1.5 h on one core
 MAX_SHARD = 1_048_576  # images in one shard file
 MAX_PER_CLASS = 100_000  # generated samples per class
 MAX_SAMPLE_STEPS = 10_000  # ODE / SDE steps of one sample
@@ -77,19 +78,28 @@ def param(default: Any, doc: str, *, ge: float | None = None, gt: float | None =
 class PrepareConfig:
     """Data preparation: read the source, resize, split train/val, write shards."""
 
-    source: Literal["digits", "idx", "folder", "npz"] = param(
-        "digits", "digits: scikit-learn's embedded 8x8 digits; idx: MNIST IDX files in `path`; "
-        "folder: one sub-folder of images per class; npz: `images` and `labels` arrays")
+    source: Literal["digits", "shapes", "idx", "folder", "npz"] = param(
+        "digits", "digits: scikit-learn's embedded 8x8 digits; shapes: embedded RGB, 8 classes "
+        "of coloured shapes on textured backgrounds drawn at 32x32 from `seed` "
+        "(presets/shapes.yaml); idx: MNIST IDX files in `path`; folder: one sub-folder of "
+        "images per class; npz: `images` and `labels` arrays")
     path: str = param(
-        "data/source", "local path or s3:// URL of the source (ignored for digits); for idx a "
-        "folder holding *-images-idx3-ubyte[.gz] with matching *-labels-idx1-ubyte[.gz]")
+        "data/source", "local path or s3:// URL of the source (ignored for digits and shapes); "
+        "for idx a folder holding *-images-idx3-ubyte[.gz] with matching "
+        "*-labels-idx1-ubyte[.gz]")
+    # ge: one image per class of latentforge/sources.py's SHAPE_CLASSES (a test checks).
+    shapes_images: int = param(
+        8000, "images the shapes source draws, spread evenly over its 8 classes (ignored by "
+        "other sources); with channels 1 they are converted to gray by luma", ge=8,
+        le=MAX_SHAPES)
     resolution: int = param(16, "square output side in pixels (resize + centre crop)", ge=4,
                             le=MAX_SIDE)
     channels: Literal[1, 3] = param(1, "1 = grayscale, 3 = RGB")
     resize_filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = param(
         "bicubic", "PIL filter used to resize the shorter side to `resolution`")
     val_fraction: float = param(0.1, "fraction of images held out for validation", ge=0.0, lt=1.0)
-    seed: int = param(0, "seed of the deterministic train/val split", ge=0, le=MAX_SEED)
+    seed: int = param(0, "seed of the deterministic train/val split and of the shapes source",
+                      ge=0, le=MAX_SEED)
     max_images: int | None = param(None, "keep at most this many images (null = all)", ge=1,
                                    le=MAX_IMAGES)
     on_bad_image: Literal["skip", "fail"] = param(

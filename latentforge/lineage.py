@@ -364,7 +364,8 @@ def cmd_lineage(model_uri: str, root: str | Path = ".") -> str:
     for hop in data:
         params = hop.run.data.params
         source = params.get("prepare.source", "?")
-        where = "" if source == "digits" else f", path {params.get('prepare.path', '?')}"
+        where = ("" if source in ("digits", "shapes")  # embedded: prepare.path is ignored
+                 else f", path {params.get('prepare.path', '?')}")
         fingerprint = hop.run.data.tags.get(f"{tracking.TAG_PREFIX}input.source.sha256")
         lines.append(f"data: prepared sha256 {hop.digest} from prepare run {hop.run_id}")
         lines.append(f"source: {source}{where}"

@@ -24,7 +24,7 @@ from latentforge.config import Params, PrepareConfig
 from latentforge.data import MANIFEST, SPLITS, shard_names
 from latentforge.images import make_grid, save_png
 from latentforge.runner import StageResult
-from latentforge.sources import ALPHA_BACKGROUND, SourceData, read_source
+from latentforge.sources import ALPHA_BACKGROUND, EMBEDDED, SourceData, read_source
 from latentforge.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def build_manifest(cfg: PrepareConfig, data: SourceData, split_idx: dict[str, np
         }
     return {
         "format": "latentforge.prepared/1",
-        "source": {"kind": cfg.source, "path": None if cfg.source == "digits" else cfg.path,
+        "source": {"kind": cfg.source, "path": None if cfg.source in EMBEDDED else cfg.path,
                    "fingerprint": data.fingerprint},
         "resolution": cfg.resolution,
         "channels": cfg.channels,
@@ -168,7 +168,7 @@ def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
         tracker: Tracker | None = None) -> StageResult:
     tracker = tracker or Tracker()
     log.info("prepare: reading %s source%s", cfg.source,
-             "" if cfg.source == "digits" else f" from {cfg.path}")
+             "" if cfg.source in EMBEDDED else f" from {cfg.path}")
     data = read_source(cfg)
     split_idx = select_and_split(data.labels, cfg)
     new_warnings = split_warnings(data.labels, data.class_names, split_idx, cfg)
@@ -196,7 +196,7 @@ def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
              len(data.skipped), len(data.ignored), len(warnings), out_dir)
     for c in data.conversions:
         log.info("prepare: %d %s image(s): %s", c["images"], c["mode"], c["how"])
-    source_uri = "sklearn:digits" if cfg.source == "digits" else cfg.path
+    source_uri = EMBEDDED.get(cfg.source, cfg.path)
     tracker.log_input("source", source_uri if "://" in source_uri else str(Path(source_uri)),
                       data.fingerprint, context="source")
     tracker.log_output("prepared", out_dir / MANIFEST, manifest_sha,

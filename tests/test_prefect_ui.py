@@ -92,7 +92,7 @@ def test_run_form_params_offer_every_key_with_its_doc_default_and_bounds():
     (number,) = [t for t in resolution["anyOf"] if t.get("type") == "integer"]
     assert (number["minimum"], number["maximum"]) == (4, 1024)  # as config.py bounds it
     (source,) = [t for t in defs["PrepareParams"]["properties"]["source"]["anyOf"] if "enum" in t]
-    assert source["enum"] == ["digits", "idx", "folder", "npz"]
+    assert source["enum"] == ["digits", "shapes", "idx", "folder", "npz"]
 
 
 def test_run_form_params_are_validated_then_become_overrides():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -12,9 +13,10 @@ import pytest
 from PIL import Image
 
 from latentforge import storage
-from latentforge.config import PrepareConfig
+from latentforge.config import PrepareConfig, build_params
 from latentforge.data import load_prepared
-from latentforge.errors import DataError
+from latentforge.errors import ConfigError, DataError
+from latentforge.sources import SHAPE_CLASSES, SHAPES_VERSION, read_source, resize_square
 from latentforge.tasks import prepare
 
 
@@ -226,3 +228,72 @@ def test_folder_source_on_s3(tmp_path, s3_bucket):
     # the fingerprint hashes relative paths and bytes, so it is the same wherever they live
     assert load_prepared(out_s3).manifest["source"]["fingerprint"] == \
         load_prepared(out_local).manifest["source"]["fingerprint"]
+
+
+# ------------------------------------------------------------------------------ shapes source
+
+
+def shapes(**kw) -> PrepareConfig:
+    return cfg(**{"source": "shapes", "shapes_images": 24, "resolution": 32, "channels": 3, **kw})
+
+
+def test_shapes_are_drawn_from_the_seed_alone():
+    a, b, other = read_source(shapes()), read_source(shapes()), read_source(shapes(seed=1))
+    assert np.array_equal(a.images, b.images) and a.fingerprint == b.fingerprint
+    assert not np.array_equal(a.images, other.images) and a.fingerprint != other.fingerprint
+    assert np.array_equal(a.labels, other.labels)  # class i mod 8 whatever the seed
+    more = read_source(shapes(shapes_images=40))
+    assert np.array_equal(more.images[:24], a.images)  # image i comes from (seed, i) only
+    assert more.fingerprint != a.fingerprint  # the count is part of the recipe
+
+
+def test_shapes_images_labels_and_class_names():
+    data = read_source(shapes())
+    assert data.images.shape == (24, 32, 32, 3) and data.images.dtype == np.uint8
+    assert data.labels.dtype == np.int64
+    assert data.class_names == list(SHAPE_CLASSES) == [
+        "circle", "ring", "square", "diamond", "triangle", "cross", "star", "crescent"]
+    assert np.bincount(data.labels).tolist() == [3] * 8
+    assert len(data.fingerprint) == 64
+    assert not np.array_equal(data.images[..., 0], data.images[..., 1])  # colour, not gray
+    assert [c["mode"] for c in data.conversions] == ["RGB"]
+    assert SHAPES_VERSION in data.conversions[0]["how"]
+    # every image holds its shape well apart from the background, for the judge to find
+    spread = data.images.astype(int).max(axis=(1, 2)) - data.images.astype(int).min(axis=(1, 2))
+    assert spread.max(axis=1).min() > 60
+
+
+def test_shapes_in_gray_and_other_resolutions_go_through_the_usual_conversion():
+    rgb = read_source(shapes()).images
+    gray = read_source(shapes(channels=1))
+    expected = np.stack([np.asarray(Image.fromarray(x).convert("L")) for x in rgb])[..., None]
+    assert np.array_equal(gray.images, expected)  # ITU-R 601-2 luma, as for any RGB image
+    assert "to gray by ITU-R 601-2 luma" in gray.conversions[0]["how"]
+    # the shape's colour keeps a luma gap to the background, so gray images still show it
+    pixels = gray.images.astype(int).reshape(len(gray.images), -1)
+    assert (pixels.max(axis=1) - pixels.min(axis=1)).min() > 50
+    small = read_source(shapes(resolution=16))
+    assert small.images.shape == (24, 16, 16, 3)
+    assert np.array_equal(small.images[0], resize_square(Image.fromarray(rgb[0]), 16, "bicubic"))
+    assert small.fingerprint == read_source(shapes()).fingerprint  # the drawing, not the resize
+
+
+def test_shapes_count_is_validated_against_the_classes():
+    field = {f.name: f for f in dataclasses.fields(PrepareConfig)}["shapes_images"]
+    assert field.metadata["ge"] == len(SHAPE_CLASSES)  # every class gets an image
+    with pytest.raises(ConfigError, match=r"prepare\.shapes_images = 7 is out of range"):
+        build_params({"prepare": {"source": "shapes", "shapes_images": 7}})
+
+
+def test_prepare_stage_on_shapes_ignores_the_path(tmp_path):
+    out = tmp_path / "p"
+    result = prepare.run(shapes(shapes_images=80, resolution=16, path=str(tmp_path / "nothing")),
+                         out_dir=out)
+    data = load_prepared(out, verify=True)
+    x, _ = data.split("train")
+    assert x.shape[1:] == (16, 16, 3) and result.metrics["classes"] == 8
+    assert data.manifest["source"] == {"kind": "shapes", "path": None,
+                                       "fingerprint": data.manifest["source"]["fingerprint"]}
+    assert data.manifest["splits"]["val"]["per_class"] == {c: 1 for c in SHAPE_CLASSES}
+    report = json.loads((out / "report.json").read_text())
+    assert report["labels"]["class_names"] == "the shape names"
