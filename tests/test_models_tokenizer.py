@@ -385,22 +385,28 @@ def test_perturb_latents() -> None:
         model.codes_to_latents(torch.zeros(4, 4, dtype=torch.long))
 
 
-def test_tiny_kl_tokenizer_overfits() -> None:
-    torch.manual_seed(0)
-    model = Tokenizer(_config(quantizer="kl"))
-    x = _images(8)
+def _overfit(model: Tokenizer, x: torch.Tensor, steps: int = 100) -> tuple[float, float]:
+    """Reconstruction MSE of `x` before and after `steps` Adam steps on `x` alone."""
     with torch.no_grad():
-        before = F.mse_loss(model.eval()(x)[0], x)
+        before = F.mse_loss(model.eval()(x)[0], x).item()
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(100):
+    for _ in range(steps):
         recon, enc = model(x)
         loss = F.mse_loss(recon, x) + enc.aux_loss
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        after = F.mse_loss(model.eval()(x)[0], x)
+        after = F.mse_loss(model.eval()(x)[0], x).item()
+    return before, after
+
+
+def test_tiny_kl_tokenizer_overfits() -> None:
+    torch.manual_seed(0)
+    model = Tokenizer(_config(quantizer="kl"))
+    x = _images(8)
+    before, after = _overfit(model, x)
     assert after < 0.5 * before
 
 
@@ -411,18 +417,8 @@ def test_tiny_binary_tokenizer_codes_come_to_depend_on_the_image() -> None:
     torch.manual_seed(0)
     model = Tokenizer(_config(quantizer="binary", token_dim=8))
     x = _images(8)
+    before, after = _overfit(model, x)
     with torch.no_grad():
-        before = F.mse_loss(model.eval()(x)[0], x)
-    model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(100):
-        recon, enc = model(x)
-        loss = F.mse_loss(recon, x) + enc.aux_loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        after = F.mse_loss(model.eval()(x)[0], x)
         codes = model.encode(x).codes  # (8, 4)
     assert after < 0.2 * before
     assert all(len(codes[:, k].unique()) >= 6 for k in range(codes.shape[1]))
