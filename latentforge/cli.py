@@ -213,7 +213,7 @@ def _experiment(args: argparse.Namespace) -> int:
     _require_project()
     procs.start_guard()
     if params.tracking.enabled:
-        procs.guard_send(f"mlflow {tracking.tracking_uri()}\t{params.tracking.experiment}")
+        procs.watch_mlflow(tracking.tracking_uri(), params.tracking.experiment)
     from latentforge.flows.experiment import experiment
 
     with prefectserver.api_server():
@@ -246,7 +246,7 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
 
         procs.start_guard()
         if params.tracking.enabled:
-            procs.guard_send(f"mlflow {tracking.tracking_uri()}\t{params.tracking.experiment}")
+            procs.watch_mlflow(tracking.tracking_uri(), params.tracking.experiment)
         from latentforge.flows.pipeline import run_pipeline
 
         with prefectserver.api_server(), dvcops.known_status(status):
@@ -425,6 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM, after every `finally` has run
         signum = exc.signum if isinstance(exc, procs.Interrupted) else signal.SIGINT
         log.debug("interrupted", exc_info=True)
+        with procs.interrupts_deferred():
+            if ended := procs.end_invocation_runs():
+                log.warning("ended %d MLflow run(s) of this command KILLED (their stage was "
+                            "stopped before it could)", ended)
         killed = "; MLflow runs of this command ended KILLED" \
             if args.command in ("run", "stage") else ""
         print(f"interrupted ({signal.Signals(signum).name}): stopped{killed}", file=sys.stderr)

@@ -144,6 +144,7 @@ def stop_group(proc: subprocess.Popen[Any], grace: float = GRACE_S,
 # --------------------------------------------------------------------------------------------
 
 _guard: tuple[subprocess.Popen[Any], int] | None = None
+_mlflow_targets: set[tuple[str, str]] = set()  # (tracking URI, experiment) this process opened
 
 
 def start_guard() -> None:
@@ -167,6 +168,26 @@ def guard_send(message: str) -> None:
         return
     with contextlib.suppress(OSError):
         os.write(_guard[1], (message + "\n").encode())
+
+
+def watch_mlflow(uri: str, experiment: str) -> None:
+    """Runs of this invocation in `experiment` at `uri` end KILLED if it is interrupted or
+    killed: `end_invocation_runs` (after an interrupt) or the guard (after SIGKILL) does it."""
+    _mlflow_targets.add((uri, experiment))
+    guard_send(f"mlflow {uri}\t{experiment}")
+
+
+def end_invocation_runs() -> int:
+    """After an interrupt, once the children are stopped: end KILLED every MLflow run of this
+    invocation still RUNNING (a stage killed after its grace period could not end its own).
+    Returns how many it ended."""
+    ended = 0
+    for uri, experiment in sorted(_mlflow_targets):
+        try:
+            ended += _end_mlflow_runs(uri, experiment, invocation_id())
+        except Exception:  # reported, never in the way of the exit
+            log.warning("could not end this command's MLflow runs in %s", uri, exc_info=True)
+    return ended
 
 
 def stop_guard() -> None:
@@ -200,26 +221,26 @@ def _guard_cleanup(groups: set[int], pids: set[int], mlflow_targets: set[tuple[s
             os.kill(pid, signal.SIGKILL)
     for uri, experiment in mlflow_targets:
         try:
-            _end_mlflow_runs(uri, experiment, invocation)
+            if ended := _end_mlflow_runs(uri, experiment, invocation):
+                print(f"latentforge guard: ended {ended} MLflow run(s) KILLED", file=sys.stderr)
         except Exception as exc:  # the guard must finish its other work
             print(f"latentforge guard: could not end MLflow runs in {uri}: {exc}",
                   file=sys.stderr)
 
 
-def _end_mlflow_runs(uri: str, experiment: str, invocation: str) -> None:
+def _end_mlflow_runs(uri: str, experiment: str, invocation: str) -> int:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
-        return
+        return 0
     runs = client.search_runs(
         [exp.experiment_id],
         filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}' and attributes.status = 'RUNNING'")
     for run in runs:
         client.set_terminated(run.info.run_id, "KILLED")
-    if runs:
-        print(f"latentforge guard: ended {len(runs)} MLflow run(s) KILLED", file=sys.stderr)
+    return len(runs)
 
 
 def guard_main(read_fd: int, parent: int) -> int:

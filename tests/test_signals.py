@@ -112,17 +112,21 @@ def test_ctrl_c_stops_stage_and_server_ends_runs_killed_and_listens_on_loopback_
     seconds = time.monotonic() - sent
     gone_after = run.wait_until_gone(timeout=30)
     output = "\n".join(run.lines)
+    killed = [line for line in run.lines if "killing it" in line or "MLflow run(s)" in line]
     print(f"Ctrl-C to exit: {seconds:.1f} s; all processes gone {gone_after:.1f} s later; "
-          f"listening sockets seen: {sorted(run.listening.items())}")
+          f"listening sockets seen: {sorted(run.listening.items())}; "
+          f"stage killed after its grace period: {killed or 'no'}")
     assert code == 130, output[-3000:]
     assert seconds < 60, f"exit took {seconds:.0f} s after Ctrl-C"
     assert run.lines[-1].startswith("interrupted (SIGINT)"), output[-3000:]
     assert "Traceback" not in output, output[-5000:]
     assert not marked_processes(run.token), marked_processes(run.token)
 
+    # The stage ends its own run KILLED; one that does not within the grace period is killed
+    # and `latentforge run` ends its run for it (CI once saw a stage take the whole grace).
     statuses = run.statuses(root)
-    assert statuses["pipeline"] == "KILLED", statuses
-    assert statuses["generator"] == "KILLED", statuses
+    assert statuses["pipeline"] == "KILLED", (statuses, output[-3000:])
+    assert statuses["generator"] == "KILLED", (statuses, output[-3000:])
     assert statuses["prepare"] == statuses["cache"] == "FINISHED", statuses
 
     # Every socket the run listened on (Prefect's server) was on loopback, and no Ray process

@@ -58,3 +58,31 @@ def test_log_model_registers_without_live_progress_bars(tmp_path, monkeypatch, c
     client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
     assert [v.version for v in client.search_model_versions("name='test-judge'")] == [1]
     assert uri and uri.startswith("models:/")
+
+
+def test_end_invocation_runs_ends_only_this_commands_running_runs(tmp_path, monkeypatch):
+    """What `latentforge run` does after Ctrl-C once its stage is stopped: a stage killed
+    after its grace period leaves its run RUNNING; the command ends it KILLED, and leaves
+    finished runs and other commands' runs alone."""
+    import mlflow
+
+    from latentforge import procs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(procs, "_mlflow_targets", set())
+    cfg, uri = TrackingConfig(), tracking.tracking_uri(tmp_path)
+    ids = {}
+    for name, invocation, finish in [("stuck", "mine", False), ("done", "mine", True),
+                                     ("other", "theirs", False)]:
+        monkeypatch.setenv(procs.INVOCATION_ENV, invocation)
+        with tracking.start_run(cfg, name, {}, root=tmp_path) as tracker:
+            ids[name] = tracker.run_id
+        if not finish:  # as if the process died inside the run
+            mlflow.MlflowClient(uri).update_run(ids[name], status="RUNNING")
+    monkeypatch.setenv(procs.INVOCATION_ENV, "mine")
+    assert procs.end_invocation_runs() == 0  # nothing watched yet
+    procs.watch_mlflow(uri, cfg.experiment)
+    assert procs.end_invocation_runs() == 1
+    client = mlflow.MlflowClient(uri)
+    assert {n: client.get_run(i).info.status for n, i in ids.items()} == {
+        "stuck": "KILLED", "done": "FINISHED", "other": "RUNNING"}
