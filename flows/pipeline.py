@@ -49,7 +49,7 @@ def _documented(fn: Callable[..., list[dict[str, Any]]]) -> Callable[..., list[d
 
 @flow(name="pipeline", log_prints=True,
       description="Every stage of dvc.yaml in graph order (prepare -> judge -> tokenizer -> "
-      "cache -> generator -> rl -> evaluate), one subflow each; DVC skips the stages that are "
+      "cache -> generator -> posttrain -> rl -> evaluate), one subflow each; DVC skips the stages that are "
       f"up to date; MLflow records a parent run with a child run per stage. {WRITES_PARAMS}")
 @_documented
 def pipeline(overrides: Overrides = None, params_file: ParamsFile = None,

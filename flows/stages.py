@@ -40,7 +40,8 @@ from latentforge.summaries import (  # noqa: F401 - the flows' public names
 # Written out (not built from latentforge.paths.STAGES) so that mypy checks it; the tests check
 # that it names the stages of paths.STAGES and dvc.yaml, in order. Prefect's Run form offers
 # the names of a Literal as choices.
-StageName = Literal["prepare", "judge", "tokenizer", "cache", "generator", "rl", "evaluate"]
+StageName = Literal["prepare", "judge", "tokenizer", "cache", "generator", "posttrain", "rl",
+                    "evaluate"]
 
 # Prefect's Run form shows a parameter's type, its description and its examples. Prefect 3.9
 # builds the form's schema from the signature with pydantic but sets each field's description
@@ -215,6 +216,15 @@ def generator(overrides: Overrides = None, params_file: ParamsFile = None,
     return _stage_flow("generator", overrides, params_file, force, parent_run_id, params, wait)
 
 
+@_flow("posttrain", "Decoder post-training (off by default: posttrain.enabled): fine-tune only "
+       "the tokenizer's decoder on latents the generator makes from real images' latents; gFD-eval "
+       "and accuracy of the same samples through both decoders, with paired intervals.")
+def posttrain(overrides: Overrides = None, params_file: ParamsFile = None,
+              force: bool = False, parent_run_id: str | None = None,
+              params: ParamChanges = NO_CHANGES, wait: bool = False) -> dict[str, Any]:
+    return _stage_flow("posttrain", overrides, params_file, force, parent_run_id, params, wait)
+
+
 @_flow("rl", "Flow-GRPO (or, for maskgit / ar, GRPO over tokens) fine-tuning of the "
        "generator against the reward (judge log-prob by "
        "default), with a KL leash to the base model and the evaluator's gFD-eval watched for "
@@ -234,6 +244,6 @@ def evaluate(overrides: Overrides = None, params_file: ParamsFile = None,
 
 
 STAGE_FLOWS = {"prepare": prepare, "judge": judge, "tokenizer": tokenizer, "cache": cache,
-               "generator": generator, "rl": rl, "evaluate": evaluate}
+               "generator": generator, "posttrain": posttrain, "rl": rl, "evaluate": evaluate}
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")

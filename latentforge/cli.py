@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(models:/... or runs:/...); default: the pipeline's generator")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one logged with an "
                    "MLflow model, else the pipeline's)")
+    p.add_argument("--decoder", default=None, help="post-trained decoder folder (default: "
+                   "artifacts/decoder where the posttrain stage trained one for this "
+                   "tokenizer; none: the tokenizer's own decoder)")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
 
     p = sub.add_parser("lineage", help="print a registered model's chain back to the source "
@@ -283,6 +286,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
                else logged.model)
     else:
         gen = load_generator(model, args.tokenizer or paths.TOKENIZER)
+    if args.decoder != "none":
+        from latentforge.tasks.posttrain import apply_decoder, read_meta
+
+        if args.decoder:
+            if read_meta(args.decoder) is None:
+                raise ConfigError(f"--decoder {args.decoder}: no {args.decoder}/decoder.json "
+                                  "(a posttrain stage output folder), or `none`")
+            apply_decoder(gen.tokenizer, args.decoder)
+        elif (read_meta(paths.DECODER) or {}).get("tokenizer_sha256") == gen.tokenizer.sha256:
+            apply_decoder(gen.tokenizer, paths.DECODER)  # the pipeline's, for this tokenizer
     names = gen.class_names
     if args.cls in names:
         index = names.index(args.cls)

@@ -318,6 +318,60 @@ class GeneratorConfig(TrainConfig):
 
 
 @dataclass(kw_only=True)
+class PostTrainConfig(TrainConfig):
+    """Decoder post-training ("Image Tokenizer Needs Post-Training"): fine-tune only the
+    tokenizer's decoder to map latents the generator produces back to the real images they
+    came from, so that decoded samples improve without retraining the generator."""
+
+    enabled: bool = param(False, "train a post-trained decoder (artifacts/decoder) that rl, "
+                          "evaluate and `latentforge sample` decode with; false: the stage "
+                          "writes a marker and everything decodes with the tokenizer's own")
+    generated_fraction: float = param(
+        0.5, "share of each batch decoded from generator-made latents of its images (the rest "
+        "from the images' own latents, some perturbed), each the image it was made from as target",
+        ge=0.0, le=1.0)
+    perturbed_fraction: float = param(
+        0.25, "share of each batch decoded from the images' latents with a `perturbation` "
+        "fraction of the tokens moved to nearby codes (kl: noised), as the tokenizer's "
+        "RobustTok training does", ge=0.0, le=1.0)
+    perturbation: float = param(0.1, "fraction of the tokens moved in a perturbed latent", ge=0.0,
+                                le=1.0)
+    strength_min: float = param(
+        0.2, "how far a generator-made latent departs from the image's own, lower bound: flow: "
+        "the latent is noised back to time 1 - strength and regenerated from there (0: the "
+        "image's latent, 1: a fresh sample); maskgit: that fraction of the codes is masked and "
+        "predicted; ar: that fraction of the codes is replaced by the model's teacher-forced "
+        "draws", ge=0.0, le=1.0)
+    strength_max: float = param(0.6, "upper bound of the strength, drawn uniformly per latent",
+                                ge=0.0, le=1.0)
+    copies: int = param(2, "generator-made latents per training image (drawn once, before "
+                        "training)", ge=1, le=1000)
+    sample_steps: int = param(10, "flow: Euler steps over the regenerated part of the path", ge=1,
+                              le=MAX_SAMPLE_STEPS)
+    cfg_scale: float = param(1.0, "guidance while making the latents (1 = the class-conditional "
+                             "model alone)", ge=0.0)
+    eval_per_class: int = param(50, "generated samples per class decoded by both decoders for "
+                                "the before/after comparison", ge=1, le=MAX_PER_CLASS)
+    eval_seed: int = param(0, "seed of those samples and of their bootstrap", ge=0, le=MAX_SEED)
+    steps: int = param(400, "optimizer steps", ge=1, le=MAX_STEPS)
+    lr: float = param(2e-4, "peak learning rate (AdamW)", gt=0.0)
+    warmup_steps: int = param(20, "linear warm-up steps", ge=0, le=MAX_STEPS)
+    weight_decay: float = param(0.0, "AdamW weight decay", ge=0.0)
+    ema_decay: float = param(0.99, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
+    save_every: int = param(200, "checkpoint every N steps", ge=1, le=MAX_STEPS)
+    log_every: int = param(50, "log metrics every N steps", ge=1, le=MAX_STEPS)
+
+    def __post_init__(self) -> None:
+        if self.strength_min > self.strength_max:
+            raise ValueError(f"strength_min = {self.strength_min} is above "
+                             f"strength_max = {self.strength_max}")
+        if self.generated_fraction + self.perturbed_fraction > 1.0:
+            raise ValueError(f"generated_fraction + perturbed_fraction = "
+                             f"{self.generated_fraction + self.perturbed_fraction:g} is above 1: "
+                             "they are shares of one batch")
+
+
+@dataclass(kw_only=True)
 class RLConfig:
     """Flow-GRPO fine-tuning of the generator against a reward, with a KL leash."""
 
@@ -523,6 +577,7 @@ class Params:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
@@ -559,7 +614,7 @@ class Params:
                                  f"more than the {k} tokens per image: each step decides at "
                                  f"least one code")
         workers = self.compute.num_workers
-        for name in ("judge", "tokenizer", "generator"):
+        for name in ("judge", "tokenizer", "generator", "posttrain"):
             batch = getattr(self, name).batch_size
             if batch % workers:
                 raise ValueError(f"{name}.batch_size = {batch} does not split evenly over "

@@ -17,6 +17,7 @@ JUDGE = ARTIFACTS / "judge"
 EVALUATOR = ARTIFACTS / "evaluator"  # the judge stage's second classifier: grades, never rewards
 TOKENIZER = ARTIFACTS / "tokenizer"
 GENERATOR = ARTIFACTS / "generator"
+DECODER = ARTIFACTS / "decoder"  # posttrain: the tokenizer's decoder fine-tuned on generated latents
 RL = ARTIFACTS / "rl"
 REPORT = Path("reports") / "evaluate"
 PLOTS = Path("plots")
@@ -87,11 +88,22 @@ STAGES: dict[str, StageSpec] = {
         outs=(str(GENERATOR),),
         metrics=(str(metrics_file("generator")),),
     ),
+    "posttrain": StageSpec(
+        name="posttrain",
+        code=("tasks/posttrain.py", "models/tokenizer.py", "latentforge/flow.py",
+              "latentforge/tokens.py", "latentforge/training.py", "latentforge/intervals.py"),
+        deps=(str(GENERATOR), str(TOKENIZER), str(EVALUATOR), str(PREPARED)),
+        params=("posttrain", "generator.cfg_scale", "generator.sample_steps",
+                "generator.sampler", "compute.precision"),
+        outs=(str(DECODER),),
+        metrics=(str(metrics_file("posttrain")),),
+    ),
     "rl": StageSpec(
         name="rl",
         code=("tasks/rl.py", "latentforge/rewards.py", "latentforge/flow.py",
-              "latentforge/tokens.py"),
-        deps=(str(GENERATOR), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(PREPARED)),
+              "latentforge/tokens.py", "tasks/posttrain.py"),
+        deps=(str(GENERATOR), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(DECODER),
+              str(PREPARED)),
         params=("rl", "generator.sample_steps", "generator.sampler"),
         outs=(str(RL),),
         metrics=(str(metrics_file("rl")),),
@@ -100,9 +112,9 @@ STAGES: dict[str, StageSpec] = {
     "evaluate": StageSpec(
         name="evaluate",
         code=("tasks/evaluate.py", "tasks/compare.py", "latentforge/intervals.py",
-              "latentforge/figures.py"),
-        deps=(str(PREPARED), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(GENERATOR),
-              str(RL),
+              "latentforge/figures.py", "tasks/posttrain.py"),
+        deps=(str(PREPARED), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(DECODER),
+              str(GENERATOR), str(RL),
               str(PLOTS / "rl_reward.csv")),
         params=("evaluate", "rl.rewards", "rl.cfg_scale", "generator.cfg_scale",
                 "tokenizer.eval_perturbation", "tokenizer.perturbation_sigma"),

@@ -63,7 +63,8 @@ from latentforge.tasks import judge as judge_stage
 from latentforge.tasks import tokenizer as tokenizer_stage
 from latentforge.tasks.generator import GeneratorHandle, class_grid, load_generator
 from latentforge.tasks.judge import JudgeScorer, images_to_tensor, load_judge
-from latentforge.tasks.tokenizer import TokenizerHandle, recon_grid
+from latentforge.tasks.posttrain import apply_decoder
+from latentforge.tasks.tokenizer import TokenizerHandle, load_tokenizer, recon_grid
 from latentforge.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -189,9 +190,37 @@ def load_inputs(dirs: Mapping[str, Path]) -> Inputs:
             raise DataError(f"{owner} knows classes {list(names)[:5]}... but "
                             f"{dirs['prepared']} has {prepared.class_names[:5]}...; evaluate "
                             "needs every model trained on the same prepared data")
-    # Every generator decodes with the one tokenizer load_generator checked them against.
-    return Inputs(prepared, judge, evaluator, generators["base"].tokenizer, generators, dirs,
-                  seed_generators)
+    # Every generator decodes with the one tokenizer load_generator checked them against, and
+    # with the posttrain stage's decoder where it post-trained one; the tokenizer's own
+    # metrics (PSNR, rFD, pFD) keep the tokenizer's own decoder.
+    tokenizer = generators["base"].tokenizer
+    if dirs.get("decoder") is not None:
+        for handle in (*generators.values(), *seed_generators.values()):
+            apply_decoder(handle.tokenizer, dirs["decoder"])
+        if "decoder" in tokenizer.meta:
+            tokenizer = load_tokenizer(dirs["tokenizer"])
+    # RL learned from images its decoder made: grading it through another would mislead.
+    applied = tokenizer_decoder_sha(generators["base"].tokenizer)
+    rl_handles = [(dirs["rl"], generators["rl"]),
+                  *((dirs[f"rl_seed{n}"], h) for n, h in seed_generators.items())]
+    for rl_dir, handle in rl_handles:
+        rl_meta = handle.meta.get("rl", {})
+        if "decoder_sha256" in rl_meta and rl_meta["decoder_sha256"] != applied:
+            raise DataError(f"{rl_dir} was fine-tuned decoding with "
+                            f"{_decoder_name(rl_meta['decoder_sha256'])}, but evaluate would "
+                            f"decode with {_decoder_name(applied)} ({dirs.get('decoder')}); "
+                            "rerun the rl stage")
+    return Inputs(prepared, judge, evaluator, tokenizer, generators, dirs, seed_generators)
+
+
+def tokenizer_decoder_sha(tok: TokenizerHandle) -> str | None:
+    """The sha256 of the post-trained decoder `tok` decodes with, None for its own."""
+    decoder = tok.meta.get("decoder")
+    return str(decoder["sha256"]) if decoder else None
+
+
+def _decoder_name(sha: str | None) -> str:
+    return f"the post-trained decoder {sha[:12]}" if sha else "the tokenizer's own decoder"
 
 
 def input_digests(inputs: Inputs, fid_weights_sha: str | None) -> dict[str, str]:
@@ -201,6 +230,9 @@ def input_digests(inputs: Inputs, fid_weights_sha: str | None) -> dict[str, str]
                "tokenizer": inputs.tokenizer.sha256,
                **{STAGE_OF[m]: inputs.generators[m].meta["sha256"] for m in MODELS},
                **{f"rl_seed{s}": h.meta["sha256"] for s, h in inputs.seed_generators.items()}}
+    decoder = inputs.generators["base"].tokenizer.meta.get("decoder")
+    if decoder:
+        digests["decoder"] = decoder["sha256"]
     if fid_weights_sha:
         digests["inception"] = fid_weights_sha
     return digests
@@ -476,6 +508,11 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
         "cfg_sweep": {"scales": list(cfg.cfg_sweep), "per_class": cfg.cfg_sweep_per_class,
                       "seed": cfg.seed + SWEEP_SEED_OFFSET,
                       "best_operating_point": "the scale with the lowest gFD-eval, per model"},
+        "decoder": ({"name": "post-trained decoder (posttrain stage)",
+                     "sha256": digests["decoder"], "role": "decodes every generated sample; "
+                     "the tokenizer's metrics keep the tokenizer's own decoder"}
+                    if "decoder" in digests else
+                    {"name": "the tokenizer's own decoder (posttrain.enabled false)"}),
         "nfe": {m: samples[m].nfe for m in MODELS},
         "cfg_scale": {m: samples[m].cfg_scale for m in MODELS},
         "rl_seeds": {"seeds": [s.seed if s.seed >= 0 else None for s in inputs.seeds],
@@ -622,6 +659,9 @@ def protocol_table(p: Mapping[str, Any]) -> list[str]:
         ("CFG scale", f"base {p['cfg_scale']['base']:g}, RL {p['cfg_scale']['rl']:g} "
                       f"({p['cfg_source']})"),
         ("seed", f"{p['seed']} (sample i: noise from (seed, i), independent of batching)"),
+        ("decoder", p["decoder"]["name"] + (f", sha256 {p['decoder']['sha256'][:12]}: "
+                                            f"{p['decoder']['role']}"
+                                            if "sha256" in p["decoder"] else "")),
         ("feature network (grades)", f"evaluator ({p['feature_network']['features']}, "
                                      f"width {p['feature_network']['width']}, "
                                      f"{p['feature_network']['input']}, sha256 "
@@ -771,9 +811,11 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         prepared_dir: str | Path = paths.PREPARED, judge_dir: str | Path = paths.JUDGE,
         tokenizer_dir: str | Path = paths.TOKENIZER, generator_dir: str | Path = paths.GENERATOR,
         rl_dir: str | Path = paths.RL, plots_dir: str | Path = paths.PLOTS,
-        tracker: Tracker | None = None, evaluator_dir: str | Path | None = None) -> StageResult:
+        tracker: Tracker | None = None, evaluator_dir: str | Path | None = None,
+        decoder_dir: str | Path | None = None) -> StageResult:
     """Evaluate everything; `evaluator_dir` defaults to the folder `evaluator` beside
-    `judge_dir` (where the judge stage puts it)."""
+    `judge_dir` (where the judge stage puts it), `decoder_dir` (the posttrain stage's output,
+    used where it post-trained a decoder) to the folder `decoder` beside `tokenizer_dir`."""
     cfg: EvaluateConfig = params.evaluate
     tracker = tracker or Tracker()
     if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
@@ -784,7 +826,9 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     inputs = load_inputs({"prepared": Path(prepared_dir), "judge": Path(judge_dir),
                           "evaluator": evaluator_dir,
                           "tokenizer": Path(tokenizer_dir), "generator": Path(generator_dir),
-                          "rl": Path(rl_dir)})
+                          "rl": Path(rl_dir),
+                          "decoder": Path(decoder_dir) if decoder_dir
+                          else Path(tokenizer_dir).parent / "decoder"})
     val_x, val_y = (np.asarray(a) for a in inputs.prepared.split("val"))
     if len(val_x) < MIN_VAL_IMAGES:
         raise DataError(f"{prepared_dir}: the val split has {len(val_x)} images; evaluation "

@@ -74,6 +74,7 @@ from latentforge.tasks.generator import (
     score_samples,
 )
 from latentforge.tasks.judge import JudgeScorer, load_judge
+from latentforge.tasks.posttrain import apply_decoder
 from latentforge.tasks.tokenizer import TokenizerHandle
 from latentforge.tracking import Tracker
 from latentforge.training import EMA, capture_rng, clip_gradients, local_device, restore_rng
@@ -604,13 +605,18 @@ def run(params: Params, out_dir: str | Path = paths.RL,
         generator_dir: str | Path = paths.GENERATOR, tokenizer_dir: str | Path = paths.TOKENIZER,
         judge_dir: str | Path = paths.JUDGE, prepared_dir: str | Path = paths.PREPARED,
         plot_file: str | Path = paths.PLOTS / "rl_reward.csv",
-        tracker: Tracker | None = None, evaluator_dir: str | Path | None = None) -> StageResult:
+        tracker: Tracker | None = None, evaluator_dir: str | Path | None = None,
+        decoder_dir: str | Path | None = None) -> StageResult:
     """Fine-tune against the judge's reward, once per rl.seeds entry; the evaluator (default:
-    the folder `evaluator` beside `judge_dir`) grades the fixed evaluation sample."""
+    the folder `evaluator` beside `judge_dir`) grades the fixed evaluation sample. Rollouts
+    decode with the posttrain stage's decoder where it post-trained one (default: the folder
+    `decoder` beside `tokenizer_dir`), else with the tokenizer's."""
     cfg: RLConfig = params.rl
     tracker = tracker or Tracker()
     evaluator_dir = Path(evaluator_dir) if evaluator_dir else Path(judge_dir).parent / "evaluator"
+    decoder_dir = Path(decoder_dir) if decoder_dir else Path(tokenizer_dir).parent / "decoder"
     base = load_generator(generator_dir, tokenizer_dir)
+    apply_decoder(base.tokenizer, decoder_dir)
     judge = load_judge(judge_dir)
     evaluator = load_judge(evaluator_dir)
     prepared = load_prepared(prepared_dir)
@@ -624,6 +630,9 @@ def run(params: Params, out_dir: str | Path = paths.RL,
                       context="evaluation")
     tracker.log_input("tokenizer", str(Path(tokenizer_dir).resolve()), tok.sha256,
                       context="decoder")
+    if "decoder" in tok.meta:
+        tracker.log_input("decoder", str(decoder_dir.resolve()), tok.meta["decoder"]["sha256"],
+                          context="decoder")
     tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
                       context="evaluation")
 
@@ -643,9 +652,12 @@ def run(params: Params, out_dir: str | Path = paths.RL,
         return tok.decode((z.detach().cpu() * scale + shift).numpy())
 
     device = local_device(params.compute)
+    # Rollouts' rewards read decoded images: another decoder, another run (checkpoint key).
+    decoder_sha = tok.meta.get("decoder", {}).get("sha256")
     inputs = {"generator": base_sha, "judge": judge.sha256, "evaluator": evaluator.sha256,
               "tokenizer": tok.sha256, "prepared": prepared.manifest_sha256,
-              "eval": es.protocol()}
+              "eval": es.protocol(),
+              **({"decoder": decoder_sha} if decoder_sha else {})}
     results: list[SeedResult] = []
     before: dict[str, float] | None = None
     seconds = eval_seconds = 0.0
@@ -654,7 +666,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
         prefix = "" if not results else f"seed{seed}/"  # MLflow keys: the first seed's plain
         tuner = FineTuner(cfg, seed, base.model, reward, decode, device,
                           base.meta.get("sampling") if base.kind in TOKEN_KINDS else None)
-        key = hashlib.sha256(f"{base_sha}\n{reward.definition()}\n{seed}".encode()).hexdigest()
+        key = hashlib.sha256((f"{base_sha}\n{reward.definition()}\n{seed}"
+                              + (f"\n{decoder_sha}" if decoder_sha else "")).encode()).hexdigest()
 
         def evaluate_ema(tuner: FineTuner = tuner) -> dict[str, float]:
             return evaluate(tuner.ema_model(), base_meta, tok, evaluator, reward, es)[0]
@@ -682,7 +695,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
                       "reward": reward.definition(), "params": dataclasses.asdict(cfg),
                       "seed": seed, "eval_protocol": es.protocol(), "eval_before": before,
                       "eval_after": after,
-                      "base_generator_metrics": base.meta.get("metrics", {})}
+                      "base_generator_metrics": base.meta.get("metrics", {}),
+                      "decoder_sha256": decoder_sha}
         if not results:  # the first seed's folder lists the others (evaluate reads it)
             # A list, in rl.seeds order (a mapping would be key-sorted by the JSON writer).
             meta["rl"]["other_seeds"] = [[s, seed_folder(s)] for s in cfg.seeds[1:]]

@@ -23,6 +23,8 @@ from cluster import TwoNodeCluster
 from conftest import REPO
 from test_pipeline import cli, tiny
 
+from latentforge import paths
+
 # Not on this machine? These tests need root (mount namespaces) and util-linux's unshare.
 needs_namespaces = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None,
@@ -31,7 +33,10 @@ needs_namespaces = pytest.mark.skipif(
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, needs_namespaces]
 
 STAGES_ON_RAY = {"judge": ["train"], "tokenizer": ["train"], "cache": ["cache"],
-                 "generator": ["train", "sample"], "evaluate": ["sample"]}
+                 "generator": ["train", "sample"], "posttrain": ["train"], "evaluate": ["sample"]}
+# Decoder post-training on, briefly: its Ray Train workers need the tokenizer's weights shipped.
+POSTTRAIN = {"enabled": True, "steps": 20, "save_every": 20, "log_every": 10, "warmup_steps": 5,
+             "eval_per_class": 5}
 
 
 @pytest.fixture
@@ -66,15 +71,16 @@ def shard_digests(root: Path) -> dict[str, str]:
 def test_pipeline_on_a_node_that_cannot_see_the_workspace(cluster, make_project, prefect_harness,
                                                           s3_bucket, monkeypatch):
     compute = {"num_workers": 2, "cpus_per_worker": 1}
-    local = make_project(tiny(compute=compute))
+    local = make_project(tiny(compute=compute, posttrain=POSTTRAIN))
     remote = make_project(tiny(compute={**compute, "ray_address": cluster.address,
-                                        "storage_path": f"s3://{s3_bucket}/ray"}))
+                                        "storage_path": f"s3://{s3_bucket}/ray"},
+                               posttrain=POSTTRAIN))
     for var, value in cluster.driver_env().items():
         monkeypatch.setenv(var, value)
     worker, head = cluster.worker_node_id(), cluster.head_node_id()
 
     table = cli(remote, "run").stdout
-    for stage in ("prepare", "judge", "tokenizer", "cache", "generator", "rl", "evaluate"):
+    for stage in paths.STAGES:
         assert re.search(rf"{stage}\s+ran", table), (stage, table)
     runs = stage_runs(remote)
     for stage, kinds in STAGES_ON_RAY.items():
@@ -95,7 +101,7 @@ def test_pipeline_on_a_node_that_cannot_see_the_workspace(cluster, make_project,
     cli(local, "run")
     # Same data, same batches, same thread counts: the cache is the same, byte for byte.
     assert shard_digests(remote) == shard_digests(local)
-    for stage in ("judge", "tokenizer", "generator"):
+    for stage in ("judge", "tokenizer", "generator", "posttrain"):
         a = {r["step"]: r["loss"] for r in _history(remote, stage)}
         b = {r["step"]: r["loss"] for r in _history(local, stage)}
         assert a.keys() == b.keys() and a, stage

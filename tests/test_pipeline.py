@@ -149,6 +149,9 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
             assert (a / produced).exists(), produced
         (run,) = runs(a, f"tags.`latentforge.stage` = '{name}' and "
                          f"tags.`mlflow.parentRunId` = '{last_parent}'")
+        if name == "posttrain":  # off by default: it writes its marker and reads nothing
+            assert run.data.metrics["enabled"] == 0
+            continue
         linked = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
         assert linked, f"{name} logged no inputs"
         for input_name, digest in linked.items():
@@ -170,6 +173,22 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
         m["seeds.diff_gfd_eval_ci_high"]
     report = (a / "reports/evaluate/report.md").read_text()
     assert "| **mean of 3** |" in report and "](rl_seeds.png)" in report
+    assert "didn't change" in dvc(a, "repro")
+
+    # Decoder post-training on: posttrain, rl and evaluate rerun, and rl and evaluate decode with
+    # the post-trained decoder (its digest among their inputs and in the report's protocol).
+    table = cli(a, "run", "-S", "posttrain.enabled=true").stdout
+    assert re.search(r"posttrain\s+ran\s+[\d.]+\s+gfd_eval_before=", table), table
+    assert re.search(r"generator\s+skipped", table) and re.search(r"rl\s+ran", table)
+    decoder = json.loads((a / "artifacts/decoder/decoder.json").read_text())
+    assert decoder["tokenizer_sha256"] == upstream["tokenizer"]
+    for name in ("rl", "evaluate"):
+        run = max(runs(a, f"tags.`latentforge.stage` = '{name}'"),
+                  key=lambda r: r.info.start_time)
+        linked = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+        assert linked.get("decoder") == decoder["sha256"][:36], (name, linked)
+    protocol = json.loads((a / "reports/evaluate/protocol.json").read_text())
+    assert protocol["decoder"]["sha256"] == decoder["sha256"]
     assert "didn't change" in dvc(a, "repro")
 
     # the `dvc repro` run in project b logged a top-level run
