@@ -161,7 +161,8 @@ def test_bounds_themselves_are_allowed(key, value):
     section, name = key.split(".")
     raw = raw_for(key, value)
     if key == "compute.num_workers":
-        raw.update({s: {"batch_size": 1024} for s in ("judge", "tokenizer", "generator")})
+        raw.update({s: {"batch_size": 1024} for s in ("judge", "tokenizer", "generator",
+                                                      "posttrain")})
     assert getattr(build_params(raw).section(section), name) == value
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from chain import train_through_generator
 
 from latentforge import flow, tokens
 from latentforge.config import Params, build_params, load_params
@@ -23,7 +24,7 @@ from latentforge.errors import ConfigError, DataError
 from latentforge.models.generator import FlowTransformer, generator_config
 from latentforge.models.token_generator import TokenTransformer, token_generator_config
 from latentforge.models.tokenizer import Tokenizer, tokenizer_config
-from latentforge.tasks import cache, evaluate, generator, judge, posttrain, prepare, rl, tokenizer
+from latentforge.tasks import evaluate, posttrain, rl
 from latentforge.tasks.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,20 +149,10 @@ def test_posttrain_params_are_checked() -> None:
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory, ray_local) -> Path:
     """prepare -> judge -> tokenizer -> cache -> generator -> posttrain on the tiny preset."""
-    root = tmp_path_factory.mktemp("posttrain")
-    params = tiny()
+    root = train_through_generator(tmp_path_factory.mktemp("posttrain"), tiny())
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # the stages' checkpoints land here
-        prepare.run(params.prepare, out_dir=root / "prepared")
-        judge.run(params, out_dir=root / "judge", prepared_dir=root / "prepared")
-        tokenizer.run(params, out_dir=root / "tokenizer", prepared_dir=root / "prepared",
-                      judge_dir=root / "judge", plot_file=root / "prefix.csv")
-        cache.run(params, out_dir=root / "cache", prepared_dir=root / "prepared",
-                  tokenizer_dir=root / "tokenizer")
-        generator.run(params, out_dir=root / "generator", cache_dir=root / "cache",
-                      tokenizer_dir=root / "tokenizer", evaluator_dir=root / "evaluator",
-                      prepared_dir=root / "prepared")
-        result = run_posttrain(root, params, root / "decoder")
+        mp.chdir(root)  # the stage's checkpoints land here
+        result = run_posttrain(root, tiny(), root / "decoder")
     (root / "result.json").write_text(json.dumps({"metrics": result.metrics,
                                                   "summary": result.summary}))
     return root

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from chain import train_through_generator
 from safetensors.torch import load_file
 from torch.distributions import Normal
 
@@ -21,7 +22,7 @@ from latentforge.errors import ConfigError
 from latentforge.models.generator import FlowTransformer, generator_config
 from latentforge.rewards import RewardError
 from latentforge.runner import StageResult
-from latentforge.tasks import cache, generator, judge, prepare, rl, tokenizer
+from latentforge.tasks import generator, rl
 from latentforge.tracking import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,20 +184,8 @@ def test_update_labels_are_seeded_groups() -> None:
 @pytest.fixture(scope="module")
 def tiny_inputs(tmp_path_factory, ray_local):
     """prepare -> judge -> tokenizer -> cache -> generator on the tiny preset, once."""
-    root = tmp_path_factory.mktemp("rl_inputs")
-    params = load_params(REPO / "presets/tiny.yaml")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # the stages' checkpoints land here
-        prepare.run(params.prepare, out_dir=root / "prepared")
-        judge.run(params, out_dir=root / "judge", prepared_dir=root / "prepared")
-        tokenizer.run(params, out_dir=root / "tokenizer", prepared_dir=root / "prepared",
-                      judge_dir=root / "judge", plot_file=root / "prefix.csv")
-        cache.run(params, out_dir=root / "cache", prepared_dir=root / "prepared",
-                  tokenizer_dir=root / "tokenizer")
-        generator.run(params, out_dir=root / "generator", cache_dir=root / "cache",
-                      tokenizer_dir=root / "tokenizer", evaluator_dir=root / "evaluator",
-                      prepared_dir=root / "prepared")
-    return root
+    return train_through_generator(tmp_path_factory.mktemp("rl_inputs"),
+                                   load_params(REPO / "presets/tiny.yaml"))
 
 
 def tiny(**rl_overrides) -> Params:
