@@ -194,7 +194,13 @@ def make_latents(handle: GeneratorHandle, latents: np.ndarray, codes: np.ndarray
     out = np.empty_like(latents, dtype=np.float32)
     device = handle.device
     k, d = latents.shape[1:]
+    batches = -(-len(latents) // MAKE_BATCH)
+    started = time.perf_counter()
     for start in range(0, len(latents), MAKE_BATCH):
+        done = start // MAKE_BATCH
+        if done and done % max(1, batches // 10) == 0:  # progress on large data sets
+            log.info("posttrain: made %d of %d latents (%.0f s)", start, len(latents),
+                     time.perf_counter() - started)
         rows = slice(start, start + MAKE_BATCH)
         idx = np.arange(start, min(start + MAKE_BATCH, len(latents)))
         y = torch.as_tensor(labels[rows], dtype=torch.long, device=device)
