@@ -282,8 +282,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
         if getattr(logged, "kind", None) != "generator":
             raise ConfigError(f"--model {model}: a LatentForge {getattr(logged, 'kind', '?')} "
                               f"model, not a generator")
-        gen = (load_generator(logged.artifacts["model_dir"], args.tokenizer) if args.tokenizer
-               else logged.model)
+        if args.tokenizer or args.decoder == "none":  # not as logged (with its decoder)
+            gen = load_generator(logged.artifacts["model_dir"], args.tokenizer or
+                                 logged.artifacts.get("tokenizer_dir", paths.TOKENIZER))
+        else:
+            gen = logged.model
     else:
         gen = load_generator(model, args.tokenizer or paths.TOKENIZER)
     if args.decoder != "none":
@@ -294,6 +297,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--decoder {args.decoder}: no {args.decoder}/decoder.json "
                                   "(a posttrain stage output folder), or `none`")
             apply_decoder(gen.tokenizer, args.decoder)
+        elif "decoder" in gen.tokenizer.meta:
+            pass  # a registered RL model: the decoder it was fine-tuned through, logged with it
         elif (read_meta(paths.DECODER) or {}).get("tokenizer_sha256") == gen.tokenizer.sha256:
             apply_decoder(gen.tokenizer, paths.DECODER)  # the pipeline's, for this tokenizer
     names = gen.class_names

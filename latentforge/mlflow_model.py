@@ -37,6 +37,10 @@ class LatentForgeModel(PythonModel):
 
             self.model = load_generator(folder, context.artifacts.get("tokenizer_dir",
                                                                       paths.TOKENIZER))
+            if "decoder_dir" in context.artifacts:  # an RL model fine-tuned through a
+                from latentforge.tasks.posttrain import apply_decoder  # post-trained decoder
+
+                apply_decoder(self.model.tokenizer, context.artifacts["decoder_dir"])
         else:
             raise ValueError(f"unknown LatentForge model kind {kind!r}")
         self.kind = kind

@@ -719,15 +719,18 @@ def run(params: Params, out_dir: str | Path = paths.RL,
         tracker.log_artifact(Path(out_dir) / name)
     # Its own registered model (the first seed's): the base generator's versions stay one
     # kind of model; the other seeds travel in the same folder, under seeds/.
+    # It decodes as it was fine-tuned: with the post-trained decoder where there was one.
     tracker.log_model("generator", out_dir, registered_name=REGISTERED_MODELS["rl"].name,
-                      artifacts={"tokenizer_dir": Path(tokenizer_dir)},
+                      artifacts={"tokenizer_dir": Path(tokenizer_dir),
+                                 **({"decoder_dir": decoder_dir} if decoder_sha else {})},
                       tags={"stage": "rl", "prepared_sha256": prepared.manifest_sha256,
                             "cache_key": base.meta.get("cache_key", ""),
                             "base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
                             "evaluator_sha256": evaluator.sha256,
                             "tokenizer_sha256": tok.sha256, "reward": reward.definition(),
                             "rl_seeds": ",".join(map(str, cfg.seeds)),
-                            "weights_sha256": weights_sha})
+                            "weights_sha256": weights_sha,
+                            **({"decoder_sha256": decoder_sha} if decoder_sha else {})})
     m = {**results[0].metrics, **seeds_metrics({r.seed: r.metrics for r in results})}
     first = results[0].meta["rl"]
     table = "\n".join(f"| {k} | {first['eval_before'][k]:.4g} | "

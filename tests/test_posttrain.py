@@ -301,3 +301,34 @@ def test_sample_command_decodes_with_the_pipelines_decoder_unless_told(tiny_inpu
     assert main([*common, "--decoder", "artifacts/decodr", "--out", "bad.png"]) == 2
     assert "--decoder artifacts/decodr: no artifacts/decodr/decoder.json" in \
         capsys.readouterr().err
+
+
+def test_a_registered_rl_model_decodes_through_the_decoder_it_was_tuned_with(
+        tiny_inputs: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from latentforge import tracking
+    from latentforge.cli import main
+    from latentforge.config import TrackingConfig
+
+    root, store = tiny_inputs, tmp_path / "store"
+    store.mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with tracking.start_run(TrackingConfig(), "rl", {}, root=store) as tracker:
+        rl.run(tiny(), out_dir=tmp_path / "rl", generator_dir=root / "generator",
+               tokenizer_dir=root / "tokenizer", judge_dir=root / "judge",
+               prepared_dir=root / "prepared", plot_file=tmp_path / "rl.csv", tracker=tracker)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(store))
+    elsewhere = tmp_path / "elsewhere"  # no artifacts/decoder here: only the registry has it
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    common = ["sample", "--class", "3", "--n", "4", "--steps", "3"]
+    registered = [*common, "--model", "models:/latentforge-generator-rl/1"]
+    local = [*common, "--model", str(tmp_path / "rl"), "--tokenizer", str(root / "tokenizer")]
+    grids = {}
+    for name, args in (("registered", registered), ("registered_own", [*registered, "--decoder",
+                                                                        "none"]),
+                       ("local", [*local, "--decoder", str(root / "decoder")]),
+                       ("local_own", [*local, "--decoder", "none"])):
+        assert main([*args, "--out", f"{name}.png"]) == 0, capsys.readouterr().err
+        grids[name] = (elsewhere / f"{name}.png").read_bytes()
+    assert grids["registered"] == grids["local"] != grids["local_own"] == grids["registered_own"]
