@@ -281,7 +281,8 @@ def sample_generator(handle: GeneratorHandle, labels: np.ndarray, cfg: EvaluateC
 
 
 def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer,
-                    ref_features: np.ndarray, real_features: np.ndarray, reward: Reward
+                    ref_features: np.ndarray, real_features: np.ndarray,
+                    real_labels: np.ndarray, reward: Reward
                     ) -> tuple[dict[str, float], dict[str, float], PerSample]:
     """The evaluator's metrics of one generated set against the reference (train split), the
     same at the held-out real set's count, and the (judge's) reward beside them; with the
@@ -290,7 +291,8 @@ def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer
     centre the interval away from the reported mean)."""
     feats, logp = evaluator.score(samples.images)
     m = generator_stage.grade_features(feats, logp, labels, ref_features)
-    generated, real = generator_stage.at_real_count(ref_features, feats, real_features)
+    generated, real = generator_stage.at_real_count(ref_features, feats, labels,
+                                                    real_features, real_labels)
     m.update({k: v for k, v in generated.items() if k != "n"})
     total, _ = reward(samples.images, labels)
     m["reward_mean"] = float(total.mean())
@@ -491,6 +493,7 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                "metrics": {"rfid": "val originals vs their reconstructions",
                            "gfid": "val split vs generated samples"}}
     _, train_y = inputs.prepared.split("train")
+    matched = sum(min(int((labels == c).sum()), int((val_y == c).sum())) for c in np.unique(val_y))
     return {
         "split": "val",
         "reference_set": {"name": "prepared train split", "images": int(len(train_y)),
@@ -552,11 +555,11 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                          f"{cfg.seed}, for {', '.join(INTERVAL_METRICS)}: samples resampled "
                          "within each class, the reference set resampled too; the base-vs-RL "
                          "delta's paired (one resample for both generators)",
-            "at_real_count": f"FD, KID, precision/recall of n = min(samples, held-out real) "
-                             f"= {min(len(val_y), len(labels))} samples (mean over 5 seeded "
-                             "subsets when that is fewer than all of them) vs the "
-                             "train split; the real column scores the val split itself, so "
-                             "the two compare at one count",
+            "at_real_count": f"FD, KID, precision/recall of n = {matched} samples: per class "
+                             "min(samples, held-out real) of each set (mean over 5 seeded "
+                             "draws when that is fewer than all samples), vs the train split; "
+                             "the real column scores those held-out images, so the two "
+                             "compare at one count and one class composition",
             "eval_accuracy": "evaluator top-1 equals the requested class",
             "is_eval": "Inception Score formula on evaluator class probabilities, 1 split",
             "diversity": "mean pairwise L2 distance of evaluator features within a class, "
@@ -878,7 +881,8 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     per_sample: dict[str, PerSample] = {}
     for name, sample_set in samples.items():
         nested[name], real, per_sample[name] = score_generator(sample_set, labels, evaluator,
-                                                               ref_features, val_features, reward)
+                                                               ref_features, val_features,
+                                                               val_y, reward)
     nested["real"] = real  # the same for every set: one count, one subset seed
     log.info("evaluate: %d bootstrap replicates for the 95%% intervals", BOOTSTRAP_REPLICATES)
     pairs = {s.diff: ("base", s.samples) for s in seeds}
