@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from latentforge import flow, tokens
+from latentforge.malloc import tune_malloc
 from latentforge.models.generator import FlowTransformer, generator_config
 from latentforge.models.token_generator import TokenTransformer, token_generator_config
 
@@ -35,6 +38,22 @@ def timed(fn, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
+def interleaved(samplers: dict[str, Callable[[], object]], rounds: int
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each sampler in each of `rounds` rounds, the samplers taking turns
+    within a round (after one warm-up call each), so a change of machine load lands on all of
+    them alike; ratios are then taken round by round."""
+    for fn in samplers.values():
+        fn()
+    out: dict[str, list[float]] = {name: [] for name in samplers}
+    for _ in range(rounds):
+        for name, fn in samplers.items():
+            start = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - start)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="tiny")
@@ -42,12 +61,14 @@ def main() -> None:
     parser.add_argument("--flow-steps", type=int, default=25, help="Heun steps of the flow")
     parser.add_argument("--maskgit-steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    tune_malloc()  # as every stage process and actor does (latentforge/malloc.py)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     k, d, vocab, classes = args.tokens, len(FSQ_LEVELS), math.prod(FSQ_LEVELS), 10
     labels = torch.arange(args.batch) % classes
-    rows = []
 
     fm = FlowTransformer(generator_config(args.size, num_tokens=k, token_dim=d,
                                           num_classes=classes)).eval()
@@ -59,9 +80,9 @@ def main() -> None:
                                  args.flow_steps, "heun")
         return nfe
 
-    nfe = flow_sample()
-    rows.append(("flow (Heun)", timed(flow_sample, args.reps), nfe, fm))
-
+    models: dict[str, torch.nn.Module] = {"flow (Heun)": fm}
+    samplers: dict[str, Callable[[], object]] = {"flow (Heun)": flow_sample}
+    nfes = {"flow (Heun)": flow_sample()}
     for kind in ("maskgit", "ar"):
         tm = TokenTransformer(token_generator_config(args.size, kind=kind, num_tokens=k,
                                                      vocab_size=vocab,
@@ -74,17 +95,18 @@ def main() -> None:
             else:
                 tokens.ar_sample(tm, labels, noise, cfg_scale=1.5)
 
-        nfe = args.maskgit_steps if kind == "maskgit" else k
-        rows.append((kind, timed(token_sample, args.reps), nfe, tm))
+        models[kind], samplers[kind] = tm, token_sample
+        nfes[kind] = args.maskgit_steps if kind == "maskgit" else k
+    times = interleaved(samplers, args.rounds)
+    flow_times = np.array(times["flow (Heun)"])
 
     x, y = torch.randn(64, k, d), torch.randint(0, classes, (64,))
     codes = torch.randint(0, vocab, (64, k))
     print(f"size {args.size}, K={k}, fsq {FSQ_LEVELS} (V={vocab}), batch {args.batch}, CFG on, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} thread(s), {args.rounds} interleaved rounds")
     print(f"{'kind':<12} {'params':>8} {'NFE':>5} {'samples/s':>10} {'x flow':>7} "
-          f"{'train step ms':>14}")
-    flow_rate = None
-    for name, seconds, nfe, model in rows:
+          f"{'x flow range':>13} {'train step ms':>14}")
+    for name, model in models.items():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         model.train()
 
@@ -105,11 +127,12 @@ def main() -> None:
             opt.step()
 
         train_ms = timed(step, 5) * 1000
-        rate = args.batch / seconds
-        flow_rate = flow_rate or rate
+        seconds = np.array(times[name])
+        speedup = flow_times / seconds  # round by round
         params = sum(p.numel() for p in model.parameters())
-        print(f"{name:<12} {params / 1e3:>7.0f}k {nfe:>5} {rate:>10.0f} {rate / flow_rate:>6.1f}x "
-              f"{train_ms:>14.1f}")
+        print(f"{name:<12} {params / 1e3:>7.0f}k {nfes[name]:>5} "
+              f"{args.batch / np.median(seconds):>10.0f} {np.median(speedup):>6.1f}x "
+              f"{speedup.min():>6.1f}-{speedup.max():<5.1f}x {train_ms:>14.1f}")
 
 
 if __name__ == "__main__":

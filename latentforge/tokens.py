@@ -15,7 +15,8 @@ codes are (B, K) long in [0, V). What this module fixes:
   softmax(guided logits / temperature), optionally restricted to the top-k codes and the
   top-p probability mass.
 - **Guidance** mixes logits: uncond + s (cond - uncond) (``guided_logits``); s = 1 is the plain
-  conditional model in one pass.
+  conditional model in one pass. The mix is taken on the output head's inputs (the head is
+  affine, so it equals the mix of logits up to rounding): the head runs on N rows, not 2N.
 - **Randomness per sample**: every draw of sample i comes from its own generator seeded by
   (seed, i) (``SampleNoise``; the flow sampler's ``flow.sample_noise`` does the same), so a
   sample does not depend on its batch, the number of workers or the device.
@@ -145,9 +146,8 @@ def guided_logits(model: TokenTransformer, codes: torch.Tensor, y: torch.Tensor,
         return model(codes, y, positions)
     null = torch.full_like(y, model.null_class)
     both = None if positions is None else torch.cat([positions, positions])
-    logits = model(torch.cat([codes, codes]), torch.cat([y, null]), both)
-    cond, uncond = logits.float().chunk(2)
-    return torch.lerp(uncond, cond, cfg_scale)
+    # The mix happens before the (affine) output head: the same logits, half the head's work.
+    return model(torch.cat([codes, codes]), torch.cat([y, null]), both, guidance=cfg_scale)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -237,12 +237,9 @@ def ar_sample(model: TokenTransformer, labels: torch.Tensor, noise: SampleNoise,
     codes, log_prob = [], []
     cache, prev = None, None
     for i in range(k):
-        logits, cache = model.decode_step(prev, y, i, cache)  # (N or 2N, V)
-        logits = logits.float()
-        if guided:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + cfg_scale * (cond - uncond)
-        logits = logits / temperature
+        logits, cache = model.decode_step(prev, y, i, cache,
+                                          guidance=cfg_scale if guided else None)  # (N, V)
+        logits = logits.float() / temperature
         filtered = torch.softmax(filter_logits(logits, top_k, top_p), -1)
         draw = categorical(filtered, noise.uniform(1)[:, 0])  # (N,)
         log_prob.append(torch.log_softmax(logits, -1).gather(-1, draw.unsqueeze(-1))[:, 0])

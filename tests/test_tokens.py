@@ -149,6 +149,38 @@ def test_guidance_mixes_conditional_and_unconditional_logits():
                                uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["maskgit", "ar"])
+def test_guidance_before_the_head_equals_mixing_logits(kind):
+    """The model mixes the head's inputs (half the head's work); the logits are those of the
+    mix of conditional and unconditional logits, at positions and in ar's cached steps too.
+    Weights far from the init's 0.02 scale, so the logits are large and differ by class."""
+    m = model(kind)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.3)
+    codes = torch.randint(0, V if kind == "ar" else V + 1, (4, K))
+    y = torch.tensor([0, 1, 2, 0])
+    null = torch.full_like(y, C)
+    cond, uncond = m(codes, y), m(codes, null)
+    assert (cond - uncond).abs().max() > 0.1  # guidance has something to mix (1000x the tolerance)
+    scale = 2.5
+    expected = uncond + scale * (cond - uncond)
+    tol = {"atol": 1e-4, "rtol": 1e-5}  # fp32 rounding of logits of magnitude ~10
+    torch.testing.assert_close(tokens.guided_logits(m, codes, y, scale), expected, **tol)
+    positions = torch.tensor([[0, 2, 5]] * 4)
+    torch.testing.assert_close(tokens.guided_logits(m, codes, y, scale, positions),
+                               expected.gather(1, positions.unsqueeze(-1).expand(-1, -1, V)),
+                               **tol)
+    if kind == "ar":
+        cache, prev, steps = None, None, []
+        both = torch.cat([y, null])
+        for i in range(K):
+            logits, cache = m.decode_step(prev, both, i, cache, guidance=scale)
+            steps.append(logits)
+            prev = torch.cat([codes[:, i], codes[:, i]])
+        torch.testing.assert_close(torch.stack(steps, 1), expected, **tol)
+
+
 def test_categorical_draws_follow_the_probabilities_and_skip_zero_ones():
     probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     draws = tokens.categorical(probs.expand(200000, -1),
