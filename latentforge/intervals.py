@@ -110,11 +110,13 @@ def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
                         replicates: int = BOOTSTRAP_REPLICATES,
                         pairs: Mapping[str, tuple[str, str]] | None = None,
                         keys: Sequence[str] = INTERVAL_METRICS,
-                        means: Mapping[str, tuple[str, Sequence[str]]] | None = None
+                        means: Mapping[str, tuple[str, Sequence[str]]] | None = None,
+                        ref_labels: np.ndarray | None = None
                         ) -> dict[str, dict[str, float]]:
     """95% bias-shifted percentile intervals of `keys` for each generated set, resampling the
     generated samples (within each class, so every replicate stays class-balanced) and the
-    reference set; and paired intervals of the differences second - first for each
+    reference set (within each class of `ref_labels` when given); and paired intervals of the
+    differences second - first for each
     `pairs[name] = (first, second)` (default: {"diff": the two sets} when there are two): one
     resample of sample indices serves every set, whose row i shares its label and noise.
 
@@ -129,6 +131,13 @@ def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
     a mean over RL seeds that share one evaluation draw (which a spread across seeds cannot
     show; `across_seeds` adds it).
 
+    `ref_labels`: the reference's classes. The pipeline's splits are class-stratified, so their
+    class counts are fixed by design, and a resample that varied them would add noise no
+    repeat of the experiment has: the evaluator's features cluster by class, and FD's mean
+    term follows the class proportions. Measured on the default digits (1000 maskgit samples,
+    gFD-eval 0.60): [0.17, 1.26] with the reference resampled at random, [0.49, 0.75] within
+    classes, [0.53, 0.69] with the reference held fixed.
+
     Returns {name: {metric_ci_low, metric_ci_high}} per set and per pair."""
     names = list(sets)
     if pairs is None:
@@ -137,11 +146,16 @@ def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
     stacked = _Stacked(sets, labels, keys)
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    if ref_labels is not None and len(ref_labels) != len(ref_features):
+        raise ValueError(f"ref_labels has {len(ref_labels)} rows, the reference {len(ref_features)}")
+    ref_by_class = ([np.arange(len(ref_features))] if ref_labels is None else
+                    [np.flatnonzero(ref_labels == c) for c in np.unique(ref_labels)])
     point = stacked.metrics(Reference(ref_features), None)
     draws: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for _ in range(replicates):
         rows = np.concatenate([rng.choice(idx, len(idx)) for idx in by_class])
-        ref = Reference(ref_features[rng.integers(0, len(ref_features), len(ref_features))])
+        ref = Reference(ref_features[np.concatenate([rng.choice(idx, len(idx))
+                                                     for idx in ref_by_class])])
         for name, values in stacked.metrics(ref, rows).items():
             draws[name].append(values)
 

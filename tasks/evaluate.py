@@ -309,8 +309,8 @@ def sweep_key(scale: float) -> str:
 
 
 def cfg_sweep(inputs: Inputs, cfg: EvaluateConfig, evaluator: JudgeScorer,
-              ref_features: np.ndarray, compute: ComputeConfig, nodes: set[str]
-              ) -> dict[str, dict[str, float]]:
+              ref_features: np.ndarray, ref_labels: np.ndarray, compute: ComputeConfig,
+              nodes: set[str]) -> dict[str, dict[str, float]]:
     """Base and RL sampled at every evaluate.cfg_sweep scale (same labels and noise) and graded
     by the evaluator: {"sweep_base": {"cfg1_5_gfd_eval": ...}, "sweep_rl": ..., "best": the
     scale of each model's lowest gFD-eval and its numbers there}."""
@@ -331,7 +331,7 @@ def cfg_sweep(inputs: Inputs, cfg: EvaluateConfig, evaluator: JudgeScorer,
     log.info("evaluate: %d bootstrap replicates for the CFG sweep's intervals",
              BOOTSTRAP_REPLICATES)
     intervals = bootstrap_intervals(ref_features, sets, labels, seed=cfg.seed, pairs={},
-                                    keys=SWEEP_INTERVAL_KEYS)
+                                    keys=SWEEP_INTERVAL_KEYS, ref_labels=ref_labels)
     for name, values in intervals.items():
         m, key = name.split("@")
         out[f"sweep_{m}"].update({f"{key}_{k}": v for k, v in values.items()})
@@ -553,7 +553,8 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
             "intervals": f"95% bias-shifted percentile bootstrap (percentiles moved by the "
                          "replicates' mean minus the full-set value), {BOOTSTRAP_REPLICATES} replicates, seed "
                          f"{cfg.seed}, for {', '.join(INTERVAL_METRICS)}: samples resampled "
-                         "within each class, the reference set resampled too; the base-vs-RL "
+                         "within each class, the reference set too (its class counts are fixed "
+                         "by the stratified split); the base-vs-RL "
                          "delta's paired (one resample for both generators)",
             "at_real_count": f"FD, KID, precision/recall of n = {matched} samples: per class "
                              "min(samples, held-out real) of each set (mean over 5 seeded "
@@ -837,11 +838,11 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         raise DataError(f"{prepared_dir}: the val split has {len(val_x)} images; evaluation "
                         f"needs at least {MIN_VAL_IMAGES} (raise prepare.val_fraction)")
     judge, evaluator = inputs.judge, inputs.evaluator
-    train_x, _ = inputs.prepared.split("train")
+    train_x, train_y = (np.asarray(a) for a in inputs.prepared.split("train"))
     if len(train_x) < MIN_VAL_IMAGES:
         raise DataError(f"{prepared_dir}: the train split has {len(train_x)} images; the "
                         f"reference set needs at least {MIN_VAL_IMAGES}")
-    ref_features, _ = evaluator.score(np.asarray(train_x))  # the reference set: train split
+    ref_features, _ = evaluator.score(train_x)  # the reference set: train split
     val_features, _ = evaluator.score(val_x)  # held-out real images: the floor
 
     # The prefix sweep follows the trained model's layout, not whatever params now say.
@@ -867,7 +868,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     nested: dict[str, dict[str, float]] = {}
     guided = None  # the base at its best CFG scale, at this evaluation's count
     if cfg.cfg_sweep:
-        nested.update(cfg_sweep(inputs, cfg, evaluator, ref_features, params.compute,
+        nested.update(cfg_sweep(inputs, cfg, evaluator, ref_features, train_y, params.compute,
                                 sampled_on))
         scale = nested["best"]["base_cfg_scale"]
         guided = "base"
@@ -892,7 +893,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         pairs.update({f"{s.samples}_vs_guided": (guided, s.samples) for s in seeds})
         means["distil"] = (guided, [s.samples for s in seeds])
     intervals = bootstrap_intervals(ref_features, per_sample, labels, seed=cfg.seed, pairs=pairs,
-                                    means=means)
+                                    means=means, ref_labels=train_y)
     for name in samples:
         nested[name].update(intervals[name])
     for pair, (first, second) in pairs.items():

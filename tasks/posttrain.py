@@ -320,7 +320,7 @@ def run(params: Params, out_dir: str | Path = paths.DECODER,
                         f"{prepared_dir} has {prepared.class_names[:5]}...; post-training needs "
                         "the generator's own data")
     train_x, train_y = (np.asarray(a) for a in prepared.split("train"))
-    val_x, _ = (np.asarray(a) for a in prepared.split("val"))
+    val_x, val_y = (np.asarray(a) for a in prepared.split("val"))
 
     # What the decoder learns from: each image with its own latent and `copies` made ones.
     started = time.perf_counter()
@@ -368,9 +368,9 @@ def run(params: Params, out_dir: str | Path = paths.DECODER,
     per_sample = {n: PerSample(f, lp) for n, (f, lp) in scored.items()}
     graded = {name: grade_features(f, lp, labels, ref_feats) for name, (f, lp) in scored.items()}
     ci = bootstrap_intervals(ref_feats, per_sample, labels, seed=cfg.eval_seed,
-                             keys=("eval_accuracy", "gfd_eval"))
+                             keys=("eval_accuracy", "gfd_eval"), ref_labels=train_y)
     ci_val = bootstrap_intervals(val_feats, per_sample, labels, seed=cfg.eval_seed,
-                                 keys=("gfd_eval",))
+                                 keys=("gfd_eval",), ref_labels=val_y)
     m: dict[str, float] = {"enabled": 1, "samples": len(labels), "val_images": len(val_x),
                            "latent_gap": gap}
     for name, (feats, _) in scored.items():
