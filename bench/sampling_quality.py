@@ -68,6 +68,9 @@ def main() -> None:
     val, _ = evaluator.score(val_x)
     labels = flow.balanced_labels(prepared.num_classes, args.per_class).numpy()
     own = dict(handle.meta.get("sampling", {}))
+    if handle.kind == "flow" and any(v.get("sampling") for v in variants):
+        raise SystemExit("--variants: 'sampling' options are for maskgit and ar generators; this "
+                         "one is a flow generator (use --steps and --sampler)")
     print(f"# {handle.kind} generator, {len(labels)} samples per seed, seeds 0-{args.seeds - 1}"
           f", {len(val_y)} held-out real images")
     print("| cfg | sampling | evaluator accuracy | gFD-eval [range] | x floor [range] |")
@@ -83,7 +86,7 @@ def main() -> None:
             graded = grade_features(feats, logp, labels, ref)
             generated, real = at_real_count(ref, feats, labels, val, val_y)
             rows.append((graded["eval_accuracy"], graded["gfd_eval"],
-                         generated["fd_at_n"] / real["fd_at_n"]))
+                         generated["fd_at_n"] / max(real["fd_at_n"], 1e-9)))
         a = np.array(rows)
         print(f"| {v['cfg']:g} | {json.dumps(v.get('sampling', {}))} | {a[:, 0].mean():.3f} | "
               f"{a[:, 1].mean():.2f} [{a[:, 1].min():.2f}, {a[:, 1].max():.2f}] | "

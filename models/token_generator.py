@@ -14,7 +14,8 @@ samplers and the log-probabilities that RL needs live in ``latentforge/tokens.py
 
 The class enters as a prefix token (LlamaGen), not through adaLN: it is one more position both
 kinds attend to. Its table has one extra row, index ``num_classes``, the null label that
-classifier-free guidance uses (guidance mixes logits, ``tokens.guided_logits``).
+classifier-free guidance uses (guidance mixes logits, ``tokens.guided_logits``, by mixing the
+affine head's inputs: ``TokenTransformer.guided_head``).
 """
 
 from __future__ import annotations
@@ -231,6 +232,9 @@ class TokenTransformer(nn.Module):
         the head's work (the head is a third of a tiny model's FLOPs when sampling)."""
         h = self.norm(h)
         if guidance is not None:
+            if h.shape[0] % 2:
+                raise ValueError(f"guidance needs conditional rows and their unconditional twins "
+                                 f"(an even batch), got a batch of {h.shape[0]}")
             cond, uncond = h.float().chunk(2)
             h = torch.lerp(uncond, cond, guidance).to(h.dtype)
         return self.head(h)

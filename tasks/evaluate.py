@@ -502,7 +502,8 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                                   "(FD, KID, precision/recall)"},
         "real_set": {"name": "prepared val split (held out)", "images": int(len(val_y)),
                      "class_counts": class_counts(val_y, names),
-                     "role": "scored like a generated set at its own count: the floor a "
+                     "role": "scored like a generated set at the samples' count and class "
+                             "composition (per class min(samples, held-out)): the floor a "
                              "perfect generator would reach there"},
         "samples": {"per_generator": int(len(labels)), "per_class": cfg.per_class,
                     "classes": len(names), "class_balance": "balanced, class-major order",

@@ -445,6 +445,14 @@ def class_matched_rows(labels: np.ndarray, counts: dict[int, int],
     return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
+def matched_counts(gen_labels: np.ndarray, real_labels: np.ndarray) -> dict[int, int]:
+    """{class: min(generated, real) images of it}, for the classes both sets hold."""
+    gen_labels, real_labels = np.asarray(gen_labels), np.asarray(real_labels)
+    counts = {int(c): int(min((gen_labels == c).sum(), (real_labels == c).sum()))
+              for c in np.unique(real_labels)}
+    return {c: n for c, n in counts.items() if n > 0}
+
+
 def at_real_count(ref_features: np.ndarray, gen_features: np.ndarray, gen_labels: np.ndarray,
                   real_features: np.ndarray, real_labels: np.ndarray, seed: int = SUBSET_SEED
                   ) -> tuple[dict[str, float], dict[str, float]]:
@@ -470,9 +478,7 @@ def at_real_count(ref_features: np.ndarray, gen_features: np.ndarray, gen_labels
         raise ValueError(f"labels and features differ in length: generated {len(gen_labels)} "
                          f"vs {len(gen_features)}, real {len(real_labels)} vs "
                          f"{len(real_features)}")
-    counts = {int(c): int(min((gen_labels == c).sum(), (real_labels == c).sum()))
-              for c in np.unique(real_labels)}
-    counts = {c: n for c, n in counts.items() if n > 0}
+    counts = matched_counts(gen_labels, real_labels)
     n = sum(counts.values())
     if n < 2:
         raise ValueError(f"generated and held-out real images share {n} image(s) of common "
@@ -488,7 +494,9 @@ def at_real_count(ref_features: np.ndarray, gen_features: np.ndarray, gen_labels
                                                     subset_size=n, seed=seed)[0],
                 "precision_at_n": precision, "recall_at_n": recall}
 
-    draws = EQUAL_COUNT_SUBSETS if n < len(gen_features) else 1
+    # Several draws only when some class offers more generated images than it takes.
+    whole = all(counts[c] == (gen_labels == c).sum() for c in counts)
+    draws = 1 if whole else EQUAL_COUNT_SUBSETS
     gens = [panel(gen_features[class_matched_rows(gen_labels, counts, rng)])
             for _ in range(draws)]
     generated = {key: float(np.mean([g[key] for g in gens])) for key in gens[0]}
@@ -570,7 +578,7 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     sample_seconds = time.perf_counter() - started
     feats, logp = evaluator.score(images)
     m = grade_features(feats, logp, labels, ref_feats)
-    if len(val_feats) >= 2:
+    if sum(matched_counts(labels, val_y).values()) >= 2:
         generated, real = at_real_count(ref_feats, feats, labels, val_feats, val_y)
         # At equal counts: gFD of as many samples as there are held-out real images, over the
         # FD of those real images (both against the train split); 1 would be a perfect generator.
@@ -579,8 +587,9 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
         m["real_fd_eval"] = real["fd_at_n"]
         m["gfd_ratio_to_real"] = generated["fd_at_n"] / max(real["fd_at_n"], 1e-9)
     else:
-        log.warning("generator: the val split has %d image(s); no comparison with held-out "
-                    "real images at equal counts (it needs 2)", len(val_feats))
+        log.warning("generator: the val split has %d image(s), %d of the sampled classes; no "
+                    "comparison with held-out real images at equal counts (it needs 2)",
+                    len(val_feats), sum(matched_counts(labels, val_y).values()))
     m["nfe"] = nfe
     if cfg.kind == "ar":
         m.update(prefix_quality(tok, latents, labels, evaluator, ref_feats))

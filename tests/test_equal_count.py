@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from latentforge import metrics
-from latentforge.tasks.generator import at_real_count, class_matched_rows
+from latentforge.tasks import generator
+from latentforge.tasks.generator import EQUAL_COUNT_SUBSETS, at_real_count, class_matched_rows
 
 CLASSES, DIM = 10, 16
 
@@ -56,15 +57,25 @@ def test_a_generator_drawing_from_the_real_distribution_scores_at_the_floor(popu
     assert np.mean(random_ratios) > 1.5 * np.mean(ratios), (random_ratios, ratios)
 
 
-def test_real_images_of_the_requested_classes_only(population) -> None:
+def test_real_images_of_the_requested_classes_only(population, monkeypatch) -> None:
     """A class the generated set lacks is left out of both sets; a class with fewer generated
-    than real images takes that many of each."""
+    than real images takes that many of each; both sides draw those class counts."""
     rng, centres = population
     ref, _ = clustered(rng, centres, [40] * CLASSES)
     real, real_labels = clustered(rng, centres, [10] * CLASSES)
     gen, gen_labels = clustered(rng, centres, [20] * 8 + [4, 0])
+    drawn: list[list[int]] = []
+
+    def recording(labels, counts, rng):
+        rows = class_matched_rows(labels, counts, rng)
+        drawn.append(np.bincount(labels[rows], minlength=CLASSES).tolist())
+        return rows
+
+    monkeypatch.setattr(generator, "class_matched_rows", recording)
     generated, floor = at_real_count(ref, gen, gen_labels, real, real_labels)
     assert generated["n"] == floor["n"] == 8 * 10 + 4
+    expected = [10] * 8 + [4, 0]
+    assert drawn == [expected] * (1 + EQUAL_COUNT_SUBSETS)  # the real set, then each draw
     for key in ("fd_at_n", "kid_at_n", "precision_at_n", "recall_at_n"):
         assert np.isfinite(generated[key]) and np.isfinite(floor[key]), key
 
@@ -78,3 +89,21 @@ def test_mismatched_or_disjoint_labels_are_refused(population) -> None:
         at_real_count(ref, gen, gen_labels[:-1], real, real_labels)
     with pytest.raises(ValueError, match="share 0 image"):
         at_real_count(ref, gen, np.full(len(gen), 99), real, real_labels)
+
+
+def test_one_draw_when_every_class_is_used_whole(population, monkeypatch) -> None:
+    """Generated classes no larger than the real ones are taken whole: one panel, not five
+    identical ones."""
+    rng, centres = population
+    ref, _ = clustered(rng, centres, [40] * CLASSES)
+    real, real_labels = clustered(rng, centres, [10] * CLASSES)
+    gen, gen_labels = clustered(rng, centres, [6] * CLASSES)
+    calls: list[int] = []
+
+    def counting(labels, counts, rng):
+        calls.append(len(labels))
+        return class_matched_rows(labels, counts, rng)
+
+    monkeypatch.setattr(generator, "class_matched_rows", counting)
+    generated, floor = at_real_count(ref, gen, gen_labels, real, real_labels)
+    assert generated["n"] == floor["n"] == 60 and calls == [len(real), len(gen)]

@@ -179,6 +179,8 @@ def test_guidance_before_the_head_equals_mixing_logits(kind):
             steps.append(logits)
             prev = torch.cat([codes[:, i], codes[:, i]])
         torch.testing.assert_close(torch.stack(steps, 1), expected, **tol)
+    with pytest.raises(ValueError, match="an even batch"):
+        m(codes[:3], y[:3], guidance=scale)
 
 
 def test_categorical_draws_follow_the_probabilities_and_skip_zero_ones():
