@@ -408,7 +408,7 @@ def sweep_section(nested: Mapping[str, Mapping[str, float]], scales: Sequence[fl
               f"CFG **{b['rl_cfg_scale']:g}** (accuracy {with_interval(b, 'rl_eval_accuracy')}, "
               f"gFD-eval {with_interval(b, 'rl_gfd_eval')}, recall {_fmt(b['rl_recall'])}). "
               "[low, high]: 95% bootstrap intervals over this point's samples and the reference "
-              "set; the lowest gFD-eval is picked on the point values, so where intervals "
+              "set, each within its classes; the lowest gFD-eval is picked on the point values, so where intervals "
               "overlap the best scale is not a sharp choice.", ""]
     return lines
 
@@ -725,7 +725,8 @@ def render_report(report: Report, link_images: bool = True) -> str:
         *generators_table(n["base"], n["rl"], n["real"], n.get("diff")), "",
         f"[low, high]: 95% bootstrap intervals (percentiles shifted by the replicates' bias, "
         f"{BOOTSTRAP_REPLICATES} replicates resampling "
-        f"the samples within each class and the reference set; the delta's are paired, one "
+        f"the samples and the reference set, each within its classes (the split fixes the "
+        f"reference's class counts); the delta's are paired, one "
         f"resample serving both generators). A delta whose interval holds 0 is no evidence "
         f"of a difference. RL here is the first of `rl.seeds`, and these intervals are over "
         f"samples, not over RL runs: the RL seeds section below has the spread across runs.",
