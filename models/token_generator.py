@@ -107,15 +107,23 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                queries: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x: (B, T, W) -> ((B, T, W), this call's keys and values appended to `past`).
 
         With `past` the T new positions follow the cached ones; causal attention then lets
-        new position i see every cached position and the new ones up to i.
+        new position i see every cached position and the new ones up to i. `queries` (B, M)
+        (bidirectional only): the output (B, M, W) of those positions alone, which still
+        attend to all T.
         """
         b, t, w = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        if queries is not None:
+            if causal:
+                raise ValueError("queries are for bidirectional attention (maskgit)")
+            q = q.gather(2, queries[:, None, :, None].expand(-1, self.heads, -1, q.shape[-1]))
+            t = queries.shape[1]
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         mask = None
@@ -141,10 +149,14 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, causal: bool,
-                past: tuple[torch.Tensor, torch.Tensor] | None = None
+                past: tuple[torch.Tensor, torch.Tensor] | None = None,
+                queries: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x: (B, T, W) -> ((B, T, W), keys and values)."""
-        h, kv = self.attn(self.norm1(x), causal, past)
+        """x: (B, T, W) -> ((B, T, W), keys and values); with `queries` (B, M) the output
+        (B, M, W) of those positions only (see Attention)."""
+        h, kv = self.attn(self.norm1(x), causal, past, queries)
+        if queries is not None:
+            x = x.gather(1, queries.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         x = x + self.drop(h)
         return x + self.mlp(self.norm2(x)), kv
 
@@ -214,6 +226,13 @@ class TokenTransformer(nn.Module):
         else:
             h = torch.cat([cls, self.tok_embed(codes)], dim=1)  # (B, K + 1, W)
         h = h + self.pos_embed[:, : h.shape[1]]
+        if positions is not None and not self.causal:
+            # The last block computes only the asked positions (their attention still reads
+            # all of them): the other outputs would be thrown away. Code i sits at input i + 1.
+            for block in self.blocks[:-1]:
+                h, _ = block(h, False)
+            h, _ = self.blocks[-1](h, False, queries=positions + 1)  # (B, M, W)
+            return self.guided_head(h, guidance)  # (B or B/2, M, V)
         for block in self.blocks:
             h, _ = block(h, self.causal)
         # ar: outputs 0 .. K-1 (class and K-1 codes) predict codes 0 .. K-1;
