@@ -411,7 +411,7 @@ class RLConfig:
         "65536 dimensions)", gt=0.0)
     adv_clip: float = param(5.0, "advantages are clipped to +-adv_clip", gt=0.0)
     kl_beta: float = param(
-        1.0, "weight of the KL to the frozen reference generator, in Flow-GRPO's units (mean "
+        2.0, "weight of the KL to the frozen reference generator, in Flow-GRPO's units (mean "
         "over dimensions of |mean - mean_ref|^2 / (2 sigma_t^2); the paper uses 0.01-0.04 with "
         "std-normalised advantages)",
         ge=0.0)
@@ -427,7 +427,7 @@ class RLConfig:
         "policy (rollouts, rescored steps and the KL all use it, as Flow-GRPO trains with CFG)",
         ge=0.0)
     rewards: dict[str, float] = param(
-        {"judge_logprob": 1.0}, "reward name -> weight: judge_logprob, judge_prob (bounded, "
+        {"judge_prob": 1.0}, "reward name -> weight: judge_logprob, judge_prob (bounded, "
         "p(y|x)), judge_margin, jpeg_compressibility / jpeg_incompressibility (DDPO's, no "
         "network involved), or a user "
         "reward module:function taking (uint8 images, labels) and returning one float per image. "

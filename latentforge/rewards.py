@@ -2,8 +2,8 @@
 
 A reward receives decoded images (uint8 (N, H, W, C)) and the requested labels (N,) and
 returns one float per image. The built-ins score with the judge:
-  judge_logprob  log p_judge(requested class | image)                  (the default)
-  judge_prob     p_judge(requested class | image), bounded in [0, 1]
+  judge_logprob  log p_judge(requested class | image)
+  judge_prob     p_judge(requested class | image), bounded in [0, 1]   (the default)
   judge_margin   log p(requested) - max over other classes of log p(c)
 and two that no network grades (DDPO's), so an RL effect can be shown on a reward that is not
 also the evaluator:
