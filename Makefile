@@ -43,7 +43,7 @@ test-all: venv ## Run every CPU test, slow ones included
 # on one machine's rounding.
 KERNEL_TESTS := $(addprefix tests/test_,models_tokenizer.py models_generator.py models_judge.py \
 	metrics.py stages.py flow.py rl.py generator_stage.py cache.py training.py model_folders.py \
-	evaluate.py posttrain.py)
+	evaluate.py posttrain.py tokens.py intervals.py equal_count.py)
 
 test-kernels: venv ## The model, metric and stage tests under two forced CPU kernel settings
 	ATEN_CPU_CAPABILITY=default DNNL_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q $(KERNEL_TESTS)

@@ -226,7 +226,7 @@ def test_smoke_outputs_and_resume_after_crash(tiny_inputs, tmp_path, monkeypatch
     base_sha = generator.load_generator(tiny_inputs / "generator",
                                         tiny_inputs / "tokenizer").meta["sha256"]
     assert meta["rl"]["base_generator_sha256"] == base_sha
-    assert meta["rl"]["reward"] == "1*judge_logprob"
+    assert meta["rl"]["reward"] == "1*judge_prob"
     assert meta["rl"]["params"]["steps"] == steps
     assert set(meta["rl"]["eval_before"]) >= {"reward_mean", "gfd_eval", "eval_accuracy"}
     m = first.metrics
