@@ -8,6 +8,11 @@ What was measured (1 thread, `bench/throughput.py`):
   autocast made the default (tiny) tokenizer's training 2x *slower*: a tiny model is bound by
   casts and per-op overheads, not by its matmuls.
 
+- A 2-core AMD EPYC (Zen 5, avx512_bf16, no AMX): bf16 matmuls run ~4x fp32's rate, and
+  bf16 autocast trained the tiny tokenizer at 0.63x fp32's speed, until attention was kept in
+  fp32 (models/attention.py: CPU attention kernels are 4-13x slower in bf16); since then bf16
+  trains every model faster there (1.3-2.3x, bench/throughput.py).
+
 So the matmul rate does not predict a training step; it only rules bf16 out where bf16
 matmuls are no faster than fp32 ones (a ~0.2 s measurement, once per machine). Elsewhere
 `auto` times a few training steps of the stage's own model in both precisions (once per
@@ -45,6 +50,9 @@ MIN_SPEEDUP = 1.1
 # Below this bf16/fp32 matmul rate ratio no step is timed: bf16 cannot win where its matmuls
 # are not faster (every model measured trained slower in bf16 than its matmuls alone predict).
 MIN_MATMUL_SPEEDUP = 1.2
+# The cache's key for step timings; a new key when the models' bf16 path changes makes every
+# machine time its steps again (v2: attention kept in fp32 on CPU).
+STEPS_KEY = "steps_v2"
 
 
 def cache_path() -> Path:
@@ -160,10 +168,10 @@ def choose_precision(device: torch.device, workload: str,
         log.info("precision auto: fp32 (bf16 matmuls run at %.2fx fp32's rate on %s)", speedup,
                  machine)
         return "fp32"
-    steps = record.get("steps", {}).get(workload)
+    steps = record.get(STEPS_KEY, {}).get(workload)
     if not (isinstance(steps, dict) and set(PRECISIONS) <= steps.keys()):
         steps = time_steps(step(), device)
-        _write_cache(path, machine, {"steps": {workload: steps}})
+        _write_cache(path, machine, {STEPS_KEY: {workload: steps}})
     choice = "bf16" if steps["fp32"] >= MIN_SPEEDUP * steps["bf16"] else "fp32"
     log.info("precision auto: %s (training step %.1f ms fp32, %.1f ms bf16 on %s; bf16 "
              "matmuls %.2fx fp32)", choice, 1e3 * steps["fp32"], 1e3 * steps["bf16"], machine,

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.attention import attention
+
 # SiT/DiT embed integer diffusion steps 0 .. 999; scaling t in [0, 1] by the same factor keeps
 # the sinusoidal frequencies in the range those embeddings were designed for.
 TIME_SCALE = 1000.0
@@ -127,7 +129,7 @@ class Attention(nn.Module):
         # unbind: its backward stacks the three gradients once, where three selects would
         # zero-fill and add three tensors of qkv's size.
         q, k, v = qkv.unbind(0)  # (B, heads, T, W/heads) each
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, W/heads)
+        out = attention(q, k, v)  # (B, heads, T, W/heads)
         return self.proj(out.transpose(1, 2).reshape(b, t, w))
 
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.attention import attention
 from latentforge.models.generator import GENERATOR_SIZES
 
 KINDS = ("maskgit", "ar")
@@ -130,7 +130,7 @@ class Attention(nn.Module):
         if causal and t > 1:
             offset = k.shape[2] - t  # cached positions before the new ones
             mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(offset)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, t, w)), (k, v)
 
 
@@ -215,6 +215,9 @@ class TokenTransformer(nn.Module):
         ar: logits at i predict codes[:, i] from y and codes[:, :i] (the last code is not read).
         `positions` (B, M) long: only those code positions go through the output head (a
         sampler needs the still-masked ones; the head is a third of a tiny model's FLOPs).
+        `positions` (B, K) bool (training: each row masks its own number of codes): logits
+        (N, V) of the True positions in row-major order, as ``logits[positions]`` of the full
+        output, without the head's work and the scatter back of the other positions.
         `guidance` s: the batch is B/2 conditional rows then their B/2 unconditional twins, and
         the result (B/2, K or M, V) is the classifier-free guided uncond + s (cond - uncond)
         (see ``guided_head``).
@@ -226,7 +229,13 @@ class TokenTransformer(nn.Module):
         else:
             h = torch.cat([cls, self.tok_embed(codes)], dim=1)  # (B, K + 1, W)
         h = h + self.pos_embed[:, : h.shape[1]]
-        if positions is not None and not self.causal:
+        flat = positions is not None and positions.dtype == torch.bool
+        if positions is not None and flat and (guidance is not None
+                                               or positions.shape != codes.shape):
+            raise ValueError(f"bool positions select codes of one (B, K) = "
+                             f"{tuple(codes.shape)} batch, without guidance; got "
+                             f"{tuple(positions.shape)}, guidance {guidance}")
+        if positions is not None and not flat and not self.causal:
             # The last block computes only the asked positions (their attention still reads
             # all of them): the other outputs would be thrown away. Code i sits at input i + 1.
             for block in self.blocks[:-1]:
@@ -238,6 +247,8 @@ class TokenTransformer(nn.Module):
         # ar: outputs 0 .. K-1 (class and K-1 codes) predict codes 0 .. K-1;
         # maskgit: outputs 1 .. K belong to the code positions.
         h = h if self.causal else h[:, 1:]  # (B, K, W)
+        if positions is not None and flat:
+            return self.guided_head(h[positions], None)  # (N, V)
         if positions is not None:
             h = h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, M, W)
         return self.guided_head(h, guidance)  # (B or B/2, K or M, V)

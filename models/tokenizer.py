@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.attention import attention
+
 LAYOUTS = ("1d", "2d")
 QUANTIZERS = ("kl", "fsq", "vq", "binary")
 # A binary code is a D-bit pattern and the cache stores codes as int32; 30 bits also leave room
@@ -170,7 +172,7 @@ class Attention(nn.Module):
         # three (3, B, heads, T, W/heads) tensors, unbind's stacks once (5-15% of a tiny step).
         q, k, v = qkv.unbind(0)  # (B, heads, T, W/heads) each
         # A bool mask broadcasts over batch and heads.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = attention(q, k, v, attn_mask=mask)
         return self.proj(out.transpose(1, 2).reshape(b, t, w))
 
 

@@ -65,10 +65,24 @@ def test_bf16_only_where_its_step_is_clearly_faster_measured_once_per_model(
         monkeypatch.setattr(precision, "time_steps", lambda step, device, s=seconds: s)
         chosen[workload] = precision.choose_precision(CPU, workload, lambda: lambda bf16: None)
     assert chosen == {"fast in bf16": "bf16", "slow in bf16": "fp32", "within noise": "fp32"}
-    assert json.loads(cache.read_text())[precision.machine_key(CPU)]["steps"] == timings
+    assert json.loads(cache.read_text())[precision.machine_key(CPU)][precision.STEPS_KEY] == timings
     monkeypatch.setattr(precision, "time_steps", not_called)
     monkeypatch.setattr(precision, "matmul_speedup", not_called)
     assert precision.choose_precision(CPU, "fast in bf16", no_step) == "bf16"
+
+
+def test_step_timings_from_before_the_fp32_attention_are_timed_again(
+        cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A cache written before models/attention.py recorded bf16 steps slowed by bf16 attention.
+    machine = precision.machine_key(CPU)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps({machine: {"matmul_bf16_speedup": 4.0,
+                                           "steps": {"m": {"fp32": 1.0, "bf16": 2.0}}}}))
+    monkeypatch.setattr(precision, "time_steps",
+                        lambda step, device: {"fp32": 2.0, "bf16": 1.0})
+    assert precision.choose_precision(CPU, "m", lambda: lambda bf16: None) == "bf16"
+    record = json.loads(cache.read_text())[machine]
+    assert record[precision.STEPS_KEY] == {"m": {"fp32": 2.0, "bf16": 1.0}}
 
 
 def test_time_steps_alternates_the_precisions_after_a_warm_up_each() -> None:

@@ -411,7 +411,7 @@ def test_auto_precision_times_the_stage_model_once_and_caches_it(
     spec, cfg = TrainSpec(build_mlp, mse_loss, toy_data()), tiny_cfg(steps=5)
     result = train(spec, cfg, ComputeConfig(precision="auto"), tmp_path / "run", progress=False)
     record = json.loads((tmp_path / "cache" / "precision.json").read_text())
-    [(workload, seconds)] = record[precision.machine_key(torch.device("cpu"))]["steps"].items()
+    [(workload, seconds)] = record[precision.machine_key(torch.device("cpu"))][precision.STEPS_KEY].items()
     assert "Sequential 161 params, batch 16" in workload
     assert result.precision == ("bf16" if seconds["fp32"] >= 1.1 * seconds["bf16"] else "fp32")
     # The Ray task's side reads the same cache on its machine (here: this one).
