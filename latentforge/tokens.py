@@ -67,6 +67,32 @@ def drop_labels(labels: torch.Tensor, class_dropout: float, null_class: int) -> 
 # --------------------------------------------------------------------------------------------
 
 
+def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                           label_smoothing: float) -> torch.Tensor:
+    """F.cross_entropy(logits, targets, label_smoothing=eps) for logits (N, V), targets (N,):
+    the mean of (1 - eps) * -log p(target) + eps * mean over classes of -log p.
+
+    Written out because torch's CPU label smoothing costs ~5x its plain cross-entropy (fwd+bwd
+    over 680 x 1000 fp32 logits, 1 thread: 4.7 ms, against 0.9 ms here and 0.6 ms without
+    smoothing), a third of a tiny maskgit training step.
+    """
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    logp = F.log_softmax(logits, dim=-1)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if label_smoothing == 0.0:
+        return nll.mean()
+    return ((1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)).mean()
+
+
+def top1_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows of logits (N, V) whose target holds the largest logit (a tie counts
+    as a hit). A max and a gather: CPU argmax over 1000 classes is ~10x slower than max."""
+    with torch.no_grad():
+        hit = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) >= logits.amax(-1)
+        return hit.float().mean()
+
+
 def random_mask(codes: torch.Tensor) -> torch.Tensor:
     """(B, K) bool: ceil(gamma(r) K) random positions per row, r ~ U(0, 1), at least one."""
     b, k = codes.shape
@@ -83,10 +109,12 @@ def maskgit_loss(model: torch.nn.Module, codes: torch.Tensor, labels: torch.Tens
     (the training harness seeds it per step, so a resumed run draws the same masks)."""
     masked = random_mask(codes)  # (B, K)
     inputs = torch.where(masked, torch.full_like(codes, mask_code), codes)
-    logits = model(inputs, drop_labels(labels, class_dropout, null_class))  # (B, K, V)
-    loss = F.cross_entropy(logits[masked].float(), codes[masked], label_smoothing=label_smoothing)
-    with torch.no_grad():
-        accuracy = (logits[masked].argmax(-1) == codes[masked]).float().mean()
+    # Logits of the masked positions only (N, V): the head skips the others.
+    logits = model(inputs, drop_labels(labels, class_dropout, null_class),
+                   positions=masked).float()
+    targets = codes[masked]
+    loss = smoothed_cross_entropy(logits, targets, label_smoothing)
+    accuracy = top1_accuracy(logits, targets)
     return loss, {"masked_fraction": masked.float().mean(), "masked_accuracy": accuracy}
 
 
@@ -94,11 +122,9 @@ def ar_loss(model: torch.nn.Module, codes: torch.Tensor, labels: torch.Tensor, *
             class_dropout: float, label_smoothing: float, null_class: int
             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-code cross-entropy over all K positions of codes (B, K)."""
-    logits = model(codes, drop_labels(labels, class_dropout, null_class))  # (B, K, V)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(),
-                           label_smoothing=label_smoothing)
-    with torch.no_grad():
-        accuracy = (logits.argmax(-1) == codes).float().mean()
+    logits = model(codes, drop_labels(labels, class_dropout, null_class)).float()  # (B, K, V)
+    loss = smoothed_cross_entropy(logits.flatten(0, 1), codes.flatten(), label_smoothing)
+    accuracy = top1_accuracy(logits.flatten(0, 1), codes.flatten())
     return loss, {"next_code_accuracy": accuracy}
 
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from numerics import assert_rounding_close
 
 from latentforge import tokens
 from latentforge.config import Params, build_params
@@ -57,16 +58,62 @@ def test_maskgit_loss_reads_only_masked_positions():
     m = model("maskgit")
     codes = torch.randint(0, V, (8, K))
     labels = torch.arange(8) % C
-    torch.manual_seed(3)
-    loss, stats = tokens.maskgit_loss(m, codes, labels, class_dropout=0.0, label_smoothing=0.0,
-                                      null_class=C, mask_code=V)
-    torch.manual_seed(3)
-    masked = tokens.random_mask(codes)
-    inputs = torch.where(masked, torch.full_like(codes, V), codes)
-    logits = m(inputs, labels)
-    expected = torch.nn.functional.cross_entropy(logits[masked], codes[masked])
-    torch.testing.assert_close(loss, expected)
-    assert float(stats["masked_fraction"]) == pytest.approx(float(masked.float().mean()))
+    for smoothing in (0.0, 0.1):
+        torch.manual_seed(3)
+        loss, stats = tokens.maskgit_loss(m, codes, labels, class_dropout=0.0,
+                                          label_smoothing=smoothing, null_class=C, mask_code=V)
+        torch.manual_seed(3)
+        masked = tokens.random_mask(codes)
+        inputs = torch.where(masked, torch.full_like(codes, V), codes)
+        logits = m(inputs, labels)
+        expected = torch.nn.functional.cross_entropy(logits[masked], codes[masked],
+                                                     label_smoothing=smoothing)
+        assert_rounding_close(loss, expected, what=f"loss, smoothing {smoothing}")
+        assert float(stats["masked_fraction"]) == pytest.approx(float(masked.float().mean()))
+        hits = (logits[masked].argmax(-1) == codes[masked]).float().mean()
+        assert float(stats["masked_accuracy"]) == pytest.approx(float(hits))
+
+
+@pytest.mark.parametrize("kind", ["maskgit", "ar"])
+def test_bool_positions_give_the_full_outputs_at_those_positions(kind: str) -> None:
+    m = model(kind)
+    codes = torch.randint(0, V, (5, K))
+    labels = torch.arange(5) % C
+    picked = torch.rand(5, K) < 0.5
+    picked[0] = False  # a row with nothing picked
+    picked[1] = True  # a row with everything
+    out = m(codes, labels, positions=picked)
+    assert out.shape == (int(picked.sum()), V)
+    assert_rounding_close(out, m(codes, labels)[picked], what="logits at the picked positions")
+    with pytest.raises(ValueError, match="bool positions"):
+        m(codes, labels, positions=picked[:, :-1])
+    with pytest.raises(ValueError, match="without guidance"):
+        m(torch.cat([codes, codes]), torch.cat([labels, labels]),
+          positions=torch.cat([picked, picked]), guidance=2.0)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5, 1.0])
+def test_smoothed_cross_entropy_equals_torchs_with_its_gradient(smoothing: float) -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(40, 17) * 4).requires_grad_()
+    targets = torch.randint(0, 17, (40,))
+    ours = tokens.smoothed_cross_entropy(logits, targets, smoothing)
+    (grad_ours,) = torch.autograd.grad(ours, logits)
+    ref = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=smoothing)
+    (grad_ref,) = torch.autograd.grad(ref, logits)
+    assert_rounding_close(ours, ref, what="loss")
+    assert_rounding_close(grad_ours, grad_ref, what="gradient")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        tokens.smoothed_cross_entropy(logits, targets, 1.5)
+
+
+def test_top1_accuracy_is_argmax_accuracy() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(500, 30)
+    targets = torch.where(torch.rand(500) < 0.5, logits.argmax(-1), torch.randint(0, 30, (500,)))
+    expected = (logits.argmax(-1) == targets).float().mean()
+    assert float(tokens.top1_accuracy(logits, targets)) == pytest.approx(float(expected))
+    assert 0.3 < float(expected) < 0.7  # hits and misses both counted
 
 
 def test_maskgit_sampling_decides_each_position_once_and_keeps_given_codes():
