@@ -10,7 +10,7 @@ What was measured (1 thread, `bench/throughput.py`):
 
 - A 2-core AMD EPYC (Zen 5, avx512_bf16, no AMX): bf16 matmuls run ~4x fp32's rate, and
   bf16 autocast trained the tiny tokenizer at 0.63x fp32's speed, until attention was kept in
-  fp32 (models/attention.py: CPU attention kernels are 4-13x slower in bf16); since then bf16
+  fp32 (models/layers.py: CPU attention kernels are 4-13x slower in bf16); since then bf16
   trains every model faster there (1.3-2.3x, bench/throughput.py).
 
 So the matmul rate does not predict a training step; it only rules bf16 out where bf16

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.models.attention import attention
+from latentforge.models.layers import attention
 
 # SiT/DiT embed integer diffusion steps 0 .. 999; scaling t in [0, 1] by the same factor keeps
 # the sinusoidal frequencies in the range those embeddings were designed for.

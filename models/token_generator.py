@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from latentforge.models.attention import attention
 from latentforge.models.generator import GENERATOR_SIZES
+from latentforge.models.layers import Dropout, attention
 
 KINDS = ("maskgit", "ar")
 # Above this vocabulary the output head and the embedding table dominate a small model and a
@@ -145,8 +145,8 @@ class Block(nn.Module):
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate=gelu_approximate),
-                                 nn.Linear(hidden, width), nn.Dropout(dropout))
-        self.drop = nn.Dropout(dropout)
+                                 nn.Linear(hidden, width), Dropout(dropout))
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, causal: bool,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None,

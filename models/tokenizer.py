@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.models.attention import attention
+from latentforge.models.layers import attention
 
 LAYOUTS = ("1d", "2d")
 QUANTIZERS = ("kl", "fsq", "vq", "binary")

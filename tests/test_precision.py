@@ -73,7 +73,7 @@ def test_bf16_only_where_its_step_is_clearly_faster_measured_once_per_model(
 
 def test_step_timings_from_before_the_fp32_attention_are_timed_again(
         cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A cache written before models/attention.py recorded bf16 steps slowed by bf16 attention.
+    # A cache written before models/layers.py recorded bf16 steps slowed by bf16 attention.
     machine = precision.machine_key(CPU)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({machine: {"matmul_bf16_speedup": 4.0,

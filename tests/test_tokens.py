@@ -105,6 +105,8 @@ def test_smoothed_cross_entropy_equals_torchs_with_its_gradient(smoothing: float
     assert_rounding_close(grad_ours, grad_ref, what="gradient")
     with pytest.raises(ValueError, match="label_smoothing"):
         tokens.smoothed_cross_entropy(logits, targets, 1.5)
+    with pytest.raises(ValueError, match=r"logits \(N, V\)"):
+        tokens.smoothed_cross_entropy(logits[None], targets, 0.1)
 
 
 def test_top1_accuracy_is_argmax_accuracy() -> None:

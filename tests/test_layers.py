@@ -1,6 +1,6 @@
-"""models/attention.py: attention under CPU bf16 autocast runs in fp32 (CPU's bf16 attention
-kernels are several times slower), returns bf16 and passes gradients; without autocast it is
-scaled_dot_product_attention itself."""
+"""models/layers.py: attention under CPU bf16 autocast runs in fp32 (CPU's bf16 attention
+kernels are several times slower), returns bf16 and passes gradients, and without autocast is
+scaled_dot_product_attention itself; Dropout draws nn.Dropout's distribution."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentforge.models.attention import attention
+from latentforge.models.layers import Dropout, attention
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -40,3 +40,31 @@ def test_under_cpu_autocast_it_computes_in_fp32_and_returns_bf16() -> None:
     out.float().square().sum().backward()
     assert q.grad is not None and q.grad.dtype == torch.bfloat16
     assert all(x.grad is not None and torch.isfinite(x.grad.float()).all() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_each_element_with_probability_1_minus_p_scaled(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    drop = Dropout(0.25)
+    x = (torch.rand(200, 500) + 0.5).to(dtype).requires_grad_()
+    y = drop(x)
+    assert y.dtype == dtype
+    kept = y != 0
+    # 100k Bernoulli(0.75) draws: the fraction is within 4 standard deviations (0.0055).
+    assert abs(float(kept.float().mean()) - 0.75) < 0.0055
+    torch.testing.assert_close(y[kept], (x[kept].float() / 0.75).to(dtype))
+    y.float().sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad.float(), kept.float() / 0.75, rtol=2 ** -7, atol=0)
+    # Masks differ between calls and follow the global seed.
+    torch.manual_seed(1)
+    a = drop(x.detach()) != 0
+    torch.manual_seed(1)
+    assert torch.equal(drop(x.detach()) != 0, a) and not torch.equal(a, kept)
+
+
+def test_dropout_is_the_identity_in_eval_or_at_zero_and_checks_p() -> None:
+    x = torch.randn(4, 5)
+    assert Dropout(0.5).eval()(x) is x and Dropout(0.0)(x) is x
+    with pytest.raises(ValueError, match="dropout"):
+        Dropout(1.0)
