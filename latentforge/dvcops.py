@@ -96,11 +96,74 @@ def stage_status(stage: str, root: str | Path = ".") -> dict:
         return dict(repo.status(targets=[stage]))
 
 
+PARAMS_FILE = "params.yaml"
+
+
 def reproduce(stage: str, root: str | Path = ".", env: Mapping[str, str] | None = None,
               force: bool = False, on_line: Callable[[str], None] = print) -> None:
-    """`dvc repro --single-item STAGE`, streaming its output line by line to `on_line`."""
+    """`dvc repro --single-item STAGE`, streaming its output line by line to `on_line`.
+
+    DVC reads params.yaml for dvc.lock after the stage's command ends, while the command read
+    it when it started: an edit in between (a user tuning the next run) would be recorded as
+    the parameters this output was made with. So the file is read before the stage, and when
+    it changed, dvc.lock is given back the values the stage ran with (see
+    `record_params_used`): the stage then shows as changed and runs again next time.
+    """
+    params_path = Path(root) / PARAMS_FILE
+    try:
+        before: bytes | None = params_path.read_bytes()
+    except OSError:
+        before = None
     run_dvc(["repro", "--single-item", stage, *(["--force"] if force else [])], env=env,
             root=root, what=f"stage '{stage}'", on_line=on_line)
+    try:
+        after: bytes | None = params_path.read_bytes()
+    except OSError:
+        after = None
+    if before is not None and after != before:
+        record_params_used(stage, before, root, on_line)
+
+
+def _dotted(tree: object, key: str) -> tuple[bool, object]:
+    """(found, value) of a dotted key (`compute.precision`) in a parsed YAML tree."""
+    node = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def record_params_used(stage: str, params_text: bytes, root: str | Path = ".",
+                       on_line: Callable[[str], None] = print) -> list[str]:
+    """Write into `stage`'s dvc.lock entry the params.yaml values of `params_text` (the file as
+    the stage read it) where DVC recorded others; returns the keys corrected."""
+    import yaml
+    from dvc.utils.serialize import modify_yaml
+
+    try:
+        used = yaml.safe_load(params_text)
+    except yaml.YAMLError:
+        used = None
+    lock_path = Path(root) / "dvc.lock"
+    corrected: list[str] = []
+    if not isinstance(used, dict) or not lock_path.exists():
+        return corrected
+    with modify_yaml(lock_path) as lock:
+        entry = (lock.get("stages") or {}).get(stage) or {}
+        recorded = (entry.get("params") or {}).get(PARAMS_FILE) or {}
+        for key in list(recorded):
+            found, value = _dotted(used, key)
+            if found and recorded[key] != value:
+                recorded[key] = value
+                corrected.append(key)
+    if corrected:
+        message = (f"{PARAMS_FILE} changed while stage '{stage}' ran: dvc.lock records the "
+                   f"values it ran with ({', '.join(corrected)}), so the next run runs "
+                   f"'{stage}' again with the new ones")
+        log.warning("%s", message)
+        on_line(f"warning: {message}")
+    return corrected
 
 
 _EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")

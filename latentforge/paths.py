@@ -64,7 +64,8 @@ STAGES: dict[str, StageSpec] = {
     ),
     "tokenizer": StageSpec(
         name="tokenizer",
-        code=("tasks/tokenizer.py", "models/tokenizer.py", "latentforge/training.py"),
+        code=("tasks/tokenizer.py", "models/tokenizer.py", "models/layers.py",
+              "latentforge/training.py"),
         deps=(str(PREPARED), str(JUDGE)),
         params=("tokenizer", "compute.precision"),  # bf16 changes the numbers
         outs=(str(TOKENIZER),),
@@ -73,7 +74,7 @@ STAGES: dict[str, StageSpec] = {
     ),
     "cache": StageSpec(
         name="cache",
-        code=("tasks/cache.py", "models/tokenizer.py"),
+        code=("tasks/cache.py", "models/tokenizer.py", "models/layers.py"),
         deps=(str(PREPARED), str(TOKENIZER)),
         params=("cache",),
         outs=(str(CACHE),),
@@ -82,7 +83,8 @@ STAGES: dict[str, StageSpec] = {
     "generator": StageSpec(
         name="generator",
         code=("tasks/generator.py", "models/generator.py", "models/token_generator.py",
-              "latentforge/flow.py", "latentforge/tokens.py", "latentforge/training.py"),
+              "models/layers.py", "latentforge/flow.py", "latentforge/tokens.py",
+              "latentforge/training.py"),
         deps=(str(CACHE), str(TOKENIZER), str(EVALUATOR), str(PREPARED)),
         params=("generator", "compute.precision"),  # bf16 changes the numbers
         outs=(str(GENERATOR),),
@@ -90,8 +92,9 @@ STAGES: dict[str, StageSpec] = {
     ),
     "posttrain": StageSpec(
         name="posttrain",
-        code=("tasks/posttrain.py", "models/tokenizer.py", "latentforge/flow.py",
-              "latentforge/tokens.py", "latentforge/training.py", "latentforge/intervals.py"),
+        code=("tasks/posttrain.py", "models/tokenizer.py", "models/layers.py",
+              "latentforge/flow.py", "latentforge/tokens.py", "latentforge/training.py",
+              "latentforge/intervals.py"),
         deps=(str(GENERATOR), str(TOKENIZER), str(EVALUATOR), str(PREPARED)),
         params=("posttrain", "generator.cfg_scale", "generator.sample_steps",
                 "generator.sampler", "compute.precision"),

@@ -1,0 +1,78 @@
+"""dvcops.reproduce against a real DVC repository: params.yaml edited while a stage runs is not
+recorded in dvc.lock as what the stage ran with."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from latentforge import dvcops
+
+PARAMS = "train:\n  steps: {steps}\n  lr: 0.5\nother: 3\n"
+# The stage reads its parameters when it starts; a user then edits params.yaml (here the
+# command itself does, while DVC waits for it) before DVC writes dvc.lock.
+STAGE = """\
+import sys, yaml
+from pathlib import Path
+steps = yaml.safe_load(Path("params.yaml").read_text())["train"]["steps"]
+Path("out.txt").write_text(str(steps))
+if len(sys.argv) > 1:
+    Path("params.yaml").write_text(Path("params.yaml").read_text().replace(
+        f"steps: {steps}", f"steps: {sys.argv[1]}"))
+"""
+
+
+def make_repo(root: Path, edit_to: int | None) -> None:
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True,
+                   env=dvcops.dvc_env())
+    (root / "params.yaml").write_text(PARAMS.format(steps=1))
+    (root / "stage.py").write_text(STAGE)
+    cmd = "python stage.py" + (f" {edit_to}" if edit_to is not None else "")
+    (root / "dvc.yaml").write_text(
+        f"stages:\n  train:\n    cmd: {cmd}\n    deps: [stage.py]\n"
+        "    params: [train, other]\n    outs: [out.txt]\n")
+
+
+def recorded(root: Path) -> dict:
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train"]["params"][
+        "params.yaml"]
+
+
+def test_an_edit_during_the_stage_leaves_the_used_values_in_dvc_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # DVC resolves a stage target against the working directory
+    make_repo(tmp_path, edit_to=2)
+    lines: list[str] = []
+    dvcops.reproduce("train", root=tmp_path, on_line=lines.append)
+    assert (tmp_path / "out.txt").read_text() == "1"
+    assert "steps: 2" in (tmp_path / "params.yaml").read_text()  # the user's edit stays
+    assert recorded(tmp_path) == {"train": {"steps": 1, "lr": 0.5}, "other": 3}
+    [warning] = [line for line in lines if line.startswith("warning: params.yaml changed")]
+    assert "stage 'train'" in warning and "(train)" in warning
+    assert dvcops.stage_status("train", root=tmp_path)  # changed: it runs again next time
+    # The next run, without an edit, makes the output with the new value and records it.
+    (tmp_path / "dvc.yaml").write_text((tmp_path / "dvc.yaml").read_text().replace(
+        "python stage.py 2", "python stage.py"))
+    dvcops.reproduce("train", root=tmp_path, on_line=lines.append)
+    assert (tmp_path / "out.txt").read_text() == "2"
+    assert recorded(tmp_path)["train"]["steps"] == 2
+    assert not dvcops.stage_status("train", root=tmp_path)
+
+
+def test_without_an_edit_dvc_lock_is_dvcs_own(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_repo(tmp_path, edit_to=None)
+    lines: list[str] = []
+    dvcops.reproduce("train", root=tmp_path, on_line=lines.append)
+    lock_text = (tmp_path / "dvc.lock").read_text()
+    assert recorded(tmp_path) == {"train": {"steps": 1, "lr": 0.5}, "other": 3}
+    assert not any(line.startswith("warning: params.yaml") for line in lines)
+    # Nothing to correct when asked with the same text: the lock is not rewritten.
+    assert dvcops.record_params_used("train", (tmp_path / "params.yaml").read_bytes(),
+                                     tmp_path) == []
+    assert (tmp_path / "dvc.lock").read_text() == lock_text
