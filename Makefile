@@ -41,7 +41,7 @@ test-all: venv ## Run every CPU test, slow ones included
 # The tests whose numbers come from CPU kernels. Other CPUs pick other kernels (blocking, and
 # with it summation order); forcing other instruction sets here shows whether a test relies
 # on one machine's rounding.
-KERNEL_TESTS := $(addprefix tests/test_,models_tokenizer.py models_generator.py models_judge.py \
+KERNEL_TESTS := $(addprefix tests/test_,models_tokenizer.py models_generator.py models_judge.py layers.py \
 	metrics.py stages.py flow.py rl.py generator_stage.py cache.py training.py model_folders.py \
 	evaluate.py posttrain.py tokens.py intervals.py equal_count.py)
 
