@@ -184,10 +184,33 @@ class SampleNoise:
 def categorical(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Draws from the distributions probs (..., V) by inverting their CDFs at u (...,) in
     (0, 1): one uniform per draw rather than V Gumbels (at V = 1000 the Gumbel-max draws
-    cost more than the model). Codes of probability 0 are never drawn."""
-    cdf = probs.cumsum(-1)  # (..., V)
-    target = (u * cdf[..., -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    cost more than the model). Codes of probability 0 are never drawn.
+
+    The CDF is inverted in two levels, over blocks of ~sqrt(V) codes and then within the
+    block the draw falls in: CPU cumsum is a sequential scan, and two short ones cost a third
+    of one over V (256 x 10 x 1000 probabilities, 1 thread: 0.6 vs 2.0 ms, 4% of maskgit's
+    sampling). The same draws as one CDF up to the rounding of the partial sums.
+    """
+    v = probs.shape[-1]
+    size = max(1, math.isqrt(v))
+    count = -(-v // size)
+    padded = F.pad(probs, (0, count * size - v)) if count * size != v else probs
+    blocks = padded.unflatten(-1, (count, size))  # (..., count, size)
+    sums = blocks.sum(-1)
+    block_cdf = sums.cumsum(-1)  # (..., count)
+    total = block_cdf[..., -1:]
+    # u < 1, but u * total may round to total: clamp, so the last block with mass is found.
+    target = torch.minimum(u.unsqueeze(-1) * total, total)  # (..., 1)
+    block = torch.searchsorted(block_cdf, target).clamp_max(count - 1)  # (..., 1)
+    inner = blocks.gather(-2, block.unsqueeze(-1).expand(*block.shape, size)).squeeze(-2)
+    inner_cdf = inner.cumsum(-1)  # (..., size)
+    # The mass left inside the block, kept in (0, its total]: a code of probability 0 at the
+    # block's start (cdf 0) or past its last mass (cdf = total) is never reached.
+    rest = target - (block_cdf.gather(-1, block) - sums.gather(-1, block))
+    tiny = torch.finfo(probs.dtype).tiny
+    rest = torch.minimum(rest.clamp_min(tiny), inner_cdf[..., -1:])
+    within = torch.searchsorted(inner_cdf, rest).clamp_max(size - 1)
+    return (block * size + within).squeeze(-1).clamp_max(v - 1)
 
 
 def guided_logits(model: TokenTransformer, codes: torch.Tensor, y: torch.Tensor,

@@ -241,6 +241,31 @@ def test_categorical_draws_follow_the_probabilities_and_skip_zero_ones():
     torch.testing.assert_close(freq, probs, atol=0.005, rtol=0)  # 200k draws: sd <= 0.0012
 
 
+@pytest.mark.parametrize("v", [1, 2, 7, 1000, 1003])
+def test_categorical_in_blocks_inverts_the_whole_cdf(v: int) -> None:
+    g = torch.Generator().manual_seed(v)
+    probs = torch.rand(4000, v, generator=g) * (torch.rand(4000, v, generator=g) < 0.3)
+    probs[:, 0] = 0.0  # zero mass where a block starts and ends
+    probs[:, -1] = 0.0
+    probs[probs.sum(-1) == 0, v // 2] = 1.0
+    if v == 1:
+        probs[:] = 1.0
+    probs = probs / probs.sum(-1, keepdim=True)
+    u = torch.rand(4000, generator=g).clamp(1e-10, 1 - 1e-10)
+    draws = tokens.categorical(probs, u)
+    assert (probs.gather(-1, draws.unsqueeze(-1)) > 0).all()  # never a code of mass 0
+    # One CDF over all V (float64): the same code, except where u sits within rounding of
+    # a boundary between two codes.
+    cdf = probs.double().cumsum(-1)
+    reference = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    reference = reference.clamp_max(v - 1)
+    assert (draws == reference).float().mean() > 0.999
+    # u at the ends: the first and the last code with mass
+    ends = tokens.categorical(probs[:2], torch.tensor([1e-10, 1 - 1e-10]))
+    nonzero = (probs[:2] > 0).float()
+    assert ends[0] == nonzero[0].argmax() and ends[1] == v - 1 - nonzero[1].flip(-1).argmax()
+
+
 def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.1]]))
     keep = torch.isfinite
