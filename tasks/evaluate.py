@@ -7,7 +7,8 @@ On the prepared val split it measures
     per-sample noise (sample i's noise depends only on (evaluate.seed, i)): gFD-eval,
     precision/recall, evaluator accuracy on the requested class, IS-eval, diversity (mean
     pairwise evaluator-feature distance within a class), all from the evaluator network, never
-    the reward judge; the mean reward under the `rl.rewards` definition (the judge's); and NFE.
+    the reward judge; the mean reward under the `rl.rewards` definition (any network in it is the
+    judge); and NFE.
     Sampling speed goes to MLflow only, since it varies run to run;
   - FID-named numbers (rFID, gFID) only when `evaluate.inception_weights` names a local
     Inception-v3 file. Without it nothing is called FID: judge-based distances are FD-judge.
@@ -109,8 +110,8 @@ GENERATOR_ROWS: tuple[tuple[str, str, str], ...] = (
     ("kid_at_n", "KID-eval at the real set's count", "lower"),
     ("precision_at_n", "precision at the real set's count", "higher"),
     ("recall_at_n", "recall at the real set's count", "higher"),
-    ("reward_mean", "mean reward (judge)", "higher"),
-    ("reward_std", "reward std (judge)", ""),
+    ("reward_mean", "mean reward (rl.rewards)", "higher"),
+    ("reward_std", "reward std (rl.rewards)", ""),
     ("diversity", "diversity (within-class)", "higher"),
     ("cfg_scale", "CFG scale", ""),
     ("nfe", "NFE", ""),
@@ -566,8 +567,8 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
             "is_eval": "Inception Score formula on evaluator class probabilities, 1 split",
             "diversity": "mean pairwise L2 distance of evaluator features within a class, "
                          "averaged over classes",
-            "reward": f"{reward.definition()} (rl.rewards, the judge's), mean over each "
-                      "generated set",
+            "reward": f"{reward.definition()} (rl.rewards; a network in it is the judge, "
+                      "never the evaluator), mean over each generated set",
         },
         "tokenizer": {"images": int(len(val_y)),
                       "eval_perturbation": params.tokenizer.eval_perturbation,
