@@ -1,12 +1,12 @@
 """Layers shared by the models, written for the speed of CPU training.
 
-Attention: scaled_dot_product_attention, kept in fp32 on CPU. CPU autocast runs scaled_dot_product_attention in bf16, and torch's CPU attention kernels are
-much slower in bf16 than in fp32 at these models' shapes (fwd+bwd, 1 thread, AMD EPYC Zen 5
-with avx512_bf16, torch 2.13: B=64, 4 heads, T=16, head dim 16: 2.7 ms vs 0.6 ms; T=80, head
-dim 32: 44 ms vs 12 ms), while the same CPU runs bf16 matmuls ~4x faster than fp32 ones. So on
-CPU a bf16 attention casts its inputs up and its output back: attention is a few per cent of
-these models' FLOPs, and fp32 is also the more accurate of the two. GPUs keep bf16 attention
-(flash kernels).
+Attention: scaled_dot_product_attention, kept in fp32 on CPU. CPU autocast runs it in bf16,
+and torch's CPU attention kernels are much slower in bf16 than in fp32 at these models' shapes
+(fwd+bwd, 1 thread, AMD EPYC Zen 5 with avx512_bf16, torch 2.13: B=64, 4 heads, T=16, head
+dim 16: 2.7 ms vs 0.6 ms; T=80, head dim 32: 44 ms vs 12 ms), while the same CPU runs bf16
+matmuls ~4x faster than fp32 ones. So on CPU a bf16 attention casts its inputs up and its
+output back: attention is a few per cent of these models' FLOPs, and fp32 is also the more
+accurate of the two. GPUs keep bf16 attention (flash kernels).
 
 Dropout: the mask from torch.rand, which ATen vectorises; nn.Dropout draws it with
 bernoulli_, one element at a time on CPU (64 x 17 x 64 fp32, fwd+bwd, 1 thread, Zen 5: 0.18
