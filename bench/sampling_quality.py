@@ -62,7 +62,7 @@ def main() -> None:
     handle = load_generator(root / paths.GENERATOR, root / paths.TOKENIZER)
     evaluator = load_judge(root / paths.EVALUATOR)
     prepared = load_prepared(root / paths.PREPARED)
-    train_x, _ = prepared.split("train")
+    train_x, train_y = prepared.split("train")
     val_x, val_y = prepared.split("val")
     ref, _ = evaluator.score(train_x)
     val, _ = evaluator.score(val_x)
@@ -84,7 +84,7 @@ def main() -> None:
                                                cfg_scale=float(v["cfg"]), sampler=args.sampler)
             feats, logp = evaluator.score(handle.tokenizer.decode(latents))
             graded = grade_features(feats, logp, labels, ref)
-            generated, real = at_real_count(ref, feats, labels, val, val_y)
+            generated, real = at_real_count(ref, feats, labels, val, val_y, ref_labels=train_y)
             rows.append((graded["eval_accuracy"], graded["gfd_eval"],
                          generated["fd_at_n"] / max(real["fd_at_n"], 1e-9)))
         a = np.array(rows)

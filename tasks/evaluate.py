@@ -282,7 +282,7 @@ def sample_generator(handle: GeneratorHandle, labels: np.ndarray, cfg: EvaluateC
 
 
 def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer,
-                    ref_features: np.ndarray, real_features: np.ndarray,
+                    ref_features: np.ndarray, ref_labels: np.ndarray, real_features: np.ndarray,
                     real_labels: np.ndarray, reward: Reward
                     ) -> tuple[dict[str, float], dict[str, float], PerSample]:
     """The evaluator's metrics of one generated set against the reference (train split), the
@@ -293,7 +293,8 @@ def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer
     feats, logp = evaluator.score(samples.images)
     m = generator_stage.grade_features(feats, logp, labels, ref_features)
     generated, real = generator_stage.at_real_count(ref_features, feats, labels,
-                                                    real_features, real_labels)
+                                                    real_features, real_labels,
+                                                    ref_labels=ref_labels)
     m.update({k: v for k, v in generated.items() if k != "n"})
     total, _ = reward(samples.images, labels)
     m["reward_mean"] = float(total.mean())
@@ -562,7 +563,8 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                              "min(samples, held-out real) of each set (mean over 5 seeded "
                              "draws when that is fewer than all samples), vs the train split; "
                              "the real column scores those held-out images, so the two "
-                             "compare at one count and one class composition",
+                             "compare at one count and one class composition; precision/"
+                             "recall's reference is n train images of the same class counts",
             "eval_accuracy": "evaluator top-1 equals the requested class",
             "is_eval": "Inception Score formula on evaluator class probabilities, 1 split",
             "diversity": "mean pairwise L2 distance of evaluator features within a class, "
@@ -885,8 +887,8 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     per_sample: dict[str, PerSample] = {}
     for name, sample_set in samples.items():
         nested[name], real, per_sample[name] = score_generator(sample_set, labels, evaluator,
-                                                               ref_features, val_features,
-                                                               val_y, reward)
+                                                               ref_features, train_y,
+                                                               val_features, val_y, reward)
     nested["real"] = real  # the same for every set: one count, one subset seed
     log.info("evaluate: %d bootstrap replicates for the 95%% intervals", BOOTSTRAP_REPLICATES)
     pairs = {s.diff: ("base", s.samples) for s in seeds}

@@ -454,7 +454,8 @@ def matched_counts(gen_labels: np.ndarray, real_labels: np.ndarray) -> dict[int,
 
 
 def at_real_count(ref_features: np.ndarray, gen_features: np.ndarray, gen_labels: np.ndarray,
-                  real_features: np.ndarray, real_labels: np.ndarray, seed: int = SUBSET_SEED
+                  real_features: np.ndarray, real_labels: np.ndarray, seed: int = SUBSET_SEED,
+                  ref_labels: np.ndarray | None = None
                   ) -> tuple[dict[str, float], dict[str, float]]:
     """Generated and held-out real images compared with the reference at one count and one
     class composition: n_c = min(generated, real) images of each class c from both sets, n the
@@ -473,6 +474,10 @@ def at_real_count(ref_features: np.ndarray, gen_features: np.ndarray, gen_labels
     the whole train split, subsets of it with the held-out class counts 0.19-0.37 (they are
     part of the reference). Random subsets made a floor that real images miss by 3-10x.
 
+    Precision/recall compare sets of one size (k-NN radii depend on it): the reference's n
+    rows take the same class counts when `ref_labels` (the reference's labels) are given, else
+    a seeded random n of them.
+
     The real set must be held out from the evaluator's training, like generated images."""
     gen_labels, real_labels = np.asarray(gen_labels), np.asarray(real_labels)
     if len(gen_labels) != len(gen_features) or len(real_labels) != len(real_features):
@@ -486,7 +491,14 @@ def at_real_count(ref_features: np.ndarray, gen_features: np.ndarray, gen_labels
                          "classes; the equal-count comparison needs at least 2")
     rng = np.random.default_rng(seed)
     real = real_features[class_matched_rows(real_labels, counts, rng)]
-    ref_pr = ref_features[_subset(len(ref_features), n, rng)]  # P/R: equal-size reference
+    if ref_labels is not None:
+        ref_labels = np.asarray(ref_labels)
+        if len(ref_labels) != len(ref_features):
+            raise ValueError(f"reference labels and features differ in length: "
+                             f"{len(ref_labels)} vs {len(ref_features)}")
+        ref_pr = ref_features[class_matched_rows(ref_labels, counts, rng)]
+    else:
+        ref_pr = ref_features[_subset(len(ref_features), n, rng)]  # P/R: equal-size reference
 
     def panel(x: np.ndarray) -> dict[str, float]:
         precision, recall = metrics.precision_recall(ref_pr, x, k=max(1, min(3, n - 1)))
@@ -548,7 +560,7 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
                       context="evaluation")
 
     data = training_arrays(cache, tok, cfg.kind)
-    train_x, _ = prepared.split("train")
+    train_x, train_y = prepared.split("train")
     val_x, val_y = prepared.split("val")
     # The train split is the reference (the larger set); val, held out, is the real set a
     # perfect generator would be compared like.
@@ -580,7 +592,8 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     feats, logp = evaluator.score(images)
     m = grade_features(feats, logp, labels, ref_feats)
     if sum(matched_counts(labels, val_y).values()) >= 2:
-        generated, real = at_real_count(ref_feats, feats, labels, val_feats, val_y)
+        generated, real = at_real_count(ref_feats, feats, labels, val_feats, val_y,
+                                        ref_labels=train_y)
         # At equal counts: gFD of as many samples as there are held-out real images, over the
         # FD of those real images (both against the train split); 1 would be a perfect generator.
         m["real_count"] = generated["n"]

@@ -107,3 +107,33 @@ def test_one_draw_when_every_class_is_used_whole(population, monkeypatch) -> Non
     monkeypatch.setattr(generator, "class_matched_rows", counting)
     generated, floor = at_real_count(ref, gen, gen_labels, real, real_labels)
     assert generated["n"] == floor["n"] == 60 and calls == [len(real), len(gen)]
+
+
+def test_precision_recall_reference_takes_the_class_counts_given_its_labels(
+        population, monkeypatch) -> None:
+    """With the reference's labels, precision/recall's n reference rows have the compared
+    sets' class counts; without them, a random n (the P/R numbers then move with the
+    reference subset's class proportions)."""
+    rng, centres = population
+    ref, ref_labels = clustered(rng, centres, [40] * CLASSES)
+    real, real_labels = clustered(rng, centres, [10] * CLASSES)
+    real, real_labels = real[real_labels != 3], real_labels[real_labels != 3]  # one class absent
+    gen, gen_labels = clustered(rng, centres, [6] * CLASSES)
+    picked: list[np.ndarray] = []
+
+    def recording(labels, counts, rng):
+        rows = class_matched_rows(labels, counts, rng)
+        picked.append(np.bincount(labels[rows], minlength=CLASSES))
+        return rows
+
+    monkeypatch.setattr(generator, "class_matched_rows", recording)
+    generated, floor = at_real_count(ref, gen, gen_labels, real, real_labels,
+                                     ref_labels=ref_labels)
+    assert generated["n"] == floor["n"] == 54
+    expected = np.array([6] * CLASSES)
+    expected[3] = 0
+    # real, reference (for P/R), generated: one class composition
+    assert len(picked) == 3 and all((p == expected).all() for p in picked)
+    assert 0.0 <= generated["precision_at_n"] <= 1.0 and 0.0 <= floor["recall_at_n"] <= 1.0
+    with pytest.raises(ValueError, match="reference labels"):
+        at_real_count(ref, gen, gen_labels, real, real_labels, ref_labels=ref_labels[:-1])
