@@ -1,7 +1,7 @@
 """One run per workspace across deployments: served deployments (`latentforge ui`, a real
-Prefect server) get three flow runs at once on one project. The pipeline run holds the
-workspace; a stage run with wait=false fails at once naming it, one with wait=true says it is
-waiting, then runs after it. dvc.lock and mlflow.db come out whole and agree.
+Prefect server) get three flow runs on one project. The pipeline run holds the workspace
+(its process stopped with SIGSTOP meanwhile, so it cannot end first); a stage run with
+wait=false fails at once naming it, one with wait=true says it is waiting, then runs after it. dvc.lock and mlflow.db come out whole and agree.
 
 The deployments' concurrency limits are per deployment, so only the workspace lock keeps the
 pipeline and the stage runs apart. ~3-4 min on 2 cores (servers ~40 s, a tiny prepare+judge
@@ -9,6 +9,9 @@ pipeline and the stage runs apart. ~3-4 min on 2 cores (servers ~40 s, a tiny pr
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -64,24 +67,32 @@ def test_two_deployments_on_one_workspace_never_overlap(make_project, tmp_path):
         # the pipeline run holds the workspace: the lock file names its flow run
         wait_until(lambda: lock_file.exists() and first in lock_file.read_text(),
                    "the pipeline run to take the workspace", alive)
+        # Freeze the holder (its flow run process; the stage it started may go on) while the
+        # other two runs meet the lock: a tiny prepare+judge may otherwise end before their
+        # processes start, and then the refused run would meet the queued one, or nothing.
+        holder = json.loads(lock_file.read_text())["pid"]
+        assert holder != proc.pid, "the flow run is expected in a process of its own"
+        os.kill(holder, signal.SIGSTOP)
+        try:
+            refused = start(prefect, "prepare", {"overrides": ["prepare.seed=7"]})
+            end = wait_until(
+                lambda: (s := state(prefect, refused))["state_type"] in TERMINAL and s,
+                "the refused run to end", alive)
+            assert end["state_type"] == "FAILED"
+            assert end["state"]["message"].startswith("another run is using this workspace")
+            assert f"Prefect flow run {first}" in end["state"]["message"]
+            assert "seed: 7" not in (root / "params.yaml").read_text()  # nothing was written
 
-        refused = start(prefect, "prepare", {"overrides": ["prepare.seed=7"]})
-        queued = start(prefect, "judge", {"wait": True})
-        end = wait_until(lambda: (s := state(prefect, refused))["state_type"] in TERMINAL and s,
-                         "the refused run to end", alive)
-        assert end["state_type"] == "FAILED"
-        assert end["state"]["message"].startswith("another run is using this workspace")
-        assert f"Prefect flow run {first}" in end["state"]["message"]
-        assert "seed: 7" not in (root / "params.yaml").read_text()  # nothing was written
-
-        # the queued run says so in its own log while the pipeline runs (checked against the
-        # pipeline's end time below: Prefect ships logs in batches, and on a fast machine the
-        # tiny pipeline may have ended by the time the line arrives)
-        waiting = wait_until(
-            lambda: [datetime.fromisoformat(log["timestamp"]) for log in logs(prefect, queued)
-                     if "waiting for the workspace" in log["message"]
-                     and first in log["message"]],
-            "the queued run's waiting message", alive)
+            # the queued run says so in its own log while the pipeline holds the workspace
+            queued = start(prefect, "judge", {"wait": True})
+            waiting = wait_until(
+                lambda: [datetime.fromisoformat(log["timestamp"])
+                         for log in logs(prefect, queued)
+                         if "waiting for the workspace" in log["message"]
+                         and first in log["message"]],
+                "the queued run's waiting message", alive)
+        finally:
+            os.kill(holder, signal.SIGCONT)
 
         for run_id in (first, queued):
             final = wait_until(
