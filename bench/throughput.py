@@ -6,7 +6,10 @@ default and "small") and precision (fp32, bf16 autocast), the real training upda
 a random batch of the stage's batch size prints images/s, the FLOPs of one update (torch's
 FlopCounterMode, with the CPU flash-attention kernels it does not know registered here), the
 achieved FLOP/s and its ratio to a plain 2048^2 fp32 and bf16 matmul measured in the same
-process at the same thread count. Matmul blocks and training blocks alternate over `--rounds`
+process at the same thread count. The fp32 matmul is timed twice: torch.mm (the BLAS, MKL) and
+oneDNN's linear kernel, which models/layers.py uses for fp32 Linear layers where it pays (MKL
+runs AVX2 kernels on non-Intel CPUs, so on an AVX-512 AMD CPU oneDNN's rate is ~2x torch.mm's,
+and nearer the hardware's). Matmul blocks and training blocks alternate over `--rounds`
 rounds and every figure is a median, so a neighbour's load drifts through all of them alike.
 
 The default size trains the params.yaml tokenizer on the prepare resolution and channels, and
@@ -52,6 +55,7 @@ from torch.utils.flop_counter import (
 from latentforge.config import Params, TrainConfig, load_params
 from latentforge.malloc import tune_malloc
 from latentforge.models.generator import FlowTransformer, generator_config
+from latentforge.models.layers import fp32_linear, fp32_linear_backend
 from latentforge.models.token_generator import TokenTransformer, token_generator_config
 from latentforge.models.tokenizer import Tokenizer
 from latentforge.precision import machine_key
@@ -147,9 +151,11 @@ class Clock:
         self.now = time.process_time if cpu_time else time.perf_counter
 
 
-def matmul_block(dtype: torch.dtype) -> Callable[[], None]:
+def matmul_block(dtype: torch.dtype, onednn: bool = False) -> Callable[[], None]:
     a = torch.randn(MATMUL_N, MATMUL_N, dtype=dtype)
     b = torch.randn(MATMUL_N, MATMUL_N, dtype=dtype)
+    if onednn:  # the kernel models/layers.py's Linear uses for fp32 where it pays
+        return lambda: (torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""), None)[1]
     return lambda: (a @ b, None)[1]
 
 
@@ -189,7 +195,8 @@ def count_flops(w: Workload) -> int:
     torch.manual_seed(0)
     model = w.build()
     optimizer = build_optimizer(model, w.cfg)
-    with FlopCounterMode(display=False) as counter:
+    # aten's matmuls, which FlopCounterMode counts: oneDNN's linear op is not among them
+    with fp32_linear("blas"), FlopCounterMode(display=False) as counter:
         train_step(model, optimizer, None, w.loss_fn, w.batch(), 1, w.cfg)
     return counter.get_total_flops()
 
@@ -199,7 +206,8 @@ def measure(w: Workload, args: argparse.Namespace, clock: Clock) -> list[dict[st
     variants = [make_variant(w, p == "bf16", False) for p in args.precisions]
     if args.compile:
         variants += [make_variant(w, p == "bf16", True) for p in args.precisions]
-    mm = {"fp32": matmul_block(torch.float32), "bf16": matmul_block(torch.bfloat16)}
+    mm = {"fp32": matmul_block(torch.float32), "bf16": matmul_block(torch.bfloat16),
+          "fp32_onednn": matmul_block(torch.float32, onednn=True)}
     for f in mm.values():
         f()
     seconds: dict[str, list[float]] = {v.name: [] for v in variants}
@@ -226,9 +234,11 @@ def measure(w: Workload, args: argparse.Namespace, clock: Clock) -> list[dict[st
                      "gflop_per_step": flops / 1e9, "gflop_per_s": rate / 1e9,
                      "vs_fp32_matmul": rate / mm_rate["fp32"],
                      "vs_bf16_matmul": rate / mm_rate["bf16"],
+                     "vs_onednn_matmul": rate / mm_rate["fp32_onednn"],
                      "vs_fp32_step": (fp32_step / step_s) if fp32_step else float("nan"),
                      "compile_s": v.compile_seconds,
                      "fp32_matmul_gflops": mm_rate["fp32"] / 1e9,
+                     "onednn_matmul_gflops": mm_rate["fp32_onednn"] / 1e9,
                      "bf16_matmul_gflops": mm_rate["bf16"] / 1e9})
     return rows
 
@@ -258,17 +268,19 @@ def main() -> None:
 
     print(f"# {machine_key(torch.device('cpu'))}; {os.cpu_count()} CPUs; "
           f"{'CPU time' if args.cpu_time else 'wall clock'}; "
-          f"load average {os.getloadavg()[0]:.2f}; {datetime.date.today()}")
+          f"load average {os.getloadavg()[0]:.2f}; {datetime.date.today()}; "
+          f"fp32 Linear layers on {fp32_linear_backend()} (models/layers.py)")
     print("| model | size | example | batch | precision | img/s | GFLOP/step | GFLOP/s | "
-          "/ fp32 matmul | / bf16 matmul | vs fp32 step | matmul fp32, bf16 GFLOP/s |"
-          + (" compile s |" if args.compile else ""))
-    print("|---" * (12 + args.compile) + "|")
+          "/ fp32 matmul | / oneDNN fp32 matmul | / bf16 matmul | vs fp32 step | "
+          "matmul fp32, oneDNN fp32, bf16 GFLOP/s |" + (" compile s |" if args.compile else ""))
+    print("|---" * (13 + args.compile) + "|")
     for w in workloads(params, args):
         for r in measure(w, args, clock):
             print(f"| {r['model']} | {r['size']} | {r['shape']} | {r['batch']} | {r['variant']} | "
                   f"{r['images_per_s']:.0f} | {r['gflop_per_step']:.2f} | {r['gflop_per_s']:.1f} | "
-                  f"{r['vs_fp32_matmul']:.2f} | {r['vs_bf16_matmul']:.2f} | "
-                  f"{r['vs_fp32_step']:.2f}x | {r['fp32_matmul_gflops']:.0f}, "
+                  f"{r['vs_fp32_matmul']:.2f} | {r['vs_onednn_matmul']:.2f} | "
+                  f"{r['vs_bf16_matmul']:.2f} | {r['vs_fp32_step']:.2f}x | "
+                  f"{r['fp32_matmul_gflops']:.0f}, {r['onednn_matmul_gflops']:.0f}, "
                   f"{r['bf16_matmul_gflops']:.0f} |"
                   + (f" {r['compile_s']:.1f} |" if args.compile else ""), flush=True)
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")

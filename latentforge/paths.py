@@ -56,7 +56,7 @@ STAGES: dict[str, StageSpec] = {
     ),
     "judge": StageSpec(
         name="judge",
-        code=("tasks/judge.py", "models/judge.py", "latentforge/training.py"),
+        code=("tasks/judge.py", "models/judge.py", "models/layers.py", "latentforge/training.py"),
         deps=(str(PREPARED),),
         params=("judge", "compute.precision"),  # bf16 changes the numbers
         outs=(str(JUDGE), str(EVALUATOR)),

@@ -21,7 +21,8 @@ bf16 costs accuracy, so a tie goes to fp32.
 
 Both measurements are cached in one JSON file per user (`precision.json` in
 $LATENTFORGE_CACHE_DIR, else $XDG_CACHE_HOME/latentforge, else ~/.cache/latentforge), keyed
-by the machine (CPU model and instruction set, or GPU name; torch version; threads) and, for
+by the machine (CPU model and instruction set, or GPU name; torch version; threads; where fp32
+Linear layers run, models/layers.py) and, for
 the steps, by the model (class, parameter count, batch shapes). Delete the file to measure
 again.
 """
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from latentforge.models.layers import fp32_linear_backend
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,9 @@ def machine_key(device: torch.device) -> str:
         major, minor = torch.cuda.get_device_capability(index)
         return f"cuda {name} sm{major}{minor} | torch {torch.__version__}"
     isa = torch.backends.cpu.get_cpu_capability()
+    # where fp32 Linear layers run (models/layers.py) sets the fp32 side of the comparison
     return (f"cpu {_cpu_model()} {isa} | torch {torch.__version__} | "
-            f"{torch.get_num_threads()} threads")
+            f"{torch.get_num_threads()} threads | fp32 linear {fp32_linear_backend()}")
 
 
 def _sync(device: torch.device) -> None:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.models.layers import attention
+from latentforge.models.layers import Linear, attention
 
 # SiT/DiT embed integer diffusion steps 0 .. 999; scaling t in [0, 1] by the same factor keeps
 # the sinusoidal frequencies in the range those embeddings were designed for.
@@ -105,8 +105,8 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, width: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(TIME_FREQ_DIM, width)
-        self.fc2 = nn.Linear(width, width)
+        self.fc1 = Linear(TIME_FREQ_DIM, width)
+        self.fc2 = Linear(width, width)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t: (B,) -> (B, W)."""
@@ -119,8 +119,8 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, W) -> (B, T, W)."""
@@ -149,10 +149,10 @@ class AdaLNBlock(nn.Module):
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(approximate=gelu_approximate),
-            nn.Linear(hidden, width)
+            Linear(width, hidden), nn.GELU(approximate=gelu_approximate),
+            Linear(hidden, width)
         )
-        self.modulation = nn.Linear(width, 6 * width)
+        self.modulation = Linear(width, 6 * width)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: (B, K, W), condition c: (B, W) -> (B, K, W)."""
@@ -169,8 +169,8 @@ class FinalLayer(nn.Module):
     def __init__(self, width: int, token_dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.modulation = nn.Linear(width, 2 * width)
-        self.linear = nn.Linear(width, token_dim)
+        self.modulation = Linear(width, 2 * width)
+        self.linear = Linear(width, token_dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: (B, K, W), c: (B, W) -> (B, K, D)."""
@@ -188,7 +188,7 @@ class FlowTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        self.x_embed = nn.Linear(cfg.token_dim, w)
+        self.x_embed = Linear(cfg.token_dim, w)
         # Learned rather than sinusoidal: 1D tokenizer tokens have no spatial layout to encode.
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, w))
         self.t_embed = TimestepEmbedder(w)

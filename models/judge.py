@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.models.layers import Linear
+
 
 @dataclass(kw_only=True)
 class JudgeModelConfig:
@@ -81,9 +83,9 @@ class Judge(nn.Module):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.to_features = nn.Linear(4 * w, cfg.feature_dim)
+        self.to_features = Linear(4 * w, cfg.feature_dim)
         self.head = nn.Sequential(
-            nn.SiLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.feature_dim, cfg.num_classes)
+            nn.SiLU(), nn.Dropout(cfg.dropout), Linear(cfg.feature_dim, cfg.num_classes)
         )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from latentforge.models.generator import GENERATOR_SIZES
-from latentforge.models.layers import Dropout, attention
+from latentforge.models.layers import Dropout, Linear, attention
 
 KINDS = ("maskgit", "ar")
 # Above this vocabulary the output head and the embedding table dominate a small model and a
@@ -103,8 +103,8 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor, causal: bool,
                 past: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -144,8 +144,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate=gelu_approximate),
-                                 nn.Linear(hidden, width), Dropout(dropout))
+        self.mlp = nn.Sequential(Linear(width, hidden), nn.GELU(approximate=gelu_approximate),
+                                 Linear(hidden, width), Dropout(dropout))
         self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, causal: bool,
@@ -180,7 +180,7 @@ class TokenTransformer(nn.Module):
             Block(w, cfg.heads, cfg.mlp_ratio, cfg.dropout, cfg.gelu_approximate)
             for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w)
-        self.head = nn.Linear(w, cfg.vocab_size)
+        self.head = Linear(w, cfg.vocab_size)
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_embed, std=0.02)
 

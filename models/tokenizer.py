@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.models.layers import attention
+from latentforge.models.layers import Linear, attention
 
 LAYOUTS = ("1d", "2d")
 QUANTIZERS = ("kl", "fsq", "vq", "binary")
@@ -160,8 +160,8 @@ class Attention(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = Linear(width, 3 * width)
+        self.proj = Linear(width, width)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, W) -> (B, T, W); ``mask`` (T, T) bool, True where query i may attend to
@@ -185,7 +185,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.mlp = nn.Sequential(Linear(width, hidden), nn.GELU(), Linear(hidden, width))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, W) -> (B, T, W); ``mask`` as in :class:`Attention`."""
@@ -679,16 +679,16 @@ class Tokenizer(nn.Module):
             self.latent_tokens = nn.Parameter(torch.zeros(1, k, w))
         self.encoder = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio)
         self.quantizer: Quantizer = build_quantizer(cfg)
-        self.enc_proj = nn.Linear(w, self.quantizer.in_dim)
+        self.enc_proj = Linear(w, self.quantizer.in_dim)
 
-        self.dec_proj = nn.Linear(cfg.token_dim, w)
+        self.dec_proj = Linear(cfg.token_dim, w)
         self.dec_latent_pos = nn.Parameter(torch.zeros(1, k, w))
         self.dropped_token = nn.Parameter(torch.zeros(1, 1, w))
         if cfg.layout == "1d":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, w))
             self.dec_patch_pos = nn.Parameter(torch.zeros(1, n, w))
         self.decoder = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio)
-        self.to_pixels = nn.Linear(w, cfg.patch_size**2 * cfg.channels)
+        self.to_pixels = Linear(w, cfg.patch_size**2 * cfg.channels)
         self.apply(self._init_weights)
         for table in (self.enc_pos, self.dec_latent_pos, self.dropped_token):
             nn.init.normal_(table, std=0.02)
