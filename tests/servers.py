@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def as_from_terminal() -> None:
+    """Popen's preexec_fn for a process that a test then sends Ctrl-C (SIGINT): SIGINT at its
+    default, as in any process a terminal starts. A test run launched as a non-interactive
+    shell's background job (`make test &`, nohup) inherits SIGINT ignored, and POSIX passes an
+    ignored signal on through exec, so the CLI would rightly keep ignoring it (procs.py) and a
+    test's Ctrl-C would never arrive: the test would time out, the process go on running."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def tail(path: Path, chars: int = 6000) -> str:
     return path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)"
 
@@ -83,7 +92,8 @@ def running_ui(root: Path, tmp_path: Path, env_extra: dict[str, str] | None = No
     proc = subprocess.Popen(
         [sys.executable, "-m", "latentforge", "ui", "--prefect-port", str(prefect_port),
          "--mlflow-port", str(mlflow_port)], cwd=root, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=as_from_terminal)
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(line.rstrip() for line in proc.stdout),
                      daemon=True).start()

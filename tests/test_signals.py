@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+from servers import as_from_terminal
 from test_pipeline import runs, tiny
 
 from latentforge import procs
@@ -58,7 +59,8 @@ class Run:
                     "PYTHONUNBUFFERED": "1"})
         self.proc = subprocess.Popen([sys.executable, "-m", "latentforge", "run"], cwd=root,
                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True,
+                                     preexec_fn=as_from_terminal)
         self.lines: list[str] = []
         self.listening: dict[tuple[str, int], str] = {}
         threading.Thread(target=self._read, daemon=True).start()

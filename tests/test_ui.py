@@ -10,7 +10,7 @@ import urllib.request
 import uuid
 
 import pytest
-from servers import running_ui
+from servers import as_from_terminal, running_ui
 from test_pipeline import TINY
 from test_signals import is_loopback, marked_processes
 
@@ -79,7 +79,8 @@ def test_serve_stops_at_once_when_its_server_is_gone(make_project, tmp_path):
         serve = subprocess.Popen(
             [sys.executable, "-m", "latentforge", "serve"], cwd=root,
             env={**env, "PREFECT_API_URL": f"{url}/api"}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            preexec_fn=as_from_terminal)
         lines: list[str] = []
         import threading
 
