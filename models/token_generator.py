@@ -97,6 +97,16 @@ def token_generator_config(size: str, **overrides) -> TokenGeneratorConfig:
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per block: keys, values (B, heads, T, W/h)
 
 
+def take_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x (B, T, ...) at positions (B, M) long -> (B, M, ...), as ``x.gather(1, ...)``, but one
+    index_select of whole rows of the flattened (B*T, ...) view: CPU gather copies element by
+    element (512 x 17 x 64 fp32, 12 positions, 1 thread, Zen 5: 39 vs 387 us)."""
+    b, t = x.shape[:2]
+    rows = (torch.arange(b, device=x.device).unsqueeze(1) * t + positions).flatten()
+    picked = x.reshape(b * t, *x.shape[2:]).index_select(0, rows)
+    return picked.view(b, positions.shape[1], *x.shape[2:])
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over (B, T, W), optionally causal, optionally cached."""
 
@@ -118,12 +128,13 @@ class Attention(nn.Module):
         attend to all T.
         """
         b, t, w = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        q, k, v = qkv.view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         if queries is not None:
             if causal:
                 raise ValueError("queries are for bidirectional attention (maskgit)")
-            q = q.gather(2, queries[:, None, :, None].expand(-1, self.heads, -1, q.shape[-1]))
             t = queries.shape[1]
+            q = take_positions(qkv[..., :w], queries).view(b, t, self.heads, -1).transpose(1, 2)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         mask = None
@@ -156,7 +167,7 @@ class Block(nn.Module):
         (B, M, W) of those positions only (see Attention)."""
         h, kv = self.attn(self.norm1(x), causal, past, queries)
         if queries is not None:
-            x = x.gather(1, queries.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = take_positions(x, queries)
         x = x + self.drop(h)
         return x + self.mlp(self.norm2(x)), kv
 
@@ -250,7 +261,7 @@ class TokenTransformer(nn.Module):
         if positions is not None and flat:
             return self.guided_head(h[positions], None)  # (N, V)
         if positions is not None:
-            h = h.gather(1, positions.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # (B, M, W)
+            h = take_positions(h, positions)  # (B, M, W)
         return self.guided_head(h, guidance)  # (B or B/2, K or M, V)
 
     def guided_head(self, h: torch.Tensor, guidance: float | None) -> torch.Tensor:

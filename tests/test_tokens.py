@@ -137,9 +137,10 @@ def test_maskgit_sampling_decides_each_position_once_and_keeps_given_codes():
         rollout(m, steps=K + 1)
 
 
-def test_output_head_at_chosen_positions_equals_the_full_forward():
-    m = model("maskgit")
-    codes = torch.randint(0, V + 1, (3, K))
+@pytest.mark.parametrize("kind", ["maskgit", "ar"])
+def test_output_head_at_chosen_positions_equals_the_full_forward(kind: str):
+    m = model(kind)
+    codes = torch.randint(0, V + (kind == "maskgit"), (3, K))
     y = torch.tensor([0, 1, 2])
     positions = torch.tensor([[0, 2, 5], [1, 3, 4], [2, 3, 5]])
     full = m(codes, y)
@@ -241,7 +242,7 @@ def test_categorical_draws_follow_the_probabilities_and_skip_zero_ones():
     torch.testing.assert_close(freq, probs, atol=0.005, rtol=0)  # 200k draws: sd <= 0.0012
 
 
-@pytest.mark.parametrize("v", [1, 2, 7, 1000, 1003])
+@pytest.mark.parametrize("v", [1, 2, 7, 97, 1000, 1003])
 def test_categorical_in_blocks_inverts_the_whole_cdf(v: int) -> None:
     g = torch.Generator().manual_seed(v)
     probs = torch.rand(4000, v, generator=g) * (torch.rand(4000, v, generator=g) < 0.3)
@@ -264,6 +265,12 @@ def test_categorical_in_blocks_inverts_the_whole_cdf(v: int) -> None:
     ends = tokens.categorical(probs[:2], torch.tensor([1e-10, 1 - 1e-10]))
     nonzero = (probs[:2] > 0).float()
     assert ends[0] == nonzero[0].argmax() and ends[1] == v - 1 - nonzero[1].flip(-1).argmax()
+
+
+def test_cdf_blocks_divide_the_vocabulary_where_a_divisor_is_near_its_root():
+    assert [tokens.cdf_block_size(v) for v in (1000, 1024, 4096, 65536, 1003)] == [
+        25, 32, 64, 256, 59]
+    assert tokens.cdf_block_size(97) == 10  # prime: 10 blocks of 10, the last padded
 
 
 def test_top_k_and_top_p_filters():
