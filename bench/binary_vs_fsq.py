@@ -3,12 +3,12 @@
 Trains the tokenizer stage with params.yaml (embedded digits, 16x16, K = 16 tokens, default
 steps) in a temporary folder, after prepare and judge (the stage needs the judge for rFD): fsq
 with the default levels [8, 5, 5, 5] (log2(1000) = 9.97 bits per token, token_dim 4), binary
-with token_dim 10 (10 bits per token) and the default entropy_weight 0, and binary with
-entropy_weight 0.1. Prints val PSNR, SSIM, rFD-judge, code usage and training time of each,
+with token_dim 10 (10 bits per token) and the default entropy_weight (null: 0.1 for binary),
+and binary without the entropy term (entropy_weight 0). Prints val PSNR, SSIM, rFD-judge, code usage and training time of each,
 and each minus fsq. The target: binary within 2 dB of fsq.
 
 Extra binary variants: `--binary NAME:KEY=VALUE,...` (tokenizer keys, e.g.
-`--binary ew0.1:entropy_weight=0.1`); `-S KEY=VALUE` overrides params.yaml for every run.
+`--binary ew0.3:entropy_weight=0.3`); `-S KEY=VALUE` overrides params.yaml for every run.
 
     python bench/binary_vs_fsq.py [--steps 1500] [--binary NAME:KEY=VALUE,...] [-S KEY=VALUE]
 """
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> tokenizer overrides
     "fsq [8,5,5,5]": {"quantizer": "fsq", "token_dim": 4, "fsq_levels": [8, 5, 5, 5]},
     "binary D=10": {"quantizer": "binary", "token_dim": 10},
-    "binary D=10 ew0.1": {"quantizer": "binary", "token_dim": 10, "entropy_weight": 0.1},
+    "binary D=10 ew0": {"quantizer": "binary", "token_dim": 10, "entropy_weight": 0.0},
 }
 COLUMNS = ("val_psnr", "val_ssim", "rfd_judge", "codebook_usage", "codebook_perplexity")
 

@@ -47,6 +47,7 @@ MAX_TOKENS = 65_536  # patches per image (a 256 x 256 grid), and latent tokens K
 MAX_CODEBOOK = 65_536  # vq entries: code perturbation (pFD) builds a V x V matrix, 16 GiB here
 MAX_FSQ_VOCAB = 2**24  # prod(fsq_levels): code-usage statistics keep one counter per code
 MAX_BINARY_BITS = 30  # binary token_dim: codes are 2^token_dim bit patterns, cached as int32
+BINARY_ENTROPY_WEIGHT = 0.1  # tokenizer.entropy_weight null with quantizer binary (LFQ collapses without)
 MAX_EPOCHS = 1000  # passes over one batch of rollouts
 MAX_KEEP = 1000  # checkpoints kept on disk
 MAX_WORKERS = 4096  # Ray workers / actors
@@ -179,15 +180,16 @@ class TokenizerConfig(TrainConfig):
                            f"bits per token, at most {MAX_BINARY_BITS})", ge=1, le=MAX_WIDTH)
     quantizer: Literal["kl", "fsq", "vq", "binary"] = param(
         "kl", "kl: continuous Gaussian; fsq: finite scalar levels; vq: L2-normalised codebook; "
-        "binary: the sign of each dimension is a bit (LFQ), 2^token_dim codes; set "
-        "entropy_weight (0.1) against code collapse")
+        "binary: the sign of each dimension is a bit (LFQ), 2^token_dim codes")
     kl_weight: float = param(1e-4, "KL weight (kl)", ge=0.0)
     fsq_levels: list[int] = param([8, 5, 5, 5], "levels per dimension (fsq)", ge=2,
                                   le=MAX_CODEBOOK)
     codebook_size: int = param(1024, "codebook entries (vq)", ge=2, le=MAX_CODEBOOK)
     commitment: float = param(0.25, "commitment loss weight (vq)", ge=0.0)
-    entropy_weight: float = param(0.0, "entropy loss weight (vq and binary); >0 fights codebook "
-                                  "collapse", ge=0.0)
+    entropy_weight: float | None = param(
+        None, "entropy loss weight (vq and binary); >0 fights codebook collapse. null: the "
+        "quantizer's default, 0.1 for binary (without it one of three runs of "
+        "bench/binary_vs_fsq.py collapsed to 1.5% of the codes) and 0 for vq", ge=0.0)
     loss: Literal["l2", "l1"] = param("l2", "pixel reconstruction loss")
     nested_dropout: bool = param(False, "FlexTok: train on random token prefixes (1d only)")
     nested_dropout_lengths: Literal["uniform", "pow2"] = param(
@@ -229,6 +231,13 @@ class TokenizerConfig(TrainConfig):
     ema_decay: float = param(0.995, "EMA decay of the weights; 0 disables EMA", ge=0.0, lt=1.0)
     save_every: int = param(500, "checkpoint every N steps", ge=1, le=MAX_STEPS)
     log_every: int = param(100, "log metrics every N steps", ge=1, le=MAX_STEPS)
+
+    @property
+    def entropy_weight_value(self) -> float:
+        """`entropy_weight`, with null resolved to the quantizer's default."""
+        if self.entropy_weight is not None:
+            return self.entropy_weight
+        return BINARY_ENTROPY_WEIGHT if self.quantizer == "binary" else 0.0
 
     def __post_init__(self) -> None:
         if self.quantizer == "fsq" and self.token_dim != len(self.fsq_levels):

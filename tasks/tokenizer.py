@@ -104,7 +104,7 @@ def model_config(cfg: TokenizerConfig, resolution: int, channels: int) -> Tokeni
         cfg.size, image_size=resolution, channels=channels, layout=cfg.layout,
         patch_size=cfg.patch_size, num_tokens=cfg.num_tokens, token_dim=cfg.token_dim,
         quantizer=cfg.quantizer, fsq_levels=list(cfg.fsq_levels), codebook_size=cfg.codebook_size,
-        commitment=cfg.commitment, entropy_weight=cfg.entropy_weight, kl_weight=cfg.kl_weight,
+        commitment=cfg.commitment, entropy_weight=cfg.entropy_weight_value, kl_weight=cfg.kl_weight,
         register_causal=cfg.register_causal)
 
 

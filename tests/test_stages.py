@@ -101,5 +101,17 @@ def test_tokenizer_param_cross_checks():
         build_params({"tokenizer": {"layout": "2d", "nested_dropout": True}})
 
 
+@pytest.mark.parametrize(("quantizer", "given", "used"), [
+    ("binary", None, 0.1), ("binary", 0.0, 0.0), ("binary", 0.3, 0.3),
+    ("vq", None, 0.0), ("vq", 0.05, 0.05), ("fsq", None, 0.0)])
+def test_entropy_weight_null_takes_the_quantizers_default(quantizer, given, used):
+    """null gives binary the entropy term it collapses without; an explicit value always wins."""
+    extra = {"binary": {"token_dim": 6}, "fsq": {"token_dim": 4}}.get(quantizer, {})
+    params = build_params({"tokenizer": {"quantizer": quantizer, "entropy_weight": given, **extra}})
+    cfg = tokenizer.model_config(params.tokenizer, resolution=16, channels=1)
+    assert cfg.entropy_weight == used
+    assert getattr(tokenizer.build_model(cfg).quantizer, "entropy_weight", 0.0) == used
+
+
 def params_steps() -> int:
     return tiny().tokenizer.steps
