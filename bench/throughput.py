@@ -9,7 +9,9 @@ achieved FLOP/s and its ratio to a plain 2048^2 fp32 and bf16 matmul measured in
 process at the same thread count. The fp32 matmul is timed twice: torch.mm (the BLAS, MKL) and
 oneDNN's linear kernel, which models/layers.py uses for fp32 Linear layers where it pays (MKL
 runs AVX2 kernels on non-Intel CPUs, so on an AVX-512 AMD CPU oneDNN's rate is ~2x torch.mm's,
-and nearer the hardware's). Matmul blocks and training blocks alternate over `--rounds`
+and nearer the hardware's). "Linear alone" times the model's fp32 Linear layers by themselves,
+forward and backward at the shapes a step gives them: the rate a step could reach if everything
+else (attention, norms, activations, loss, optimizer) were free, and their share of the step. Matmul blocks and training blocks alternate over `--rounds`
 rounds and every figure is a median, so a neighbour's load drifts through all of them alike.
 
 The default size trains the params.yaml tokenizer on the prepare resolution and channels, and
@@ -201,6 +203,40 @@ def count_flops(w: Workload) -> int:
     return counter.get_total_flops()
 
 
+def linear_block(w: Workload) -> tuple[Callable[[], None], int]:
+    """The model's fp32 Linear layers alone, forward and backward, at the shapes one training
+    step gives them (recorded by forward hooks), on the kernels the model uses: what the step
+    would cost if attention, norms, activations, the loss and the optimizer were free. Returns
+    the block and its FLOPs (2 x rows x in x out per matmul; the input's gradient only where
+    the step needs it)."""
+    torch.manual_seed(0)
+    model = w.build()
+    optimizer = build_optimizer(model, w.cfg)
+    seen: list[tuple[nn.Linear, torch.Size, bool]] = []
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...], _: Any) -> None:
+        assert isinstance(module, nn.Linear)
+        seen.append((module, inputs[0].shape, inputs[0].requires_grad))
+
+    hooks = [m.register_forward_hook(record) for m in model.modules()
+             if isinstance(m, nn.Linear)]
+    train_step(model, optimizer, None, w.loss_fn, w.batch(), 1, w.cfg)
+    for hook in hooks:
+        hook.remove()
+    calls, flops = [], 0
+    for module, shape, input_grad in seen:
+        x = torch.randn(shape).requires_grad_(input_grad)
+        grad = torch.randn(*shape[:-1], module.out_features)
+        calls.append((module, x, grad))
+        flops += 2 * math.prod(shape) * module.out_features * (2 + input_grad)
+
+    def block() -> None:
+        for module, x, grad in calls:
+            module(x).backward(grad)
+
+    return block, flops
+
+
 def measure(w: Workload, args: argparse.Namespace, clock: Clock) -> list[dict[str, Any]]:
     flops = count_flops(w)
     variants = [make_variant(w, p == "bf16", False) for p in args.precisions]
@@ -208,15 +244,21 @@ def measure(w: Workload, args: argparse.Namespace, clock: Clock) -> list[dict[st
         variants += [make_variant(w, p == "bf16", True) for p in args.precisions]
     mm = {"fp32": matmul_block(torch.float32), "bf16": matmul_block(torch.bfloat16),
           "fp32_onednn": matmul_block(torch.float32, onednn=True)}
-    for f in mm.values():
+    linears, linear_flops = linear_block(w)
+    for f in [*mm.values(), linears]:
         f()
     seconds: dict[str, list[float]] = {v.name: [] for v in variants}
     mm_seconds: dict[str, list[float]] = {k: [] for k in mm}
+    linear_seconds: list[float] = []
     for _ in range(args.rounds):
         for key, f in mm.items():
             start = clock.now()
             f()
             mm_seconds[key].append(clock.now() - start)
+        start = clock.now()
+        for _ in range(args.steps):
+            linears()
+        linear_seconds.append((clock.now() - start) / args.steps)
         for v in variants:
             start = clock.now()
             for _ in range(args.steps):
@@ -225,6 +267,8 @@ def measure(w: Workload, args: argparse.Namespace, clock: Clock) -> list[dict[st
     mm_rate = {k: 2 * MATMUL_N**3 / statistics.median(s) for k, s in mm_seconds.items()}
     batch_size = w.cfg.batch_size
     fp32_step = statistics.median(seconds["fp32"]) if "fp32" in seconds else None
+    linear_s = statistics.median(linear_seconds)
+    linear_rate = linear_flops / linear_s
     rows = []
     for v in variants:
         step_s = statistics.median(seconds[v.name])
@@ -237,6 +281,10 @@ def measure(w: Workload, args: argparse.Namespace, clock: Clock) -> list[dict[st
                      "vs_onednn_matmul": rate / mm_rate["fp32_onednn"],
                      "vs_fp32_step": (fp32_step / step_s) if fp32_step else float("nan"),
                      "compile_s": v.compile_seconds,
+                     # the fp32 Linear layers alone: their rate, and their share of the step
+                     "linear_vs_onednn": linear_rate / mm_rate["fp32_onednn"],
+                     "linear_vs_fp32": linear_rate / mm_rate["fp32"],
+                     "linear_share": (linear_s / fp32_step) if fp32_step else float("nan"),
                      "fp32_matmul_gflops": mm_rate["fp32"] / 1e9,
                      "onednn_matmul_gflops": mm_rate["fp32_onednn"] / 1e9,
                      "bf16_matmul_gflops": mm_rate["bf16"] / 1e9})
@@ -272,8 +320,9 @@ def main() -> None:
           f"fp32 Linear layers on {fp32_linear_backend()} (models/layers.py)")
     print("| model | size | example | batch | precision | img/s | GFLOP/step | GFLOP/s | "
           "/ fp32 matmul | / oneDNN fp32 matmul | / bf16 matmul | vs fp32 step | "
-          "matmul fp32, oneDNN fp32, bf16 GFLOP/s |" + (" compile s |" if args.compile else ""))
-    print("|---" * (13 + args.compile) + "|")
+          "matmul fp32, oneDNN fp32, bf16 GFLOP/s | Linear alone / fp32, oneDNN matmul | "
+          "Linear alone / fp32 step |" + (" compile s |" if args.compile else ""))
+    print("|---" * (15 + args.compile) + "|")
     for w in workloads(params, args):
         for r in measure(w, args, clock):
             print(f"| {r['model']} | {r['size']} | {r['shape']} | {r['batch']} | {r['variant']} | "
@@ -281,7 +330,9 @@ def main() -> None:
                   f"{r['vs_fp32_matmul']:.2f} | {r['vs_onednn_matmul']:.2f} | "
                   f"{r['vs_bf16_matmul']:.2f} | {r['vs_fp32_step']:.2f}x | "
                   f"{r['fp32_matmul_gflops']:.0f}, {r['onednn_matmul_gflops']:.0f}, "
-                  f"{r['bf16_matmul_gflops']:.0f} |"
+                  f"{r['bf16_matmul_gflops']:.0f} | "
+                  f"{r['linear_vs_fp32']:.2f}, {r['linear_vs_onednn']:.2f} | "
+                  f"{r['linear_share']:.2f} |"
                   + (f" {r['compile_s']:.1f} |" if args.compile else ""), flush=True)
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
     if args.overhead:
