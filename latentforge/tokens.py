@@ -184,12 +184,15 @@ def cdf_block_size(v: int) -> int:
     """Codes per block of `categorical`'s two-level CDF over V codes: the divisor of V nearest
     sqrt(V) within a factor of 2 of it, else ceil(sqrt(V)) with the last block padded. Padding
     copies the whole (..., V) tensor (at V = 1000 and a block of 31, a quarter of the draw's
-    time); fsq, vq and binary vocabularies have such divisors (1000 = 40 x 25, 2^n)."""
+    time); fsq and binary vocabularies have such divisors (1000 = 25 x 40, 2^n), a vq
+    `codebook_size` may not (a prime pads). Divisors are compared in integers: d and V / d are
+    equally far from sqrt(V), and the larger of the two says how far, so the key is that one,
+    then d (the smaller of a pair wins; float logs would make the tie one ulp's choice)."""
     root = math.sqrt(v)
     divisors = [d for d in range(max(1, math.ceil(root / 2)), math.floor(2 * root) + 1)
                 if v % d == 0]
     if divisors:
-        return min(divisors, key=lambda d: (abs(math.log(d / root)), d))
+        return min(divisors, key=lambda d: (max(d, v // d), d))
     return max(1, math.ceil(root))
 
 

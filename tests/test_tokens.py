@@ -146,6 +146,10 @@ def test_output_head_at_chosen_positions_equals_the_full_forward(kind: str):
     full = m(codes, y)
     torch.testing.assert_close(m(codes, y, positions),
                                full.gather(1, positions.unsqueeze(-1).expand(-1, -1, V)))
+    # a position past the sequence raises, as gather does, rather than read the next sample's row
+    for bad in (K, -1):
+        with pytest.raises(IndexError, match="positions must lie in \\[0, "):
+            m(codes, y, positions.clamp(max=K - 1).index_fill(1, torch.tensor([1]), bad))
 
 
 def test_kv_cache_and_causal_mask_equal_the_full_forward():
@@ -268,8 +272,9 @@ def test_categorical_in_blocks_inverts_the_whole_cdf(v: int) -> None:
 
 
 def test_cdf_blocks_divide_the_vocabulary_where_a_divisor_is_near_its_root():
-    assert [tokens.cdf_block_size(v) for v in (1000, 1024, 4096, 65536, 1003)] == [
-        25, 32, 64, 256, 59]
+    # 1000 = 25 x 40 and 1003 = 17 x 59: each pair is equally far from the root; the smaller wins
+    assert [tokens.cdf_block_size(v) for v in (1000, 1024, 4096, 65536, 1003, 2 * 5**4)] == [
+        25, 32, 64, 256, 17, 25]
     assert tokens.cdf_block_size(97) == 10  # prime: 10 blocks of 10, the last padded
 
 
