@@ -40,10 +40,16 @@ import torch
 import torch.nn.functional as F
 
 from latentforge.flow import _sample_seed
+from latentforge.models.layers import matmuls_compile_per_shape
 from latentforge.models.token_generator import TokenTransformer
 
 # Uniform draws are kept inside (0, 1) so that the Gumbel transform -log(-log u) stays finite.
 UNIFORM_EPS = 1e-10
+# Where oneDNN runs the matmuls (models/layers.py: matmuls_compile_per_shape), maskgit
+# training pads the masked rows to a multiple of this before the output head: the masked
+# count changes every step, and oneDNN compiles a kernel per new matmul shape (~11 ms at bf16
+# on AMX). A multiple of 64 leaves 17 shapes at the default batch of 64 x 16 codes.
+HEAD_ROW_MULTIPLE = 64
 
 
 def mask_ratio(r: torch.Tensor | float) -> torch.Tensor:
@@ -72,12 +78,13 @@ def drop_labels(labels: torch.Tensor, class_dropout: float, null_class: int) -> 
 class _SmoothedCrossEntropy(torch.autograd.Function):
     """Label-smoothed cross-entropy whose backward is one pass over the logits: the gradient
     is (softmax - (1 - eps) onehot(target) - eps / V) / N (softmax recomputed from the saved
-    logits: one fused kernel, faster on CPU than exp of the log-probabilities)."""
+    logits: one fused kernel, faster on CPU than exp of the log-probabilities). Rows of the
+    logits past the N targets are padding: no loss, zero gradient."""
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor,
                 label_smoothing: float) -> torch.Tensor:
-        logp = F.log_softmax(logits, dim=-1)
+        logp = F.log_softmax(logits[: targets.shape[0]], dim=-1)
         nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         loss = nll.mean() if label_smoothing == 0.0 else (
             (1.0 - label_smoothing) * nll - label_smoothing * logp.mean(-1)).mean()
@@ -88,17 +95,22 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         logits, targets = ctx.saved_tensors
-        n, v = logits.shape
+        n, v = targets.shape[0], logits.shape[1]
         eps, scale = ctx.label_smoothing, grad_loss / n
-        grad = logits.softmax(-1).sub_(eps / v).mul_(scale)
+        grad = logits.softmax(-1)  # padding rows too: one kernel, then zeroed
+        grad[:n].sub_(eps / v).mul_(scale)
+        grad[n:].zero_()
         hit = (-(1.0 - eps) * scale).to(grad.dtype).expand(n, 1)
-        return grad.scatter_add_(-1, targets.unsqueeze(-1), hit), None, None
+        grad[:n].scatter_add_(-1, targets.unsqueeze(-1), hit)
+        return grad, None, None
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                            label_smoothing: float) -> torch.Tensor:
     """F.cross_entropy(logits, targets, label_smoothing=eps) for logits (N, V), targets (N,):
-    the mean of (1 - eps) * -log p(target) + eps * mean over classes of -log p.
+    the mean of (1 - eps) * -log p(target) + eps * mean over classes of -log p. Logits may
+    carry padding rows after the first N (``TokenTransformer``'s `pad_rows`): they take no
+    part in the loss and get a zero gradient.
 
     Written out because torch's CPU label smoothing costs ~5x its plain cross-entropy (fwd+bwd
     over 680 x 1000 fp32 logits alone, 1 thread, Zen 5: 4.7 ms, against 0.6 ms without
@@ -108,9 +120,10 @@ def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     """
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"logits (N, V) and targets (N,) expected, got "
-                         f"{tuple(logits.shape)} and {tuple(targets.shape)}")
+    if logits.dim() != 2 or targets.dim() != 1 or targets.shape[0] > logits.shape[0]:
+        raise ValueError(f"logits (N, V) and targets (N,) expected (logits may carry padding "
+                         f"rows after the N), got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
     return _SmoothedCrossEntropy.apply(logits, targets, float(label_smoothing))
 
 
@@ -138,12 +151,14 @@ def maskgit_loss(model: torch.nn.Module, codes: torch.Tensor, labels: torch.Tens
     (the training harness seeds it per step, so a resumed run draws the same masks)."""
     masked = random_mask(codes)  # (B, K)
     inputs = torch.where(masked, torch.full_like(codes, mask_code), codes)
-    # Logits of the masked positions only (N, V): the head skips the others.
+    # Logits of the masked positions only (N, V): the head skips the others. Where oneDNN
+    # runs the head, N is padded to a multiple of HEAD_ROW_MULTIPLE: a few shapes per run.
+    pad = HEAD_ROW_MULTIPLE if matmuls_compile_per_shape(codes.device) else 1
     logits = model(inputs, drop_labels(labels, class_dropout, null_class),
-                   positions=masked).float()
+                   positions=masked, pad_rows=pad).float()
     targets = codes[masked]
     loss = smoothed_cross_entropy(logits, targets, label_smoothing)
-    accuracy = top1_accuracy(logits, targets)
+    accuracy = top1_accuracy(logits[: targets.shape[0]], targets)
     return loss, {"masked_fraction": masked.float().mean(), "masked_accuracy": accuracy}
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from latentforge.models.generator import GENERATOR_SIZES
@@ -221,7 +222,7 @@ class TokenTransformer(nn.Module):
 
     def forward(self, codes: torch.Tensor, y: torch.Tensor,
                 positions: torch.Tensor | None = None,
-                guidance: float | None = None) -> torch.Tensor:
+                guidance: float | None = None, pad_rows: int = 1) -> torch.Tensor:
         """codes: (B, K) long, y: (B,) long -> logits (B, K, V), or (B, M, V) at `positions`.
 
         maskgit: codes may hold ``mask_code``; logits at i predict the code at i.
@@ -230,7 +231,12 @@ class TokenTransformer(nn.Module):
         sampler needs the still-masked ones; the head is a third of a tiny model's FLOPs).
         `positions` (B, K) bool (training: each row masks its own number of codes): logits
         (N, V) of the True positions in row-major order, as ``logits[positions]`` of the full
-        output, without the head's work and the scatter back of the other positions.
+        output, without the head's work and the scatter back of the other positions. With
+        `pad_rows` p > 1 those N rows are padded with zero rows to a multiple of p before the
+        head, and the logits keep them: (N rounded up to p, V). The masked count changes every
+        step, and oneDNN (bf16 autocast; fp32 on non-Intel CPUs) builds a kernel per new matmul
+        shape, ~11 ms each for the head's on a Xeon with AMX: unpadded, most steps of a run met
+        three new shapes (its primitive cache holds 1024 and a run sees ~1000 counts x 3 matmuls).
         `guidance` s: the batch is B/2 conditional rows then their B/2 unconditional twins, and
         the result (B/2, K or M, V) is the classifier-free guided uncond + s (cond - uncond)
         (see ``guided_head``).
@@ -265,7 +271,10 @@ class TokenTransformer(nn.Module):
         # maskgit: outputs 1 .. K belong to the code positions.
         h = h if self.causal else h[:, 1:]  # (B, K, W)
         if positions is not None and flat:
-            return self.guided_head(h[positions], None)  # (N, V)
+            rows = h[positions]  # (N, W)
+            if pad_rows > 1:
+                rows = F.pad(rows, (0, 0, 0, -rows.shape[0] % pad_rows))
+            return self.guided_head(rows, None)  # (N, or N rounded up to pad_rows, V)
         if positions is not None:
             h = take_positions(h, positions)  # (B, M, W)
         return self.guided_head(h, guidance)  # (B or B/2, K or M, V)

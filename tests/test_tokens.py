@@ -5,6 +5,7 @@ token log-probabilities and GRPO over tokens, and the kind/quantizer configurati
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from numerics import assert_rounding_close
 from latentforge import tokens
 from latentforge.config import Params, build_params
 from latentforge.errors import ConfigError
+from latentforge.models import layers
 from latentforge.models.token_generator import TokenTransformer, token_generator_config
 
 K, V, C = 6, 11, 3
@@ -85,6 +87,10 @@ def test_bool_positions_give_the_full_outputs_at_those_positions(kind: str) -> N
     out = m(codes, labels, positions=picked)
     assert out.shape == (int(picked.sum()), V)
     assert_rounding_close(out, m(codes, labels)[picked], what="logits at the picked positions")
+    n = int(picked.sum())
+    padded = m(codes, labels, positions=picked, pad_rows=8)
+    assert padded.shape == (-(-n // 8) * 8, V)
+    assert_rounding_close(padded[:n], out, what="the padded call's first N rows")
     with pytest.raises(ValueError, match="bool positions"):
         m(codes, labels, positions=picked[:, :-1])
     with pytest.raises(ValueError, match="without guidance"):
@@ -107,6 +113,55 @@ def test_smoothed_cross_entropy_equals_torchs_with_its_gradient(smoothing: float
         tokens.smoothed_cross_entropy(logits, targets, 1.5)
     with pytest.raises(ValueError, match=r"logits \(N, V\)"):
         tokens.smoothed_cross_entropy(logits[None], targets, 0.1)
+
+
+def test_smoothed_cross_entropy_ignores_padding_rows() -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(40, 17) * 4).requires_grad_()
+    targets = torch.randint(0, 17, (33,))
+    padded = tokens.smoothed_cross_entropy(logits, targets, 0.1)
+    (grad_padded,) = torch.autograd.grad(padded, logits)
+    exact = logits[:33].detach().requires_grad_()
+    plain = tokens.smoothed_cross_entropy(exact, targets, 0.1)
+    (grad_plain,) = torch.autograd.grad(plain, exact)
+    assert_rounding_close(padded, plain, what="loss with 7 padding rows")
+    assert_rounding_close(grad_padded[:33], grad_plain, what="gradient of the real rows")
+    assert torch.equal(grad_padded[33:], torch.zeros(7, 17))
+    with pytest.raises(ValueError, match="padding rows"):
+        tokens.smoothed_cross_entropy(logits[:30], targets, 0.1)  # fewer rows than targets
+
+
+def test_maskgit_loss_pads_the_head_rows_where_onednn_runs_it() -> None:
+    """oneDNN compiles a kernel per matmul shape: where it runs the head (fp32 on the oneDNN
+    backend, bf16 autocast), the masked rows go through it padded to HEAD_ROW_MULTIPLE, and the
+    loss is the unpadded one; with the BLAS they are not padded."""
+    m = model("maskgit")
+    codes = torch.randint(0, V, (8, K))
+    labels = torch.arange(8) % C
+    seen: list[tuple[int, int]] = []
+
+    def record(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], out: torch.Tensor
+               ) -> None:
+        seen.append((kwargs["pad_rows"], out.shape[0]))
+
+    m.register_forward_hook(record, with_kwargs=True)
+    losses = {}
+    for backend in ("blas", "onednn"):
+        torch.manual_seed(3)
+        with layers.fp32_linear(backend):
+            losses[backend], _ = tokens.maskgit_loss(
+                m, codes, labels, class_dropout=0.0, label_smoothing=0.1, null_class=C,
+                mask_code=V)
+    torch.manual_seed(3)
+    n = int(tokens.random_mask(codes).sum())
+    # fp32_linear('onednn') falls back to the BLAS where torch was built without oneDNN
+    expected_pad = tokens.HEAD_ROW_MULTIPLE if torch.backends.mkldnn.is_available() else 1
+    assert seen == [(1, n), (expected_pad, -(-n // expected_pad) * expected_pad)]
+    assert_rounding_close(losses["onednn"], losses["blas"], what="loss padded vs not")
+    with torch.autocast("cpu", dtype=torch.bfloat16), layers.fp32_linear("blas"):
+        assert layers.matmuls_compile_per_shape(torch.device("cpu"))
+    with layers.fp32_linear("blas"):
+        assert not layers.matmuls_compile_per_shape(torch.device("cpu"))
 
 
 def test_top1_accuracy_is_argmax_accuracy() -> None:
