@@ -11,8 +11,11 @@ oneDNN's linear kernel, which models/layers.py uses for fp32 Linear layers where
 runs AVX2 kernels on non-Intel CPUs, so on an AVX-512 AMD CPU oneDNN's rate is ~2x torch.mm's,
 and nearer the hardware's). "Linear alone" times the model's fp32 Linear layers by themselves,
 forward and backward at the shapes a step gives them: the rate a step could reach if everything
-else (attention, norms, activations, loss, optimizer) were free, and their share of the step. Matmul blocks and training blocks alternate over `--rounds`
-rounds and every figure is a median, so a neighbour's load drifts through all of them alike.
+else (attention, norms, activations, loss, optimizer) were free, and their share of the step;
+"Linear alone bf16 vs fp32" times them again under bf16 autocast (fp32 inputs, so autocast's
+casts count): how much of a speed-up bf16 has to offer a model at its own shapes. Matmul
+blocks and training blocks alternate over `--rounds` rounds and every figure is a median, so a
+neighbour's load drifts through all of them alike.
 
 The default size trains the params.yaml tokenizer on the prepare resolution and channels, and
 the params.yaml generator on its latents (K x D); "small" is the registry's small size (width
@@ -63,7 +66,14 @@ from latentforge.models.tokenizer import Tokenizer
 from latentforge.precision import machine_key
 from latentforge.tasks.generator import generator_loss, token_generator_loss
 from latentforge.tasks.tokenizer import model_config, tokenizer_loss
-from latentforge.training import EMA, Batch, LossFn, build_optimizer, train_step
+from latentforge.training import (
+    EMA,
+    Batch,
+    LossFn,
+    build_optimizer,
+    compile_in_place,
+    train_step,
+)
 
 MATMUL_N = 2048
 NUM_CLASSES = 10
@@ -172,7 +182,7 @@ def make_variant(w: Workload, bf16: bool, compiled: bool) -> Variant:
     torch.manual_seed(0)
     model = w.build()
     if compiled:
-        model.compile()
+        compile_in_place(model)
     cfg = dataclasses.replace(w.cfg, bf16=bf16)
     optimizer = build_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay)
@@ -203,12 +213,13 @@ def count_flops(w: Workload) -> int:
     return counter.get_total_flops()
 
 
-def linear_block(w: Workload) -> tuple[Callable[[], None], int]:
+def linear_block(w: Workload, bf16: bool = False) -> tuple[Callable[[], None], int]:
     """The model's fp32 Linear layers alone, forward and backward, at the shapes one training
     step gives them (recorded by forward hooks), on the kernels the model uses: what the step
     would cost if attention, norms, activations, the loss and the optimizer were free. Returns
     the block and its FLOPs (2 x rows x in x out per matmul; the input's gradient only where
-    the step needs it)."""
+    the step needs it). `bf16`: the same layers under bf16 autocast, fp32 inputs (autocast's
+    casts of inputs, weights and gradients included, as in a bf16 step)."""
     torch.manual_seed(0)
     model = w.build()
     optimizer = build_optimizer(model, w.cfg)
@@ -232,7 +243,9 @@ def linear_block(w: Workload) -> tuple[Callable[[], None], int]:
 
     def block() -> None:
         for module, x, grad in calls:
-            module(x).backward(grad)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = module(x)
+            out.backward(grad.to(out.dtype))
 
     return block, flops
 
@@ -245,11 +258,13 @@ def measure(w: Workload, args: argparse.Namespace, clock: Clock) -> list[dict[st
     mm = {"fp32": matmul_block(torch.float32), "bf16": matmul_block(torch.bfloat16),
           "fp32_onednn": matmul_block(torch.float32, onednn=True)}
     linears, linear_flops = linear_block(w)
-    for f in [*mm.values(), linears]:
+    linears_bf16, _ = linear_block(w, bf16=True)
+    for f in [*mm.values(), linears, linears_bf16]:
         f()
     seconds: dict[str, list[float]] = {v.name: [] for v in variants}
     mm_seconds: dict[str, list[float]] = {k: [] for k in mm}
     linear_seconds: list[float] = []
+    linear_bf16_seconds: list[float] = []
     for _ in range(args.rounds):
         for key, f in mm.items():
             start = clock.now()
@@ -259,6 +274,10 @@ def measure(w: Workload, args: argparse.Namespace, clock: Clock) -> list[dict[st
         for _ in range(args.steps):
             linears()
         linear_seconds.append((clock.now() - start) / args.steps)
+        start = clock.now()
+        for _ in range(args.steps):
+            linears_bf16()
+        linear_bf16_seconds.append((clock.now() - start) / args.steps)
         for v in variants:
             start = clock.now()
             for _ in range(args.steps):
@@ -269,6 +288,7 @@ def measure(w: Workload, args: argparse.Namespace, clock: Clock) -> list[dict[st
     fp32_step = statistics.median(seconds["fp32"]) if "fp32" in seconds else None
     linear_s = statistics.median(linear_seconds)
     linear_rate = linear_flops / linear_s
+    linear_bf16_s = statistics.median(linear_bf16_seconds)
     rows = []
     for v in variants:
         step_s = statistics.median(seconds[v.name])
@@ -285,6 +305,7 @@ def measure(w: Workload, args: argparse.Namespace, clock: Clock) -> list[dict[st
                      "linear_vs_onednn": linear_rate / mm_rate["fp32_onednn"],
                      "linear_vs_fp32": linear_rate / mm_rate["fp32"],
                      "linear_share": (linear_s / fp32_step) if fp32_step else float("nan"),
+                     "linear_bf16_speedup": linear_s / linear_bf16_s,
                      "fp32_matmul_gflops": mm_rate["fp32"] / 1e9,
                      "onednn_matmul_gflops": mm_rate["fp32_onednn"] / 1e9,
                      "bf16_matmul_gflops": mm_rate["bf16"] / 1e9})
@@ -321,8 +342,9 @@ def main() -> None:
     print("| model | size | example | batch | precision | img/s | GFLOP/step | GFLOP/s | "
           "/ fp32 matmul | / oneDNN fp32 matmul | / bf16 matmul | vs fp32 step | "
           "matmul fp32, oneDNN fp32, bf16 GFLOP/s | Linear alone / fp32, oneDNN matmul | "
-          "Linear alone / fp32 step |" + (" compile s |" if args.compile else ""))
-    print("|---" * (15 + args.compile) + "|")
+          "Linear alone / fp32 step | Linear alone bf16 vs fp32 |"
+          + (" compile s |" if args.compile else ""))
+    print("|---" * (16 + args.compile) + "|")
     for w in workloads(params, args):
         for r in measure(w, args, clock):
             print(f"| {r['model']} | {r['size']} | {r['shape']} | {r['batch']} | {r['variant']} | "
@@ -332,7 +354,7 @@ def main() -> None:
                   f"{r['fp32_matmul_gflops']:.0f}, {r['onednn_matmul_gflops']:.0f}, "
                   f"{r['bf16_matmul_gflops']:.0f} | "
                   f"{r['linear_vs_fp32']:.2f}, {r['linear_vs_onednn']:.2f} | "
-                  f"{r['linear_share']:.2f} |"
+                  f"{r['linear_share']:.2f} | {r['linear_bf16_speedup']:.2f}x |"
                   + (f" {r['compile_s']:.1f} |" if args.compile else ""), flush=True)
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
     if args.overhead:

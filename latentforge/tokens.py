@@ -109,7 +109,7 @@ def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
                            label_smoothing: float) -> torch.Tensor:
     """F.cross_entropy(logits, targets, label_smoothing=eps) for logits (N, V), targets (N,):
     the mean of (1 - eps) * -log p(target) + eps * mean over classes of -log p. Logits may
-    carry padding rows after the first N (``TokenTransformer``'s `pad_rows`): they take no
+    carry padding rows after the first N (``maskgit_loss`` pads them): they take no
     part in the loss and get a zero gradient.
 
     Written out because torch's CPU label smoothing costs ~5x its plain cross-entropy (fwd+bwd
@@ -152,11 +152,13 @@ def maskgit_loss(model: torch.nn.Module, codes: torch.Tensor, labels: torch.Tens
     masked = random_mask(codes)  # (B, K)
     inputs = torch.where(masked, torch.full_like(codes, mask_code), codes)
     # Logits of the masked positions only (N, V): the head skips the others. Where oneDNN
-    # runs the head, N is padded to a multiple of HEAD_ROW_MULTIPLE: a few shapes per run.
-    pad = HEAD_ROW_MULTIPLE if matmuls_compile_per_shape(codes.device) else 1
-    logits = model(inputs, drop_labels(labels, class_dropout, null_class),
-                   positions=masked, pad_rows=pad).float()
-    targets = codes[masked]
+    # runs the head, N is padded to a multiple of HEAD_ROW_MULTIPLE (repeats of position 0,
+    # which the loss ignores): a few shapes per run.
+    rows = masked.flatten().nonzero().squeeze(1)  # (N,) indices b K + k
+    targets = codes.flatten()[rows]
+    if matmuls_compile_per_shape(codes.device):
+        rows = F.pad(rows, (0, -rows.shape[0] % HEAD_ROW_MULTIPLE))
+    logits = model(inputs, drop_labels(labels, class_dropout, null_class), rows=rows).float()
     loss = smoothed_cross_entropy(logits, targets, label_smoothing)
     accuracy = top1_accuracy(logits[: targets.shape[0]], targets)
     return loss, {"masked_fraction": masked.float().mean(), "masked_accuracy": accuracy}

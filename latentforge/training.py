@@ -396,6 +396,17 @@ def _reduce_mean(values: list[torch.Tensor | float], worker: _Worker) -> list[fl
     return packed.tolist()
 
 
+def compile_in_place(model: nn.Module) -> None:
+    """torch.compile the model's forward (state_dict keys stay), its random numbers drawn by
+    torch's own kernels (inductor's `fallback_random`): the compiled code then draws what eager
+    draws, and on CPU inductor's own generator cost a tiny maskgit step ~8 ms of dropout masks
+    (38 ms compiled against ~21 eager; 25 with the fallback)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fallback_random = True
+    model.compile()
+
+
 def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker,
               progress: bool, on_row: Callable[[dict[str, float]], None] | None,
               on_save: Callable[[int, Path | None], None] | None = None,
@@ -414,7 +425,7 @@ def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker
         model.load_state_dict(resume.model_state)
     model = worker.wrap(model)
     if compile_model:
-        unwrap_model(model).compile()
+        compile_in_place(unwrap_model(model))
     ema = EMA(unwrap_model(model), cfg.ema_decay)
     optimizer = build_optimizer(model, cfg)
     start = 0

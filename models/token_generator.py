@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from latentforge.models.generator import GENERATOR_SIZES
@@ -222,21 +221,20 @@ class TokenTransformer(nn.Module):
 
     def forward(self, codes: torch.Tensor, y: torch.Tensor,
                 positions: torch.Tensor | None = None,
-                guidance: float | None = None, pad_rows: int = 1) -> torch.Tensor:
+                guidance: float | None = None, rows: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """codes: (B, K) long, y: (B,) long -> logits (B, K, V), or (B, M, V) at `positions`.
 
         maskgit: codes may hold ``mask_code``; logits at i predict the code at i.
         ar: logits at i predict codes[:, i] from y and codes[:, :i] (the last code is not read).
         `positions` (B, M) long: only those code positions go through the output head (a
         sampler needs the still-masked ones; the head is a third of a tiny model's FLOPs).
-        `positions` (B, K) bool (training: each row masks its own number of codes): logits
-        (N, V) of the True positions in row-major order, as ``logits[positions]`` of the full
-        output, without the head's work and the scatter back of the other positions. With
-        `pad_rows` p > 1 those N rows are padded with zero rows to a multiple of p before the
-        head, and the logits keep them: (N rounded up to p, V). The masked count changes every
-        step, and oneDNN (bf16 autocast; fp32 on non-Intel CPUs) builds a kernel per new matmul
-        shape, ~11 ms each for the head's on a Xeon with AMX: unpadded, most steps of a run met
-        three new shapes (its primitive cache holds 1024 and a run sees ~1000 counts x 3 matmuls).
+        `rows` (N,) long (training: each row masks its own number of codes): indices b K + k
+        into the batch's B K code positions; logits (N, V) of those positions only, as
+        ``logits.flatten(0, 1)[rows]`` of the full output, without the head's work on the
+        others. Indices, not a bool mask: selecting by a mask has a data-dependent size, which
+        torch.compile cannot trace (a graph break made compiled maskgit training slower than
+        eager), while the indices come from the caller and may repeat (padding).
         `guidance` s: the batch is B/2 conditional rows then their B/2 unconditional twins, and
         the result (B/2, K or M, V) is the classifier-free guided uncond + s (cond - uncond)
         (see ``guided_head``).
@@ -248,17 +246,14 @@ class TokenTransformer(nn.Module):
         else:
             h = torch.cat([cls, self.tok_embed(codes)], dim=1)  # (B, K + 1, W)
         h = h + self.pos_embed[:, : h.shape[1]]
-        flat = positions is not None and positions.dtype == torch.bool
-        if positions is not None and flat and (guidance is not None
-                                               or positions.shape != codes.shape):
-            raise ValueError(f"bool positions select codes of one (B, K) = "
-                             f"{tuple(codes.shape)} batch, without guidance; got "
-                             f"{tuple(positions.shape)}, guidance {guidance}")
-        if positions is not None and not flat and positions.numel() and not (
+        if rows is not None and (positions is not None or guidance is not None):
+            raise ValueError("rows selects code positions of an unguided batch: not with "
+                             "positions or guidance")
+        if positions is not None and positions.numel() and not (
                 int(positions.min()) >= 0 and int(positions.max()) < codes.shape[1]):
             raise IndexError(f"positions must lie in [0, {codes.shape[1]}) (the codes), got "
                              f"{int(positions.min())} .. {int(positions.max())}")
-        if positions is not None and not flat and not self.causal:
+        if positions is not None and not self.causal:
             # The last block computes only the asked positions (their attention still reads
             # all of them): the other outputs would be thrown away. Code i sits at input i + 1.
             for block in self.blocks[:-1]:
@@ -269,12 +264,11 @@ class TokenTransformer(nn.Module):
             h, _ = block(h, self.causal)
         # ar: outputs 0 .. K-1 (class and K-1 codes) predict codes 0 .. K-1;
         # maskgit: outputs 1 .. K belong to the code positions.
+        if rows is not None:
+            # code b K + k is output row b (K + 1) + k + 1 (maskgit: the class token first)
+            index = rows if self.causal else rows + rows // codes.shape[1] + 1
+            return self.guided_head(h.flatten(0, 1).index_select(0, index), None)  # (N, V)
         h = h if self.causal else h[:, 1:]  # (B, K, W)
-        if positions is not None and flat:
-            rows = h[positions]  # (N, W)
-            if pad_rows > 1:
-                rows = F.pad(rows, (0, 0, 0, -rows.shape[0] % pad_rows))
-            return self.guided_head(rows, None)  # (N, or N rounded up to pad_rows, V)
         if positions is not None:
             h = take_positions(h, positions)  # (B, M, W)
         return self.guided_head(h, guidance)  # (B or B/2, K or M, V)

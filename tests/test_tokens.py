@@ -77,25 +77,36 @@ def test_maskgit_loss_reads_only_masked_positions():
 
 
 @pytest.mark.parametrize("kind", ["maskgit", "ar"])
-def test_bool_positions_give_the_full_outputs_at_those_positions(kind: str) -> None:
+def test_rows_give_the_full_outputs_at_those_positions(kind: str) -> None:
     m = model(kind)
     codes = torch.randint(0, V, (5, K))
     labels = torch.arange(5) % C
     picked = torch.rand(5, K) < 0.5
     picked[0] = False  # a row with nothing picked
     picked[1] = True  # a row with everything
-    out = m(codes, labels, positions=picked)
+    rows = picked.flatten().nonzero().squeeze(1)
+    out = m(codes, labels, rows=rows)
     assert out.shape == (int(picked.sum()), V)
     assert_rounding_close(out, m(codes, labels)[picked], what="logits at the picked positions")
-    n = int(picked.sum())
-    padded = m(codes, labels, positions=picked, pad_rows=8)
-    assert padded.shape == (-(-n // 8) * 8, V)
-    assert_rounding_close(padded[:n], out, what="the padded call's first N rows")
-    with pytest.raises(ValueError, match="bool positions"):
-        m(codes, labels, positions=picked[:, :-1])
-    with pytest.raises(ValueError, match="without guidance"):
-        m(torch.cat([codes, codes]), torch.cat([labels, labels]),
-          positions=torch.cat([picked, picked]), guidance=2.0)
+    repeated = m(codes, labels, rows=torch.cat([rows, rows[:3]]))  # padding by repeats
+    assert_rounding_close(repeated[:len(rows)], out, what="the padded call's first N rows")
+    with pytest.raises(IndexError):
+        m(codes, labels, rows=torch.tensor([5 * K]))
+    with pytest.raises(ValueError, match="not with positions or guidance"):
+        m(torch.cat([codes, codes]), torch.cat([labels, labels]), rows=rows, guidance=2.0)
+
+
+def test_compiled_maskgit_loss_traces_without_a_graph_break() -> None:
+    """The masked positions reach the model as indices: no data-dependent shape inside it,
+    so torch.compile traces its forward whole (a graph break there made compiled training
+    slower than eager)."""
+    torch._dynamo.reset()
+    m = model("maskgit")
+    codes = torch.randint(0, V, (8, K))
+    labels = torch.arange(8) % C
+    rows = torch.tensor([0, 3, 5, 17, 30])
+    explained = torch._dynamo.explain(m)(codes, labels, rows=rows)
+    assert explained.graph_break_count == 0, explained.break_reasons
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.5, 1.0])
@@ -138,11 +149,11 @@ def test_maskgit_loss_pads_the_head_rows_where_onednn_runs_it() -> None:
     m = model("maskgit")
     codes = torch.randint(0, V, (8, K))
     labels = torch.arange(8) % C
-    seen: list[tuple[int, int]] = []
+    seen: list[int] = []
 
     def record(module: torch.nn.Module, args: Any, kwargs: dict[str, Any], out: torch.Tensor
                ) -> None:
-        seen.append((kwargs["pad_rows"], out.shape[0]))
+        seen.append(out.shape[0])
 
     m.register_forward_hook(record, with_kwargs=True)
     losses = {}
@@ -155,8 +166,8 @@ def test_maskgit_loss_pads_the_head_rows_where_onednn_runs_it() -> None:
     torch.manual_seed(3)
     n = int(tokens.random_mask(codes).sum())
     # fp32_linear('onednn') falls back to the BLAS where torch was built without oneDNN
-    expected_pad = tokens.HEAD_ROW_MULTIPLE if torch.backends.mkldnn.is_available() else 1
-    assert seen == [(1, n), (expected_pad, -(-n // expected_pad) * expected_pad)]
+    pad = tokens.HEAD_ROW_MULTIPLE if torch.backends.mkldnn.is_available() else 1
+    assert seen == [n, -(-n // pad) * pad]
     assert_rounding_close(losses["onednn"], losses["blas"], what="loss padded vs not")
     with torch.autocast("cpu", dtype=torch.bfloat16), layers.fp32_linear("blas"):
         assert layers.matmuls_compile_per_shape(torch.device("cpu"))
