@@ -19,7 +19,8 @@ run, so the bench reports medians over the repeats, and each repeat's pipeline a
 bare loop measured next to it (which one goes first alternates).
 
 With one worker and no cluster the stage encodes in-process, and so does the bench; `--ray`
-measures the Ray Data actor pool instead (the path of clusters and several workers).
+measures the Ray Data actor pool instead, on the cluster path (the driver ships the images
+through the object store; several local workers without a cluster read the shards themselves).
 
     .venv/bin/python bench/cache_throughput.py [--images 20000] [--size tiny] [--repeats 3]
         [--ray]
@@ -115,11 +116,10 @@ def main() -> None:
     parser.add_argument("--tokenizer-steps", type=int, default=5)
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
     parser.add_argument("--ray", action="store_true",
-                        help="measure the Ray Data actor pool even with one worker (the path of "
-                             "clusters and several workers: the local instance is named as a "
-                             "cluster, so the driver ships the images through the object "
-                             "store); without it one worker encodes in-process, as the stage "
-                             "does by default")
+                        help="measure the Ray Data actor pool even with one worker, on the "
+                             "cluster path (the local instance is named as a cluster, so the "
+                             "driver ships the images through the object store); without it "
+                             "one worker encodes in-process, as the stage does by default")
     parser.add_argument("--root", type=Path, default=None,
                         help="keep prepared data and tokenizer here and reuse them next time "
                              "(default: a temporary folder)")

@@ -237,7 +237,8 @@ def linear_block(w: Workload, bf16: bool = False) -> tuple[Callable[[], None], i
     calls, flops = [], 0
     for module, shape, input_grad in seen:
         x = torch.randn(shape).requires_grad_(input_grad)
-        grad = torch.randn(*shape[:-1], module.out_features)
+        grad = torch.randn(*shape[:-1], module.out_features,
+                           dtype=torch.bfloat16 if bf16 else torch.float32)
         calls.append((module, x, grad))
         flops += 2 * math.prod(shape) * module.out_features * (2 + input_grad)
 
@@ -245,7 +246,7 @@ def linear_block(w: Workload, bf16: bool = False) -> tuple[Callable[[], None], i
         for module, x, grad in calls:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 out = module(x)
-            out.backward(grad.to(out.dtype))
+            out.backward(grad)
 
     return block, flops
 

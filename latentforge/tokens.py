@@ -48,7 +48,8 @@ UNIFORM_EPS = 1e-10
 # Where oneDNN runs the matmuls (models/layers.py: matmuls_compile_per_shape), maskgit
 # training pads the masked rows to a multiple of this before the output head: the masked
 # count changes every step, and oneDNN compiles a kernel per new matmul shape (~11 ms at bf16
-# on AMX). A multiple of 64 leaves 17 shapes at the default batch of 64 x 16 codes.
+# on AMX). A multiple of 64 leaves 16 shapes at the default batch of 64 x 16 codes (64 to
+# 1024 masked).
 HEAD_ROW_MULTIPLE = 64
 
 
@@ -106,11 +107,11 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
-                           label_smoothing: float) -> torch.Tensor:
+                           label_smoothing: float, padded: bool = False) -> torch.Tensor:
     """F.cross_entropy(logits, targets, label_smoothing=eps) for logits (N, V), targets (N,):
-    the mean of (1 - eps) * -log p(target) + eps * mean over classes of -log p. Logits may
-    carry padding rows after the first N (``maskgit_loss`` pads them): they take no
-    part in the loss and get a zero gradient.
+    the mean of (1 - eps) * -log p(target) + eps * mean over classes of -log p. `padded`:
+    the logits may carry padding rows after the first N (``maskgit_loss`` pads them), which
+    take no part in the loss and get a zero gradient; without it the row counts must match.
 
     Written out because torch's CPU label smoothing costs ~5x its plain cross-entropy (fwd+bwd
     over 680 x 1000 fp32 logits alone, 1 thread, Zen 5: 4.7 ms, against 0.6 ms without
@@ -120,10 +121,12 @@ def smoothed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
     """
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if logits.dim() != 2 or targets.dim() != 1 or targets.shape[0] > logits.shape[0]:
-        raise ValueError(f"logits (N, V) and targets (N,) expected (logits may carry padding "
-                         f"rows after the N), got {tuple(logits.shape)} and "
-                         f"{tuple(targets.shape)}")
+    rows_ok = (targets.shape[0] <= logits.shape[0] if padded
+               else targets.shape[0] == logits.shape[0])
+    if logits.dim() != 2 or targets.dim() != 1 or not rows_ok:
+        raise ValueError(f"logits (N, V) and targets (N,) expected"
+                         f"{' (logits may carry padding rows after the N)' if padded else ''}, "
+                         f"got {tuple(logits.shape)} and {tuple(targets.shape)}")
     return _SmoothedCrossEntropy.apply(logits, targets, float(label_smoothing))
 
 
@@ -159,7 +162,7 @@ def maskgit_loss(model: torch.nn.Module, codes: torch.Tensor, labels: torch.Tens
     if matmuls_compile_per_shape(codes.device):
         rows = F.pad(rows, (0, -rows.shape[0] % HEAD_ROW_MULTIPLE))
     logits = model(inputs, drop_labels(labels, class_dropout, null_class), rows=rows).float()
-    loss = smoothed_cross_entropy(logits, targets, label_smoothing)
+    loss = smoothed_cross_entropy(logits, targets, label_smoothing, padded=True)
     accuracy = top1_accuracy(logits[: targets.shape[0]], targets)
     return loss, {"masked_fraction": masked.float().mean(), "masked_accuracy": accuracy}
 

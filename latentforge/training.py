@@ -398,13 +398,10 @@ def _reduce_mean(values: list[torch.Tensor | float], worker: _Worker) -> list[fl
 
 def compile_in_place(model: nn.Module) -> None:
     """torch.compile the model's forward (state_dict keys stay), its random numbers drawn by
-    torch's own kernels (inductor's `fallback_random`): the compiled code then draws what eager
-    draws, and on CPU inductor's own generator cost a tiny maskgit step ~8 ms of dropout masks
-    (38 ms compiled against ~21 eager; 25 with the fallback)."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.fallback_random = True
-    model.compile()
+    torch's own kernels (inductor's `fallback_random`, for this model only): the compiled code
+    then draws what eager draws, and on CPU inductor's own generator cost a tiny maskgit step
+    ~8 ms of dropout masks (38 ms compiled against ~21 eager; 25 with the fallback)."""
+    model.compile(options={"fallback_random": True})
 
 
 def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker,

@@ -96,16 +96,21 @@ def test_rows_give_the_full_outputs_at_those_positions(kind: str) -> None:
         m(torch.cat([codes, codes]), torch.cat([labels, labels]), rows=rows, guidance=2.0)
 
 
-def test_compiled_maskgit_loss_traces_without_a_graph_break() -> None:
+def test_maskgit_forward_with_rows_traces_without_a_graph_break() -> None:
     """The masked positions reach the model as indices: no data-dependent shape inside it,
-    so torch.compile traces its forward whole (a graph break there made compiled training
-    slower than eager)."""
-    torch._dynamo.reset()
-    m = model("maskgit")
+    so torch.compile traces its training forward whole, dropout included (a graph break
+    there made compiled training slower than eager)."""
+    torch.manual_seed(0)
+    m = TokenTransformer(token_generator_config("tiny", kind="maskgit", num_tokens=K,
+                                                vocab_size=V, num_classes=C, dropout=0.1))
     codes = torch.randint(0, V, (8, K))
     labels = torch.arange(8) % C
     rows = torch.tensor([0, 3, 5, 17, 30])
-    explained = torch._dynamo.explain(m)(codes, labels, rows=rows)
+    torch._dynamo.reset()
+    try:
+        explained = torch._dynamo.explain(m.train())(codes, labels, rows=rows)
+    finally:
+        torch._dynamo.reset()
     assert explained.graph_break_count == 0, explained.break_reasons
 
 
@@ -126,26 +131,30 @@ def test_smoothed_cross_entropy_equals_torchs_with_its_gradient(smoothing: float
         tokens.smoothed_cross_entropy(logits[None], targets, 0.1)
 
 
-def test_smoothed_cross_entropy_ignores_padding_rows() -> None:
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_smoothed_cross_entropy_ignores_padding_rows(smoothing: float) -> None:
     torch.manual_seed(0)
     logits = (torch.randn(40, 17) * 4).requires_grad_()
     targets = torch.randint(0, 17, (33,))
-    padded = tokens.smoothed_cross_entropy(logits, targets, 0.1)
+    padded = tokens.smoothed_cross_entropy(logits, targets, smoothing, padded=True)
     (grad_padded,) = torch.autograd.grad(padded, logits)
     exact = logits[:33].detach().requires_grad_()
-    plain = tokens.smoothed_cross_entropy(exact, targets, 0.1)
+    plain = tokens.smoothed_cross_entropy(exact, targets, smoothing)
     (grad_plain,) = torch.autograd.grad(plain, exact)
     assert_rounding_close(padded, plain, what="loss with 7 padding rows")
     assert_rounding_close(grad_padded[:33], grad_plain, what="gradient of the real rows")
     assert torch.equal(grad_padded[33:], torch.zeros(7, 17))
-    with pytest.raises(ValueError, match="padding rows"):
-        tokens.smoothed_cross_entropy(logits[:30], targets, 0.1)  # fewer rows than targets
+    with pytest.raises(ValueError, match="padding rows"):  # fewer rows than targets
+        tokens.smoothed_cross_entropy(logits[:30], targets, smoothing, padded=True)
+    with pytest.raises(ValueError, match=r"logits \(N, V\) and targets \(N,\) expected, got"):
+        tokens.smoothed_cross_entropy(logits, targets, smoothing)  # padding not asked for
 
 
-def test_maskgit_loss_pads_the_head_rows_where_onednn_runs_it() -> None:
+def test_maskgit_loss_pads_the_head_rows_where_onednn_runs_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """oneDNN compiles a kernel per matmul shape: where it runs the head (fp32 on the oneDNN
-    backend, bf16 autocast), the masked rows go through it padded to HEAD_ROW_MULTIPLE, and the
-    loss is the unpadded one; with the BLAS they are not padded."""
+    backend, bf16 autocast), the masked rows go through it padded to HEAD_ROW_MULTIPLE, with
+    the unpadded loss and gradients; with the BLAS they are not padded."""
     m = model("maskgit")
     codes = torch.randint(0, V, (8, K))
     labels = torch.arange(8) % C
@@ -156,21 +165,35 @@ def test_maskgit_loss_pads_the_head_rows_where_onednn_runs_it() -> None:
         seen.append(out.shape[0])
 
     m.register_forward_hook(record, with_kwargs=True)
-    losses = {}
-    for backend in ("blas", "onednn"):
+
+    def loss_and_grads(pad: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        monkeypatch.setattr(tokens, "matmuls_compile_per_shape", lambda device: pad)
+        m.zero_grad()
         torch.manual_seed(3)
-        with layers.fp32_linear(backend):
-            losses[backend], _ = tokens.maskgit_loss(
-                m, codes, labels, class_dropout=0.0, label_smoothing=0.1, null_class=C,
-                mask_code=V)
+        loss, _ = tokens.maskgit_loss(m, codes, labels, class_dropout=0.0, label_smoothing=0.1,
+                                      null_class=C, mask_code=V)
+        loss.backward()
+        return loss, {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+
+    with layers.fp32_linear("blas"):
+        plain, plain_grads = loss_and_grads(False)
+        padded, padded_grads = loss_and_grads(True)
     torch.manual_seed(3)
     n = int(tokens.random_mask(codes).sum())
-    # fp32_linear('onednn') falls back to the BLAS where torch was built without oneDNN
-    pad = tokens.HEAD_ROW_MULTIPLE if torch.backends.mkldnn.is_available() else 1
-    assert seen == [n, -(-n // pad) * pad]
-    assert_rounding_close(losses["onednn"], losses["blas"], what="loss padded vs not")
+    multiple = tokens.HEAD_ROW_MULTIPLE
+    assert seen == [n, -(-n // multiple) * multiple]
+    assert_rounding_close(padded, plain, what="loss padded vs not")
+    assert padded_grads.keys() == plain_grads.keys()
+    for key, grad in plain_grads.items():
+        assert_rounding_close(padded_grads[key], grad, what=f"gradient of {key}, padded vs not")
+    monkeypatch.undo()  # the real predicate: bf16 autocast runs the head in oneDNN
+    seen.clear()
+    torch.manual_seed(3)
     with torch.autocast("cpu", dtype=torch.bfloat16), layers.fp32_linear("blas"):
         assert layers.matmuls_compile_per_shape(torch.device("cpu"))
+        tokens.maskgit_loss(m, codes, labels, class_dropout=0.0, label_smoothing=0.1,
+                            null_class=C, mask_code=V)
+    assert seen == [-(-n // multiple) * multiple]
     with layers.fp32_linear("blas"):
         assert not layers.matmuls_compile_per_shape(torch.device("cpu"))
 
