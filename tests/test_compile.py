@@ -1,6 +1,9 @@
 """torch.compile paths (compute.compile), kept out of `make test-kernels`: under its forced
-ATEN_CPU_CAPABILITY=default inductor's generated C++ does not build (at::vec is missing), a
-limit of that forced setting rather than of any real CPU."""
+ATEN_CPU_CAPABILITY=default inductor's generated C++ does not build (at::vec is missing), and
+under a forced ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU compiled code with inductor's
+fallback_random drops the wrong elements (a p = 0.3 mask dropped 13.7%; on the CPU's own
+capability, and with DNNL_MAX_CPU_ISA=AVX2, it matches eager exactly): limits of the forced
+settings, which make ATen and inductor disagree on the instruction set, not of a CPU."""
 
 from __future__ import annotations
 
