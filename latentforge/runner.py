@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from latentforge import paths, storage, tracking
-from latentforge.config import Params
+from latentforge.config import DEFAULT_PARAMS_FILE, Params, load_params
+from latentforge.errors import LatentForgeError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ def execute_stage(stage: str, params: Params, root: str | Path = ".") -> StageRe
         tracker.log_params({stage: dataclasses.asdict(section),
                             "compute": dataclasses.asdict(params.compute)})
         result = _call_task(stage, params, tracker)
+        if os.environ.get("DVC_STAGE"):  # DVC records params.yaml as it is when we return
+            check_params_unchanged(stage, params, root)
         tracker.log_metrics(result.metrics)
         duration = time.time() - started
         tracker.log_metrics({**result.timings, "stage_seconds": duration})
@@ -78,6 +81,47 @@ def execute_stage(stage: str, params: Params, root: str | Path = ".") -> StageRe
                                json.dumps(record, indent=2).encode())
     log.info("%s finished in %.1f s (MLflow run %s)", stage, duration, run_id or "-")
     return result
+
+
+class ParamsChangedError(LatentForgeError):
+    """params.yaml changed while a stage ran, in keys the stage's dvc.lock entry records."""
+
+
+def check_params_unchanged(stage: str, params: Params, root: Path) -> None:
+    """Fail the stage if params.yaml now says other values for the keys DVC records for it.
+
+    DVC reads params.yaml into dvc.lock when the stage's command returns, not when it starts,
+    so an edit made while the stage ran (say, the next experiment's settings) would be locked
+    in as the parameters of outputs the old ones made, and `dvc repro` would then skip the
+    stage. Failing leaves dvc.lock as it was: the next run makes the outputs anew."""
+    path = root / DEFAULT_PARAMS_FILE
+    try:
+        now = load_params(path).to_dict()
+    except LatentForgeError as e:
+        raise ParamsChangedError(f"{path} changed while stage '{stage}' ran and no longer "
+                                 f"loads ({e}); the stage is not recorded: fix it and run again") from e
+    used, now_flat = _flatten(params.to_dict()), _flatten(now)
+    tracked = paths.STAGES[stage].params
+    changed = [f"{key}: {used.get(key)!r} -> {now_flat.get(key)!r}"
+               for key in sorted(used.keys() | now_flat.keys())
+               if any(key == t or key.startswith(t + ".") for t in tracked)
+               and used.get(key) != now_flat.get(key)]
+    if changed:
+        raise ParamsChangedError(
+            f"{path} changed while stage '{stage}' ran ({'; '.join(changed)}): DVC would record "
+            "the new values for outputs made with the old ones, so the stage is not recorded; "
+            "run again to make them with the new values")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: parameters as DVC names them."""
+    flat: dict[str, Any] = {}
+    for name, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
 
 
 def skipped_record(stage: str, root: str | Path = ".", seconds: float = 0.0) -> dict[str, Any]:

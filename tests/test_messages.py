@@ -1,5 +1,6 @@
-"""A second run on one workspace, a full disk and a missing file each end in one line that
-names the cause and the path, exit non-zero, and leave no half-written output."""
+"""A second run on one workspace, a full disk, a missing file and a params.yaml edited while a
+stage ran each end in one line that names the cause and the path, exit non-zero, and leave no
+half-written output."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from test_pipeline import TINY
 
 from latentforge import workspace
@@ -142,3 +144,56 @@ def test_a_stage_flow_refuses_a_busy_workspace(make_project, prefect_harness, mo
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_params_edited_while_a_stage_runs_fail_it_unrecorded(make_project, monkeypatch):
+    """DVC reads params.yaml into dvc.lock when the stage returns: an edit made meanwhile
+    (the user setting up the next run) would be locked in for outputs the old values made."""
+    import mlflow
+    import yaml
+
+    from latentforge import runner, tracking
+    from latentforge.config import load_params
+    from latentforge.tasks import prepare
+
+    root = make_project(TINY)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DVC_STAGE", "prepare")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params(root / "params.yaml")
+    real = prepare.run_stage
+
+    def edit(section: str, key: str, value) -> None:
+        raw = yaml.safe_load((root / "params.yaml").read_text())
+        raw[section][key] = value
+        (root / "params.yaml").write_text(yaml.safe_dump(raw))
+
+    def edited_meanwhile(section, key, value):
+        def run_stage(p, tracker):
+            edit(section, key, value)  # the user's edit, while the stage works
+            return real(p, tracker)
+        return run_stage
+
+    # An edit to a section the stage does not read changes nothing DVC records for it.
+    monkeypatch.setattr(prepare, "run_stage", edited_meanwhile("rl", "kl_beta", 7.0))
+    runner.execute_stage("prepare", params, root)
+    assert (root / "metrics/prepare.json").exists()
+
+    (root / "metrics/prepare.json").unlink()
+    resolution = params.prepare.resolution
+    monkeypatch.setattr(prepare, "run_stage", edited_meanwhile("prepare", "resolution", 12))
+    with pytest.raises(runner.ParamsChangedError) as caught:
+        runner.execute_stage("prepare", params, root)
+    message = str(caught.value)
+    assert f"prepare.resolution: {resolution} -> 12" in message and "params.yaml" in message
+    assert "kl_beta" not in message  # only what DVC records for this stage
+    assert not (root / "metrics/prepare.json").exists()  # nothing recorded as this run's
+    client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(root))
+    (exp,) = [e for e in client.search_experiments() if e.name == params.tracking.experiment]
+    statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id]))
+    assert statuses == ["FAILED", "FINISHED"]
+
+    # Outside DVC (`latentforge stage NAME --no-dvc`) nothing records params.yaml: no check.
+    monkeypatch.delenv("DVC_STAGE")
+    monkeypatch.setattr(prepare, "run_stage", edited_meanwhile("prepare", "resolution", 10))
+    runner.execute_stage("prepare", params, root)
