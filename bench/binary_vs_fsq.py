@@ -46,13 +46,20 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def train_tokenizer(raw: dict, overrides: dict, name: str) -> dict[str, float]:
-    """The tokenizer stage with `overrides`, in the current (temporary) folder."""
+    """The tokenizer stage with `overrides`, in a sub-folder of the current (temporary) one:
+    each variant keeps its checkpoints under its own .latentforge/ (in one folder, every
+    variant would find the last one's checkpoints and log that it starts afresh)."""
     raw = {**raw, "tokenizer": {**raw["tokenizer"], **overrides}}
     params = build_params(raw)
-    folder = name.replace(" ", "_").replace("[", "").replace("]", "").replace(",", "-")
+    folder = Path(name.replace(" ", "_").replace("[", "").replace("]", "").replace(",", "-"))
+    folder.mkdir()
     started = time.perf_counter()
-    result = tokenizer.run(params, out_dir=f"tok_{folder}", prepared_dir="prepared",
-                           judge_dir="judge", plot_file=f"prefix_{folder}.csv")
+    os.chdir(folder)
+    try:
+        result = tokenizer.run(params, out_dir="tokenizer", prepared_dir="../prepared",
+                               judge_dir="../judge", plot_file="prefix.csv")
+    finally:
+        os.chdir("..")
     return {**result.metrics, "seconds": time.perf_counter() - started}
 
 
@@ -76,7 +83,7 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)  # checkpoints go under .latentforge/ here
+        os.chdir(tmp)  # checkpoints go under .latentforge/ in each variant's folder
         try:
             params = build_params(raw)
             started = time.perf_counter()
