@@ -79,13 +79,17 @@ def main() -> None:
             name, _, pairs = text.partition(":")
             variants[name] = parse_pairs(pairs)
     with tempfile.TemporaryDirectory(prefix="posttrain-bench-") as tmp:
-        root = args.root or Path(tmp)
+        root = (args.root or Path(tmp)).resolve()  # absolute: the folder changes below
         root.mkdir(parents=True, exist_ok=True)
         os.chdir(root)  # the stages' checkpoints land here
         inputs(root, args.overrides)
         rows = []
         for i, (name, keys) in enumerate(variants.items()):
             started = time.perf_counter()
+            # Each variant's checkpoints in a folder of its own: in one, a variant finds the
+            # previous one's and logs that they belong to another configuration.
+            (root / f"variant{i}").mkdir(exist_ok=True)
+            os.chdir(root / f"variant{i}")
             result = posttrain.run(params_with(args.overrides, keys), out_dir=root / f"decoder{i}",
                                    generator_dir=root / "generator",
                                    tokenizer_dir=root / "tokenizer",
