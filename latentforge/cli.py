@@ -178,17 +178,28 @@ def cmd_stage(args: argparse.Namespace) -> int:
     if inside_dvc and (args.params or args.overrides):
         raise ConfigError("inside `dvc repro` the parameters come from params.yaml only; "
                           "drop --params/-S (use `latentforge run -S ...` or `dvc exp run -S`)")
-    params = _load(args)
     if inside_dvc:
         from latentforge import workspace
+        from latentforge.config import DEFAULT_PARAMS_FILE, build_params, parse_params_bytes
         from latentforge.runner import execute_stage
 
-        if workspace.held_by_parent():  # the `latentforge run` that started us holds it
-            execute_stage(args.name, params)
+        # The parameters and the bytes they came from, read once: a plain `dvc repro` checks
+        # at the end that params.yaml still says the same (runner.check_params_unchanged).
+        try:
+            text: bytes | None = Path(DEFAULT_PARAMS_FILE).read_bytes()
+        except FileNotFoundError:  # the defaults, as load_params gives them
+            text = None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {DEFAULT_PARAMS_FILE}: {exc.strerror or exc}") from None
+        raw = parse_params_bytes(text, DEFAULT_PARAMS_FILE) if text is not None else {}
+        params = build_params(raw, DEFAULT_PARAMS_FILE)
+        if workspace.held_by_parent():  # the `latentforge run` that started us holds it, and
+            execute_stage(args.name, params)  # keeps dvc.lock true (dvcops.reproduce)
         else:  # a plain `dvc repro`: hold the workspace as a `latentforge run` would
             with workspace.lock(what=f"dvc repro (stage {args.name})"):
-                execute_stage(args.name, params)
+                execute_stage(args.name, params, params_text=text)
         return 0
+    params = _load(args)
     if args.no_dvc:
         from latentforge import workspace
         from latentforge.runner import execute_stage

@@ -945,7 +945,6 @@ def _decode_text(data: bytes, path: str | Path) -> str:
 def read_params_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML params file into a plain dict, with a clear error for anything but a mapping
     in UTF-8 YAML without duplicate keys."""
-    import yaml
 
     path = Path(path)
     try:
@@ -956,6 +955,14 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"params file {path} is a directory, not a YAML file") from None
     except OSError as exc:
         raise ConfigError(f"cannot read params file {path}: {exc.strerror or exc}") from None
+    return parse_params_bytes(raw, path)
+
+
+def parse_params_bytes(raw: bytes, path: str | Path) -> dict[str, Any]:
+    """`read_params_file` on the bytes of the file at `path` (named in the errors)."""
+    import yaml
+
+    path = Path(path)
     text = _decode_text(raw, path)
     try:
         data = yaml_load(text)

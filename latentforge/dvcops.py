@@ -124,7 +124,7 @@ def reproduce(stage: str, root: str | Path = ".", env: Mapping[str, str] | None 
         record_params_used(stage, before, root, on_line)
 
 
-def _dotted(tree: object, key: str) -> tuple[bool, object]:
+def dotted_param(tree: object, key: str) -> tuple[bool, object]:
     """(found, value) of a dotted key (`compute.precision`) in a parsed YAML tree."""
     node = tree
     for part in key.split("."):
@@ -153,7 +153,7 @@ def record_params_used(stage: str, params_text: bytes, root: str | Path = ".",
         entry = (lock.get("stages") or {}).get(stage) or {}
         recorded = (entry.get("params") or {}).get(PARAMS_FILE) or {}
         for key in list(recorded):
-            found, value = _dotted(used, key)
+            found, value = dotted_param(used, key)
             if found and recorded[key] != value:
                 recorded[key] = value
                 corrected.append(key)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from latentforge import paths, storage, tracking
-from latentforge.config import DEFAULT_PARAMS_FILE, Params, load_params
+from latentforge.config import DEFAULT_PARAMS_FILE, Params
+from latentforge.dvcops import dotted_param
 from latentforge.errors import LatentForgeError
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,13 @@ def _call_task(stage: str, params: Params, tracker: tracking.Tracker) -> StageRe
     return module.run_stage(params, tracker)
 
 
-def execute_stage(stage: str, params: Params, root: str | Path = ".") -> StageResult:
-    """Run `stage` with tracking; write metrics/<stage>.json and the last-run record."""
+def execute_stage(stage: str, params: Params, root: str | Path = ".",
+                  params_text: bytes | None = None) -> StageResult:
+    """Run `stage` with tracking; write metrics/<stage>.json and the last-run record.
+
+    `params_text`: params.yaml as `params` were read from it, under a plain `dvc repro`; the
+    stage fails if the keys DVC records for it say otherwise by the end (see
+    `check_params_unchanged`)."""
     if stage not in paths.STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(paths.STAGES)}")
     storage.configure(params.storage)
@@ -64,12 +70,12 @@ def execute_stage(stage: str, params: Params, root: str | Path = ".") -> StageRe
         tracker.log_params({stage: dataclasses.asdict(section),
                             "compute": dataclasses.asdict(params.compute)})
         result = _call_task(stage, params, tracker)
-        if os.environ.get("DVC_STAGE"):  # DVC records params.yaml as it is when we return
-            check_params_unchanged(stage, params, root)
         tracker.log_metrics(result.metrics)
         duration = time.time() - started
         tracker.log_metrics({**result.timings, "stage_seconds": duration})
         tracker.log_text(result.summary, f"{stage}_summary.md")
+        if params_text is not None:  # last, so that little can happen after it
+            check_params_unchanged(stage, params_text, root)
         run_id = tracker.run_id
     metrics_path = root / paths.metrics_file(stage)
     storage.write_bytes_atomic(metrics_path, json.dumps(result.metrics, indent=2,
@@ -87,25 +93,30 @@ class ParamsChangedError(LatentForgeError):
     """params.yaml changed while a stage ran, in keys the stage's dvc.lock entry records."""
 
 
-def check_params_unchanged(stage: str, params: Params, root: Path) -> None:
+def check_params_unchanged(stage: str, params_text: bytes, root: Path) -> None:
     """Fail the stage if params.yaml now says other values for the keys DVC records for it.
 
     DVC reads params.yaml into dvc.lock when the stage's command returns, not when it starts,
     so an edit made while the stage ran (say, the next experiment's settings) would be locked
     in as the parameters of outputs the old ones made, and `dvc repro` would then skip the
-    stage. Failing leaves dvc.lock as it was: the next run makes the outputs anew."""
-    path = root / DEFAULT_PARAMS_FILE
+    stage. Under `latentforge run`, `dvcops.reproduce` writes the values used back into
+    dvc.lock and the pipeline goes on; a plain `dvc repro` has nobody to do that, so the
+    stage fails here instead: dvc.lock keeps its old entry and the next run makes the outputs
+    anew. Raw values are compared, as DVC records them; other sections may change freely."""
+    import yaml
+
+    path = Path(root) / DEFAULT_PARAMS_FILE
     try:
-        now = load_params(path).to_dict()
-    except LatentForgeError as e:
-        raise ParamsChangedError(f"{path} changed while stage '{stage}' ran and no longer "
-                                 f"loads ({e}); the stage is not recorded: fix it and run again") from e
-    used, now_flat = _flatten(params.to_dict()), _flatten(now)
-    tracked = paths.STAGES[stage].params
-    changed = [f"{key}: {used.get(key)!r} -> {now_flat.get(key)!r}"
-               for key in sorted(used.keys() | now_flat.keys())
-               if any(key == t or key.startswith(t + ".") for t in tracked)
-               and used.get(key) != now_flat.get(key)]
+        now = yaml.safe_load(path.read_bytes())
+    except (OSError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ParamsChangedError(f"{path} changed while stage '{stage}' ran and can no longer "
+                                 f"be read ({first}); the stage is not recorded: fix it and "
+                                 "run again") from e
+    used = yaml.safe_load(params_text)
+    changed = []
+    for key in paths.STAGES[stage].params:
+        changed += _changes(key, dotted_param(used, key), dotted_param(now, key))
     if changed:
         raise ParamsChangedError(
             f"{path} changed while stage '{stage}' ran ({'; '.join(changed)}): DVC would record "
@@ -113,15 +124,20 @@ def check_params_unchanged(stage: str, params: Params, root: Path) -> None:
             "run again to make them with the new values")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: parameters as DVC names them."""
-    flat: dict[str, Any] = {}
-    for name, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
-    return flat
+def _changes(key: str, before: tuple[bool, object], after: tuple[bool, object]) -> list[str]:
+    """`key.leaf: old -> new` for every leaf under `key` that differs ((found, value) pairs)."""
+    if before == after:
+        return []
+    (had, old), (has, new) = before, after
+    if had and has and isinstance(old, dict) and isinstance(new, dict):
+        return [line for name in [*old, *(n for n in new if n not in old)]
+                for line in _changes(f"{key}.{name}", (name in old, old.get(name)),
+                                     (name in new, new.get(name)))]
+    return [f"{key}: {_shown(had, old)} -> {_shown(has, new)}"]
+
+
+def _shown(found: bool, value: object) -> str:
+    return json.dumps(value, default=str) if found else "(absent)"
 
 
 def skipped_record(stage: str, root: str | Path = ".", seconds: float = 0.0) -> dict[str, Any]:

@@ -146,9 +146,12 @@ def test_a_stage_flow_refuses_a_busy_workspace(make_project, prefect_harness, mo
         holder.wait()
 
 
-def test_params_edited_while_a_stage_runs_fail_it_unrecorded(make_project, monkeypatch):
+def test_params_edited_while_a_stage_runs_under_dvc_repro_fail_it_unrecorded(make_project,
+                                                                            monkeypatch):
     """DVC reads params.yaml into dvc.lock when the stage returns: an edit made meanwhile
-    (the user setting up the next run) would be locked in for outputs the old values made."""
+    (the user setting up the next run) would be locked in for outputs the old values made.
+    `latentforge run` writes the used values back (test_dvcops); under a plain `dvc repro`
+    the stage itself fails, unrecorded."""
     import mlflow
     import yaml
 
@@ -160,40 +163,63 @@ def test_params_edited_while_a_stage_runs_fail_it_unrecorded(make_project, monke
     monkeypatch.chdir(root)
     monkeypatch.setenv("DVC_STAGE", "prepare")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    text = (root / "params.yaml").read_bytes()
     params = load_params(root / "params.yaml")
     real = prepare.run_stage
 
-    def edit(section: str, key: str, value) -> None:
-        raw = yaml.safe_load((root / "params.yaml").read_text())
-        raw[section][key] = value
-        (root / "params.yaml").write_text(yaml.safe_dump(raw))
-
     def edited_meanwhile(section, key, value):
-        def run_stage(p, tracker):
-            edit(section, key, value)  # the user's edit, while the stage works
+        def run_stage(p, tracker):  # the user's edit, while the stage works
+            raw = yaml.safe_load((root / "params.yaml").read_text())
+            raw[section][key] = value
+            (root / "params.yaml").write_text(yaml.safe_dump(raw))
             return real(p, tracker)
         return run_stage
 
     # An edit to a section the stage does not read changes nothing DVC records for it.
     monkeypatch.setattr(prepare, "run_stage", edited_meanwhile("rl", "kl_beta", 7.0))
-    runner.execute_stage("prepare", params, root)
+    runner.execute_stage("prepare", params, root, params_text=text)
     assert (root / "metrics/prepare.json").exists()
 
     (root / "metrics/prepare.json").unlink()
+    (root / "params.yaml").write_bytes(text)
     resolution = params.prepare.resolution
     monkeypatch.setattr(prepare, "run_stage", edited_meanwhile("prepare", "resolution", 12))
     with pytest.raises(runner.ParamsChangedError) as caught:
-        runner.execute_stage("prepare", params, root)
+        runner.execute_stage("prepare", params, root, params_text=text)
     message = str(caught.value)
     assert f"prepare.resolution: {resolution} -> 12" in message and "params.yaml" in message
-    assert "kl_beta" not in message  # only what DVC records for this stage
+    assert "kl_beta" not in message and "\n" not in message  # one line, this stage's keys
     assert not (root / "metrics/prepare.json").exists()  # nothing recorded as this run's
     client = mlflow.MlflowClient(tracking_uri=tracking.tracking_uri(root))
     (exp,) = [e for e in client.search_experiments() if e.name == params.tracking.experiment]
     statuses = sorted(r.info.status for r in client.search_runs([exp.experiment_id]))
     assert statuses == ["FAILED", "FINISHED"]
 
-    # Outside DVC (`latentforge stage NAME --no-dvc`) nothing records params.yaml: no check.
-    monkeypatch.delenv("DVC_STAGE")
-    monkeypatch.setattr(prepare, "run_stage", edited_meanwhile("prepare", "resolution", 10))
+    # Without the bytes (under `latentforge run`, whose reproduce() fixes dvc.lock instead,
+    # or `--no-dvc`, where nothing records params) there is no check.
     runner.execute_stage("prepare", params, root)
+
+
+def test_the_params_check_reads_dotted_keys_and_unreadable_files(tmp_path):
+    """judge records compute.precision, not the rest of compute; a file that no longer
+    parses is one line naming it."""
+    import yaml
+
+    from latentforge import runner
+
+    before = {"judge": {"steps": 10}, "compute": {"precision": "fp32", "num_workers": 1}}
+    text = yaml.safe_dump(before).encode()
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {**before, "compute": {"precision": "fp32", "num_workers": 4}}))
+    runner.check_params_unchanged("judge", text, tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+        {**before, "compute": {"precision": "bf16", "num_workers": 1}}))
+    with pytest.raises(runner.ParamsChangedError, match=r'compute.precision: "fp32" -> "bf16"'):
+        runner.check_params_unchanged("judge", text, tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**before, "judge": {}}))
+    with pytest.raises(runner.ParamsChangedError, match=r"judge.steps: 10 -> \(absent\)"):
+        runner.check_params_unchanged("judge", text, tmp_path)
+    (tmp_path / "params.yaml").write_text("judge: [unclosed\n  steps: 1\n")
+    with pytest.raises(runner.ParamsChangedError) as caught:
+        runner.check_params_unchanged("judge", text, tmp_path)
+    assert "can no longer be read" in str(caught.value) and "\n" not in str(caught.value)
