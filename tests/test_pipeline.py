@@ -155,6 +155,9 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
     # only rl and evaluate rerun, seed 0 from its checkpoints; the report aggregates the three.
     table = cli(a, "run", "-S", "rl.seeds=[0, 1, 2]").stdout
     assert yaml.safe_load((a / "params.yaml").read_text())["rl"]["seeds"] == [0, 1, 2]
+    rl_run = max(runs(a, "tags.`latentforge.stage` = 'rl'"), key=lambda r: r.info.start_time)
+    assert yaml.safe_load(rl_run.data.params["rl.seeds"]) == [0, 1, 2]  # what the stage read
+    assert rl_run.data.tags["mlflow.parentRunId"] != parent.info.run_id  # this run's parent
     assert re.search(r"rl\s+ran", table) and re.search(r"generator\s+skipped", table)
     assert sha("artifacts/rl/model.safetensors") == upstream["rl"]
     for seed in (1, 2):
