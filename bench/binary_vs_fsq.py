@@ -45,21 +45,22 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, {**VARIANTS["binary D=10"], **extra}
 
 
-def train_tokenizer(raw: dict, overrides: dict, name: str) -> dict[str, float]:
+def train_tokenizer(raw: dict, overrides: dict, index: int) -> dict[str, float]:
     """The tokenizer stage with `overrides`, in a sub-folder of the current (temporary) one:
     each variant keeps its checkpoints under its own .latentforge/ (in one folder, every
     variant would find the last one's checkpoints and log that it starts afresh)."""
     raw = {**raw, "tokenizer": {**raw["tokenizer"], **overrides}}
     params = build_params(raw)
-    folder = Path(name.replace(" ", "_").replace("[", "").replace("]", "").replace(",", "-"))
+    home = Path.cwd()
+    folder = home / f"variant{index}"
     folder.mkdir()
     started = time.perf_counter()
     os.chdir(folder)
     try:
-        result = tokenizer.run(params, out_dir="tokenizer", prepared_dir="../prepared",
-                               judge_dir="../judge", plot_file="prefix.csv")
+        result = tokenizer.run(params, out_dir="tokenizer", prepared_dir=home / "prepared",
+                               judge_dir=home / "judge", plot_file="prefix.csv")
     finally:
-        os.chdir("..")
+        os.chdir(home)
     return {**result.metrics, "seconds": time.perf_counter() - started}
 
 
@@ -92,8 +93,8 @@ def main() -> None:
             print(f"prepare + judge {time.perf_counter() - started:.0f} s; tokenizer "
                   f"{params.tokenizer.steps} steps, K = {params.tokenizer.num_tokens}, "
                   f"{os.cpu_count()} CPUs", flush=True)
-            for name, overrides in variants.items():
-                results[name] = train_tokenizer(raw, overrides, name)
+            for index, (name, overrides) in enumerate(variants.items()):
+                results[name] = train_tokenizer(raw, overrides, index)
                 print(f"  {name}: done in {results[name]['seconds']:.0f} s", flush=True)
         finally:
             os.chdir(cwd)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -88,7 +89,9 @@ def main() -> None:
             started = time.perf_counter()
             # Each variant's checkpoints in a folder of its own: in one, a variant finds the
             # previous one's and logs that they belong to another configuration.
-            (root / f"variant{i}").mkdir(exist_ok=True)
+            # Emptied first: with --root, a previous call's would be resumed, not retrained.
+            shutil.rmtree(root / f"variant{i}", ignore_errors=True)
+            (root / f"variant{i}").mkdir()
             os.chdir(root / f"variant{i}")
             result = posttrain.run(params_with(args.overrides, keys), out_dir=root / f"decoder{i}",
                                    generator_dir=root / "generator",
