@@ -180,17 +180,19 @@ def cmd_stage(args: argparse.Namespace) -> int:
                           "drop --params/-S (use `latentforge run -S ...` or `dvc exp run -S`)")
     if inside_dvc:
         from latentforge import workspace
-        from latentforge.config import DEFAULT_PARAMS_FILE, build_params, parse_params_bytes
+        from latentforge.config import (
+            DEFAULT_PARAMS_FILE,
+            build_params,
+            parse_params_bytes,
+            read_params_bytes,
+        )
         from latentforge.runner import execute_stage
 
         # The parameters and the bytes they came from, read once: a plain `dvc repro` checks
         # at the end that params.yaml still says the same (runner.check_params_unchanged).
-        try:
-            text: bytes | None = Path(DEFAULT_PARAMS_FILE).read_bytes()
-        except FileNotFoundError:  # the defaults, as load_params gives them
-            text = None
-        except OSError as exc:
-            raise ConfigError(f"cannot read {DEFAULT_PARAMS_FILE}: {exc.strerror or exc}") from None
+        # No params.yaml means the defaults, as load_params gives them.
+        text = read_params_bytes(DEFAULT_PARAMS_FILE) if Path(DEFAULT_PARAMS_FILE).exists() \
+            else None
         raw = parse_params_bytes(text, DEFAULT_PARAMS_FILE) if text is not None else {}
         params = build_params(raw, DEFAULT_PARAMS_FILE)
         if workspace.held_by_parent():  # the `latentforge run` that started us holds it, and

@@ -945,17 +945,20 @@ def _decode_text(data: bytes, path: str | Path) -> str:
 def read_params_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML params file into a plain dict, with a clear error for anything but a mapping
     in UTF-8 YAML without duplicate keys."""
+    return parse_params_bytes(read_params_bytes(path), path)
 
+
+def read_params_bytes(path: str | Path) -> bytes:
+    """The bytes of a params file, with one clear line when it cannot be read."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"params file not found: {path}") from None
     except IsADirectoryError:
         raise ConfigError(f"params file {path} is a directory, not a YAML file") from None
     except OSError as exc:
         raise ConfigError(f"cannot read params file {path}: {exc.strerror or exc}") from None
-    return parse_params_bytes(raw, path)
 
 
 def parse_params_bytes(raw: bytes, path: str | Path) -> dict[str, Any]:
