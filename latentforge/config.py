@@ -436,9 +436,11 @@ class RLConfig:
         "policy (rollouts, rescored steps and the KL all use it, as Flow-GRPO trains with CFG)",
         ge=0.0)
     rewards: dict[str, float] = param(
-        {"judge_prob": 1.0}, "reward name -> weight: judge_logprob, judge_prob (bounded, "
-        "p(y|x)), judge_margin, jpeg_compressibility / jpeg_incompressibility (DDPO's, no "
-        "network involved), or a user "
+        {"judge_prob": 1.0}, "reward name -> weight (several: their "
+        "weighted sum): judge_logprob, judge_prob (bounded, "
+        "p(y|x)), judge_margin, judge_density (how typical the image's judge features are of "
+        "its class's real train images: a class Gaussian's log-density per feature), "
+        "jpeg_compressibility / jpeg_incompressibility (DDPO's, no network involved), or a user "
         "reward module:function taking (uint8 images, labels) and returning one float per image. "
         "A user reward is YOUR CODE, imported and run by the rl stage: name only modules you "
         "trust; a module beside params.yaml is importable, others must be installed")

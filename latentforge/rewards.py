@@ -3,12 +3,23 @@
 A reward receives decoded images (uint8 (N, H, W, C)) and the requested labels (N,) and
 returns one float per image. The built-ins score with the judge:
   judge_logprob  log p_judge(requested class | image)
-  judge_prob     p_judge(requested class | image), bounded in [0, 1]   (the default)
+  judge_prob     p_judge(requested class | image), bounded in [0, 1]
   judge_margin   log p(requested) - max over other classes of log p(c)
+  judge_density  how typical the image's judge features are of the requested class's real
+                 images: -(squared Mahalanobis distance to the class mean) / (2 x features),
+                 under a Gaussian per class with one pooled, shrunk covariance fitted on the
+                 prepared train split (0 at the class mean; on the default digits train
+                 images average -0.12, held-out ones -0.16, the base's unguided samples
+                 -0.25 with a long tail, at CFG 1.25 -0.12)
 and two that no network grades (DDPO's), so an RL effect can be shown on a reward that is not
 also the evaluator:
   jpeg_compressibility    -(JPEG size in kB) at quality 95: smaller files score higher
   jpeg_incompressibility  +(JPEG size in kB)
+judge_prob alone is the default. Adding judge_density (weight 1) on the default digits brought
+RL's unguided samples closer to the guided base in the evaluator's features (gFD-eval, accuracy)
+but further from the real images in raw pixels (pixel FD 0.60 against 0.51 without it and 0.48
+for the base): a reward fitted in one network's features, graded in another's that learnt the
+same data, is only partly independent evidence (README, "The RL objective").
 `rl.rewards` is a mapping name -> weight; several entries give their weighted sum. A reward
 that raises, returns the wrong shape or a non-finite value stops the stage with an error
 naming the reward.
@@ -33,13 +44,14 @@ import numpy as np
 from latentforge.errors import ConfigError, LatentForgeError
 
 RewardFn = Callable[[np.ndarray, np.ndarray], Any]
+Reference = tuple[np.ndarray, np.ndarray]  # real images (N, H, W, C) uint8 and labels (N,)
 
 
 class RewardError(LatentForgeError):
     """A reward function failed or returned something unusable."""
 
 
-def judge_logprob(judge: Any) -> RewardFn:
+def judge_logprob(judge: Any, reference: Reference | None = None) -> RewardFn:
     def reward(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         _, logp = judge.score(images)
         return logp[np.arange(len(labels)), labels]
@@ -47,7 +59,7 @@ def judge_logprob(judge: Any) -> RewardFn:
     return reward
 
 
-def judge_margin(judge: Any) -> RewardFn:
+def judge_margin(judge: Any, reference: Reference | None = None) -> RewardFn:
     def reward(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         _, logp = judge.score(images)
         own = logp[np.arange(len(labels)), labels]
@@ -58,10 +70,59 @@ def judge_margin(judge: Any) -> RewardFn:
     return reward
 
 
-def judge_prob(judge: Any) -> RewardFn:
+def judge_prob(judge: Any, reference: Reference | None = None) -> RewardFn:
     def reward(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         _, logp = judge.score(images)
         return np.exp(logp[np.arange(len(labels)), labels])
+
+    return reward
+
+
+DENSITY_SHRINKAGE = 0.1  # weight of the scaled identity in the pooled covariance
+
+
+class ClassDensity:
+    """Per-class Gaussians over features with one pooled within-class covariance (LDA's model).
+
+    The covariance is shrunk towards a multiple of the identity (`shrinkage` of its weight) so
+    that it inverts even with fewer images than feature dimensions. `log_density` returns
+    -(squared Mahalanobis distance to the class mean) / (2 x dimensions): the Gaussian's
+    log-density up to a constant, per dimension, so its scale does not grow with the width.
+    """
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray, num_classes: int,
+                 shrinkage: float = DENSITY_SHRINKAGE) -> None:
+        features = np.asarray(features, np.float64)
+        labels = np.asarray(labels, np.int64)
+        counts = np.bincount(labels, minlength=num_classes)
+        if (counts == 0).any():
+            missing = np.flatnonzero(counts == 0).tolist()
+            raise RewardError(f"judge_density: class(es) {missing} have no reference images; "
+                              "every class needs real images to say what typical looks like")
+        self.means = np.stack([features[labels == c].mean(0) for c in range(num_classes)])
+        centred = features - self.means[labels]
+        cov = centred.T @ centred / len(features)
+        dim = len(cov)
+        scale = float(np.trace(cov)) / dim
+        if not scale > 0:  # every feature the same: no spread to measure distances against
+            raise RewardError("judge_density: the reference images' features do not vary")
+        cov = (1.0 - shrinkage) * cov + shrinkage * scale * np.eye(dim)
+        self.precision = np.linalg.inv(cov)
+
+    def log_density(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        d = np.asarray(features, np.float64) - self.means[np.asarray(labels, np.int64)]
+        return -0.5 * np.einsum("nd,de,ne->n", d, self.precision, d) / len(self.precision)
+
+
+def judge_density(judge: Any, reference: Reference | None = None) -> RewardFn:
+    if reference is None:
+        raise ConfigError("rl.rewards: judge_density needs real reference images (the "
+                          "prepared train split); this caller gave none")
+    images, labels = reference
+    density = ClassDensity(judge.score(images)[0], labels, len(judge.class_names))
+
+    def reward(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        return density.log_density(judge.score(images)[0], labels)
 
     return reward
 
@@ -85,24 +146,26 @@ def jpeg_kilobytes(images: np.ndarray) -> np.ndarray:
     return sizes
 
 
-def jpeg_compressibility(judge: Any) -> RewardFn:
+def jpeg_compressibility(judge: Any, reference: Reference | None = None) -> RewardFn:
     return lambda images, labels: -jpeg_kilobytes(images)
 
 
-def jpeg_incompressibility(judge: Any) -> RewardFn:
+def jpeg_incompressibility(judge: Any, reference: Reference | None = None) -> RewardFn:
     return lambda images, labels: jpeg_kilobytes(images)
 
 
-BUILTIN: dict[str, Callable[[Any], RewardFn]] = {
+BUILTIN: dict[str, Callable[[Any, Reference | None], RewardFn]] = {
     "judge_logprob": judge_logprob, "judge_prob": judge_prob, "judge_margin": judge_margin,
-    "jpeg_compressibility": jpeg_compressibility,
+    "judge_density": judge_density, "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility}
 
 
-def resolve(name: str, judge: Any) -> RewardFn:
-    """A built-in reward by name, or `package.module:function` imported from the user's code."""
+def resolve(name: str, judge: Any, reference: Reference | None = None) -> RewardFn:
+    """A built-in reward by name, or `package.module:function` imported from the user's code.
+    `reference` (real images and labels: the prepared train split) is what judge_density fits
+    its class Gaussians on."""
     if name in BUILTIN:
-        return BUILTIN[name](judge)
+        return BUILTIN[name](judge, reference)
     if ":" not in name:
         raise ConfigError(f"rl.rewards: unknown reward '{name}'; built-ins: "
                           f"{', '.join(BUILTIN)}, or give a user reward as module:function")
@@ -124,11 +187,12 @@ def resolve(name: str, judge: Any) -> RewardFn:
 class Reward:
     """The weighted sum of the configured rewards, with every term checked."""
 
-    def __init__(self, weights: Mapping[str, float], judge: Any) -> None:
+    def __init__(self, weights: Mapping[str, float], judge: Any,
+                 reference: Reference | None = None) -> None:
         if not weights:
             raise ConfigError("rl.rewards: at least one reward is needed")
         self.weights = dict(weights)
-        self.fns = {name: resolve(name, judge) for name in self.weights}
+        self.fns = {name: resolve(name, judge, reference) for name in self.weights}
 
     def definition(self) -> str:
         """A stable text of what is being optimised, for lineage tags."""

@@ -858,7 +858,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
 
     # One label set and one noise seed for every generated set, so their numbers pair.
     labels = flow.balanced_labels(inputs.prepared.num_classes, cfg.per_class).numpy()
-    reward = Reward(params.rl.rewards, judge)
+    reward = Reward(params.rl.rewards, judge, reference=(train_x, train_y))
     sampled_on: set[str] = set()
     samples = {m: sample_generator(inputs.generators[m], labels, cfg,
                                    cfg_scale_for(m, inputs.generators[m], params), params.compute,

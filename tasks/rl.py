@@ -620,7 +620,9 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     judge = load_judge(judge_dir)
     evaluator = load_judge(evaluator_dir)
     prepared = load_prepared(prepared_dir)
-    reward = Reward(cfg.rewards, judge)  # unknown or unimportable rewards fail here, early
+    train_x, train_y = prepared.split("train")
+    # Unknown or unimportable rewards fail here, early; judge_density fits on the train split.
+    reward = Reward(cfg.rewards, judge, reference=(train_x, train_y))
     tok = base.tokenizer
     base_sha = base.meta["sha256"]
     tracker.log_input("generator", str(Path(generator_dir).resolve()), base_sha,
@@ -636,7 +638,6 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
                       context="evaluation")
 
-    train_x, _ = prepared.split("train")
     es = EvalSet(labels=flow.balanced_labels(len(base.class_names), cfg.eval_per_class).numpy(),
                  ref_features=evaluator.score(train_x)[0], seed=EVAL_SAMPLE_SEED,
                  steps=params.generator.sample_steps, sampler=params.generator.sampler,

@@ -204,6 +204,7 @@ def test_a_huge_integer_is_out_of_range_not_a_crash(tmp_path):
      "every weight is 0, so every rollout scores 0"),
     ({"rl": {"rewards": {"judge_logprb": 1.0}}},
      "unknown reward 'judge_logprb'; built-ins: judge_logprob, judge_prob, judge_margin, "
+     "judge_density, "
      "jpeg_compressibility, jpeg_incompressibility"),
     ({"rl": {"rewards": {"my module:fn": 1.0}}}, "unknown reward 'my module:fn'"),
     ({"rl": {"classes_per_step": 1000, "group_size": 1000}},

@@ -325,6 +325,22 @@ def test_flat_reward_keeps_the_policy_at_the_reference(tiny_inputs, tmp_path, mo
     assert all(torch.equal(base[k], tuned[k]) for k in base)
 
 
+def test_judge_density_reward_through_the_stage(tiny_inputs, tmp_path, monkeypatch):
+    """judge_density fits its class Gaussians on the stage's prepared train split; its term is
+    recorded beside judge_prob's, and a log-density relative to the class mean is <= 0."""
+    monkeypatch.chdir(tmp_path)
+    params = tiny(rewards={"judge_prob": 1.0, "judge_density": 1.0}, seeds=[0], eval_every=0)
+    result = run_rl(tiny_inputs, params, tmp_path / "rl")
+    meta = json.loads((tmp_path / "rl/generator.json").read_text())
+    assert meta["rl"]["reward"] == "1*judge_density + 1*judge_prob"
+    for phase in ("eval_before", "eval_after"):
+        density = meta["rl"][phase]["reward/judge_density"]
+        prob = meta["rl"][phase]["reward/judge_prob"]
+        assert np.isfinite(density) and density <= 0.0
+        assert meta["rl"][phase]["reward_mean"] == pytest.approx(density + prob, abs=1e-9)
+    assert np.isfinite(result.metrics["after_reward_mean"])
+
+
 @pytest.mark.parametrize("name", ["test_rl:late_nan_reward", "test_rl:wrong_shape_reward",
                                   "test_rl:raising_reward"])
 def test_bad_reward_stops_the_stage_and_writes_nothing(tiny_inputs, tmp_path, monkeypatch, name):
@@ -488,3 +504,65 @@ def test_ratio_clip_and_kl_are_in_flow_grpo_per_dimension_units() -> None:
     clipped = ((log_ratio.exp() - 1).abs() > eps).float().mean()
     assert stats["clip_fraction"] == clipped and clipped > 0  # the per-dimension ratio clips
     assert stats["kl"] > 0
+
+
+def test_class_density_against_a_direct_gaussian_and_its_errors() -> None:
+    """judge_density's Gaussians: pooled within-class covariance, shrunk, per-dimension units;
+    checked against scipy's log-density of the same Gaussian."""
+    from scipy.stats import multivariate_normal
+
+    from latentforge import rewards
+
+    rng = np.random.default_rng(0)
+    dim, per_class = 6, 200
+    labels = np.repeat(np.arange(3), per_class)
+    centres = rng.normal(0, 5, (3, dim))
+    mixing = rng.normal(size=(dim, dim))  # correlated features, one covariance for all classes
+    feats = centres[labels] + rng.normal(size=(len(labels), dim)) @ mixing
+    density = rewards.ClassDensity(feats, labels, 3, shrinkage=0.1)
+
+    means = np.stack([feats[labels == c].mean(0) for c in range(3)])
+    pooled = sum(np.cov(feats[labels == c].T, bias=True) * per_class for c in range(3)) / len(feats)
+    shrunk = 0.9 * pooled + 0.1 * np.trace(pooled) / dim * np.eye(dim)
+    queries = rng.normal(0, 5, (20, dim))
+    q_labels = rng.integers(0, 3, 20)
+    expected = np.array([
+        (multivariate_normal(means[c], shrunk).logpdf(q) - multivariate_normal(means[c], shrunk)
+         .logpdf(means[c])) / dim for q, c in zip(queries, q_labels, strict=True)])
+    np.testing.assert_allclose(density.log_density(queries, q_labels), expected, rtol=1e-9)
+    np.testing.assert_allclose(density.log_density(means, np.arange(3)), 0.0, atol=1e-12)
+    # the same point is typical of its own class and atypical of another
+    own, other = density.log_density(np.repeat(means[:1], 2, 0), np.array([0, 1]))
+    assert own > other
+
+    with pytest.raises(rewards.RewardError, match=r"class\(es\) \[2\] have no reference images"):
+        rewards.ClassDensity(feats[labels < 2], labels[labels < 2], 3)
+    with pytest.raises(rewards.RewardError, match="features do not vary"):
+        rewards.ClassDensity(np.zeros((6, dim)), np.array([0, 0, 1, 1, 2, 2]), 3)
+    with pytest.raises(ConfigError, match="judge_density needs real reference images"):
+        rewards.resolve("judge_density", judge=None)
+
+
+def test_judge_density_rewards_typical_images_of_the_requested_class() -> None:
+    """Through resolve and Reward: the judge's features of the reference images define each
+    class; an image like class 0's reference scores higher as class 0 than as class 1."""
+    from latentforge import rewards
+
+    class Judge:
+        class_names = ["dark", "bright"]
+
+        def score(self, images):  # noqa: ANN001, ANN202
+            flat = np.asarray(images, np.float64).reshape(len(images), -1)
+            feats = np.stack([flat.mean(1), flat.std(1)], axis=1)
+            return feats, np.zeros((len(images), 2))
+
+    rng = np.random.default_rng(1)
+    dark = rng.integers(0, 60, (30, 8, 8, 1), dtype=np.uint8)
+    bright = rng.integers(180, 256, (30, 8, 8, 1), dtype=np.uint8)
+    reference = (np.concatenate([dark, bright]), np.repeat([0, 1], 30))
+    reward = rewards.Reward({"judge_density": 1.0}, Judge(), reference=reference)
+    probe = rng.integers(0, 60, (4, 8, 8, 1), dtype=np.uint8)
+    as_dark, _ = reward(probe, np.zeros(4, int))
+    as_bright, parts = reward(probe, np.ones(4, int))
+    assert (as_dark > as_bright).all() and parts["judge_density"] == as_bright.mean()
+    assert reward.definition() == "1*judge_density"
