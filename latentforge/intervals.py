@@ -21,20 +21,24 @@ from latentforge import metrics
 # made by resampling would shrink their radii and distances).
 BOOTSTRAP_REPLICATES = 200
 INTERVAL_METRICS = ("eval_accuracy", "gfd_eval", "is_eval", "reward_mean")
+# FD of raw pixels (metrics.pixel_features), no network involved: on request, for sets that
+# carry pixels, against a reference that does (evaluate asks for it).
+PIXEL_METRIC = "fd_pixels"
 # Where a metric's values lie: a bias-shifted interval is clipped to it (a differences' not).
 METRIC_RANGE = {"eval_accuracy": (0.0, 1.0), "gfd_eval": (0.0, np.inf), "is_eval": (1.0, np.inf),
-                "reward_mean": (-np.inf, np.inf)}
+                "reward_mean": (-np.inf, np.inf), PIXEL_METRIC: (0.0, np.inf)}
 
 
 @dataclass
 class PerSample:
     """What the bootstrap resamples of one generated set: (N, F) features, (N, C) log-probs,
-    (N,) rewards (None where no reward was computed); row i of every set compared with another
-    comes from the same label and noise."""
+    (N,) rewards (None where no reward was computed), (N, P) pixel features (None where not
+    asked for); row i of every set compared with another comes from the same label and noise."""
 
     features: np.ndarray
     log_probs: np.ndarray
     rewards: np.ndarray | None = None
+    pixels: np.ndarray | None = None
 
 
 class Reference:
@@ -73,11 +77,14 @@ class _Stacked:
 
     def __init__(self, sets: Mapping[str, PerSample], labels: np.ndarray,
                  keys: Sequence[str]) -> None:
-        unknown = [k for k in keys if k not in INTERVAL_METRICS]
+        known = (*INTERVAL_METRICS, PIXEL_METRIC)
+        unknown = [k for k in keys if k not in known]
         if unknown:
-            raise ValueError(f"no bootstrap for metric {unknown[0]!r}; known: {INTERVAL_METRICS}")
+            raise ValueError(f"no bootstrap for metric {unknown[0]!r}; known: {known}")
         if "reward_mean" in keys and any(s.rewards is None for s in sets.values()):
             raise ValueError("reward_mean asked of a set scored without rewards")
+        if PIXEL_METRIC in keys and any(s.pixels is None for s in sets.values()):
+            raise ValueError(f"{PIXEL_METRIC} asked of a set without pixel features")
         self.names, self.keys = list(sets), tuple(keys)
         values = list(sets.values())
         self.features = np.stack([np.asarray(s.features, np.float64) for s in values])
@@ -86,8 +93,11 @@ class _Stacked:
         self.log_probs = [np.asarray(s.log_probs, np.float64) for s in values]
         self.rewards = (np.stack([np.asarray(s.rewards, np.float64) for s in values])
                         if "reward_mean" in keys else None)
+        self.pixels = (np.stack([np.asarray(s.pixels, np.float64) for s in values])
+                       if PIXEL_METRIC in keys else None)
 
-    def metrics(self, ref: Reference, rows: np.ndarray | None) -> dict[str, dict[str, float]]:
+    def metrics(self, ref: Reference, rows: np.ndarray | None,
+                ref_pixels: Reference | None = None) -> dict[str, dict[str, float]]:
         """{set: {key: value}} on the resample `rows` (None: every row once)."""
         n = self.features.shape[1]
         counts = np.ones(n) if rows is None else np.bincount(rows, minlength=n).astype(float)
@@ -101,6 +111,8 @@ class _Stacked:
             out["is_eval"] = [metrics.inception_score(lp[pick])[0] for lp in self.log_probs]
         if self.rewards is not None:
             out["reward_mean"] = self.rewards @ counts / counts.sum()
+        if self.pixels is not None and ref_pixels is not None:
+            out[PIXEL_METRIC] = ref_pixels.fds(self.pixels, counts)
         return {name: {k: float(out[k][i]) for k in self.keys}
                 for i, name in enumerate(self.names)}
 
@@ -111,7 +123,8 @@ def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
                         pairs: Mapping[str, tuple[str, str]] | None = None,
                         keys: Sequence[str] = INTERVAL_METRICS,
                         means: Mapping[str, tuple[str, Sequence[str]]] | None = None,
-                        ref_labels: np.ndarray | None = None
+                        ref_labels: np.ndarray | None = None,
+                        ref_pixels: np.ndarray | None = None
                         ) -> dict[str, dict[str, float]]:
     """95% bias-shifted percentile intervals of `keys` for each generated set, resampling the
     generated samples (within each class, so every replicate stays class-balanced) and the
@@ -138,6 +151,9 @@ def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
     gFD-eval 0.60): [0.17, 1.26] with the reference resampled at random, [0.49, 0.75] within
     classes, [0.53, 0.69] with the reference held fixed.
 
+    `ref_pixels`: the reference's pixel features, row for row (resampled with the same rows),
+    for PIXEL_METRIC in `keys`.
+
     Returns {name: {metric_ci_low, metric_ci_high}} per set and per pair."""
     names = list(sets)
     if pairs is None:
@@ -150,13 +166,22 @@ def bootstrap_intervals(ref_features: np.ndarray, sets: Mapping[str, PerSample],
         raise ValueError(f"ref_labels has {len(ref_labels)} rows, the reference {len(ref_features)}")
     ref_by_class = ([np.arange(len(ref_features))] if ref_labels is None else
                     [np.flatnonzero(ref_labels == c) for c in np.unique(ref_labels)])
-    point = stacked.metrics(Reference(ref_features), None)
+    if PIXEL_METRIC in keys and (ref_pixels is None or len(ref_pixels) != len(ref_features)):
+        raise ValueError(f"{PIXEL_METRIC} needs ref_pixels, one row per reference row")
+
+    def pixel_ref(picked: np.ndarray) -> Reference | None:
+        if ref_pixels is None or PIXEL_METRIC not in keys:
+            return None
+        return Reference(np.asarray(ref_pixels, np.float64)[picked])
+
+    everything = np.arange(len(ref_features))
+    point = stacked.metrics(Reference(ref_features), None, pixel_ref(everything))
     draws: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for _ in range(replicates):
         rows = np.concatenate([rng.choice(idx, len(idx)) for idx in by_class])
-        ref = Reference(ref_features[np.concatenate([rng.choice(idx, len(idx))
-                                                     for idx in ref_by_class])])
-        for name, values in stacked.metrics(ref, rows).items():
+        picked = np.concatenate([rng.choice(idx, len(idx)) for idx in ref_by_class])
+        for name, values in stacked.metrics(Reference(ref_features[picked]), rows,
+                                            pixel_ref(picked)).items():
             draws[name].append(values)
 
     def interval(values: np.ndarray, full: float, key: str,

@@ -3,7 +3,8 @@
 Two families, two array types:
 
 - Feature-set metrics (`feature_statistics`, `frechet_distance`, `fd_from_features`,
-  `kernel_distance`, `precision_recall`, `inception_score`, `mean_pairwise_distance`, `accuracy`) take numpy
+  `kernel_distance`, `precision_recall`, `inception_score`, `mean_pairwise_distance`, `accuracy`,
+  and `pixel_features`, which makes features of raw pixels) take numpy
   arrays or torch tensors, compute in float64 numpy and return Python floats. They never
   import torch, so scoring cached `.npy` features stays light.
 - Image metrics (`psnr`, `ssim`) take torch tensors (B, C, H, W) in [-1, 1] (LatentForge's
@@ -234,6 +235,35 @@ def kernel_distance(a: Any, b: Any, subsets: int = 10, subset_size: int | None =
         off_diagonal = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
         values[i] = off_diagonal - 2 * kxy.mean()
     return float(values.mean()), float(values.std())
+
+
+PIXEL_FEATURE_DIMS = 256  # FD-pixels' dimension budget: its covariance is (F, F)
+
+
+def pixel_features(images: Any) -> np.ndarray:
+    """Raw pixels as features, no network involved: uint8 (N, H, W, C) -> (N, F) in [0, 1],
+    area-averaged to the largest square side s <= H with s x s x C <= PIXEL_FEATURE_DIMS (16 x 16
+    gray, 9 x 9 RGB), so FD's covariance stays small at any resolution. A check on a
+    network-graded metric: a reward that moves samples along a network's features can fool
+    another network trained on the same images, not their pixels."""
+    x = np.asarray(images)
+    if x.ndim != 4:
+        raise ValueError(f"pixel_features expects (N, H, W, C) images; got shape {x.shape}")
+    n, h, w, c = x.shape
+    side = min(h, w, max(1, int(np.sqrt(PIXEL_FEATURE_DIMS / c))))
+    pixels = np.einsum("ih,nhwc,jw->nijc", _area_weights(h, side), x.astype(np.float64) / 255.0,
+                       _area_weights(w, side))
+    return pixels.reshape(n, -1)
+
+
+def _area_weights(size: int, side: int) -> np.ndarray:
+    """(side, size) averaging matrix of adaptive average pooling: output i is the mean of
+    inputs floor(i * size / side) .. ceil((i + 1) * size / side) - 1."""
+    weights = np.zeros((side, size))
+    for i in range(side):
+        start, stop = (i * size) // side, -((-(i + 1) * size) // side)
+        weights[i, start:stop] = 1.0 / (stop - start)
+    return weights
 
 
 def mean_pairwise_distance(features: Any, batch: int = DEFAULT_BATCH) -> float:

@@ -31,13 +31,14 @@ from latentforge.intervals import across_seeds, with_interval
 
 # Metrics aggregated over seeds (each set has them; intervals where the bootstrap gives one).
 SEED_METRICS = ("eval_accuracy", "gfd_eval", "is_eval", "reward_mean", "precision", "recall",
-                "diversity")
+                "diversity", "fd_pixels")
 # The guidance-distillation comparison: accuracy up to the guided base's, gFD no worse, and
 # diversity kept within this fraction of the guided base's. (Guidance itself costs diversity:
 # on the default digits CFG 1.25 has 30% less than CFG 1, so "RL at CFG 1 does what CFG does"
 # is measured against the guided base's diversity; the ratio to the unguided base is reported
 # beside it.)
-DISTIL_METRICS = ("eval_accuracy", "gfd_eval", "diversity", "recall")
+DISTIL_METRICS = ("eval_accuracy", "gfd_eval", "diversity", "recall", "fd_pixels")
+VERDICT_METRICS = ("eval_accuracy", "gfd_eval", "diversity")  # what the verdict reads
 DIVERSITY_KEPT = 0.9
 MIN_SEEDS_FOR_CLAIM = 3
 SEEDS_PNG = "rl_seeds.png"
@@ -105,6 +106,9 @@ def distil_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[Se
     out: dict[str, float] = {"guided_cfg_scale": guided_scale, "rl_cfg_scale": rl_scale,
                              "seeds": float(len(seeds))}
     for key in DISTIL_METRICS:
+        if key not in VERDICT_METRICS and not all(
+                key in nested[x] for x in (guided, *(s.samples for s in seeds))):
+            continue  # a row beside the verdict, only where every set was graded for it
         out[f"guided_{key}"] = g[key]
         for end in ("ci_low", "ci_high"):
             if f"{key}_{end}" in g:
@@ -133,7 +137,8 @@ def distil_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[Se
 
 
 TABLE_METRICS = (("eval_accuracy", "accuracy"), ("gfd_eval", "gFD-eval"),
-                 ("diversity", "diversity"), ("reward_mean", "reward"))
+                 ("fd_pixels", "FD-pixels"), ("diversity", "diversity"),
+                 ("reward_mean", "reward"))
 
 
 def seeds_section(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[SeedSet]
@@ -194,7 +199,10 @@ def distil_lines(d: Mapping[str, float]) -> list[str]:
           f"{with_interval(d, f'rl_minus_guided_{key}', sign=True)} |"
           for key, label in (("eval_accuracy", "evaluator accuracy ↑"),
                              ("gfd_eval", "gFD-eval ↓"), ("diversity", "diversity ↑"),
-                             ("recall", "recall ↑"))),
+                             ("recall", "recall ↑"),
+                             ("fd_pixels", "FD-pixels ↓ (raw pixels, no network; not in the "
+                                           "verdict)"))
+          if f"rl_{key}" in d),
         "",
         f"- evaluator accuracy not shown lower than the guided base's (the upper end of the "
         f"difference's interval >= 0): {verdict('accuracy_not_lower')}",

@@ -51,6 +51,7 @@ from latentforge.images import png_bytes
 from latentforge.intervals import (
     BOOTSTRAP_REPLICATES,
     INTERVAL_METRICS,
+    PIXEL_METRIC,
     PerSample,
     bootstrap_intervals,
     with_interval,
@@ -96,10 +97,13 @@ HEADLINE = ("rl.eval_accuracy", "base.eval_accuracy", "rl.gfd_eval", "base.gfd_e
 DECIMALS = 6
 INCEPTION_BATCH = 32
 
+# The main comparison's bootstrapped metrics: the evaluator's, the reward, and FD-pixels.
+EVALUATE_INTERVALS = (*INTERVAL_METRICS, PIXEL_METRIC)
 # Generator metrics in report order: (key, label, which direction is better).
 GENERATOR_ROWS: tuple[tuple[str, str, str], ...] = (
     ("eval_accuracy", "evaluator accuracy", "higher"),
     ("gfd_eval", "gFD-eval", "lower"),
+    (PIXEL_METRIC, "FD-pixels (raw pixels, no network)", "lower"),
     ("gfid", "gFID", "lower"),
     ("precision", "precision", "higher"),
     ("recall", "recall", "higher"),
@@ -283,15 +287,18 @@ def sample_generator(handle: GeneratorHandle, labels: np.ndarray, cfg: EvaluateC
 
 def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer,
                     ref_features: np.ndarray, ref_labels: np.ndarray, real_features: np.ndarray,
-                    real_labels: np.ndarray, reward: Reward
+                    real_labels: np.ndarray, reward: Reward, ref_pixels: np.ndarray
                     ) -> tuple[dict[str, float], dict[str, float], PerSample]:
     """The evaluator's metrics of one generated set against the reference (train split), the
     same at the held-out real set's count, and the (judge's) reward beside them; with the
     held-out real set's own numbers at that count (the floor), and the per-sample values the
     bootstrap resamples (the reward computed once, so a nondeterministic user reward cannot
-    centre the interval away from the reported mean)."""
+    centre the interval away from the reported mean). FD-pixels grades the same samples by
+    their raw pixels against `ref_pixels` (the reference's), with no network at all."""
     feats, logp = evaluator.score(samples.images)
+    pixels = metrics.pixel_features(samples.images)
     m = generator_stage.grade_features(feats, logp, labels, ref_features)
+    m[PIXEL_METRIC] = metrics.fd_from_features(ref_pixels, pixels)
     generated, real = generator_stage.at_real_count(ref_features, feats, labels,
                                                     real_features, real_labels,
                                                     ref_labels=ref_labels)
@@ -301,7 +308,7 @@ def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer
     m["reward_std"] = float(total.std())
     m["cfg_scale"] = samples.cfg_scale
     m["nfe"] = samples.nfe
-    return m, real, PerSample(feats, logp, total)
+    return m, real, PerSample(feats, logp, total, pixels)
 
 
 
@@ -547,6 +554,10 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                            "used_for": "the reward, and the tokenizer's FD-judge numbers"},
         "metrics": {
             "gfd_eval": "Frechet distance of evaluator features, train split vs all samples",
+            "fd_pixels": "Frechet distance of raw pixels in [0, 1], area-averaged to at most "
+                         f"{metrics.PIXEL_FEATURE_DIMS} values per image (16 x 16 gray, 9 x 9 "
+                         "RGB), samples vs the train split: no network, so a reward that moves "
+                         "samples along a network's features cannot fool it",
             "kid_eval": "unbiased squared MMD, cubic polynomial kernel (KID's), evaluator "
                         "features, train split vs samples; mean and std over 10 subsets of "
                         "min(train, samples, 1000) rows",
@@ -555,7 +566,7 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                                 "seeded rows of the train split and of the samples",
             "intervals": f"95% bias-shifted percentile bootstrap (percentiles moved by the "
                          "replicates' mean minus the full-set value), {BOOTSTRAP_REPLICATES} replicates, seed "
-                         f"{cfg.seed}, for {', '.join(INTERVAL_METRICS)}: samples resampled "
+                         f"{cfg.seed}, for {', '.join(EVALUATE_INTERVALS)}: samples resampled "
                          "within each class, the reference set too (its class counts are fixed "
                          "by the stratified split); the base-vs-RL "
                          "delta's paired (one resample for both generators)",
@@ -848,6 +859,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         raise DataError(f"{prepared_dir}: the train split has {len(train_x)} images; the "
                         f"reference set needs at least {MIN_VAL_IMAGES}")
     ref_features, _ = evaluator.score(train_x)  # the reference set: train split
+    train_pixels = metrics.pixel_features(train_x)  # the same, for FD-pixels
     val_features, _ = evaluator.score(val_x)  # held-out real images: the floor
 
     # The prefix sweep follows the trained model's layout, not whatever params now say.
@@ -888,7 +900,8 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     for name, sample_set in samples.items():
         nested[name], real, per_sample[name] = score_generator(sample_set, labels, evaluator,
                                                                ref_features, train_y,
-                                                               val_features, val_y, reward)
+                                                               val_features, val_y, reward,
+                                                               train_pixels)
     nested["real"] = real  # the same for every set: one count, one subset seed
     log.info("evaluate: %d bootstrap replicates for the 95%% intervals", BOOTSTRAP_REPLICATES)
     pairs = {s.diff: ("base", s.samples) for s in seeds}
@@ -898,12 +911,13 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         pairs.update({f"{s.samples}_vs_guided": (guided, s.samples) for s in seeds})
         means["distil"] = (guided, [s.samples for s in seeds])
     intervals = bootstrap_intervals(ref_features, per_sample, labels, seed=cfg.seed, pairs=pairs,
-                                    means=means, ref_labels=train_y)
+                                    means=means, ref_labels=train_y, keys=EVALUATE_INTERVALS,
+                                    ref_pixels=train_pixels)
     for name in samples:
         nested[name].update(intervals[name])
     for pair, (first, second) in pairs.items():
         nested[pair] = {**{key: nested[second][key] - nested[first][key]
-                           for key in INTERVAL_METRICS}, **intervals[pair]}
+                           for key in EVALUATE_INTERVALS}, **intervals[pair]}
     nested["seeds"] = compare.seeds_summary(nested, seeds, intervals["seeds"])
     if guided:
         nested["distil"] = compare.distil_summary(nested, seeds, guided,

@@ -144,3 +144,34 @@ def test_the_reference_resample_keeps_its_class_counts_when_given_them() -> None
     with pytest.raises(ValueError, match="ref_labels has 3 rows, the reference 1500"):
         intervals.bootstrap_intervals(ref, {"g": gen}, labels, ref_labels=ref_labels[:3],
                                       **kwargs)
+
+
+def test_fd_pixels_is_bootstrapped_on_its_own_reference_with_the_same_resamples() -> None:
+    """FD-pixels rides the evaluator metrics' resamples: asking for it changes none of their
+    intervals; its own interval follows the pixel features, with the reference's pixel rows
+    drawn with its feature rows."""
+    rng = np.random.default_rng(0)
+    classes, dim, pdim = 4, 3, 5
+    labels = np.repeat(np.arange(classes), 50)
+    ref_labels = np.repeat(np.arange(classes), 80)
+    ref, ref_px = rng.normal(size=(len(ref_labels), dim)), rng.normal(size=(len(ref_labels), pdim))
+    logp = np.log(np.full((len(labels), classes), 1.0 / classes))
+    feats = rng.normal(size=(len(labels), dim))
+    like = intervals.PerSample(feats, logp, pixels=rng.normal(size=(len(labels), pdim)))
+    shifted = intervals.PerSample(feats, logp, pixels=rng.normal(size=(len(labels), pdim)) + 1.0)
+    sets = {"like": like, "shifted": shifted}
+    kwargs = {"seed": 3, "replicates": 60, "ref_labels": ref_labels}
+    plain = intervals.bootstrap_intervals(ref, sets, labels, keys=("eval_accuracy", "gfd_eval"),
+                                          **kwargs)
+    both = intervals.bootstrap_intervals(ref, sets, labels, ref_pixels=ref_px,
+                                         keys=("eval_accuracy", "gfd_eval", "fd_pixels"), **kwargs)
+    for name in ("like", "shifted", "diff"):
+        assert {k: v for k, v in both[name].items() if "fd_pixels" not in k} == plain[name]
+    # a mean shift of 1 in each of 5 dims: FD about 5 above the like set's, interval and all
+    assert both["diff"]["fd_pixels_ci_low"] > 3.5
+    assert both["like"]["fd_pixels_ci_high"] < 1.0
+    with pytest.raises(ValueError, match="fd_pixels needs ref_pixels"):
+        intervals.bootstrap_intervals(ref, sets, labels, keys=("fd_pixels",), **kwargs)
+    with pytest.raises(ValueError, match="fd_pixels asked of a set without pixel features"):
+        intervals.bootstrap_intervals(ref, {"a": intervals.PerSample(feats, logp)}, labels,
+                                      keys=("fd_pixels",), ref_pixels=ref_px, **kwargs)

@@ -357,3 +357,21 @@ def test_kernel_distance_is_unbiased_matches_brute_force_and_sees_a_shift() -> N
     assert shifted > 10 * shifted_std / np.sqrt(20) and shifted > 0.05
     with pytest.raises(ValueError, match="feature dims differ"):
         kernel_distance(a, rng.normal(size=(10, 4)))
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 16, 1), (2, 28, 28, 1), (2, 32, 32, 3), (2, 8, 8, 1),
+                                   (2, 64, 48, 3)])
+def test_pixel_features_are_torch_adaptive_average_pooling(shape) -> None:
+    """FD-pixels' features: [0, 1] pixels, area-averaged as torch's adaptive pooling does, to
+    the largest square with at most PIXEL_FEATURE_DIMS values (16 x 16 gray, 9 x 9 RGB)."""
+    images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    n, h, w, c = shape
+    side = min(h, w, 16 if c == 1 else 9)
+    expected = torch.nn.functional.adaptive_avg_pool2d(
+        torch.from_numpy(images).permute(0, 3, 1, 2).double() / 255.0, side)
+    got = metrics.pixel_features(images)
+    assert got.shape == (n, side * side * c) and got.shape[1] <= metrics.PIXEL_FEATURE_DIMS
+    np.testing.assert_allclose(got, expected.permute(0, 2, 3, 1).reshape(n, -1).numpy(),
+                               atol=1e-12)
+    with pytest.raises(ValueError, match=r"expects \(N, H, W, C\) images"):
+        metrics.pixel_features(images[0])
