@@ -1047,6 +1047,27 @@ def params_to_yaml(params: Params) -> str:
     return yaml.safe_dump(params.to_dict(), sort_keys=False, default_flow_style=False)
 
 
+def _yaml_node(old: Any, value: Any) -> Any:
+    """`value` as ruamel writes it in place of `old`: a list or mapping keeps the old value's
+    style (flow, `[0, 1, 2]`, as params.yaml writes them, unless it was written as a block) and
+    the end-of-line comment that rode on it; a plain list would be written as a block with the
+    key's comment on the key's line and a blank line before its items."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    new: CommentedSeq | CommentedMap
+    if isinstance(value, list):
+        new = CommentedSeq(value)
+    elif isinstance(value, dict):
+        new = CommentedMap(value)
+    else:
+        return value
+    if not (hasattr(old, "fa") and not old.fa.flow_style()):
+        new.fa.set_flow_style()
+    if hasattr(old, "ca"):
+        new.ca.comment = old.ca.comment
+    return new
+
+
 def write_params_file(params: Params, path: str | Path = DEFAULT_PARAMS_FILE) -> bool:
     """Write `params` into a params file, keeping its comments and key order; atomic.
 
@@ -1077,7 +1098,7 @@ def write_params_file(params: Params, path: str | Path = DEFAULT_PARAMS_FILE) ->
         for key, value in values.items():
             # Values (a dict-valued parameter too) are replaced whole, never merged.
             if key not in node or node[key] != value:
-                node[key] = value
+                node[key] = _yaml_node(node.get(key), value)
     buf = io.StringIO()
     yaml.dump(doc, buf)
     new_text = buf.getvalue()

@@ -167,6 +167,28 @@ def test_mapping_parameters_are_validated_and_replaced_whole(tmp_path):
     assert load_params(f).rl.rewards == {"judge_margin": 1.0}
 
 
+def test_written_lists_and_mappings_keep_their_style_and_comment(tmp_path):
+    """-S writes a list or mapping where it was, as it was: flow style on the key's line with
+    its comment after it (not a block of items after a blank line), and a block stays a block;
+    only the changed lines differ."""
+    f = tmp_path / "params.yaml"
+    # the shipped file, with cfg_sweep rewritten by the user as a block-style list
+    text = (REPO / "params.yaml").read_text().replace(
+        "  cfg_sweep: [1.0, 1.25, 1.5, 2.0, 3.0]  #", "  cfg_sweep:\n    - 1.0\n    - 2.0\n  #", 1)
+    f.write_text(text)
+    assert write_params_file(load_params(f, ["rl.seeds=[0, 1, 2, 3]",
+                                             "rl.rewards={judge_prob: 1.0, judge_margin: 0.5}",
+                                             "evaluate.cfg_sweep=[1.0, 3.0]"]), f)
+    after = f.read_text().splitlines()
+    changed = [line for line in after if line not in text.splitlines()]
+    assert [line.split("#")[0].rstrip() for line in changed] == [
+        "  rewards: {judge_prob: 1.0, judge_margin: 0.5}", "  seeds: [0, 1, 2, 3]", "    - 3.0"]
+    assert all("#" in line for line in changed[:2])  # the keys' comments stay on their lines
+    p = load_params(f)
+    assert p.rl.seeds == [0, 1, 2, 3] and p.evaluate.cfg_sweep == [1.0, 3.0]
+    assert p.rl.rewards == {"judge_prob": 1.0, "judge_margin": 0.5}
+
+
 def test_exponent_floats_read_as_numbers_like_dvc_does(tmp_path):
     f = tmp_path / "p.yaml"
     f.write_text("tokenizer:\n  lr: 2e-3\n  kl_weight: 1E-4\n")
