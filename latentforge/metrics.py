@@ -238,6 +238,7 @@ def kernel_distance(a: Any, b: Any, subsets: int = 10, subset_size: int | None =
 
 
 PIXEL_FEATURE_DIMS = 256  # FD-pixels' dimension budget: its covariance is (F, F)
+PIXEL_BATCH = 1024  # images converted to float64 at a time
 
 
 def pixel_features(images: Any) -> np.ndarray:
@@ -251,9 +252,14 @@ def pixel_features(images: Any) -> np.ndarray:
         raise ValueError(f"pixel_features expects (N, H, W, C) images; got shape {x.shape}")
     n, h, w, c = x.shape
     side = min(h, w, max(1, int(np.sqrt(PIXEL_FEATURE_DIMS / c))))
-    pixels = np.einsum("ih,nhwc,jw->nijc", _area_weights(h, side), x.astype(np.float64) / 255.0,
-                       _area_weights(w, side))
-    return pixels.reshape(n, -1)
+    rows_w, cols_w = _area_weights(h, side), _area_weights(w, side)
+    out = np.empty((n, side * side * c))
+    for start in range(0, n, PIXEL_BATCH):  # a memory-mapped split is read a chunk at a time
+        chunk = np.asarray(x[start:start + PIXEL_BATCH], np.float64) / 255.0
+        pooled = np.einsum("ih,nhwc->niwc", rows_w, chunk, optimize=True)
+        pooled = np.einsum("jw,niwc->nijc", cols_w, pooled, optimize=True)
+        out[start:start + len(chunk)] = pooled.reshape(len(chunk), -1)
+    return out
 
 
 def _area_weights(size: int, side: int) -> np.ndarray:

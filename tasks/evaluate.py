@@ -53,6 +53,7 @@ from latentforge.intervals import (
     INTERVAL_METRICS,
     PIXEL_METRIC,
     PerSample,
+    Reference,
     bootstrap_intervals,
     with_interval,
 )
@@ -111,6 +112,7 @@ GENERATOR_ROWS: tuple[tuple[str, str, str], ...] = (
     ("kid_eval", "KID-eval (unbiased)", "lower"),
     ("kid_eval_std", "KID-eval std over subsets", ""),
     ("fd_at_n", "FD-eval at the real set's count", "lower"),
+    ("fd_pixels_at_n", "FD-pixels at the real set's count", "lower"),
     ("kid_at_n", "KID-eval at the real set's count", "lower"),
     ("precision_at_n", "precision at the real set's count", "higher"),
     ("recall_at_n", "recall at the real set's count", "higher"),
@@ -285,24 +287,41 @@ def sample_generator(handle: GeneratorHandle, labels: np.ndarray, cfg: EvaluateC
     return Samples(images, nfe, time.perf_counter() - started, cfg_scale)
 
 
+@dataclasses.dataclass
+class PixelReference:
+    """FD-pixels' references: the train split's pixel features (with their FD statistics,
+    computed once) and the held-out real images' (the floor at their count)."""
+
+    features: np.ndarray
+    real: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.reference = Reference(self.features)
+
+
 def score_generator(samples: Samples, labels: np.ndarray, evaluator: JudgeScorer,
                     ref_features: np.ndarray, ref_labels: np.ndarray, real_features: np.ndarray,
-                    real_labels: np.ndarray, reward: Reward, ref_pixels: np.ndarray
+                    real_labels: np.ndarray, reward: Reward, pixel_ref: PixelReference
                     ) -> tuple[dict[str, float], dict[str, float], PerSample]:
     """The evaluator's metrics of one generated set against the reference (train split), the
     same at the held-out real set's count, and the (judge's) reward beside them; with the
     held-out real set's own numbers at that count (the floor), and the per-sample values the
     bootstrap resamples (the reward computed once, so a nondeterministic user reward cannot
     centre the interval away from the reported mean). FD-pixels grades the same samples by
-    their raw pixels against `ref_pixels` (the reference's), with no network at all."""
+    their raw pixels against the reference's (`pixel_ref`), with no network at all, and at the
+    held-out real set's count beside the real set's own."""
     feats, logp = evaluator.score(samples.images)
     pixels = metrics.pixel_features(samples.images)
     m = generator_stage.grade_features(feats, logp, labels, ref_features)
-    m[PIXEL_METRIC] = metrics.fd_from_features(ref_pixels, pixels)
+    m[PIXEL_METRIC] = pixel_ref.reference.fd(pixels)
     generated, real = generator_stage.at_real_count(ref_features, feats, labels,
                                                     real_features, real_labels,
                                                     ref_labels=ref_labels)
     m.update({k: v for k, v in generated.items() if k != "n"})
+    gen_px, real_px = generator_stage.at_real_count(pixel_ref.features, pixels, labels,
+                                                    pixel_ref.real, real_labels,
+                                                    ref_labels=ref_labels)
+    m["fd_pixels_at_n"], real["fd_pixels_at_n"] = gen_px["fd_at_n"], real_px["fd_at_n"]
     total, _ = reward(samples.images, labels)
     m["reward_mean"] = float(total.mean())
     m["reward_std"] = float(total.std())
@@ -556,8 +575,8 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
             "gfd_eval": "Frechet distance of evaluator features, train split vs all samples",
             "fd_pixels": "Frechet distance of raw pixels in [0, 1], area-averaged to at most "
                          f"{metrics.PIXEL_FEATURE_DIMS} values per image (16 x 16 gray, 9 x 9 "
-                         "RGB), samples vs the train split: no network, so a reward that moves "
-                         "samples along a network's features cannot fool it",
+                         "RGB), samples vs the train split, graded by no network: a check on "
+                         "the evaluator, which a reward fitted to the judge's features can steer",
             "kid_eval": "unbiased squared MMD, cubic polynomial kernel (KID's), evaluator "
                         "features, train split vs samples; mean and std over 10 subsets of "
                         "min(train, samples, 1000) rows",
@@ -859,7 +878,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         raise DataError(f"{prepared_dir}: the train split has {len(train_x)} images; the "
                         f"reference set needs at least {MIN_VAL_IMAGES}")
     ref_features, _ = evaluator.score(train_x)  # the reference set: train split
-    train_pixels = metrics.pixel_features(train_x)  # the same, for FD-pixels
+    pixel_ref = PixelReference(metrics.pixel_features(train_x), metrics.pixel_features(val_x))
     val_features, _ = evaluator.score(val_x)  # held-out real images: the floor
 
     # The prefix sweep follows the trained model's layout, not whatever params now say.
@@ -901,7 +920,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         nested[name], real, per_sample[name] = score_generator(sample_set, labels, evaluator,
                                                                ref_features, train_y,
                                                                val_features, val_y, reward,
-                                                               train_pixels)
+                                                               pixel_ref)
     nested["real"] = real  # the same for every set: one count, one subset seed
     log.info("evaluate: %d bootstrap replicates for the 95%% intervals", BOOTSTRAP_REPLICATES)
     pairs = {s.diff: ("base", s.samples) for s in seeds}
@@ -912,7 +931,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
         means["distil"] = (guided, [s.samples for s in seeds])
     intervals = bootstrap_intervals(ref_features, per_sample, labels, seed=cfg.seed, pairs=pairs,
                                     means=means, ref_labels=train_y, keys=EVALUATE_INTERVALS,
-                                    ref_pixels=train_pixels)
+                                    ref_pixels=pixel_ref.features)
     for name in samples:
         nested[name].update(intervals[name])
     for pair, (first, second) in pairs.items():

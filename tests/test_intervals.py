@@ -170,6 +170,15 @@ def test_fd_pixels_is_bootstrapped_on_its_own_reference_with_the_same_resamples(
     # a mean shift of 1 in each of 5 dims: FD about 5 above the like set's, interval and all
     assert both["diff"]["fd_pixels_ci_low"] > 3.5
     assert both["like"]["fd_pixels_ci_high"] < 1.0
+    # pixels that are the features, with the reference's pixels its features: FD-pixels'
+    # intervals are gFD-eval's, so each replicate draws the pixel reference's rows with its own
+    twin = {n: intervals.PerSample(p.features, p.log_probs, pixels=p.features)
+            for n, p in sets.items()}
+    same = intervals.bootstrap_intervals(ref, twin, labels, ref_pixels=ref,
+                                         keys=("gfd_eval", "fd_pixels"), **kwargs)
+    for name in ("like", "shifted", "diff"):
+        for end in ("ci_low", "ci_high"):
+            assert same[name][f"fd_pixels_{end}"] == same[name][f"gfd_eval_{end}"]
     with pytest.raises(ValueError, match="fd_pixels needs ref_pixels"):
         intervals.bootstrap_intervals(ref, sets, labels, keys=("fd_pixels",), **kwargs)
     with pytest.raises(ValueError, match="fd_pixels asked of a set without pixel features"):
