@@ -1061,7 +1061,8 @@ def _yaml_node(old: Any, value: Any) -> Any:
         new = CommentedMap(value)
     else:
         return value
-    if not (hasattr(old, "fa") and not old.fa.flow_style()):
+    was_block = hasattr(old, "fa") and not old.fa.flow_style()
+    if not was_block:
         new.fa.set_flow_style()
     if hasattr(old, "ca"):
         new.ca.comment = old.ca.comment

@@ -111,7 +111,7 @@ class ClassDensity:
 
     def log_density(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
         d = np.asarray(features, np.float64) - self.means[np.asarray(labels, np.int64)]
-        return -0.5 * np.einsum("nd,de,ne->n", d, self.precision, d) / len(self.precision)
+        return -0.5 * ((d @ self.precision) * d).sum(axis=1) / len(self.precision)
 
 
 def judge_density(judge: Any, reference: Reference | None = None) -> RewardFn:
