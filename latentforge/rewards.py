@@ -184,6 +184,32 @@ def resolve(name: str, judge: Any, reference: Reference | None = None) -> Reward
     return fn
 
 
+class _ScoresOnce:
+    """The judge, remembering its scores of the last images it was given, so that several
+    judge terms in one reward (judge_prob + judge_density) run the network once per batch.
+    Keyed by the array's identity: every term of one call receives the same array."""
+
+    def __init__(self, judge: Any) -> None:
+        self.judge = judge
+        self._images: Any = None
+        self._scores: Any = None
+
+    def __getattr__(self, name: str) -> Any:  # class_names
+        return getattr(self.judge, name)
+
+    def score(self, images: Any) -> Any:
+        if images is not self._images:
+            scores = self.judge.score(images)
+            for array in scores:  # shared by the terms: none may change another's input
+                if isinstance(array, np.ndarray):
+                    array.flags.writeable = False
+            self._images, self._scores = images, scores
+        return self._scores
+
+    def forget(self) -> None:
+        self._images = self._scores = None
+
+
 class Reward:
     """The weighted sum of the configured rewards, with every term checked."""
 
@@ -192,7 +218,15 @@ class Reward:
         if not weights:
             raise ConfigError("rl.rewards: at least one reward is needed")
         self.weights = dict(weights)
-        self.fns = {name: resolve(name, judge, reference) for name in self.weights}
+        self._judge = _ScoresOnce(judge) if judge is not None else None
+        try:
+            self.fns = {name: resolve(name, self._judge, reference) for name in self.weights}
+        finally:
+            self._forget()
+
+    def _forget(self) -> None:
+        if self._judge is not None:
+            self._judge.forget()
 
     def definition(self) -> str:
         """A stable text of what is being optimised, for lineage tags."""
@@ -200,6 +234,12 @@ class Reward:
 
     def __call__(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """(total reward (N,), mean of each term)."""
+        try:
+            return self._sum(images, labels)
+        finally:
+            self._forget()  # the next call's images may be this array, rewritten in place
+
+    def _sum(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         total = np.zeros(len(images), np.float64)
         parts = {}
         for name, fn in self.fns.items():

@@ -566,3 +566,37 @@ def test_judge_density_rewards_typical_images_of_the_requested_class() -> None:
     as_bright, parts = reward(probe, np.ones(4, int))
     assert (as_dark > as_bright).all() and parts["judge_density"] == as_bright.mean()
     assert reward.definition() == "1*judge_density"
+
+
+def test_judge_terms_share_one_scoring_per_call() -> None:
+    """Several judge terms in one reward run the judge once per batch, give what each term
+    gives alone, and a batch rewritten in place between calls is scored afresh."""
+    from latentforge import rewards
+
+    class Judge:
+        class_names = ["dark", "bright"]
+        calls = 0
+
+        def score(self, images):  # noqa: ANN001, ANN202
+            Judge.calls += 1
+            flat = np.asarray(images, np.float64).reshape(len(images), -1) / 255.0
+            feats = np.stack([flat.mean(1), flat.std(1)], axis=1)
+            logits = np.stack([-4.0 * flat.mean(1), 4.0 * flat.mean(1)], axis=1)
+            return feats, logits - np.logaddexp(logits[:, :1], logits[:, 1:])
+
+    rng = np.random.default_rng(2)
+    reference = (rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.repeat([0, 1], 20))
+    terms = {"judge_prob": 1.0, "judge_margin": 0.5, "judge_density": 2.0}
+    combined = rewards.Reward(terms, Judge(), reference=reference)
+    alone = {n: rewards.Reward({n: w}, Judge(), reference=reference) for n, w in terms.items()}
+    images = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 2, 6)
+    Judge.calls = 0
+    total, parts = combined(images, labels)
+    assert Judge.calls == 1
+    expected = sum(alone[n](images, labels)[0] for n in terms)
+    np.testing.assert_allclose(total, expected, rtol=1e-12)
+    images[:] = 255 - images  # the same array, new pixels: not the remembered scores
+    total2, _ = combined(images, labels)
+    assert Judge.calls == 2 + len(terms)
+    np.testing.assert_allclose(total2, sum(alone[n](images, labels)[0] for n in terms), rtol=1e-12)
