@@ -170,7 +170,12 @@ class Linear(nn.Linear):
                 and self.weight.dtype == torch.float32
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
                 and fp32_linear_backend() == "onednn"):
-            return _OneDNNLinear.apply(x, self.weight, self.bias)
+            if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+                return _OneDNNLinear.apply(x, self.weight, self.bias)
+            # No gradient wanted (sampling, rollouts): the same kernel without the autograd
+            # Function's per-call cost, which at RL's rollout sizes (~500 rows) is ~6% of one.
+            x2 = x.reshape(-1, x.shape[-1]).contiguous()
+            return _onednn_mm(x2, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 

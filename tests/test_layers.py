@@ -116,6 +116,12 @@ def test_linear_is_nn_linear_and_leaves_autocast_and_frozen_inputs_alone() -> No
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
     with fp32_linear("onednn"), torch.no_grad():  # inference: forward only
         assert_rounding_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        batched = torch.randn(3, 5, 16).transpose(0, 1)  # (5, 3, 16), not contiguous
+        without_grad = layer(batched)
+    with fp32_linear("onednn"):  # the autograd path's forward: the very same kernel call
+        with_grad = layer(batched)
+    assert with_grad.requires_grad and not without_grad.requires_grad
+    assert without_grad.shape == (5, 3, 8) and torch.equal(without_grad, with_grad.detach())
     frozen = Linear(16, 8).requires_grad_(False)  # no parameter gradients wanted
     x.requires_grad_()
     with fp32_linear("onednn"):
