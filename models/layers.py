@@ -15,7 +15,11 @@ AMD EPYC Zen 5 (AVX-512), 1 thread, the models' linear shapes ran 101-109 GFLOP/
 copy, 1.1-2.1x MKL's speed at 1024+ rows). `fp32_linear_backend()` says which is used: $LATENTFORGE_FP32_LINEAR
 (blas | onednn | auto) decides, and auto (the default) takes oneDNN on CPUs that are not
 Intel's and have AVX-512; elsewhere the BLAS stays. Both compute in fp32 (not bitwise alike:
-another summation order); bf16 autocast, GPUs and torch.compile keep F.linear.
+another summation order); bf16 autocast, GPUs and torch.compile keep F.linear. On a Zen 4
+oneDNN is no faster than MKL in training (0.92-1.08x) and slower on a few hundred rows (a
+default RL update 0.70x); auto takes it there too, because oneDNN on an EPYC and MKL on a Xeon
+trained the default pipeline to the same numbers, to every printed digit (2026-12-06), where
+MKL's AVX2 kernels send it down another path.
 
 Dropout: the mask from torch.rand, which ATen vectorises; nn.Dropout draws it with
 bernoulli_, one element at a time on CPU (64 x 17 x 64 fp32, fwd+bwd, 1 thread, Zen 5: 0.18
