@@ -192,7 +192,11 @@ def distil_lines(d: Mapping[str, float]) -> list[str]:
         "sampled at this evaluation's count with the same labels and noise:", "",
         "Intervals: RL's and the difference's are 95% Student-t across seeds, the difference's "
         "widened by the sample noise of the draw all seeds share (paired bootstrap with one "
-        "seed); the guided base's, its bootstrap over samples.", "",
+        "seed); the guided base's, its bootstrap over samples. None holds the noise of "
+        "training the earlier stages (tokenizer, judge, evaluator, base), one training each: "
+        "on the default digits the verdict held over three generator seeds and turned around "
+        "where other fp32 kernels trained those stages (README, \"What `latentforge run` "
+        "does\").", "",
         "| metric | RL (mean, 95% interval) | base at best CFG | RL - guided base |",
         "|---|---|---|---|",
         *(f"| {label} | {with_interval(d, f'rl_{key}')} | {with_interval(d, f'guided_{key}')} | "
