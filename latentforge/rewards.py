@@ -194,8 +194,9 @@ class _ScoresOnce:
         self._images: Any = None
         self._scores: Any = None
 
-    def __getattr__(self, name: str) -> Any:  # class_names
-        return getattr(self.judge, name)
+    @property
+    def class_names(self) -> list[str]:
+        return self.judge.class_names
 
     def score(self, images: Any) -> Any:
         if images is not self._images:
