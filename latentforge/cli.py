@@ -422,8 +422,7 @@ def _configure_logging(level: int) -> None:
     root = logging.getLogger()
     if not any(isinstance(h, _StderrHandler) for h in root.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                               datefmt="%H:%M:%S"))
+        handler.setFormatter(logging.Formatter(procs.LOG_FORMAT, datefmt=procs.LOG_DATEFMT))
         root.addHandler(handler)
     root.setLevel(level)
 

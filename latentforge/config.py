@@ -549,6 +549,11 @@ class ComputeConfig:
         "stage's model faster in bf16 (measured once per machine and model, cached in "
         "~/.cache/latentforge/precision.json). A stage's own bf16: true means bf16 whatever this "
         "says; the precision used is in the stage's output meta")
+    parallel_seeds: int = param(
+        0, "RL seeds fine-tuned side by side on this machine, each in its own process with an "
+        "equal share of the CPUs: 0 = auto (every seed at once, up to twice the CPUs; one on a GPU); "
+        "1 = one after another in the stage's process. Each seed's result is its own either way "
+        "(equal within float round-off)", ge=0, le=MAX_WORKERS)
     compile: bool = param(False, "torch.compile the model for training: 6-23% faster steps on "
                           "CPU (bench/throughput.py), for 4 s (compile cache warm) to 75 s (cold) "
                           "of compiling per model; pays only for long runs")

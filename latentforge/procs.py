@@ -16,6 +16,11 @@ Prefect API is configured, a temporary Prefect server. Three rules keep them fro
 
 Every process of one invocation carries `LATENTFORGE_INVOCATION` in its environment and every
 MLflow run it opens the tag `latentforge.invocation`, so the guard (and a person) can find them.
+
+`map_processes` runs jobs of one stage side by side in worker processes on this machine
+(RL seeds): they share the stage's process group (a stop of the group stops them),
+ignore a terminal's Ctrl-C (the stage stops them itself), and end on their own when the stage
+dies without stopping them.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection, wait
 from types import FrameType
 from typing import IO, Any
 
@@ -37,6 +46,8 @@ log = logging.getLogger(__name__)
 INVOCATION_ENV = "LATENTFORGE_INVOCATION"
 INVOCATION_TAG = "latentforge.invocation"
 GRACE_S = 15.0  # how long a stage gets to end its runs after SIGTERM
+LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+ORPHAN_POLL_S = 1.0  # how often a worker process checks that its parent is still there
 # SIGTERM, not SIGINT, stops children: a process started from a non-interactive shell's
 # background job inherits SIGINT ignored (and so do its children), SIGTERM never is.
 
@@ -137,6 +148,147 @@ def stop_group(proc: subprocess.Popen[Any], grace: float = GRACE_S,
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
     guard_send(f"ungroup {pgid}")
+
+
+# --------------------------------------------------------------------------------------------
+# Worker processes on this machine
+# --------------------------------------------------------------------------------------------
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    with contextlib.suppress(AttributeError, OSError):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+class WorkerFailed(RuntimeError):
+    """A job of `map_processes` raised (or its process died): names the job and the error."""
+
+
+def _exit_with_parent(parent: int) -> None:
+    while True:
+        time.sleep(ORPHAN_POLL_S)
+        if os.getppid() != parent:  # re-parented: the stage died without stopping us
+            os._exit(1)
+
+
+def worker_main(job_fd: int, result_fd: int, parent: int, threads: int, log_level: int) -> int:
+    """A worker process (`python -m latentforge.procs worker ...`): read one pickled
+    (target, args) from `job_fd`, send back ("ok", result) or ("error", line, traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the parent stops us
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    logging.basicConfig(level=log_level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
+    from latentforge.malloc import tune_malloc
+
+    tune_malloc()
+    import torch
+
+    torch.set_num_threads(threads)
+    with Connection(job_fd, writable=False) as jobs, Connection(result_fd, readable=False) as out:
+        target, args = jobs.recv()
+        try:
+            result = target(*args)
+        except BaseException as exc:  # everything goes back to the parent, which decides
+            line, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+            sent: BaseException | None = exc
+            try:  # the exception itself where it pickles (its type decides the exit code)
+                pickle.loads(pickle.dumps(exc))
+            except Exception:
+                sent = None
+            out.send(("error", line, trace, sent))
+            return 1
+        out.send(("ok", result))
+    return 0
+
+
+def map_processes(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], processes: int,
+                  threads: int, names: Sequence[str] | None = None) -> list[Any]:
+    """`[target(*job) for job in jobs]`, each job in a fresh Python process on this machine, at
+    most `processes` at once, each with `threads` torch threads; results in job order.
+
+    `target` must be importable (a module-level function); jobs and results travel pickled. A
+    worker imports what it needs by this process's sys.path, never this process's __main__
+    (unlike multiprocessing's spawn: a script without a main guard works). The first job to
+    raise stops the others; its exception is raised again here (type and message, as if it
+    had run in this process, with a note naming the job: `names[i]`, else "job i"), or where
+    it does not pickle or the process died, `WorkerFailed` naming the job and the error in one
+    line. The child's traceback goes to the debug log. An interrupt here stops every worker
+    before it unwinds.
+    """
+    names = list(names) if names is not None else [f"job {i}" for i in range(len(jobs))]
+    # -P and this sys.path: the worker imports exactly what this process imports (not, say, a
+    # `latentforge` folder in the working directory ahead of the installed package).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    level = logging.getLogger().getEffectiveLevel()
+    waiting = list(range(len(jobs)))
+    running: dict[int, tuple[subprocess.Popen[Any], Connection]] = {}
+    results: dict[int, Any] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < processes:
+                i = waiting.pop(0)
+                job_r, job_w = os.pipe()
+                result_r, result_w = os.pipe()
+                try:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-P", "-m", "latentforge.procs", "worker", str(job_r),
+                         str(result_w), str(os.getpid()), str(threads), str(level)],
+                        pass_fds=(job_r, result_w), stdin=subprocess.DEVNULL, env=env)
+                finally:
+                    os.close(job_r)
+                    os.close(result_w)
+                running[i] = (proc, Connection(result_r, writable=False))
+                # A writer thread: a job larger than the pipe's buffer must not block the loop.
+                threading.Thread(target=_send_and_close, daemon=True,
+                                 args=(Connection(job_w, readable=False),
+                                       (target, tuple(jobs[i])))).start()
+            ready = wait([c for _, c in running.values()])
+            for i in [i for i, (_, c) in running.items() if c in ready]:
+                proc, conn = running.pop(i)
+                try:
+                    message = conn.recv()
+                except EOFError:
+                    proc.wait(5)
+                    raise WorkerFailed(f"{names[i]}: its process ended (exit code "
+                                       f"{proc.returncode}) before reporting") from None
+                finally:
+                    conn.close()
+                proc.wait()
+                if message[0] == "error":
+                    _, line, trace, exc = message
+                    log.debug("%s failed in its process:\n%s", names[i], trace)
+                    if isinstance(exc, Exception):  # raised again here, as in one process
+                        exc.add_note(f"(in the worker process of {names[i]}; its traceback is "
+                                     "in the debug log)")
+                        log.error("%s failed: %s", names[i], line)
+                        raise exc
+                    raise WorkerFailed(f"{names[i]}: {line}")
+                results[i] = message[1]
+    finally:
+        _stop_workers([proc for proc, _ in running.values()])
+        for _, conn in running.values():
+            conn.close()
+    return [results[i] for i in range(len(jobs))]
+
+
+def _send_and_close(conn: Connection, obj: Any) -> None:
+    with contextlib.suppress(OSError), conn:
+        conn.send(obj)
+
+
+def _stop_workers(workers: Sequence[subprocess.Popen[Any]], grace: float = 5.0) -> None:
+    """SIGTERM the workers still running, SIGKILL any left after `grace` seconds."""
+    for proc in workers:
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+    deadline = time.monotonic() + grace
+    for proc in workers:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,4 +429,6 @@ def guard_main(read_fd: int, parent: int) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "worker":
+        sys.exit(worker_main(*map(int, sys.argv[2:7])))
     sys.exit(guard_main(int(sys.argv[1]), int(sys.argv[2])))

@@ -26,8 +26,11 @@ the frozen base is the exact KL of the code distributions from those states. Rat
 KL weight are per code (``rl.token_clip_range``, ``rl.token_kl_beta``); the SDE keys
 (train_steps, noise_level, timestep_*) do not apply, and every code is trained in each pass.
 
-``rl.seeds`` fine-tunes the same base once per seed, one after another through the same code
-(each with its own checkpoints, so adding a seed reruns only that seed). The first seed's model
+``rl.seeds`` fine-tunes the same base once per seed through the same code (``train_seed``;
+each with its own checkpoints, so adding a seed reruns only that seed): on a CPU side by side,
+each seed in a worker process of its own (``procs.map_processes``; ``compute.parallel_seeds``),
+since a second thread speeds these small models up by a few percent while a second process
+doubles the work done; else one after another in this process. The first seed's model
 is the stage's RL model (the rl folder itself: registered, sampled, swept by evaluate); the
 others are generator folders under ``seeds/seed_<n>/`` that evaluate grades beside it. All
 seeds share the fixed evaluation sample (seed EVAL_SAMPLE_SEED, whatever rl.seeds holds, so
@@ -43,17 +46,19 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file
 
 from latentforge import checkpoint as ckpt
-from latentforge import flow, paths, storage, tokens
+from latentforge import flow, paths, procs, storage, tokens
 from latentforge.config import Params, RLConfig
 from latentforge.data import load_prepared
 from latentforge.images import save_png
@@ -601,119 +606,237 @@ def save_outputs(out_dir: Path, plot_file: Path, results: list[SeedResult]) -> s
     return storage.sha256_file(out_dir / WEIGHTS)
 
 
+@dataclass(frozen=True)
+class InputDirs:
+    """Where the stage's inputs live (a worker process loads them again from here)."""
+
+    generator: Path
+    tokenizer: Path
+    judge: Path
+    prepared: Path
+    evaluator: Path
+    decoder: Path
+
+
+@dataclass
+class Inputs:
+    """Everything a seed's fine-tuning reads, loaded once per process."""
+
+    params: Params
+    base: GeneratorHandle
+    judge: JudgeScorer
+    evaluator: JudgeScorer
+    reward: Reward
+    es: EvalSet
+    device: torch.device
+    prepared_sha: str
+    decoder_sha: str | None
+    fingerprint_inputs: dict[str, Any]
+
+    def decode(self, z: torch.Tensor) -> np.ndarray:
+        """Final rollout latents (flow, normalised) or codes (maskgit, ar) -> uint8 images."""
+        tok = self.base.tokenizer
+        if self.base.kind in TOKEN_KINDS:
+            with torch.no_grad():
+                return tok.decode(tok.model.codes_to_latents(z.detach().cpu()).float().numpy())
+        return tok.decode((z.detach().cpu() * self.base.scale + self.base.shift).numpy())
+
+    @property
+    def base_meta(self) -> dict[str, Any]:
+        return {k: v for k, v in self.base.meta.items() if k != "sha256"}
+
+
+def load_inputs(params: Params, dirs: InputDirs) -> Inputs:
+    """Load base generator (with the post-trained decoder where there is one), judge, evaluator
+    and data; unknown or unimportable rewards fail here, early."""
+    base = load_generator(dirs.generator, dirs.tokenizer)
+    apply_decoder(base.tokenizer, dirs.decoder)
+    judge = load_judge(dirs.judge)
+    evaluator = load_judge(dirs.evaluator)
+    prepared = load_prepared(dirs.prepared)
+    train_x, train_y = prepared.split("train")
+    # judge_density fits on the train split.
+    reward = Reward(params.rl.rewards, judge, reference=(train_x, train_y))
+    es = EvalSet(labels=flow.balanced_labels(len(base.class_names),
+                                             params.rl.eval_per_class).numpy(),
+                 ref_features=evaluator.score(train_x)[0], seed=EVAL_SAMPLE_SEED,
+                 steps=params.generator.sample_steps, sampler=params.generator.sampler,
+                 cfg_scale=params.rl.cfg_scale)
+    # Rollouts' rewards read decoded images: another decoder, another run (checkpoint key).
+    decoder_sha = base.tokenizer.meta.get("decoder", {}).get("sha256")
+    fingerprint_inputs = {"generator": base.meta["sha256"], "judge": judge.sha256,
+                          "evaluator": evaluator.sha256, "tokenizer": base.tokenizer.sha256,
+                          "prepared": prepared.manifest_sha256, "eval": es.protocol(),
+                          **({"decoder": decoder_sha} if decoder_sha else {})}
+    return Inputs(params=params, base=base, judge=judge, evaluator=evaluator, reward=reward,
+                  es=es, device=local_device(params.compute),
+                  prepared_sha=prepared.manifest_sha256, decoder_sha=decoder_sha,
+                  fingerprint_inputs=fingerprint_inputs)
+
+
+class RowRecorder(Tracker):
+    """The tracker of a seed trained in a worker process: its metric rows go back to the stage,
+    which logs them to its MLflow run (in one go, when the seed is done)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[dict[str, float], int | None]] = []
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.rows.append((dict(metrics), step))
+
+
+@dataclass
+class SeedRun:
+    """One seed's fine-tuning, as the stage collects it."""
+
+    result: SeedResult
+    before: dict[str, float]
+    seconds: float
+    eval_seconds: float
+    rollouts_per_s: float
+    resumed_from: int
+
+
+def train_seed(inp: Inputs, seed: int, prefix: str, tracker: Tracker,
+               before: dict[str, float] | None, other_seeds: list[int]) -> SeedRun:
+    """Fine-tune (or resume, or pick up the finished) seed `seed` and evaluate its EMA model on
+    the fixed sample. `prefix` starts its MLflow keys; `before` is the base model's numbers on
+    that sample where another seed measured them; `other_seeds` are listed in the first seed's
+    meta (empty for the others)."""
+    cfg, base, tok = inp.params.rl, inp.base, inp.base.tokenizer
+    base_sha, base_meta = base.meta["sha256"], inp.base_meta
+    tuner = FineTuner(cfg, seed, base.model, inp.reward, inp.decode, inp.device,
+                      base.meta.get("sampling") if base.kind in TOKEN_KINDS else None)
+    key = hashlib.sha256((f"{base_sha}\n{inp.reward.definition()}\n{seed}"
+                          + (f"\n{inp.decoder_sha}" if inp.decoder_sha else "")).encode()
+                         ).hexdigest()
+
+    def evaluate_ema() -> dict[str, float]:
+        return evaluate(tuner.ema_model(), base_meta, tok, inp.evaluator, inp.reward, inp.es)[0]
+
+    result = fine_tune(tuner, cfg, paths.checkpoint_dir("rl", key),
+                       run_fingerprint(cfg, seed, inp.fingerprint_inputs), evaluate_ema, tracker,
+                       before=before, prefix=prefix)
+    # The base model's numbers on the shared sample (measured once, or handed in).
+    before = {k.removeprefix("eval/"): v for k, v in result.history[0].items() if k != "step"}
+    started = time.perf_counter()
+    model = tuner.ema_model()
+    after, images = evaluate(model, base_meta, tok, inp.evaluator, inp.reward, inp.es)
+    eval_seconds = time.perf_counter() - started
+    result.history[-1].update({f"eval/{k}": v for k, v in after.items()})
+    tracker.log_metrics({f"{prefix}eval/{k}": v for k, v in after.items()}, step=cfg.steps)
+    meta = copy.deepcopy(base_meta)
+    meta["rl"] = {"base_generator_sha256": base_sha, "judge_sha256": inp.judge.sha256,
+                  "evaluator_sha256": inp.evaluator.sha256, "tokenizer_sha256": tok.sha256,
+                  "reward": inp.reward.definition(), "params": dataclasses.asdict(cfg),
+                  "seed": seed, "eval_protocol": inp.es.protocol(), "eval_before": before,
+                  "eval_after": after, "base_generator_metrics": base.meta.get("metrics", {}),
+                  "decoder_sha256": inp.decoder_sha}
+    if other_seeds:  # the first seed's folder lists the others (evaluate reads it)
+        # A list, in rl.seeds order (a mapping would be key-sorted by the JSON writer).
+        meta["rl"]["other_seeds"] = [[s, seed_folder(s)] for s in other_seeds]
+    # "metrics" describes this model; the base's own stage metrics move to rl.
+    meta["metrics"] = {k: round(v, 6) for k, v in after.items()}
+    # Likewise "training": the RL loop updates in fp32, uncompiled, whatever the base's was.
+    meta["training"] = {"precision": "fp32", "compile": False}
+    seed_result = SeedResult(seed, model, meta, curve_csv(result.history),
+                             class_grid(images, inp.es.labels, base.class_names),
+                             stage_metrics(before, after, result.history))
+    m = seed_result.metrics
+    log.info("rl seed %d: reward %.4f -> %.4f, evaluator accuracy %.4f -> %.4f, gFD-eval "
+             "%.3f -> %.3f (x%.2f), final KL %.5f", seed, m["before_reward_mean"],
+             m["after_reward_mean"], m["before_eval_accuracy"], m["after_eval_accuracy"],
+             m["before_gfd_eval"], m["after_gfd_eval"], m["gfd_change_ratio"], m["final_kl"])
+    return SeedRun(seed_result, before, result.seconds, eval_seconds, result.rollouts_per_s,
+                   result.resumed_from)
+
+
+def _train_seed_in_worker(params: Params, dirs: InputDirs, seed: int, prefix: str,
+                          other_seeds: list[int]) -> tuple[SeedRun, bytes, list[Any]]:
+    """`train_seed` in a worker process (procs.map_processes): the model travels back as
+    safetensors bytes, the metric rows for the stage to log."""
+    recorder = RowRecorder()
+    run_ = train_seed(load_inputs(params, dirs), seed, prefix, recorder, None, other_seeds)
+    model, run_.result.model = run_.result.model, None  # type: ignore[assignment]
+    weights = safetensors_save({k: v.contiguous() for k, v in model.state_dict().items()})
+    return run_, weights, recorder.rows
+
+
+def seed_processes(params: Params, device: torch.device) -> tuple[int, int]:
+    """(processes, torch threads each) for rl.seeds: compute.parallel_seeds, or on its auto
+    (0) one process per seed up to twice the CPU count, sharing the CPUs; one on a GPU.
+
+    Twice: the models are small enough that a second thread adds little (8% per RL update on
+    2 cores), so 3 seeds on 2 CPUs run best all at once, 1 thread each (time-sliced, which
+    single-threaded processes take without spinning), not 2 and then 1 beside an idle CPU."""
+    seeds, cpus = len(params.rl.seeds), procs.available_cpus()
+    wanted = params.compute.parallel_seeds or (1 if device.type != "cpu" else 2 * cpus)
+    processes = max(1, min(seeds, wanted))
+    return processes, max(1, cpus // processes)
+
+
 def run(params: Params, out_dir: str | Path = paths.RL,
         generator_dir: str | Path = paths.GENERATOR, tokenizer_dir: str | Path = paths.TOKENIZER,
         judge_dir: str | Path = paths.JUDGE, prepared_dir: str | Path = paths.PREPARED,
         plot_file: str | Path = paths.PLOTS / "rl_reward.csv",
         tracker: Tracker | None = None, evaluator_dir: str | Path | None = None,
         decoder_dir: str | Path | None = None) -> StageResult:
-    """Fine-tune against the judge's reward, once per rl.seeds entry; the evaluator (default:
-    the folder `evaluator` beside `judge_dir`) grades the fixed evaluation sample. Rollouts
-    decode with the posttrain stage's decoder where it post-trained one (default: the folder
-    `decoder` beside `tokenizer_dir`), else with the tokenizer's."""
+    """Fine-tune against the judge's reward, once per rl.seeds entry (side by side in worker
+    processes where compute.parallel_seeds allows); the evaluator (default: the folder
+    `evaluator` beside `judge_dir`) grades the fixed evaluation sample. Rollouts decode with
+    the posttrain stage's decoder where it post-trained one (default: the folder `decoder`
+    beside `tokenizer_dir`), else with the tokenizer's."""
     cfg: RLConfig = params.rl
     tracker = tracker or Tracker()
-    evaluator_dir = Path(evaluator_dir) if evaluator_dir else Path(judge_dir).parent / "evaluator"
-    decoder_dir = Path(decoder_dir) if decoder_dir else Path(tokenizer_dir).parent / "decoder"
-    base = load_generator(generator_dir, tokenizer_dir)
-    apply_decoder(base.tokenizer, decoder_dir)
-    judge = load_judge(judge_dir)
-    evaluator = load_judge(evaluator_dir)
-    prepared = load_prepared(prepared_dir)
-    train_x, train_y = prepared.split("train")
-    # Unknown or unimportable rewards fail here, early; judge_density fits on the train split.
-    reward = Reward(cfg.rewards, judge, reference=(train_x, train_y))
-    tok = base.tokenizer
+    dirs = InputDirs(
+        generator=Path(generator_dir).resolve(), tokenizer=Path(tokenizer_dir).resolve(),
+        judge=Path(judge_dir).resolve(), prepared=Path(prepared_dir).resolve(),
+        evaluator=Path(evaluator_dir or Path(judge_dir).parent / "evaluator").resolve(),
+        decoder=Path(decoder_dir or Path(tokenizer_dir).parent / "decoder").resolve())
+    inp = load_inputs(params, dirs)
+    base, tok = inp.base, inp.base.tokenizer
     base_sha = base.meta["sha256"]
-    tracker.log_input("generator", str(Path(generator_dir).resolve()), base_sha,
-                      context="base_model")
-    tracker.log_input("judge", str(Path(judge_dir).resolve()), judge.sha256, context="reward")
-    tracker.log_input("evaluator", str(evaluator_dir.resolve()), evaluator.sha256,
+    tracker.log_input("generator", str(dirs.generator), base_sha, context="base_model")
+    tracker.log_input("judge", str(dirs.judge), inp.judge.sha256, context="reward")
+    tracker.log_input("evaluator", str(dirs.evaluator), inp.evaluator.sha256,
                       context="evaluation")
-    tracker.log_input("tokenizer", str(Path(tokenizer_dir).resolve()), tok.sha256,
-                      context="decoder")
+    tracker.log_input("tokenizer", str(dirs.tokenizer), tok.sha256, context="decoder")
     if "decoder" in tok.meta:
-        tracker.log_input("decoder", str(decoder_dir.resolve()), tok.meta["decoder"]["sha256"],
+        tracker.log_input("decoder", str(dirs.decoder), tok.meta["decoder"]["sha256"],
                           context="decoder")
-    tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
-                      context="evaluation")
+    tracker.log_input("prepared", str(dirs.prepared), inp.prepared_sha, context="evaluation")
 
-    es = EvalSet(labels=flow.balanced_labels(len(base.class_names), cfg.eval_per_class).numpy(),
-                 ref_features=evaluator.score(train_x)[0], seed=EVAL_SAMPLE_SEED,
-                 steps=params.generator.sample_steps, sampler=params.generator.sampler,
-                 cfg_scale=cfg.cfg_scale)
-    base_meta = {k: v for k, v in base.meta.items() if k != "sha256"}
-    shift, scale = base.shift, base.scale
-
-    def decode(z: torch.Tensor) -> np.ndarray:
-        """Final rollout latents (flow, normalised) or codes (maskgit, ar) -> uint8 images."""
-        if base.kind in TOKEN_KINDS:
-            with torch.no_grad():
-                return tok.decode(tok.model.codes_to_latents(z.detach().cpu()).float().numpy())
-        return tok.decode((z.detach().cpu() * scale + shift).numpy())
-
-    device = local_device(params.compute)
-    # Rollouts' rewards read decoded images: another decoder, another run (checkpoint key).
-    decoder_sha = tok.meta.get("decoder", {}).get("sha256")
-    inputs = {"generator": base_sha, "judge": judge.sha256, "evaluator": evaluator.sha256,
-              "tokenizer": tok.sha256, "prepared": prepared.manifest_sha256,
-              "eval": es.protocol(),
-              **({"decoder": decoder_sha} if decoder_sha else {})}
-    results: list[SeedResult] = []
-    before: dict[str, float] | None = None
-    seconds = eval_seconds = 0.0
-    rollouts_per_s, resumed_from = [], []
-    for seed in cfg.seeds:
-        prefix = "" if not results else f"seed{seed}/"  # MLflow keys: the first seed's plain
-        tuner = FineTuner(cfg, seed, base.model, reward, decode, device,
-                          base.meta.get("sampling") if base.kind in TOKEN_KINDS else None)
-        key = hashlib.sha256((f"{base_sha}\n{reward.definition()}\n{seed}"
-                              + (f"\n{decoder_sha}" if decoder_sha else "")).encode()).hexdigest()
-
-        def evaluate_ema(tuner: FineTuner = tuner) -> dict[str, float]:
-            return evaluate(tuner.ema_model(), base_meta, tok, evaluator, reward, es)[0]
-
-        log.info("rl: seed %d (%d of %d)", seed, len(results) + 1, len(cfg.seeds))
-        result = fine_tune(tuner, cfg, paths.checkpoint_dir("rl", key),
-                           run_fingerprint(cfg, seed, inputs), evaluate_ema, tracker,
-                           before=before, prefix=prefix)
-        # The base model's numbers on the shared sample: measured once, for every seed.
-        before = {k.removeprefix("eval/"): v for k, v in result.history[0].items()
-                  if k != "step"}
-        started = time.perf_counter()
-        model = tuner.ema_model()
-        after, images = evaluate(model, base_meta, tok, evaluator, reward, es)
-        eval_seconds += time.perf_counter() - started
-        seconds += result.seconds
-        if result.rollouts_per_s:  # 0 for a seed that was already finished
-            rollouts_per_s.append(result.rollouts_per_s)
-        resumed_from.append(result.resumed_from)
-        result.history[-1].update({f"eval/{k}": v for k, v in after.items()})
-        tracker.log_metrics({f"{prefix}eval/{k}": v for k, v in after.items()}, step=cfg.steps)
-        meta = copy.deepcopy(base_meta)
-        meta["rl"] = {"base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
-                      "evaluator_sha256": evaluator.sha256, "tokenizer_sha256": tok.sha256,
-                      "reward": reward.definition(), "params": dataclasses.asdict(cfg),
-                      "seed": seed, "eval_protocol": es.protocol(), "eval_before": before,
-                      "eval_after": after,
-                      "base_generator_metrics": base.meta.get("metrics", {}),
-                      "decoder_sha256": decoder_sha}
-        if not results:  # the first seed's folder lists the others (evaluate reads it)
-            # A list, in rl.seeds order (a mapping would be key-sorted by the JSON writer).
-            meta["rl"]["other_seeds"] = [[s, seed_folder(s)] for s in cfg.seeds[1:]]
-        # "metrics" describes this model; the base's own stage metrics move to rl.
-        meta["metrics"] = {k: round(v, 6) for k, v in after.items()}
-        # Likewise "training": the RL loop updates in fp32, uncompiled, whatever the base's was.
-        meta["training"] = {"precision": "fp32", "compile": False}
-        results.append(SeedResult(seed, model, meta, curve_csv(result.history),
-                                  class_grid(images, es.labels, base.class_names),
-                                  stage_metrics(before, after, result.history)))
-        m = results[-1].metrics
-        log.info("rl seed %d: reward %.4f -> %.4f, evaluator accuracy %.4f -> %.4f, gFD-eval "
-                 "%.3f -> %.3f (x%.2f), final KL %.5f", seed, m["before_reward_mean"],
-                 m["after_reward_mean"], m["before_eval_accuracy"], m["after_eval_accuracy"],
-                 m["before_gfd_eval"], m["after_gfd_eval"], m["gfd_change_ratio"],
-                 m["final_kl"])
+    # MLflow keys: the first seed's plain, the others' under seed<n>/.
+    prefixes = ["" if i == 0 else f"seed{seed}/" for i, seed in enumerate(cfg.seeds)]
+    others = [list(cfg.seeds[1:])] + [[] for _ in cfg.seeds[1:]]
+    processes, threads = seed_processes(params, inp.device)
+    runs: list[SeedRun] = []
+    if processes > 1:
+        log.info("rl: %d seeds, %d at a time in worker processes of %d thread(s) each",
+                 len(cfg.seeds), processes, threads)
+        jobs = [(params, dirs, seed, prefix, other)
+                for seed, prefix, other in zip(cfg.seeds, prefixes, others, strict=True)]
+        for run_, weights, rows in procs.map_processes(
+                _train_seed_in_worker, jobs, processes, threads,
+                names=[f"rl seed {seed}" for seed in cfg.seeds]):
+            for metrics, step in rows:
+                tracker.log_metrics(metrics, step=step)
+            model = build_model(base.model.cfg)
+            model.load_state_dict(safetensors_load(weights))
+            run_.result.model = model.eval()
+            runs.append(run_)
+    else:
+        before: dict[str, float] | None = None
+        for i, (seed, prefix, other) in enumerate(zip(cfg.seeds, prefixes, others,
+                                                      strict=True)):
+            log.info("rl: seed %d (%d of %d)", seed, i + 1, len(cfg.seeds))
+            runs.append(train_seed(inp, seed, prefix, tracker, before, other))
+            before = runs[-1].before  # measured once, for every seed
+    results = [r.result for r in runs]
+    seconds = sum(r.seconds for r in runs)
+    eval_seconds = sum(r.eval_seconds for r in runs)
+    rollouts_per_s = [r.rollouts_per_s for r in runs if r.rollouts_per_s]  # 0: already done
+    resumed_from = [r.resumed_from for r in runs]
 
     weights_sha = save_outputs(Path(out_dir), Path(plot_file), results)
     for name in (META, "samples.png"):
@@ -721,14 +844,15 @@ def run(params: Params, out_dir: str | Path = paths.RL,
     # Its own registered model (the first seed's): the base generator's versions stay one
     # kind of model; the other seeds travel in the same folder, under seeds/.
     # It decodes as it was fine-tuned: with the post-trained decoder where there was one.
+    decoder_sha = inp.decoder_sha
     tracker.log_model("generator", out_dir, registered_name=REGISTERED_MODELS["rl"].name,
                       artifacts={"tokenizer_dir": Path(tokenizer_dir),
-                                 **({"decoder_dir": decoder_dir} if decoder_sha else {})},
-                      tags={"stage": "rl", "prepared_sha256": prepared.manifest_sha256,
+                                 **({"decoder_dir": dirs.decoder} if decoder_sha else {})},
+                      tags={"stage": "rl", "prepared_sha256": inp.prepared_sha,
                             "cache_key": base.meta.get("cache_key", ""),
-                            "base_generator_sha256": base_sha, "judge_sha256": judge.sha256,
-                            "evaluator_sha256": evaluator.sha256,
-                            "tokenizer_sha256": tok.sha256, "reward": reward.definition(),
+                            "base_generator_sha256": base_sha, "judge_sha256": inp.judge.sha256,
+                            "evaluator_sha256": inp.evaluator.sha256,
+                            "tokenizer_sha256": tok.sha256, "reward": inp.reward.definition(),
                             "rl_seeds": ",".join(map(str, cfg.seeds)),
                             "weights_sha256": weights_sha,
                             **({"decoder_sha256": decoder_sha} if decoder_sha else {})})
@@ -738,9 +862,9 @@ def run(params: Params, out_dir: str | Path = paths.RL,
                       + " | ".join(f"{r.meta['rl']['eval_after'][k]:.4g}" for r in results)
                       + " |" for k in COMPARED)
     method = "GRPO over tokens" if base.kind in TOKEN_KINDS else "Flow-GRPO"
-    summary = (f"{method} ({base.kind} generator) on `{reward.definition()}`, {cfg.steps} updates of "
-               f"{cfg.classes_per_step}x{cfg.group_size} rollouts per seed; fixed sample of "
-               f"{len(es.labels)} (the same for every seed)\n\n| metric | before | "
+    summary = (f"{method} ({base.kind} generator) on `{inp.reward.definition()}`, {cfg.steps} "
+               f"updates of {cfg.classes_per_step}x{cfg.group_size} rollouts per seed; fixed "
+               f"sample of {len(inp.es.labels)} (the same for every seed)\n\n| metric | before | "
                + " | ".join(f"after, seed {r.seed}" for r in results) + " |\n|---|---|"
                + "---|" * len(results) + f"\n{table}")
     return StageResult(

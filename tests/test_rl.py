@@ -313,6 +313,52 @@ def test_several_seeds_one_folder_and_each_resumes_on_its_own(tiny_inputs, tmp_p
     assert tracker.models[0][2]["rl_seeds"] == "0,1"
 
 
+def test_seeds_side_by_side_in_worker_processes_equal_one_after_another(tiny_inputs, tmp_path,
+                                                                       monkeypatch, caplog):
+    raw = tiny(seeds=[0, 1], eval_every=0).to_dict()
+    runs = {}
+    for processes in (1, 2):
+        raw["compute"]["parallel_seeds"] = processes
+        folder = tmp_path / f"p{processes}"
+        folder.mkdir()
+        monkeypatch.chdir(folder)  # checkpoints of its own: both train from scratch
+        tracker = RecordingTracker()
+        with caplog.at_level("INFO", logger="latentforge.tasks.rl"):
+            runs[processes] = (run_rl(tiny_inputs, build_params(raw), folder / "rl", tracker),
+                               tracker)
+    assert "2 seeds, 2 at a time in worker processes" in caplog.text
+    (one, one_tracker), (two, two_tracker) = runs[1], runs[2]
+    # Other thread counts may round differently (fp32): equal within float tolerance.
+    assert two.metrics.keys() == one.metrics.keys()
+    for key, value in one.metrics.items():
+        assert two.metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for sub in ("rl", "rl/seeds/seed_1"):
+        a = load_file(str(tmp_path / "p1" / sub / "model.safetensors"))
+        b = load_file(str(tmp_path / "p2" / sub / "model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+        meta_a = json.loads((tmp_path / "p1" / sub / "generator.json").read_text())
+        meta_b = json.loads((tmp_path / "p2" / sub / "generator.json").read_text())
+        assert meta_b["rl"]["seed"] == meta_a["rl"]["seed"]
+        assert meta_b["rl"].get("other_seeds") == meta_a["rl"].get("other_seeds")
+    # The workers' metric rows reach the stage's tracker: the same steps and keys.
+    assert sorted((step, sorted(row)) for step, row in two_tracker.metrics) == \
+        sorted((step, sorted(row)) for step, row in one_tracker.metrics)
+    assert two_tracker.models[0][2]["rl_seeds"] == "0,1"
+
+
+@pytest.mark.parametrize("name", ["test_rl:raising_reward", "test_rl:late_nan_reward"])
+def test_a_reward_failing_in_a_worker_stops_the_stage_and_writes_nothing(tiny_inputs, tmp_path,
+                                                                        monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    raw = tiny(rewards={"judge_logprob": 1.0, name: 0.5}, seeds=[0, 1], save_every=1).to_dict()
+    raw["compute"]["parallel_seeds"] = 2
+    with pytest.raises(RewardError, match=name) as raised:
+        run_rl(tiny_inputs, build_params(raw), tmp_path / "rl")
+    assert "in the worker process of rl seed" in raised.value.__notes__[0]
+    assert not (tmp_path / "rl").exists() and not (tmp_path / "rl.csv").exists()
+
+
 def test_flat_reward_keeps_the_policy_at_the_reference(tiny_inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     params = tiny(rewards={"test_rl:constant_reward": 1.0}, kl_beta=0.1, eval_every=0)

@@ -1,0 +1,154 @@
+"""procs.map_processes: jobs side by side in worker processes, and how they end.
+
+The workers are real Python processes (`python -P -m latentforge.procs worker`); the jobs
+below are module-level functions, which the workers import by this process's sys.path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from latentforge import procs
+
+
+def square_after(x: int, delay: float) -> tuple[int, int, int]:
+    import torch
+
+    time.sleep(delay)
+    return x * x, os.getpid(), torch.get_num_threads()
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def die() -> None:
+    os._exit(3)
+
+
+def record_pid_and_sleep(folder: str, name: str) -> None:
+    Path(folder, name).write_text(str(os.getpid()))
+    time.sleep(120)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent) is gone for our purposes.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]
+
+
+def pids_written(folder: Path, count: int, timeout: float = 60.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = [f for f in folder.iterdir() if f.read_text()]
+        if len(files) >= count:
+            return [int(f.read_text()) for f in files]
+        time.sleep(0.1)
+    raise AssertionError(f"{count} workers did not start within {timeout} s")
+
+
+def test_results_in_job_order_with_the_threads_asked_for():
+    # The first job sleeps longest: results still come back in job order, and at most two
+    # processes at a time means the third job ran in a fresh process after one ended.
+    out = procs.map_processes(square_after, [(2, 1.0), (3, 0.0), (4, 0.0)], processes=2,
+                              threads=1)
+    assert [r[0] for r in out] == [4, 9, 16]
+    assert len({r[1] for r in out}) == 3 and os.getpid() not in {r[1] for r in out}
+    assert all(r[2] == 1 for r in out)
+
+
+def sleep_or_fail(kind: str, folder: str, what: str) -> None:
+    """One module-level target for two kinds of job: the failing one waits until the sleeping
+    one has started, so that the test can see the sleeper stopped."""
+    if kind == "sleep":
+        record_pid_and_sleep(folder, what)
+    pids_written(Path(folder), 1)
+    fail(what)
+
+
+def test_a_failing_job_names_itself_and_stops_the_others(tmp_path):
+    # The job's own exception, as if it had run here (so that its type decides the exit code),
+    # with a note naming the job.
+    with pytest.raises(ValueError, match=r"^bad reward\n") as raised:
+        procs.map_processes(sleep_or_fail, [("sleep", str(tmp_path), "a"),
+                                            ("fail", str(tmp_path), "bad reward")],
+                            processes=2, threads=1, names=["seed 0", "seed 1"])
+    assert "worker process of seed 1" in raised.value.__notes__[0]
+    # The sleeping job was stopped when the other failed, not left running for 120 s.
+    assert wait_gone([int((tmp_path / "a").read_text())], 1) == []
+
+
+def test_a_process_that_dies_is_reported_with_its_exit_code():
+    with pytest.raises(procs.WorkerFailed, match=r"job 0: its process ended \(exit code 3\)"):
+        procs.map_processes(die, [()], processes=1, threads=1)
+
+
+def test_an_interrupt_stops_every_worker(tmp_path):
+    def interrupt_when_started() -> None:
+        pids_written(tmp_path, 2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        procs.map_processes(record_pid_and_sleep, [(str(tmp_path), "a"), (str(tmp_path), "b")],
+                            processes=2, threads=1)
+    pids = [int(f.read_text()) for f in tmp_path.iterdir()]
+    assert len(pids) == 2 and wait_gone(pids, 1) == []  # stopped before the call returned
+
+
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    # The parent dies by SIGKILL (no chance to stop anyone); its workers notice within about
+    # procs.ORPHAN_POLL_S and end instead of running on.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = {[str(Path(__file__).parent)]!r}
+        from latentforge import procs
+        from test_procs import record_pid_and_sleep
+        procs.map_processes(record_pid_and_sleep, [({str(tmp_path)!r}, "a"),
+                                                   ({str(tmp_path)!r}, "b")], 2, 1)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        pids = pids_written(tmp_path, 2)
+        parent.kill()
+        parent.wait(10)
+        assert wait_gone(pids, 10) == [], "workers outlived their SIGKILLed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for f in tmp_path.iterdir():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(f.read_text()), signal.SIGKILL)
+
+
+def test_worker_imports_what_the_parent_imports_not_the_working_directory(tmp_path,
+                                                                          monkeypatch):
+    # A `latentforge` folder in the working directory (an old copy of the code, say) must not
+    # shadow the package this process runs.
+    (tmp_path / "latentforge").mkdir()
+    (tmp_path / "latentforge/__init__.py").write_text("raise ImportError('wrong copy')\n")
+    monkeypatch.chdir(tmp_path)
+    assert procs.map_processes(square_after, [(5, 0.0)], processes=1, threads=1)[0][0] == 25
