@@ -235,6 +235,10 @@ def map_processes(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], p
                         [sys.executable, "-P", "-m", "latentforge.procs", "worker", str(job_r),
                          str(result_w), str(os.getpid()), str(threads), str(level)],
                         pass_fds=(job_r, result_w), stdin=subprocess.DEVNULL, env=env)
+                except BaseException:
+                    os.close(job_w)
+                    os.close(result_r)
+                    raise
                 finally:
                     os.close(job_r)
                     os.close(result_w)
