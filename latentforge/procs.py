@@ -48,6 +48,9 @@ INVOCATION_TAG = "latentforge.invocation"
 GRACE_S = 15.0  # how long a stage gets to end its runs after SIGTERM
 LOG_FORMAT, LOG_DATEFMT = "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"
 ORPHAN_POLL_S = 1.0  # how often a worker process checks that its parent is still there
+# Thread counts a worker process of map_processes gets in its environment (numpy's BLAS and
+# OpenMP read them at start-up; torch's own is set in the worker).
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # SIGTERM, not SIGINT, stops children: a process started from a non-interactive shell's
 # background job inherits SIGINT ignored (and so do its children), SIGTERM never is.
 
@@ -173,9 +176,10 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(1)
 
 
-def worker_main(job_fd: int, result_fd: int, parent: int, threads: int, log_level: int) -> int:
+def worker_main(job_fd: int, result_fd: int, parent: int, threads: int, log_level: int) -> None:
     """A worker process (`python -m latentforge.procs worker ...`): read one pickled
-    (target, args) from `job_fd`, send back ("ok", result) or ("error", line, traceback)."""
+    (target, args) from `job_fd`, send back ("ok", result) or ("error", line, traceback,
+    the exception where it pickles), and exit at once (no interpreter teardown)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the parent stops us
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     logging.basicConfig(level=log_level, format=LOG_FORMAT, datefmt=LOG_DATEFMT)
@@ -185,80 +189,70 @@ def worker_main(job_fd: int, result_fd: int, parent: int, threads: int, log_leve
     import torch
 
     torch.set_num_threads(threads)
+    code = 0
     with Connection(job_fd, writable=False) as jobs, Connection(result_fd, readable=False) as out:
-        target, args = jobs.recv()
         try:
-            result = target(*args)
+            target, args = pickle.loads(jobs.recv_bytes())
+            payload = pickle.dumps(("ok", target(*args)))
         except BaseException as exc:  # everything goes back to the parent, which decides
+            code = 1
             line, trace = f"{type(exc).__name__}: {exc}", traceback.format_exc()
-            sent: BaseException | None = exc
             try:  # the exception itself where it pickles (its type decides the exit code)
-                pickle.loads(pickle.dumps(exc))
+                payload = pickle.dumps(("error", line, trace, exc))
+                pickle.loads(payload)
             except Exception:
-                sent = None
-            out.send(("error", line, trace, sent))
-            return 1
-        out.send(("ok", result))
-    return 0
+                payload = pickle.dumps(("error", line, trace, None))
+        out.send_bytes(payload)
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def map_processes(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], processes: int,
-                  threads: int, names: Sequence[str] | None = None) -> list[Any]:
+                  threads: int, names: Sequence[str] | None = None,
+                  on_result: Callable[[int, Any], None] | None = None) -> list[Any]:
     """`[target(*job) for job in jobs]`, each job in a fresh Python process on this machine, at
-    most `processes` at once, each with `threads` torch threads; results in job order.
+    most `processes` at once, each with `threads` threads (torch's, and OpenMP/BLAS's through
+    the environment); results in job order, and each also to `on_result(i, result)` as soon
+    as its job ends.
 
-    `target` must be importable (a module-level function); jobs and results travel pickled. A
-    worker imports what it needs by this process's sys.path, never this process's __main__
-    (unlike multiprocessing's spawn: a script without a main guard works). The first job to
-    raise stops the others; its exception is raised again here (type and message, as if it
-    had run in this process, with a note naming the job: `names[i]`, else "job i"), or where
-    it does not pickle or the process died, `WorkerFailed` naming the job and the error in one
-    line. The child's traceback goes to the debug log. An interrupt here stops every worker
-    before it unwinds.
+    `target` must be importable (a module-level function); jobs and results travel pickled, by
+    value (a job that does not pickle fails here, before any process starts). A worker imports
+    what it needs by this process's sys.path, never this process's __main__ (unlike
+    multiprocessing's spawn: a script without a main guard works). The first job to raise
+    stops the others; its exception is raised again here (type and message, as if it had run
+    in this process, with a note naming the job: `names[i]`, else "job i"), or where it does
+    not pickle or the process died, `WorkerFailed` naming the job and the error in one line.
+    The child's traceback goes to the debug log. An interrupt here stops every worker before
+    it unwinds.
     """
     names = list(names) if names is not None else [f"job {i}" for i in range(len(jobs))]
+    payloads = [pickle.dumps((target, tuple(job))) for job in jobs]
     # -P and this sys.path: the worker imports exactly what this process imports (not, say, a
     # `latentforge` folder in the working directory ahead of the installed package).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+           **{name: str(threads) for name in THREAD_ENV}}
     level = logging.getLogger().getEffectiveLevel()
     waiting = list(range(len(jobs)))
     running: dict[int, tuple[subprocess.Popen[Any], Connection]] = {}
     results: dict[int, Any] = {}
     try:
         while waiting or running:
-            while waiting and len(running) < processes:
+            while waiting and len(running) < max(1, processes):
                 i = waiting.pop(0)
-                job_r, job_w = os.pipe()
-                result_r, result_w = os.pipe()
-                try:
-                    proc = subprocess.Popen(
-                        [sys.executable, "-P", "-m", "latentforge.procs", "worker", str(job_r),
-                         str(result_w), str(os.getpid()), str(threads), str(level)],
-                        pass_fds=(job_r, result_w), stdin=subprocess.DEVNULL, env=env)
-                except BaseException:
-                    os.close(job_w)
-                    os.close(result_r)
-                    raise
-                finally:
-                    os.close(job_r)
-                    os.close(result_w)
-                running[i] = (proc, Connection(result_r, writable=False))
-                # A writer thread: a job larger than the pipe's buffer must not block the loop.
-                threading.Thread(target=_send_and_close, daemon=True,
-                                 args=(Connection(job_w, readable=False),
-                                       (target, tuple(jobs[i])))).start()
+                running[i] = _start_worker(payloads[i], threads, level, env)
             ready = wait([c for _, c in running.values()])
             for i in [i for i, (_, c) in running.items() if c in ready]:
-                proc, conn = running.pop(i)
+                proc, conn = running[i]
                 try:
-                    message = conn.recv()
-                except EOFError:
-                    proc.wait(5)
+                    message = pickle.loads(conn.recv_bytes())
+                except (EOFError, OSError):  # it died, before or while sending
+                    message = None
+                conn.close()
+                _reap(proc)
+                del running[i]
+                if message is None:
                     raise WorkerFailed(f"{names[i]}: its process ended (exit code "
-                                       f"{proc.returncode}) before reporting") from None
-                finally:
-                    conn.close()
-                proc.wait()
+                                       f"{proc.returncode}) before reporting")
                 if message[0] == "error":
                     _, line, trace, exc = message
                     log.debug("%s failed in its process:\n%s", names[i], trace)
@@ -269,16 +263,49 @@ def map_processes(target: Callable[..., Any], jobs: Sequence[tuple[Any, ...]], p
                         raise exc
                     raise WorkerFailed(f"{names[i]}: {line}")
                 results[i] = message[1]
+                if on_result is not None:
+                    on_result(i, results[i])
     finally:
-        _stop_workers([proc for proc, _ in running.values()])
-        for _, conn in running.values():
-            conn.close()
+        with interrupts_deferred():  # a second Ctrl-C must not leave workers behind
+            _stop_workers([proc for proc, _ in running.values()])
+            for _, conn in running.values():
+                conn.close()
     return [results[i] for i in range(len(jobs))]
 
 
-def _send_and_close(conn: Connection, obj: Any) -> None:
-    with contextlib.suppress(OSError), conn:
-        conn.send(obj)
+def _start_worker(payload: bytes, threads: int, level: int, env: dict[str, str]
+                  ) -> tuple[subprocess.Popen[Any], Connection]:
+    job_r, job_w = os.pipe()
+    result_r, result_w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-P", "-m", "latentforge.procs", "worker", str(job_r),
+             str(result_w), str(os.getpid()), str(threads), str(level)],
+            pass_fds=(job_r, result_w), stdin=subprocess.DEVNULL, env=env)
+    except BaseException:
+        os.close(job_w)
+        os.close(result_r)
+        raise
+    finally:
+        os.close(job_r)
+        os.close(result_w)
+    # A writer thread: a job larger than the pipe's buffer must not block the loop.
+    threading.Thread(target=_send_and_close, args=(job_w, payload), daemon=True).start()
+    return proc, Connection(result_r, writable=False)
+
+
+def _send_and_close(fd: int, payload: bytes) -> None:
+    with contextlib.suppress(OSError), Connection(fd, readable=False) as conn:
+        conn.send_bytes(payload)
+
+
+def _reap(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """Wait for a worker that has reported (it exits at once), killing it after `grace`."""
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def _stop_workers(workers: Sequence[subprocess.Popen[Any]], grace: float = 5.0) -> None:
@@ -434,5 +461,5 @@ def guard_main(read_fd: int, parent: int) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1] == "worker":
-        sys.exit(worker_main(*map(int, sys.argv[2:7])))
+        worker_main(*map(int, sys.argv[2:7]))
     sys.exit(guard_main(int(sys.argv[1]), int(sys.argv[2])))

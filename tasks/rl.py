@@ -646,9 +646,10 @@ class Inputs:
         return {k: v for k, v in self.base.meta.items() if k != "sha256"}
 
 
-def load_inputs(params: Params, dirs: InputDirs) -> Inputs:
+def load_inputs(params: Params, dirs: InputDirs, es: EvalSet | None = None) -> Inputs:
     """Load base generator (with the post-trained decoder where there is one), judge, evaluator
-    and data; unknown or unimportable rewards fail here, early."""
+    and data; unknown or unimportable rewards fail here, early. `es`: the evaluation set where
+    the stage's process made it (a worker then does not score the train split again)."""
     base = load_generator(dirs.generator, dirs.tokenizer)
     apply_decoder(base.tokenizer, dirs.decoder)
     judge = load_judge(dirs.judge)
@@ -657,11 +658,11 @@ def load_inputs(params: Params, dirs: InputDirs) -> Inputs:
     train_x, train_y = prepared.split("train")
     # judge_density fits on the train split.
     reward = Reward(params.rl.rewards, judge, reference=(train_x, train_y))
-    es = EvalSet(labels=flow.balanced_labels(len(base.class_names),
-                                             params.rl.eval_per_class).numpy(),
-                 ref_features=evaluator.score(train_x)[0], seed=EVAL_SAMPLE_SEED,
-                 steps=params.generator.sample_steps, sampler=params.generator.sampler,
-                 cfg_scale=params.rl.cfg_scale)
+    es = es or EvalSet(labels=flow.balanced_labels(len(base.class_names),
+                                                   params.rl.eval_per_class).numpy(),
+                       ref_features=evaluator.score(train_x)[0], seed=EVAL_SAMPLE_SEED,
+                       steps=params.generator.sample_steps, sampler=params.generator.sampler,
+                       cfg_scale=params.rl.cfg_scale)
     # Rollouts' rewards read decoded images: another decoder, another run (checkpoint key).
     decoder_sha = base.tokenizer.meta.get("decoder", {}).get("sha256")
     fingerprint_inputs = {"generator": base.meta["sha256"], "judge": judge.sha256,
@@ -676,7 +677,7 @@ def load_inputs(params: Params, dirs: InputDirs) -> Inputs:
 
 class RowRecorder(Tracker):
     """The tracker of a seed trained in a worker process: its metric rows go back to the stage,
-    which logs them to its MLflow run (in one go, when the seed is done)."""
+    which logs them to its MLflow run as soon as the seed is done."""
 
     def __init__(self) -> None:
         self.rows: list[tuple[dict[str, float], int | None]] = []
@@ -698,11 +699,11 @@ class SeedRun:
 
 
 def train_seed(inp: Inputs, seed: int, prefix: str, tracker: Tracker,
-               before: dict[str, float] | None, other_seeds: list[int]) -> SeedRun:
+               before: dict[str, float] | None, other_seeds: list[int] | None) -> SeedRun:
     """Fine-tune (or resume, or pick up the finished) seed `seed` and evaluate its EMA model on
     the fixed sample. `prefix` starts its MLflow keys; `before` is the base model's numbers on
-    that sample where another seed measured them; `other_seeds` are listed in the first seed's
-    meta (empty for the others)."""
+    that sample where another seed measured them; `other_seeds`: the first seed's meta lists
+    the others (None for the others)."""
     cfg, base, tok = inp.params.rl, inp.base, inp.base.tokenizer
     base_sha, base_meta = base.meta["sha256"], inp.base_meta
     tuner = FineTuner(cfg, seed, base.model, inp.reward, inp.decode, inp.device,
@@ -732,7 +733,7 @@ def train_seed(inp: Inputs, seed: int, prefix: str, tracker: Tracker,
                   "seed": seed, "eval_protocol": inp.es.protocol(), "eval_before": before,
                   "eval_after": after, "base_generator_metrics": base.meta.get("metrics", {}),
                   "decoder_sha256": inp.decoder_sha}
-    if other_seeds:  # the first seed's folder lists the others (evaluate reads it)
+    if other_seeds is not None:  # the first seed's folder lists the others (evaluate reads it)
         # A list, in rl.seeds order (a mapping would be key-sorted by the JSON writer).
         meta["rl"]["other_seeds"] = [[s, seed_folder(s)] for s in other_seeds]
     # "metrics" describes this model; the base's own stage metrics move to rl.
@@ -751,25 +752,27 @@ def train_seed(inp: Inputs, seed: int, prefix: str, tracker: Tracker,
                    result.resumed_from)
 
 
-def _train_seed_in_worker(params: Params, dirs: InputDirs, seed: int, prefix: str,
-                          other_seeds: list[int]) -> tuple[SeedRun, bytes, list[Any]]:
+def _train_seed_in_worker(params: Params, dirs: InputDirs, es: EvalSet, seed: int, prefix: str,
+                          other_seeds: list[int] | None) -> tuple[SeedRun, bytes, list[Any]]:
     """`train_seed` in a worker process (procs.map_processes): the model travels back as
     safetensors bytes, the metric rows for the stage to log."""
     recorder = RowRecorder()
-    run_ = train_seed(load_inputs(params, dirs), seed, prefix, recorder, None, other_seeds)
+    run_ = train_seed(load_inputs(params, dirs, es), seed, prefix, recorder, None, other_seeds)
     model, run_.result.model = run_.result.model, None  # type: ignore[assignment]
     weights = safetensors_save({k: v.contiguous() for k, v in model.state_dict().items()})
     return run_, weights, recorder.rows
 
 
 def seed_processes(params: Params, device: torch.device) -> tuple[int, int]:
-    """(processes, torch threads each) for rl.seeds: compute.parallel_seeds, or on its auto
-    (0) one process per seed up to twice the CPU count, sharing the CPUs; one on a GPU.
+    """(processes, threads each) for rl.seeds: compute.parallel_seeds, or on its auto (0) one
+    process per seed up to twice the CPU count, sharing the CPUs; one on a GPU. The CPUs: this
+    process's affinity mask, or fewer where its thread count says so (OMP_NUM_THREADS=4 for
+    one of 4 `dvc queue` jobs on 16 cores means 4).
 
     Twice: the models are small enough that a second thread adds little (8% per RL update on
     2 cores), so 3 seeds on 2 CPUs run best all at once, 1 thread each (time-sliced, which
     single-threaded processes take without spinning), not 2 and then 1 beside an idle CPU."""
-    seeds, cpus = len(params.rl.seeds), procs.available_cpus()
+    seeds, cpus = len(params.rl.seeds), min(procs.available_cpus(), torch.get_num_threads())
     wanted = params.compute.parallel_seeds or (1 if device.type != "cpu" else 2 * cpus)
     processes = max(1, min(seeds, wanted))
     return processes, max(1, cpus // processes)
@@ -808,23 +811,28 @@ def run(params: Params, out_dir: str | Path = paths.RL,
 
     # MLflow keys: the first seed's plain, the others' under seed<n>/.
     prefixes = ["" if i == 0 else f"seed{seed}/" for i, seed in enumerate(cfg.seeds)]
-    others = [list(cfg.seeds[1:])] + [[] for _ in cfg.seeds[1:]]
+    others: list[list[int] | None] = [list(cfg.seeds[1:])] + [None for _ in cfg.seeds[1:]]
     processes, threads = seed_processes(params, inp.device)
     runs: list[SeedRun] = []
+    started = time.perf_counter()
     if processes > 1:
         log.info("rl: %d seeds, %d at a time in worker processes of %d thread(s) each",
                  len(cfg.seeds), processes, threads)
-        jobs = [(params, dirs, seed, prefix, other)
-                for seed, prefix, other in zip(cfg.seeds, prefixes, others, strict=True)]
-        for run_, weights, rows in procs.map_processes(
-                _train_seed_in_worker, jobs, processes, threads,
-                names=[f"rl seed {seed}" for seed in cfg.seeds]):
+
+        def collect(_: int, outcome: tuple[SeedRun, bytes, list[Any]]) -> None:
+            """As each seed ends: its rows to MLflow (a later failure keeps them), its model."""
+            run_, weights, rows = outcome
             for metrics, step in rows:
                 tracker.log_metrics(metrics, step=step)
             model = build_model(base.model.cfg)
             model.load_state_dict(safetensors_load(weights))
             run_.result.model = model.eval()
-            runs.append(run_)
+
+        jobs = [(params, dirs, inp.es, seed, prefix, other)
+                for seed, prefix, other in zip(cfg.seeds, prefixes, others, strict=True)]
+        runs = [outcome[0] for outcome in procs.map_processes(
+            _train_seed_in_worker, jobs, processes, threads,
+            names=[f"rl seed {seed}" for seed in cfg.seeds], on_result=collect)]
     else:
         before: dict[str, float] | None = None
         for i, (seed, prefix, other) in enumerate(zip(cfg.seeds, prefixes, others,
@@ -832,8 +840,9 @@ def run(params: Params, out_dir: str | Path = paths.RL,
             log.info("rl: seed %d (%d of %d)", seed, i + 1, len(cfg.seeds))
             runs.append(train_seed(inp, seed, prefix, tracker, before, other))
             before = runs[-1].before  # measured once, for every seed
+    wall_seconds = time.perf_counter() - started
     results = [r.result for r in runs]
-    seconds = sum(r.seconds for r in runs)
+    seconds = sum(r.seconds for r in runs)  # each seed's own, summed
     eval_seconds = sum(r.eval_seconds for r in runs)
     rollouts_per_s = [r.rollouts_per_s for r in runs if r.rollouts_per_s]  # 0: already done
     resumed_from = [r.resumed_from for r in runs]
@@ -869,7 +878,8 @@ def run(params: Params, out_dir: str | Path = paths.RL,
                + "---|" * len(results) + f"\n{table}")
     return StageResult(
         metrics=m, summary=summary, digests={"rl": weights_sha},
-        timings={"seconds": seconds,
+        timings={"seconds": seconds, "wall_seconds": wall_seconds,
+                 "seed_processes": float(processes),
                  "rollouts_per_s": float(np.mean(rollouts_per_s)) if rollouts_per_s else 0.0,
                  "eval_seconds": eval_seconds, "resumed_from_step": resumed_from[0],
                  "resumed_from_step_min": min(resumed_from)})

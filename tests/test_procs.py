@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -21,11 +21,13 @@ import pytest
 from latentforge import procs
 
 
-def square_after(x: int, delay: float) -> tuple[int, int, int]:
+def square_after(x: int, delay: float) -> tuple[int, int, int, float, float, str | None]:
     import torch
 
+    started = time.time()
     time.sleep(delay)
-    return x * x, os.getpid(), torch.get_num_threads()
+    return (x * x, os.getpid(), torch.get_num_threads(), started, time.time(),
+            os.environ.get("OMP_NUM_THREADS"))
 
 
 def fail(message: str) -> None:
@@ -71,13 +73,19 @@ def pids_written(folder: Path, count: int, timeout: float = 60.0) -> list[int]:
 
 
 def test_results_in_job_order_with_the_threads_asked_for():
-    # The first job sleeps longest: results still come back in job order, and at most two
-    # processes at a time means the third job ran in a fresh process after one ended.
-    out = procs.map_processes(square_after, [(2, 1.0), (3, 0.0), (4, 0.0)], processes=2,
-                              threads=1)
+    # The first job sleeps longest: results still come back in job order (and to on_result
+    # as each ends), and at most two processes at a time means the third job ran in a fresh
+    # process after one ended.
+    ended: list[int] = []
+    out = procs.map_processes(square_after, [(2, 3.0), (3, 0.0), (4, 0.0)], processes=2,
+                              threads=1, on_result=lambda i, _: ended.append(i))
     assert [r[0] for r in out] == [4, 9, 16]
+    assert ended[-1] == 0 and sorted(ended) == [0, 1, 2]
     assert len({r[1] for r in out}) == 3 and os.getpid() not in {r[1] for r in out}
-    assert all(r[2] == 1 for r in out)
+    assert all(r[2] == 1 and r[5] == "1" for r in out)
+    first, second, third = out
+    assert second[3] < first[4], "the first two jobs did not run side by side"
+    assert third[3] >= min(first[4], second[4]), "a third process ran beside the first two"
 
 
 def sleep_or_fail(kind: str, folder: str, what: str) -> None:
@@ -92,12 +100,14 @@ def sleep_or_fail(kind: str, folder: str, what: str) -> None:
 def test_a_failing_job_names_itself_and_stops_the_others(tmp_path):
     # The job's own exception, as if it had run here (so that its type decides the exit code),
     # with a note naming the job.
+    started = time.monotonic()
     with pytest.raises(ValueError, match=r"^bad reward\n") as raised:
         procs.map_processes(sleep_or_fail, [("sleep", str(tmp_path), "a"),
                                             ("fail", str(tmp_path), "bad reward")],
                             processes=2, threads=1, names=["seed 0", "seed 1"])
     assert "worker process of seed 1" in raised.value.__notes__[0]
     # The sleeping job was stopped when the other failed, not left running for 120 s.
+    assert time.monotonic() - started < 60
     assert wait_gone([int((tmp_path / "a").read_text())], 1) == []
 
 
@@ -111,25 +121,53 @@ def test_an_interrupt_stops_every_worker(tmp_path):
         pids_written(tmp_path, 2)
         os.kill(os.getpid(), signal.SIGINT)
 
-    threading.Thread(target=interrupt_when_started, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        procs.map_processes(record_pid_and_sleep, [(str(tmp_path), "a"), (str(tmp_path), "b")],
-                            processes=2, threads=1)
+    # A background job of a non-interactive shell (CI, nohup) starts with SIGINT ignored.
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    started = time.monotonic()
+    try:
+        threading.Thread(target=interrupt_when_started, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            procs.map_processes(record_pid_and_sleep,
+                                [(str(tmp_path), "a"), (str(tmp_path), "b")],
+                                processes=2, threads=1)
+    finally:
+        signal.signal(signal.SIGINT, saved)
+    assert time.monotonic() - started < 60  # not after the jobs' 120 s
     pids = [int(f.read_text()) for f in tmp_path.iterdir()]
     assert len(pids) == 2 and wait_gone(pids, 1) == []  # stopped before the call returned
+
+
+SLEEPERS = """
+import signal, sys
+sys.path[:0] = {path!r}
+signal.signal(signal.SIGINT, signal.default_int_handler)  # not ignored, whoever started us
+from latentforge import procs
+from test_procs import record_pid_and_sleep
+procs.map_processes(record_pid_and_sleep, [({folder!r}, "a"), ({folder!r}, "b")], 2, 1)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_process_group_ends_parent_and_workers(tmp_path, signum):
+    # How `latentforge run` stops a stage (SIGTERM to its group), and a terminal's Ctrl-C
+    # (SIGINT to the foreground group): the workers share the group, ignore SIGINT and are
+    # stopped by the parent; nothing outlives the signal.
+    script = SLEEPERS.format(path=[str(Path(__file__).parent)], folder=str(tmp_path))
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        pids = pids_written(tmp_path, 2)
+        os.killpg(parent.pid, signum)
+        assert parent.wait(30) != 0
+        assert wait_gone(pids, 10) == [], f"workers outlived {signal.Signals(signum).name}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
 
 
 def test_workers_end_when_their_parent_is_killed(tmp_path):
     # The parent dies by SIGKILL (no chance to stop anyone); its workers notice within about
     # procs.ORPHAN_POLL_S and end instead of running on.
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path[:0] = {[str(Path(__file__).parent)]!r}
-        from latentforge import procs
-        from test_procs import record_pid_and_sleep
-        procs.map_processes(record_pid_and_sleep, [({str(tmp_path)!r}, "a"),
-                                                   ({str(tmp_path)!r}, "b")], 2, 1)
-    """)
+    script = SLEEPERS.format(path=[str(Path(__file__).parent)], folder=str(tmp_path))
     parent = subprocess.Popen([sys.executable, "-c", script])
     try:
         pids = pids_written(tmp_path, 2)
@@ -152,3 +190,8 @@ def test_worker_imports_what_the_parent_imports_not_the_working_directory(tmp_pa
     (tmp_path / "latentforge/__init__.py").write_text("raise ImportError('wrong copy')\n")
     monkeypatch.chdir(tmp_path)
     assert procs.map_processes(square_after, [(5, 0.0)], processes=1, threads=1)[0][0] == 25
+
+
+def test_a_job_that_does_not_pickle_fails_before_any_process_starts():
+    with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):
+        procs.map_processes(square_after, [(2, 0.0), (lambda: 0, 0.0)], processes=2, threads=1)
