@@ -352,6 +352,64 @@ def test_seeds_side_by_side_in_worker_processes_equal_one_after_another(tiny_inp
     assert two_tracker.models[0][2]["rl_seeds"] == "0,1"
 
 
+KILLED_RUN = """
+import json, sys
+sys.path[:0] = {path!r}
+from latentforge.config import build_params
+from latentforge.tasks import rl
+inputs = {inputs!r}
+rl.run(build_params(json.loads({raw!r})), out_dir="rl", generator_dir=inputs + "/generator",
+       tokenizer_dir=inputs + "/tokenizer", judge_dir=inputs + "/judge",
+       prepared_dir=inputs + "/prepared", plot_file="rl.csv")
+"""
+
+
+def test_side_by_side_seeds_killed_mid_run_resume_to_the_same_models(tiny_inputs, tmp_path,
+                                                                      monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    raw = tiny(seeds=[0, 1], steps=40, save_every=2, eval_every=0).to_dict()
+    raw["compute"]["parallel_seeds"] = 2
+    params = build_params(raw)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir()
+    killed.mkdir()
+    monkeypatch.chdir(whole)
+    reference = run_rl(tiny_inputs, params, whole / "rl")
+
+    # The same stage in a process of its own, SIGKILLed with its workers (one process group,
+    # as `latentforge run` holds a stage) once both seeds have written a checkpoint.
+    script = KILLED_RUN.format(path=sys.path, inputs=str(tiny_inputs), raw=json.dumps(raw))
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=killed, start_new_session=True)
+    ckpts = killed / ".latentforge/checkpoints/rl"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpts.is_dir() and sum((d / "latest").exists() for d in ckpts.iterdir()) == 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before both seeds had a checkpoint"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    assert not (killed / "rl").exists()
+
+    monkeypatch.chdir(killed)
+    resumed = run_rl(tiny_inputs, params, killed / "rl")
+    assert 2 <= resumed.timings["resumed_from_step_min"] < params.rl.steps
+    for key, value in reference.metrics.items():
+        assert resumed.metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    for sub in ("rl", "rl/seeds/seed_1"):
+        a = load_file(str(whole / sub / "model.safetensors"))
+        b = load_file(str(killed / sub / "model.safetensors"))
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["test_rl:raising_reward", "test_rl:late_nan_reward"])
 def test_a_reward_failing_in_a_worker_stops_the_stage_and_writes_nothing(tiny_inputs, tmp_path,
                                                                         monkeypatch, name):
