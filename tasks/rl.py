@@ -587,9 +587,14 @@ def seed_folder(seed: int) -> str:
     return f"{SEEDS_DIR}/seed_{seed}"
 
 
+def _weights(model: GeneratorModel) -> dict[str, torch.Tensor]:
+    """A model's tensors as safetensors stores them (contiguous)."""
+    return {k: v.contiguous() for k, v in model.state_dict().items()}
+
+
 def _write_generator(folder: Path, r: SeedResult) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in r.model.state_dict().items()}, str(folder / WEIGHTS))
+    save_file(_weights(r.model), str(folder / WEIGHTS))
     storage.write_bytes_atomic(folder / META, json.dumps(r.meta, indent=2, sort_keys=True).encode())
     storage.write_bytes_atomic(folder / "train_curve.csv", r.csv.encode())
     save_png(r.grid, folder / "samples.png")
@@ -759,7 +764,7 @@ def _train_seed_in_worker(params: Params, dirs: InputDirs, es: EvalSet, seed: in
     recorder = RowRecorder()
     run_ = train_seed(load_inputs(params, dirs, es), seed, prefix, recorder, None, other_seeds)
     model, run_.result.model = run_.result.model, None  # type: ignore[assignment]
-    weights = safetensors_save({k: v.contiguous() for k, v in model.state_dict().items()})
+    weights = safetensors_save(_weights(model))
     return run_, weights, recorder.rows
 
 
