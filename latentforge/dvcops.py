@@ -169,9 +169,24 @@ def record_params_used(stage: str, params_text: bytes, root: str | Path = ".",
 _EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
 
 
+def _traceback_end(lines: list[str]) -> str | None:
+    """The exception line closing the last traceback in `lines`: the first unindented line
+    after its header, whatever the exception's name (`zlib.error: ...` too)."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    if starts:
+        for line in lines[starts[-1] + 1:]:
+            if line and not line[0].isspace():
+                return line
+    return None
+
+
 def crash_cause(lines: list[str]) -> str | None:
     """The line of a crashed stage's output that names the cause: the last Python exception
-    (`RuntimeError: ...`), else DVC's own last `ERROR: ...` (e.g. `exited with -9`)."""
+    (the line closing the last traceback, else a `RuntimeError: ...`-like line), else DVC's
+    own last `ERROR: ...` (e.g. `exited with -9`)."""
+    end = _traceback_end(lines)
+    if end is not None and not end.startswith("ERROR: "):
+        return end
     for matches in (_EXCEPTION_LINE.match, lambda line: line.startswith("ERROR: ")):
         found = [line for line in lines if matches(line)]
         if found:

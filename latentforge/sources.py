@@ -66,6 +66,8 @@ import io
 import json
 import logging
 import struct
+import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -515,7 +517,7 @@ def _idx_bytes(path: str) -> bytes:
     if path.endswith(".gz"):
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise DataError(f"{path}: not a readable gzip file ({exc})") from None
     return data
 
@@ -599,7 +601,11 @@ def read_idx(cfg: PrepareConfig) -> SourceData:
 
 
 def decode_image(path: str, data: bytes) -> Image.Image:
-    """Decode fully (so truncation is detected now), or raise ValueError with the reason."""
+    """Decode fully (so truncation is detected now), or raise ValueError with the reason.
+
+    A damaged multi-frame file (GIF, TIFF) can decode its first frame and fail only when its
+    frames are counted, with IndexError, KeyError or TypeError from inside Pillow: the count
+    is taken here, so any of those is a bad image too, not a crash of the stage."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
@@ -607,10 +613,13 @@ def decode_image(path: str, data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+        getattr(img, "n_frames", 1)  # counted now (Pillow keeps the count for _file_notes)
     except UnidentifiedImageError:
         raise ValueError("not a decodable image") from None
     except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode: {exc}") from None
+    except (IndexError, KeyError, TypeError, struct.error, EOFError) as exc:
+        raise ValueError(f"cannot decode: damaged file ({type(exc).__name__}: {exc})") from None
     return img
 
 
@@ -688,10 +697,25 @@ def read_folder(cfg: PrepareConfig) -> SourceData:
 # --------------------------------------------------------------------------------------------
 
 
+def _npz_array(path: str, npz: Any, key: str) -> np.ndarray:
+    """One array of the archive; a damaged member or an object (pickled) array is a
+    DataError naming the key."""
+    try:
+        return np.asarray(npz[key])
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{path}: '{key}' is an object array (pickled Python objects, "
+                            "not loaded); expected a numeric array ('class_names': strings)"
+                            ) from None
+        raise DataError(f"{path}: '{key}' cannot be read ({exc})") from None
+    except (OSError, EOFError, zlib.error, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: '{key}' is damaged in the archive ({exc})") from None
+
+
 def _npz_class_names(path: str, npz: Any) -> list[str] | None:
     if "class_names" not in npz.files:
         return None
-    arr = npz["class_names"]
+    arr = _npz_array(path, npz, "class_names")
     names = [str(n) for n in arr.tolist()] if arr.ndim == 1 else []
     if not names:
         raise DataError(f"{path}: 'class_names' must be a non-empty 1-D array, got shape "
@@ -707,12 +731,15 @@ def read_npz(cfg: PrepareConfig) -> SourceData:
     data = storage.read_bytes(cfg.path)
     try:
         npz = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{cfg.path}: not a readable .npz file ({exc})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):  # np.save's one array, named .npz
+        raise DataError(f"{cfg.path}: a single .npy array, not an .npz archive; expected "
+                        "np.savez(path, images=..., labels=...)")
     for key in ("images", "labels"):
         if key not in npz.files:
             raise DataError(f"{cfg.path}: missing array '{key}' (found {', '.join(npz.files)})")
-    images, raw_labels = npz["images"], npz["labels"]
+    images, raw_labels = _npz_array(cfg.path, npz, "images"), _npz_array(cfg.path, npz, "labels")
     if images.dtype != np.uint8:
         raise DataError(f"{cfg.path}: 'images' must be uint8, got {images.dtype}")
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 2, 3, 4)):

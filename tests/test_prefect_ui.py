@@ -249,6 +249,16 @@ def test_crash_cause_is_the_exception_else_dvcs_error():
     assert crash_cause(tail[-1:]) == ("failed to reproduce 'judge': failed to run: "
                                       "latentforge stage judge, exited with 1")
     assert crash_cause(["12:00:01 INFO latentforge.tasks.judge: step 10"]) is None
+    # Exceptions whose names end in neither Error nor Exception, and chained tracebacks.
+    for last in ("zlib.error: Error -3 while decompressing data",
+                 "zipfile.BadZipFile: File is not a zip file", "struct.error: unpack"):
+        tail = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+                "ValueError: first", "", "During handling of the above exception, another "
+                "exception occurred:", "", "Traceback (most recent call last):",
+                '  File "y.py", line 2, in f', "    g()", last,
+                "ERROR: failed to reproduce 'prepare': failed to run: latentforge stage "
+                "prepare, exited with 1"]
+        assert crash_cause(tail) == last
 
 
 def test_stage_artifact_after_a_run_and_a_skip(prefect_harness, make_project, monkeypatch):
