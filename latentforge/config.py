@@ -98,7 +98,9 @@ class PrepareConfig:
     channels: Literal[1, 3] = param(1, "1 = grayscale, 3 = RGB")
     resize_filter: Literal["nearest", "bilinear", "bicubic", "lanczos", "box"] = param(
         "bicubic", "PIL filter used to resize the shorter side to `resolution`")
-    val_fraction: float = param(0.1, "fraction of images held out for validation", ge=0.0, lt=1.0)
+    val_fraction: float = param(0.1, "fraction of images held out for validation (every later "
+                                "stage measures on it; the prepare stage fails where either "
+                                "split gets fewer than 4 images)", gt=0.0, lt=1.0)
     seed: int = param(0, "seed of the deterministic train/val split and of the shapes source",
                       ge=0, le=MAX_SEED)
     max_images: int | None = param(None, "keep at most this many images (null = all)", ge=1,

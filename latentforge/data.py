@@ -23,6 +23,10 @@ from latentforge.errors import DataError
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
+# The fewest images of a split the pipeline's stages can measure on: evaluate's precision and
+# recall take each image's 3 nearest neighbours (tasks/evaluate.py's MIN_VAL_IMAGES; a test
+# keeps the two equal). The prepare stage fails before writing anything below it.
+MIN_SPLIT_IMAGES = 4
 
 
 def shard_names(split: str, index: int) -> tuple[str, str]:

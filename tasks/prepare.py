@@ -21,7 +21,8 @@ import numpy as np
 
 from latentforge import paths, storage
 from latentforge.config import Params, PrepareConfig
-from latentforge.data import MANIFEST, SPLITS, shard_names
+from latentforge.data import MANIFEST, MIN_SPLIT_IMAGES, SPLITS, shard_names
+from latentforge.errors import DataError
 from latentforge.images import make_grid, save_png
 from latentforge.runner import StageResult
 from latentforge.sources import ALPHA_BACKGROUND, EMBEDDED, SourceData, read_source
@@ -164,13 +165,35 @@ def summary_lines(data: SourceData, warnings: list[str]) -> list[str]:
     return lines
 
 
+def check_split_sizes(split_idx: dict[str, np.ndarray], cfg: PrepareConfig, minimum: int
+                      ) -> None:
+    """A DataError naming prepare.val_fraction (or the source's size) where a split would
+    hold fewer than `minimum` images: the stages after prepare would fail on it minutes
+    later (the tokenizer's FD needs 2 val images, evaluate's precision/recall 4)."""
+    counts = {s: len(split_idx[s]) for s in SPLITS}
+    short = [s for s in SPLITS if counts[s] < minimum]
+    if short:
+        where = cfg.source if cfg.source in EMBEDDED else cfg.path
+        raise DataError(
+            f"{where}: the {' and '.join(short)} split would hold "
+            f"{' and '.join(str(counts[s]) for s in short)} image(s) ({counts['train']} train "
+            f"/ {counts['val']} val of {sum(counts.values())} with prepare.val_fraction "
+            f"{cfg.val_fraction}); the later stages need at least {minimum} in each: "
+            + ("raise prepare.val_fraction" if "val" in short else "lower prepare.val_fraction")
+            + (" or prepare.max_images" if cfg.max_images is not None else "")
+            + ("" if sum(counts.values()) >= 2 * minimum else ", or give more images"))
+
+
 def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
-        tracker: Tracker | None = None) -> StageResult:
+        tracker: Tracker | None = None, min_split_images: int = 0) -> StageResult:
+    """Read, split and write the prepared data. `min_split_images`: fail (before writing)
+    where a split gets fewer (the pipeline's stage asks for MIN_SPLIT_IMAGES)."""
     tracker = tracker or Tracker()
     log.info("prepare: reading %s source%s", cfg.source,
              "" if cfg.source in EMBEDDED else f" from {cfg.path}")
     data = read_source(cfg)
     split_idx = select_and_split(data.labels, cfg)
+    check_split_sizes(split_idx, cfg, min_split_images)
     new_warnings = split_warnings(data.labels, data.class_names, split_idx, cfg)
     for w in new_warnings:
         log.warning("prepare: %s", w)
@@ -216,4 +239,4 @@ def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
 
 
 def run_stage(params: Params, tracker: Tracker) -> StageResult:
-    return run(params.prepare, tracker=tracker)
+    return run(params.prepare, tracker=tracker, min_split_images=MIN_SPLIT_IMAGES)

@@ -44,7 +44,8 @@ def test_presets_are_valid():
     ({"compute": {"num_wrokers": 2}}, "did you mean 'compute.num_workers'?"),
     ({"prepare": {"resolution": "big"}}, "prepare.resolution = 'big' is invalid: expected an integer"),
     ({"prepare": {"resolution": 2}}, "prepare.resolution = 2 is out of range: expected >= 4"),
-    ({"prepare": {"val_fraction": 1.0}}, "prepare.val_fraction = 1.0 is out of range: expected >= 0.0 and < 1.0"),
+    ({"prepare": {"val_fraction": 1.0}}, "prepare.val_fraction = 1.0 is out of range: expected > 0.0 and < 1.0"),
+    ({"prepare": {"val_fraction": 0}}, "prepare.val_fraction = 0.0 is out of range: expected > 0.0 and < 1.0"),
     ({"prepare": {"channels": 2}}, "prepare.channels = 2 is invalid: expected one of 1, 3"),
     ({"prepare": {"source": "mnist"}}, "prepare.source = 'mnist' is invalid: expected one of 'digits'"),
     ({"prepare": {"max_images": 0}}, "prepare.max_images = 0 is out of range: expected >= 1"),
@@ -70,8 +71,9 @@ def test_bad_parameters_name_key_value_and_allowed(raw, expected):
 
 
 def test_values_are_coerced_and_null_allowed_where_optional():
-    p = build_params({"prepare": {"val_fraction": 0, "max_images": None, "resolution": 32.0}})
-    assert p.prepare.val_fraction == 0.0 and isinstance(p.prepare.val_fraction, float)
+    p = build_params({"prepare": {"max_images": None, "resolution": 32.0},
+                      "generator": {"cfg_scale": 2}})
+    assert p.generator.cfg_scale == 2.0 and isinstance(p.generator.cfg_scale, float)
     assert p.prepare.resolution == 32 and isinstance(p.prepare.resolution, int)
     assert p.prepare.max_images is None
 

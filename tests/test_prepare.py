@@ -297,3 +297,34 @@ def test_prepare_stage_on_shapes_ignores_the_path(tmp_path):
     assert data.manifest["splits"]["val"]["per_class"] == {c: 1 for c in SHAPE_CLASSES}
     report = json.loads((out / "report.json").read_text())
     assert report["labels"]["class_names"] == "the shape names"
+
+
+def test_stage_refuses_a_split_the_later_stages_cannot_measure_on(tmp_path):
+    """The pipeline's prepare stage fails at once, writing nothing, where a split gets fewer
+    than MIN_SPLIT_IMAGES (evaluate's own minimum): not minutes later in the tokenizer's FD
+    or in evaluate. prepare.run alone (a library call) still writes what it was asked for."""
+    from latentforge.data import MIN_SPLIT_IMAGES
+    from latentforge.tasks.evaluate import MIN_VAL_IMAGES
+    from latentforge.tracking import Tracker
+
+    assert MIN_SPLIT_IMAGES == MIN_VAL_IMAGES
+    out = tmp_path / "p"
+    params = build_params({"prepare": {"max_images": 10, "val_fraction": 0.1}})
+    with pytest.raises(DataError) as err:
+        prepare.run(params.prepare, out_dir=out, min_split_images=MIN_SPLIT_IMAGES)
+    assert str(err.value) == ("digits: the val split would hold 2 image(s) (8 train / 2 val "
+                              "of 10 with prepare.val_fraction 0.1); the later stages need at "
+                              "least 4 in each: raise prepare.val_fraction or "
+                              "prepare.max_images")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    params = build_params({"prepare": {"max_images": 20, "val_fraction": 0.9}})
+    with pytest.raises(DataError, match=r"the train split would hold 1 image\(s\).*lower "
+                                        r"prepare.val_fraction"):
+        prepare.run(params.prepare, out_dir=out, min_split_images=MIN_SPLIT_IMAGES)
+    assert not out.exists()
+    params = build_params({"prepare": {"max_images": 20, "val_fraction": 0.1}})
+    prepare.run(params.prepare, out_dir=out, min_split_images=MIN_SPLIT_IMAGES)
+    assert load_prepared(out).manifest["splits"]["val"]["count"] == 6
+    # The stage's entry point asks for the minimum.
+    with pytest.raises(DataError, match="the val split would hold"):
+        prepare.run_stage(build_params({"prepare": {"max_images": 10}}), Tracker())
