@@ -21,6 +21,33 @@ from latentforge.malloc import tune_malloc
 
 log = logging.getLogger("latentforge")
 
+# `latentforge sample`'s bounds, as params.yaml's (config.MAX_SAMPLE_STEPS, MAX_PER_CLASS; a
+# test keeps them equal) without importing the config module for --help.
+MAX_SAMPLE_STEPS = 10_000
+MAX_SAMPLES = 100_000
+
+
+def _bounded(kind: type, low: float, high: float | None = None, what: str = "") -> Any:
+    """An argparse type: a number of `kind` in [low, high] (finite), else argparse's own
+    one-line error (exit 2) naming the option, the value and the range."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
+                                             f", got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < low or (
+                high is not None and value > high):
+            show = str if kind is int else "{:g}".format
+            bound = f"{show(low)}..{show(high)}" if high is not None else f">= {show(low)}"
+            raise argparse.ArgumentTypeError(f"expected {what or 'a value'} {bound}, got {text}")
+        return value
+    return parse
+
+
+PORT = _bounded(int, 1, 65535, "a TCP port")
+MAX_SEED = 2**63 - 1  # config.MAX_SEED
+
 
 def _add_wait_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", action="store_true",
@@ -36,13 +63,29 @@ def _add_params_args(p: argparse.ArgumentParser) -> None:
                    "(the syntax of `dvc exp run -S`); repeatable")
 
 
+def _with_parents(*parents: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:
+    """An ArgumentParser class whose instances (every command's parser) take `parents`'
+    options."""
+    class Parser(argparse.ArgumentParser):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **{**kwargs, "parents": [*kwargs.get("parents", ()),
+                                                              *parents]})
+    return Parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentforge",
         description="LatentForge: prepare -> judge -> tokenizer -> cache -> generator -> rl -> "
                     "evaluate, orchestrated by Prefect, versioned by DVC, tracked in MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # -v after the command too (`latentforge stage prepare -v`, as the errors' hint reads):
+    # SUPPRESS keeps a command's parser from resetting a -v given before the command.
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging (tracebacks of errors included)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_with_parents(verbose))
 
     p = sub.add_parser("run", help="run the pipeline (DVC skips up-to-date stages)",
                        description="Run every DVC stage in graph order as a Prefect flow. -S and "
@@ -76,12 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample images from the trained generator into a PNG grid")
     p.add_argument("--class", dest="cls", required=True, metavar="CLASS",
                    help="class name (e.g. 3) or index")
-    p.add_argument("--n", type=int, default=64, help="number of images")
-    p.add_argument("--steps", type=int, default=None, help="flow ODE steps (default: generator params; maskgit "
+    p.add_argument("--n", type=_bounded(int, 1, MAX_SAMPLES, "a count"), default=64,
+                   help="number of images")
+    p.add_argument("--steps", type=_bounded(int, 1, MAX_SAMPLE_STEPS, "a step count"),
+                   default=None, help="flow ODE steps (default: generator params; maskgit "
                    "and ar sample as their generator stage set them)")
-    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: generator params)")
+    p.add_argument("--cfg", type=_bounded(float, 0.0, None, "a CFG scale"), default=None,
+                   help="CFG scale (default: generator params)")
     p.add_argument("--sampler", choices=["euler", "heun"], default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_bounded(int, 0, MAX_SEED, "a seed"), default=0)
     p.add_argument("--model", default=None, help="generator folder or MLflow model URI "
                    "(models:/... or runs:/...); default: the pipeline's generator")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one logged with an "
@@ -99,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_uri", metavar="MODEL_URI")
 
     p = sub.add_parser("serve", help="serve Prefect deployments (pipeline and each stage) for the UI")
-    p.add_argument("--limit", type=int, default=1, help="concurrent runs (DVC allows one)")
+    p.add_argument("--limit", type=_bounded(int, 1, None, "a run count"), default=1,
+                   help="concurrent runs (DVC allows one)")
 
     p = sub.add_parser("server", help="the background Prefect server that `run` starts and "
                        "reuses: status, start or stop",
@@ -109,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "$PREFECT_HOME (~/.prefect). LATENTFORGE_PREFECT_SERVER=temporary starts "
                        "a server per command instead; a configured PREFECT_API_URL always wins.")
     p.add_argument("action", choices=["status", "start", "stop"], nargs="?", default="status")
-    p.add_argument("--port", type=int, default=4200,
+    p.add_argument("--port", type=PORT, default=4200,
                    help="port to start on (the next free one if taken)")
 
     p = sub.add_parser("ui", help="start the Prefect server, the deployments and the MLflow UI "
@@ -117,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One command for the browser: a Prefect server (Run buttons "
                        "for the pipeline and each stage), `latentforge serve` and `mlflow ui` on "
                        "the project's store, all on 127.0.0.1.")
-    p.add_argument("--prefect-port", type=int, default=4200, help="Prefect UI/API port")
-    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port")
-    p.add_argument("--limit", type=int, default=1, help="concurrent runs per deployment")
+    p.add_argument("--prefect-port", type=PORT, default=4200, help="Prefect UI/API port")
+    p.add_argument("--mlflow-port", type=PORT, default=5000, help="MLflow UI port")
+    p.add_argument("--limit", type=_bounded(int, 1, None, "a run count"), default=1,
+                   help="concurrent runs per deployment")
     return parser
 
 
@@ -146,6 +194,39 @@ def _require_project() -> None:
     if not Path(".dvc").is_dir():
         raise LatentForgeError(f"{Path.cwd()} is not a DVC repository: run `dvc init` first "
                                "(`make run` does it for you)")
+    here = Path.cwd().resolve()
+    if not any((d / ".git").exists() for d in (here, *here.parents)) and not _dvc_no_scm():
+        # A copy without .git (a ZIP download): DVC would fail with a traceback (SCMError).
+        raise LatentForgeError(f"{here} is not inside a git repository, and DVC versions the "
+                               "pipeline through git: run `git init` here (a downloaded copy "
+                               "has no .git), or `dvc config core.no_scm true` to go without")
+
+
+def _dvc_no_scm() -> bool:
+    """Whether the project's DVC config says `core.no_scm = true` (DVC then needs no git)."""
+    import configparser
+
+    config = configparser.ConfigParser(strict=False)  # a repeated section: the later wins
+    with contextlib.suppress(configparser.Error, OSError):
+        config.read([".dvc/config", ".dvc/config.local"])
+    return config.get("core", "no_scm", fallback="false").strip().lower() in ("true", "1")
+
+
+def _check_source_reachable(params: Any) -> None:
+    """dvc.yaml names prepare.path as the prepare stage's input, so DVC's status opens it with
+    its own S3 client (no time limits: a silent endpoint hangs it; no credentials: a botocore
+    traceback). An URL is looked at first through storage.exists, bounded by storage.*
+    and saying which AWS settings it found."""
+    from latentforge import storage
+    from latentforge.errors import DataError
+
+    path = params.prepare.path
+    if not storage.is_url(path):
+        return
+    storage.configure(params.storage)
+    if not storage.exists(path):
+        raise DataError(f"prepare.path {path}: not found (dvc.yaml lists it as the prepare "
+                        "stage's input, whatever prepare.source is)")
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -248,6 +329,7 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
     _require_project()
     with workspace.lock():
         _persist_params(args, params)
+        _check_source_reachable(params)
         status = dvcops.graph_status()
         if not args.force:  # every stage up to date: answered without the flow engine
             from latentforge.noop import try_noop
@@ -279,19 +361,27 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from latentforge.images import make_grid, save_png
     from latentforge.tasks.generator import load_generator
 
-    if args.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {args.n}")
     cfg = load_params().generator
     model = args.model or str(paths.GENERATOR)
     if "://" in model or model.startswith("models:/"):
         import mlflow.pyfunc
+        from mlflow.exceptions import MlflowException
 
+        from latentforge.lineage import existing_store
         from latentforge.tracking import use_tracking_uri
 
+        if model.startswith(("models:/", "runs:/")):  # read through the project's store:
+            existing_store()  # a missing one is one line (MLflow would create an empty one)
         use_tracking_uri()
         # MLflow's loader resolves the logged folders (and the tokenizer logged beside the
         # generator) wherever they are stored.
-        logged = mlflow.pyfunc.load_model(model).unwrap_python_model()
+        try:
+            logged = mlflow.pyfunc.load_model(model).unwrap_python_model()
+        except MlflowException as exc:
+            log.debug("loading %s", model, exc_info=True)
+            raise LatentForgeError(f"--model {model}: {str(exc).splitlines()[0]} (`latentforge "
+                                   "lineage` and `mlflow ui` list the registered models)"
+                                   ) from None
         if getattr(logged, "kind", None) != "generator":
             raise ConfigError(f"--model {model}: a LatentForge {getattr(logged, 'kind', '?')} "
                               f"model, not a generator")
@@ -323,7 +413,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--class {args.cls!r} is not a class of this generator; classes: "
                           f"{', '.join(names)}")
     labels = np.full(args.n, index)
-    images = gen.sample_images(labels, seed=args.seed, steps=args.steps or cfg.sample_steps,
+    images = gen.sample_images(labels, seed=args.seed,
+                               steps=cfg.sample_steps if args.steps is None else args.steps,
                                cfg_scale=cfg.cfg_scale if args.cfg is None else args.cfg,
                                sampler=args.sampler or cfg.sampler)
     rows = [images[i:i + 8] for i in range(0, len(images), 8)]

@@ -65,13 +65,27 @@ def known_status(status: GraphStatus) -> Iterator[None]:
 
 def graph_status(root: str | Path = ".") -> GraphStatus:
     """The whole graph's status in one pass (what `dvc status` prints), for the pipeline to
-    skip up-to-date stages without asking DVC again per stage."""
+    skip up-to-date stages without asking DVC again per stage. A failure inside DVC (or its
+    filesystems': botocore, an unreadable file) is one LatentForgeError line."""
     if _known:
         return _known.pop()
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    try:
+        return _graph_status(root)
+    except LatentForgeError:
+        raise
+    except Exception as exc:
+        log.debug("dvc status failed", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LatentForgeError(f"dvc status of {Path(root).resolve()} failed: "
+                               f"{type(exc).__name__}{': ' + first if first else ''} (`dvc "
+                               "status` shows DVC's own account; -v the traceback)") from exc
+
+
+def _graph_status(root: str | Path) -> GraphStatus:
     import networkx as nx
     from dvc.repo import Repo, lock_repo
 
-    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     # Under one repository lock DVC builds its index (parsing dvc.yaml and dvc.lock) once;
     # status() on its own would take the lock again and rebuild it.
     with Repo(str(root)) as repo, lock_repo(repo):

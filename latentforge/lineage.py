@@ -341,17 +341,24 @@ def _model_version(client: Any, uri: str, store: str) -> Any:
                            f"registered models: {', '.join(known) or 'none'}")
 
 
+def existing_store(root: str | Path = ".") -> str:
+    """The project's tracking URI; LatentForgeError where it names a SQLite file that does not
+    exist (MLflow would create an empty store there and then report every model unknown)."""
+    uri = tracking.tracking_uri(root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise LatentForgeError(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run the "
+                               f"pipeline first (here: the project root), or set "
+                               f"MLFLOW_TRACKING_URI")
+    return uri
+
+
 def cmd_lineage(model_uri: str, root: str | Path = ".") -> str:
     """The chain from a registered model version back to the prepared data and its source,
     as text to print; LatentForgeError (one line) for a bad or unknown URI."""
     from mlflow import MlflowClient
 
     parse_model_uri(model_uri)  # a bad URI fails before any store is opened
-    uri = tracking.tracking_uri(root)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        # MLflow would create an empty store there and then report the model as unknown.
-        raise LatentForgeError(f"no MLflow store at {uri.removeprefix('sqlite:///')}: run the "
-                               f"pipeline first, or set MLFLOW_TRACKING_URI")
+    uri = existing_store(root)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = _model_version(client, model_uri, uri)
     walker = _Walker(client)

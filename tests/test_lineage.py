@@ -247,3 +247,23 @@ def test_lineage_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys)
     assert main(["lineage", "not-a-model-uri"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "not-a-model-uri" in err[0]
+
+
+def test_sample_with_an_unknown_or_storeless_model_is_one_line(chain, tmp_path, monkeypatch,
+                                                                capsys):
+    """An unknown registered model is one line naming it (MLflow's own first line), as in
+    lineage; outside a project no empty store is created."""
+    from latentforge.cli import main
+
+    monkeypatch.chdir(chain)
+    assert main(["sample", "--class", "3", "--model", "models:/nope/1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --model models:/nope/1: ") and \
+        "nope" in err[0][len("error: --model models:/nope/1: "):], err
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["sample", "--class", "3", "--model", "models:/nope/1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: no MLflow store at {tmp_path / 'mlflow.db'}: run the pipeline first "
+                   "(here: the project root), or set MLFLOW_TRACKING_URI"]
+    assert list(tmp_path.iterdir()) == []

@@ -223,3 +223,77 @@ def test_the_params_check_reads_dotted_keys_and_unreadable_files(tmp_path):
     with pytest.raises(runner.ParamsChangedError) as caught:
         runner.check_params_unchanged("judge", text, tmp_path)
     assert "can no longer be read" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--class", "3", "--steps", "-5"],
+     "argument --steps: expected a step count 1..10000, got -5"),
+    (["sample", "--class", "3", "--steps", "0"],
+     "argument --steps: expected a step count 1..10000, got 0"),
+    (["sample", "--class", "3", "--cfg", "nan"], "argument --cfg: expected a CFG scale >= 0, "
+     "got nan"),
+    (["sample", "--class", "3", "--cfg", "-1"], "argument --cfg: expected a CFG scale >= 0"),
+    (["sample", "--class", "3", "--n", "0"], "argument --n: expected a count 1..100000, got 0"),
+    (["sample", "--class", "3", "--n", "10000000"], "argument --n: expected a count 1..100000"),
+    (["sample", "--class", "3", "--n", "two"], "argument --n: expected an integer, got 'two'"),
+    (["sample", "--class", "3", "--seed", "-1"], "argument --seed: expected a seed 0..9223372036854775807"),
+    (["server", "start", "--port", "70000"],
+     "argument --port: expected a TCP port 1..65535, got 70000"),
+    (["ui", "--mlflow-port", "-1"], "argument --mlflow-port: expected a TCP port 1..65535"),
+    (["serve", "--limit", "0"], "argument --limit: expected a run count >= 1, got 0"),
+])
+def test_command_line_values_out_of_range_are_argparse_errors(argv, message, capsys):
+    """Exit 2 with the usage line and one error naming the option, before anything runs."""
+    from latentforge.cli import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_verbose_goes_before_or_after_the_command_and_bounds_match_the_config():
+    from latentforge import cli, config
+
+    parse = cli.build_parser().parse_args
+    assert parse(["-v", "stage", "prepare"]).verbose is True
+    assert parse(["stage", "prepare", "-v"]).verbose is True
+    assert parse(["sample", "--class", "1", "--verbose"]).verbose is True
+    assert parse(["stage", "prepare"]).verbose is False
+    assert (cli.MAX_SAMPLE_STEPS, cli.MAX_SAMPLES, cli.MAX_SEED) == (
+        config.MAX_SAMPLE_STEPS, config.MAX_PER_CLASS, config.MAX_SEED)
+
+
+def test_a_copy_without_git_is_one_line_saying_what_to_do(make_project, capsys, monkeypatch):
+    """A downloaded copy (no .git, but .dvc committed): DVC would end in an SCMError
+    traceback. core.no_scm (DVC without git) is let through."""
+    from latentforge.cli import main
+
+    root = make_project()
+    shutil.rmtree(root / ".git")
+    monkeypatch.chdir(root)
+    assert main(["run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {root.resolve()} is not inside a git repository, and DVC versions "
+                   "the pipeline through git: run `git init` here (a downloaded copy has no "
+                   ".git), or `dvc config core.no_scm true` to go without"]
+    assert not (root / "dvc.lock").exists()
+    from latentforge.cli import _dvc_no_scm
+
+    assert not _dvc_no_scm()
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.no_scm", "true"], cwd=root,
+                   check=True)
+    assert _dvc_no_scm()
+
+
+def test_dvc_failing_inside_its_status_is_one_line(make_project, capsys, monkeypatch):
+    from latentforge.cli import main
+
+    root = make_project()
+    (root / "dvc.yaml").write_text("stages:\n  prepare: [unclosed\n")
+    monkeypatch.chdir(root)
+    assert main(["run"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: dvc status of {root.resolve()} "
+                                               "failed: "), err

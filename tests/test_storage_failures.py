@@ -220,3 +220,50 @@ def test_prepare_on_a_silent_endpoint_fails_in_one_line_and_leaves_nothing(make_
     # neither data/prepared nor atomic_dir's .prepared.tmp-* (pathlib's glob matches dotfiles)
     assert not list((root / paths.PREPARED.parent).glob(f"*{paths.PREPARED.name}*"))
     assert not (root / paths.metrics_file("prepare")).exists()
+
+
+def _run_with_source(root, url: str) -> tuple[float, subprocess.CompletedProcess]:
+    """`latentforge run` with prepare.path at `url` (as -S writes it into params.yaml)."""
+    overrides = [f"prepare.path={url}", "prepare.source=folder", "storage.connect_timeout=1",
+                 "storage.read_timeout=1", "storage.retries=1"]
+    command = [sys.executable, "-m", "latentforge", "run"]
+    command += [arg for override in overrides for arg in ("-S", override)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    started = time.monotonic()
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
+                          timeout=180)
+    return time.monotonic() - started, proc
+
+
+@pytest.mark.slow
+def test_run_with_a_source_on_a_silent_endpoint_fails_in_one_line_before_dvc(make_project,
+                                                                           silent_endpoint):
+    """dvc.yaml lists prepare.path as the prepare stage's input, so DVC's status would open
+    the URL with its own S3 client, unbounded: `latentforge run` looks first, bounded."""
+    root = make_project()
+    url = "s3://bucket/imgs"
+    elapsed, proc = _run_with_source(root, url)
+    print(f"latentforge run, source on a silent endpoint: exit {proc.returncode} after "
+          f"{elapsed:.1f} s")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert elapsed < 60, f"took {elapsed:.1f} s"
+    assert len(silent_endpoint.held) == 2
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: {url}: no answer within 1 s after 2 attempts"), proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr
+    assert not (root / "dvc.lock").exists() and not (root / paths.PREPARED).exists()
+
+
+@pytest.mark.slow
+def test_run_with_a_source_and_no_credentials_names_the_settings(make_project,
+                                                                 without_credentials):
+    root = make_project()
+    url = without_credentials.rsplit("/", 1)[0]
+    elapsed, proc = _run_with_source(root, url)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: {url}: no credentials found; AWS settings looked at"), proc.stderr
