@@ -596,6 +596,19 @@ def local_device(compute: ComputeConfig) -> torch.device:
     return torch.device("cuda" if compute.use_gpu else "cpu")
 
 
+def driver_device(compute: ComputeConfig, what: str) -> torch.device:
+    """The device for work only the stage's own process does (`what`: RL fine-tuning, the
+    evaluation's Inception features): the GPU with `compute.use_gpu` where this process sees
+    one, else the CPU, saying so where use_gpu asked for a GPU. On a cluster, use_gpu is for
+    the Ray workers; a driver on a machine without a GPU (a laptop, a CPU head node) still
+    runs the stage, on its CPUs, where local_device would refuse."""
+    if compute.use_gpu and not torch.cuda.is_available():
+        log.warning("compute.use_gpu is set but this process (the driver) sees no CUDA device: "
+                    "%s runs on its CPUs", what)
+        return torch.device("cpu")
+    return torch.device("cuda" if compute.use_gpu else "cpu")
+
+
 def _probe_step(spec: TrainSpec, cfg: TrainConfig, device: torch.device,
                 batch_size: int) -> Callable[[bool], object]:
     """One training update of a fresh model on the first `batch_size` examples, as

@@ -43,6 +43,7 @@ forward pass (bench/cache_throughput.py measures both against a bare encoder loo
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -338,7 +339,10 @@ class EncodeBatches:
         # The tokenizer arrives through the object store (pickled with its weights), never as
         # a path: a cluster node does not see the driver's disk.
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = tokenizer.model.to(self.device).eval()
+        # A copy: in-process (encode_in_process) `tokenizer` is the stage's own handle, and
+        # moving it to the GPU in place left the stage's decode check comparing CPU images
+        # with a CUDA model (a device mismatch on every single-GPU run).
+        self.model = copy.deepcopy(tokenizer.model).to(self.device).eval()
         self.readers = (None if prepared is None else
                         [SplitReader(prepared["dir"], prepared["shards"][s]) for s in SPLITS])
         self.image_shape = tuple(image_shape)

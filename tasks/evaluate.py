@@ -69,6 +69,7 @@ from latentforge.tasks.judge import JudgeScorer, images_to_tensor, load_judge
 from latentforge.tasks.posttrain import apply_decoder
 from latentforge.tasks.tokenizer import TokenizerHandle, load_tokenizer, recon_grid
 from latentforge.tracking import Tracker
+from latentforge.training import driver_device
 
 log = logging.getLogger(__name__)
 
@@ -945,8 +946,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     nested["tokenizer"] = dict(tok_metrics)
     fid_sha = None
     if cfg.inception_weights:
-        device = torch.device("cuda" if params.compute.use_gpu and torch.cuda.is_available()
-                              else "cpu")
+        device = driver_device(params.compute, "the Inception features")
         fid, fid_sha = fid_metrics(cfg.inception_weights, val_x, recon, samples, device)
         for group, values in fid.items():
             nested[group].update(values)

@@ -82,7 +82,7 @@ from latentforge.tasks.judge import JudgeScorer, load_judge
 from latentforge.tasks.posttrain import apply_decoder
 from latentforge.tasks.tokenizer import TokenizerHandle
 from latentforge.tracking import Tracker
-from latentforge.training import EMA, capture_rng, clip_gradients, local_device, restore_rng
+from latentforge.training import EMA, capture_rng, clip_gradients, driver_device, restore_rng
 
 log = logging.getLogger(__name__)
 
@@ -675,7 +675,7 @@ def load_inputs(params: Params, dirs: InputDirs, es: EvalSet | None = None) -> I
                           "prepared": prepared.manifest_sha256, "eval": es.protocol(),
                           **({"decoder": decoder_sha} if decoder_sha else {})}
     return Inputs(params=params, base=base, judge=judge, evaluator=evaluator, reward=reward,
-                  es=es, device=local_device(params.compute),
+                  es=es, device=driver_device(params.compute, "RL fine-tuning"),
                   prepared_sha=prepared.manifest_sha256, decoder_sha=decoder_sha,
                   fingerprint_inputs=fingerprint_inputs)
 

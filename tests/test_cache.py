@@ -418,3 +418,36 @@ def test_a_cache_run_does_not_warn_that_ray_data_bars_are_off(tiny_root, tmp_pat
     finally:
         progress_log.removeHandler(handler)
     assert not [r.getMessage() for r in records if "disabled" in r.getMessage()]
+
+
+def test_in_process_encoding_leaves_the_stages_tokenizer_as_it_was(tiny_root, tmp_path):
+    """The encoder works on its own copy of the model: moving the caller's to its device (a
+    GPU) or into eval mode in place broke the caller's decode check after it."""
+    from latentforge.tasks.tokenizer import load_tokenizer
+
+    handle = load_tokenizer(tiny_root / "tok_kl")
+    handle.model.train()
+    before = {k: v.clone() for k, v in handle.model.state_dict().items()}
+    prepared = load_prepared(tiny_root / "prepared")
+    n = prepared.manifest["splits"]["train"]["count"]
+    kwargs = {"tokenizer": handle, "image_shape": (8, 8, 1), "threads": 1, "use_gpu": False,
+              "hflip": False, "batch_size": 4,
+              "prepared": {"dir": str(prepared.root),
+                           "shards": {s: prepared.manifest["splits"][s]["shards"]
+                                      for s in ("train", "val")}}}
+    rows = list(cache.encode_in_process([{"split": 0, "start": 0, "stop": min(4, n)}],
+                                        kwargs))
+    assert len(rows[0]["mean"]) == min(4, n)
+    assert handle.model.training
+    assert all(torch.equal(v, before[k]) for k, v in handle.model.state_dict().items())
+
+
+@pytest.mark.gpu
+def test_cache_on_one_gpu_in_process(tiny_root, tmp_path, monkeypatch):
+    """A single-GPU run (presets/gpu.yaml: one worker, no cluster) encodes in process on the
+    GPU, then checks decoding on the CPU handle."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    monkeypatch.chdir(tmp_path)
+    result = run_cache(tiny_root, tmp_path / "cache", compute={"use_gpu": True})
+    assert result.metrics["train_images"] > 0
