@@ -25,6 +25,26 @@ log = logging.getLogger(__name__)
 # Enough for the small arrays we hand to workers, small enough for a 2-core / 24 GB machine.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 
+# The driver's settings a cluster's workers need to do what the driver would, sent with the
+# job's runtime_env (the driver's values win over a node's): where S3 is (the endpoint, the
+# region) and which fp32 kernels train (models/layers.py). Never credentials: runtime_env is
+# readable by anyone with access to the cluster; nodes take theirs from their own
+# environment, instance profile or ~/.aws.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+                 "LATENTFORGE_FP32_LINEAR")
+
+
+def cluster_runtime_env(compute: ComputeConfig) -> dict[str, Any]:
+    """The runtime_env of a pipeline's Ray job on a cluster: FORWARDED_ENV as set here, and
+    the latentforge code with `compute.ship_code`."""
+    env: dict[str, Any] = {}
+    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    if forwarded:
+        env["env_vars"] = forwarded
+    if compute.ship_code:
+        env["py_modules"] = [package_folder()]
+    return env
+
 
 def use_ray(compute: ComputeConfig) -> bool:
     """True when work goes to Ray (several workers or a cluster), False for in-process."""
@@ -53,11 +73,14 @@ def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if compute.ray_address is not None:
         check_reachable(compute.ray_address)
-        runtime_env = {"py_modules": [package_folder()]} if compute.ship_code else None
-        log.info("connecting to Ray at %s%s", compute.ray_address,
-                 " (shipping the latentforge code in runtime_env)" if runtime_env else "")
+        runtime_env = cluster_runtime_env(compute)
+        log.info("connecting to Ray at %s%s%s", compute.ray_address,
+                 " (shipping the latentforge code in runtime_env)" if compute.ship_code else "",
+                 f"; forwarding {', '.join(runtime_env['env_vars'])}"
+                 if "env_vars" in runtime_env else "")
         try:
-            ray.init(address=compute.ray_address, log_to_driver=True, runtime_env=runtime_env)
+            ray.init(address=compute.ray_address, log_to_driver=True,
+                     runtime_env=runtime_env or None)
         except (ConnectionError, RuntimeError) as exc:
             raise ConfigError(f"compute.ray_address {compute.ray_address!r}: could not connect "
                               f"to Ray there ({type(exc).__name__}: {exc})") from exc
@@ -157,10 +180,15 @@ def package_folder() -> str:
 
 
 def check_cluster(compute: ComputeConfig, timeout: float = 120.0) -> dict[str, dict[str, str]]:
-    """One zero-CPU task per alive node: the same Python, ray and torch as this driver, and
-    latentforge importable there. A ConfigError names the node and both versions."""
+    """One zero-CPU task per alive node: the same Python, ray and torch as this driver,
+    latentforge importable there, and an s3:// `compute.storage_path` reachable from there
+    (its endpoint, credentials and bucket, as that node sees them). A ConfigError names the
+    node and what differs."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    url = compute.storage_path if compute.storage_path and "://" in compute.storage_path \
+        else None
 
     def probe() -> dict[str, str]:
         import importlib.util
@@ -169,16 +197,26 @@ def check_cluster(compute: ComputeConfig, timeout: float = 120.0) -> dict[str, d
         import ray
         import torch
 
-        return {"python": platform.python_version(), "ray": ray.__version__,
-                "torch": torch.__version__.split("+")[0],
-                "latentforge": "yes" if importlib.util.find_spec("latentforge") else "no"}
+        found = {"python": platform.python_version(), "ray": ray.__version__,
+                 "torch": torch.__version__.split("+")[0],
+                 "latentforge": "yes" if importlib.util.find_spec("latentforge") else "no"}
+        if url is not None and found["latentforge"] == "yes":
+            from latentforge import storage
+            from latentforge.errors import DataError
+
+            try:
+                storage.exists(url)  # a missing key is fine (training writes it); no bucket,
+                found["storage"] = "ok"  # no credentials or no answer is not
+            except DataError as exc:
+                found["storage"] = str(exc)
+        return found
 
     remote = ray.remote(num_cpus=0)(probe)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     refs = {n["NodeID"]: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
         n["NodeID"], soft=False)).remote() for n in nodes}
     found = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout), strict=True))
-    here = {k: v for k, v in probe().items() if k != "latentforge"}  # this driver's
+    here = {k: v for k, v in probe().items() if k not in ("latentforge", "storage")}
     for node, theirs in found.items():
         differ = [f"{k} {theirs[k]} on the cluster, {v} here" for k, v in here.items()
                   if theirs[k] != v]
@@ -190,6 +228,11 @@ def check_cluster(compute: ComputeConfig, timeout: float = 120.0) -> dict[str, d
             raise ConfigError(f"compute.ray_address {compute.ray_address!r}: node {node[:12]} "
                               f"cannot import latentforge; set compute.ship_code: true or run "
                               f"the cluster from infra/Dockerfile")
+        if theirs.get("storage", "ok") != "ok":
+            raise ConfigError(f"compute.storage_path: node {node[:12]} cannot reach it: "
+                              f"{theirs['storage']} (the endpoint and region are sent from "
+                              f"here when set; credentials come from each node's own "
+                              f"environment, instance profile or ~/.aws)")
     log.info("Ray cluster: %d node(s), python %s, ray %s, torch %s on each", len(found),
              here["python"], here["ray"], here["torch"])
     return found

@@ -45,6 +45,13 @@ class TwoNodeCluster:
                     "RAY_AUTH_TOKEN": secrets.token_hex(16), "RAY_USAGE_STATS_ENABLED": "0",
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.env.pop("RAY_ADDRESS", None)
+        # The nodes have S3 credentials (as an instance profile gives them) but not the
+        # driver's endpoint or region: the job's runtime_env brings those
+        # (raycluster.FORWARDED_ENV), or their checkpoints would go elsewhere.
+        from latentforge.raycluster import FORWARDED_ENV
+
+        for name in FORWARDED_ENV:
+            self.env.pop(name, None)
         self.head: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
         self.logs = Path(self.temp_dir) / "logs"

@@ -172,6 +172,25 @@ def _intact(root: Path) -> None:
     assert stage_runs(root)
 
 
+def test_a_storage_path_the_nodes_cannot_reach_fails_at_once_naming_the_node(
+        cluster, make_project, prefect_harness, s3_bucket, monkeypatch):
+    """Before any work every node looks at compute.storage_path as it sees it; the nodes
+    lack the endpoint in their own environment and get it from the driver (a missing key
+    is fine: training writes it; a missing bucket is not)."""
+    for var, value in cluster.driver_env().items():
+        monkeypatch.setenv(var, value)
+    compute = {"num_workers": 2, "cpus_per_worker": 1, "ray_address": cluster.address,
+               "storage_path": "s3://lf-no-such-bucket/ray"}
+    root = make_project(tiny(compute=compute))
+    cli(root, "stage", "prepare")
+    proc = cli(root, "stage", "judge", check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "compute.storage_path: node " in line]
+    assert errors, proc.stderr[-3000:]
+    assert "cannot reach it: s3://lf-no-such-bucket/ray: no such bucket" in errors[0], errors
+    assert not (root / "artifacts/judge").exists()
+
+
 def _cluster_project(make_project, cluster, s3_bucket, monkeypatch, **sections) -> Path:
     for var, value in cluster.driver_env().items():
         monkeypatch.setenv(var, value)
