@@ -105,7 +105,8 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
                              key="pipeline-summary", description="latentforge pipeline")
     if params.storage.remote:
         logger.info("pushing outputs to the DVC remote %s", params.storage.remote)
-        dvcops.push(params.storage.remote, on_line=lambda line: logger.info("%s", line))
+        dvcops.push(params.storage.remote, on_line=lambda line: logger.info("%s", line),
+                    timeouts=(params.storage.connect_timeout, params.storage.read_timeout))
     return records
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import subprocess
@@ -208,15 +209,25 @@ def crash_cause(lines: list[str]) -> str | None:
     return None
 
 
-def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None] = print) -> None:
+def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None] = print,
+         timeouts: tuple[float, float] | None = None) -> None:
     """Point the DVC remote `storage` at `remote_url` and push every stage output to it.
 
     The remote goes into the project's .dvc/config (versioned, not config.local): a teammate's
-    clone then gets the outputs with a plain `dvc pull`.
+    clone then gets the outputs with a plain `dvc pull`. `timeouts`: (connect, read) seconds
+    for an s3:// remote (storage.connect_timeout and read_timeout), written with it, so DVC's
+    own S3 client, here and in the teammate's `dvc pull`, does not wait on a silent endpoint
+    at botocore's defaults (60 s each, per attempt).
     """
     base = [sys.executable, "-m", "dvc"]
     subprocess.run(base + ["remote", "add", "--force", "-d", "storage", remote_url],
                    cwd=root, env=dvc_env(), check=True, capture_output=True)
+    if timeouts is not None and remote_url.split("://", 1)[0] in ("s3", "s3a"):
+        for option, seconds in zip(("connect_timeout", "read_timeout"), timeouts, strict=True):
+            # dvc-s3 takes whole seconds; a fraction rounds up, never to 0 (no limit).
+            subprocess.run(base + ["remote", "modify", "storage", option,
+                                   str(max(1, math.ceil(seconds)))],
+                           cwd=root, env=dvc_env(), check=True, capture_output=True)
     proc = subprocess.run(base + ["push"], cwd=root, env=dvc_env(), capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines():
         on_line(line)

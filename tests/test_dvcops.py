@@ -76,3 +76,31 @@ def test_without_an_edit_dvc_lock_is_dvcs_own(tmp_path: Path,
     assert dvcops.record_params_used("train", (tmp_path / "params.yaml").read_bytes(),
                                      tmp_path) == []
     assert (tmp_path / "dvc.lock").read_text() == lock_text
+
+
+def _repo_with_a_tracked_file(root: Path) -> Path:
+    root.mkdir()
+    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(args, cwd=root, check=True)
+    (root / "data.bin").write_bytes(b"x" * 1000)
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data.bin"], cwd=root, check=True)
+    return root
+
+
+def test_push_writes_the_storage_timeouts_into_the_s3_remote(tmp_path, s3_bucket):
+    """dvc push (and a teammate's dvc pull) use DVC's own S3 client: the remote carries
+    storage.connect_timeout/read_timeout, whole seconds rounded up, so neither waits on a
+    silent endpoint at botocore's defaults."""
+    import configparser
+
+    root = _repo_with_a_tracked_file(tmp_path / "p")
+    lines: list[str] = []
+    dvcops.push(f"s3://{s3_bucket}/dvc", root, on_line=lines.append, timeouts=(5, 2.5))
+    config = configparser.ConfigParser(strict=False)
+    config.read(root / ".dvc" / "config")
+    remote = config['\'remote "storage"\'']
+    assert (remote["url"], remote["connect_timeout"], remote["read_timeout"]) == (
+        f"s3://{s3_bucket}/dvc", "5", "3")
+    from latentforge import storage
+
+    assert storage.list_files(f"s3://{s3_bucket}/dvc")  # it pushed

@@ -267,3 +267,25 @@ def test_run_with_a_source_and_no_credentials_names_the_settings(make_project,
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0].startswith(
         f"error: {url}: no credentials found; AWS settings looked at"), proc.stderr
+
+
+@pytest.mark.slow
+def test_dvc_push_to_a_silent_endpoint_is_bounded_by_the_storage_timeouts(tmp_path,
+                                                                          silent_endpoint):
+    """The pipeline's `dvc push` writes storage.connect_timeout/read_timeout into the remote:
+    1 s each ended it after 15 s here, against 81 s at DVC's and botocore's defaults."""
+    from latentforge import dvcops
+    from latentforge.errors import LatentForgeError
+
+    root = tmp_path / "p"
+    root.mkdir()
+    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(args, cwd=root, check=True)
+    (root / "data.bin").write_bytes(os.urandom(1000))
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data.bin"], cwd=root, check=True)
+    started = time.monotonic()
+    with pytest.raises(LatentForgeError, match=r"^dvc push to s3://bucket/dvc failed"):
+        dvcops.push("s3://bucket/dvc", root, on_line=lambda line: None, timeouts=(1, 1))
+    elapsed = time.monotonic() - started
+    print(f"dvc push to a silent endpoint, 1 s timeouts: failed after {elapsed:.1f} s")
+    assert elapsed < 50, f"took {elapsed:.1f} s"
