@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port to start on (the next free one if taken)")
 
     p = sub.add_parser("ui", help="start the Prefect server, the deployments and the MLflow UI "
-                       "on 127.0.0.1; Ctrl-C stops all three",
+                       "on 127.0.0.1; Ctrl-C stops the deployments and the MLflow UI (the "
+                       "background Prefect server stays up: `latentforge server stop`)",
                        description="One command for the browser: a Prefect server (Run buttons "
                        "for the pipeline and each stage), `latentforge serve` and `mlflow ui` on "
                        "the project's store, all on 127.0.0.1.")
