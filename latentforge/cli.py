@@ -36,8 +36,9 @@ def _bounded(kind: type, low: float, high: float | None = None, what: str = "") 
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}"
                                              f", got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")) or value < low or (
-                high is not None and value > high):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+        if value < low or (high is not None and value > high):
             show = str if kind is int else "{:g}".format
             bound = f"{show(low)}..{show(high)}" if high is not None else f">= {show(low)}"
             raise argparse.ArgumentTypeError(f"expected {what or 'a value'} {bound}, got {text}")
@@ -160,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port to start on (the next free one if taken)")
 
     p = sub.add_parser("ui", help="start the Prefect server, the deployments and the MLflow UI "
-                       "on 127.0.0.1; Ctrl-C stops the deployments and the MLflow UI (the "
-                       "background Prefect server stays up: `latentforge server stop`)",
+                       "on 127.0.0.1; Ctrl-C stops the deployments and the MLflow UI (and a "
+                       "temporary Prefect server; the background one stays up: `latentforge "
+                       "server stop`)",
                        description="One command for the browser: a Prefect server (Run buttons "
                        "for the pipeline and each stage), `latentforge serve` and `mlflow ui` on "
                        "the project's store, all on 127.0.0.1.")
@@ -211,23 +213,6 @@ def _dvc_no_scm() -> bool:
     with contextlib.suppress(configparser.Error, OSError):
         config.read([".dvc/config", ".dvc/config.local"])
     return config.get("core", "no_scm", fallback="false").strip().lower() in ("true", "1")
-
-
-def _check_source_reachable(params: Any) -> None:
-    """dvc.yaml names prepare.path as the prepare stage's input, so DVC's status opens it with
-    its own S3 client (no time limits: a silent endpoint hangs it; no credentials: a botocore
-    traceback). An URL is looked at first through storage.exists, bounded by storage.*
-    and saying which AWS settings it found."""
-    from latentforge import storage
-    from latentforge.errors import DataError
-
-    path = params.prepare.path
-    if not storage.is_url(path):
-        return
-    storage.configure(params.storage)
-    if not storage.exists(path):
-        raise DataError(f"prepare.path {path}: not found (dvc.yaml lists it as the prepare "
-                        "stage's input, whatever prepare.source is)")
 
 
 def cmd_params(args: argparse.Namespace) -> int:
@@ -330,7 +315,7 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
     _require_project()
     with workspace.lock():
         _persist_params(args, params)
-        _check_source_reachable(params)
+        dvcops.check_source(params)
         status = dvcops.graph_status()
         if not args.force:  # every stage up to date: answered without the flow engine
             from latentforge.noop import try_noop
@@ -368,7 +353,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         import mlflow.pyfunc
         from mlflow.exceptions import MlflowException
 
-        from latentforge.lineage import existing_store
+        from latentforge.lineage import existing_store, registered_models_note
         from latentforge.tracking import use_tracking_uri
 
         if model.startswith(("models:/", "runs:/")):  # read through the project's store:
@@ -380,9 +365,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
             logged = mlflow.pyfunc.load_model(model).unwrap_python_model()
         except MlflowException as exc:
             log.debug("loading %s", model, exc_info=True)
-            raise LatentForgeError(f"--model {model}: {str(exc).splitlines()[0]} (`latentforge "
-                                   "lineage` and `mlflow ui` list the registered models)"
-                                   ) from None
+            raise LatentForgeError(f"--model {model}: {str(exc).splitlines()[0]}" + (
+                registered_models_note() if model.startswith("models:/") else "")) from None
         if getattr(logged, "kind", None) != "generator":
             raise ConfigError(f"--model {model}: a LatentForge {getattr(logged, 'kind', '?')} "
                               f"model, not a generator")

@@ -7,6 +7,7 @@ leave the same dvc.lock.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -17,8 +18,9 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from latentforge import procs
+from latentforge import procs, storage
 from latentforge.errors import LatentForgeError
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,26 @@ def known_status(status: GraphStatus) -> Iterator[None]:
         yield
     finally:
         _known.clear()
+
+
+def check_source(params: Any) -> None:
+    """dvc.yaml names prepare.path as the prepare stage's input, so DVC's status opens an
+    s3:// one with DVC's own S3 client: no time limits (a silent endpoint hangs it), and no
+    credentials end in a botocore traceback. Look first through latentforge.storage, bounded
+    by storage.* and naming the AWS settings it found. Only failures to look stop the run: a
+    missing key or bucket is DVC's to report (a deleted input) and the prepare stage's to
+    refuse, not a reason to refuse the other stages."""
+    from latentforge.errors import DataError
+
+    path = params.prepare.path
+    if not storage.is_s3(path):
+        return
+    storage.configure(params.storage)
+    try:
+        storage.exists(path)
+    except DataError as exc:
+        if storage.error_code(exc) != "NoSuchBucket":
+            raise
 
 
 def graph_status(root: str | Path = ".") -> GraphStatus:
@@ -181,18 +203,24 @@ def record_params_used(stage: str, params_text: bytes, root: str | Path = ".",
     return corrected
 
 
+ANALYSED_LINES, SHOWN_LINES = 400, 15
 _EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
 
 
 def _traceback_end(lines: list[str]) -> str | None:
-    """The exception line closing the last traceback in `lines`: the first unindented line
-    after its header, whatever the exception's name (`zlib.error: ...` too)."""
+    """The exception line closing the last traceback in `lines`, whatever the exception's name
+    (`zlib.error: ...` too): the first unindented line after its header; where the header
+    fell out of `lines`, the last unindented line right after an indented frame line."""
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
     if starts:
         for line in lines[starts[-1] + 1:]:
             if line and not line[0].isspace():
                 return line
-    return None
+        return None
+    ends = [line for before, line in zip(lines, lines[1:], strict=False)
+            if before[:1].isspace() and line and not line[0].isspace()
+            and not line.startswith("ERROR: ")]
+    return ends[-1] if ends else None
 
 
 def crash_cause(lines: list[str]) -> str | None:
@@ -222,7 +250,7 @@ def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None]
     base = [sys.executable, "-m", "dvc"]
     subprocess.run(base + ["remote", "add", "--force", "-d", "storage", remote_url],
                    cwd=root, env=dvc_env(), check=True, capture_output=True)
-    if timeouts is not None and remote_url.split("://", 1)[0] in ("s3", "s3a"):
+    if timeouts is not None and storage.is_s3(remote_url):
         for option, seconds in zip(("connect_timeout", "read_timeout"), timeouts, strict=True):
             # dvc-s3 takes whole seconds; a fraction rounds up, never to 0 (no limit).
             subprocess.run(base + ["remote", "modify", "storage", option,
@@ -249,13 +277,15 @@ def run_dvc(args: list[str], env: Mapping[str, str] | None = None, root: str | P
     proc = procs.start_group([sys.executable, "-m", "dvc", *args], cwd=root, env=dvc_env(env),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              bufsize=1)
-    tail: list[str] = []
+    # The last lines, enough to hold a deep stage traceback's header (the cause is read from
+    # it); the error message shows the last SHOWN_LINES of them.
+    tail: collections.deque[str] = collections.deque(maxlen=ANALYSED_LINES)
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
             line = line.rstrip("\n")
             on_line(line)
-            tail = (tail + [line])[-15:]
+            tail.append(line)
         proc.wait()
     except BaseException:  # Ctrl-C, SIGTERM, Prefect cancelling the flow run
         with procs.interrupts_deferred():
@@ -270,7 +300,7 @@ def run_dvc(args: list[str], env: Mapping[str, str] | None = None, root: str | P
         log.debug("dvc %s exited %d; last output:\n%s", " ".join(args), proc.returncode,
                   "\n".join(tail))
         raise LatentForgeError(f"{what} failed: {said[-1]}")
-    cause = crash_cause(tail)
+    cause = crash_cause(list(tail))
     raise LatentForgeError(f"{what} failed (dvc {args[0]} exit {proc.returncode})"
                            + (f": {cause}" if cause else "") + "; last output:\n"
-                           + "\n".join(tail))
+                           + "\n".join(list(tail)[-SHOWN_LINES:]))

@@ -336,9 +336,18 @@ def _model_version(client: Any, uri: str, store: str) -> Any:
             return client.get_model_version(name, version)
     except MlflowException:
         pass
+    raise LatentForgeError(f"{uri}: no such registered model version in {store}"
+                           + registered_models_note(client))
+
+
+def registered_models_note(client: Any = None) -> str:
+    """"; registered models: a, b" from the project's store (or `client`'s)."""
+    from mlflow import MlflowClient
+
+    client = client or MlflowClient(tracking_uri=tracking.tracking_uri(),
+                                    registry_uri=tracking.tracking_uri())
     known = sorted(m.name for m in client.search_registered_models())
-    raise LatentForgeError(f"{uri}: no such registered model version in {store}; "
-                           f"registered models: {', '.join(known) or 'none'}")
+    return f"; registered models: {', '.join(known) or 'none'}"
 
 
 def existing_store(root: str | Path = ".") -> str:

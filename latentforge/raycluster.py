@@ -7,6 +7,7 @@ stays cheap.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -26,24 +27,42 @@ log = logging.getLogger(__name__)
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 
 # The driver's settings a cluster's workers need to do what the driver would, sent with the
-# job's runtime_env (the driver's values win over a node's): where S3 is (the endpoint, the
-# region) and which fp32 kernels train (models/layers.py). Never credentials: runtime_env is
-# readable by anyone with access to the cluster; nodes take theirs from their own
-# environment, instance profile or ~/.aws.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "LATENTFORGE_FP32_LINEAR")
+# job's runtime_env. Never credentials: runtime_env is readable by anyone with access to the
+# cluster; nodes take theirs from their own environment, instance profile or ~/.aws.
+# - Where S3 is: a default only. A node's own setting wins (a driver may reach MinIO through a
+#   port-forward at localhost while the nodes reach it by its cluster name); a node without
+#   one takes the driver's (adopt_driver_env, Ray's worker_process_setup_hook).
+# - Which fp32 kernels train (models/layers.py): the driver's wins, so every worker trains
+#   down the path the driver chose.
+NODE_DEFAULT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
+                    "AWS_REGION")
+DRIVER_ENV = ("LATENTFORGE_FP32_LINEAR",)
+FORWARDED_ENV = NODE_DEFAULT_ENV + DRIVER_ENV
+DRIVER_DEFAULTS_VAR = "LATENTFORGE_DRIVER_ENV"  # JSON of the NODE_DEFAULT_ENV set here
 
 
 def cluster_runtime_env(compute: ComputeConfig) -> dict[str, Any]:
-    """The runtime_env of a pipeline's Ray job on a cluster: FORWARDED_ENV as set here, and
-    the latentforge code with `compute.ship_code`."""
+    """The runtime_env of a pipeline's Ray job on a cluster: FORWARDED_ENV as set here (see
+    above), and the latentforge code with `compute.ship_code`."""
     env: dict[str, Any] = {}
-    forwarded = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    if forwarded:
-        env["env_vars"] = forwarded
+    env_vars = {k: os.environ[k] for k in DRIVER_ENV if os.environ.get(k)}
+    defaults = {k: os.environ[k] for k in NODE_DEFAULT_ENV if os.environ.get(k)}
+    if defaults:
+        env_vars[DRIVER_DEFAULTS_VAR] = json.dumps(defaults)
+        env["worker_process_setup_hook"] = f"{__name__}.adopt_driver_env"
+    if env_vars:
+        env["env_vars"] = env_vars
     if compute.ship_code:
         env["py_modules"] = [package_folder()]
     return env
+
+
+def adopt_driver_env() -> None:
+    """In each Ray worker process of a cluster job, before its tasks and actors: the driver's
+    S3 endpoint and region where this node has none of its own."""
+    for name, value in json.loads(os.environ.get(DRIVER_DEFAULTS_VAR) or "{}").items():
+        if not os.environ.get(name):
+            os.environ[name] = value
 
 
 def use_ray(compute: ComputeConfig) -> bool:
@@ -76,7 +95,7 @@ def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
         runtime_env = cluster_runtime_env(compute)
         log.info("connecting to Ray at %s%s%s", compute.ray_address,
                  " (shipping the latentforge code in runtime_env)" if compute.ship_code else "",
-                 f"; forwarding {', '.join(runtime_env['env_vars'])}"
+                 f"; forwarding {', '.join(k for k in FORWARDED_ENV if os.environ.get(k))}"
                  if "env_vars" in runtime_env else "")
         try:
             ray.init(address=compute.ray_address, log_to_driver=True,
@@ -187,10 +206,12 @@ def check_cluster(compute: ComputeConfig, timeout: float = 120.0) -> dict[str, d
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    url = compute.storage_path if compute.storage_path and "://" in compute.storage_path \
+    from latentforge import storage
+
+    url = compute.storage_path if compute.storage_path and storage.is_s3(compute.storage_path) \
         else None
 
-    def probe() -> dict[str, str]:
+    def probe(url: str | None, limits: Any) -> dict[str, str]:
         import importlib.util
         import platform
 
@@ -204,19 +225,22 @@ def check_cluster(compute: ComputeConfig, timeout: float = 120.0) -> dict[str, d
             from latentforge import storage
             from latentforge.errors import DataError
 
-            try:
-                storage.exists(url)  # a missing key is fine (training writes it); no bucket,
-                found["storage"] = "ok"  # no credentials or no answer is not
-            except DataError as exc:
-                found["storage"] = str(exc)
+            storage.configure(limits)  # the driver's time limits and retries
+            try:  # a missing key is fine (training writes it); no bucket, no credentials
+                storage.exists(url)  # or no answer is not
+                found["storage"] = "ok"
+            except Exception as exc:  # noqa: BLE001 (reported by the driver, naming the node)
+                found["storage"] = str(exc) if isinstance(exc, DataError) else \
+                    f"{type(exc).__name__}: {exc}"
         return found
 
     remote = ray.remote(num_cpus=0)(probe)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
+    limits = storage.current_config()
     refs = {n["NodeID"]: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        n["NodeID"], soft=False)).remote() for n in nodes}
+        n["NodeID"], soft=False)).remote(url, limits) for n in nodes}
     found = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout), strict=True))
-    here = {k: v for k, v in probe().items() if k not in ("latentforge", "storage")}
+    here = {k: v for k, v in probe(None, None).items() if k != "latentforge"}  # the driver
     for node, theirs in found.items():
         differ = [f"{k} {theirs[k]} on the cluster, {v} here" for k, v in here.items()
                   if theirs[k] != v]
@@ -230,9 +254,9 @@ def check_cluster(compute: ComputeConfig, timeout: float = 120.0) -> dict[str, d
                               f"the cluster from infra/Dockerfile")
         if theirs.get("storage", "ok") != "ok":
             raise ConfigError(f"compute.storage_path: node {node[:12]} cannot reach it: "
-                              f"{theirs['storage']} (the endpoint and region are sent from "
-                              f"here when set; credentials come from each node's own "
-                              f"environment, instance profile or ~/.aws)")
+                              f"{theirs['storage']} (a node without an endpoint or region of "
+                              f"its own takes this driver's; credentials come from each "
+                              f"node's own environment, instance profile or ~/.aws)")
     log.info("Ray cluster: %d node(s), python %s, ray %s, torch %s on each", len(found),
              here["python"], here["ray"], here["torch"])
     return found

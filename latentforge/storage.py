@@ -63,7 +63,7 @@ def configure(cfg: StorageConfig) -> None:
     _config = cfg
 
 
-def _current_config() -> StorageConfig:
+def current_config() -> StorageConfig:
     if _config is None:
         from latentforge.config import StorageConfig
 
@@ -75,7 +75,7 @@ def is_url(path: str | os.PathLike[str]) -> bool:
     return "://" in str(path)
 
 
-def _is_s3(url: str) -> bool:
+def is_s3(url: str) -> bool:
     return url.split("://", 1)[0] in ("s3", "s3a")
 
 
@@ -83,9 +83,9 @@ def filesystem(url: str) -> tuple[Any, str]:
     """(fsspec filesystem, path within it) for a URL; S3 ones with `configure`d time limits."""
     import fsspec
 
-    if not _is_s3(url):
+    if not is_s3(url):
         return fsspec.core.url_to_fs(url)
-    cfg = _current_config()
+    cfg = current_config()
     # fsspec caches one instance per distinct set of options, so other settings get their own.
     fs, fs_path = fsspec.core.url_to_fs(
         url,
@@ -99,7 +99,7 @@ def filesystem(url: str) -> tuple[Any, str]:
     return fs, fs_path
 
 
-def _error_code(exc: BaseException) -> str | None:
+def error_code(exc: BaseException) -> str | None:
     """The S3 error code ("NoSuchBucket", "AccessDenied", ...) behind an exception, if any."""
     seen: BaseException | None = exc
     while seen is not None:
@@ -115,9 +115,9 @@ def _problem(exc: BaseException) -> str | None:
     failure (the caller re-raises it unchanged)."""
     from botocore import exceptions as boto
 
-    cfg = _current_config()
+    cfg = current_config()
     attempts = f"{1 + cfg.retries} attempt{'s' if cfg.retries else ''}"
-    code = _error_code(exc)
+    code = error_code(exc)
     if isinstance(exc, boto.ConnectTimeoutError):
         return (
             f"no connection within {cfg.connect_timeout:g} s after {attempts} "
@@ -179,7 +179,7 @@ def _storage_errors(url: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        problem = _problem(exc) if _is_s3(url) else None
+        problem = _problem(exc) if is_s3(url) else None
         if problem is None:
             raise
         raise DataError(f"{url}: {problem}; {_aws_settings()}") from exc
@@ -233,7 +233,7 @@ def exists(path: str | os.PathLike[str]) -> bool:
         try:
             fs.info(fs_path)
         except FileNotFoundError as exc:
-            if _error_code(exc) == "NoSuchBucket":
+            if error_code(exc) == "NoSuchBucket":
                 raise
             return False
     return True

@@ -606,7 +606,7 @@ def driver_device(compute: ComputeConfig, what: str) -> torch.device:
         log.warning("compute.use_gpu is set but this process (the driver) sees no CUDA device: "
                     "%s runs on its CPUs", what)
         return torch.device("cpu")
-    return torch.device("cuda" if compute.use_gpu else "cpu")
+    return local_device(compute)
 
 
 def _probe_step(spec: TrainSpec, cfg: TrainConfig, device: torch.device,

@@ -339,10 +339,7 @@ class EncodeBatches:
         # The tokenizer arrives through the object store (pickled with its weights), never as
         # a path: a cluster node does not see the driver's disk.
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        # A copy: in-process (encode_in_process) `tokenizer` is the stage's own handle, and
-        # moving it to the GPU in place left the stage's decode check comparing CPU images
-        # with a CUDA model (a device mismatch on every single-GPU run).
-        self.model = copy.deepcopy(tokenizer.model).to(self.device).eval()
+        self.model = tokenizer.model.to(self.device).eval()
         self.readers = (None if prepared is None else
                         [SplitReader(prepared["dir"], prepared["shards"][s]) for s in SPLITS])
         self.image_shape = tuple(image_shape)
@@ -519,8 +516,13 @@ def encode_in_process(batches: list[dict[str, Any]], actor_kwargs: dict[str, Any
     import torch
 
     threads = torch.get_num_threads()
+    # The encoder moves its tokenizer's model to its device and into eval mode. An actor's
+    # arrives as its own copy; here it would be the stage's handle, which its decode check
+    # then used on the CPU against a model left on the GPU (every single-GPU run failed).
+    handle = copy.copy(actor_kwargs["tokenizer"])
+    handle.model = copy.deepcopy(handle.model)
     try:
-        encoder = EncodeBatches(**actor_kwargs)
+        encoder = EncodeBatches(**{**actor_kwargs, "tokenizer": handle})
         for item in batches:
             yield encoder({k: np.asarray([v]) for k, v in item.items()})
     finally:

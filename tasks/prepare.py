@@ -179,9 +179,17 @@ def check_split_sizes(split_idx: dict[str, np.ndarray], cfg: PrepareConfig, mini
             f"{' and '.join(str(counts[s]) for s in short)} image(s) ({counts['train']} train "
             f"/ {counts['val']} val of {sum(counts.values())} with prepare.val_fraction "
             f"{cfg.val_fraction}); the later stages need at least {minimum} in each: "
-            + ("raise prepare.val_fraction" if "val" in short else "lower prepare.val_fraction")
-            + (" or prepare.max_images" if cfg.max_images is not None else "")
-            + ("" if sum(counts.values()) >= 2 * minimum else ", or give more images"))
+            + _split_advice(short, sum(counts.values()) >= 2 * minimum, cfg.max_images))
+
+
+def _split_advice(short: list[str], enough: bool, max_images: int | None) -> str:
+    """What to change: the split fraction where the images would do for both splits, more
+    images where not (and prepare.max_images first where it holds them back)."""
+    more = "raise prepare.max_images" if max_images is not None else "give more images"
+    if not enough:
+        return more
+    fraction = "raise" if short == ["val"] else "lower"
+    return f"{fraction} prepare.val_fraction" + (f" or {more}" if max_images is not None else "")
 
 
 def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,

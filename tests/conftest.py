@@ -84,6 +84,18 @@ def s3_bucket(s3_server, request):
     return name
 
 
+def dvc_repo(root: Path, files: dict[str, bytes] | None = None) -> Path:
+    """A new git + DVC repository at `root` (no LatentForge project), with `files` written
+    and `dvc add`ed."""
+    root.mkdir(parents=True)
+    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(args, cwd=root, check=True)
+    for name, data in (files or {}).items():
+        (root / name).write_bytes(data)
+        subprocess.run([sys.executable, "-m", "dvc", "add", "-q", name], cwd=root, check=True)
+    return root
+
+
 def project_files() -> list[str]:
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
                          capture_output=True, text=True, check=True).stdout.split()

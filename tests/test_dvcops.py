@@ -78,22 +78,15 @@ def test_without_an_edit_dvc_lock_is_dvcs_own(tmp_path: Path,
     assert (tmp_path / "dvc.lock").read_text() == lock_text
 
 
-def _repo_with_a_tracked_file(root: Path) -> Path:
-    root.mkdir()
-    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(args, cwd=root, check=True)
-    (root / "data.bin").write_bytes(b"x" * 1000)
-    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data.bin"], cwd=root, check=True)
-    return root
-
-
 def test_push_writes_the_storage_timeouts_into_the_s3_remote(tmp_path, s3_bucket):
     """dvc push (and a teammate's dvc pull) use DVC's own S3 client: the remote carries
     storage.connect_timeout/read_timeout, whole seconds rounded up, so neither waits on a
     silent endpoint at botocore's defaults."""
     import configparser
 
-    root = _repo_with_a_tracked_file(tmp_path / "p")
+    from conftest import dvc_repo
+
+    root = dvc_repo(tmp_path / "p", {"data.bin": b"x" * 1000})
     lines: list[str] = []
     dvcops.push(f"s3://{s3_bucket}/dvc", root, on_line=lines.append, timeouts=(5, 2.5))
     config = configparser.ConfigParser(strict=False)
@@ -104,3 +97,29 @@ def test_push_writes_the_storage_timeouts_into_the_s3_remote(tmp_path, s3_bucket
     from latentforge import storage
 
     assert storage.list_files(f"s3://{s3_bucket}/dvc")  # it pushed
+
+
+# 30 distinct frames (Python folds a frame repeated by recursion into one line).
+DEEP_CRASH = "import zlib\n\ndef f0():\n    zlib.decompress(b'not deflate data')\n" + "".join(
+    f"\ndef f{i}():\n    f{i - 1}()\n" for i in range(1, 30)) + "\nf29()\n"
+
+
+def test_a_stage_dying_deep_in_its_stack_is_named_by_its_exception(tmp_path):
+    """A real traceback is longer than the lines the message shows: the cause still comes
+    from its end, whatever the exception is called (zlib.error is neither *Error nor
+    *Exception)."""
+    from conftest import dvc_repo
+
+    from latentforge.errors import LatentForgeError
+
+    root = dvc_repo(tmp_path / "p")
+    (root / "crash.py").write_text(DEEP_CRASH)
+    (root / "dvc.yaml").write_text(f"stages:\n  crash:\n    cmd: {sys.executable} crash.py\n"
+                                   "    deps: [crash.py]\n    outs: [never]\n")
+    with pytest.raises(LatentForgeError) as err:
+        dvcops.run_dvc(["repro"], root=root, what="stage crash", on_line=lambda line: None)
+    first = str(err.value).splitlines()[0]
+    assert first.startswith("stage crash failed (dvc repro exit ") and first.endswith(
+        "): zlib.error: Error -3 while decompressing data: incorrect header check; last "
+        "output:"), first
+    assert len(str(err.value).splitlines()) == 1 + dvcops.SHOWN_LINES

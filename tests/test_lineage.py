@@ -260,6 +260,8 @@ def test_sample_with_an_unknown_or_storeless_model_is_one_line(chain, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --model models:/nope/1: ") and \
         "nope" in err[0][len("error: --model models:/nope/1: "):], err
+    known = sorted(m.name for m in client_for(chain).search_registered_models())
+    assert known and err[0].endswith(f"; registered models: {', '.join(known)}"), err
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["sample", "--class", "3", "--model", "models:/nope/1"]) == 1

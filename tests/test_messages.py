@@ -230,8 +230,9 @@ def test_the_params_check_reads_dotted_keys_and_unreadable_files(tmp_path):
      "argument --steps: expected a step count 1..10000, got -5"),
     (["sample", "--class", "3", "--steps", "0"],
      "argument --steps: expected a step count 1..10000, got 0"),
-    (["sample", "--class", "3", "--cfg", "nan"], "argument --cfg: expected a CFG scale >= 0, "
+    (["sample", "--class", "3", "--cfg", "nan"], "argument --cfg: expected a finite number, "
      "got nan"),
+    (["sample", "--class", "3", "--cfg", "inf"], "argument --cfg: expected a finite number"),
     (["sample", "--class", "3", "--cfg", "-1"], "argument --cfg: expected a CFG scale >= 0"),
     (["sample", "--class", "3", "--n", "0"], "argument --n: expected a count 1..100000, got 0"),
     (["sample", "--class", "3", "--n", "10000000"], "argument --n: expected a count 1..100000"),

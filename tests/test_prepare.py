@@ -314,14 +314,17 @@ def test_stage_refuses_a_split_the_later_stages_cannot_measure_on(tmp_path):
         prepare.run(params.prepare, out_dir=out, min_split_images=MIN_SPLIT_IMAGES)
     assert str(err.value) == ("digits: the val split would hold 2 image(s) (8 train / 2 val "
                               "of 10 with prepare.val_fraction 0.1); the later stages need at "
-                              "least 4 in each: raise prepare.val_fraction or "
+                              "least 4 in each: raise prepare.val_fraction or raise "
                               "prepare.max_images")
     assert not out.exists() and list(tmp_path.iterdir()) == []
     params = build_params({"prepare": {"max_images": 20, "val_fraction": 0.9}})
     with pytest.raises(DataError, match=r"the train split would hold 1 image\(s\).*lower "
-                                        r"prepare.val_fraction"):
+                                        r"prepare.val_fraction or raise prepare.max_images$"):
         prepare.run(params.prepare, out_dir=out, min_split_images=MIN_SPLIT_IMAGES)
     assert not out.exists()
+    params = build_params({"prepare": {"max_images": 6, "val_fraction": 0.5}})
+    with pytest.raises(DataError, match=r"\(4 train / 2 val of 6 .*: raise prepare.max_images$"):
+        prepare.run(params.prepare, out_dir=out, min_split_images=MIN_SPLIT_IMAGES)
     params = build_params({"prepare": {"max_images": 20, "val_fraction": 0.1}})
     prepare.run(params.prepare, out_dir=out, min_split_images=MIN_SPLIT_IMAGES)
     assert load_prepared(out).manifest["splits"]["val"]["count"] == 6

@@ -711,19 +711,17 @@ def test_judge_terms_share_one_scoring_per_call() -> None:
     np.testing.assert_allclose(total2, sum(alone[n](images, labels)[0] for n in terms), rtol=1e-12)
 
 
-def test_a_driver_without_a_gpu_fine_tunes_on_its_cpus(tiny_inputs, caplog):
+def test_a_driver_without_a_gpu_fine_tunes_on_its_cpus(tiny_inputs, caplog, monkeypatch):
     """compute.use_gpu is for the cluster's workers; the rl stage runs in the driver, which
     on a CPU head node or a laptop has no GPU: it says so and uses the CPU (it refused)."""
     import logging
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a driver without one
     params = build_params({**tiny().to_dict(), "compute": {"use_gpu": True}})
     dirs = rl.InputDirs(generator=tiny_inputs / "generator", tokenizer=tiny_inputs / "tokenizer",
                         judge=tiny_inputs / "judge", prepared=tiny_inputs / "prepared",
                         evaluator=tiny_inputs / "evaluator", decoder=tiny_inputs / "decoder")
     with caplog.at_level(logging.WARNING, logger="latentforge.training"):
         inp = rl.load_inputs(params, dirs)
-    if torch.cuda.is_available():
-        assert inp.device.type == "cuda"
-    else:
-        assert inp.device.type == "cpu"
-        assert "sees no CUDA device: RL fine-tuning runs on its CPUs" in caplog.text
+    assert inp.device.type == "cpu"
+    assert "sees no CUDA device: RL fine-tuning runs on its CPUs" in caplog.text

@@ -274,18 +274,27 @@ def test_dvc_push_to_a_silent_endpoint_is_bounded_by_the_storage_timeouts(tmp_pa
                                                                           silent_endpoint):
     """The pipeline's `dvc push` writes storage.connect_timeout/read_timeout into the remote:
     1 s each ended it after 15 s here, against 81 s at DVC's and botocore's defaults."""
+    from conftest import dvc_repo
+
     from latentforge import dvcops
     from latentforge.errors import LatentForgeError
 
-    root = tmp_path / "p"
-    root.mkdir()
-    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
-        subprocess.run(args, cwd=root, check=True)
-    (root / "data.bin").write_bytes(os.urandom(1000))
-    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data.bin"], cwd=root, check=True)
+    root = dvc_repo(tmp_path / "p", {"data.bin": os.urandom(1000)})
     started = time.monotonic()
     with pytest.raises(LatentForgeError, match=r"^dvc push to s3://bucket/dvc failed"):
         dvcops.push("s3://bucket/dvc", root, on_line=lambda line: None, timeouts=(1, 1))
     elapsed = time.monotonic() - started
     print(f"dvc push to a silent endpoint, 1 s timeouts: failed after {elapsed:.1f} s")
     assert elapsed < 50, f"took {elapsed:.1f} s"
+
+
+def test_the_source_check_stops_only_on_failures_to_look(s3_bucket):
+    """`latentforge run`'s look at an s3:// prepare.path before DVC's status: a key or bucket
+    that is not there is DVC's to report as a deleted input (a run of later stages goes
+    on); other schemes and local paths are not looked at here."""
+    from latentforge import dvcops
+    from latentforge.config import build_params
+
+    for path in (f"s3://{s3_bucket}/no/such/key", "s3://lf-no-such-bucket/imgs",
+                 "gs://bucket/imgs", "data/x://y"):
+        dvcops.check_source(build_params({"prepare": {"source": "folder", "path": path}}))
