@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -105,3 +106,31 @@ def test_a_local_ray_instance_listens_on_loopback_only(ray_local):  # noqa: F811
     assert any("gcs_server" in n or "raylet" in n for n in listening.values()), listening
     outside = {k: v for k, v in listening.items() if not is_loopback(k[0])}
     assert not outside, f"listening beyond loopback: {outside}"
+
+
+def test_the_cluster_job_carries_the_drivers_s3_settings_as_defaults_only(monkeypatch):
+    """The kernel choice travels as the driver set it; the S3 endpoint and region are filled
+    in on a worker only where its node has none of its own (the node's wins); credentials
+    never travel. (tests/test_cluster.py runs a pipeline on a node without an endpoint.)"""
+    from latentforge import raycluster
+    from latentforge.config import ComputeConfig
+
+    for name in raycluster.FORWARDED_ENV + (raycluster.DRIVER_DEFAULTS_VAR,):
+        monkeypatch.delenv(name, raising=False)
+    assert raycluster.cluster_runtime_env(ComputeConfig()) == {}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://driver:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-sent")
+    monkeypatch.setenv("LATENTFORGE_FP32_LINEAR", "blas")
+    env = raycluster.cluster_runtime_env(ComputeConfig())
+    assert env["worker_process_setup_hook"] == "latentforge.raycluster.adopt_driver_env"
+    assert "never-sent" not in str(env)
+    assert env["env_vars"]["LATENTFORGE_FP32_LINEAR"] == "blas"
+    # On a worker: its node has a region of its own, no endpoint.
+    monkeypatch.setenv(raycluster.DRIVER_DEFAULTS_VAR,
+                       env["env_vars"][raycluster.DRIVER_DEFAULTS_VAR])
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-2")
+    raycluster.adopt_driver_env()
+    assert os.environ["AWS_ENDPOINT_URL"] == "http://driver:9000"
+    assert os.environ["AWS_DEFAULT_REGION"] == "us-east-2"
