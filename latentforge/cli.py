@@ -47,6 +47,15 @@ def _bounded(kind: type, low: float, high: float | None = None, what: str = "") 
 
 
 PORT = _bounded(int, 1, 65535, "a TCP port")
+
+
+def _experiment_name(text: str) -> str:
+    """`run --exp NAME`: a name (DVC checks the rest of git's ref rules); an empty one, as an
+    unset `$NAME` gives, would otherwise mean "no experiment" and run in the workspace."""
+    if not text.strip() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"expected an experiment name without spaces, got "
+                                         f"{text!r}")
+    return text
 MAX_SEED = 2**63 - 1  # config.MAX_SEED
 
 
@@ -94,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "`dvc exp run -S` does, so `dvc repro` afterwards agrees.")
     _add_params_args(p)
     p.add_argument("--force", action="store_true", help="rerun stages even if up to date")
-    p.add_argument("--exp", metavar="NAME", default=None,
+    p.add_argument("--exp", metavar="NAME", default=None, type=_experiment_name,
                    help="run as the DVC experiment NAME in a temporary copy of the workspace "
                    "(dvc exp run --temp): params.yaml and the outputs here stay as they are; "
                    "`dvc exp show` lists it, `dvc exp apply NAME` brings it in")
@@ -280,7 +289,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.exp:
+    if args.exp is not None:  # `--exp ""` (an unset $NAME) must not run in the workspace
         return _experiment(args)
     return _orchestrate(args, _load(args), stages=None)
 

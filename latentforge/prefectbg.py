@@ -102,14 +102,20 @@ def _prefect_version() -> str:
     return metadata.version("prefect")
 
 
-def _pid_alive(pid: int) -> bool:
+def _is_recorded_server(record: ServerRecord) -> bool:
+    """Whether `record.pid` is still the server the record describes: a `prefect server start`
+    on its port that began no later than the record was written. The record outlives reboots
+    and crashes, and its pid may since belong to anything (a shell leads its own process
+    group): nothing but the recorded server is ever signalled."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive, but not ours to use
-        return True
-    return True
+        proc = psutil.Process(record.pid)
+        cmdline, created = proc.cmdline(), proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False  # gone, or another user's process: not ours either way
+    return ("prefect" in " ".join(cmdline) and {"server", "start"} <= set(cmdline)
+            and str(record.port) in cmdline and created <= record.started + 1.0)
 
 
 def healthy(api_url: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
@@ -145,8 +151,8 @@ def running() -> ServerRecord | None:
     record = read_record()
     if record is None:
         return None
-    if not _pid_alive(record.pid):
-        _set_aside(record_file(), f"its process {record.pid} is gone")
+    if not _is_recorded_server(record):
+        _set_aside(record_file(), f"its process {record.pid} is gone, or is another program")
         return None
     if record.prefect_version != _prefect_version():
         log.warning("the background Prefect server (pid %d) runs Prefect %s, this is %s: not "
@@ -239,12 +245,14 @@ def stop() -> ServerRecord | None:
         record = read_record()
         if record is None:
             return None
-        alive = _pid_alive(record.pid)
-        if alive:
-            _kill_group(record.pid)
+        if not _is_recorded_server(record):
+            _set_aside(record_file(), f"its process {record.pid} is gone, or is another "
+                                      "program: not signalled")
+            return None
+        _kill_group(record.pid)
         with contextlib.suppress(FileNotFoundError):
             record_file().unlink()
-        return record if alive else None
+        return record
 
 
 def ensure(say: bool = True) -> str:

@@ -88,7 +88,8 @@ def seeds_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[See
 
 def distil_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[SeedSet],
                    guided: str, guided_scale: float, rl_scale: float,
-                   sample_sd: Mapping[str, float] | None = None) -> dict[str, float]:
+                   sample_sd: Mapping[str, float] | None = None,
+                   base_scale: float | None = None) -> dict[str, float]:
     """RL (mean over seeds, at rl_scale) against the base at its best CFG scale (the set named
     `guided`), and whether RL distils guidance. The differences RL - guided base are paired
     (same labels and noise); their 95% interval is Student-t across seeds widened by
@@ -99,11 +100,13 @@ def distil_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[Se
       gfd_not_higher: RL's gFD-eval is not shown higher (the lower end of the difference's
         interval <= 0);
       diversity_kept: RL's mean diversity >= DIVERSITY_KEPT x the guided base's (the ratio to
-        the unguided base, which RL started from, is diversity_ratio_to_base);
+        the base as the evaluation sampled it, at base_scale (default: rl_scale), is
+        diversity_ratio_to_base);
       not_shown_worse: all three, over at least MIN_SEEDS_FOR_CLAIM seeds."""
     sd = sample_sd or {}
     g = nested[guided]
     out: dict[str, float] = {"guided_cfg_scale": guided_scale, "rl_cfg_scale": rl_scale,
+                             "base_cfg_scale": rl_scale if base_scale is None else base_scale,
                              "seeds": float(len(seeds))}
     for key in DISTIL_METRICS:
         if key not in VERDICT_METRICS and not all(
@@ -213,8 +216,9 @@ def distil_lines(d: Mapping[str, float]) -> list[str]:
         f"- gFD-eval not shown higher (the lower end of the difference's interval <= 0): "
         f"{verdict('gfd_not_higher')}",
         f"- diversity within {1 - DIVERSITY_KEPT:.0%} of the guided base's (ratio "
-        f"{d['diversity_ratio_to_guided']:.3f}; to the unguided base at CFG "
-        f"{d['rl_cfg_scale']:g}: {d['diversity_ratio_to_base']:.3f}): "
+        f"{d['diversity_ratio_to_guided']:.3f}; to the "
+        f"{'unguided ' if d.get('base_cfg_scale', d['rl_cfg_scale']) == 1 else ''}base at CFG "
+        f"{d.get('base_cfg_scale', d['rl_cfg_scale']):g}: {d['diversity_ratio_to_base']:.3f}): "
         f"{verdict('diversity_kept')}",
         f"- **RL not shown worse than the guided base at 95%: "
         f"{'yes' if d['not_shown_worse'] else 'no'}**"

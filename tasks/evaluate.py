@@ -942,7 +942,8 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     if guided:
         nested["distil"] = compare.distil_summary(nested, seeds, guided,
                                                   samples[guided].cfg_scale,
-                                                  samples["rl"].cfg_scale, intervals["distil"])
+                                                  samples["rl"].cfg_scale, intervals["distil"],
+                                                  base_scale=samples["base"].cfg_scale)
     nested["tokenizer"] = dict(tok_metrics)
     fid_sha = None
     if cfg.inception_weights:

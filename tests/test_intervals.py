@@ -80,6 +80,13 @@ def test_seed_aggregate_and_the_distillation_verdict() -> None:
     assert d["rl_minus_guided_gfd_eval_ci_low"] > 0
     assert d["gfd_not_higher"] == 0.0 and d["not_shown_worse"] == 0.0
     assert compare.distil_summary(n, seeds[:2], "guided", 1.25, 1.0)["not_shown_worse"] == 0.0
+    # The ratio to the base names the scale the base was sampled at (evaluate.cfg_scale null:
+    # the generator's own 1.5, beside RL's 1), not RL's.
+    text = "\n".join(compare.distil_lines(compare.distil_summary(n, seeds, "guided", 1.25, 1.0,
+                                                                 base_scale=1.5)))
+    assert "to the base at CFG 1.5: " in text and "unguided" not in text
+    text = "\n".join(compare.distil_lines(d))
+    assert "to the unguided base at CFG 1: " in text
 
 
 def test_one_seed_has_no_interval_across_seeds() -> None:

@@ -242,6 +242,9 @@ def test_the_params_check_reads_dotted_keys_and_unreadable_files(tmp_path):
      "argument --port: expected a TCP port 1..65535, got 70000"),
     (["ui", "--mlflow-port", "-1"], "argument --mlflow-port: expected a TCP port 1..65535"),
     (["serve", "--limit", "0"], "argument --limit: expected a run count >= 1, got 0"),
+    (["run", "--exp", "", "-S", "prepare.seed=3"],
+     "argument --exp: expected an experiment name without spaces, got ''"),
+    (["run", "--exp", "my seed"], "argument --exp: expected an experiment name without spaces"),
 ])
 def test_command_line_values_out_of_range_are_argparse_errors(argv, message, capsys):
     """Exit 2 with the usage line and one error naming the option, before anything runs."""

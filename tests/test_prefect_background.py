@@ -76,6 +76,30 @@ def test_stale_records_are_set_aside_not_trusted(prefect_home):
     assert not record.exists() and len(list(prefect_home.glob("latentforge-server.json.stale-*"))) >= 1
 
 
+def test_a_record_whose_pid_is_another_program_now_is_never_signalled(prefect_home):
+    """The record outlives reboots and crashes; its pid may lead someone's shell or session
+    by now. `server stop` and `status` set the record aside and leave that process alone."""
+    import time
+
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)  # a group leader
+    try:
+        record = prefectbg.record_file()
+        for started in (time.time() - 3600, time.time() + 3600):  # whatever the record says
+            record.write_text(json.dumps({"pid": other.pid, "port": 4200,
+                                          "prefect_version": "3.9.1", "python": sys.executable,
+                                          "started": started, "log": "x"}))
+            assert prefectbg.stop() is None
+            assert other.poll() is None, "an unrelated process group was signalled"
+            assert not record.exists()
+        record.write_text(json.dumps({"pid": other.pid, "port": 4200, "prefect_version": "3.9.1",
+                                      "python": sys.executable, "started": time.time(),
+                                      "log": "x"}))
+        assert prefectbg.running() is None and other.poll() is None and not record.exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_noop_falls_back_when_the_api_refuses(make_project, monkeypatch, prefect_harness):
     """An up-to-date project, but the configured API is gone: no record, the full path decides."""
     from conftest import REPO  # noqa: F401
