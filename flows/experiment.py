@@ -10,6 +10,7 @@ store, nested under one parent run tagged with the experiment's name.
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import uuid
 from typing import Annotated, Any
@@ -20,7 +21,8 @@ from pydantic import Field
 
 from latentforge import dvcops, procs, tracking, workspace
 from latentforge.config import load_params
-from latentforge.flows.stages import NO_CHANGES, Overrides, ParamChanges
+from latentforge.errors import ConfigError, LatentForgeError
+from latentforge.flows.stages import NO_CHANGES, Overrides, ParamChanges, failed_state
 from latentforge.schema import as_overrides
 
 EXPERIMENT_TAG = f"{tracking.TAG_PREFIX}dvc_experiment"
@@ -47,8 +49,26 @@ def experiment(name: Annotated[str, Field(examples=["seed3"])], overrides: Overr
         wait: When another run holds this workspace, wait for it to finish, saying so every
             minute, instead of failing at once.
     """
-    overrides = [*as_overrides(params), *(overrides or [])]
+    try:
+        return _experiment(name, [*as_overrides(params), *(overrides or [])], force, wait)
+    except LatentForgeError as exc:  # one ERROR line, as the pipeline's flow runs say it
+        return failed_state(exc)  # type: ignore[return-value]  # Prefect raises exc
+
+
+def check_name(name: str) -> None:
+    """A ConfigError for a name git cannot hold as an experiment ref (DVC would refuse it only
+    after the MLflow parent run was opened): empty, spaces, `..`, `~^:?*[\\`, and the rest
+    of git's ref rules (`git check-ref-format`)."""
+    ok = bool(name.strip()) and not name.startswith("-") and subprocess.run(
+        ["git", "check-ref-format", f"refs/exps/xx/{name}"], capture_output=True).returncode == 0
+    if not ok:
+        raise ConfigError(f"experiment name {name!r}: not a name git can hold (no spaces, "
+                          "'..', '~^:?*[\\', a leading '-' or '/', or a trailing '.lock')")
+
+
+def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dict[str, Any]:
     params = load_params(None, overrides)  # validated before anything runs (exit 2)
+    check_name(name)
     logger = get_run_logger()
     started = time.time()
     with workspace.lock(what=f"experiment {name}", wait=wait or None,

@@ -301,3 +301,29 @@ def test_dvc_failing_inside_its_status_is_one_line(make_project, capsys, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: dvc status of {root.resolve()} "
                                                "failed: "), err
+
+
+def test_an_experiment_name_git_cannot_hold_is_one_line_before_any_run(make_project,
+                                                                       prefect_harness):
+    """DVC refused such names only after the experiment's MLflow parent run was open (each
+    retry left a FAILED one), and the flow's failure printed Prefect's traceback."""
+    from test_pipeline import cli
+
+    from latentforge.errors import ConfigError
+    from latentforge.flows.experiment import check_name
+
+    for good in ("seed3", "exp/one", "lr-3e-4"):
+        check_name(good)
+    for bad in ("x.lock", "a~b", "a:b", "/x"):
+        with pytest.raises(ConfigError, match="not a name git can hold"):
+            check_name(bad)
+    root = make_project()
+    for bad in ("a..b", "-x"):  # through the command line and the flow
+        proc = cli(root, "run", f"--exp={bad}", check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert errors == [f"error: experiment name {bad!r}: not a name git can hold (no spaces, "
+                          "'..', '~^:?*[\\', a leading '-' or '/', or a trailing '.lock')"], \
+            proc.stderr[-3000:]
+    assert not (root / "mlflow.db").exists()  # no parent run was opened
