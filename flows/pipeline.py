@@ -67,7 +67,8 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
               stages: list[str], changes: Any = None) -> list[dict[str, Any]]:
     logger = get_run_logger()
     params = apply_params(params_file, overrides or [], changes)
-    dvcops.check_source(params)  # before DVC's unbounded S3 client looks (a UI-started run)
+    if not dvcops.status_known():  # the CLI looked already, before its own status
+        dvcops.check_source(params)  # before DVC's unbounded S3 client looks (UI-started)
     # One DVC status of the graph: a stage found unchanged, none of whose upstream stages ran
     # in this pipeline, is skipped here without a subflow or another look at DVC.
     status = dvcops.graph_status()

@@ -66,6 +66,12 @@ def known_status(status: GraphStatus) -> Iterator[None]:
         _known.clear()
 
 
+def status_known() -> bool:
+    """Whether graph_status() will hand back a status the caller already took (known_status):
+    the looks that come before DVC's own (check_source) were made then too."""
+    return bool(_known)
+
+
 def check_source(params: Any) -> None:
     """dvc.yaml names prepare.path as the prepare stage's input, so DVC's status opens an
     s3:// one with DVC's own S3 client: no time limits (a silent endpoint hangs it), and no

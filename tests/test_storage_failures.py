@@ -192,19 +192,25 @@ def test_missing_bucket_is_an_error_and_a_missing_key_is_not_there(s3_bucket):
             call("s3://lf-no-such-bucket/x")
 
 
+def _run_with_source(root, url: str, *command: str) -> tuple[float, subprocess.CompletedProcess]:
+    """`latentforge COMMAND` (default `run`) with prepare.path at `url` and 1 s storage limits
+    with one retry, as -S gives them; (seconds, the finished process)."""
+    overrides = [f"prepare.path={url}", "prepare.source=folder", "storage.connect_timeout=1",
+                 "storage.read_timeout=1", "storage.retries=1"]
+    argv = [sys.executable, "-m", "latentforge", *(command or ("run",))]
+    argv += [arg for override in overrides for arg in ("-S", override)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    started = time.monotonic()
+    proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    return time.monotonic() - started, proc
+
+
 @pytest.mark.slow
 def test_prepare_on_a_silent_endpoint_fails_in_one_line_and_leaves_nothing(make_project,
                                                                           silent_endpoint):
     root = make_project()
     url = "s3://bucket/imgs"
-    overrides = [f"prepare.path={url}", "prepare.source=folder", "storage.connect_timeout=1",
-                 "storage.read_timeout=1", "storage.retries=1"]
-    command = [sys.executable, "-m", "latentforge", "stage", "prepare", "--no-dvc"]
-    command += [arg for override in overrides for arg in ("-S", override)]
-    started = time.monotonic()
-    proc = subprocess.run(command, cwd=root, env=dict(os.environ), capture_output=True,
-                          text=True, timeout=120)
-    elapsed = time.monotonic() - started
+    elapsed, proc = _run_with_source(root, url, "stage", "prepare", "--no-dvc")
     print(f"latentforge stage prepare on a silent endpoint: exit {proc.returncode} after "
           f"{elapsed:.1f} s")
     assert proc.returncode != 0, proc.stdout + proc.stderr
@@ -220,19 +226,6 @@ def test_prepare_on_a_silent_endpoint_fails_in_one_line_and_leaves_nothing(make_
     # neither data/prepared nor atomic_dir's .prepared.tmp-* (pathlib's glob matches dotfiles)
     assert not list((root / paths.PREPARED.parent).glob(f"*{paths.PREPARED.name}*"))
     assert not (root / paths.metrics_file("prepare")).exists()
-
-
-def _run_with_source(root, url: str) -> tuple[float, subprocess.CompletedProcess]:
-    """`latentforge run` with prepare.path at `url` (as -S writes it into params.yaml)."""
-    overrides = [f"prepare.path={url}", "prepare.source=folder", "storage.connect_timeout=1",
-                 "storage.read_timeout=1", "storage.retries=1"]
-    command = [sys.executable, "-m", "latentforge", "run"]
-    command += [arg for override in overrides for arg in ("-S", override)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    started = time.monotonic()
-    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True,
-                          timeout=180)
-    return time.monotonic() - started, proc
 
 
 @pytest.mark.slow
