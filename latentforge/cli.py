@@ -445,7 +445,11 @@ def cmd_server(args: argparse.Namespace) -> int:
     if configured:
         print(f"PREFECT_API_URL is set ({configured}): commands use that API")
     if record is None:
-        print("no background Prefect server is running; the next `latentforge run` starts one"
+        other = prefectbg.unusable()
+        print(f"the recorded background Prefect server (pid {other.pid}, Prefect "
+              f"{other.prefect_version}, {other.python}) runs, but not for this environment "
+              f"(Prefect {prefectbg.prefect_version()})" if other else
+              "no background Prefect server is running; the next `latentforge run` starts one"
               if prefectbg.mode() == "background" and not configured else
               "no background Prefect server is running")
         return 3  # as `systemctl status` says "not running"

@@ -39,7 +39,10 @@ def api_url() -> str | None:
         return configured.rstrip("/")
     if prefectbg.mode() != "background":
         return None  # a temporary server per command: the full path starts it
-    return prefectbg.ensure()
+    try:
+        return prefectbg.ensure()
+    except prefectbg.ForeignServer:
+        return None  # another environment's server: the full path says so and starts its own
 
 
 def _call(api: str, method: str, path: str, body: Any) -> Any:

@@ -9,8 +9,14 @@ Its UI (the same port) shows every run. `latentforge server status|start|stop` m
 user configured (environment or active Prefect profile) always wins.
 
 Everything here avoids importing prefect (2+ s): the no-op `latentforge run` depends on it.
-A record that is unreadable, names a dead process, a server that does not answer /health or
-another Prefect version is set aside (never trusted, never fatal), and a fresh server starts.
+A record that is unreadable or names a dead process is set aside (never trusted, never fatal),
+and a fresh server starts. A recorded server that is alive but cannot be reused is never left
+running unrecorded (it would hold port 4200 and show a UI without the new runs):
+- one that does not answer /health within UNRESPONSIVE_WAIT_S is stopped and replaced;
+- one of another Prefect version started from this Python (an upgrade since) is stopped and
+  replaced;
+- one started from another Python environment sharing this PREFECT_HOME is left alone, and the
+  command uses a temporary server of its own (ForeignServer), with a warning saying why.
 """
 
 from __future__ import annotations
@@ -41,7 +47,13 @@ HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 START_TIMEOUT_S = 120.0
 HEALTH_TIMEOUT_S = 2.0
+UNRESPONSIVE_WAIT_S = 15.0  # a busy 2-core machine can keep a healthy server from answering
 STOP_GRACE_S = 20.0
+
+
+class ForeignServer(LatentForgeError):
+    """The recorded background server runs another Prefect version from another Python
+    environment: not ours to reuse or to stop."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +110,7 @@ def configured_api_url() -> str | None:
     return str(value) if value else None
 
 
-def _prefect_version() -> str:
+def prefect_version() -> str:
     return metadata.version("prefect")
 
 
@@ -154,14 +166,59 @@ def running() -> ServerRecord | None:
     if not _is_recorded_server(record):
         _set_aside(record_file(), f"its process {record.pid} is gone, or is another program")
         return None
-    if record.prefect_version != _prefect_version():
-        log.warning("the background Prefect server (pid %d) runs Prefect %s, this is %s: not "
-                    "reused; `latentforge server stop` stops it", record.pid,
-                    record.prefect_version, _prefect_version())
-        return None
+    if record.prefect_version != prefect_version():
+        return None  # start() decides: replace it (an upgrade here) or leave it (ForeignServer)
     if not healthy(record.api_url):
         return None
     return record
+
+
+def unusable() -> ServerRecord | None:
+    """The recorded server when it is alive but runs another Prefect version (which `running`
+    does not reuse); None otherwise."""
+    record = read_record()
+    if record is None or record.prefect_version == prefect_version():
+        return None
+    return record if _is_recorded_server(record) else None
+
+
+def _same_environment(record: ServerRecord) -> bool:
+    """Whether the record's server was started from this Python environment (or from one that
+    no longer exists): then a version change means an upgrade since, and nobody else owns it."""
+    if record.python == sys.executable:
+        return True
+    return not Path(record.python).exists()
+
+
+def _reusable_or_cleared() -> ServerRecord | None:
+    """The recorded server if it can be reused; otherwise None, after stopping a recorded server
+    that is ours but unusable (under the start lock, so no second server ever goes unrecorded).
+    Raises ForeignServer for another environment's server of another Prefect version."""
+    record = read_record()
+    if record is None:
+        return None
+    if not _is_recorded_server(record):
+        _set_aside(record_file(), f"its process {record.pid} is gone, or is another program")
+        return None
+    version = prefect_version()
+    if record.prefect_version == version:
+        if healthy(record.api_url, timeout=UNRESPONSIVE_WAIT_S):
+            return record
+        why = f"did not answer {record.api_url}/health within {UNRESPONSIVE_WAIT_S:.0f} s"
+    elif _same_environment(record):
+        why = f"runs Prefect {record.prefect_version}, this environment now has {version}"
+    else:
+        raise ForeignServer(
+            f"the background Prefect server (pid {record.pid}, {record.ui_url}) runs Prefect "
+            f"{record.prefect_version} from another environment ({record.python}), this is "
+            f"{version}: not reused and not stopped (that environment's `latentforge server "
+            f"stop` stops it; or give each environment its own PREFECT_HOME)")
+    log.warning("the background Prefect server (pid %d) %s: stopping it and starting a fresh "
+                "one", record.pid, why)
+    _kill_group(record.pid)
+    with contextlib.suppress(FileNotFoundError):
+        record_file().unlink()
+    return None
 
 
 def _free_port(preferred: int) -> int:
@@ -188,9 +245,10 @@ def _start_lock() -> Iterator[None]:
 
 
 def start(port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S) -> ServerRecord:
-    """Start the background server (or return the one already running) and wait for /health."""
+    """Start the background server (or return the one already running) and wait for /health.
+    Raises ForeignServer when another environment's server of another version holds the record."""
     with _start_lock():
-        found = running()
+        found = _reusable_or_cleared()
         if found is not None:
             return found
         port = _free_port(port)
@@ -206,7 +264,7 @@ def start(port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S) -> ServerR
                 [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
                  "--port", str(port)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                 env=env, start_new_session=True, cwd=home)
-        record = ServerRecord(pid=proc.pid, port=port, prefect_version=_prefect_version(),
+        record = ServerRecord(pid=proc.pid, port=port, prefect_version=prefect_version(),
                               python=sys.executable, started=time.time(), log=str(log_path))
         deadline = time.monotonic() + timeout
         while not healthy(record.api_url):
@@ -256,7 +314,8 @@ def stop() -> ServerRecord | None:
 
 
 def ensure(say: bool = True) -> str:
-    """The background server's API URL, starting it first if none runs."""
+    """The background server's API URL, starting it first if none runs (ForeignServer: see
+    start)."""
     found = running()
     if found is not None:
         return found.api_url

@@ -77,7 +77,8 @@ def _drain_prefect_workers(timeout: float = 10.0) -> None:
 def api_server() -> Iterator[None]:
     """A Prefect API for the body: the one the user configured; else the background server
     (started once, reused by every later command: prefectbg.py); else, with
-    LATENTFORGE_PREFECT_SERVER=temporary, a temporary server that stops with the body."""
+    LATENTFORGE_PREFECT_SERVER=temporary or while another environment's server holds the
+    background record, a temporary server that stops with the body."""
     if prefectbg.configured_api_url() or not needs_temporary_server():
         yield
         return
@@ -87,7 +88,16 @@ def api_server() -> Iterator[None]:
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = prefectbg.ensure()
+    url: str | None
+    try:
+        url = prefectbg.ensure()
+    except prefectbg.ForeignServer as exc:
+        log.warning("%s; this command uses a temporary Prefect server", exc)
+        url = None
+    if url is None:
+        with temporary_server():
+            yield
+        return
     saved = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url  # for children (a flow run process, a worker)
     try:

@@ -7,6 +7,7 @@ run answers from one DVC status and still leaves its flow run in the Prefect API
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -98,6 +99,135 @@ def test_a_record_whose_pid_is_another_program_now_is_never_signalled(prefect_ho
     finally:
         other.kill()
         other.wait()
+
+
+# A stand-in for an old or busy `prefect server start` on PORT: the record checks see its
+# command line; it answers /health after DELAY seconds (never, when DELAY is negative).
+_FAKE_SERVER = """
+import http.server, sys, time
+port, delay = int(sys.argv[-1]), float(sys.argv[1])
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(delay)
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+if delay < 0:
+    time.sleep(120)
+else:
+    http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+
+def _fake_server(delay: float, python: str = sys.executable, version: str | None = None) -> int:
+    """Start the stand-in as a real background server runs: in its own session and not a child
+    of this process (a child, never reaped, would still look alive); record it; its pid."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    starter = ("import subprocess, sys; print(subprocess.Popen(sys.argv[1:], "
+               "start_new_session=True, stdout=subprocess.DEVNULL, "
+               "stderr=subprocess.DEVNULL).pid)")
+    pid = int(subprocess.run([sys.executable, "-c", starter, sys.executable, "-c", _FAKE_SERVER,
+                              str(delay), "prefect", "server", "start", "--port", str(port)],
+                             capture_output=True, text=True, check=True).stdout)
+    deadline = time.monotonic() + 20
+    while delay >= 0 and time.monotonic() < deadline:  # listening (the answer may be slow)
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    prefectbg.record_file().write_text(json.dumps(
+        {"pid": pid, "port": port, "prefect_version": version or prefectbg.prefect_version(),
+         "python": python, "started": time.time(), "log": "x"}))
+    return pid
+
+
+def _alive(pid: int, within: float = 0.0) -> bool:
+    """Whether `pid` still runs (after waiting up to `within` seconds for it to end)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            running = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            running = False
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def fakes():
+    """The stand-ins a test started, killed at its end whatever happened."""
+    import signal
+
+    started: list[int] = []
+    yield started
+    for pid in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_slow_server_is_waited_for_and_a_dead_one_replaced_never_orphaned(prefect_home,
+                                                                           monkeypatch, fakes):
+    """A recorded server that answers late (a busy machine) is reused, not duplicated; one that
+    never answers is stopped before another starts, so none runs on unrecorded (holding the port
+    and showing a UI without the new runs)."""
+    fakes.append(slow := _fake_server(delay=3.0))
+    assert prefectbg.running() is None  # the quick look gives up after 2 s ...
+    found = prefectbg._reusable_or_cleared()  # ... the starter waits longer
+    assert found is not None and found.pid == slow and _alive(slow)
+    os.killpg(slow, 9)
+
+    monkeypatch.setattr(prefectbg, "UNRESPONSIVE_WAIT_S", 0.5)
+    fakes.append(silent := _fake_server(delay=-1))
+    assert prefectbg._reusable_or_cleared() is None
+    assert not _alive(silent, within=10), "the unanswering server was left running"
+    assert not prefectbg.record_file().exists()
+
+
+def test_another_prefect_version_is_replaced_here_and_left_alone_elsewhere(prefect_home,
+                                                                         tmp_path, fakes):
+    """An upgrade in this environment: the old version's server is stopped. Another
+    environment's server (another Python) is not ours: left running, its record kept, and the
+    command takes a temporary server (the no-op path steps aside for it)."""
+    from latentforge import noop
+
+    fakes.append(old := _fake_server(delay=0.0, version="0.0.1"))
+    assert prefectbg.unusable().pid == old
+    status = lf(tmp_path, "server", "status")
+    assert status.returncode == 3 and "Prefect 0.0.1" in status.stdout, status.stdout
+    assert prefectbg._reusable_or_cleared() is None
+    assert not _alive(old, within=10) and not prefectbg.record_file().exists()
+
+    # its environment was deleted since: nobody else can own it
+    fakes.append(gone := _fake_server(delay=0.0, version="0.0.1",
+                                      python=str(tmp_path / "gone/bin/python")))
+    assert prefectbg._reusable_or_cleared() is None and not _alive(gone, within=10)
+
+    fakes.append(other := _fake_server(delay=0.0, version="0.0.1", python="/bin/sh"))
+    before = prefectbg.record_file().read_text()
+    with pytest.raises(prefectbg.ForeignServer,
+                       match=r"Prefect 0\.0\.1 from another environment \(/bin/sh\)"):
+        prefectbg.start()
+    assert _alive(other) and prefectbg.record_file().read_text() == before
+    assert noop.api_url() is None
+    from prefect.client.orchestration import get_client
+
+    from latentforge import prefectserver
+
+    with prefectserver.api_server(), get_client(sync_client=True) as client:
+        url = str(client.api_url).rstrip("/")  # a temporary server of its own, which then stops
+        assert f":{json.loads(before)['port']}/" not in url and prefectbg.healthy(url)
+    assert not prefectbg.healthy(url) and _alive(other)
 
 
 def test_noop_falls_back_when_the_api_refuses(make_project, monkeypatch, prefect_harness):
