@@ -59,14 +59,39 @@ class Prepared:
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(images (N, R, R, C) uint8, labels (N,) int64); one shard stays memory-mapped."""
         shards = self.manifest["splits"][name]["shards"]
-        images = [np.load(self.root / s["images"], mmap_mode="r") for s in shards]
-        labels = [np.load(self.root / s["labels"], mmap_mode="r") for s in shards]
+        images = [load_array(self.root / s["images"], RERUN_PREPARE) for s in shards]
+        labels = [load_array(self.root / s["labels"], RERUN_PREPARE) for s in shards]
         if not shards:
             r, c = self.resolution, self.channels
             return np.zeros((0, r, r, c), np.uint8), np.zeros((0,), np.int64)
         if len(shards) == 1:
             return images[0], labels[0]
         return np.concatenate(images), np.concatenate(labels)
+
+
+RERUN_PREPARE = "rerun the prepare stage (`latentforge stage prepare` or `dvc repro prepare`)"
+
+
+def load_array(path: Path, rerun: str) -> np.ndarray:
+    """A shard's .npy, memory-mapped; a missing, truncated or garbled one is a DataError naming
+    it and the stage that writes it (numpy's own message names neither)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; {rerun}") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{path}: truncated or garbled ({exc}); {rerun}") from None
+
+
+def read_manifest(path: Path, raw: bytes, rerun: str) -> dict[str, Any]:
+    """A manifest.json's content; a garbled one is a DataError naming it."""
+    try:
+        manifest = json.loads(raw)
+    except ValueError as exc:
+        raise DataError(f"{path}: garbled ({exc}); {rerun}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(manifest).__name__}; {rerun}")
+    return manifest
 
 
 def load_prepared(root: str | Path, verify: bool = False) -> Prepared:
@@ -76,7 +101,7 @@ def load_prepared(root: str | Path, verify: bool = False) -> Prepared:
     if not path.exists():
         raise DataError(f"{path}: no manifest; run the prepare stage first")
     raw = path.read_bytes()
-    manifest = json.loads(raw)
+    manifest = read_manifest(path, raw, RERUN_PREPARE)
     if verify:
         for split in manifest["splits"].values():
             for shard in split["shards"]:

@@ -5,6 +5,9 @@ Paths are relative to the project root (the folder holding dvc.yaml and params.y
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,3 +144,28 @@ def checkpoint_dir(stage: str, data_sha256: str) -> Path:
 def work_dir(stage: str, key: str) -> Path:
     """Scratch space for a stage's resumable work (e.g. cache shards), keyed like its inputs."""
     return STATE / "work" / stage / key[:16]
+
+
+def source_file(rel: str) -> Path:
+    """Where a code file dvc.yaml names (tasks/judge.py) lives as this process imports it: the
+    card's folders are subpackages of `latentforge` (latentforge.tasks.judge), in a source
+    checkout (editable install) and an installed package alike."""
+    top, _, rest = rel.partition("/")
+    package = "latentforge" if top == "latentforge" else f"latentforge.{top}"
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"{rel}: the package {package} is not importable")
+    return Path(next(iter(spec.submodule_search_locations))) / rest
+
+
+@functools.cache
+def code_sha256(stage: str) -> str:
+    """sha256 of the stage's code files (STAGES[stage].code) as this process imports them.
+
+    Resumable state (training checkpoints, cache shards, finished RL seeds) carries it: DVC
+    reruns a stage whose code changed, and the rerun must then compute anew rather than hand
+    back what the old code left (a fixed model or loss would otherwise never take effect)."""
+    digest = hashlib.sha256()
+    for rel in STAGES[stage].code:
+        digest.update(rel.encode() + b"\0" + hashlib.sha256(source_file(rel).read_bytes()).digest())
+    return digest.hexdigest()

@@ -114,6 +114,9 @@ class TrainSpec:
     `eval_every` steps (not at the last step: the stage evaluates the final weights itself).
     Picklable for Ray. The rows reach the tracker like the training metrics."""
     eval_every: int = 0
+    code: str = ""
+    """A digest of the code behind the model and loss (`paths.code_sha256(stage)`): a
+    checkpoint written by other code is not resumed, nor handed back as finished."""
 
 
 @dataclass
@@ -296,10 +299,13 @@ def restore_rng(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def run_fingerprint(cfg: TrainConfig, data: dict[str, np.ndarray]) -> str:
-    """What must match for a checkpoint to be resumed: the config (less bookkeeping), data shapes."""
+def run_fingerprint(cfg: TrainConfig, data: dict[str, np.ndarray], code: str = "") -> str:
+    """What must match for a checkpoint to be resumed: the config (less bookkeeping), data
+    shapes, and the code's digest where the stage gives one."""
     fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in BOOKKEEPING_FIELDS}
     fields["data"] = {k: [str(v.dtype), list(v.shape)] for k, v in data.items()}
+    if code:
+        fields["code"] = code
     return json.dumps(fields, sort_keys=True, default=str)
 
 
@@ -433,7 +439,7 @@ def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker
         restore_rng(resume.train_state["rng"])
         start = resume.step
         del resume
-    fingerprint = run_fingerprint(cfg, spec.data)
+    fingerprint = run_fingerprint(cfg, spec.data, spec.code)
     sampler = GlobalBatchSampler(len(next(iter(spec.data.values()))), cfg.batch_size, cfg.seed)
     model.train()
 
@@ -565,7 +571,7 @@ def _prepare_ckpt_dir(ckpt_dir: Path, cfg: TrainConfig, spec: TrainSpec) -> int:
     """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt.clean_partial(ckpt_dir)
-    fingerprint = run_fingerprint(cfg, spec.data)
+    fingerprint = run_fingerprint(cfg, spec.data, spec.code)
     shapes_model = functools.cache(functools.partial(_shapes_model, spec))  # once, if needed
 
     def check(checkpoint: ckpt.Checkpoint) -> None:
@@ -579,8 +585,8 @@ def _prepare_ckpt_dir(ckpt_dir: Path, cfg: TrainConfig, spec: TrainSpec) -> int:
         (ckpt_dir / METRICS_FILE).unlink(missing_ok=True)
         return 0
     if resume.train_state.get("fingerprint") != fingerprint:
-        log.warning("checkpoints in %s belong to another configuration or data; starting afresh",
-                    ckpt_dir)
+        log.warning("checkpoints in %s belong to another configuration, data or code; starting "
+                    "afresh", ckpt_dir)
         ckpt.prune_checkpoints(ckpt_dir, keep_last=0)
         (ckpt_dir / ckpt.LATEST_FILE).unlink(missing_ok=True)
         (ckpt_dir / METRICS_FILE).unlink(missing_ok=True)

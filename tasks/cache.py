@@ -60,7 +60,14 @@ import numpy as np
 
 from latentforge import paths, storage
 from latentforge.config import CacheConfig, ComputeConfig, Params
-from latentforge.data import SPLITS, Prepared, load_prepared
+from latentforge.data import (
+    RERUN_PREPARE,
+    SPLITS,
+    Prepared,
+    load_array,
+    load_prepared,
+    read_manifest,
+)
 from latentforge.errors import DataError
 from latentforge.malloc import tune_malloc
 from latentforge.raycluster import (
@@ -76,6 +83,7 @@ from latentforge.tracking import Tracker
 log = logging.getLogger(__name__)
 
 FORMAT = "latentforge.cache/1"
+RERUN_CACHE = "rerun the cache stage (`latentforge stage cache` or `dvc repro cache`)"
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 # Max |decode(cached) - decode(fresh)| in pixel units of [-1, 1]. Re-encoding in another batch
@@ -133,7 +141,7 @@ class Cache:
     def shards(self, name: str) -> Iterator[dict[str, np.ndarray]]:
         """Each shard of split `name` as {array name: memory-mapped array}, in order."""
         for shard in self.manifest["splits"][name]["shards"]:
-            yield {array: np.load(self.root / entry["file"], mmap_mode="r")
+            yield {array: load_array(self.root / entry["file"], RERUN_CACHE)
                    for array, entry in shard["files"].items()}
 
     def split(self, name: str) -> dict[str, np.ndarray]:
@@ -178,7 +186,7 @@ def load_cache(path: str | Path = paths.CACHE, tokenizer_sha256: str | None = No
         raise DataError(f"{manifest_path}: no latent cache here; run the cache stage first "
                         f"(`latentforge stage cache` or `dvc repro cache`)")
     raw = manifest_path.read_bytes()
-    manifest = json.loads(raw)
+    manifest = read_manifest(manifest_path, raw, RERUN_CACHE)
     if manifest.get("format") != FORMAT:
         raise DataError(f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT!r}; "
                         f"rerun the cache stage")
@@ -307,7 +315,7 @@ class SplitReader:
             lo, hi = max(start, self.starts[i]), min(stop, self.starts[i + 1])
             if lo < hi:
                 if i not in self._maps:
-                    self._maps[i] = np.load(self.files[i], mmap_mode="r")
+                    self._maps[i] = load_array(self.files[i], RERUN_PREPARE)
                 parts.append(self._maps[i][lo - self.starts[i]:hi - self.starts[i]])
         return np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
 
@@ -433,8 +441,13 @@ def _committed_shards(work: Path, plan: list[Shard], names: set[str]) -> dict[st
         sidecar = work / f"{shard.name}.json"
         if not sidecar.exists():
             continue
-        record = json.loads(sidecar.read_text())
-        intact = (record["count"] == shard.count and set(record["files"]) == names
+        try:
+            record = json.loads(sidecar.read_text())
+        except ValueError:  # cut by a crash: the shard is encoded again
+            log.warning("cache: %s is damaged; encoding shard %s again", sidecar, shard.name)
+            continue
+        intact = (isinstance(record, dict) and record.get("count") == shard.count
+                  and set(record["files"]) == names
                   and all((work / e["file"]).exists()
                           and storage.sha256_file(work / e["file"]) == e["sha256"]
                           for e in record["files"].values()))
@@ -446,11 +459,19 @@ def _committed_shards(work: Path, plan: list[Shard], names: set[str]) -> dict[st
     return done
 
 
+def _read_plan(plan_file: Path) -> Any:
+    try:
+        return json.loads(plan_file.read_text())
+    except ValueError:
+        return None  # damaged: not this plan
+
+
 def _open_work_dir(work: Path, plan_record: dict[str, Any]) -> None:
     """Create the scratch folder, or empty it if it holds shards of another plan."""
     plan_file = work / PLAN
-    if plan_file.exists() and json.loads(plan_file.read_text()) != plan_record:
-        log.info("cache: %s holds shards of other settings; starting afresh", work)
+    if plan_file.exists() and _read_plan(plan_file) != plan_record:
+        log.info("cache: %s holds shards of other settings (or a damaged plan); starting "
+                 "afresh", work)
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     if not plan_file.exists():
@@ -662,7 +683,7 @@ def build_manifest(key: str, handle: Any, prepared: Prepared, cfg: CacheConfig, 
 def _labels(prepared: Prepared, split: str) -> np.ndarray:
     """(N,) int64 labels of a split, without touching the images."""
     shards = prepared.manifest["splits"][split]["shards"]
-    parts = [np.load(prepared.root / s["labels"], mmap_mode="r") for s in shards]
+    parts = [load_array(prepared.root / s["labels"], RERUN_PREPARE) for s in shards]
     return np.concatenate(parts) if parts else np.zeros((0,), np.int64)
 
 
@@ -698,7 +719,8 @@ def run(params: Params, out_dir: str | Path = paths.CACHE,
     work = paths.work_dir("cache", key)
     _open_work_dir(work, {"format": FORMAT, "key": key, "shard_size": cfg.shard_size,
                           "batch_size": cfg.batch_size, "hflip": cfg.hflip,
-                          "device": "cuda" if compute.use_gpu else "cpu"})
+                          "device": "cuda" if compute.use_gpu else "cpu",
+                          "code": paths.code_sha256("cache")})
     records = _committed_shards(work, plan, set(specs))
     todo = [s for s in plan if s.name not in records]
     if records:

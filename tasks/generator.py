@@ -573,7 +573,7 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
         "cache_key": cache.key, "evaluator_sha256": evaluator.sha256}
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg), loss_fn=loss_fn,
                      data=data, evaluate=PeriodicEval(meta, cfg, evaluator, tok, ref_feats),
-                     eval_every=cfg.eval_every)
+                     eval_every=cfg.eval_every, code=paths.code_sha256("generator"))
     result = train(spec, cfg, params.compute, paths.checkpoint_dir("generator", cache.key),
                    tracker=tracker, progress=False)
     meta["training"] = result.training_meta()

@@ -345,7 +345,7 @@ def run(params: Params, out_dir: str | Path = paths.DECODER,
     loss_fn = functools.partial(posttrain_loss, cfg=cfg, pixel_loss=params.tokenizer.loss,
                                 sigma=params.tokenizer.perturbation_sigma)
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg, tok_state),
-                     loss_fn=loss_fn, data=data)
+                     loss_fn=loss_fn, data=data, code=paths.code_sha256("posttrain"))
     key = hashlib.sha256(f"{handle.meta['sha256']}:{tok.sha256}:"
                          f"{prepared.manifest_sha256}".encode()).hexdigest()
     result = train(spec, cfg, params.compute, paths.checkpoint_dir("posttrain", key),

@@ -346,8 +346,8 @@ class FineTuner:
         if state is None:
             return 0, []
         if state.train_state.get("fingerprint") != fingerprint:
-            log.warning("checkpoints in %s belong to another rl configuration; starting afresh",
-                        ckpt_dir)
+            log.warning("checkpoints in %s belong to another rl configuration or code; starting "
+                        "afresh", ckpt_dir)
             ckpt.prune_checkpoints(ckpt_dir, keep_last=0)
             (ckpt_dir / ckpt.LATEST_FILE).unlink(missing_ok=True)
             return 0, []
@@ -673,6 +673,7 @@ def load_inputs(params: Params, dirs: InputDirs, es: EvalSet | None = None) -> I
     fingerprint_inputs = {"generator": base.meta["sha256"], "judge": judge.sha256,
                           "evaluator": evaluator.sha256, "tokenizer": base.tokenizer.sha256,
                           "prepared": prepared.manifest_sha256, "eval": es.protocol(),
+                          "code": paths.code_sha256("rl"),
                           **({"decoder": decoder_sha} if decoder_sha else {})}
     return Inputs(params=params, base=base, judge=judge, evaluator=evaluator, reward=reward,
                   es=es, device=driver_device(params.compute, "RL fine-tuning"),

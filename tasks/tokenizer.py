@@ -260,7 +260,7 @@ def run(params: Params, out_dir: str | Path = paths.TOKENIZER,
     model_cfg = model_config(cfg, prepared.resolution, prepared.channels)
     loss_fn = functools.partial(tokenizer_loss, cfg=cfg)
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg), loss_fn=loss_fn,
-                     data={"images": train_x})
+                     data={"images": train_x}, code=paths.code_sha256("tokenizer"))
     result = train(spec, cfg, params.compute,
                    paths.checkpoint_dir("tokenizer", prepared.manifest_sha256), tracker=tracker,
                    progress=False)

@@ -149,6 +149,32 @@ def test_corrupted_shard_is_caught_by_sha256_verification(tiny_root, tmp_path):
         cache.load_cache(folder, verify=True)
 
 
+def test_a_cut_or_garbled_cache_or_prepared_file_is_a_data_error_naming_it(tiny_root, tmp_path):
+    """A disk that filled, a copy cut short: numpy's "mmap length is greater than file size"
+    names neither the file nor the stage that writes it; the error here does both."""
+    folder = tmp_path / "cache"
+    shutil.copytree(tiny_root / "cache_kl", folder)
+    shard = folder / "train-00000.mean.npy"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    c = cache.load_cache(folder)
+    with pytest.raises(DataError, match=r"train-00000\.mean\.npy: truncated .*rerun the cache "
+                                        r"stage"):
+        c.split("train")
+    (folder / "manifest.json").write_text('{"format": ')
+    with pytest.raises(DataError, match=r"cache/manifest\.json: garbled"):
+        cache.load_cache(folder)
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_root / "prepared", prepared)
+    images = sorted(prepared.glob("train-*.images.npy"))[0]
+    images.write_bytes(images.read_bytes()[:100])
+    with pytest.raises(DataError, match=rf"{images.name}: truncated .*rerun the prepare stage"):
+        load_prepared(prepared).split("train")
+    images.unlink()
+    with pytest.raises(DataError, match=rf"{images.name}: missing; rerun the prepare stage"):
+        load_prepared(prepared).split("train")
+
+
 def test_decode_check_catches_latents_that_do_not_match_the_images(tiny_root, tmp_path):
     handle = tokenizer.load_tokenizer(tiny_root / "tok_kl")
     prepared = load_prepared(tiny_root / "prepared")
@@ -451,3 +477,19 @@ def test_cache_on_one_gpu_in_process(tiny_root, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = run_cache(tiny_root, tmp_path / "cache", compute={"use_gpu": True})
     assert result.metrics["train_images"] > 0
+
+
+def test_damaged_scratch_records_are_encoded_again_not_fatal(tmp_path, caplog):
+    """A sidecar or plan cut by a crash (the scratch folder outlives a SIGKILL) means "not
+    committed": that shard is encoded again, or the folder starts afresh; never a traceback."""
+    plan = cache.plan_shards({"train": 4, "val": 2}, 2)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / f"{plan[0].name}.json").write_text('{"count": 2, "fi')
+    with caplog.at_level("WARNING"):
+        assert cache._committed_shards(work, plan, {"labels"}) == {}
+    assert f"{plan[0].name}.json is damaged" in caplog.text
+    (work / cache.PLAN).write_text("{not json")
+    cache._open_work_dir(work, {"format": cache.FORMAT})
+    assert json.loads((work / cache.PLAN).read_text()) == {"format": cache.FORMAT}
+    assert not (work / f"{plan[0].name}.json").exists()

@@ -349,6 +349,38 @@ def test_precision_comes_from_compute_or_the_stage_and_splits_checkpoints(
     assert fp32.precision == "fp32" and fp32.resumed_from == 0
 
 
+def test_a_finished_run_of_other_code_is_trained_anew(tmp_path: Path) -> None:
+    """DVC reruns a stage whose code changed; its checkpoints (same config, same data) must then
+    not be handed back as the finished result, or a fixed model or loss never takes effect."""
+    spec, cfg = TrainSpec(build_mlp, mse_loss, toy_data(), code="a" * 64), tiny_cfg(steps=10)
+    first = train(spec, cfg, ComputeConfig(), tmp_path, progress=False)
+    assert first.resumed_from == 0
+    assert train(spec, cfg, ComputeConfig(), tmp_path, progress=False).resumed_from == 10
+    changed = dataclasses.replace(spec, code="b" * 64)
+    again = train(changed, cfg, ComputeConfig(), tmp_path, progress=False)
+    assert again.resumed_from == 0 and again.steps == 10
+
+
+def test_stage_code_digests_follow_the_files_dvc_watches(tmp_path: Path, monkeypatch) -> None:
+    from latentforge import paths
+
+    root = Path(__file__).resolve().parents[1]
+    for stage, spec in paths.STAGES.items():  # the files DVC watches are the ones imported
+        for rel in spec.code:
+            assert paths.source_file(rel).resolve() == (root / rel).resolve(), (stage, rel)
+    digests = {stage: paths.code_sha256(stage) for stage in paths.STAGES}
+    assert len(set(digests.values())) == len(digests)  # every stage reads its own set of files
+    # models/layers.py changed: the stages that list it, and only those, get a new digest
+    changed_copy = tmp_path / "layers.py"
+    changed_copy.write_bytes(paths.source_file("models/layers.py").read_bytes() + b"# a change\n")
+    real = paths.source_file
+    monkeypatch.setattr(paths, "source_file",
+                        lambda rel: changed_copy if rel == "models/layers.py" else real(rel))
+    fresh = {stage: paths.code_sha256.__wrapped__(stage) for stage in paths.STAGES}
+    assert {s for s in fresh if fresh[s] != digests[s]} == {
+        s for s, spec in paths.STAGES.items() if "models/layers.py" in spec.code}
+
+
 def test_auto_precision_that_picks_fp32_trains_exactly_as_fp32(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from latentforge import precision
