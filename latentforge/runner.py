@@ -141,17 +141,40 @@ def _shown(found: bool, value: object) -> str:
 
 
 def skipped_record(stage: str, root: str | Path = ".", seconds: float = 0.0) -> dict[str, Any]:
-    """The record of a stage DVC found up to date: its last run's metrics, MLflow run and
-    summary (none when its outputs came from elsewhere, e.g. `dvc pull`)."""
+    """The record of a stage DVC found up to date: the metrics its outputs came with
+    (metrics/<stage>.json, which git and DVC check out with them) and, where the last run
+    recorded here left exactly those metrics, that run's MLflow id and summary.
+
+    After `git checkout` + `dvc checkout`, `dvc exp apply` or `dvc pull` the outputs come from
+    elsewhere while `.latentforge/last/` (not versioned) still names this workspace's last run:
+    the metrics then still hold, and the run is unknown here rather than another run's."""
     last = read_last_run(stage, root) or {}
+    metrics = _read_json(Path(root) / paths.metrics_file(stage), "metrics file")
+    if not isinstance(metrics, dict):
+        metrics = {}
+    own = last if metrics and last.get("metrics") == metrics else {}
+    if last and not own:
+        log.info("%s: its outputs did not come from the last run recorded here (%s); its "
+                 "metrics are read from %s", stage, last.get("run_id"), paths.metrics_file(stage))
     return {"stage": stage, "status": "skipped", "seconds": seconds,
-            "metrics": last.get("metrics", {}), "run_id": last.get("run_id"),
-            "summary": last.get("summary", ""), "finished": last.get("finished"),
-            "last_seconds": last.get("seconds")}
+            "metrics": metrics, "run_id": own.get("run_id"),
+            "summary": own.get("summary", ""), "finished": own.get("finished"),
+            "last_seconds": own.get("seconds")}
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A JSON file's content; None when it is missing, or damaged (a warning: it is only
+    bookkeeping, and the next run of the stage writes it anew)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring the damaged %s %s (%s); the stage's next run writes it anew",
+                    what, path, exc)
+        return None
 
 
 def read_last_run(stage: str, root: str | Path = ".") -> dict[str, Any] | None:
-    path = Path(root) / paths.last_run_file(stage)
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
+    record = _read_json(Path(root) / paths.last_run_file(stage), "run record")
+    return record if isinstance(record, dict) else None

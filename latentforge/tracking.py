@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from latentforge import procs
+from latentforge.errors import LatentForgeError
 
 if TYPE_CHECKING:
     from latentforge.config import TrackingConfig
@@ -334,6 +335,38 @@ def _experiment_id(cfg: TrackingConfig, root: Path) -> str:
                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
+class TrackingStoreError(LatentForgeError):
+    """The MLflow store cannot be opened or written: damaged, locked, of an older schema."""
+
+
+@contextlib.contextmanager
+def store_errors(uri: str) -> Iterator[None]:
+    """MLflow's and SQLAlchemy's errors opening the store as one line naming the store and what
+    to do (the traceback goes to the debug log). The store is never moved or changed here: it
+    holds every run and the model registry."""
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
+        log.debug("the MLflow store %s failed", uri, exc_info=True)
+        text = str(getattr(exc, "message", None) or exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        low = text.lower()
+        if "database is locked" in low:
+            hint = "another process holds it; run again once it is done"
+        elif "out-of-date database schema" in low or "mlflow db upgrade" in low:
+            hint = f"upgrade it with `mlflow db upgrade {uri}` (back it up first)"
+        elif "not a database" in low or "malformed" in low or "corrupt" in low:
+            hint = ("it is damaged: move it aside (keep it: it holds the runs and the model "
+                    "registry) and a new one is made, or point MLFLOW_TRACKING_URI elsewhere")
+        else:
+            hint = "fix it or point MLFLOW_TRACKING_URI elsewhere"
+        raise TrackingStoreError(f"MLflow store {uri}: {first[:300]}; {hint} (or run without "
+                                 "tracking: -S tracking.enabled=false)") from None
+
+
 @contextlib.contextmanager
 def start_run(cfg: TrackingConfig, run_name: str, tags: Mapping[str, str],
               parent_run_id: str | None = None, root: str | os.PathLike[str] = ".") -> Iterator[Tracker]:
@@ -348,13 +381,14 @@ def start_run(cfg: TrackingConfig, run_name: str, tags: Mapping[str, str],
 
     root = Path(root)
     use_tracking_uri(root)
-    experiment_id = _experiment_id(cfg, root)
     all_tags = {"mlflow.source.git.commit": git_sha(root), f"{TAG_PREFIX}git_sha": git_sha(root),
                 **tags}
     if os.environ.get(procs.INVOCATION_ENV):
         all_tags[procs.INVOCATION_TAG] = os.environ[procs.INVOCATION_ENV]
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                           parent_run_id=parent_run_id, tags=all_tags)
+    with store_errors(tracking_uri(root)):
+        experiment_id = _experiment_id(cfg, root)
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                               parent_run_id=parent_run_id, tags=all_tags)
     try:
         yield MLflowTracker(run.info.run_id, experiment_id, root)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (procs.Interrupted)

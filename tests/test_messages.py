@@ -4,6 +4,7 @@ half-written output."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -327,3 +328,61 @@ def test_an_experiment_name_git_cannot_hold_is_one_line_before_any_run(make_proj
                           "'..', '~^:?*[\\', a leading '-' or '/', or a trailing '.lock')"], \
             proc.stderr[-3000:]
     assert not (root / "mlflow.db").exists()  # no parent run was opened
+
+
+def test_a_skipped_stage_names_only_the_run_that_made_its_outputs(tmp_path, caplog):
+    """After `git checkout` + `dvc checkout` (or `dvc exp apply`, `dvc pull`) the outputs and
+    metrics/<stage>.json come from elsewhere while `.latentforge/last/` (not versioned) still
+    names this workspace's last run: the table, Prefect's summary and the parent MLflow run
+    then show the checked-out metrics, not that run's. A damaged record is a warning."""
+    from latentforge import paths
+    from latentforge.runner import skipped_record
+
+    record, metrics = tmp_path / paths.last_run_file("judge"), tmp_path / paths.metrics_file("judge")
+    record.parent.mkdir(parents=True)
+    metrics.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"stage": "judge", "run_id": "OLDRUN", "seconds": 3.0,
+                                  "metrics": {"val_accuracy": 0.91}, "summary": "judge 0.91"}))
+    metrics.write_text(json.dumps({"val_accuracy": 0.91}))
+    own = skipped_record("judge", tmp_path)
+    assert own["run_id"] == "OLDRUN" and own["metrics"] == {"val_accuracy": 0.91}
+
+    metrics.write_text(json.dumps({"val_accuracy": 0.97}))  # another commit's outputs
+    other = skipped_record("judge", tmp_path)
+    assert other["metrics"] == {"val_accuracy": 0.97}
+    assert other["run_id"] is None and other["summary"] == ""
+
+    record.write_text('{"stage": "judge", "run_id": "ab')  # cut by a full disk or a crash
+    with caplog.at_level("WARNING"):
+        damaged = skipped_record("judge", tmp_path)
+    assert damaged["metrics"] == {"val_accuracy": 0.97} and damaged["run_id"] is None
+    assert "damaged run record" in caplog.text and str(record) in caplog.text
+
+
+def test_a_damaged_or_locked_mlflow_store_is_one_line_and_left_as_it_is(make_project):
+    """The store holds every run and the model registry: a damaged one is named, with what to
+    do, and never moved or rewritten; a locked one says so (no 85-line SQLAlchemy traceback)."""
+    import sqlite3
+
+    root = make_project(TINY)
+    db = root / "mlflow.db"
+    garbage = os.urandom(5000)
+    db.write_bytes(garbage)
+    proc = latentforge(root, "stage", "prepare", "--no-dvc")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    line = one_error_line(proc.stderr)
+    assert f"MLflow store sqlite:///{db}" in line and "move it aside" in line, line
+    assert "Traceback" not in proc.stderr and db.read_bytes() == garbage
+    assert not (root / "data/prepared").exists()
+
+    db.unlink()
+    assert latentforge(root, "stage", "prepare", "--no-dvc").returncode == 0  # a fresh store
+    holder = sqlite3.connect(db)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        proc = latentforge(root, "stage", "prepare", "--no-dvc")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "database is locked" in one_error_line(proc.stderr)
