@@ -295,17 +295,31 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     The previous folder (a good earlier output) stays untouched until the new one is complete;
     the swap is two renames on the same filesystem.
     """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dirs(path) as (tmp,):
         yield tmp
+
+
+@contextlib.contextmanager
+def atomic_dirs(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
+    """`atomic_dir` for outputs that belong together (a stage's two models): every folder is
+    built first, and only then are all swapped in, one right after another; a failure while
+    building any of them leaves every previous folder as it was."""
+    finals = [Path(p) for p in paths]
+    tmps = []
+    try:
+        for final in finals:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            tmps.append(tmp)
+        yield tmps
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    for final, tmp in zip(finals, tmps, strict=True):
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)

@@ -115,8 +115,17 @@ class _Trained:
     role: str
     out_dir: Path
     val_accuracy: float
-    weights_sha256: str
     result: TrainResult
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    weights_sha256: str = ""
+
+    def write(self, folder: Path) -> None:
+        save_file(self.state, str(folder / WEIGHTS))
+        storage.write_bytes_atomic(folder / META,
+                                   json.dumps(self.meta, indent=2, sort_keys=True).encode())
+        storage.write_bytes_atomic(folder / "train_curve.csv",
+                                   loss_curve_csv(self.result.history).encode())
 
 
 def _train_one(role: str, cfg: JudgeConfig, params: Params, prepared: Prepared, out_dir: Path,
@@ -129,7 +138,8 @@ def _train_one(role: str, cfg: JudgeConfig, params: Params, prepared: Prepared, 
                                  feature_dim=cfg.feature_dim, dropout=cfg.dropout)
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg),
                      loss_fn=functools.partial(judge_loss, shift=cfg.augment_shift),
-                     data={"images": train_x, "labels": train_y})
+                     data={"images": train_x, "labels": train_y},
+                     code=paths.code_sha256("judge"))
     ckpt = paths.checkpoint_dir(role, prepared.manifest_sha256)
     log.info("%s: training (width %d, seed %d)", role, cfg.width, cfg.seed)
     result = train(spec, cfg, params.compute, ckpt, tracker=tracker, progress=False)
@@ -143,12 +153,9 @@ def _train_one(role: str, cfg: JudgeConfig, params: Params, prepared: Prepared, 
     _, logp = scorer.score(val_x)
     val_acc = float((logp.argmax(-1) == np.asarray(val_y)).mean()) if len(val_y) else float("nan")
     meta["val_accuracy"] = val_acc
-    with storage.atomic_dir(out_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
-        storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
-        storage.write_bytes_atomic(tmp / "train_curve.csv", loss_curve_csv(result.history).encode())
     log.info("%s: val accuracy %.4f on %d images", role, val_acc, len(val_y))
-    return _Trained(role, out_dir, val_acc, storage.sha256_file(out_dir / WEIGHTS), result)
+    return _Trained(role, out_dir, val_acc, result,
+                    {k: v.contiguous() for k, v in model.state_dict().items()}, meta)
 
 
 def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | Path = paths.PREPARED,
@@ -169,6 +176,13 @@ def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | P
     trained = [_train_one("judge", cfg, params, prepared, out_dir, tracker),
                _train_one("evaluator", evaluator_cfg, params, prepared, evaluator_dir,
                           _Prefixed(tracker, "evaluator/"))]
+    # Both are written only once both trained: a failure in between (the evaluator's training,
+    # a full disk) leaves the previous pair, never a new judge beside an old evaluator.
+    with storage.atomic_dirs(*(t.out_dir for t in trained)) as folders:
+        for t, folder in zip(trained, folders, strict=True):
+            t.write(folder)
+    for t in trained:
+        t.weights_sha256 = storage.sha256_file(t.out_dir / WEIGHTS)
     for t, role_cfg in zip(trained, (cfg, evaluator_cfg), strict=True):
         tracker.log_artifact(t.out_dir / META, artifact_path=t.role)
         tracker.log_model(t.role, t.out_dir, registered_name=REGISTERED_MODELS[t.role].name,

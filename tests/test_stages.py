@@ -134,3 +134,31 @@ def test_a_collapsed_codebook_warns_with_what_to_try():
     assert tokenizer.codebook_collapse("vq", {"codebook_perplexity": 1.5,
                                               "codebook_usage": 0.002}, 1024, 40) is not None
     assert tokenizer.codebook_collapse("kl", {"val_psnr": 20.0}, 1000, 2864) is None
+
+
+def test_a_judge_stage_failing_before_its_end_keeps_the_previous_pair(tiny_root, tmp_path,
+                                                                    monkeypatch):
+    """The judge and the evaluator are written together once both trained: the evaluator's
+    training failing after a new judge trained leaves the previous judge and evaluator as they
+    were (not a new judge beside an old evaluator), and no temporary folder behind."""
+    import shutil
+
+    from latentforge import paths
+    from latentforge.data import load_prepared as load
+
+    monkeypatch.chdir(tmp_path)
+    first = load_params(REPO / "presets/tiny.yaml")
+    out, ev = tmp_path / "models" / "judge", tmp_path / "models" / "evaluator"
+    judge.run(first, out_dir=out, prepared_dir=tiny_root / "prepared", evaluator_dir=ev)
+    before = {p: p.read_bytes() for p in sorted([*out.iterdir(), *ev.iterdir()])}
+
+    raw = first.to_dict()
+    raw["judge"]["seed"] = raw["judge"]["seed"] + 7  # a new judge; the evaluator as before
+    blocked = paths.checkpoint_dir("evaluator", load(tiny_root / "prepared").manifest_sha256)
+    shutil.rmtree(blocked)
+    blocked.write_text("not a folder")  # the evaluator's training cannot start
+    with pytest.raises(OSError):
+        judge.run(build_params(raw), out_dir=out, prepared_dir=tiny_root / "prepared",
+                  evaluator_dir=ev)
+    assert {p: p.read_bytes() for p in sorted([*out.iterdir(), *ev.iterdir()])} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["evaluator", "judge"]
