@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentforge import tracking
+from latentforge import paths, tracking
 from latentforge.errors import LatentForgeError
 
 UPSTREAM = f"{tracking.TAG_PREFIX}upstream."
@@ -202,8 +202,12 @@ class Hop:
 
 
 def params_digest(run: Any, stage: str) -> str:
-    """sha256 of the stage's own params as the run logged them (compute excluded)."""
-    own = sorted((k, v) for k, v in run.data.params.items() if k.startswith(f"{stage}."))
+    """sha256 of the params the stage reads, as the run logged them: its own section and the
+    other keys DVC records for it (rl's generator.sample_steps, compute.precision, ...)."""
+    spec = paths.STAGES.get(stage)
+    wanted = spec.params if spec else (stage,)
+    own = sorted((k, v) for k, v in run.data.params.items()
+                 if any(k == w or k.startswith(f"{w}.") for w in wanted))
     return hashlib.sha256("\n".join(f"{k}={v}" for k, v in own).encode()).hexdigest()
 
 

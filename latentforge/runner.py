@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,41 @@ def stage_tags(stage: str) -> dict[str, str]:
     }
 
 
+def logged_params(stage: str, params: Params) -> dict[str, Any]:
+    """What a stage's MLflow run logs as its params: its own section, compute, and every other
+    key the stage reads and DVC records for it (rl's `generator.sample_steps`, evaluate's
+    `generator.cfg_scale`, ...), so that two runs differing only there differ in MLflow too."""
+    logged: dict[str, Any] = {stage: dataclasses.asdict(params.section(stage)),
+                              "compute": dataclasses.asdict(params.compute)}
+    tree = params.to_dict()
+    for key in paths.STAGES[stage].params:
+        head, _, rest = key.partition(".")
+        if head in (stage, "compute") or not rest:
+            continue
+        found, value = dotted_param(tree, key)
+        if found:
+            node = logged.setdefault(head, {})
+            *parents, leaf = rest.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return logged
+
+
+def numerics_tags() -> dict[str, str]:
+    """What decided the stage's floating-point results besides its params, where it used torch:
+    the fp32 Linear backend (LATENTFORGE_FP32_LINEAR) and the thread count; runs that differ
+    here differ in their last digits, and training can take another path (README)."""
+    tags: dict[str, str] = {}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        tags[f"{tracking.TAG_PREFIX}torch_threads"] = str(torch.get_num_threads())
+    layers = sys.modules.get("latentforge.models.layers")
+    if layers is not None:
+        tags[f"{tracking.TAG_PREFIX}fp32_linear"] = layers.fp32_linear_backend()
+    return tags
+
+
 def _call_task(stage: str, params: Params, tracker: tracking.Tracker) -> StageResult:
     module = importlib.import_module(f"latentforge.tasks.{stage}")
     return module.run_stage(params, tracker)
@@ -66,10 +102,9 @@ def execute_stage(stage: str, params: Params, root: str | Path = ".",
     parent = os.environ.get(tracking.PARENT_RUN_ENV) or None
     started = time.time()
     with tracking.start_run(params.tracking, stage, stage_tags(stage), parent, root) as tracker:
-        section = params.section(stage)
-        tracker.log_params({stage: dataclasses.asdict(section),
-                            "compute": dataclasses.asdict(params.compute)})
+        tracker.log_params(logged_params(stage, params))
         result = _call_task(stage, params, tracker)
+        tracker.set_tags(numerics_tags())
         tracker.log_metrics(result.metrics)
         duration = time.time() - started
         tracker.log_metrics({**result.timings, "stage_seconds": duration})

@@ -176,6 +176,40 @@ def test_mlflow_alone_walks_from_the_rl_generator_back_to_the_prepared_data(chai
             if kind == "run"} == {"prepare", "judge", "tokenizer", "cache", "generator"}
 
 
+def test_runs_log_every_param_their_stage_reads_and_what_decided_the_numerics(chain):
+    """rl reads generator.sample_steps and generator.sampler, which DVC records for it: its run
+    logs them and its params digest covers them, so two rl runs differing only there differ in
+    MLflow and in `latentforge lineage`; the fp32 Linear backend and thread count are tagged."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from latentforge.lineage import params_digest
+    from latentforge.models.layers import fp32_linear_backend
+
+    client = client_for(chain)
+    (rl_run,) = client.search_runs(
+        [client.get_experiment_by_name("latentforge").experiment_id],
+        "tags.`latentforge.stage` = 'rl'")
+    logged = rl_run.data.params
+    used = load_params(chain / "params.yaml")
+    assert logged["generator.sample_steps"] == str(used.generator.sample_steps)
+    assert logged["generator.sampler"] == str(used.generator.sampler)
+    assert logged["compute.precision"] == str(used.compute.precision)
+    assert not any(k.startswith(("tokenizer.", "judge.")) for k in logged)  # not read by rl
+    assert rl_run.data.tags["latentforge.fp32_linear"] == fp32_linear_backend()
+    assert rl_run.data.tags["latentforge.torch_threads"] == str(torch.get_num_threads())
+
+    def digest(**changed: str) -> str:  # a run logging these params instead
+        return params_digest(SimpleNamespace(data=SimpleNamespace(params={**logged, **changed})),
+                             "rl")
+
+    base = digest()
+    assert base == params_digest(rl_run, "rl")
+    assert digest(**{"generator.sample_steps": "999"}) != base
+    assert digest(**{"tokenizer.width": "999"}) == base  # rl does not read it
+
+
 def test_datasets_name_content_not_workspace_folders(chain):
     import mlflow.artifacts
 
