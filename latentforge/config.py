@@ -882,12 +882,29 @@ class DuplicateKeyError(ConfigError):
 
 
 def _yaml_loader() -> Any:
-    """PyYAML's safe loader, plus YAML 1.2 floats such as 2e-3 (PyYAML's 1.1 rules read them as
-    strings; DVC's ruamel reads them as numbers, and params.yaml must mean the same to both),
-    and duplicate keys as errors (DVC rejects such a file, so `latentforge` must too)."""
+    """PyYAML's safe loader with YAML 1.2's plain scalars, as DVC reads params.yaml, and
+    duplicate keys as errors (DVC rejects such a file, so `latentforge` must too).
+
+    DVC reads and writes params.yaml with ruamel, which follows YAML 1.2; PyYAML follows 1.1,
+    where `yes`, `on`, `No` are booleans, `1:30` is 90 and `017` is 15. A string such as
+    'on' that `dvc exp run -S` stores (ruamel writes it unquoted, as 1.2 allows) would reach
+    a stage as True. So the plain scalars resolve here by ruamel's own 1.2 rules: true/false
+    only, 0o17 octal and 017 decimal, 2e-3 a float, no base 60."""
     import yaml
+    from ruamel.yaml.resolver import implicit_resolvers
 
     class Loader(yaml.SafeLoader):
+        yaml_implicit_resolvers: dict[Any, Any] = {}  # only the 1.2 rules added below
+
+        def construct_yaml_int(self, node: Any) -> int:
+            text = self.construct_scalar(node).replace("_", "")
+            sign = -1 if text[0] == "-" else 1
+            text = text.lstrip("+-")
+            bases = {"0b": 2, "0o": 8, "0x": 16}
+            if text[:2] in bases:
+                return sign * int(text[2:], bases[text[:2]])
+            return sign * int(text)  # 017 is 17 in YAML 1.2
+
         def construct_document(self, node: Any) -> Any:
             # One pass over the composed document before anything is built. A check inside
             # construct_mapping would see `<<: *base` merges already flattened into the
@@ -919,17 +936,54 @@ def _yaml_loader() -> Any:
                         first[key] = key_node
                     self._check_unique_keys(value_node, name, visited)
 
-    Loader.add_implicit_resolver(
-        "tag:yaml.org,2002:float",
-        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-        list("-+0123456789"))
+    Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
+    for versions, tag, regexp, first_chars in implicit_resolvers:
+        if (1, 2) in versions:
+            Loader.add_implicit_resolver(tag, re.compile(regexp.pattern, regexp.flags),
+                                         first_chars)
     return Loader
 
 
-def yaml_load(text: str) -> Any:
+def yaml_load(text: str | bytes) -> Any:
+    """YAML text as DVC reads it (YAML 1.2 scalars; see `_yaml_loader`)."""
     import yaml
 
     return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_dumper() -> Any:
+    """PyYAML's safe dumper, quoting every string that YAML 1.1 or 1.2 would read as something
+    else ('on', '0o17', '1e3'), so what it writes means the same to `yaml_load`, DVC and
+    PyYAML; a string with a line break is one double-quoted line."""
+    import yaml
+    from ruamel.yaml.resolver import implicit_resolvers
+
+    class Dumper(yaml.SafeDumper):
+        def represent_str(self, data: str) -> Any:
+            style = '"' if any(c in data for c in "\n\r\x85\u2028\u2029") else None
+            return self.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+    Dumper.add_representer(str, Dumper.represent_str)
+    for versions, tag, regexp, first_chars in implicit_resolvers:
+        if (1, 2) in versions:  # after PyYAML's 1.1 rules: a str matching either is quoted
+            Dumper.add_implicit_resolver(tag, re.compile(regexp.pattern, regexp.flags),
+                                         first_chars)
+    return Dumper
+
+
+def yaml_dump(data: Any, **kwargs: Any) -> str:
+    """YAML text that `yaml_load` (and PyYAML, and DVC) read back as `data`."""
+    import yaml
+
+    return yaml.dump(data, Dumper=_yaml_dumper(), allow_unicode=True,  # type: ignore[no-any-return]
+                     **kwargs)
+
+
+def yaml_text(value: Any) -> str:
+    """`value` as one line of flow YAML, as `-S KEY=VALUE` takes it: `yaml_load` reads it back
+    as `value` (strings, numbers, null, lists and mappings)."""
+    text = yaml_dump(value, default_flow_style=True, width=math.inf, sort_keys=False)
+    return text.removesuffix("\n...\n").removesuffix("\n")
 
 
 def _line_of(data: bytes, offset: int) -> int:
@@ -1049,9 +1103,7 @@ def load_params(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def params_to_yaml(params: Params) -> str:
-    import yaml
-
-    return yaml.safe_dump(params.to_dict(), sort_keys=False, default_flow_style=False)
+    return yaml_dump(params.to_dict(), sort_keys=False, default_flow_style=False)
 
 
 def _yaml_node(old: Any, value: Any) -> Any:
@@ -1118,8 +1170,6 @@ def write_params_file(params: Params, path: str | Path = DEFAULT_PARAMS_FILE) ->
 
 def documented_yaml(params: Params | None = None) -> str:
     """params.yaml text: every key with its value and its doc as a comment."""
-    import yaml
-
     params = params or Params()
 
     def dump(obj: Any, indent: int) -> list[str]:
@@ -1130,7 +1180,7 @@ def documented_yaml(params: Params | None = None) -> str:
                 out += [f"{pad}{f.name}:", *dump(value, indent + 1)]
                 out += [""] if indent == 0 else []
                 continue
-            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+            text = yaml_text(value)
             out.append(f"{pad}{f.name}: {text}  # {f.metadata.get('doc', '')}")
         return out
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from latentforge import procs, storage
-from latentforge.errors import LatentForgeError
+from latentforge.errors import ConfigError, LatentForgeError
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,11 @@ def record_params_used(stage: str, params_text: bytes, root: str | Path = ".",
     import yaml
     from dvc.utils.serialize import modify_yaml
 
+    from latentforge.config import yaml_load  # as the stage and DVC read it (YAML 1.2)
+
     try:
-        used = yaml.safe_load(params_text)
-    except yaml.YAMLError:
+        used = yaml_load(params_text)
+    except (yaml.YAMLError, ConfigError):  # ConfigError: a duplicate key
         used = None
     lock_path = Path(root) / "dvc.lock"
     corrected: list[str] = []

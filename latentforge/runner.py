@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from latentforge import paths, storage, tracking
-from latentforge.config import DEFAULT_PARAMS_FILE, Params
+from latentforge.config import DEFAULT_PARAMS_FILE, Params, yaml_load
 from latentforge.dvcops import dotted_param
-from latentforge.errors import LatentForgeError
+from latentforge.errors import ConfigError, LatentForgeError
 
 log = logging.getLogger(__name__)
 
@@ -137,18 +137,19 @@ def check_params_unchanged(stage: str, params_text: bytes, root: Path) -> None:
     stage. Under `latentforge run`, `dvcops.reproduce` writes the values used back into
     dvc.lock and the pipeline goes on; a plain `dvc repro` has nobody to do that, so the
     stage fails here instead: dvc.lock keeps its old entry and the next run makes the outputs
-    anew. Raw values are compared, as DVC records them; other sections may change freely."""
+    anew. Raw values are compared, as DVC records them (read as DVC reads them, YAML 1.2);
+    other sections may change freely."""
     import yaml
 
     path = Path(root) / DEFAULT_PARAMS_FILE
     try:
-        now = yaml.safe_load(path.read_bytes())
-    except (OSError, yaml.YAMLError) as e:
+        now = yaml_load(path.read_bytes())
+    except (OSError, yaml.YAMLError, ConfigError) as e:  # ConfigError: a duplicate key
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ParamsChangedError(f"{path} changed while stage '{stage}' ran and can no longer "
                                  f"be read ({first}); the stage is not recorded: fix it and "
                                  "run again") from e
-    used = yaml.safe_load(params_text)
+    used = yaml_load(params_text)
     changed = []
     for key in paths.STAGES[stage].params:
         changed += _changes(key, dotted_param(used, key), dotted_param(now, key))

@@ -198,6 +198,33 @@ def test_exponent_floats_read_as_numbers_like_dvc_does(tmp_path):
     assert (p.tokenizer.lr, p.tokenizer.kl_weight, p.generator.lr) == (0.002, 0.0001, 0.0005)
 
 
+# Plain scalars YAML 1.1 (PyYAML) and 1.2 (DVC's ruamel) read differently, and some they agree on.
+SCALARS = ["on", "On", "off", "yes", "Yes", "No", "n", "y", "true", "False", "TRUE", "tRue",
+           "1:30", "1:30.5", "017", "0o17", "0x1F", "0b101", "1_000", "-0", "+5", "2e-3", "1E4",
+           ".5", "-.5e+3", "1.", ".inf", "-.Inf", ".nan", "null", "Null", "~", "2026-01-01",
+           "0.1", "1e999", "1__0", "0o8", "x"]
+
+
+@pytest.mark.parametrize("text", SCALARS)
+def test_plain_scalars_read_as_dvc_reads_them(text):
+    """The stage reads params.yaml as DVC does (YAML 1.2): `experiment: on` is the string that
+    `dvc exp run -S tracking.experiment='on'` stored, not True as PyYAML's YAML 1.1 has it."""
+    import math
+
+    from ruamel.yaml import YAML
+
+    from latentforge.config import yaml_dump, yaml_load
+
+    expected = YAML(typ="safe").load(f"k: {text}\n")["k"]
+    got = yaml_load(f"k: {text}\n")["k"]
+    same_nan = isinstance(got, float) and math.isnan(got) and math.isnan(expected)
+    assert (got == expected and type(got) is type(expected)) or same_nan, (got, expected)
+    if isinstance(got, str):  # written back, every reader still sees the string
+        assert yaml_load(yaml_dump({"k": got}))["k"] == got
+        assert yaml.safe_load(yaml_dump({"k": got}))["k"] == got  # PyYAML's YAML 1.1 too
+        assert YAML(typ="safe").load(yaml_dump({"k": got}))["k"] == got
+
+
 @pytest.mark.parametrize(("preset", "expected"), [(None, "False"), ("true", "True")])
 def test_cli_turns_prefect_server_telemetry_off_unless_the_user_set_it(preset, expected,
                                                                           tmp_path):

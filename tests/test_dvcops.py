@@ -123,3 +123,16 @@ def test_a_stage_dying_deep_in_its_stack_is_named_by_its_exception(tmp_path):
         "): zlib.error: Error -3 while decompressing data: incorrect header check; last "
         "output:"), first
     assert len(str(err.value).splitlines()) == 1 + dvcops.SHOWN_LINES
+
+
+def test_values_yaml_1_1_reads_otherwise_are_not_corrected(tmp_path: Path) -> None:
+    """DVC records `name: on` as the string 'on' (YAML 1.2), as the stage reads it: PyYAML's
+    YAML 1.1 True would be written into dvc.lock and the stage would rerun every time."""
+    params = "train:\n  name: on\n  when: 1:30\n  code: 017\n  lr: 2e-3\n"
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  train:\n    cmd: python stage.py\n    params:\n"
+        "      params.yaml:\n        train.name: on\n        train.when: 1:30\n"
+        "        train.code: 017\n        train.lr: 2e-3\n")
+    lock_text = (tmp_path / "dvc.lock").read_text()
+    assert dvcops.record_params_used("train", params.encode(), tmp_path) == []
+    assert (tmp_path / "dvc.lock").read_text() == lock_text
