@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from latentforge.config import Params
+from latentforge.config import Params, yaml_text
 
 _BOUNDS = ("ge", "gt", "le", "lt")
 
@@ -109,8 +109,9 @@ def json_schema() -> dict[str, Any]:
 
 def as_overrides(changes: Any) -> list[str]:
     """The form's changes as `section.key=value` overrides (what `-S` takes), in schema order;
-    `changes` is the form model or its dict. Values are written as JSON, which YAML reads back
-    as the same value."""
+    `changes` is the form model or its dict. Values are written as one line of YAML that
+    `-S` reads back as the same value (JSON did not: its `"\\ud83d\\ude00"` escapes came back as
+    two surrogates, not the emoji)."""
     if changes is None:
         return []
     data = changes.model_dump(exclude_none=True) if isinstance(changes, BaseModel) else changes
@@ -118,5 +119,5 @@ def as_overrides(changes: Any) -> list[str]:
     for section, values in data.items():
         for key, value in (values or {}).items():
             if value is not None:
-                out.append(f"{section}.{key}={json.dumps(value)}")
+                out.append(f"{section}.{key}={yaml_text(value)}")
     return out

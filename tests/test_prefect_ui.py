@@ -111,10 +111,10 @@ def test_run_form_params_are_validated_then_become_overrides():
          "tokenizer": {"fsq_levels": [8, 8, 8]}, "rl": {"rewards": {"judge_margin": 0.5}},
          "tracking": {"artifact_location": "s3://b/m"}, "judge": {}})
     overrides = as_overrides(changes)
-    assert overrides == ['prepare.resolution=32', 'prepare.resize_filter="lanczos"',
-                         'tokenizer.fsq_levels=[8, 8, 8]', 'rl.rewards={"judge_margin": 0.5}',
-                         'tracking.artifact_location="s3://b/m"']
-    params = load_params(REPO / "params.yaml", overrides)  # YAML reads the JSON back
+    assert overrides == ['prepare.resolution=32', 'prepare.resize_filter=lanczos',
+                         'tokenizer.fsq_levels=[8, 8, 8]', 'rl.rewards={judge_margin: 0.5}',
+                         'tracking.artifact_location=s3://b/m']
+    params = load_params(REPO / "params.yaml", overrides)  # -S reads the YAML back
     assert params.prepare.resolution == 32 and params.prepare.resize_filter == "lanczos"
     assert params.tokenizer.fsq_levels == [8, 8, 8]
     assert params.rl.rewards == {"judge_margin": 0.5}
