@@ -5,6 +5,10 @@ workspace's params.yaml (and outputs) untouched.
 reproduces the graph there and records the result as an experiment (`dvc exp show`,
 `dvc exp apply NAME` to bring it into the workspace). Its stages log to the workspace's MLflow
 store, nested under one parent run tagged with the experiment's name.
+
+The changes are checked here (YAML after `-S`, as everywhere in LatentForge), and DVC gets the
+checked values rendered in its own `-S` grammar (Hydra's), never the text as typed: the same
+text means other values to DVC (latentforge/overrides.py says which).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from latentforge import dvcops, procs, tracking, workspace
-from latentforge.config import load_params
+from latentforge.config import load_params, yaml_text
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.flows.stages import NO_CHANGES, Overrides, ParamChanges, failed_state
+from latentforge.overrides import dvc_set_params_checked
 from latentforge.schema import as_overrides
 
 EXPERIMENT_TAG = f"{tracking.TAG_PREFIX}dvc_experiment"
@@ -39,9 +44,9 @@ def experiment(name: Annotated[str, Field(examples=["seed3"])], overrides: Overr
     Args:
         name: The experiment's name, as `dvc exp show` lists it and `dvc exp apply NAME`
             takes it; MLflow tags the runs `latentforge.dvc_experiment = NAME`.
-        overrides: Parameter changes, one KEY=VALUE per item, e.g. prepare.seed=3 (what
-            `dvc exp run -S` takes). They apply to the experiment's copy only: the
-            workspace's params.yaml stays as it is.
+        overrides: Parameter changes, one KEY=VALUE per item, e.g. prepare.seed=3, VALUE in
+            YAML as in params.yaml (what `latentforge -S` takes). They apply to the
+            experiment's copy only: the workspace's params.yaml stays as it is.
         force: Rerun every stage even when DVC finds it up to date.
         params: Parameter changes, section by section: every params.yaml key with its doc,
             default and bounds. Fill in only what should change; applied before the
@@ -69,6 +74,8 @@ def check_name(name: str) -> None:
 def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dict[str, Any]:
     params = load_params(None, overrides)  # validated before anything runs (exit 2)
     check_name(name)
+    values, set_params = dvc_set_params_checked(params, overrides)  # what DVC gets: exit 2 too
+    checked = [f"{key}={yaml_text(value)}" for key, value in values.items()]
     logger = get_run_logger()
     started = time.time()
     with workspace.lock(what=f"experiment {name}", wait=wait or None,
@@ -76,7 +83,7 @@ def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dic
             params.tracking, f"experiment {name}",
             {f"{tracking.TAG_PREFIX}stage": "pipeline", EXPERIMENT_TAG: name,
              f"{tracking.TAG_PREFIX}prefect_flow_run_id": str(flow_run.id or "")}) as parent:
-        parent.log_params({"overrides": " ".join(overrides) or "-"})
+        parent.log_params({"overrides": " ".join(checked) or "-"})
         # The stages run in DVC's temporary copy: the store must be named absolutely.
         env = {tracking.PARENT_RUN_ENV: parent.run_id or "",
                tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
@@ -84,7 +91,7 @@ def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dic
                # tells the stages inside DVC that this run holds the workspace lock
                procs.INVOCATION_ENV: os.environ.get(procs.INVOCATION_ENV) or uuid.uuid4().hex[:12]}
         cmd = ["exp", "run", "--temp", "-n", name]
-        for item in overrides:
+        for item in set_params:
             cmd += ["-S", item]
         if force:
             cmd.append("--force")
@@ -95,4 +102,4 @@ def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dic
     logger.info("experiment %s done in %.0f s: `dvc exp show` lists it, `dvc exp apply %s` "
                 "brings it into the workspace", name, seconds, name)
     return {"experiment": name, "seconds": seconds, "run_id": parent.run_id,
-            "overrides": overrides}
+            "overrides": checked}

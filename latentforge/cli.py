@@ -70,7 +70,7 @@ def _add_params_args(p: argparse.ArgumentParser) -> None:
                    help="params file to use instead of params.yaml (missing keys take defaults)")
     p.add_argument("-S", "--set-param", dest="overrides", action="append", default=[],
                    metavar="KEY=VALUE", help="override one parameter, e.g. -S prepare.resolution=32 "
-                   "(the syntax of `dvc exp run -S`); repeatable")
+                   "(VALUE is YAML, as in params.yaml: 'on' is text, true a bool); repeatable")
 
 
 def _with_parents(*parents: argparse.ArgumentParser) -> type[argparse.ArgumentParser]:

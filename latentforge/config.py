@@ -1047,7 +1047,10 @@ def parse_params_bytes(raw: bytes, path: str | Path) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split `section.key=value` (the syntax of `dvc exp run -S`) into a key path and a value."""
+    """Split `section.key=value` into a key path and a value, read as YAML as params.yaml is
+    (`yaml_load`). `dvc exp run -S` reads the same text with Hydra's grammar, to other values
+    at times (`a\\b`, `${x}`, `a,b`): experiments send DVC what latentforge/overrides.py
+    renders from the checked values instead."""
     import yaml
 
     try:
