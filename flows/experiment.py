@@ -74,32 +74,41 @@ def check_name(name: str) -> None:
 def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dict[str, Any]:
     params = load_params(None, overrides)  # validated before anything runs (exit 2)
     check_name(name)
-    values, set_params = dvc_set_params_checked(params, overrides)  # what DVC gets: exit 2 too
-    checked = [f"{key}={yaml_text(value)}" for key, value in values.items()]
     logger = get_run_logger()
-    started = time.time()
-    with workspace.lock(what=f"experiment {name}", wait=wait or None,
-                        say=logger.warning), tracking.start_run(
-            params.tracking, f"experiment {name}",
-            {f"{tracking.TAG_PREFIX}stage": "pipeline", EXPERIMENT_TAG: name,
-             f"{tracking.TAG_PREFIX}prefect_flow_run_id": str(flow_run.id or "")}) as parent:
-        parent.log_params({"overrides": " ".join(checked) or "-"})
-        # The stages run in DVC's temporary copy: the store must be named absolutely.
-        env = {tracking.PARENT_RUN_ENV: parent.run_id or "",
-               tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
-               "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
-               # tells the stages inside DVC that this run holds the workspace lock
-               procs.INVOCATION_ENV: os.environ.get(procs.INVOCATION_ENV) or uuid.uuid4().hex[:12]}
-        cmd = ["exp", "run", "--temp", "-n", name]
-        for item in set_params:
-            cmd += ["-S", item]
-        if force:
-            cmd.append("--force")
-        dvcops.run_dvc(cmd, env=env, what=f"experiment {name}",
-                       on_line=lambda line: logger.info("%s", line))
-        seconds = time.time() - started
-        parent.log_metrics({"pipeline_seconds": seconds})
+    with workspace.lock(what=f"experiment {name}", wait=wait or None, say=logger.warning):
+        # Against params.yaml as it is once the lock is held (a run waited on may have
+        # rewritten it), and before the MLflow run opens: what DVC gets, refused with exit 2.
+        values, set_params = dvc_set_params_checked(params, overrides)
+        checked = [f"{key}={yaml_text(value)}" for key, value in values.items()]
+        with tracking.start_run(
+                params.tracking, f"experiment {name}",
+                {f"{tracking.TAG_PREFIX}stage": "pipeline", EXPERIMENT_TAG: name,
+                 f"{tracking.TAG_PREFIX}prefect_flow_run_id": str(flow_run.id or "")}) as parent:
+            seconds = _run_experiment(name, parent, set_params, checked, force, logger)
     logger.info("experiment %s done in %.0f s: `dvc exp show` lists it, `dvc exp apply %s` "
                 "brings it into the workspace", name, seconds, name)
     return {"experiment": name, "seconds": seconds, "run_id": parent.run_id,
             "overrides": checked}
+
+
+def _run_experiment(name: str, parent: tracking.Tracker, set_params: list[str],
+                    checked: list[str], force: bool, logger: Any) -> float:
+    """`dvc exp run --temp` with the rendered overrides, nested under `parent`; its seconds."""
+    started = time.time()
+    parent.log_params({"overrides": " ".join(checked) or "-"})
+    # The stages run in DVC's temporary copy: the store must be named absolutely.
+    env = {tracking.PARENT_RUN_ENV: parent.run_id or "",
+           tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
+           "MLFLOW_TRACKING_URI": tracking.tracking_uri(),
+           # tells the stages inside DVC that this run holds the workspace lock
+           procs.INVOCATION_ENV: os.environ.get(procs.INVOCATION_ENV) or uuid.uuid4().hex[:12]}
+    cmd = ["exp", "run", "--temp", "-n", name]
+    for item in set_params:
+        cmd += ["-S", item]
+    if force:
+        cmd.append("--force")
+    dvcops.run_dvc(cmd, env=env, what=f"experiment {name}",
+                   on_line=lambda line: logger.info("%s", line))
+    seconds = time.time() - started
+    parent.log_metrics({"pipeline_seconds": seconds})
+    return seconds

@@ -299,7 +299,7 @@ def _experiment(args: argparse.Namespace) -> int:
     from latentforge import prefectserver, procs, tracking
 
     if args.params:
-        raise ConfigError("--exp takes its changes as -S KEY=VALUE (as `dvc exp run -S`); "
+        raise ConfigError("--exp takes its changes as -S KEY=VALUE; "
                           "--params would rewrite params.yaml")
     params = _load(args)
     _require_project()
@@ -447,8 +447,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     if record is None:
         other = prefectbg.unusable()
         print(f"the recorded background Prefect server (pid {other.pid}, Prefect "
-              f"{other.prefect_version}, {other.python}) runs, but not for this environment "
-              f"(Prefect {prefectbg.prefect_version()})" if other else
+              f"{other.prefect_version}, {other.python}) runs; this environment has Prefect "
+              f"{prefectbg.prefect_version()}, so the next `latentforge run` replaces it (or, "
+              f"if it is another environment's, leaves it and uses a temporary server)"
+              if other else
               "no background Prefect server is running; the next `latentforge run` starts one"
               if prefectbg.mode() == "background" and not configured else
               "no background Prefect server is running")
@@ -555,6 +557,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # a full disk, a missing or unreadable file: one line, no traceback
         log.debug("%s failed", args.command, exc_info=True)
         print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+        code = 1
+    except Exception as exc:  # the MLflow store failing mid-run (locked, damaged): one line
+        from latentforge.tracking import describe_store_error, tracking_uri
+
+        line = describe_store_error(exc, tracking_uri())
+        if line is None:
+            raise
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"error: {line}", file=sys.stderr)
         code = 1
     finally:
         procs.stop_guard()

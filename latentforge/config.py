@@ -833,8 +833,12 @@ def build_section(cls: type, data: Any, prefix: str, source: str) -> Any:
         try:
             coerced = _coerce(value, tp)
         except _Mismatch:
+            yaml11 = isinstance(value, str) and value.lower() in YAML11_BOOLS and (
+                tp is bool or bool in typing.get_args(tp))
             raise ConfigError(f"{source}: {key} = {_shown(value)} is invalid: expected "
-                              f"{_allowed(tp, f.metadata)}") from None
+                              f"{_allowed(tp, f.metadata)}"
+                              + (" (params.yaml is read as YAML 1.2, as DVC reads it: write "
+                                 "true or false)" if yaml11 else "")) from None
         _check_range(key, coerced, f.metadata, source)
         kwargs[name] = coerced
     try:
@@ -879,6 +883,10 @@ class DuplicateKeyError(ConfigError):
             where = (f"line {self.first_line}, columns {first.column + 1} and "
                      f"{second.column + 1}")
         super().__init__(f"duplicate key '{key}' at {where}")
+
+
+# YAML 1.1's booleans that YAML 1.2 (and so DVC and latentforge) reads as text.
+YAML11_BOOLS = frozenset({"yes", "no", "y", "n", "on", "off"})
 
 
 def _yaml_loader() -> Any:

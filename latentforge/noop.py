@@ -41,7 +41,7 @@ def api_url() -> str | None:
         return None  # a temporary server per command: the full path starts it
     try:
         return prefectbg.ensure()
-    except prefectbg.ForeignServer:
+    except prefectbg.ServerUnavailable:
         return None  # another environment's server: the full path says so and starts its own
 
 

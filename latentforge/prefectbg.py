@@ -12,7 +12,9 @@ Everything here avoids importing prefect (2+ s): the no-op `latentforge run` dep
 A record that is unreadable or names a dead process is set aside (never trusted, never fatal),
 and a fresh server starts. A recorded server that is alive but cannot be reused is never left
 running unrecorded (it would hold port 4200 and show a UI without the new runs):
-- one that does not answer /health within UNRESPONSIVE_WAIT_S is stopped and replaced;
+- one that no longer listens on its port is stopped and replaced; one that accepts connections
+  but does not answer /health within UNRESPONSIVE_WAIT_S (busy: it may be serving another
+  workspace's run) is left alone, and the command uses a temporary server (BusyServer);
 - one of another Prefect version started from this Python (an upgrade since) is stopped and
   replaced;
 - one started from another Python environment sharing this PREFECT_HOME is left alone, and the
@@ -51,9 +53,18 @@ UNRESPONSIVE_WAIT_S = 15.0  # a busy 2-core machine can keep a healthy server fr
 STOP_GRACE_S = 20.0
 
 
-class ForeignServer(LatentForgeError):
-    """The recorded background server runs another Prefect version from another Python
-    environment: not ours to reuse or to stop."""
+class ServerUnavailable(LatentForgeError):
+    """The recorded background server is alive but not to be used, nor stopped, by this
+    command: callers fall back to a temporary server."""
+
+
+class ForeignServer(ServerUnavailable):
+    """It runs another Prefect version from another Python environment: not ours."""
+
+
+class BusyServer(ServerUnavailable):
+    """It accepts connections but did not answer /health in time: busy (it may be serving
+    another workspace's pipeline), so it is neither reused now nor stopped."""
 
 
 @dataclass(frozen=True)
@@ -157,29 +168,35 @@ def read_record() -> ServerRecord | None:
         return None
 
 
+def _live_record() -> ServerRecord | None:
+    """The record when its server process still runs; a stale record is set aside."""
+    record = read_record()
+    if record is not None and not _is_recorded_server(record):
+        _set_aside(record_file(), f"its process {record.pid} is gone, or is another program")
+        return None
+    return record
+
+
 def running() -> ServerRecord | None:
     """The recorded background server when it is alive, answers /health and runs this Prefect
     version; None otherwise (a stale record is set aside)."""
-    record = read_record()
-    if record is None:
-        return None
-    if not _is_recorded_server(record):
-        _set_aside(record_file(), f"its process {record.pid} is gone, or is another program")
-        return None
-    if record.prefect_version != prefect_version():
-        return None  # start() decides: replace it (an upgrade here) or leave it (ForeignServer)
-    if not healthy(record.api_url):
-        return None
-    return record
+    record = _live_record()
+    if record is None or record.prefect_version != prefect_version():
+        return None  # another version: start() decides (replace it, or leave it alone)
+    return record if healthy(record.api_url) else None
 
 
 def unusable() -> ServerRecord | None:
     """The recorded server when it is alive but runs another Prefect version (which `running`
     does not reuse); None otherwise."""
-    record = read_record()
-    if record is None or record.prefect_version == prefect_version():
-        return None
-    return record if _is_recorded_server(record) else None
+    record = _live_record()
+    return record if record is not None and record.prefect_version != prefect_version() else None
+
+
+def _accepts(port: int) -> bool:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.settimeout(HEALTH_TIMEOUT_S)
+        return sock.connect_ex((HOST, port)) == 0
 
 
 def _same_environment(record: ServerRecord) -> bool:
@@ -192,19 +209,23 @@ def _same_environment(record: ServerRecord) -> bool:
 
 def _reusable_or_cleared() -> ServerRecord | None:
     """The recorded server if it can be reused; otherwise None, after stopping a recorded server
-    that is ours but unusable (under the start lock, so no second server ever goes unrecorded).
-    Raises ForeignServer for another environment's server of another Prefect version."""
-    record = read_record()
+    that is ours but unusable (under the start lock, so no second server ever goes unrecorded):
+    one that no longer listens, or an older version from this environment. Raises
+    ForeignServer for another environment's server of another Prefect version, BusyServer for
+    one that accepts connections but answers too slowly (it may be serving another run)."""
+    record = _live_record()
     if record is None:
-        return None
-    if not _is_recorded_server(record):
-        _set_aside(record_file(), f"its process {record.pid} is gone, or is another program")
         return None
     version = prefect_version()
     if record.prefect_version == version:
         if healthy(record.api_url, timeout=UNRESPONSIVE_WAIT_S):
             return record
-        why = f"did not answer {record.api_url}/health within {UNRESPONSIVE_WAIT_S:.0f} s"
+        if _accepts(record.port):
+            raise BusyServer(
+                f"the background Prefect server (pid {record.pid}, {record.ui_url}) accepts "
+                f"connections but did not answer /health within {UNRESPONSIVE_WAIT_S:.0f} s "
+                f"(busy): not reused now and not stopped (`latentforge server stop` stops it)")
+        why = f"no longer listens on port {record.port}"
     elif _same_environment(record):
         why = f"runs Prefect {record.prefect_version}, this environment now has {version}"
     else:
@@ -246,7 +267,7 @@ def _start_lock() -> Iterator[None]:
 
 def start(port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S) -> ServerRecord:
     """Start the background server (or return the one already running) and wait for /health.
-    Raises ForeignServer when another environment's server of another version holds the record."""
+    Raises ServerUnavailable when the recorded server is alive but not ours to use or stop."""
     with _start_lock():
         found = _reusable_or_cleared()
         if found is not None:
@@ -314,14 +335,15 @@ def stop() -> ServerRecord | None:
 
 
 def ensure(say: bool = True) -> str:
-    """The background server's API URL, starting it first if none runs (ForeignServer: see
+    """The background server's API URL, starting it first if none runs (ServerUnavailable: see
     start)."""
     found = running()
     if found is not None:
         return found.api_url
     began = time.monotonic()
+    before = read_record()
     record = start()
-    if say:
+    if say and record != before:  # not the slow one that answered after all
         print(f"started a Prefect server in the background: UI {record.ui_url} (every run is "
               f"there); it stays up for later commands, `latentforge server stop` stops it "
               f"({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)

@@ -77,8 +77,8 @@ def _drain_prefect_workers(timeout: float = 10.0) -> None:
 def api_server() -> Iterator[None]:
     """A Prefect API for the body: the one the user configured; else the background server
     (started once, reused by every later command: prefectbg.py); else, with
-    LATENTFORGE_PREFECT_SERVER=temporary or while another environment's server holds the
-    background record, a temporary server that stops with the body."""
+    LATENTFORGE_PREFECT_SERVER=temporary or while the recorded background server is not ours to
+    use (another environment's, or busy), a temporary server that stops with the body."""
     if prefectbg.configured_api_url() or not needs_temporary_server():
         yield
         return
@@ -91,7 +91,7 @@ def api_server() -> Iterator[None]:
     url: str | None
     try:
         url = prefectbg.ensure()
-    except prefectbg.ForeignServer as exc:
+    except prefectbg.ServerUnavailable as exc:
         log.warning("%s; this command uses a temporary Prefect server", exc)
         url = None
     if url is None:

@@ -188,7 +188,8 @@ def skipped_record(stage: str, root: str | Path = ".", seconds: float = 0.0) -> 
     metrics = _read_json(Path(root) / paths.metrics_file(stage), "metrics file")
     if not isinstance(metrics, dict):
         metrics = {}
-    own = last if metrics and last.get("metrics") == metrics else {}
+    same = json.dumps(last.get("metrics"), sort_keys=True) == json.dumps(metrics, sort_keys=True)
+    own = last if same else {}  # compared as text: NaN (an empty split's accuracy) equals NaN
     if last and not own:
         log.info("%s: its outputs did not come from the last run recorded here (%s); its "
                  "metrics are read from %s", stage, last.get("run_id"), paths.metrics_file(stage))

@@ -317,9 +317,23 @@ def atomic_dirs(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
         for tmp in tmps:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for final, tmp in zip(finals, tmps, strict=True):
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+    olds = []
+    try:
+        for final, tmp in zip(finals, tmps, strict=True):
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            had = final.exists()
+            if had:
+                os.replace(final, old)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                if had:  # the previous folder goes back in place
+                    os.replace(old, final)
+                raise
+            if had:
+                olds.append(old)
+    finally:  # a rename that failed (rare: same filesystem) leaves no temporary folder behind
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)

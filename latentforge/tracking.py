@@ -339,32 +339,43 @@ class TrackingStoreError(LatentForgeError):
     """The MLflow store cannot be opened or written: damaged, locked, of an older schema."""
 
 
+def describe_store_error(exc: BaseException, uri: str) -> str | None:
+    """One line for an error of the MLflow store (MLflow's or SQLAlchemy's), naming the store
+    and what to do; None for any other error. The store is never moved or changed here: it
+    holds every run and the model registry."""
+    module = type(exc).__module__
+    if not module.startswith(("mlflow", "sqlalchemy")):
+        return None
+    text = str(getattr(exc, "message", None) or exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    low = text.lower()
+    if "database is locked" in low:
+        hint = "another process holds it; run again once it is done"
+    elif "out-of-date database schema" in low or "mlflow db upgrade" in low:
+        hint = f"upgrade it with `mlflow db upgrade {uri}` (back it up first)"
+    elif "not a database" in low or "malformed" in low or "corrupt" in low:
+        hint = ("it is damaged: move it aside (keep it: it holds the runs and the model "
+                "registry) and a new one is made, or point MLFLOW_TRACKING_URI elsewhere")
+    elif module.startswith("sqlalchemy") or "sqlite" in low:
+        hint = "fix it or point MLFLOW_TRACKING_URI elsewhere"
+    else:
+        return None  # another MLflow error (a missing model, a bad URI): not the store's
+    return (f"MLflow store {uri}: {first[:300]}; {hint} (or run without tracking: "
+            "-S tracking.enabled=false)")
+
+
 @contextlib.contextmanager
 def store_errors(uri: str) -> Iterator[None]:
-    """MLflow's and SQLAlchemy's errors opening the store as one line naming the store and what
-    to do (the traceback goes to the debug log). The store is never moved or changed here: it
-    holds every run and the model registry."""
-    import sqlalchemy.exc
-    from mlflow.exceptions import MlflowException
-
+    """Errors opening the MLflow store as one TrackingStoreError line (`describe_store_error`);
+    the traceback goes to the debug log."""
     try:
         yield
-    except (MlflowException, sqlalchemy.exc.SQLAlchemyError) as exc:
+    except Exception as exc:
+        line = describe_store_error(exc, uri)
+        if line is None:
+            raise
         log.debug("the MLflow store %s failed", uri, exc_info=True)
-        text = str(getattr(exc, "message", None) or exc).strip()
-        first = text.splitlines()[0] if text else type(exc).__name__
-        low = text.lower()
-        if "database is locked" in low:
-            hint = "another process holds it; run again once it is done"
-        elif "out-of-date database schema" in low or "mlflow db upgrade" in low:
-            hint = f"upgrade it with `mlflow db upgrade {uri}` (back it up first)"
-        elif "not a database" in low or "malformed" in low or "corrupt" in low:
-            hint = ("it is damaged: move it aside (keep it: it holds the runs and the model "
-                    "registry) and a new one is made, or point MLFLOW_TRACKING_URI elsewhere")
-        else:
-            hint = "fix it or point MLFLOW_TRACKING_URI elsewhere"
-        raise TrackingStoreError(f"MLflow store {uri}: {first[:300]}; {hint} (or run without "
-                                 "tracking: -S tracking.enabled=false)") from None
+        raise TrackingStoreError(line) from None
 
 
 @contextlib.contextmanager

@@ -77,6 +77,14 @@ def _stop(services: list[Service]) -> None:
                 procs.stop_group(service.proc, grace=20)
 
 
+def _check_ports_free(ports: list[tuple[str, int]]) -> None:
+    for what, port in ports:
+        if not _port_free(port):
+            raise LatentForgeError(f"port {port} on {HOST} is taken: is another `latentforge "
+                                   f"ui` or {what} server running? Pick another with "
+                                   f"--{what.lower()}-port")
+
+
 def run_ui(prefect_port: int = 4200, mlflow_port: int = 5000, limit: int = 1) -> int:
     """Start the three services, print their URLs, wait for Ctrl-C (exit 0) or a failure."""
     # The background Prefect server (prefectbg.py) is the one every `latentforge run` reports
@@ -84,17 +92,17 @@ def run_ui(prefect_port: int = 4200, mlflow_port: int = 5000, limit: int = 1) ->
     # LATENTFORGE_PREFECT_SERVER=temporary, or an API configured elsewhere that is not ours to
     # show, this command starts its own server and stops it.
     shared = prefectbg.mode() == "background" and not prefectbg.configured_api_url()
-    ports = [("MLflow", mlflow_port)] if shared else [("Prefect", prefect_port),
-                                                       ("MLflow", mlflow_port)]
-    for what, port in ports:
-        if not _port_free(port):
-            raise LatentForgeError(f"port {port} on {HOST} is taken: is another `latentforge "
-                                   f"ui` or {what} server running? Pick another with "
-                                   f"--{what.lower()}-port")
+    _check_ports_free([("MLflow", mlflow_port)] if shared else [("Prefect", prefect_port),
+                                                                 ("MLflow", mlflow_port)])
     procs.start_guard()
     if shared:
-        record = prefectbg.start(port=prefect_port)
-        prefect_port = record.port
+        try:
+            record = prefectbg.start(port=prefect_port)
+            prefect_port = record.port
+        except prefectbg.ServerUnavailable as exc:  # not ours to show: a server of its own
+            log.warning("%s; this command starts its own Prefect server", exc)
+            shared = False
+            _check_ports_free([("Prefect", prefect_port)])
     prefect_api = f"http://{HOST}:{prefect_port}/api"
     env = {**os.environ, "PREFECT_API_URL": prefect_api,
            # Offline, Prefect's start-up telemetry logs an ERROR that reads like a failure.

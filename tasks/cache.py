@@ -447,7 +447,7 @@ def _committed_shards(work: Path, plan: list[Shard], names: set[str]) -> dict[st
             log.warning("cache: %s is damaged; encoding shard %s again", sidecar, shard.name)
             continue
         intact = (isinstance(record, dict) and record.get("count") == shard.count
-                  and set(record["files"]) == names
+                  and set(record.get("files") or {}) == names
                   and all((work / e["file"]).exists()
                           and storage.sha256_file(work / e["file"]) == e["sha256"]
                           for e in record["files"].values()))

@@ -574,7 +574,11 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg), loss_fn=loss_fn,
                      data=data, evaluate=PeriodicEval(meta, cfg, evaluator, tok, ref_feats),
                      eval_every=cfg.eval_every, code=paths.code_sha256("generator"))
-    result = train(spec, cfg, params.compute, paths.checkpoint_dir("generator", cache.key),
+    # Keyed by the cache's content (its manifest lists every shard's sha256), not its identity
+    # key (tokenizer + data): latents the cache stage encodes anew (other code, other settings)
+    # under the same key must not resume a generator trained on the old ones.
+    result = train(spec, cfg, params.compute,
+                   paths.checkpoint_dir("generator", cache.manifest_sha256),
                    tracker=tracker, progress=False)
     meta["training"] = result.training_meta()
 

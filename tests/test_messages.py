@@ -386,3 +386,23 @@ def test_a_damaged_or_locked_mlflow_store_is_one_line_and_left_as_it_is(make_pro
         holder.close()
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "database is locked" in one_error_line(proc.stderr)
+
+
+def test_store_errors_mid_run_are_recognised_and_others_are_not():
+    """The CLI's last handler turns the store's errors raised after the run opened (a lock
+    taken while a stage logs) into the same one line; MLflow's other errors stay as they are."""
+    import sqlite3
+
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    from latentforge.tracking import describe_store_error
+
+    locked = sqlalchemy.exc.OperationalError("INSERT INTO metrics ...", {},
+                                             sqlite3.OperationalError("database is locked"))
+    line = describe_store_error(locked, "sqlite:///p/mlflow.db")
+    assert line.startswith("MLflow store sqlite:///p/mlflow.db: (sqlite3.OperationalError) "
+                           "database is locked") and "run again once it is done" in line
+    assert describe_store_error(MlflowException("Registered Model with name=x not found"),
+                                "sqlite:///p/mlflow.db") is None
+    assert describe_store_error(ValueError("database is locked"), "u") is None

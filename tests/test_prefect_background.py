@@ -188,7 +188,13 @@ def test_a_slow_server_is_waited_for_and_a_dead_one_replaced_never_orphaned(pref
     os.killpg(slow, 9)
 
     monkeypatch.setattr(prefectbg, "UNRESPONSIVE_WAIT_S", 0.5)
-    fakes.append(silent := _fake_server(delay=-1))
+    fakes.append(busy := _fake_server(delay=5.0))  # accepts, answers too late: maybe serving
+    with pytest.raises(prefectbg.BusyServer, match="did not answer /health within 0 s"):
+        prefectbg.start()                            # another run, so never stopped
+    assert _alive(busy) and prefectbg.record_file().exists()
+    os.killpg(busy, 9)
+
+    fakes.append(silent := _fake_server(delay=-1))  # alive but no longer listening: broken
     assert prefectbg._reusable_or_cleared() is None
     assert not _alive(silent, within=10), "the unanswering server was left running"
     assert not prefectbg.record_file().exists()
@@ -220,14 +226,19 @@ def test_another_prefect_version_is_replaced_here_and_left_alone_elsewhere(prefe
         prefectbg.start()
     assert _alive(other) and prefectbg.record_file().read_text() == before
     assert noop.api_url() is None
-    from prefect.client.orchestration import get_client
-
-    from latentforge import prefectserver
-
-    with prefectserver.api_server(), get_client(sync_client=True) as client:
-        url = str(client.api_url).rstrip("/")  # a temporary server of its own, which then stops
-        assert f":{json.loads(before)['port']}/" not in url and prefectbg.healthy(url)
-    assert not prefectbg.healthy(url) and _alive(other)
+    # a command here: a temporary server of its own, saying why, which stops with it
+    probe = ("from prefect.client.orchestration import get_client\n"
+             "from latentforge import prefectserver\n"
+             "with prefectserver.api_server(), get_client(sync_client=True) as client:\n"
+             "    print(str(client.api_url).rstrip('/'))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    url = proc.stdout.strip().splitlines()[-1]
+    assert f":{json.loads(before)['port']}/" not in url and not prefectbg.healthy(url)
+    assert "this command uses a temporary Prefect server" in proc.stderr
+    assert _alive(other) and prefectbg.record_file().read_text() == before
 
 
 def test_noop_falls_back_when_the_api_refuses(make_project, monkeypatch, prefect_harness):

@@ -89,6 +89,15 @@ def test_tokenizer_rerun_resumes_finished_checkpoint(tiny_root, tmp_path, monkey
     assert first.timings["resumed_from_step"] == 0
     assert second.timings["resumed_from_step"] == params_steps()
 
+    # the stage's code changed (DVC reruns it): trained anew, not handed back
+    from latentforge import paths
+
+    real = paths.code_sha256("tokenizer")
+    monkeypatch.setattr(paths, "code_sha256",
+                        lambda stage: "0" * 64 if stage == "tokenizer" else real)
+    third = tokenizer.run(tiny(), out_dir=tmp_path / "c", **kwargs)
+    assert third.timings["resumed_from_step"] == 0
+
 
 def test_tokenizer_param_cross_checks():
     from latentforge.errors import ConfigError
