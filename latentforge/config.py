@@ -899,7 +899,6 @@ def _yaml_loader() -> Any:
     a stage as True. So the plain scalars resolve here by ruamel's own 1.2 rules: true/false
     only, 0o17 octal and 017 decimal, 2e-3 a float, no base 60."""
     import yaml
-    from ruamel.yaml.resolver import implicit_resolvers
 
     class Loader(yaml.SafeLoader):
         yaml_implicit_resolvers: dict[Any, Any] = {}  # only the 1.2 rules added below
@@ -945,11 +944,17 @@ def _yaml_loader() -> Any:
                     self._check_unique_keys(value_node, name, visited)
 
     Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
+    _add_yaml12_resolvers(Loader)
+    return Loader
+
+
+def _add_yaml12_resolvers(cls: Any) -> None:
+    """Give a PyYAML loader or dumper ruamel's YAML 1.2 plain-scalar rules (DVC's)."""
+    from ruamel.yaml.resolver import implicit_resolvers
+
     for versions, tag, regexp, first_chars in implicit_resolvers:
         if (1, 2) in versions:
-            Loader.add_implicit_resolver(tag, re.compile(regexp.pattern, regexp.flags),
-                                         first_chars)
-    return Loader
+            cls.add_implicit_resolver(tag, re.compile(regexp.pattern, regexp.flags), first_chars)
 
 
 def yaml_load(text: str | bytes) -> Any:
@@ -964,7 +969,6 @@ def _yaml_dumper() -> Any:
     else ('on', '0o17', '1e3'), so what it writes means the same to `yaml_load`, DVC and
     PyYAML; a string with a line break is one double-quoted line."""
     import yaml
-    from ruamel.yaml.resolver import implicit_resolvers
 
     class Dumper(yaml.SafeDumper):
         def represent_str(self, data: str) -> Any:
@@ -972,10 +976,7 @@ def _yaml_dumper() -> Any:
             return self.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
     Dumper.add_representer(str, Dumper.represent_str)
-    for versions, tag, regexp, first_chars in implicit_resolvers:
-        if (1, 2) in versions:  # after PyYAML's 1.1 rules: a str matching either is quoted
-            Dumper.add_implicit_resolver(tag, re.compile(regexp.pattern, regexp.flags),
-                                         first_chars)
+    _add_yaml12_resolvers(Dumper)  # after PyYAML's 1.1 rules: a str matching either is quoted
     return Dumper
 
 

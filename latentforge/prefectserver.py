@@ -82,22 +82,18 @@ def api_server() -> Iterator[None]:
     if prefectbg.configured_api_url() or not needs_temporary_server():
         yield
         return
-    if prefectbg.mode() == "temporary":
+    url: str | None = None
+    if prefectbg.mode() == "background":
+        try:
+            url = prefectbg.ensure()
+        except prefectbg.ServerUnavailable as exc:
+            log.warning("%s; this command uses a temporary Prefect server", exc)
+    if url is None:
         with temporary_server():
             yield
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url: str | None
-    try:
-        url = prefectbg.ensure()
-    except prefectbg.ServerUnavailable as exc:
-        log.warning("%s; this command uses a temporary Prefect server", exc)
-        url = None
-    if url is None:
-        with temporary_server():
-            yield
-        return
     saved = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url  # for children (a flow run process, a worker)
     try:
