@@ -268,8 +268,9 @@ class CacheConfig:
                             le=MAX_BATCH)
     shard_size: int = param(4096, "images per cache shard; shards commit one by one", ge=1,
                             le=MAX_SHARD)
-    hflip: bool = param(False, "also store a horizontally flipped view (off for digits, where "
-                        "flipping changes meaning)")
+    hflip: bool = param(False, "also store a horizontally flipped view, which the generator "
+                        "trains on beside the image (off for digits, where flipping changes "
+                        "meaning)")
     verify_samples: int = param(16, "images whose cached latents are decoded and compared with "
                                 "freshly encoded ones", ge=0, le=MAX_BATCH)
 

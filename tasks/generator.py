@@ -273,8 +273,18 @@ def sample(handle: GeneratorHandle, labels: np.ndarray, *, seed: int, steps: int
 def training_arrays(cache: Any, tok: TokenizerHandle, kind: str = "flow"
                     ) -> dict[str, np.ndarray]:
     """What the generator learns from: moments (kl; sampled fresh every step) or latents for
-    flow, the codes themselves for maskgit and ar."""
+    flow, the codes themselves for maskgit and ar.
+
+    A cache with flipped views (cache.hflip) adds them as rows of their own, with the same
+    labels: each draw then sees an image or its mirror with equal odds, as MAR trains on its
+    cached flips.
+    """
     arrays = cache.split("train")
+    if cache.manifest.get("hflip"):
+        flipped = {key.removeprefix("hflip_"): arrays[key] for key in arrays
+                   if key.startswith("hflip_")}
+        arrays = {key: np.concatenate([arrays[key], flipped.get(key, arrays[key])])
+                  for key in arrays if not key.startswith("hflip_")}
     if kind in TOKEN_KINDS:
         if cache.kind != "codes":
             raise DataError(f"generator.kind {kind!r} needs discrete codes, but the cache holds "

@@ -265,6 +265,19 @@ def test_fsq_cache_stores_codes_and_flipped_views(tiny_root, tmp_path, monkeypat
         latents = handle.model.codes_to_latents(torch.as_tensor(arrays[key], dtype=torch.long))
         same = ~differs
         np.testing.assert_allclose(latents.numpy()[same], fresh["latents"][same], atol=1e-6)
+    # The generator trains on both views: the flips are rows of their own, same labels.
+    from latentforge.tasks.generator import latent_statistics, training_arrays
+
+    for kind in ("maskgit", "flow"):
+        data = training_arrays(c, handle, kind)
+        assert set(data) == {"labels", "codes" if kind == "maskgit" else "latents"}
+        np.testing.assert_array_equal(data["labels"], np.tile(arrays["labels"], 2))
+    codes = training_arrays(c, handle, "maskgit")["codes"]
+    np.testing.assert_array_equal(codes, np.concatenate([arrays["codes"], arrays["hflip_codes"]]))
+    flipped = handle.model.codes_to_latents(torch.as_tensor(arrays["hflip_codes"],
+                                                            dtype=torch.long)).numpy()
+    np.testing.assert_allclose(data["latents"][360:], flipped, atol=1e-6)
+    assert latent_statistics(data)[0].shape == (3,)
 
 
 def test_binary_cache_stores_bit_pattern_codes(tiny_root, tmp_path, monkeypatch):
