@@ -132,19 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_bounded(int, 1, MAX_SAMPLES, "a count"), default=64,
                    help="number of images")
     p.add_argument("--steps", type=_bounded(int, 1, MAX_SAMPLE_STEPS, "a step count"),
-                   default=None, help="flow ODE steps (default: generator params; maskgit "
-                   "and ar sample as their generator stage set them)")
+                   default=None, help="flow ODE steps (default: as the model's stage "
+                   "sampled it; maskgit and ar sample as their generator stage set them)")
     p.add_argument("--cfg", type=_bounded(float, 0.0, None, "a CFG scale"), default=None,
-                   help="CFG scale (default: generator params)")
-    p.add_argument("--sampler", choices=["euler", "heun"], default=None)
+                   help="CFG scale (default: as the model's stage sampled it: "
+                   "generator.cfg_scale for a base generator, rl.cfg_scale for an RL one)")
+    p.add_argument("--sampler", choices=["euler", "heun"], default=None,
+                   help="flow ODE sampler (default: as the model's stage sampled it)")
     p.add_argument("--seed", type=_bounded(int, 0, MAX_SEED, "a seed"), default=0)
     p.add_argument("--model", default=None, help="generator folder or MLflow model URI "
                    "(models:/... or runs:/...); default: the pipeline's generator")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one logged with an "
                    "MLflow model, else the pipeline's)")
     p.add_argument("--decoder", default=None, help="post-trained decoder folder (default: "
-                   "artifacts/decoder where the posttrain stage trained one for this "
-                   "tokenizer; none: the tokenizer's own decoder)")
+                   "the one logged with an RL model, else artifacts/decoder where it is the "
+                   "model's own: post-trained for this generator, or the one RL fine-tuned "
+                   "through; none: the tokenizer's own decoder)")
     p.add_argument("--out", default="samples.png", help="PNG file to write")
 
     p = sub.add_parser("lineage", help="print a registered model's chain back to the source "
@@ -352,11 +355,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from latentforge import paths
-    from latentforge.config import load_params
     from latentforge.images import make_grid, save_png
-    from latentforge.tasks.generator import load_generator
+    from latentforge.tasks.generator import load_generator, sampling_defaults
 
-    cfg = load_params().generator
     model = args.model or str(paths.GENERATOR)
     if "://" in model or model.startswith("models:/"):
         import mlflow.pyfunc
@@ -386,18 +387,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
             gen = logged.model
     else:
         gen = load_generator(model, args.tokenizer or paths.TOKENIZER)
+    decoded_by = "the tokenizer's own decoder"
     if args.decoder != "none":
-        from latentforge.tasks.posttrain import apply_decoder, read_meta
+        from latentforge.tasks.posttrain import apply_decoder, decoder_for, read_meta
 
         if args.decoder:
             if read_meta(args.decoder) is None:
                 raise ConfigError(f"--decoder {args.decoder}: no {args.decoder}/decoder.json "
                                   "(a posttrain stage output folder), or `none`")
             apply_decoder(gen.tokenizer, args.decoder)
-        elif "decoder" in gen.tokenizer.meta:
-            pass  # a registered RL model: the decoder it was fine-tuned through, logged with it
-        elif (read_meta(paths.DECODER) or {}).get("tokenizer_sha256") == gen.tokenizer.sha256:
-            apply_decoder(gen.tokenizer, paths.DECODER)  # the pipeline's, for this tokenizer
+            decoded_by = f"the decoder in {args.decoder}"
+        else:  # the one the model's numbers were measured through, where it is here
+            folder, decoded_by = decoder_for(gen)
+            apply_decoder(gen.tokenizer, folder)
     names = gen.class_names
     if args.cls in names:
         index = names.index(args.cls)
@@ -406,14 +408,25 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         raise ConfigError(f"--class {args.cls!r} is not a class of this generator; classes: "
                           f"{', '.join(names)}")
-    labels = np.full(args.n, index)
-    images = gen.sample_images(labels, seed=args.seed,
-                               steps=cfg.sample_steps if args.steps is None else args.steps,
-                               cfg_scale=cfg.cfg_scale if args.cfg is None else args.cfg,
-                               sampler=args.sampler or cfg.sampler)
+    # As the stage that made the model sampled it (RL: its rollout CFG), unless told otherwise;
+    # a folder saved before it recorded that samples as params.yaml's generator section says.
+    if "sample_defaults" in gen.meta:
+        fallback = None
+    else:
+        from latentforge.config import load_params
+
+        fallback = load_params().generator
+    options = sampling_defaults(gen.meta, fallback)
+    for key, given in (("steps", args.steps), ("cfg_scale", args.cfg), ("sampler", args.sampler)):
+        if given is not None:
+            options[key] = given
+    images = gen.sample_images(np.full(args.n, index), seed=args.seed, **options)
     rows = [images[i:i + 8] for i in range(0, len(images), 8)]
     save_png(make_grid(rows), args.out)
-    print(f"wrote {args.n} samples of class {names[index]!r} to {args.out}")
+    how = (f"CFG {options['cfg_scale']:g}" if gen.kind != "flow" else
+           f"CFG {options['cfg_scale']:g}, {options['steps']} {options['sampler']} steps")
+    print(f"wrote {args.n} samples of class {names[index]!r} to {args.out} ({how}, seed "
+          f"{args.seed}; decoded by {decoded_by})")
     return 0
 
 

@@ -3,7 +3,8 @@
 Every stage input is found in MLflow by its digest, never by a workspace path (the folder
 holds other content after the next run): a model input is the registered version whose
 `latentforge.weights_sha256` tag equals the digest, a data input (prepared images, latent
-cache) the newest finished run that tagged `latentforge.output.<name>.sha256` with it. Runs
+cache, post-trained decoder) the newest finished run that tagged
+`latentforge.output.<name>.sha256` with it. Runs
 with identical outputs are interchangeable here (same bytes), so "newest" is a safe choice.
 
 Tags, on the consuming run and copied onto every model version it registers:
@@ -73,7 +74,7 @@ REGISTERED_MODELS: dict[str, RegisteredModel] = {
 }
 
 # Outputs of stages that register no model: found by the run's latentforge.output tag.
-PRODUCED_BY = {"prepared": "prepare", "cache": "cache"}
+PRODUCED_BY = {"prepared": "prepare", "cache": "cache", "decoder": "posttrain"}
 
 WHAT = {
     "judge": "A small CNN classifier of the prepared images, the pipeline's judge (the RL "
@@ -212,7 +213,7 @@ def params_digest(run: Any, stage: str) -> str:
 
 
 # Nearest stage first, so that the first branch printed is the chain back to the data.
-ORDER = ("rl", "generator", "cache", "tokenizer", "judge", "evaluator", "prepared")
+ORDER = ("rl", "generator", "decoder", "cache", "tokenizer", "judge", "evaluator", "prepared")
 
 
 def _references(tags: Mapping[str, str]) -> dict[str, tuple[str | None, str | None]]:

@@ -181,6 +181,33 @@ def load_generator(path: str | Path = paths.GENERATOR,
     return GeneratorHandle(model, meta, tok)
 
 
+SAMPLING_KEYS = ("steps", "sampler", "cfg_scale")
+
+
+def sampling_record(steps: int, sampler: str, cfg_scale: float) -> dict[str, Any]:
+    """meta["sample_defaults"]: how the stage sampled the images its metrics grade."""
+    return {"steps": int(steps), "sampler": str(sampler), "cfg_scale": float(cfg_scale)}
+
+
+def sampling_defaults(meta: dict[str, Any], fallback: GeneratorConfig | None = None
+                      ) -> dict[str, Any]:
+    """{"steps", "sampler", "cfg_scale"} that the model's own metrics were measured with.
+
+    A model saved before the folder recorded them falls back to `fallback` (the generator
+    section in use, or the schema's defaults); an RL model then to the CFG scale of its rollouts,
+    which its meta records, since RL trains the guided velocity.
+    """
+    recorded = meta.get("sample_defaults")
+    if isinstance(recorded, dict) and all(k in recorded for k in SAMPLING_KEYS):
+        return {k: recorded[k] for k in SAMPLING_KEYS}
+    cfg = fallback or GeneratorConfig()
+    out = sampling_record(cfg.sample_steps, cfg.sampler, cfg.cfg_scale)
+    rl_cfg = meta.get("rl", {}).get("params", {}).get("cfg_scale")
+    if rl_cfg is not None:
+        out["cfg_scale"] = float(rl_cfg)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Sampling many images: in-process, or on a Ray Data actor pool
 # --------------------------------------------------------------------------------------------
@@ -580,7 +607,8 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     meta: dict[str, Any] = {
         "model": asdict(model_cfg), "latent_shape": tok.meta["latent_shape"], **kind_meta,
         "class_names": prepared.class_names, "tokenizer_sha256": tok.sha256,
-        "cache_key": cache.key, "evaluator_sha256": evaluator.sha256}
+        "cache_key": cache.key, "evaluator_sha256": evaluator.sha256,
+        "sample_defaults": sampling_record(cfg.sample_steps, cfg.sampler, cfg.cfg_scale)}
     spec = TrainSpec(build_model=functools.partial(build_model, model_cfg), loss_fn=loss_fn,
                      data=data, evaluate=PeriodicEval(meta, cfg, evaluator, tok, ref_feats),
                      eval_every=cfg.eval_every, code=paths.code_sha256("generator"))

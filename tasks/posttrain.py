@@ -139,6 +139,34 @@ def apply_decoder(tok: TokenizerHandle, decoder_dir: str | Path | None) -> Token
     return tok
 
 
+def decoder_for(handle: GeneratorHandle, decoder_dir: str | Path = paths.DECODER
+                ) -> tuple[Path | None, str]:
+    """The post-trained decoder in `decoder_dir` that `handle` belongs with, if it is there,
+    and why (for the user): an RL model's own (the one its rollouts were decoded through, as
+    its meta records), or, for a base generator, one post-trained on that generator's samples.
+    A decoder post-trained for another generator is left out: its numbers were not measured
+    with this one."""
+    if "decoder" in handle.tokenizer.meta:
+        return None, "the post-trained decoder logged with the model"
+    meta = read_meta(decoder_dir) or {}
+    here = meta.get("sha256") if meta.get("enabled") else None
+    rl = handle.meta.get("rl")
+    if rl is not None:
+        wanted = rl.get("decoder_sha256")
+        if not wanted:
+            return None, "the tokenizer's own decoder, which RL fine-tuned through"
+        if here == wanted:
+            return Path(decoder_dir), f"the post-trained decoder RL fine-tuned through ({decoder_dir})"
+        log.warning("this RL generator was fine-tuned through post-trained decoder %s, which %s "
+                    "does not hold (it holds %s): decoding with the tokenizer's own decoder; "
+                    "pass --decoder with that decoder's folder", wanted[:12], decoder_dir,
+                    here[:12] if here else "none")
+        return None, "the tokenizer's own decoder (its RL decoder is not here)"
+    if here and meta.get("generator_sha256") == handle.meta.get("sha256"):
+        return Path(decoder_dir), f"the decoder post-trained for this generator ({decoder_dir})"
+    return None, "the tokenizer's own decoder"
+
+
 # --------------------------------------------------------------------------------------------
 # Generator-made latents of real images
 # --------------------------------------------------------------------------------------------
@@ -406,8 +434,10 @@ def run(params: Params, out_dir: str | Path = paths.DECODER,
         storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
         storage.write_bytes_atomic(tmp / "train_curve.csv", loss_curve_csv(result.history).encode())
         save_png(recon_grid(before_img, after_img), tmp / "before_after.png")
-    for name in (META, "before_after.png"):
-        tracker.log_artifact(out_dir / name)
+    tracker.log_artifact(out_dir / "before_after.png")
+    # decoder.json names what it was post-trained for: rl and evaluate find this run by the
+    # weights' digest (lineage), as they find the prepare and cache runs.
+    tracker.log_output("decoder", out_dir / META, meta["sha256"])
     log.info("posttrain: gFD-eval %s -> %s (after - before %s); evaluator accuracy %.4f -> "
              "%.4f; val PSNR %.2f -> %.2f dB", with_interval(m, "gfd_eval_before"),
              with_interval(m, "gfd_eval_after"), with_interval(m, "gfd_eval_diff", sign=True),

@@ -76,6 +76,7 @@ from latentforge.tasks.generator import (
     class_grid,
     load_generator,
     sample_token_rollout,
+    sampling_record,
     score_samples,
 )
 from latentforge.tasks.judge import JudgeScorer, load_judge
@@ -733,6 +734,8 @@ def train_seed(inp: Inputs, seed: int, prefix: str, tracker: Tracker,
     result.history[-1].update({f"eval/{k}": v for k, v in after.items()})
     tracker.log_metrics({f"{prefix}eval/{k}": v for k, v in after.items()}, step=cfg.steps)
     meta = copy.deepcopy(base_meta)
+    # Sampled as RL evaluated it (its rollout CFG), not as the base was.
+    meta["sample_defaults"] = sampling_record(inp.es.steps, inp.es.sampler, inp.es.cfg_scale)
     meta["rl"] = {"base_generator_sha256": base_sha, "judge_sha256": inp.judge.sha256,
                   "evaluator_sha256": inp.evaluator.sha256, "tokenizer_sha256": tok.sha256,
                   "reward": inp.reward.definition(), "params": dataclasses.asdict(cfg),

@@ -146,10 +146,22 @@ def test_a_registered_generator_samples_anywhere_with_its_own_tokenizer(chain, t
     assert main(["sample", "--class", "3", "--n", "8", "--steps", "3", "--model",
                  "models:/test-generator/1", "--out", str(out)]) == 0
     assert "8 samples of class '3'" in capsys.readouterr().out and out.exists()
-    images = mlflow.pyfunc.load_model(uri).predict(np.array([1, 2]))
-    expected = generator.load_generator(d["gen"], d["tok"]).sample_images(
-        np.array([1, 2]), seed=0, steps=25, cfg_scale=1.5)
-    np.testing.assert_array_equal(images, expected)
+    # pyfunc samples as the stage did (tiny: 4 euler steps at CFG 1.5) unless params say so.
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    handle = generator.load_generator(d["gen"], d["tok"])
+    assert handle.meta["sample_defaults"] == {"steps": 4, "sampler": "euler", "cfg_scale": 1.5}
+    params = {p.name: p.default for p in pyfunc.metadata.get_params_schema().params}
+    assert params == {"seed": 0, "steps": 4, "cfg_scale": 1.5, "sampler": "euler"}
+    labels = np.array([1, 2])
+    np.testing.assert_array_equal(pyfunc.predict(labels), handle.sample_images(
+        labels, seed=0, steps=4, cfg_scale=1.5, sampler="euler"))
+    chosen = {"seed": 5, "steps": 2, "cfg_scale": 3.0, "sampler": "heun"}
+    np.testing.assert_array_equal(pyfunc.predict(labels, params=chosen),
+                                  handle.sample_images(labels, **chosen))
+    for bad, match in (({"steps": 0}, "steps"), ({"cfg_scale": float("nan")}, "cfg_scale"),
+                       ({"sampler": "rk4"}, "sampler"), ({"seed": -1}, "seed")):
+        with pytest.raises(Exception, match=match):
+            pyfunc.predict(labels, params=bad)
 
 
 def test_sampling_on_two_ray_data_actors_matches_sampling_in_process(chain, ray_local):

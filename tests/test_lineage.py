@@ -1,8 +1,8 @@
 """Lineage in MLflow: the experiment kind, tags that lead from every registered version back to
 the prepared data, dataset sources that name content, and `latentforge lineage`.
 
-The chain fixture runs prepare -> judge -> tokenizer -> cache -> generator -> rl on the tiny
-preset through `runner.execute_stage` (each stage its own MLflow run, as DVC runs them) into
+The chain fixture runs prepare -> judge -> tokenizer -> cache -> generator -> posttrain -> rl
+on the tiny preset through `runner.execute_stage` (each stage its own MLflow run, as DVC runs them) into
 an SQLite store; the walk below then uses MLflow's client API alone.
 """
 
@@ -20,7 +20,7 @@ from latentforge.config import TrackingConfig, build_params, load_params, write_
 from latentforge.errors import LatentForgeError
 
 REPO = Path(__file__).resolve().parents[1]
-CHAIN = ("prepare", "judge", "tokenizer", "cache", "generator", "rl")
+CHAIN = ("prepare", "judge", "tokenizer", "cache", "generator", "posttrain", "rl")
 RL_MODEL = lineage.REGISTERED_MODELS["rl"].name
 
 
@@ -33,10 +33,11 @@ def client_for(root):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory, ray_local):
-    """A project folder after the six stages ran with tracking on; yields its root."""
+    """A project folder after the seven stages ran with tracking on; yields its root."""
     root = tmp_path_factory.mktemp("lineage")
     raw = load_params(REPO / "presets/tiny.yaml").to_dict()
     raw["prepare"]["max_images"] = 300
+    raw["posttrain"]["enabled"] = True  # rl then decodes through its decoder: a data input
     params = build_params(raw)
     shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")  # a DVC project: inputs get dvc_path
     write_params_file(params, root / "params.yaml")
@@ -143,6 +144,13 @@ def test_mlflow_alone_walks_from_the_rl_generator_back_to_the_prepared_data(chai
     cache_run = client.get_run(base_tags["latentforge.upstream.cache_run"])
     assert cache_run.data.tags["latentforge.stage"] == "cache"
     assert cache_run.data.tags["latentforge.output.cache.sha256"] == cache_key
+    # The post-trained decoder RL decoded through: found by its digest, like the cache.
+    decoder_meta = json.loads((chain / paths.DECODER / "decoder.json").read_text())
+    decoder_run = client.get_run(rl_tags["latentforge.upstream.decoder_run"])
+    assert decoder_run.data.tags["latentforge.stage"] == "posttrain"
+    assert decoder_run.data.tags["latentforge.output.decoder.sha256"] == decoder_meta["sha256"]
+    assert decoder_run.data.tags["latentforge.upstream.generator"] == \
+        rl_tags["latentforge.upstream.generator"]
     prepare_run = client.get_run(cache_run.data.tags["latentforge.upstream.prepared_run"])
     assert prepare_run.data.tags["latentforge.stage"] == "prepare"
     assert prepare_run.data.tags["latentforge.output.prepared.sha256"] == manifest_sha
@@ -173,7 +181,8 @@ def test_mlflow_alone_walks_from_the_rl_generator_back_to_the_prepared_data(chai
         RL_MODEL, "latentforge-generator", "latentforge-tokenizer", "latentforge-judge",
         "latentforge-evaluator"}
     assert {client.get_run(ref).data.tags["latentforge.stage"] for kind, ref in seen
-            if kind == "run"} == {"prepare", "judge", "tokenizer", "cache", "generator"}
+            if kind == "run"} == {"prepare", "judge", "tokenizer", "cache", "generator",
+                                  "posttrain"}
 
 
 def test_runs_log_every_param_their_stage_reads_and_what_decided_the_numerics(chain):
@@ -230,7 +239,8 @@ def test_datasets_name_content_not_workspace_folders(chain):
             assert profile["sha256"].startswith(ds.digest)
             assert profile["dvc_path"] in {str(p) for p in (paths.PREPARED, paths.CACHE,
                                                             paths.JUDGE, paths.EVALUATOR,
-                                                            paths.TOKENIZER, paths.GENERATOR)}
+                                                            paths.TOKENIZER, paths.GENERATOR,
+                                                            paths.DECODER)}
     # the content they name is where they say: the prepared manifest, byte for byte
     prepare_id = rl_version.tags["latentforge.upstream.prepared_run"]
     local = mlflow.artifacts.download_artifacts(f"runs:/{prepare_id}/manifest.json",
@@ -249,8 +259,11 @@ def test_lineage_command_prints_every_hop_and_the_source(chain):
                                f"run {rl_version.run_id}  params ")
     # the chain back to the data, nearest stage first, each hop once
     hops = [line.strip().split(":")[0] for line in lines[1:] if "stage " in line]
-    # the evaluator (the generator's and rl's grader) hangs off the generator, after the data
-    assert hops == ["rl", "generator", "cache", "tokenizer", "judge", "prepared", "evaluator"]
+    # the evaluator (the generator's and rl's grader) hangs off the generator, after the data;
+    # the decoder rl decoded through comes from the posttrain run of that generator
+    assert hops == ["rl", "generator", "cache", "tokenizer", "judge", "prepared", "evaluator",
+                    "decoder"]
+    assert any(line.startswith("  decoder: stage posttrain  run ") for line in lines)
     for name in ("latentforge-generator/1", "latentforge-tokenizer/1", "latentforge-judge/1",
                  "latentforge-evaluator/1"):
         assert sum(f"{name}  stage" in line for line in lines) == 1, name

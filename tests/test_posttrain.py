@@ -303,6 +303,46 @@ def test_sample_command_decodes_with_the_pipelines_decoder_unless_told(tiny_inpu
         capsys.readouterr().err
 
 
+def test_sample_command_samples_as_the_model_was_measured(tiny_inputs: Path, tmp_path: Path,
+                                                         monkeypatch, capsys) -> None:
+    """CFG, steps and sampler as the model's stage recorded them; the pipeline's decoder only
+    where it was post-trained for this generator."""
+    from latentforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    gen, decoder = tmp_path / "generator", tmp_path / "artifacts" / "decoder"
+    shutil.copytree(tiny_inputs / "generator", gen)
+    shutil.copytree(tiny_inputs / "decoder", decoder)
+    meta = json.loads((gen / "generator.json").read_text())
+    meta["sample_defaults"] = {"steps": 3, "sampler": "heun", "cfg_scale": 3.0}
+    (gen / "generator.json").write_text(json.dumps(meta))
+    common = ["sample", "--class", "3", "--n", "4", "--model", str(gen), "--tokenizer",
+              str(tiny_inputs / "tokenizer")]
+    as_recorded = ["--cfg", "3", "--steps", "3", "--sampler", "heun"]
+
+    def grid(name: str, *extra: str) -> tuple[bytes, str]:
+        assert main([*common, *extra, "--out", f"{name}.png"]) == 0, capsys.readouterr().err
+        return (tmp_path / f"{name}.png").read_bytes(), capsys.readouterr().out
+
+    recorded, line = grid("recorded")
+    assert "(CFG 3, 3 heun steps, seed 0; decoded by the decoder post-trained for this " \
+           "generator" in line
+    assert grid("explicit", *as_recorded)[0] == recorded
+    other, line = grid("cfg2", "--cfg", "2")
+    assert other != recorded and "CFG 2, 3 heun steps" in line
+    # A folder saved before the record: params.yaml's generator section (here its defaults).
+    del meta["sample_defaults"]
+    (gen / "generator.json").write_text(json.dumps(meta))
+    assert "CFG 1.5, 25 heun steps" in grid("old")[1]
+    # A decoder post-trained for another generator is not this one's: the tokenizer's own.
+    decoder_meta = json.loads((decoder / "decoder.json").read_text())
+    (decoder / "decoder.json").write_text(json.dumps({**decoder_meta,
+                                                      "generator_sha256": "0" * 64}))
+    mine, line = grid("other_decoder", *as_recorded)
+    assert mine == grid("own", *as_recorded, "--decoder", "none")[0] != recorded
+    assert "decoded by the tokenizer's own decoder)" in line
+
+
 def test_a_registered_rl_model_decodes_through_the_decoder_it_was_tuned_with(
         tiny_inputs: Path, tmp_path: Path, monkeypatch, capsys) -> None:
     from latentforge import tracking
@@ -332,3 +372,12 @@ def test_a_registered_rl_model_decodes_through_the_decoder_it_was_tuned_with(
         assert main([*args, "--out", f"{name}.png"]) == 0, capsys.readouterr().err
         grids[name] = (elsewhere / f"{name}.png").read_bytes()
     assert grids["registered"] == grids["local"] != grids["local_own"] == grids["registered_own"]
+    # The local RL folder where its decoder is not: the tokenizer's own, and a warning saying so;
+    # where it is (the workspace's artifacts/decoder), that one.
+    assert main([*local, "--out", "local_default.png"]) == 0
+    assert "fine-tuned through post-trained decoder" in capsys.readouterr().err
+    assert (elsewhere / "local_default.png").read_bytes() == grids["local_own"]
+    shutil.copytree(root / "decoder", elsewhere / "artifacts" / "decoder")
+    assert main([*local, "--out", "local_here.png"]) == 0
+    assert "decoded by the post-trained decoder RL fine-tuned through" in capsys.readouterr().out
+    assert (elsewhere / "local_here.png").read_bytes() == grids["local"]
