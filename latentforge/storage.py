@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -31,6 +34,8 @@ from latentforge.errors import DataError
 
 if TYPE_CHECKING:
     from latentforge.config import StorageConfig
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 
@@ -288,6 +293,86 @@ def list_files(path: str | os.PathLike[str]) -> list[str]:
     return sorted(str(p) for p in root.rglob("*") if p.is_file())
 
 
+# Names of the folders atomic_dirs builds and swaps out: `.NAME.tmp-PID-HOST-RANDOM` and
+# `.NAME.old-PID-HOST-RANDOM`, HOST a digest of the host name, so that the next write of NAME
+# can tell one a killed process left (its PID is gone on this host) from one being written.
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-"
+                       r"[0-9a-f]{8}")
+_OLD_STYLE = re.compile(r"\.(?P<name>.+)\.(?P<what>tmp|old)-[0-9a-f]{8}")
+OLD_STYLE_AGE_S = 24 * 3600  # names without a PID (earlier versions): swept once this old
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _side_name(final: Path, what: str) -> Path:
+    return final.parent / f".{final.name}.{what}-{os.getpid()}-{_host_tag()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _abandoned(entry: Path, final: Path, now: float) -> str | None:
+    """The kind, tmp or old, when `entry` is a side folder of `final` that nobody writes."""
+    match = _LEFTOVER.fullmatch(entry.name)
+    if match and match["name"] == final.name:
+        if match["host"] != _host_tag() or _pid_alive(int(match["pid"])):
+            return None  # another machine's (shared disk), or still being written
+        return match["what"]
+    match = _OLD_STYLE.fullmatch(entry.name)
+    if match and match["name"] == final.name:
+        with contextlib.suppress(OSError):
+            if now - entry.lstat().st_mtime > OLD_STYLE_AGE_S:
+                return match["what"]
+    return None
+
+
+def sweep_leftovers(final: str | os.PathLike[str]) -> list[Path]:
+    """Clear what a killed write of folder `final` left beside it; return what was removed.
+
+    A process killed while building leaves `.NAME.tmp-*` (removed); one killed between its two
+    renames leaves the previous output as `.NAME.old-*` with no NAME (put back in place: the
+    new one was never committed), or beside the new NAME (removed). Side folders of a live
+    process, or of another host sharing the disk, are left alone.
+    """
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    import time
+
+    now = time.time()
+    found: dict[str, list[Path]] = {"tmp": [], "old": []}
+    for entry in final.parent.iterdir():
+        if entry.name.startswith(f".{final.name}."):
+            what = _abandoned(entry, final, now)
+            if what:
+                found[what].append(entry)
+    if found["old"] and not final.exists():
+        newest = max(found["old"], key=lambda p: p.lstat().st_mtime)
+        os.replace(newest, final)
+        found["old"].remove(newest)
+        log.warning("%s: put back the previous output that an interrupted write had moved "
+                    "aside (%s)", final, newest.name)
+    removed = found["tmp"] + found["old"]
+    for entry in removed:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if removed:
+        log.info("%s: removed %d folder(s) an interrupted write left beside it", final,
+                 len(removed))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Build a folder under a temporary name; on success swap it in, on failure leave no trace.
@@ -309,7 +394,8 @@ def atomic_dirs(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
     try:
         for final in finals:
             final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+            sweep_leftovers(final)
+            tmp = _side_name(final, "tmp")
             tmp.mkdir()
             tmps.append(tmp)
         yield tmps
@@ -320,7 +406,7 @@ def atomic_dirs(*paths: str | os.PathLike[str]) -> Iterator[list[Path]]:
     olds = []
     try:
         for final, tmp in zip(finals, tmps, strict=True):
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            old = _side_name(final, "old")
             had = final.exists()
             if had:
                 os.replace(final, old)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 
@@ -28,6 +34,82 @@ def test_atomic_dir_keeps_previous_output_on_failure(tmp_path):
     with storage.atomic_dir(out) as tmp:
         (tmp / "new.txt").write_text("v2")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
+
+
+BUILDER = textwrap.dedent("""
+    import sys, time
+    from latentforge import storage
+    with storage.atomic_dir(sys.argv[1]) as tmp:
+        (tmp / "half.bin").write_bytes(b"x" * 1000)
+        print(tmp.name, flush=True)
+        time.sleep(600)
+""")
+
+
+def start_builder(out) -> tuple[subprocess.Popen, str]:
+    """A process building `out` in atomic_dir, stopped mid-write; returns it and its temp name."""
+    proc = subprocess.Popen([sys.executable, "-c", BUILDER, str(out)], stdout=subprocess.PIPE,
+                            text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_killed_write_is_swept_by_the_next_and_a_live_one_is_left_alone(tmp_path):
+    out = tmp_path / "out"
+    with storage.atomic_dir(out) as tmp:
+        (tmp / "good.txt").write_text("v1")
+    killed, killed_tmp = start_builder(out)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert killed_tmp.startswith(f".out.tmp-{killed.pid}-") and (tmp_path / killed_tmp).is_dir()
+    live, live_tmp = start_builder(out)  # its own write sweeps the killed one's folder
+    try:
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live_tmp, "out"]
+        with storage.atomic_dir(out) as tmp:
+            (tmp / "new.txt").write_text("v2")
+        # The running writer's folder is untouched.
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live_tmp, "out"]
+        assert [p.name for p in out.iterdir()] == ["new.txt"]
+        assert [p.name for p in (tmp_path / live_tmp).iterdir()] == ["half.bin"]
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_an_output_moved_aside_by_a_killed_swap_is_put_back(tmp_path):
+    """Killed between its two renames: the previous output sits at .NAME.old-*, NAME is gone."""
+    out, host = tmp_path / "out", storage._host_tag()
+    aside = tmp_path / f".out.old-{dead_pid()}-{host}-0123abcd"
+    aside.mkdir()
+    (aside / "good.txt").write_text("v1")
+    half = tmp_path / f".out.tmp-{dead_pid()}-{host}-4567abcd"
+    half.mkdir()
+    removed = storage.sweep_leftovers(out)
+    assert removed == [half] and (out / "good.txt").read_text() == "v1"
+    # Beside a committed NAME, a dead writer's .old is removed; another host's is not touched
+    # (a disk two machines share), nor a name that is not a side folder of NAME.
+    stale = tmp_path / f".out.old-{dead_pid()}-{host}-89abcdef"
+    other_host = tmp_path / f".out.tmp-{dead_pid()}-{'0' * 8 if host != '0' * 8 else '1' * 8}-01234567"
+    unrelated = tmp_path / f".outer.tmp-{dead_pid()}-{host}-01234567"
+    for folder in (stale, other_host, unrelated):
+        folder.mkdir()
+    assert storage.sweep_leftovers(out) == [stale]
+    assert other_host.is_dir() and unrelated.is_dir() and (out / "good.txt").exists()
+
+
+def test_leftovers_of_earlier_versions_are_swept_once_a_day_old(tmp_path):
+    out = tmp_path / "out"
+    old, recent = tmp_path / ".out.tmp-0123abcd", tmp_path / ".out.tmp-4567abcd"
+    for folder in (old, recent):
+        folder.mkdir()
+    day_ago = time.time() - storage.OLD_STYLE_AGE_S - 60
+    os.utime(old, (day_ago, day_ago))
+    assert storage.sweep_leftovers(out) == [old] and recent.is_dir()
 
 
 def test_s3_roundtrip_through_fsspec(s3_bucket):
