@@ -7,6 +7,7 @@ it), calls `tasks/<stage>.run(...)`, writes the DVC metrics file, and leaves a s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -83,6 +84,30 @@ def numerics_tags() -> dict[str, str]:
     return tags
 
 
+def code_tags(stage: str, root: Path) -> dict[str, str]:
+    """The digest of the stage's code as this process runs it and, where the workspace holds
+    other versions of those files, which ones (with a warning).
+
+    They differ under a non-editable install (a Docker image's /opt/latentforge, `pip install
+    .`): DVC hashes the workspace's files into dvc.lock, but the installed ones ran, so an edit
+    in the workspace reruns the stage and changes nothing. The tag keeps the run honest about
+    what ran; `pip install -e .` runs the workspace's code."""
+    tags = {f"{tracking.TAG_PREFIX}code_sha256": paths.code_sha256(stage)}
+    differs = []
+    for rel in paths.STAGES[stage].code:
+        here, ran = root / rel, paths.source_file(rel)
+        with contextlib.suppress(OSError):  # no such file in the workspace: nothing to compare
+            if here.resolve() != ran.resolve() and here.read_bytes() != ran.read_bytes():
+                differs.append(rel)
+    if differs:
+        log.warning("%s: the workspace's %s differ from the code this process runs (%s, an "
+                    "installed copy); dvc.lock records the workspace's files, but the installed "
+                    "ones run: install the workspace (`pip install -e .`) to run your edits",
+                    stage, ", ".join(differs), paths.source_file(differs[0]).parent)
+        tags[f"{tracking.TAG_PREFIX}code_differs_from_workspace"] = ",".join(differs)
+    return tags
+
+
 def _call_task(stage: str, params: Params, tracker: tracking.Tracker) -> StageResult:
     module = importlib.import_module(f"latentforge.tasks.{stage}")
     return module.run_stage(params, tracker)
@@ -101,7 +126,8 @@ def execute_stage(stage: str, params: Params, root: str | Path = ".",
     root = Path(root)
     parent = os.environ.get(tracking.PARENT_RUN_ENV) or None
     started = time.time()
-    with tracking.start_run(params.tracking, stage, stage_tags(stage), parent, root) as tracker:
+    tags = {**stage_tags(stage), **code_tags(stage, root)}
+    with tracking.start_run(params.tracking, stage, tags, parent, root) as tracker:
         tracker.log_params(logged_params(stage, params))
         result = _call_task(stage, params, tracker)
         tracker.set_tags(numerics_tags())

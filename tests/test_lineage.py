@@ -208,6 +208,9 @@ def test_runs_log_every_param_their_stage_reads_and_what_decided_the_numerics(ch
     assert not any(k.startswith(("tokenizer.", "judge.")) for k in logged)  # not read by rl
     assert rl_run.data.tags["latentforge.fp32_linear"] == fp32_linear_backend()
     assert rl_run.data.tags["latentforge.torch_threads"] == str(torch.get_num_threads())
+    # the code that ran, by digest (the chain's folder holds no code to differ from)
+    assert rl_run.data.tags["latentforge.code_sha256"] == paths.code_sha256("rl")
+    assert "latentforge.code_differs_from_workspace" not in rl_run.data.tags
 
     def digest(**changed: str) -> str:  # a run logging these params instead
         return params_digest(SimpleNamespace(data=SimpleNamespace(params={**logged, **changed})),

@@ -381,6 +381,30 @@ def test_stage_code_digests_follow_the_files_dvc_watches(tmp_path: Path, monkeyp
         s for s, spec in paths.STAGES.items() if "models/layers.py" in spec.code}
 
 
+def test_a_workspace_whose_code_is_not_the_code_that_runs_is_named(tmp_path: Path,
+                                                                    caplog) -> None:
+    """A non-editable install runs its own copy while DVC hashes the workspace's files: the
+    run's tags say which differ, and a warning says how to run the workspace's code."""
+    from latentforge import paths, runner
+
+    repo = Path(__file__).resolve().parents[1]
+    code = paths.STAGES["judge"].code
+    tag, differs = "latentforge.code_sha256", "latentforge.code_differs_from_workspace"
+    assert runner.code_tags("judge", repo) == {tag: paths.code_sha256("judge")}
+    assert runner.code_tags("judge", tmp_path) == {tag: paths.code_sha256("judge")}  # no code
+    for rel in code:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes((repo / rel).read_bytes())
+    assert runner.code_tags("judge", tmp_path) == {tag: paths.code_sha256("judge")}
+    with (tmp_path / "tasks/judge.py").open("a") as f:
+        f.write("# an edit the installed copy does not have\n")
+    with caplog.at_level("WARNING", logger="latentforge.runner"):
+        tags = runner.code_tags("judge", tmp_path)
+    assert tags == {tag: paths.code_sha256("judge"), differs: "tasks/judge.py"}
+    assert "the workspace's tasks/judge.py differ from the code this process runs" in caplog.text
+    assert "pip install -e ." in caplog.text
+
+
 def test_auto_precision_that_picks_fp32_trains_exactly_as_fp32(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from latentforge import precision
