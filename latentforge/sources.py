@@ -56,6 +56,16 @@ name in an npz's `class_names` that no label uses) are left out of class_names w
 warning under `on_bad_image: skip`, and are a DataError under `fail`. In an image folder,
 files outside a class sub-folder, with another suffix, or below a hidden (dot) name are
 ignored and listed.
+
+Image folders as people bring them: a class is the first folder below `path` (compared as
+paths, so `./data` reads like `data`), or the second where every top-level folder is a split
+folder (train/, val/, test/, ...: pooled, and split anew like every source); images deeper
+down count in their class, with a warning naming one; symlinked folders are followed, each
+real folder once. A photo is turned upright by its EXIF orientation before conversion (a
+phone stores it sideways with a tag saying how to turn it). A class folder whose name is not
+UTF-8 text is a DataError (class names go into JSON, MLflow and figures); a file so named is
+read, its bytes entering the fingerprint. Prepared data whose brightest pixel is below 32
+(12-bit data in 16-bit files, scaled by 65535) is called out in a warning.
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import struct
 import zipfile
 import zlib
@@ -550,9 +561,18 @@ def parse_idx(path: str, data: bytes, ndim: int, types: tuple[int, ...] = (IDX_U
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
 
 
-def _idx_pairs(path: str) -> list[tuple[str, str]]:
+def _idx_pairs(path: str, warnings: list[str] | None = None) -> list[tuple[str, str]]:
     files = storage.list_files(path) if not _looks_like_idx_images(path) else [path]
     images = [f for f in files if _looks_like_idx_images(f)]
+    # torchvision's MNIST/raw keeps each file twice, unpacked and as .gz: read it once
+    unpacked = set(images)
+    doubles = [f for f in images if f.endswith(".gz") and f.removesuffix(".gz") in unpacked]
+    for f in doubles:
+        images.remove(f)
+        message = f"{f} is {f.removesuffix('.gz')} compressed: read once, unpacked"
+        log.warning("%s", message)
+        if warnings is not None:
+            warnings.append(message)
     pairs = []
     for img in images:
         lbl = img.replace("images-idx3-ubyte", "labels-idx1-ubyte").replace(
@@ -570,7 +590,8 @@ def _looks_like_idx_images(path: str) -> bool:
 
 def read_idx(cfg: PrepareConfig) -> SourceData:
     """MNIST-format IDX pairs (raw or .gz) found in `cfg.path` (a folder or an images file)."""
-    pairs = _idx_pairs(cfg.path)
+    warnings: list[str] = []
+    pairs = _idx_pairs(cfg.path, warnings)
     if not pairs:
         raise DataError(f"{cfg.path}: no IDX image files (*-images-idx3-ubyte[.gz]) found")
     digest = hashlib.sha256(b"idx")
@@ -590,9 +611,11 @@ def read_idx(cfg: PrepareConfig) -> SourceData:
     images, conversions = _transform_all(np.concatenate(all_images), cfg, "IDX unsigned bytes")
     handling = {"from": f"IDX label files ({', '.join(sorted(label_dtypes))})",
                 "checks": "whole numbers >= 0",
-                "class_names": "the distinct label values, in order", "renumbered": renumbered}
+                "class_names": "the distinct label values, in order", "renumbered": renumbered,
+                "files": f"{len(pairs)} image/label pair(s) pooled (MNIST's train and t10k "
+                         "alike), then split anew by prepare.val_fraction"}
     return SourceData(images, labels, names, digest.hexdigest(), conversions=conversions,
-                      label_handling=handling)
+                      label_handling=handling, warnings=warnings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,50 +646,145 @@ def decode_image(path: str, data: bytes) -> Image.Image:
     return img
 
 
-def _list_folder(root: str) -> tuple[list[tuple[str, str, str]], dict[str, int],
-                                     list[dict[str, str]]]:
-    """(class, relative name, full path) per image file, the count of other files per class
-    folder (every class folder has an entry), and the files ignored with why."""
-    entries: list[tuple[str, str, str]] = []
-    others: dict[str, int] = {}
-    ignored: list[dict[str, str]] = []
-    for f in storage.list_files(root):
-        rel = PurePosixPath(f[len(root):].lstrip("/").replace("\\", "/"))
+# Top-level folders of a data set that ships its own split (ImageNet-style train/ and val/):
+# their sub-folders are the classes. LatentForge pools them and splits anew.
+SPLIT_FOLDERS = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+
+
+@dataclass
+class FolderListing:
+    """What a folder source holds: image files by class, and everything else with why."""
+
+    entries: list[tuple[str, str, str]]  # (class, relative name, full path) per image file
+    others: dict[str, int]  # class -> count of other files (every class folder has an entry)
+    ignored: list[dict[str, str]]  # files left out, with why
+    class_dirs: dict[str, list[str]]  # class -> its folder(s) (one per split folder)
+    splits: list[str]  # the split folders pooled (empty: the classes are top-level folders)
+    nested: list[str]  # image files below a sub-folder of their class folder
+
+
+def _relative(root: str, path: str) -> PurePosixPath:
+    """`path` below `root`, as listed: a local path is compared as a path, so that `./data`
+    or `data/./x` name the same folder as `data` does."""
+    if storage.is_url(root):
+        return PurePosixPath(path[len(root):].lstrip("/"))
+    return PurePosixPath(Path(path).relative_to(Path(root)).as_posix())
+
+
+def _list_folder(root: str) -> FolderListing:
+    """The folder source's files: one sub-folder per class, or train/, val/ ... folders each
+    with one sub-folder per class; images deeper down count in their class."""
+    rels = [(_relative(root, f), f) for f in storage.list_files(root)]
+    visible = [(rel, f) for rel, f in rels if not any(p.startswith(".") for p in rel.parts)]
+    tops = {rel.parts[0] for rel, _ in visible if len(rel.parts) > 1}
+    images = [rel for rel, _ in visible if rel.suffix.lower() in IMAGE_SUFFIXES]
+    split = bool(tops) and all(t.lower() in SPLIT_FOLDERS for t in tops) and all(
+        len(rel.parts) >= 3 for rel in images if len(rel.parts) > 1)
+    depth = 2 if split else 1  # parts up to and including the class folder
+    listing = FolderListing([], {}, [], {}, sorted(tops) if split else [], [])
+
+    def class_of(rel: PurePosixPath) -> str:
+        name = rel.parts[depth - 1]
+        listing.others.setdefault(name, 0)
+        folder = "/".join(rel.parts[:depth])
+        if folder not in listing.class_dirs.setdefault(name, []):
+            listing.class_dirs[name].append(folder)
+        return name
+
+    for rel, f in rels:
         if any(p.startswith(".") for p in rel.parts):
-            ignored.append({"path": f, "reason": "hidden (a name starts with '.')"})
-            if len(rel.parts) > 1 and not rel.parts[0].startswith("."):
-                others[rel.parts[0]] = others.get(rel.parts[0], 0) + 1
-        elif len(rel.parts) < 2:
-            ignored.append({"path": f, "reason": "not inside a class sub-folder"})
+            listing.ignored.append({"path": f, "reason": "hidden (a name starts with '.')"})
+            if len(rel.parts) > depth and not any(p.startswith(".") for p in rel.parts[:depth]):
+                listing.others[class_of(rel)] += 1
+        elif len(rel.parts) <= depth:
+            listing.ignored.append({"path": f, "reason": "not inside a class sub-folder" + (
+                " of a split folder" if split and len(rel.parts) == 2 else "")})
         elif rel.suffix.lower() not in IMAGE_SUFFIXES:
-            others[rel.parts[0]] = others.get(rel.parts[0], 0) + 1
-            ignored.append({"path": f, "reason": f"suffix '{rel.suffix}' is not one of "
-                                                 f"{' '.join(IMAGE_SUFFIXES)}"})
+            listing.others[class_of(rel)] += 1
+            listing.ignored.append({"path": f, "reason": f"suffix '{rel.suffix}' is not one of "
+                                                         f"{' '.join(IMAGE_SUFFIXES)}"})
         else:
-            others.setdefault(rel.parts[0], 0)
-            entries.append((rel.parts[0], str(rel), f))
+            listing.entries.append((class_of(rel), str(rel), f))
+            if len(rel.parts) > depth + 1:
+                listing.nested.append(str(rel))
     if not storage.is_url(root) and Path(root).is_dir():  # object stores hold no empty folders
-        for d in Path(root).iterdir():
-            if d.is_dir() and not d.name.startswith("."):
-                others.setdefault(d.name, 0)
-    return entries, others, ignored
+        parents = [Path(root) / t for t in listing.splits] if split else [Path(root)]
+        for parent in parents:
+            for d in sorted(parent.iterdir()):
+                if d.is_dir() and not d.name.startswith("."):
+                    class_of(PurePosixPath(d.relative_to(root).as_posix()))
+    return listing
+
+
+def _folder_warnings(root: str, listing: FolderListing) -> list[str]:
+    warnings = []
+    if listing.splits:
+        warnings.append(
+            f"{root} holds split folders ({', '.join(s + '/' for s in listing.splits)}): their "
+            "sub-folders are the classes, pooled across them, and prepare splits the images "
+            "anew by prepare.val_fraction and prepare.seed")
+    if listing.nested:
+        warnings.append(f"{len(listing.nested)} image file(s) sit in folders below their class "
+                        f"folder and count in that class (e.g. {listing.nested[0]})")
+    for w in warnings:
+        log.warning("%s", w)
+    return warnings
+
+
+def _check_class_names(root: str, names: list[str]) -> None:
+    """Class names go into JSON, MLflow and figure labels: they must be text."""
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{root}: class folder {os.fsencode(name)!r} has a name that is not "
+                            "UTF-8 text (class names must be, e.g. a Latin-1 name from a zip "
+                            "made on Windows); rename the folder") from None
+
+
+def _name_bytes(root: str, rel_name: str) -> bytes:
+    """The file's relative name as bytes for the source fingerprint (a local name that is not
+    UTF-8 keeps its own bytes)."""
+    return rel_name.encode() if storage.is_url(root) else os.fsencode(rel_name)
+
+
+def upright(img: Image.Image) -> tuple[Image.Image, bool]:
+    """The image as a viewer shows it: turned by its EXIF orientation (phone photos are often
+    stored sideways with a tag saying so), and whether it was turned."""
+    from PIL import ImageOps
+
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a damaged EXIF block: the pixels as stored  # noqa: BLE001
+        return img, False
+    if orientation in (None, 1):
+        return img, False
+    turned = ImageOps.exif_transpose(img)
+    return (turned, True) if turned is not None else (img, False)
 
 
 def read_folder(cfg: PrepareConfig) -> SourceData:
-    """One sub-folder per class (its name is the class name) of image files."""
-    root = cfg.path.rstrip("/")
+    """One sub-folder per class (its name is the class name) of image files, or split folders
+    (train/, val/, ...) that each hold such class folders."""
+    root = cfg.path.rstrip("/") if storage.is_url(cfg.path) else str(Path(cfg.path))
     if not storage.exists(root):
         raise DataError(f"{root}: image folder not found")
-    entries, others, ignored = _list_folder(root)
+    if not storage.is_url(root) and not Path(root).is_dir():
+        raise DataError(f"{root}: a file; the folder source reads a folder with one sub-folder "
+                        "of images per class (prepare.path)")
+    listing = _list_folder(root)
+    entries, others = listing.entries, listing.others
     class_names = sorted(others)
+    _check_class_names(root, class_names)
     index = {c: i for i, c in enumerate(class_names)}
     digest = hashlib.sha256(b"folder")
     images, labels, skipped, tally = [], [], [], Counter[tuple[str, str]]()
     for class_name, rel_name, full in entries:
         data = storage.read_bytes(full)
-        digest.update(rel_name.encode() + b"\0" + hashlib.sha256(data).digest())
+        digest.update(_name_bytes(root, rel_name) + b"\0" + hashlib.sha256(data).digest())
         try:
             img = decode_image(full, data)
+            img, turned = upright(img)
             converted, how = convert_image(img, cfg.channels)
         except ValueError as exc:
             if cfg.on_bad_image == "fail":
@@ -674,22 +792,29 @@ def read_folder(cfg: PrepareConfig) -> SourceData:
             log.warning("skipping %s: %s", full, exc)
             skipped.append({"path": full, "reason": str(exc)})
             continue
+        if turned:
+            how += "; turned upright by its EXIF orientation"
         tally[(img.mode, how)] += 1
         images.append(resize_square(converted, cfg.resolution, cfg.resize_filter))
         labels.append(index[class_name])
     files = Counter(c for c, _, _ in entries)
-    describe = {c: (f"{root}/{c}", f"all {files[c]} image file(s) were skipped" if files[c] else
+    describe = {c: (", ".join(f"{root}/{d}" for d in listing.class_dirs[c]),
+                    f"all {files[c]} image file(s) were skipped" if files[c] else
                     f"no image files, {others[c]} other file(s)" if others[c] else "empty folder")
                 for c in class_names}
     label_arr, class_names, empty = drop_empty_classes(np.array(labels, np.int64), class_names,
                                                        describe, cfg)
     arr = np.stack(images) if images else np.zeros(
         (0, cfg.resolution, cfg.resolution, cfg.channels), np.uint8)
+    handling = {"from": "class sub-folders", "class_names": "sub-folder names, sorted"}
+    if listing.splits:
+        handling["split_folders"] = (f"{', '.join(listing.splits)}: pooled, then split anew by "
+                                     "prepare.val_fraction")
     return SourceData(arr, label_arr, class_names, digest.hexdigest(), skipped,
-                      conversions=_conversions(tally), empty_classes=empty, ignored=ignored,
-                      warnings=_empty_warnings(empty),
-                      label_handling={"from": "class sub-folders",
-                                      "class_names": "sub-folder names, sorted"})
+                      conversions=_conversions(tally), empty_classes=empty,
+                      ignored=listing.ignored,
+                      warnings=_folder_warnings(root, listing) + _empty_warnings(empty),
+                      label_handling=handling)
 
 
 # --------------------------------------------------------------------------------------------
@@ -712,11 +837,21 @@ def _npz_array(path: str, npz: Any, key: str) -> np.ndarray:
         raise DataError(f"{path}: '{key}' is damaged in the archive ({exc})") from None
 
 
+def _text(path: str, name: Any) -> str:
+    """A class name from the archive: bytes (np.array([b"cat"]), an 'S' array) are UTF-8."""
+    if isinstance(name, bytes):
+        try:
+            return name.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: 'class_names' holds {name!r}, not UTF-8 text") from None
+    return str(name)
+
+
 def _npz_class_names(path: str, npz: Any) -> list[str] | None:
     if "class_names" not in npz.files:
         return None
     arr = _npz_array(path, npz, "class_names")
-    names = [str(n) for n in arr.tolist()] if arr.ndim == 1 else []
+    names = [_text(path, n) for n in arr.tolist()] if arr.ndim == 1 else []
     if not names:
         raise DataError(f"{path}: 'class_names' must be a non-empty 1-D array, got shape "
                         f"{list(arr.shape)}")
@@ -769,6 +904,9 @@ def read_npz(cfg: PrepareConfig) -> SourceData:
                       warnings=_empty_warnings(empty))
 
 
+# Prepared data whose brightest pixel is below this is reported as nearly black.
+DIM_DATA_MAX = 32
+
 READERS = {"digits": read_digits, "shapes": read_shapes, "idx": read_idx, "folder": read_folder,
            "npz": read_npz}
 # Sources that live in the code, not at prepare.path (which they ignore): their dataset URI.
@@ -783,5 +921,17 @@ def read_source(cfg: PrepareConfig) -> SourceData:
     if len(data.images) == 0:
         where = EMBEDDED.get(cfg.source, cfg.path)
         extra = f"; {len(data.skipped)} file(s) could not be decoded" if data.skipped else ""
+        reasons = Counter(i["reason"] for i in data.ignored)
+        if reasons:
+            extra += "; ignored: " + ", ".join(f"{n} file(s) {r}" for r, n in
+                                               reasons.most_common(3))
         raise DataError(f"{where}: the {cfg.source} source holds no usable images{extra}")
+    brightest = int(data.images.max())
+    if brightest < DIM_DATA_MAX:
+        message = (f"every prepared pixel is at most {brightest} of 255: the images are nearly "
+                   "black. 16-bit images are scaled by 65535 (not by their own range), so "
+                   "12-bit data stored in 16-bit files come out dark; rescale them to the full "
+                   "range first")
+        log.warning("%s", message)
+        data.warnings.append(message)
     return data

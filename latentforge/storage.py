@@ -289,8 +289,23 @@ def list_files(path: str | os.PathLike[str]) -> list[str]:
         with _storage_errors(str(path)):
             found = fs.find(fs_path)
         return sorted(f"{protocol}://{p}" for p in found)
-    root = Path(path)
-    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+    return sorted(str(p) for p in _walk_files(Path(path)))
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    """Files below `root`, through symlinked folders too (a data set of linked class folders),
+    each real folder once (a link cycle ends there)."""
+    seen: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in files:
+            path = Path(folder, name)
+            if path.is_file():  # a broken link is no file
+                yield path
 
 
 # Names of the folders atomic_dirs builds and swaps out: `.NAME.tmp-PID-HOST-RANDOM` and

@@ -474,3 +474,170 @@ def test_damaged_gzip_idx_names_the_file(tmp_path):
     with pytest.raises(DataError) as err:
         prepare.run(cfg(source="idx", path=str(tmp_path / "m")), out_dir=tmp_path / "p")
     assert str(err.value).startswith(f"{images}: not a readable gzip file")
+
+
+# --------------------------------------------------------------------------------------------
+# Folder layouts people bring: the same classes however the path is spelled or laid out
+# --------------------------------------------------------------------------------------------
+
+
+def two_classes(root: Path) -> None:
+    """cat (black) and bat (white): names of one length that differ in their first letter."""
+    for name, value in (("cat", 0), ("bat", 255)):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            filled("L", value).save(root / name / f"{i}.png")
+
+
+def read(path: str, **kw):
+    from latentforge.sources import read_source
+
+    return read_source(cfg(source="folder", path=path, **kw))
+
+
+@pytest.mark.parametrize("spelling", ["./imgs", "imgs/", "./imgs/./", "sub/../imgs"])
+def test_a_path_spelled_with_dot_segments_reads_the_same_classes(tmp_path, monkeypatch,
+                                                                 spelling):
+    """The class was the path minus the root's length in characters: `./imgs` made 'at' of
+    'cat' and 'bat' and merged them."""
+    two_classes(tmp_path / "imgs")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    plain, spelled = read(str(tmp_path / "imgs")), read(spelling)
+    assert spelled.class_names == plain.class_names == ["bat", "cat"]
+    np.testing.assert_array_equal(spelled.labels, [0, 0, 1, 1])
+    np.testing.assert_array_equal(spelled.images, plain.images)
+    assert spelled.fingerprint == plain.fingerprint and spelled.warnings == []
+
+
+def test_split_folders_are_pooled_and_a_class_named_train_is_a_class(tmp_path):
+    root = tmp_path / "tv"
+    two_classes(root / "train")
+    two_classes(root / "val")
+    data = read(str(root))
+    assert data.class_names == ["bat", "cat"] and np.bincount(data.labels).tolist() == [4, 4]
+    assert any("split folders (train/, val/)" in w for w in data.warnings)
+    assert "pooled" in data.label_handling["split_folders"]
+    # A class that happens to be called train (its images right inside): two classes.
+    other = tmp_path / "vehicles"
+    class_folder(other, "train")
+    class_folder(other, "car")
+    plain = read(str(other))
+    assert plain.class_names == ["car", "train"] and plain.warnings == []
+
+
+def test_images_below_a_class_folder_count_in_it_and_are_named(tmp_path):
+    root = tmp_path / "imgs"
+    two_classes(root)
+    (root / "cat" / "more").mkdir()
+    filled("L", 0).save(root / "cat" / "more" / "deep.png")
+    data = read(str(root))
+    assert np.bincount(data.labels).tolist() == [2, 3]
+    assert data.warnings == ["1 image file(s) sit in folders below their class folder and "
+                             "count in that class (e.g. cat/more/deep.png)"]
+
+
+def test_symlinked_class_folders_are_read_and_a_link_cycle_ends(tmp_path):
+    real = tmp_path / "real"
+    two_classes(real)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in ("cat", "bat"):
+        (linked / name).symlink_to(real / name, target_is_directory=True)
+    (real / "cat" / "loop").symlink_to(linked, target_is_directory=True)  # a cycle
+    (linked / "gone.png").symlink_to(tmp_path / "nowhere.png")  # broken: no file
+    data = read(str(linked))
+    assert data.class_names == ["bat", "cat"] and np.bincount(data.labels).tolist() == [2, 2]
+
+
+def test_an_exif_rotated_photo_is_turned_upright(tmp_path):
+    """Phones store photos sideways with an EXIF orientation saying how to turn them."""
+    from PIL import ImageOps
+
+    from latentforge.sources import convert_image, resize_square
+
+    root = tmp_path / "imgs"
+    class_folder(root, "a")
+    left_dark = np.zeros((8, 16, 3), np.uint8)
+    left_dark[:, 8:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    path = root / "a" / "photo.jpg"
+    Image.fromarray(left_dark).save(path, exif=exif, quality=95)
+    data = read(str(root), resolution=8)
+    stored = Image.open(path)
+    expected = resize_square(convert_image(ImageOps.exif_transpose(stored), 1)[0], 8, "lanczos")
+    as_stored = resize_square(convert_image(stored, 1)[0], 8, "lanczos")
+    assert not np.array_equal(expected, as_stored)
+    np.testing.assert_array_equal(data.images[data.labels == 0][-1], expected)
+    assert any("turned upright by its EXIF orientation" in c["how"] for c in data.conversions)
+
+
+def test_a_class_folder_named_in_another_encoding_is_one_line(tmp_path):
+    import os
+
+    root = tmp_path / "imgs"
+    two_classes(root)
+    os.mkdir(os.fsencode(root) + b"/caf\xe9")  # Latin-1, as a zip made on Windows leaves it
+    filled("L", 9).save(os.fsdecode(os.fsencode(root) + b"/caf\xe9/0.png"))
+    with pytest.raises(DataError) as err:
+        read(str(root))
+    assert str(err.value) == (f"{root}: class folder b'caf\\xe9' has a name that is not UTF-8 "
+                              "text (class names must be, e.g. a Latin-1 name from a zip made "
+                              "on Windows); rename the folder")
+    # A file so named in a class folder is fine: its bytes enter the fingerprint.
+    os.rename(os.fsencode(root) + b"/caf\xe9/0.png", os.fsencode(root) + b"/cat/\xe9t\xe9.png")
+    os.rmdir(os.fsencode(root) + b"/caf\xe9")
+    assert np.bincount(read(str(root)).labels).tolist() == [2, 3]
+
+
+def test_idx_files_kept_both_unpacked_and_gzipped_are_read_once(tmp_path):
+    """torchvision's MNIST/raw holds every file twice; reading both doubled the data and put
+    copies of train images into val."""
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    images = np.arange(6 * 5 * 5).reshape(6, 5, 5) % 256
+    for name, values in (("train-images-idx3-ubyte", images),
+                         ("train-labels-idx1-ubyte", np.array([0, 1, 0, 1, 0, 1]))):
+        raw = idx_file(values, 0x08)
+        (folder / name).write_bytes(raw)
+        (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+    from latentforge.sources import read_source
+
+    data = read_source(cfg(source="idx", path=str(folder)))
+    assert len(data.images) == 6
+    assert data.warnings == [f"{folder}/train-images-idx3-ubyte.gz is "
+                             f"{folder}/train-images-idx3-ubyte compressed: read once, unpacked"]
+
+
+def test_nearly_black_data_is_called_out(tmp_path):
+    """12-bit data in 16-bit PNGs: scaled by 65535, the brightest pixel lands near 16 of 255."""
+    root = tmp_path / "imgs"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        i16(4095).save(root / name / "0.png")
+    data = read(str(root))
+    assert int(data.images.max()) < 32
+    assert any("nearly black" in w and "12-bit data" in w for w in data.warnings)
+
+
+def test_a_folder_without_class_folders_says_what_it_ignored(tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(3):
+        filled("L", 1).save(root / f"{i}.png")
+    with pytest.raises(DataError) as err:
+        read(str(root))
+    assert str(err.value) == (f"{root}: the folder source holds no usable images; ignored: "
+                              "3 file(s) not inside a class sub-folder")
+    with pytest.raises(DataError, match=r"0\.png: a file; the folder source reads a folder"):
+        read(str(root / "0.png"))
+
+
+def test_npz_class_names_saved_as_bytes_are_text(tmp_path):
+    from latentforge.sources import read_source
+
+    f = tmp_path / "d.npz"
+    np.savez(f, images=np.zeros((4, 5, 5), np.uint8), labels=np.array([0, 1, 0, 1]),
+             class_names=np.array([b"cat", b"dog"]))
+    assert read_source(cfg(source="npz", path=str(f))).class_names == ["cat", "dog"]
