@@ -757,7 +757,9 @@ def run(params: Params, out_dir: str | Path = paths.CACHE,
         max_diff = verify_decoding(load_cache(tmp, handle.sha256, prepared.manifest_sha256),
                                    handle, prepared, cfg.verify_samples)
     shutil.rmtree(work, ignore_errors=True)
-    tracker.log_output("cache", out_dir / MANIFEST, key)  # the key: what consumers look up
+    # By content (the manifest lists every shard's sha256), as the generator looks it up: the
+    # same key (tokenizer + data) encoded anew, with other code or settings, is another cache.
+    tracker.log_output("cache", out_dir / MANIFEST, manifest_sha, profile={"key": key})
 
     timings = {"cache_seconds": stats.seconds, "cache_startup_seconds": stats.startup_seconds,
                "encoder_seconds": stats.encoder_seconds,

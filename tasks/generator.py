@@ -588,7 +588,8 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     cache = load_cache(cache_dir, tokenizer_sha256=tok.sha256)
     evaluator = load_judge(evaluator_dir)  # grades the samples (the judge gives RL rewards)
     prepared = load_prepared(prepared_dir)
-    tracker.log_input("cache", str(Path(cache_dir).resolve()), cache.key, context="training")
+    tracker.log_input("cache", str(Path(cache_dir).resolve()), cache.manifest_sha256,
+                      context="training", profile={"key": cache.key})
     tracker.log_input("tokenizer", str(Path(tokenizer_dir).resolve()), tok.sha256,
                       context="decoder")
     tracker.log_input("evaluator", str(Path(evaluator_dir).resolve()), evaluator.sha256,

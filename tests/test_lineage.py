@@ -143,7 +143,9 @@ def test_mlflow_alone_walks_from_the_rl_generator_back_to_the_prepared_data(chai
 
     cache_run = client.get_run(base_tags["latentforge.upstream.cache_run"])
     assert cache_run.data.tags["latentforge.stage"] == "cache"
-    assert cache_run.data.tags["latentforge.output.cache.sha256"] == cache_key
+    # found by content: the manifest's sha256 (the key names tokenizer + data, not the latents)
+    cache_sha = hashlib.sha256((chain / paths.CACHE / "manifest.json").read_bytes()).hexdigest()
+    assert cache_run.data.tags["latentforge.output.cache.sha256"] == cache_sha
     # The post-trained decoder RL decoded through: found by its digest, like the cache.
     decoder_meta = json.loads((chain / paths.DECODER / "decoder.json").read_text())
     decoder_run = client.get_run(rl_tags["latentforge.upstream.decoder_run"])
