@@ -103,7 +103,8 @@ class PrepareConfig:
                                 "split gets fewer than 4 images)", gt=0.0, lt=1.0)
     seed: int = param(0, "seed of the deterministic train/val split and of the shapes source",
                       ge=0, le=MAX_SEED)
-    max_images: int | None = param(None, "keep at most this many images (null = all)", ge=1,
+    max_images: int | None = param(None, "keep at most this many images, a seeded random subset of "
+                                   "all classes together, not per class (null = all)", ge=1,
                                    le=MAX_IMAGES)
     on_bad_image: Literal["skip", "fail"] = param(
         "skip", "skip: leave out undecodable images and list them in the report; fail: stop")

@@ -89,7 +89,8 @@ def press_run(page, expect, prefect: str, shot: Shots) -> str:
     # a key: its label, its doc with the default, its type; bounds come from the schema
     key = page.get_by_text("max_images (Optional)", exact=True).locator(
         "xpath=ancestor::*[.//button[normalize-space()='int']][1]")
-    expect(key.get_by_text("keep at most this many images (null = all). Default null")
+    expect(key.get_by_text("keep at most this many images, a seeded random subset of all "
+                           "classes together, not per class (null = all). Default null")
            ).to_be_visible()
     key.get_by_role("button", name="int", exact=True).click()
     key.locator("input[type=number]").fill(str(FORM_MAX_IMAGES))
