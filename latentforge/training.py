@@ -58,7 +58,7 @@ from latentforge.checkpoint import load_checkpoint_weights
 from latentforge.malloc import tune_malloc
 from latentforge.raycluster import init_ray, use_ray
 from latentforge.storage import write_bytes_atomic
-from latentforge.tracking import Tracker
+from latentforge.tracking import TAG_PREFIX, Tracker
 
 if TYPE_CHECKING:
     from latentforge.config import ComputeConfig, TrainConfig
@@ -133,10 +133,13 @@ class TrainResult:
     nodes: list[str] = dataclasses.field(default_factory=list)  # Ray Train workers' node ids
     precision: str = "fp32"  # what the run trained in: fp32 or bf16 (autocast)
     compiled: bool = False  # whether the model's forward went through torch.compile
+    # Where the updates ran (rank 0), which decides the last digits: torch's thread count and
+    # the fp32 Linear backend (models/layers.py); empty when nothing was trained (resumed).
+    numerics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def training_meta(self) -> dict[str, Any]:
         """How the weights were trained, for a stage's output meta."""
-        return {"precision": self.precision, "compile": self.compiled}
+        return {"precision": self.precision, "compile": self.compiled, **self.numerics}
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,6 +369,7 @@ class _LoopStats:
     seconds: float
     images_per_s: float
     nodes: tuple[str, ...] = ()
+    numerics: dict[str, Any] = dataclasses.field(default_factory=dict)  # see TrainResult
 
 
 def _format_eta(seconds: float) -> str:
@@ -503,7 +507,19 @@ def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker
 
     seconds = time.perf_counter() - loop_start
     steps_run = cfg.steps - start
-    return _LoopStats(steps_run, seconds, steps_run * cfg.batch_size / max(seconds, 1e-9))
+    return _LoopStats(steps_run, seconds, steps_run * cfg.batch_size / max(seconds, 1e-9),
+                      numerics=loop_numerics(worker.device))
+
+
+def loop_numerics(device: torch.device) -> dict[str, Any]:
+    """What decides a training process's last digits besides its params: its torch threads
+    and, on the CPU, where fp32 Linear layers run."""
+    from latentforge.models.layers import fp32_linear_backend
+
+    numerics: dict[str, Any] = {"torch_threads": torch.get_num_threads(), "device": device.type}
+    if device.type == "cpu":
+        numerics["fp32_linear"] = fp32_linear_backend()
+    return numerics
 
 
 def _evaluate_ema(spec: TrainSpec, ema: EMA, step: int) -> dict[str, float]:
@@ -937,6 +953,9 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
         run = _train_on_ray if use_ray(compute) else _train_in_process
         stats = run(spec, cfg, compute, ckpt_dir, tracker, progress)
 
+    if stats.numerics:  # the training process's, a Ray worker's on a cluster (the stage's
+        # own tags describe the stage's process)
+        tracker.set_tags({f"{TAG_PREFIX}train_{k}": str(v) for k, v in stats.numerics.items()})
     latest = ckpt.latest_checkpoint(ckpt_dir)
     if latest is None:  # only if something deleted the folder while we trained
         raise FileNotFoundError(f"training ended without a checkpoint in {ckpt_dir}")
@@ -945,7 +964,7 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
                        history=read_metrics(ckpt_dir), steps=final.step,
                        resumed_from=resumed_from, images_per_s=stats.images_per_s,
                        seconds=time.perf_counter() - started, nodes=list(stats.nodes),
-                       precision=precision, compiled=compute.compile)
+                       precision=precision, compiled=compute.compile, numerics=stats.numerics)
 
 
 def loss_curve_csv(history: list[dict[str, float]]) -> str:

@@ -553,7 +553,9 @@ def build_protocol(params: Params, inputs: Inputs, val_y: np.ndarray, labels: np
                      "sampling": "every seed at the RL CFG scale, with the base's labels and "
                                  "noise",
                      "interval_across_seeds": "95% Student-t over the seeds' differences to the "
-                                              "base (none with one seed)"},
+                                              "base, widened by the bootstrap std of the mean "
+                                              "(the sample noise all seeds share); none with "
+                                              "one seed"},
         "guided_base": ({"cfg_scale": samples["guided"].cfg_scale if "guided" in samples else
                          samples["base"].cfg_scale,
                          "role": "the base at its best CFG scale (lowest gFD-eval of the sweep), "

@@ -23,6 +23,7 @@ from numerics import assert_rounding_close
 from torch import nn
 
 from latentforge import checkpoint as ckpt
+from latentforge import training
 from latentforge.config import ComputeConfig, TrainConfig
 from latentforge.tracking import Tracker
 from latentforge.training import (
@@ -97,9 +98,13 @@ class CrashAt:
 class RecordingTracker(Tracker):
     def __init__(self) -> None:
         self.rows: list[tuple[int | None, dict[str, float]]] = []
+        self.tags: dict[str, str] = {}
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         self.rows.append((step, dict(metrics)))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.tags.update(tags)
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -339,7 +344,8 @@ def test_precision_comes_from_compute_or_the_stage_and_splits_checkpoints(
         tmp_path: Path) -> None:
     spec, cfg = TrainSpec(build_mlp, mse_loss, toy_data()), tiny_cfg(steps=10)
     bf16 = train(spec, cfg, ComputeConfig(precision="bf16"), tmp_path, progress=False)
-    assert bf16.training_meta() == {"precision": "bf16", "compile": False}
+    assert bf16.training_meta() == {"precision": "bf16", "compile": False,
+                                    **training.loop_numerics(torch.device("cpu"))}
     # The stage's own bf16 flag is the same run: its checkpoint is the finished run.
     again = train(spec, dataclasses.replace(cfg, bf16=True), ComputeConfig(), tmp_path,
                   progress=False)
@@ -445,7 +451,8 @@ def test_compiled_training_follows_eager_and_resumes_exactly(tmp_path: Path) -> 
     compiled = train(TrainSpec(CompilableMLP, mse_loss, data), cfg, compute, tmp_path / "b",
                      progress=False)
     assert counters["stats"]["unique_graphs"] >= 1  # compiled indeed, not skipped
-    assert compiled.training_meta() == {"precision": "fp32", "compile": True}
+    assert compiled.training_meta() == {"precision": "fp32", "compile": True,
+                                        **training.loop_numerics(torch.device("cpu"))}
     for key in eager.model_state:  # inductor fuses, so sums round in other orders
         assert_rounding_close(compiled.model_state[key], eager.model_state[key], what=key)
     crashing = TrainSpec(CompilableMLP, CrashAt(15), data)
@@ -614,8 +621,18 @@ def test_two_ray_workers_follow_the_in_process_run(ray_local, tmp_path: Path) ->
     cfg = tiny_cfg(steps=20)
     one = train(spec, cfg, ComputeConfig(), tmp_path / "one", progress=False)
     tracker = RecordingTracker()
+    torch.set_num_threads(2)  # the driver's; each worker trains on its cpus_per_worker (1)
     two = train(spec, cfg, ComputeConfig(num_workers=2), tmp_path / "two", tracker=tracker,
                 progress=False)
+    # What decided the last digits is the workers' setting, in the meta and the run's tags.
+    from latentforge.models.layers import fp32_linear_backend
+
+    assert two.numerics == {"torch_threads": 1, "device": "cpu",
+                            "fp32_linear": fp32_linear_backend()}
+    assert {k: v for k, v in tracker.tags.items() if k.startswith("latentforge.train_")} == {
+        "latentforge.train_torch_threads": "1", "latentforge.train_device": "cpu",
+        "latentforge.train_fp32_linear": fp32_linear_backend()}
+    assert two.training_meta()["torch_threads"] == 1
     assert two.steps == 20 and [r["step"] for r in two.history] == [5, 10, 15, 20]
     for a, b in zip(one.history, two.history, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
