@@ -138,9 +138,7 @@ def execute_stage(stage: str, params: Params, root: str | Path = ".",
         if params_text is not None:  # last, so that little can happen after it
             check_params_unchanged(stage, params_text, root)
         run_id = tracker.run_id
-    metrics_path = root / paths.metrics_file(stage)
-    storage.write_bytes_atomic(metrics_path, json.dumps(result.metrics, indent=2,
-                                                        sort_keys=True).encode())
+    write_metrics_file(stage, result.metrics, root)
     record = {"stage": stage, "run_id": run_id, "parent_run_id": parent,
               "seconds": round(duration, 2), "metrics": result.metrics, "summary": result.summary,
               "digests": result.digests, "finished": time.time()}
@@ -200,6 +198,14 @@ def _changes(key: str, before: tuple[bool, object], after: tuple[bool, object]) 
 
 def _shown(found: bool, value: object) -> str:
     return json.dumps(value, default=str) if found else "(absent)"
+
+
+def write_metrics_file(stage: str, metrics: dict[str, Any], root: str | Path = ".") -> None:
+    """metrics/<stage>.json, in the stage's own order: its headline metrics come first, and the
+    run table shows the first four of a skipped stage from this file as it does for a run one
+    (sorted, they read judge_acc_* where val_psnr belonged)."""
+    storage.write_bytes_atomic(Path(root) / paths.metrics_file(stage),
+                               json.dumps(metrics, indent=2).encode())
 
 
 def skipped_record(stage: str, root: str | Path = ".", seconds: float = 0.0) -> dict[str, Any]:

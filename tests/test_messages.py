@@ -359,6 +359,22 @@ def test_a_skipped_stage_names_only_the_run_that_made_its_outputs(tmp_path, capl
     assert "damaged run record" in caplog.text and str(record) in caplog.text
 
 
+def test_a_skipped_stage_shows_the_same_key_metrics_as_a_run_one(tmp_path):
+    """The table shows a stage's first four metrics; the file a skipped stage's come from keeps
+    the stage's order (headline first), not an alphabetical one."""
+    from latentforge.cli import format_table
+    from latentforge.runner import skipped_record, write_metrics_file
+
+    metrics = {"val_psnr": 26.4, "val_ssim": 0.93, "rfd_judge": 0.07, "judge_acc_originals": 0.99,
+               "judge_acc_ratio": 1.0, "judge_acc_recon": 0.98}
+    write_metrics_file("tokenizer", metrics, tmp_path)
+    skipped = skipped_record("tokenizer", tmp_path)
+    assert list(skipped["metrics"]) == list(metrics)
+    ran = format_table([{"stage": "tokenizer", "status": "ran", "metrics": metrics}])
+    again = format_table([{**skipped, "status": "ran"}])
+    assert ran == again and "val_psnr=26.4, val_ssim=0.93, rfd_judge=0.07" in again
+
+
 def test_a_damaged_or_locked_mlflow_store_is_one_line_and_left_as_it_is(make_project):
     """The store holds every run and the model registry: a damaged one is named, with what to
     do, and never moved or rewritten; a locked one says so (no 85-line SQLAlchemy traceback)."""
