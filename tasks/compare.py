@@ -220,10 +220,10 @@ def distil_lines(d: Mapping[str, float]) -> list[str]:
         f"{'unguided ' if d.get('base_cfg_scale', d['rl_cfg_scale']) == 1 else ''}base at CFG "
         f"{d.get('base_cfg_scale', d['rl_cfg_scale']):g}: {d['diversity_ratio_to_base']:.3f}): "
         f"{verdict('diversity_kept')}",
-        f"- **RL not shown worse than the guided base at 95%: "
-        f"{'yes' if d['not_shown_worse'] else 'no'}**"
-        + ("" if n >= MIN_SEEDS_FOR_CLAIM else
-           f" (a claim needs at least {MIN_SEEDS_FOR_CLAIM} seeds; this run has {n})"),
+        "- **RL not shown worse than the guided base at 95%: "
+        + (f"{'yes' if d['not_shown_worse'] else 'no'}**" if n >= MIN_SEEDS_FOR_CLAIM else
+           f"undetermined** (a claim needs at least {MIN_SEEDS_FOR_CLAIM} seeds; this run has "
+           f"{n}, so distil.not_shown_worse stays 0)"),
         f"- point estimates: RL is {ahead('eval_accuracy', higher=True)} in accuracy and "
         f"{ahead('gfd_eval', higher=False)} in gFD-eval. \"Not shown worse\" is not \"as good\": "
         "an interval that holds 0 also holds the differences at its ends.", "",

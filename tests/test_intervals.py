@@ -102,7 +102,13 @@ def test_one_seed_has_no_interval_across_seeds() -> None:
     assert d["rl_minus_guided_gfd_eval_ci_low"] == -0.3
     assert d["gfd_not_higher"] == d["accuracy_not_lower"] == 1.0
     assert d["not_shown_worse"] == 0.0
-    assert "a claim needs at least 3 seeds" in "\n".join(compare.distil_lines(d))
+    text = "\n".join(compare.distil_lines(d))
+    # Every check passed, and one seed cannot carry the claim: undetermined, not "no".
+    assert "RL not shown worse than the guided base at 95%: undetermined** (a claim needs at " \
+           "least 3 seeds; this run has 1" in text
+    assert "at 95%: no" not in text
+    d["seeds"] = 3.0
+    assert "at 95%: no**" in "\n".join(compare.distil_lines(d))
 
 
 def test_the_sample_noise_of_a_mean_over_seeds_is_the_replicates_std() -> None:
