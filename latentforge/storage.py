@@ -18,6 +18,7 @@ AWS settings were looked at (set or unset, never their values).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -259,6 +260,9 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file 0600 whatever the umask: give it the mode open() would, so
+        # that teammates, another uid in a container and web servers can read the outputs.
+        os.fchmod(fd, 0o666 & ~process_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -272,6 +276,19 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     return sha256_bytes(data)
+
+
+@functools.cache
+def process_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (os.umask can only
+    read it by setting it, which would race with threads creating files meanwhile)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def upload_file(local: str | os.PathLike[str], url: str) -> None:

@@ -22,6 +22,17 @@ def test_write_bytes_atomic_returns_sha_and_leaves_no_temp(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["b.bin"]
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_written_files_take_the_umask_not_mkstemps_0600(tmp_path, umask, mode):
+    """Outputs are read by teammates, another uid in a container, a web server: a file
+    written atomically gets the mode open() would give it."""
+    out = tmp_path / "a.json"
+    subprocess.run([sys.executable, "-c", f"import os; os.umask({umask}); "
+                    "from latentforge import storage; "
+                    f"storage.write_bytes_atomic({str(out)!r}, b'x')"], check=True)
+    assert out.stat().st_mode & 0o777 == mode
+
+
 def test_atomic_dir_keeps_previous_output_on_failure(tmp_path):
     out = tmp_path / "out"
     with storage.atomic_dir(out) as tmp:
