@@ -29,7 +29,11 @@ from latentforge.flows.stages import (
     mlflow_experiment_id,
 )
 from latentforge.runner import skipped_record
-from latentforge.summaries import pipeline_summary_markdown, stage_table_markdown
+from latentforge.summaries import (
+    nothing_ran_markdown,
+    pipeline_summary_markdown,
+    stage_table_markdown,
+)
 
 Stages = Annotated[list[StageName] | None, Field(examples=[["prepare", "judge"]])]
 
@@ -78,11 +82,19 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
         raise ConfigError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(order)}")
     selected = [s for s in order if not stages or s in stages]
     logger.info("stages in order: %s", " -> ".join(selected))
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not force and all(status.clean(stage, set()) for stage in selected):
+        # Nothing will execute: the table and the summary, no MLflow run, as the CLI's no-op
+        # answers without the flow engine (a temporary server, the UI's Run button come here).
+        logger.info("every stage is up to date (DVC): nothing ran (%s)", ", ".join(selected))
+        skipped = [skipped_record(stage) for stage in selected]
+        create_markdown_artifact(nothing_ran_markdown(skipped, uri), key="pipeline-summary",
+                                 description="latentforge pipeline")
+        return skipped
     tags = {f"{tracking.TAG_PREFIX}prefect_flow_run_id": str(flow_run.id or ""),
             f"{tracking.TAG_PREFIX}stage": "pipeline"}
     records: list[dict[str, Any]] = []
     started = time.time()
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
     with tracking.start_run(params.tracking, "pipeline", tags) as parent:
         experiment_id = mlflow_experiment_id(uri, params)
         ran: set[str] = set()

@@ -24,7 +24,7 @@ from typing import Any
 
 from latentforge import dvcops, prefectbg
 from latentforge.runner import skipped_record
-from latentforge.summaries import stage_summary_markdown, stage_table_markdown
+from latentforge.summaries import nothing_ran_markdown, stage_summary_markdown
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def try_noop(stages: list[str] | None, status: dvcops.GraphStatus | None = None
         parameters: dict[str, Any] = {"force": False}
     else:
         flow_name, key = "pipeline", "pipeline-summary"
-        markdown = ("## LatentForge pipeline\n\nNothing ran: DVC found every stage up to date, "
-                    "so no MLflow run was opened.\n\n" + stage_table_markdown(records, uri))
+        markdown = nothing_ran_markdown(records, uri)
         parameters = {"force": False, "stages": stages}
     message = (f"every stage is up to date (DVC): nothing ran ({', '.join(selected)})"
                if len(selected) > 1 else f"{selected[0]} is up to date: skipped")

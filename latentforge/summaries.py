@@ -89,6 +89,12 @@ def stage_table_markdown(records: list[dict[str, Any]], tracking_uri: str | None
     return "\n".join(lines)
 
 
+def nothing_ran_markdown(records: list[dict[str, Any]], tracking_uri: str | None) -> str:
+    """The pipeline's artifact when DVC found every selected stage up to date."""
+    return ("## LatentForge pipeline\n\nNothing ran: DVC found every stage up to date, so no "
+            "MLflow run was opened.\n\n" + stage_table_markdown(records, tracking_uri))
+
+
 def pipeline_summary_markdown(records: list[dict[str, Any]], parent_run_id: str | None,
                               tracking_uri: str | None, experiment_id: str | None = None) -> str:
     """The pipeline's artifact: the stage table and the MLflow parent run."""

@@ -90,6 +90,15 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
     assert re.search(r"prepare\s+skipped", again.stdout)
     assert re.search(r"evaluate\s+skipped", again.stdout)
     assert "nothing ran: every stage is up to date (Prefect flow run " in again.stderr
+    # The flow itself (a temporary server per command, the UI's Run button) with nothing to do
+    # opens no MLflow run either.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(a)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{a / 'mlflow.db'}")
+        from latentforge.flows.pipeline import pipeline
+
+        flowed = pipeline()
+    assert {r["status"] for r in flowed} == {"skipped"} and len(flowed) == len(paths.STAGES)
 
     # MLflow: one parent per `latentforge run` that ran something, a child per stage execution,
     # with lineage tags
@@ -133,7 +142,7 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
     upstream = {"prepared": full, "judge": judge_sha, "tokenizer": sha("artifacts/tokenizer/model.safetensors"),
                 "generator": sha("artifacts/generator/model.safetensors"),
                 "rl": sha("artifacts/rl/model.safetensors"),
-                "cache": json.loads((a / "data/cache/manifest.json").read_text())["key"]}
+                "cache": sha("data/cache/manifest.json")}  # by content, not its key
     last_parent = parent.info.run_id
     for name, spec in paths.STAGES.items():
         for produced in (*spec.outs, *spec.metrics, *spec.plots):
