@@ -21,10 +21,26 @@ from mlflow.models import set_model
 from mlflow.pyfunc.model import PythonModel
 
 
+def model_kind(folder: str | Path) -> str:
+    """judge, evaluator, tokenizer or generator: which stage output `folder` is, from the JSON
+    file each stage writes beside the weights (a judge's names its role)."""
+    folder = Path(folder)
+    if (folder / "judge.json").is_file():
+        return str(json.loads((folder / "judge.json").read_text()).get("role", "judge"))
+    for kind in ("tokenizer", "generator"):
+        if (folder / f"{kind}.json").is_file():
+            return kind
+    raise ValueError(f"{folder}: no judge.json, tokenizer.json or generator.json; not a "
+                     "LatentForge model folder")
+
+
 class LatentForgeModel(PythonModel):
     def load_context(self, context):  # noqa: ANN001, ANN201 - MLflow reads these hints
-        kind = (context.model_config or {}).get("kind")
         folder = context.artifacts["model_dir"]
+        # Models logged before the kind came from the folder carry it as model_config (which
+        # MLflow also logged as a run param, clashing when one run logs a judge and an
+        # evaluator).
+        kind = (context.model_config or {}).get("kind") or model_kind(folder)
         if kind in ("judge", "evaluator"):  # the evaluator is a judge-like classifier
             from latentforge.tasks.judge import load_judge
 

@@ -254,8 +254,7 @@ class MLflowTracker(Tracker):
             info = mlflow.pyfunc.log_model(
                 name=name, python_model=mlflow_model.__file__, artifacts=folders,
                 signature=mlflow_model.signature(name, folders),
-                pip_requirements=[f"latentforge=={_version()}"], tags=model_tags,
-                model_config={"kind": name})
+                pip_requirements=[f"latentforge=={_version()}"], tags=model_tags)
         # Registered here rather than through log_model so that the version gets the tags (with
         # registered_model_name MLflow puts them on the logged model only).
         version = mlflow.register_model(info.model_uri, registered_name, tags=model_tags)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -77,7 +78,7 @@ def test_each_defect_is_a_data_error_naming_the_file(judge_dir, defect, names, s
 
 
 def test_a_registered_judge_predicts_through_mlflow_pyfunc_like_load_judge(judge_dir, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, caplog):
     import warnings
 
     import mlflow.models
@@ -88,11 +89,22 @@ def test_a_registered_judge_predicts_through_mlflow_pyfunc_like_load_judge(judge
     from latentforge.config import TrackingConfig
 
     folder, _ = judge_dir
+    evaluator = tmp_path / "evaluator"  # the judge stage logs both in one run
+    shutil.copytree(folder, evaluator)
+    meta = json.loads((evaluator / META).read_text())
+    (evaluator / META).write_text(json.dumps({**meta, "role": "evaluator"}))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
         warnings.simplefilter("always")
         with tracking.start_run(TrackingConfig(), "judge", {}, root=tmp_path) as tracker:
             uri = tracker.log_model("judge", folder, "test-judge")
+            evaluator_uri = tracker.log_model("evaluator", evaluator, "test-evaluator")
+            run_id = tracker.run_id
+    # The kind comes from the folder: no model_config param clashing between the two models.
+    assert "Failed to log model config" not in caplog.text
+    assert "kind" not in mlflow.MlflowClient().get_run(run_id).data.params
+    assert mlflow.pyfunc.load_model(evaluator_uri).unwrap_python_model().kind == "evaluator"
+    assert mlflow.pyfunc.load_model(uri).unwrap_python_model().kind == "judge"
     # MLflow warns without a predict type hint and without an input example; neither is noise
     # a user should read in every stage log.
     assert not [str(w.message) for w in caught
