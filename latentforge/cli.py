@@ -238,9 +238,14 @@ def cmd_params(args: argparse.Namespace) -> int:
     if args.explain:
         from latentforge.config import explain
 
-        _load(args)  # validate what the user would run
+        tree = _load(args).to_dict()  # what the user would run: params.yaml, --params, -S
         for key, default, doc in explain():
-            print(f"{key} = {default}\n    {doc}")
+            value: Any = tree
+            for part in key.split("."):
+                value = value[part]
+            now = repr(value)
+            print(f"{key} = {now}" + ("" if now == default else f"  (default {default})")
+                  + f"\n    {doc}")
         return 0
     from latentforge.config import params_to_yaml
 

@@ -128,7 +128,14 @@ def test_cli_params_prints_resolved_yaml(capsys, tmp_path, monkeypatch):
     assert printed["prepare"]["resolution"] == 20
     assert build_params(printed).prepare.resolution == 20
     assert main(["params", "--explain"]) == 0
-    assert "prepare.on_bad_image" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "prepare.on_bad_image = 'skip'\n" in out and "prepare.resolution = 16\n" in out
+    # the values in use (params.yaml, -S) beside the defaults they differ from
+    (tmp_path / "params.yaml").write_text("prepare:\n  resolution: 8\n")
+    assert main(["params", "--explain", "-S", "prepare.seed=3"]) == 0
+    out = capsys.readouterr().out
+    assert "prepare.resolution = 8  (default 16)\n" in out
+    assert "prepare.seed = 3  (default 0)\n" in out and "prepare.on_bad_image = 'skip'\n" in out
 
 
 def test_stage_refuses_overrides_inside_dvc(monkeypatch, capsys, tmp_path):
