@@ -417,6 +417,11 @@ def load_checkpoint_weights(ckpt_dir: str | os.PathLike[str],
     return _read_file(path / (EMA_FILE if which == "ema" else MODEL_FILE), _parse_safetensors)
 
 
+# The JSON file each stage writes beside its weights, and what it names.
+STAGE_FOLDERS = {"judge.json": "judge", "tokenizer.json": "tokenizer",
+                 "generator.json": "generator", "decoder.json": "post-trained decoder"}
+
+
 def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
                       build: Callable[[dict[str, Any]], torch.nn.Module], missing_hint: str = ""
                       ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -437,6 +442,14 @@ def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
     meta_path, weights_path = path / meta_name, path / MODEL_FILE
     rerun = f"run the {what} stage to write it again"
     if not meta_path.exists():
+        if not path.exists():
+            raise DataError(f"{path}: no such folder; run the {what} stage first{missing_hint}")
+        other = next(((name, kind) for name, kind in STAGE_FOLDERS.items()
+                      if name != meta_name and (path / name).is_file()), None)
+        if other:
+            raise DataError(f"{path}: a {other[1]} folder ({other[0]}), not a {what} one; "
+                            f"give the {what} stage's output (run the {what} stage to write "
+                            f"one){missing_hint}")
         raise DataError(f"{meta_path}: no {what} here; run the {what} stage first{missing_hint}")
     try:
         meta = json.loads(meta_path.read_text())

@@ -42,6 +42,10 @@ def _break(folder, defect: str) -> None:
         for f in folder.iterdir():
             f.unlink()
         folder.rmdir()
+    elif defect == "no meta":
+        (folder / META).unlink()
+    elif defect == "another stage's folder":
+        (folder / META).rename(folder / "tokenizer.json")
     elif defect == "not json":
         (folder / META).write_text("{ half written")
     elif defect == "unknown config key":
@@ -60,7 +64,9 @@ def _break(folder, defect: str) -> None:
 
 
 @pytest.mark.parametrize(("defect", "names", "says"), [
-    ("no folder", META, "no judge here"),
+    ("no folder", "", "no such folder; run the judge stage first"),
+    ("no meta", META, "no judge here"),
+    ("another stage's folder", "", "a tokenizer folder (tokenizer.json), not a judge one"),
     ("not json", META, "not a judge description"),
     ("unknown config key", META, "colour"),
     ("no weights", WEIGHTS, "missing beside"),
