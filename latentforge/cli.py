@@ -573,9 +573,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"interrupted ({signal.Signals(signum).name}): stopped{killed}", file=sys.stderr)
         code = 128 + signum
     except OSError as exc:  # a full disk, a missing or unreadable file: one line, no traceback
-        log.debug("%s failed", args.command, exc_info=True)
-        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
-        code = 1
+        if isinstance(exc, BrokenPipeError) and _stdout_reader_gone():
+            # `latentforge params --explain | head`: the reader took what it wanted. Quiet, as
+            # a tool killed by SIGPIPE is; stdout goes nowhere so exit's flush cannot fail.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 128 + signal.SIGPIPE
+        else:
+            log.debug("%s failed", args.command, exc_info=True)
+            print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+            code = 1
     except Exception as exc:  # the MLflow store failing mid-run (locked, damaged): one line
         from latentforge.tracking import describe_store_error, tracking_uri
 
@@ -590,6 +597,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:  # the program itself (console script, python -m), not a caller in Python
         exit_now(code)
     return code
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (as `head` does when it has enough)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (a test's capture)
+        return False
 
 
 def exit_now(code: int) -> NoReturn:

@@ -138,6 +138,18 @@ def test_cli_params_prints_resolved_yaml(capsys, tmp_path, monkeypatch):
     assert "prepare.seed = 3  (default 0)\n" in out and "prepare.on_bad_image = 'skip'\n" in out
 
 
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`latentforge params --explain | head`: the reader leaves early; the command stops as a
+    tool stopped by SIGPIPE does, without an error line."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "latentforge", "params", "--explain"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command writes a line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE and err == ""
+
+
 def test_stage_refuses_overrides_inside_dvc(monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DVC_STAGE", "prepare")
