@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED := 1
 .PHONY: help venv run test test-all test-kernels test-infra lint ui serve bench clean
 
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-9s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-12s %s\n", $$1, $$2}'
 
 venv: $(VENV)/.installed ## Create .venv and install LatentForge with its dev tools
 

@@ -86,8 +86,9 @@ def _with_parents(*parents: argparse.ArgumentParser) -> type[argparse.ArgumentPa
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentforge",
-        description="LatentForge: prepare -> judge -> tokenizer -> cache -> generator -> rl -> "
-                    "evaluate, orchestrated by Prefect, versioned by DVC, tracked in MLflow.")
+        description="LatentForge: prepare -> judge -> tokenizer -> cache -> generator -> "
+                    "posttrain -> rl -> evaluate, orchestrated by Prefect, versioned by DVC, "
+                    "tracked in MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     # -v after the command too (`latentforge stage prepare -v`, as the errors' hint reads):
     # SUPPRESS keeps a command's parser from resetting a -v given before the command.

@@ -27,10 +27,16 @@ def new_figure(panels: int, width: float = 4.2, height: float = 3.2) -> tuple[An
 
 
 def style_axes(ax: Any, xlabel: str) -> None:
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     ax.set_xlabel(xlabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and token counts
+    # Each tick in full, with the digits that tell them apart (231.105, 0.00002): matplotlib's
+    # shared offset or exponent text ("+2.311e2", "1e-5") sits above the axes, over the title.
+    if ax.get_yscale() == "linear":
+        plain = ScalarFormatter(useOffset=False)
+        plain.set_scientific(False)
+        ax.yaxis.set_major_formatter(plain)
     ax.grid(alpha=0.3)
 
 
@@ -61,18 +67,20 @@ def reward_plot(curve: Mapping[str, np.ndarray]) -> bytes:
     for ax, col in zip(axes[1:], extra, strict=True):
         ok = np.isfinite(curve[col])
         ax.plot(step[ok], curve[col][ok], marker="o", ms=3, color="tab:red")
-        ax.set_title(WATCH_COLUMNS[col])
+        ax.set_title(WATCH_COLUMNS[col], fontsize="medium")  # the long ones fit the panel
     for ax in axes:
         style_axes(ax, "RL update")
     return figure_png(fig)
 
 
 def prefix_plot(prefix: Sequence[tuple[int, float]]) -> bytes:
-    fig, (ax,) = new_figure(1)
+    """Val PSNR of reconstructions from the first k tokens (the tokenizer stage and the
+    report)."""
+    fig, (ax,) = new_figure(1, width=5.0)
     ax.plot([k for k, _ in prefix], [v for _, v in prefix], marker="o")
     style_axes(ax, "tokens kept (prefix length)")
     ax.set_ylabel("val PSNR (dB)")
-    ax.set_title("Reconstruction quality per prefix length")
+    ax.set_title("Reconstruction per prefix length")
     return figure_png(fig)
 
 

@@ -769,7 +769,10 @@ def render_report(report: Report, link_images: bool = True) -> str:
         "",
         f"FD is biased upwards at small counts, so compare a generator's FD with the held-out "
         f"real images' only at one count: the rows *at the real set's count* "
-        f"(n = {int(n['real']['n'])}) do.", "",
+        f"(n = {int(n['real']['n'])}: per class, the smaller of the samples' and the held-out "
+        f"images' counts, so both sets have the same classes in the same numbers) do. KID is "
+        f"unbiased: for two sets from one distribution it scatters around 0, so a value just "
+        f"below 0 (the real set's often) means no measurable distance.", "",
         *cfg_note,
         *image(SAMPLES_PNG, "samples, one row per class: base (left) and RL (right), same seeds"),
         *sweep_section(n, p["cfg_sweep"]["scales"], p["cfg_sweep"]["per_class"],

@@ -9,7 +9,6 @@ latents, RobustTok). Later stages load the result with `load_tokenizer(path)`.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from latentforge import metrics, paths, storage
 from latentforge.checkpoint import load_model_folder
 from latentforge.config import Params, TokenizerConfig
 from latentforge.data import load_prepared
+from latentforge.figures import prefix_plot
 from latentforge.images import make_grid, save_png, to_uint8
 from latentforge.lineage import REGISTERED_MODELS
 from latentforge.models.tokenizer import (
@@ -224,25 +224,6 @@ def recon_grid(images: np.ndarray, recon: np.ndarray, n: int = 16) -> np.ndarray
         rows += [images[start:start + n], recon[start:start + n]]
         names += ["x", "r"]
     return make_grid(rows, labels=names)
-
-
-def prefix_plot(prefix: list[tuple[int, float]]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    ax.plot([k for k, _ in prefix], [v for _, v in prefix], marker="o")
-    ax.set_xlabel("tokens kept (prefix length)")
-    ax.set_ylabel("val PSNR (dB)")
-    ax.set_title("Reconstruction quality per prefix length")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def run(params: Params, out_dir: str | Path = paths.TOKENIZER,
