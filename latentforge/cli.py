@@ -325,6 +325,17 @@ def _experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def warn_stale_upstream(stage: str, status: Any) -> list[str]:
+    """Say so when a stage run alone reads outputs that DVC finds out of date (say after
+    `stage evaluate -S generator.cfg_scale=2`): it runs on them as they are. Returns them."""
+    stale = [s for s in status.order if s in status.upstream[stage] and s in status.changed]
+    if stale:
+        log.warning("%s runs on what the outputs of %s hold now, and DVC finds %s out of date: "
+                    "`latentforge run` brings the chain up to date", stage, " and ".join(stale),
+                    "them" if len(stale) > 1 else "it")
+    return stale
+
+
 def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None) -> int:
     """Run stages through Prefect and DVC, holding the workspace, with a guard that stops the
     children and ends the MLflow runs if this process is killed."""
@@ -335,6 +346,8 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
         _persist_params(args, params)
         dvcops.check_source(params)
         status = dvcops.graph_status()
+        if stages and len(stages) == 1:  # `stage NAME` runs NAME alone (DVC's --single-item)
+            warn_stale_upstream(stages[0], status)
         if not args.force:  # every stage up to date: answered without the flow engine
             from latentforge.noop import try_noop
 

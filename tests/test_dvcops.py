@@ -136,3 +136,23 @@ def test_values_yaml_1_1_reads_otherwise_are_not_corrected(tmp_path: Path) -> No
     lock_text = (tmp_path / "dvc.lock").read_text()
     assert dvcops.record_params_used("train", params.encode(), tmp_path) == []
     assert (tmp_path / "dvc.lock").read_text() == lock_text
+
+
+def test_a_stage_run_alone_on_out_of_date_inputs_says_so(caplog):
+    """`latentforge stage evaluate -S generator.cfg_scale=2` runs evaluate on the generator
+    as it is (DVC's --single-item): a warning names the stages DVC finds out of date."""
+    from latentforge.cli import warn_stale_upstream
+    from latentforge.dvcops import GraphStatus
+
+    order = ["prepare", "generator", "posttrain", "evaluate", "other"]
+    status = GraphStatus(order, {"prepare": frozenset(), "generator": frozenset({"prepare"}),
+                                 "posttrain": frozenset({"prepare", "generator"}),
+                                 "evaluate": frozenset({"prepare", "generator", "posttrain"}),
+                                 "other": frozenset()},
+                         frozenset({"generator", "posttrain", "other"}))
+    with caplog.at_level("WARNING"):
+        assert warn_stale_upstream("evaluate", status) == ["generator", "posttrain"]
+    assert ("evaluate runs on what the outputs of generator and posttrain hold now, and DVC "
+            "finds them out of date: `latentforge run` brings the chain up to date") in caplog.text
+    caplog.clear()
+    assert warn_stale_upstream("prepare", status) == [] and caplog.text == ""
