@@ -422,6 +422,13 @@ STAGE_FOLDERS = {"judge.json": "judge", "tokenizer.json": "tokenizer",
                  "generator.json": "generator", "decoder.json": "post-trained decoder"}
 
 
+def folder_kind(path: str | os.PathLike[str], but: str = "") -> tuple[str, str] | None:
+    """(JSON file, kind) of the stage output in `path`, by the file each stage writes beside
+    its weights (`but`: a file not to count), or None."""
+    return next(((name, kind) for name, kind in STAGE_FOLDERS.items()
+                 if name != but and (Path(path) / name).is_file()), None)
+
+
 def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
                       build: Callable[[dict[str, Any]], torch.nn.Module], missing_hint: str = ""
                       ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -444,8 +451,7 @@ def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
     if not meta_path.exists():
         if not path.exists():
             raise DataError(f"{path}: no such folder; run the {what} stage first{missing_hint}")
-        other = next(((name, kind) for name, kind in STAGE_FOLDERS.items()
-                      if name != meta_name and (path / name).is_file()), None)
+        other = folder_kind(path, but=meta_name)
         if other:
             raise DataError(f"{path}: a {other[1]} folder ({other[0]}), not a {what} one; "
                             f"give the {what} stage's output (run the {what} stage to write "

@@ -375,7 +375,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from latentforge import paths
     from latentforge.images import make_grid, save_png
-    from latentforge.tasks.generator import load_generator, sampling_defaults
+    from latentforge.tasks.generator import (
+        has_sampling_record,
+        load_generator,
+        sampling_defaults,
+    )
 
     model = args.model or str(paths.GENERATOR)
     if "://" in model or model.startswith("models:/"):
@@ -429,7 +433,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                           f"{', '.join(names)}")
     # As the stage that made the model sampled it (RL: its rollout CFG), unless told otherwise;
     # a folder saved before it recorded that samples as params.yaml's generator section says.
-    if "sample_defaults" in gen.meta:
+    if has_sampling_record(gen.meta):
         fallback = None
     else:
         from latentforge.config import load_params

@@ -24,14 +24,16 @@ from mlflow.pyfunc.model import PythonModel
 def model_kind(folder: str | Path) -> str:
     """judge, evaluator, tokenizer or generator: which stage output `folder` is, from the JSON
     file each stage writes beside the weights (a judge's names its role)."""
-    folder = Path(folder)
-    if (folder / "judge.json").is_file():
-        return str(json.loads((folder / "judge.json").read_text()).get("role", "judge"))
-    for kind in ("tokenizer", "generator"):
-        if (folder / f"{kind}.json").is_file():
-            return kind
-    raise ValueError(f"{folder}: no judge.json, tokenizer.json or generator.json; not a "
-                     "LatentForge model folder")
+    from latentforge.checkpoint import folder_kind
+
+    found = folder_kind(folder, but="decoder.json")
+    if found is None:
+        raise ValueError(f"{folder}: no judge.json, tokenizer.json or generator.json; not a "
+                         "LatentForge model folder")
+    name, kind = found
+    if kind == "judge":
+        return str(json.loads((Path(folder) / name).read_text()).get("role", "judge"))
+    return kind
 
 
 class LatentForgeModel(PythonModel):

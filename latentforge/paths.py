@@ -68,7 +68,7 @@ STAGES: dict[str, StageSpec] = {
     "tokenizer": StageSpec(
         name="tokenizer",
         code=("tasks/tokenizer.py", "models/tokenizer.py", "models/layers.py",
-              "latentforge/training.py"),
+              "latentforge/training.py", "latentforge/figures.py"),
         deps=(str(PREPARED), str(JUDGE)),
         params=("tokenizer", "compute.precision"),  # bf16 changes the numbers
         outs=(str(TOKENIZER),),

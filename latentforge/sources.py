@@ -675,11 +675,14 @@ def _list_folder(root: str) -> FolderListing:
     """The folder source's files: one sub-folder per class, or train/, val/ ... folders each
     with one sub-folder per class; images deeper down count in their class."""
     rels = [(_relative(root, f), f) for f in storage.list_files(root)]
-    visible = [(rel, f) for rel, f in rels if not any(p.startswith(".") for p in rel.parts)]
-    tops = {rel.parts[0] for rel, _ in visible if len(rel.parts) > 1}
-    images = [rel for rel, _ in visible if rel.suffix.lower() in IMAGE_SUFFIXES]
-    split = bool(tops) and all(t.lower() in SPLIT_FOLDERS for t in tops) and all(
-        len(rel.parts) >= 3 for rel in images if len(rel.parts) > 1)
+    visible = [rel for rel, _ in rels if not any(p.startswith(".") for p in rel.parts)]
+    images = [rel for rel in visible if rel.suffix.lower() in IMAGE_SUFFIXES and len(rel.parts) > 1]
+    # Split folders: every top-level folder holding images is one (a docs/ folder beside them
+    # does not count), and some image sits in a folder below one (train/cat/1.png; an
+    # unlabelled test/*.png beside train/cat/ is then listed as outside a class folder).
+    tops = {rel.parts[0] for rel in images}
+    split = bool(tops) and all(t.lower() in SPLIT_FOLDERS for t in tops) and any(
+        len(rel.parts) >= 3 for rel in images)
     depth = 2 if split else 1  # parts up to and including the class folder
     listing = FolderListing([], {}, [], {}, sorted(tops) if split else [], [])
 
@@ -691,7 +694,8 @@ def _list_folder(root: str) -> FolderListing:
             listing.class_dirs[name].append(folder)
         return name
 
-    for rel, f in rels:
+    for rel, path in rels:
+        f = shown(path)
         if any(p.startswith(".") for p in rel.parts):
             listing.ignored.append({"path": f, "reason": "hidden (a name starts with '.')"})
             if len(rel.parts) > depth and not any(p.startswith(".") for p in rel.parts[:depth]):
@@ -704,9 +708,9 @@ def _list_folder(root: str) -> FolderListing:
             listing.ignored.append({"path": f, "reason": f"suffix '{rel.suffix}' is not one of "
                                                          f"{' '.join(IMAGE_SUFFIXES)}"})
         else:
-            listing.entries.append((class_of(rel), str(rel), f))
+            listing.entries.append((class_of(rel), str(rel), path))
             if len(rel.parts) > depth + 1:
-                listing.nested.append(str(rel))
+                listing.nested.append(shown(str(rel)))
     if not storage.is_url(root) and Path(root).is_dir():  # object stores hold no empty folders
         parents = [Path(root) / t for t in listing.splits] if split else [Path(root)]
         for parent in parents:
@@ -740,6 +744,13 @@ def _check_class_names(root: str, names: list[str]) -> None:
             raise DataError(f"{root}: class folder {os.fsencode(name)!r} has a name that is not "
                             "UTF-8 text (class names must be, e.g. a Latin-1 name from a zip "
                             "made on Windows); rename the folder") from None
+
+
+def shown(path: str) -> str:
+    """A path as text for reports, logs and MLflow: a local name that is not UTF-8 (its bytes
+    kept as surrogates by the OS layer) shows them as \\xNN escapes instead of breaking every
+    UTF-8 writer downstream."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _name_bytes(root: str, rel_name: str) -> bytes:
@@ -779,9 +790,10 @@ def read_folder(cfg: PrepareConfig) -> SourceData:
     index = {c: i for i, c in enumerate(class_names)}
     digest = hashlib.sha256(b"folder")
     images, labels, skipped, tally = [], [], [], Counter[tuple[str, str]]()
-    for class_name, rel_name, full in entries:
-        data = storage.read_bytes(full)
+    for class_name, rel_name, path in entries:
+        data = storage.read_bytes(path)
         digest.update(_name_bytes(root, rel_name) + b"\0" + hashlib.sha256(data).digest())
+        full = shown(path)
         try:
             img = decode_image(full, data)
             img, turned = upright(img)

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -261,8 +262,14 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp makes the file 0600 whatever the umask: give it the mode open() would, so
-        # that teammates, another uid in a container and web servers can read the outputs.
-        os.fchmod(fd, 0o666 & ~process_umask())
+        # that teammates, another uid in a container and web servers can read the outputs. A
+        # file being replaced keeps its mode, as an editor keeps it, unless that is the 0600
+        # this function left before it set modes.
+        mode = 0o666 & ~process_umask()
+        with contextlib.suppress(OSError):
+            kept = stat.S_IMODE(os.stat(path).st_mode)
+            mode = mode if kept == 0o600 else kept
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -319,6 +326,9 @@ def _walk_files(root: Path) -> Iterator[Path]:
             dirs[:] = []
             continue
         seen.add(real)
+        # Real folders first, each level in name order: a link to a folder also reached by its
+        # own name (kitty -> cat) is the one skipped, on every filesystem alike.
+        dirs.sort(key=lambda d: (os.path.islink(os.path.join(folder, d)), d))
         for name in files:
             path = Path(folder, name)
             if path.is_file():  # a broken link is no file
@@ -388,11 +398,12 @@ def sweep_leftovers(final: str | os.PathLike[str]) -> list[Path]:
             if what:
                 found[what].append(entry)
     if found["old"] and not final.exists():
-        newest = max(found["old"], key=lambda p: p.lstat().st_mtime)
-        os.replace(newest, final)
-        found["old"].remove(newest)
-        log.warning("%s: put back the previous output that an interrupted write had moved "
-                    "aside (%s)", final, newest.name)
+        with contextlib.suppress(FileNotFoundError):  # another sweep got there first
+            newest = max(found["old"], key=lambda p: p.lstat().st_mtime)
+            os.replace(newest, final)
+            found["old"].remove(newest)
+            log.warning("%s: put back the previous output that an interrupted write had moved "
+                        "aside (%s)", final, newest.name)
     removed = found["tmp"] + found["old"]
     for entry in removed:
         if entry.is_dir() and not entry.is_symlink():

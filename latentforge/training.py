@@ -511,6 +511,18 @@ def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker
                       numerics=loop_numerics(worker.device))
 
 
+NUMERICS_FILE = "numerics.json"
+
+
+def _read_numerics(path: Path) -> dict[str, Any]:
+    """loop_numerics of the run that trained these checkpoints ({} if unknown or damaged)."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def loop_numerics(device: torch.device) -> dict[str, Any]:
     """What decides a training process's last digits besides its params: its torch threads
     and, on the CPU, where fp32 Linear layers run."""
@@ -953,9 +965,15 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
         run = _train_on_ray if use_ray(compute) else _train_in_process
         stats = run(spec, cfg, compute, ckpt_dir, tracker, progress)
 
-    if stats.numerics:  # the training process's, a Ray worker's on a cluster (the stage's
-        # own tags describe the stage's process)
-        tracker.set_tags({f"{TAG_PREFIX}train_{k}": str(v) for k, v in stats.numerics.items()})
+    # The training process's (a Ray worker's on a cluster; the stage's own tags describe the
+    # stage's process), kept beside the checkpoints: a rerun that finds the run finished
+    # writes the same meta as the run that trained.
+    numerics_file = ckpt_dir / NUMERICS_FILE
+    if stats.numerics:
+        write_bytes_atomic(numerics_file, json.dumps(stats.numerics, sort_keys=True).encode())
+    numerics = stats.numerics or _read_numerics(numerics_file)
+    if numerics:
+        tracker.set_tags({f"{TAG_PREFIX}train_{k}": str(v) for k, v in numerics.items()})
     latest = ckpt.latest_checkpoint(ckpt_dir)
     if latest is None:  # only if something deleted the folder while we trained
         raise FileNotFoundError(f"training ended without a checkpoint in {ckpt_dir}")
@@ -964,7 +982,7 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
                        history=read_metrics(ckpt_dir), steps=final.step,
                        resumed_from=resumed_from, images_per_s=stats.images_per_s,
                        seconds=time.perf_counter() - started, nodes=list(stats.nodes),
-                       precision=precision, compiled=compute.compile, numerics=stats.numerics)
+                       precision=precision, compiled=compute.compile, numerics=numerics)
 
 
 def loss_curve_csv(history: list[dict[str, float]]) -> str:

@@ -189,6 +189,12 @@ def sampling_record(steps: int, sampler: str, cfg_scale: float) -> dict[str, Any
     return {"steps": int(steps), "sampler": str(sampler), "cfg_scale": float(cfg_scale)}
 
 
+def has_sampling_record(meta: dict[str, Any]) -> bool:
+    """Whether the folder recorded how its stage sampled (folders saved before did not)."""
+    recorded = meta.get("sample_defaults")
+    return isinstance(recorded, dict) and all(k in recorded for k in SAMPLING_KEYS)
+
+
 def sampling_defaults(meta: dict[str, Any], fallback: GeneratorConfig | None = None
                       ) -> dict[str, Any]:
     """{"steps", "sampler", "cfg_scale"} that the model's own metrics were measured with.
@@ -197,9 +203,8 @@ def sampling_defaults(meta: dict[str, Any], fallback: GeneratorConfig | None = N
     section in use, or the schema's defaults); an RL model then to the CFG scale of its rollouts,
     which its meta records, since RL trains the guided velocity.
     """
-    recorded = meta.get("sample_defaults")
-    if isinstance(recorded, dict) and all(k in recorded for k in SAMPLING_KEYS):
-        return {k: recorded[k] for k in SAMPLING_KEYS}
+    if has_sampling_record(meta):
+        return {k: meta["sample_defaults"][k] for k in SAMPLING_KEYS}
     cfg = fallback or GeneratorConfig()
     out = sampling_record(cfg.sample_steps, cfg.sampler, cfg.cfg_scale)
     rl_cfg = meta.get("rl", {}).get("params", {}).get("cfg_scale")

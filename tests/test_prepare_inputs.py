@@ -518,6 +518,18 @@ def test_split_folders_are_pooled_and_a_class_named_train_is_a_class(tmp_path):
     assert data.class_names == ["bat", "cat"] and np.bincount(data.labels).tolist() == [4, 4]
     assert any("split folders (train/, val/)" in w for w in data.warnings)
     assert "pooled" in data.label_handling["split_folders"]
+    # Kaggle's layout: labelled train/, an unlabelled flat test/, and a docs/ folder.
+    kaggle = tmp_path / "kaggle"
+    two_classes(kaggle / "train")
+    (kaggle / "test").mkdir()
+    filled("L", 5).save(kaggle / "test" / "0.png")
+    (kaggle / "docs").mkdir()
+    (kaggle / "docs" / "README.md").write_text("about")
+    data = read(str(kaggle))
+    assert data.class_names == ["bat", "cat"] and len(data.labels) == 4
+    assert {Path(i["path"]).relative_to(kaggle).as_posix(): i["reason"] for i in data.ignored} == {
+        "test/0.png": "not inside a class sub-folder of a split folder",
+        "docs/README.md": "not inside a class sub-folder of a split folder"}
     # A class that happens to be called train (its images right inside): two classes.
     other = tmp_path / "vehicles"
     class_folder(other, "train")
@@ -547,6 +559,12 @@ def test_symlinked_class_folders_are_read_and_a_link_cycle_ends(tmp_path):
     (real / "cat" / "loop").symlink_to(linked, target_is_directory=True)  # a cycle
     (linked / "gone.png").symlink_to(tmp_path / "nowhere.png")  # broken: no file
     data = read(str(linked))
+    assert data.class_names == ["bat", "cat"] and np.bincount(data.labels).tolist() == [2, 2]
+    # A link beside the folder it names (kitty -> cat): the real folder keeps its images,
+    # whatever order the filesystem lists them in.
+    (real / "kitty").symlink_to(real / "cat", target_is_directory=True)
+    (real / "cat" / "loop").unlink()
+    data = read(str(real))
     assert data.class_names == ["bat", "cat"] and np.bincount(data.labels).tolist() == [2, 2]
 
 
@@ -578,7 +596,10 @@ def test_a_class_folder_named_in_another_encoding_is_one_line(tmp_path):
 
     root = tmp_path / "imgs"
     two_classes(root)
-    os.mkdir(os.fsencode(root) + b"/caf\xe9")  # Latin-1, as a zip made on Windows leaves it
+    try:
+        os.mkdir(os.fsencode(root) + b"/caf\xe9")  # Latin-1, as a zip made on Windows leaves it
+    except OSError as exc:  # APFS, ZFS utf8only: such a name cannot exist there
+        pytest.skip(f"this filesystem refuses names that are not UTF-8 ({exc})")
     filled("L", 9).save(os.fsdecode(os.fsencode(root) + b"/caf\xe9/0.png"))
     with pytest.raises(DataError) as err:
         read(str(root))
@@ -589,6 +610,13 @@ def test_a_class_folder_named_in_another_encoding_is_one_line(tmp_path):
     os.rename(os.fsencode(root) + b"/caf\xe9/0.png", os.fsencode(root) + b"/cat/\xe9t\xe9.png")
     os.rmdir(os.fsencode(root) + b"/caf\xe9")
     assert np.bincount(read(str(root)).labels).tolist() == [2, 3]
+    # Skipped (undecodable), it is named in the report, the log and MLflow's summary as text.
+    with open(os.fsencode(root) + b"/cat/\xe9t\xe9.png", "wb") as f:
+        f.write(b"not an image")
+    result = prepare.run(cfg(source="folder", path=str(root)), out_dir=tmp_path / "p")
+    result.summary.encode("utf-8")
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert [s["path"] for s in report["skipped"]] == [f"{root}/cat/\\xe9t\\xe9.png"]
 
 
 def test_idx_files_kept_both_unpacked_and_gzipped_are_read_once(tmp_path):

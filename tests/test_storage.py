@@ -31,6 +31,10 @@ def test_written_files_take_the_umask_not_mkstemps_0600(tmp_path, umask, mode):
                     "from latentforge import storage; "
                     f"storage.write_bytes_atomic({str(out)!r}, b'x')"], check=True)
     assert out.stat().st_mode & 0o777 == mode
+    # Replaced, a file keeps the mode it was given (0600 excepted: what earlier versions left).
+    os.chmod(out, 0o640)
+    storage.write_bytes_atomic(out, b"y")
+    assert out.stat().st_mode & 0o777 == 0o640
 
 
 def test_atomic_dir_keeps_previous_output_on_failure(tmp_path):

@@ -361,7 +361,10 @@ def test_a_finished_run_of_other_code_is_trained_anew(tmp_path: Path) -> None:
     spec, cfg = TrainSpec(build_mlp, mse_loss, toy_data(), code="a" * 64), tiny_cfg(steps=10)
     first = train(spec, cfg, ComputeConfig(), tmp_path, progress=False)
     assert first.resumed_from == 0
-    assert train(spec, cfg, ComputeConfig(), tmp_path, progress=False).resumed_from == 10
+    finished = train(spec, cfg, ComputeConfig(), tmp_path, progress=False)
+    assert finished.resumed_from == 10
+    # nothing trained the second time: the meta still says how the weights were trained
+    assert finished.training_meta() == first.training_meta() and first.numerics
     changed = dataclasses.replace(spec, code="b" * 64)
     again = train(changed, cfg, ComputeConfig(), tmp_path, progress=False)
     assert again.resumed_from == 0 and again.steps == 10
