@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from latentforge.models.layers import fp32_linear_backend
+from latentforge.storage import read_json_dict
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +130,11 @@ def time_steps(step: Callable[[bool], object], device: torch.device, rounds: int
     return {p: statistics.median(v) for p, v in seconds.items()}
 
 
-def _read_cache(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _write_cache(path: Path, machine: str, entry: dict[str, Any]) -> None:
     """Merge `entry` into the machine's record; a cache that cannot be written is only logged."""
     from latentforge.storage import write_bytes_atomic
 
-    data = _read_cache(path)  # reread: another process may have added its own machine or model
+    data = read_json_dict(path)  # reread: another process may have added its own machine or model
     record = data.setdefault(machine, {})
     for key, value in entry.items():
         if isinstance(value, dict):
@@ -163,7 +156,7 @@ def choose_precision(device: torch.device, workload: str,
     only when bf16 matmuls are faster here and this workload was not measured before.
     """
     path, machine = cache_path(), machine_key(device)
-    record = _read_cache(path).get(machine, {})
+    record = read_json_dict(path).get(machine, {})
     speedup = record.get("matmul_bf16_speedup")
     if not isinstance(speedup, float):
         speedup = matmul_speedup(device)

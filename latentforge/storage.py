@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -283,6 +284,16 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     return sha256_bytes(data)
+
+
+def read_json_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A local JSON object that is only bookkeeping (a cache, a record): {} where the file is
+    missing, damaged or holds something else, and the caller computes it anew."""
+    try:
+        found = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 @functools.cache

@@ -57,7 +57,7 @@ from latentforge import checkpoint as ckpt
 from latentforge.checkpoint import load_checkpoint_weights
 from latentforge.malloc import tune_malloc
 from latentforge.raycluster import init_ray, use_ray
-from latentforge.storage import write_bytes_atomic
+from latentforge.storage import read_json_dict, write_bytes_atomic
 from latentforge.tracking import TAG_PREFIX, Tracker
 
 if TYPE_CHECKING:
@@ -514,15 +514,6 @@ def _run_loop(spec: TrainSpec, cfg: TrainConfig, ckpt_dir: Path, worker: _Worker
 NUMERICS_FILE = "numerics.json"
 
 
-def _read_numerics(path: Path) -> dict[str, Any]:
-    """loop_numerics of the run that trained these checkpoints ({} if unknown or damaged)."""
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
-
-
 def loop_numerics(device: torch.device) -> dict[str, Any]:
     """What decides a training process's last digits besides its params: its torch threads
     and, on the CPU, where fp32 Linear layers run."""
@@ -971,7 +962,7 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
     numerics_file = ckpt_dir / NUMERICS_FILE
     if stats.numerics:
         write_bytes_atomic(numerics_file, json.dumps(stats.numerics, sort_keys=True).encode())
-    numerics = stats.numerics or _read_numerics(numerics_file)
+    numerics = stats.numerics or read_json_dict(numerics_file)  # {}: unknown
     if numerics:
         tracker.set_tags({f"{TAG_PREFIX}train_{k}": str(v) for k, v in numerics.items()})
     latest = ckpt.latest_checkpoint(ckpt_dir)
