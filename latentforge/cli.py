@@ -238,13 +238,11 @@ def cmd_params(args: argparse.Namespace) -> int:
         return 0
     if args.explain:
         from latentforge.config import explain
+        from latentforge.dvcops import dotted_param
 
         tree = _load(args).to_dict()  # what the user would run: params.yaml, --params, -S
         for key, default, doc in explain():
-            value: Any = tree
-            for part in key.split("."):
-                value = value[part]
-            now = repr(value)
+            now = repr(dotted_param(tree, key)[1])
             print(f"{key} = {now}" + ("" if now == default else f"  (default {default})")
                   + f"\n    {doc}")
         return 0

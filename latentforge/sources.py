@@ -561,7 +561,8 @@ def parse_idx(path: str, data: bytes, ndim: int, types: tuple[int, ...] = (IDX_U
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
 
 
-def _idx_pairs(path: str, warnings: list[str] | None = None) -> list[tuple[str, str]]:
+def _idx_pairs(path: str, warnings: list[str]) -> list[tuple[str, str]]:
+    """(images, labels) IDX files found at `path`; what was noticed goes into `warnings`."""
     files = storage.list_files(path) if not _looks_like_idx_images(path) else [path]
     images = [f for f in files if _looks_like_idx_images(f)]
     # torchvision's MNIST/raw keeps each file twice, unpacked and as .gz: read it once
@@ -571,8 +572,7 @@ def _idx_pairs(path: str, warnings: list[str] | None = None) -> list[tuple[str, 
         images.remove(f)
         message = f"{f} is {f.removesuffix('.gz')} compressed: read once, unpacked"
         log.warning("%s", message)
-        if warnings is not None:
-            warnings.append(message)
+        warnings.append(message)
     pairs = []
     for img in images:
         lbl = img.replace("images-idx3-ubyte", "labels-idx1-ubyte").replace(

@@ -28,6 +28,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -399,8 +400,6 @@ def sweep_leftovers(final: str | os.PathLike[str]) -> list[Path]:
     final = Path(final)
     if not final.parent.is_dir():
         return []
-    import time
-
     now = time.time()
     found: dict[str, list[Path]] = {"tmp": [], "old": []}
     for entry in final.parent.iterdir():

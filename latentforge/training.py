@@ -134,7 +134,8 @@ class TrainResult:
     precision: str = "fp32"  # what the run trained in: fp32 or bf16 (autocast)
     compiled: bool = False  # whether the model's forward went through torch.compile
     # Where the updates ran (rank 0), which decides the last digits: torch's thread count and
-    # the fp32 Linear backend (models/layers.py); empty when nothing was trained (resumed).
+    # the fp32 Linear backend (models/layers.py); a run found finished reads them from its
+    # checkpoint folder (empty where that run did not record them).
     numerics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def training_meta(self) -> dict[str, Any]:
