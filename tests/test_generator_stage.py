@@ -123,6 +123,42 @@ def test_generator_on_a_2d_tokenizer(tmp_path, monkeypatch):
     assert np.isfinite(result.metrics["gfd_eval"])
 
 
+def test_token_generators_train_fine_tune_and_evaluate(tmp_path, monkeypatch, capsys):
+    """maskgit and ar over fsq codes through generator, rl (GRPO over tokens) and evaluate, in
+    process (test_pipeline's slow test runs the same through `latentforge run`)."""
+    from latentforge.tasks import evaluate, rl
+
+    monkeypatch.chdir(tmp_path)
+    params = tiny(prepare={"max_images": 200}, tokenizer={"quantizer": "fsq"},
+                  generator={"kind": "maskgit"})
+    d = build_chain(tmp_path, params)
+    for kind in ("maskgit", "ar"):
+        params = tiny(prepare={"max_images": 200}, tokenizer={"quantizer": "fsq"},
+                      generator={"kind": kind})
+        gen, tuned = tmp_path / kind, tmp_path / f"{kind}_rl"
+        generator.run(params, out_dir=gen, cache_dir=d["cache"], tokenizer_dir=d["tok"],
+                      evaluator_dir=tmp_path / "evaluator", prepared_dir=d["prepared"])
+        meta = json.loads((gen / "generator.json").read_text())
+        assert meta["kind"] == kind and meta["model"]["vocab_size"] == 8 * 5 * 5 * 5
+        tuning = rl.run(params, out_dir=tuned, generator_dir=gen, tokenizer_dir=d["tok"],
+                        judge_dir=d["judge"], prepared_dir=d["prepared"],
+                        plot_file=tmp_path / f"{kind}_reward.csv",
+                        evaluator_dir=tmp_path / "evaluator")
+        assert tuning.metrics["updates"] == 3 and tuning.metrics["final_kl"] >= 0
+        rl_meta = json.loads((tuned / "generator.json").read_text())
+        assert rl_meta["kind"] == kind and rl_meta["rl"]["params"]["token_kl_beta"] > 0
+        ev = evaluate.run(params, report_dir=tmp_path / f"{kind}_report",
+                          prepared_dir=d["prepared"], judge_dir=d["judge"], tokenizer_dir=d["tok"],
+                          generator_dir=gen, rl_dir=tuned, plots_dir=tmp_path / f"{kind}_plots",
+                          evaluator_dir=tmp_path / "evaluator")
+        assert 0 <= ev.metrics["base.eval_accuracy"] <= 1
+        assert 0 <= ev.metrics["rl.eval_accuracy"] <= 1
+        out = tmp_path / f"{kind}.png"
+        assert main(["sample", "--class", "3", "--n", "4", "--model", str(tuned), "--tokenizer",
+                     str(d["tok"]), "--decoder", "none", "--out", str(out)]) == 0
+        assert f"4 samples of class '3' to {out}" in capsys.readouterr().out
+
+
 def test_a_registered_generator_samples_anywhere_with_its_own_tokenizer(chain, tmp_path,
                                                                         monkeypatch, capsys):
     import mlflow.pyfunc

@@ -287,6 +287,9 @@ def test_deployments_cover_pipeline_and_every_stage():
     assert [d["entrypoint"].rsplit(":", 1)[1] for d in pool] == names
 
 
+# slow (~2.5 min): the default run stays under 15 min; CI runs it in test-infra. The token
+# generators' stages are also covered one by one in test_generator_stage.py and test_rl.py.
+@pytest.mark.slow
 def test_token_generators_through_latentforge_run(make_project, prefect_harness, tmp_path):
     """maskgit and ar over fsq codes through every stage by `latentforge run` (rl is GRPO over
     tokens), switching kind reruns only the generator onwards, and `latentforge sample` draws
