@@ -101,6 +101,10 @@ class PrepareConfig:
     val_fraction: float = param(0.1, "fraction of images held out for validation (every later "
                                 "stage measures on it; the prepare stage fails where either "
                                 "split gets fewer than 4 images)", gt=0.0, lt=1.0)
+    split: Literal["random", "given"] = param(
+        "random", "random: pool every image and split by `val_fraction` and `seed`; given: keep "
+        "the source's own split (a folder's train/ and val/ folders, test/ where there is no "
+        "val/; IDX train and t10k files), `val_fraction` unused")
     seed: int = param(0, "seed of the deterministic train/val split and of the shapes source",
                       ge=0, le=MAX_SEED)
     max_images: int | None = param(None, "keep at most this many images, a seeded random subset of "
@@ -110,6 +114,12 @@ class PrepareConfig:
         "skip", "skip: leave out undecodable images and list them in the report; fail: stop")
     shard_size: int = param(8192, "images per shard file (few large shards hash fast in DVC)",
                             ge=1, le=MAX_SHARD)
+
+    def __post_init__(self) -> None:
+        if self.split == "given" and self.source not in ("folder", "idx"):
+            raise ValueError(f"split = 'given' keeps a source's own train/val split, but source "
+                             f"= {self.source!r} has none (folder and idx sources can): use "
+                             f"split: random")
 
 
 @dataclass(kw_only=True)

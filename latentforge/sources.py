@@ -76,6 +76,7 @@ import io
 import json
 import logging
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -139,6 +140,23 @@ class SourceData:
     empty_classes: list[dict[str, str]] = field(default_factory=list)  # {"class", "path", "reason"}
     ignored: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"}: never read
     warnings: list[str] = field(default_factory=list)
+    # (N,) str: the part of the source's own split each image came from (a split folder's
+    # name, an IDX file's name); None where the source has no split of its own
+    origins: np.ndarray | None = None
+
+
+# A source's own split parts by role (`prepare.split: given`), matched against a split
+# folder's name or a word of an IDX file's name (train-images..., t10k-images...).
+SPLIT_ROLES = {"train": frozenset({"train", "training"}),
+               "val": frozenset({"val", "valid", "validation"}),
+               "test": frozenset({"test", "testing", "t10k"})}
+
+
+def split_role(origin: str) -> str | None:
+    """train, val or test for one part of a source's own split (None: not recognised)."""
+    words = {w for w in re.split(r"[^a-z0-9]+", origin.lower()) if w}
+    roles = [role for role, names in SPLIT_ROLES.items() if words & names]
+    return roles[0] if len(roles) == 1 else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -595,7 +613,7 @@ def read_idx(cfg: PrepareConfig) -> SourceData:
     if not pairs:
         raise DataError(f"{cfg.path}: no IDX image files (*-images-idx3-ubyte[.gz]) found")
     digest = hashlib.sha256(b"idx")
-    all_images, all_labels, label_dtypes = [], [], set()
+    all_images, all_labels, label_dtypes, origins = [], [], set(), []
     for img_path, lbl_path in pairs:
         img_bytes, lbl_bytes = _idx_bytes(img_path), _idx_bytes(lbl_path)
         digest.update(hashlib.sha256(img_bytes).digest() + hashlib.sha256(lbl_bytes).digest())
@@ -606,16 +624,20 @@ def read_idx(cfg: PrepareConfig) -> SourceData:
                             f"{len(images)} images but {lbl_path} has {len(raw_labels)} labels")
         all_images.append(images)
         all_labels.append(check_labels(lbl_path, raw_labels, None))
+        origins += [PurePosixPath(img_path).name] * len(images)
         label_dtypes.add(raw_labels.dtype.name)
     labels, names, renumbered = number_classes(np.concatenate(all_labels), None)
     images, conversions = _transform_all(np.concatenate(all_images), cfg, "IDX unsigned bytes")
     handling = {"from": f"IDX label files ({', '.join(sorted(label_dtypes))})",
                 "checks": "whole numbers >= 0",
                 "class_names": "the distinct label values, in order", "renumbered": renumbered,
-                "files": f"{len(pairs)} image/label pair(s) pooled (MNIST's train and t10k "
-                         "alike), then split anew by prepare.val_fraction"}
+                "files": f"{len(pairs)} image/label pair(s)" + (
+                    " kept as the source's own split (prepare.split given)"
+                    if cfg.split == "given" else " pooled (MNIST's train and t10k alike), then "
+                    "split anew by prepare.val_fraction")}
     return SourceData(images, labels, names, digest.hexdigest(), conversions=conversions,
-                      label_handling=handling, warnings=warnings)
+                      label_handling=handling, warnings=warnings,
+                      origins=np.array(origins, dtype=str))
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,8 +669,8 @@ def decode_image(path: str, data: bytes) -> Image.Image:
 
 
 # Top-level folders of a data set that ships its own split (ImageNet-style train/ and val/):
-# their sub-folders are the classes. LatentForge pools them and splits anew.
-SPLIT_FOLDERS = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+# their sub-folders are the classes. Pooled and split anew, or kept (`prepare.split: given`).
+SPLIT_FOLDERS = frozenset().union(*SPLIT_ROLES.values())
 
 
 @dataclass
@@ -720,13 +742,13 @@ def _list_folder(root: str) -> FolderListing:
     return listing
 
 
-def _folder_warnings(root: str, listing: FolderListing) -> list[str]:
+def _folder_warnings(root: str, listing: FolderListing, split: str) -> list[str]:
     warnings = []
-    if listing.splits:
+    if listing.splits and split == "random":
         warnings.append(
             f"{root} holds split folders ({', '.join(s + '/' for s in listing.splits)}): their "
             "sub-folders are the classes, pooled across them, and prepare splits the images "
-            "anew by prepare.val_fraction and prepare.seed")
+            "anew by prepare.val_fraction and prepare.seed (prepare.split: given keeps theirs)")
     if listing.nested:
         warnings.append(f"{len(listing.nested)} image file(s) sit in folders below their class "
                         f"folder and count in that class (e.g. {listing.nested[0]})")
@@ -790,6 +812,7 @@ def read_folder(cfg: PrepareConfig) -> SourceData:
     index = {c: i for i, c in enumerate(class_names)}
     digest = hashlib.sha256(b"folder")
     images, labels, skipped, tally = [], [], [], Counter[tuple[str, str]]()
+    origins = []
     for class_name, rel_name, path in entries:
         data = storage.read_bytes(path)
         digest.update(_name_bytes(root, rel_name) + b"\0" + hashlib.sha256(data).digest())
@@ -809,6 +832,7 @@ def read_folder(cfg: PrepareConfig) -> SourceData:
         tally[(img.mode, how)] += 1
         images.append(resize_square(converted, cfg.resolution, cfg.resize_filter))
         labels.append(index[class_name])
+        origins.append(PurePosixPath(rel_name).parts[0])
     files = Counter(c for c, _, _ in entries)
     describe = {c: (", ".join(f"{root}/{d}" for d in listing.class_dirs[c]),
                     f"all {files[c]} image file(s) were skipped" if files[c] else
@@ -820,13 +844,15 @@ def read_folder(cfg: PrepareConfig) -> SourceData:
         (0, cfg.resolution, cfg.resolution, cfg.channels), np.uint8)
     handling = {"from": "class sub-folders", "class_names": "sub-folder names, sorted"}
     if listing.splits:
-        handling["split_folders"] = (f"{', '.join(listing.splits)}: pooled, then split anew by "
-                                     "prepare.val_fraction")
+        handling["split_folders"] = f"{', '.join(listing.splits)}: " + (
+            "kept as the source's own split (prepare.split given)" if cfg.split == "given" else
+            "pooled, then split anew by prepare.val_fraction")
     return SourceData(arr, label_arr, class_names, digest.hexdigest(), skipped,
                       conversions=_conversions(tally), empty_classes=empty,
                       ignored=listing.ignored,
-                      warnings=_folder_warnings(root, listing) + _empty_warnings(empty),
-                      label_handling=handling)
+                      warnings=_folder_warnings(root, listing, cfg.split) + _empty_warnings(empty),
+                      label_handling=handling,
+                      origins=np.array(origins, dtype=str) if listing.splits else None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +26,28 @@ from latentforge.data import MANIFEST, MIN_SPLIT_IMAGES, SPLITS, shard_names
 from latentforge.errors import DataError
 from latentforge.images import make_grid, save_png
 from latentforge.runner import StageResult
-from latentforge.sources import ALPHA_BACKGROUND, EMBEDDED, SourceData, read_source
+from latentforge.sources import ALPHA_BACKGROUND, EMBEDDED, SourceData, read_source, split_role
 from latentforge.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
 
-def select_and_split(labels: np.ndarray, cfg: PrepareConfig) -> dict[str, np.ndarray]:
+def select_and_split(labels: np.ndarray, cfg: PrepareConfig, given: np.ndarray | None = None
+                     ) -> dict[str, np.ndarray]:
     """Deterministic, class-stratified train/val indices (sorted) from `seed` and `val_fraction`.
 
     `max_images` first keeps a seeded random subset; each class then gives
     round(n_class * val_fraction) images to val (at least one when it has two or more).
+    With `prepare.split: given`, `given` (each image's split role, from `given_roles`) decides
+    instead; images of neither role are in no split.
     """
     rng = np.random.default_rng(cfg.seed)
     keep = np.arange(len(labels))
     if cfg.max_images is not None and cfg.max_images < len(keep):
         keep = np.sort(rng.permutation(len(keep))[: cfg.max_images])
+    if cfg.split == "given":
+        assert given is not None, "prepare.split given needs the source's roles"
+        return {s: keep[given[keep] == s] for s in SPLITS}
     train, val = [], []
     for cls in np.unique(labels[keep]):
         members = keep[labels[keep] == cls]
@@ -116,7 +123,12 @@ def split_warnings(labels: np.ndarray, class_names: list[str], split_idx: dict[s
     warnings = []
     for i, name in enumerate(class_names):
         train, val = int(n["train"][i]), int(n["val"][i])
-        if train + val == 0:
+        if train + val == 0 and cfg.split == "given":
+            warnings.append(f"class '{name}': none of its {int(total[i])} image(s) is in the "
+                            "source's train or val part" + (
+                                f" (of those max_images={cfg.max_images} kept)"
+                                if cfg.max_images is not None else ""))
+        elif train + val == 0:
             warnings.append(f"class '{name}': max_images={cfg.max_images} kept none of its "
                             f"{int(total[i])} image(s), so it is in neither split")
         elif train == 0:
@@ -124,6 +136,33 @@ def split_warnings(labels: np.ndarray, class_names: list[str], split_idx: dict[s
         elif val == 0 and cfg.val_fraction > 0:
             warnings.append(f"class '{name}' has no val images ({train} in train)")
     return warnings
+
+
+def given_roles(data: SourceData, cfg: PrepareConfig) -> tuple[np.ndarray, list[str]]:
+    """Each image's split under `prepare.split: given`: train, val (the source's val part, or
+    its test part where it has no val part) or "" (in neither), and a note per part left out.
+    A DataError where the source has no split of its own, or no train or val part."""
+    where = cfg.path
+    if data.origins is None:
+        raise DataError(f"{where}: prepare.split is 'given', but this source has no split of its "
+                        "own (a folder whose top level is train/ and val/ or test/ folders, each "
+                        "holding the class folders; IDX train and t10k files): use prepare.split "
+                        "random")
+    parts = sorted(set(data.origins.tolist()))
+    roles = {part: split_role(part) for part in parts}
+    val_role = "val" if "val" in roles.values() else "test"
+    for needed, what in (("train", "train"), (val_role, "val or test")):
+        if needed not in roles.values():
+            raise DataError(f"{where}: prepare.split is 'given', but none of the source's parts "
+                            f"({', '.join(parts)}) is a {what} part: use prepare.split random")
+    given = {p: "train" if r == "train" else "val" if r == val_role else "" for p, r in
+             roles.items()}
+    counts = Counter(data.origins.tolist())
+    notes = [f"{p}: its {counts[p]} image(s) are in neither split (prepare.split given uses "
+             f"{', '.join(q for q in parts if given[q] == 'val')} for val)" if roles[p] else
+             f"{p}: its {counts[p]} image(s) are in neither split (not a train, val or test "
+             "part)" for p in parts if not given[p]]
+    return np.array([given[o] for o in data.origins.tolist()], dtype=str), notes
 
 
 MAX_IGNORED_LISTED = 1000  # a folder of sidecar files must not make report.json huge
@@ -174,12 +213,17 @@ def check_split_sizes(split_idx: dict[str, np.ndarray], cfg: PrepareConfig, mini
     short = [s for s in SPLITS if counts[s] < minimum]
     if short:
         where = cfg.source if cfg.source in EMBEDDED else cfg.path
+        how, advice = (("the source's own split (prepare.split given)",
+                        "give those parts more images, or use prepare.split random")
+                       if cfg.split == "given" else
+                       (f"prepare.val_fraction {cfg.val_fraction}",
+                        _split_advice(short, sum(counts.values()) >= 2 * minimum,
+                                      cfg.max_images)))
         raise DataError(
             f"{where}: the {' and '.join(short)} split would hold "
             f"{' and '.join(str(counts[s]) for s in short)} image(s) ({counts['train']} train "
-            f"/ {counts['val']} val of {sum(counts.values())} with prepare.val_fraction "
-            f"{cfg.val_fraction}); the later stages need at least {minimum} in each: "
-            + _split_advice(short, sum(counts.values()) >= 2 * minimum, cfg.max_images))
+            f"/ {counts['val']} val of {sum(counts.values())} with {how}); the later stages "
+            f"need at least {minimum} in each: {advice}")
 
 
 def _split_advice(short: list[str], enough: bool, max_images: int | None) -> str:
@@ -200,9 +244,10 @@ def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
     log.info("prepare: reading %s source%s", cfg.source,
              "" if cfg.source in EMBEDDED else f" from {cfg.path}")
     data = read_source(cfg)
-    split_idx = select_and_split(data.labels, cfg)
+    given, unused = given_roles(data, cfg) if cfg.split == "given" else (None, [])
+    split_idx = select_and_split(data.labels, cfg, given)
     check_split_sizes(split_idx, cfg, min_split_images)
-    new_warnings = split_warnings(data.labels, data.class_names, split_idx, cfg)
+    new_warnings = unused + split_warnings(data.labels, data.class_names, split_idx, cfg)
     for w in new_warnings:
         log.warning("prepare: %s", w)
     warnings = data.warnings + new_warnings

@@ -538,6 +538,87 @@ def test_split_folders_are_pooled_and_a_class_named_train_is_a_class(tmp_path):
     assert plain.class_names == ["car", "train"] and plain.warnings == []
 
 
+def split_folder(root: Path, counts: dict[str, int], value: int) -> None:
+    """Class folders of `counts[class]` images each, every pixel `value` (which split they were
+    in shows in the prepared pixels)."""
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            filled("L", value).save(root / name / f"{i}.png")
+
+
+def test_given_split_keeps_the_sources_own_train_and_val(tmp_path):
+    """prepare.split given: train/ is train and val/ is val (test/ beside a val/ is in neither),
+    whatever val_fraction says; random pools all three."""
+    root = tmp_path / "tv"
+    split_folder(root / "train", {"cat": 3, "bat": 3}, 10)
+    split_folder(root / "val", {"cat": 2, "bat": 2}, 200)
+    split_folder(root / "test", {"cat": 1}, 100)
+    out = tmp_path / "given"
+    result = prepare.run(cfg(source="folder", path=str(root), split="given", val_fraction=0.5),
+                         out_dir=out)
+    data = load_prepared(out)
+    (x_train, y_train), (x_val, y_val) = data.split("train"), data.split("val")
+    assert (len(x_train), len(x_val)) == (6, 4) and data.class_names == ["bat", "cat"]
+    assert np.all(x_train == 10) and np.all(x_val == 200)
+    assert sorted(y_train.tolist()) == [0, 0, 0, 1, 1, 1] and sorted(y_val.tolist()) == [0, 0, 1, 1]
+    report = json.loads((out / "report.json").read_text())
+    assert "kept as the source's own split" in report["labels"]["split_folders"]
+    assert "test: its 1 image(s) are in neither split (prepare.split given uses val for val)" \
+        in report["warnings"] and "pooled" not in " ".join(report["warnings"])
+    assert "in neither split" in result.summary
+    pooled = prepare.run(cfg(source="folder", path=str(root), val_fraction=0.5),
+                         out_dir=tmp_path / "random")
+    assert pooled.metrics["train_images"] + pooled.metrics["val_images"] == 11
+    # No val/: test/ is the val part (MNIST's t10k alike).
+    only = tmp_path / "tt"
+    split_folder(only / "train", {"cat": 2}, 10)
+    split_folder(only / "testing", {"cat": 3}, 100)
+    prepare.run(cfg(source="folder", path=str(only), split="given"), out_dir=tmp_path / "tt_out")
+    data = load_prepared(tmp_path / "tt_out")
+    assert np.all(data.split("train")[0] == 10) and np.all(data.split("val")[0] == 100)
+    assert len(data.split("val")[0]) == 3
+
+
+def test_given_split_of_idx_files_is_train_and_t10k(tmp_path):
+    from test_prepare import write_idx
+
+    write_idx(tmp_path / "mnist", n=40, size=4)
+    write_idx(tmp_path / "mnist", n=20, size=4, prefix="t10k")
+    out = tmp_path / "p"
+    prepare.run(cfg(source="idx", path=str(tmp_path / "mnist"), split="given"), out_dir=out)
+    data = load_prepared(out)
+    assert [data.manifest["splits"][s]["count"] for s in ("train", "val")] == [40, 20]
+    report = json.loads((out / "report.json").read_text())
+    assert "kept as the source's own split" in report["labels"]["files"]
+
+
+def test_given_split_where_there_is_none_is_refused_by_name(tmp_path):
+    from latentforge.config import build_params
+    from latentforge.errors import ConfigError
+
+    flat = tmp_path / "flat"
+    two_classes(flat)
+    out = tmp_path / "p"
+    with pytest.raises(DataError, match=r"flat: prepare.split is 'given', but this source has no "
+                                        r"split of its own .* use prepare.split random"):
+        prepare.run(cfg(source="folder", path=str(flat), split="given"), out_dir=out)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=r"prepare: split = 'given' keeps a source's own "
+                                          r"train/val split, but source = 'digits' has none"):
+        build_params({"prepare": {"split": "given"}})
+    # Too few in the source's val part: the message says whose split it is and what to do.
+    small = tmp_path / "small"
+    split_folder(small / "train", {"cat": 6}, 10)
+    split_folder(small / "val", {"cat": 2}, 200)
+    with pytest.raises(DataError, match=r"the val split would hold 2 image\(s\) \(6 train / 2 "
+                                        r"val of 8 with the source's own split \(prepare.split "
+                                        r"given\)\).*or use prepare.split random"):
+        prepare.run(cfg(source="folder", path=str(small), split="given"), out_dir=out,
+                    min_split_images=4)
+    assert not out.exists()
+
+
 def test_images_below_a_class_folder_count_in_it_and_are_named(tmp_path):
     root = tmp_path / "imgs"
     two_classes(root)
