@@ -341,8 +341,8 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
 
     _require_project()
     with workspace.lock():
+        dvcops.check_source(params)  # before params.yaml holds a path DVC cannot take
         _persist_params(args, params)
-        dvcops.check_source(params)
         status = dvcops.graph_status()
         if stages and len(stages) == 1:  # `stage NAME` runs NAME alone (DVC's --single-item)
             warn_stale_upstream(stages[0], status)

@@ -85,9 +85,9 @@ class PrepareConfig:
         "(presets/shapes.yaml); idx: MNIST IDX files in `path`; folder: one sub-folder of "
         "images per class; npz: `images` and `labels` arrays")
     path: str = param(
-        "data/source", "local path or s3:// URL of the source (ignored for digits and shapes); "
-        "for idx a folder holding *-images-idx3-ubyte[.gz] with matching "
-        "*-labels-idx1-ubyte[.gz]")
+        "data/source", "local path or s3:// URL of the source; for idx a folder holding "
+        "*-images-idx3-ubyte[.gz] with matching *-labels-idx1-ubyte[.gz]; digits and shapes do "
+        "not read it, but it is the prepare stage's DVC input: keep data/source")
     # ge: one image per class of latentforge/sources.py's SHAPE_CLASSES (a test checks).
     shapes_images: int = param(
         8000, "images the shapes source draws, spread evenly over its 8 classes (ignored by "
@@ -116,6 +116,9 @@ class PrepareConfig:
                             ge=1, le=MAX_SHARD)
 
     def __post_init__(self) -> None:
+        if not self.path.strip():
+            raise ValueError(f"path = {self.path!r} is empty: expected a local path or s3:// URL "
+                             "of the source (data/source, the default, for digits and shapes)")
         if self.split == "given" and self.source not in ("folder", "idx"):
             raise ValueError(f"split = 'given' keeps a source's own train/val split, but source "
                              f"= {self.source!r} has none (folder and idx sources can): use "

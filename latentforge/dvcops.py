@@ -82,6 +82,9 @@ def check_source(params: Any) -> None:
     from latentforge.errors import DataError
 
     path = params.prepare.path
+    if not storage.is_url(path):
+        check_local_source(path, params.prepare.source)
+        return
     if not storage.is_s3(path):
         return
     storage.configure(params.storage)
@@ -90,6 +93,44 @@ def check_source(params: Any) -> None:
     except DataError as exc:
         if storage.error_code(exc) != "NoSuchBucket":
             raise
+
+
+# What a source path must not be: DVC takes it as the prepare stage's input, and refuses a
+# folder that holds the project, a DVC file or another stage's output (with a traceback or an
+# unexpected-error line that never names prepare.path).
+PROJECT_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvc", ".dvcignore", ".git")
+
+
+def check_local_source(path: str, source: str) -> None:
+    """A ConfigError naming prepare.path where DVC could not take it as the prepare stage's
+    input: the project folder or one above it, a DVC or project file, a stage's output (or a
+    folder holding one), or, for the embedded sources (which never read it), a missing path."""
+    from latentforge.paths import STAGES
+
+    root, target = Path.cwd().resolve(), Path(path).resolve()
+    why = ""
+    if target == root or target in root.parents:
+        why = "the project folder or one above it"
+    elif target.is_relative_to(root):
+        rel = target.relative_to(root)
+        outputs = [Path(o) for spec in STAGES.values() for o in (*spec.outs, *spec.metrics,
+                                                               *spec.plots)]
+        clash = next((o for o in [*map(Path, PROJECT_FILES), *outputs]
+                      if rel.is_relative_to(o) or o.is_relative_to(rel)), None)
+        if clash is not None:
+            what = ("a file of the project" if str(clash) in PROJECT_FILES else
+                    "an output of the pipeline")
+            where = "" if rel == clash else "inside " if rel.is_relative_to(clash) else "holds "
+            why = f"{where}{clash}, {what}" if where != "holds " else \
+                f"a folder that holds {clash}, {what}"
+    if why:
+        raise ConfigError(f"prepare.path = {path!r} is {why}: DVC takes prepare.path as the "
+                          "prepare stage's input, so it must be the source data (or data/source, "
+                          "the default, for the embedded sources)")
+    if source in ("digits", "shapes") and not target.exists():
+        raise ConfigError(f"prepare.path = {path!r}: no such file or folder; the {source} source "
+                          "does not read it, but DVC takes it as the prepare stage's input: keep "
+                          "data/source (the default)")
 
 
 def graph_status(root: str | Path = ".") -> GraphStatus:

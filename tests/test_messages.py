@@ -422,3 +422,36 @@ def test_store_errors_mid_run_are_recognised_and_others_are_not():
     assert describe_store_error(MlflowException("Registered Model with name=x not found"),
                                 "sqlite:///p/mlflow.db") is None
     assert describe_store_error(ValueError("database is locked"), "u") is None
+
+
+@pytest.mark.parametrize("value, why", [
+    ("''", "prepare: path = '' is empty"),
+    (".", "prepare.path = '.' is the project folder or one above it"),
+    ("/", "prepare.path = '/' is the project folder or one above it"),
+    ("dvc.yaml", "prepare.path = 'dvc.yaml' is dvc.yaml, a file of the project"),
+    ("data/prepared", "is data/prepared, an output of the pipeline"),
+    ("artifacts/judge/x", "is inside artifacts/judge, an output of the pipeline"),
+    ("artifacts", "is a folder that holds artifacts/judge, an output of the pipeline"),
+    ("/nonexistent/dir", "prepare.path = '/nonexistent/dir': no such file or folder; the digits "
+                         "source does not read it"),
+])
+def test_a_source_path_dvc_cannot_take_is_refused_before_params_yaml_changes(
+        make_project, monkeypatch, capsys, value, why):
+    """DVC takes prepare.path as the prepare stage's input: an empty one broke `dvc status`
+    for every later run (params.yaml kept it), the others failed inside DVC without naming
+    the key."""
+    from latentforge.cli import main
+
+    root = make_project(TINY)
+    params_before = (root / "params.yaml").read_bytes()
+    monkeypatch.chdir(root)
+    assert main(["run", "-S", f"prepare.path={value}"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "Traceback" not in err, err
+    assert (root / "params.yaml").read_bytes() == params_before
+    # A real source folder is fine wherever it is (a missing one is the prepare stage's to
+    # report: a deleted input must not stop the stages after it).
+    from latentforge.dvcops import check_local_source
+
+    check_local_source("data/source", "digits")
+    check_local_source(str(root.parent / "elsewhere"), "folder")
