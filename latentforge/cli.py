@@ -342,6 +342,7 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
     _require_project()
     with workspace.lock():
         dvcops.check_source(params)  # before params.yaml holds a path DVC cannot take
+        check_local_gpu(params.compute)
         _persist_params(args, params)
         status = dvcops.graph_status()
         if stages and len(stages) == 1:  # `stage NAME` runs NAME alone (DVC's --single-item)
@@ -366,6 +367,15 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
             records = run_pipeline(stages=stages, force=args.force)
     print(format_table(records))
     return 0
+
+
+def check_local_gpu(compute: Any) -> None:
+    """compute.use_gpu for work in this machine's processes (no Ray cluster): the GPU must be
+    here, known before any stage runs rather than when the first training stage starts."""
+    if compute.use_gpu and compute.ray_address is None:
+        from latentforge.training import local_device
+
+        local_device(compute)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -87,6 +87,7 @@ def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
     import ray
 
     if ray.is_initialized():
+        check_capacity(compute)
         return
     # No usage-stats prompt or upload attempt from a pipeline run.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -104,6 +105,7 @@ def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
             raise ConfigError(f"compute.ray_address {compute.ray_address!r}: could not connect "
                               f"to Ray there ({type(exc).__name__}: {exc})") from exc
         check_cluster(compute)
+        check_capacity(compute)
         return
     log.info("starting a local Ray instance")
     # address="local": a fresh instance even if RAY_ADDRESS or a `ray start` cluster exists,
@@ -111,6 +113,43 @@ def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
     with loopback_only():
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES)
+    check_capacity(compute)
+
+
+def capacity_shortfall(compute: ComputeConfig, nodes: list[dict[str, float]]) -> str | None:
+    """How `compute.num_workers` workers of `compute.cpus_per_worker` CPUs (and one GPU each
+    with `compute.use_gpu`) do not fit on `nodes` (each node's total resources); None: they
+    fit."""
+    per_worker = {"CPU": float(compute.cpus_per_worker), "GPU": 1.0 if compute.use_gpu else 0.0}
+    fits = sum(int(min(node.get(k, 0.0) // v for k, v in per_worker.items() if v)) for node in
+               nodes)
+    if fits >= compute.num_workers:
+        return None
+    cpus = sorted((int(node.get("CPU", 0)) for node in nodes), reverse=True)
+    gpus = sum(int(node.get("GPU", 0)) for node in nodes)
+    return (f"compute.num_workers = {compute.num_workers} workers of compute.cpus_per_worker = "
+            f"{compute.cpus_per_worker} CPU(s)" + (" and one GPU" if compute.use_gpu else "") +
+            f" each, but Ray has {len(nodes)} node(s) with {'+'.join(map(str, cpus)) or 0} "
+            f"CPU(s)" + (f" and {gpus} GPU(s)" if compute.use_gpu else "") +
+            f", room for {fits}")
+
+
+def check_capacity(compute: ComputeConfig) -> None:
+    """Ray Train and Ray Data wait for every worker's resources without end: where the local
+    instance cannot hold them, a ConfigError naming the keys; on a cluster (which may add
+    nodes) a warning, and a ConfigError only for GPUs a cluster without any cannot give."""
+    import ray
+
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    short = capacity_shortfall(compute, nodes)
+    if not short:
+        return
+    if not on_cluster(compute) or (compute.use_gpu and not any(n.get("GPU") for n in nodes)):
+        raise ConfigError(f"{short}: the workers would wait for it forever; lower "
+                          "compute.num_workers or compute.cpus_per_worker" +
+                          (", or set compute.use_gpu false" if compute.use_gpu else ""))
+    log.warning("%s: Ray waits until the cluster has room (an autoscaling cluster adds nodes); "
+                "if it cannot, stop the run and lower compute.num_workers", short)
 
 
 @contextlib.contextmanager
@@ -280,13 +319,9 @@ def record_nodes(tracker: Any, what: str, nodes: Iterable[str]) -> list[str]:
 
 def start_ray_data(compute: ComputeConfig) -> None:
     """Connect to (or start) Ray and import Ray Data: start-up that is not the work's time."""
-    import ray
     import ray.data  # noqa: F401  (pulls in pyarrow and pandas: a second or two)
 
-    init_ray(compute)
-    if compute.use_gpu and ray.cluster_resources().get("GPU", 0) < 1:
-        raise RuntimeError("compute.use_gpu is set but the Ray cluster has no GPU; the actors "
-                           "would wait for one forever")
+    init_ray(compute)  # which checks that the actors fit
 
 
 @contextlib.contextmanager

@@ -55,6 +55,7 @@ from torch import nn
 
 from latentforge import checkpoint as ckpt
 from latentforge.checkpoint import load_checkpoint_weights
+from latentforge.errors import ConfigError
 from latentforge.malloc import tune_malloc
 from latentforge.raycluster import init_ray, use_ray
 from latentforge.storage import read_json_dict, write_bytes_atomic
@@ -618,7 +619,9 @@ def _prepare_ckpt_dir(ckpt_dir: Path, cfg: TrainConfig, spec: TrainSpec) -> int:
 def local_device(compute: ComputeConfig) -> torch.device:
     """The device for work in this process: the GPU with `compute.use_gpu`, else the CPU."""
     if compute.use_gpu and not torch.cuda.is_available():
-        raise RuntimeError("compute.use_gpu is set but torch sees no CUDA device")
+        raise ConfigError("compute.use_gpu is true but torch sees no CUDA device here (a CPU "
+                          f"build of torch {torch.__version__}, or no GPU visible): set "
+                          "compute.use_gpu false, or compute.ray_address to a cluster with GPUs")
     return torch.device("cuda" if compute.use_gpu else "cpu")
 
 
@@ -799,7 +802,6 @@ def _ray_storage(compute: ComputeConfig, ckpt_dir: Path) -> tuple[str, Any, Any,
     read it back, whether to remove it afterwards) for Ray Train's checkpoints."""
     import fsspec
 
-    from latentforge.errors import ConfigError
     from latentforge.raycluster import on_cluster
     from latentforge.storage import filesystem, is_url
 

@@ -455,3 +455,21 @@ def test_a_source_path_dvc_cannot_take_is_refused_before_params_yaml_changes(
 
     check_local_source("data/source", "digits")
     check_local_source(str(root.parent / "elsewhere"), "folder")
+
+
+def test_use_gpu_without_a_gpu_here_is_refused_before_any_stage(make_project, monkeypatch,
+                                                                 capsys):
+    """It was a RuntimeError traceback when the judge stage started, after prepare ran."""
+    import torch
+
+    from latentforge.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without one
+    root = make_project(TINY)
+    params_before = (root / "params.yaml").read_bytes()
+    monkeypatch.chdir(root)
+    assert main(["run", "-S", "compute.use_gpu=true"]) == 2
+    err = capsys.readouterr().err
+    assert "error: compute.use_gpu is true but torch sees no CUDA device here" in err, err
+    assert "Traceback" not in err and (root / "params.yaml").read_bytes() == params_before
+    assert not (root / "data/prepared").exists()
