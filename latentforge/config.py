@@ -46,6 +46,7 @@ MAX_WIDTH = 8192  # channels, feature and token dimensions
 MAX_TOKENS = 65_536  # patches per image (a 256 x 256 grid), and latent tokens K
 MAX_CODEBOOK = 65_536  # vq entries: code perturbation (pFD) builds a V x V matrix, 16 GiB here
 MAX_FSQ_VOCAB = 2**24  # prod(fsq_levels): code-usage statistics keep one counter per code
+MAX_TOKEN_VOCAB = 65536  # models/token_generator.py's MAX_VOCAB: maskgit/ar output classes
 MAX_BINARY_BITS = 30  # binary token_dim: codes are 2^token_dim bit patterns, cached as int32
 BINARY_ENTROPY_WEIGHT = 0.1  # tokenizer.entropy_weight null with quantizer binary (LFQ collapses without)
 MAX_EPOCHS = 1000  # passes over one batch of rollouts
@@ -640,6 +641,15 @@ class Params:
             raise ValueError(f"generator.kind = {kind!r} needs discrete codes, but "
                              f"tokenizer.quantizer = 'kl' gives continuous latents: use "
                              f"tokenizer.quantizer fsq, vq or binary, or generator.kind flow")
+        if kind != "flow":
+            tok = self.tokenizer
+            vocab, keys = {"fsq": (math.prod(tok.fsq_levels), "tokenizer.fsq_levels"),
+                           "binary": (2 ** tok.token_dim, "tokenizer.token_dim"),
+                           "vq": (tok.codebook_size, "tokenizer.codebook_size")}[quantizer]
+            if vocab > MAX_TOKEN_VOCAB:
+                raise ValueError(f"generator.kind = {kind!r} predicts one of the tokenizer's "
+                                 f"{vocab} codes per token, more than its output layer's "
+                                 f"{MAX_TOKEN_VOCAB}: lower {keys}, or use generator.kind flow")
         if kind == "maskgit":
             k = self.tokenizer.num_tokens if self.tokenizer.layout == "1d" else patches
             if self.generator.maskgit_steps > k:

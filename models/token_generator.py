@@ -25,13 +25,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from latentforge.config import MAX_TOKEN_VOCAB
 from latentforge.models.generator import GENERATOR_SIZES
 from latentforge.models.layers import Dropout, Linear, attention
 
 KINDS = ("maskgit", "ar")
-# Above this vocabulary the output head and the embedding table dominate a small model and a
-# code is seen too rarely to learn its logit: a 2^20-code binary tokenizer needs grouped bits.
-MAX_VOCAB = 65536
+# Above MAX_VOCAB (latentforge.config's, which refuses such a pairing up front) the output head
+# and the embedding table dominate a small model and a code is seen too rarely to learn its
+# logit: a 2^20-code binary tokenizer needs grouped bits.
+MAX_VOCAB = MAX_TOKEN_VOCAB
 
 
 @dataclass(kw_only=True)

@@ -473,6 +473,20 @@ def test_kind_and_quantizer_must_fit():
         build_params(raw)
     raw["generator"]["maskgit_steps"] = 8
     assert build_params(raw).generator.kind == "maskgit"
+    # More codes than the token generator's output layer takes: refused here, not after the
+    # tokenizer trained (it failed at the generator stage with a ValueError traceback).
+    for tokenizer, key in (({"quantizer": "binary", "token_dim": 17}, "tokenizer.token_dim"),
+                           ({"quantizer": "fsq", "token_dim": 4, "fsq_levels": [16, 16, 16, 17]},
+                            "tokenizer.fsq_levels")):
+        raw["tokenizer"].update(tokenizer)
+        with pytest.raises(ConfigError, match=rf"generator.kind = 'maskgit' predicts one of the "
+                                              rf"tokenizer's \d+ codes .*lower {key}"):
+            build_params(raw)
+        raw["generator"]["kind"] = "flow"  # continuous latents: any number of codes
+        build_params(raw)
+        raw["generator"]["kind"] = "maskgit"
+    raw["tokenizer"].update(quantizer="binary", token_dim=16)
+    assert build_params(raw).tokenizer.token_dim == 16
 
 
 def test_rl_policy_runs_without_dropout_so_ratios_compare_one_network():
