@@ -237,15 +237,19 @@ def cmd_params(args: argparse.Namespace) -> int:
         print(json.dumps(json_schema(), indent=2))
         return 0
     if args.explain:
-        from latentforge.config import explain
+        from latentforge.config import Params, explain, yaml_text
         from latentforge.dvcops import dotted_param
 
-        tree = _load(args).to_dict()  # what the user would run: params.yaml, --params, -S
+        try:  # what the user would run: params.yaml, --params, -S
+            tree, code = _load(args).to_dict(), 0
+        except ConfigError as exc:  # the documentation is wanted most just then
+            print(f"error: {exc}\n(the values below are the defaults)", file=sys.stderr)
+            tree, code = Params().to_dict(), 2
         for key, default, doc in explain():
-            now = repr(dotted_param(tree, key)[1])
+            now = yaml_text(dotted_param(tree, key)[1])
             print(f"{key} = {now}" + ("" if now == default else f"  (default {default})")
                   + f"\n    {doc}")
-        return 0
+        return code
     from latentforge.config import params_to_yaml
 
     sys.stdout.write(params_to_yaml(_load(args)))

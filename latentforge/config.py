@@ -46,6 +46,7 @@ MAX_WIDTH = 8192  # channels, feature and token dimensions
 MAX_TOKENS = 65_536  # patches per image (a 256 x 256 grid), and latent tokens K
 MAX_CODEBOOK = 65_536  # vq entries: code perturbation (pFD) builds a V x V matrix, 16 GiB here
 MAX_FSQ_VOCAB = 2**24  # prod(fsq_levels): code-usage statistics keep one counter per code
+REMOTE_SCHEMES = ("s3", "http", "https")  # the DVC remote plugins installed (dvc-s3, dvc-http)
 MAX_TOKEN_VOCAB = 65536  # models/token_generator.py's MAX_VOCAB: maskgit/ar output classes
 MAX_BINARY_BITS = 30  # binary token_dim: codes are 2^token_dim bit patterns, cached as int32
 BINARY_ENTROPY_WEIGHT = 0.1  # tokenizer.entropy_weight null with quantizer binary (LFQ collapses without)
@@ -588,6 +589,12 @@ class TrackingConfig:
         "The store itself comes from MLFLOW_TRACKING_URI")
     enabled: bool = param(True, "log runs to MLflow")
 
+    def __post_init__(self) -> None:
+        if not self.experiment.strip():
+            raise ValueError(f"experiment = {self.experiment!r} is empty: MLflow needs a name")
+        if self.artifact_location is not None and not self.artifact_location.strip():
+            raise ValueError("artifact_location = '' is empty: write null for the default")
+
 
 @dataclass(kw_only=True)
 class StorageConfig:
@@ -602,6 +609,15 @@ class StorageConfig:
                                 gt=0, le=3600)
     retries: int = param(2, "retries of a timed-out or throttled S3 request (so a dead endpoint "
                          "fails after about (1 + retries) x (connect + read) timeouts)", ge=0, le=20)
+
+    def __post_init__(self) -> None:
+        scheme = self.remote.split("://", 1)[0] if self.remote and "://" in self.remote else ""
+        if self.remote is not None and not self.remote.strip():
+            raise ValueError("remote = '' is empty: write null for no remote")
+        if scheme and scheme not in REMOTE_SCHEMES:
+            raise ValueError(f"remote = {self.remote!r}: DVC here has no {scheme}:// remotes; "
+                             f"expected a local path or a URL starting "
+                             f"{' or '.join(s + '://' for s in REMOTE_SCHEMES)}")
 
 
 @dataclass(kw_only=True)
@@ -865,6 +881,10 @@ def build_section(cls: type, data: Any, prefix: str, source: str) -> Any:
                               + (" (params.yaml is read as YAML 1.2, as DVC reads it: write "
                                  "true or false)" if yaml11 else "")) from None
         _check_range(key, coerced, f.metadata, source)
+        if isinstance(coerced, str) and coerced.lower() == "none" and \
+                type(None) in typing.get_args(tp):
+            raise ConfigError(f"{source}: {key} = {_shown(value)} is the text {value!r}, not "
+                              f"null: write null (or ~) for no value")
         kwargs[name] = coerced
     try:
         return cls(**kwargs)
@@ -1229,7 +1249,7 @@ def documented_yaml(params: Params | None = None) -> str:
 
 
 def explain(cls: type = Params, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every parameter, for `latentforge params --explain`."""
+    """(key, default as YAML, doc) for every parameter, for `latentforge params --explain`."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -1240,5 +1260,5 @@ def explain(cls: type = Params, prefix: str = "") -> list[tuple[str, str, str]]:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         rng = _range_text(f.metadata)
         doc = f.metadata.get("doc", "") + (f" [{_describe(hints[f.name])}{' ' + rng if rng else ''}]")
-        rows.append((key, repr(default), doc))
+        rows.append((key, yaml_text(default), doc))
     return rows

@@ -297,14 +297,20 @@ def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None]
     at botocore's defaults (60 s each, per attempt).
     """
     base = [sys.executable, "-m", "dvc"]
-    subprocess.run(base + ["remote", "add", "--force", "-d", "storage", remote_url],
-                   cwd=root, env=dvc_env(), check=True, capture_output=True)
+
+    def configure(*args: str) -> None:
+        proc = subprocess.run(base + ["remote", *args], cwd=root, env=dvc_env(),
+                              capture_output=True, text=True)
+        if proc.returncode != 0:  # DVC's own reason, not a CalledProcessError traceback
+            said = (proc.stderr or proc.stdout).strip().splitlines()
+            raise LatentForgeError(f"storage.remote {remote_url!r}: `dvc remote {args[0]}` "
+                                   f"failed: {said[-1] if said else f'exit {proc.returncode}'}")
+
+    configure("add", "--force", "-d", "storage", remote_url)
     if timeouts is not None and storage.is_s3(remote_url):
         for option, seconds in zip(("connect_timeout", "read_timeout"), timeouts, strict=True):
             # dvc-s3 takes whole seconds; a fraction rounds up, never to 0 (no limit).
-            subprocess.run(base + ["remote", "modify", "storage", option,
-                                   str(max(1, math.ceil(seconds)))],
-                           cwd=root, env=dvc_env(), check=True, capture_output=True)
+            configure("modify", "storage", option, str(max(1, math.ceil(seconds))))
     proc = subprocess.run(base + ["push"], cwd=root, env=dvc_env(), capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines():
         on_line(line)

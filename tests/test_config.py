@@ -129,13 +129,37 @@ def test_cli_params_prints_resolved_yaml(capsys, tmp_path, monkeypatch):
     assert build_params(printed).prepare.resolution == 20
     assert main(["params", "--explain"]) == 0
     out = capsys.readouterr().out
-    assert "prepare.on_bad_image = 'skip'\n" in out and "prepare.resolution = 16\n" in out
+    # as params.yaml and -S take them (YAML), not as Python writes them (None, True, 'skip')
+    assert "prepare.on_bad_image = skip\n" in out and "prepare.resolution = 16\n" in out
+    assert "prepare.max_images = null\n" in out and "rl.seeds = [0, 1, 2]\n" in out
     # the values in use (params.yaml, -S) beside the defaults they differ from
     (tmp_path / "params.yaml").write_text("prepare:\n  resolution: 8\n")
-    assert main(["params", "--explain", "-S", "prepare.seed=3"]) == 0
+    assert main(["params", "--explain", "-S", "prepare.seed=3", "-S", "compute.use_gpu=true"]
+                ) == 0
     out = capsys.readouterr().out
     assert "prepare.resolution = 8  (default 16)\n" in out
-    assert "prepare.seed = 3  (default 0)\n" in out and "prepare.on_bad_image = 'skip'\n" in out
+    assert "prepare.seed = 3  (default 0)\n" in out and "prepare.on_bad_image = skip\n" in out
+    assert "compute.use_gpu = true  (default false)\n" in out
+    # An invalid params.yaml: the error, then the documentation with the defaults, exit 2.
+    (tmp_path / "params.yaml").write_text("prepare:\n  resolution: big\n")
+    assert main(["params", "--explain"]) == 2
+    captured = capsys.readouterr()
+    assert "prepare.resolution = 'big' is invalid" in captured.err
+    assert "prepare.resolution = 16\n" in captured.out
+
+
+@pytest.mark.parametrize("key", ["tracking.artifact_location", "storage.remote",
+                                 "evaluate.inception_weights", "compute.ray_address"])
+@pytest.mark.parametrize("text", ["None", "none"])
+def test_the_text_none_is_not_taken_for_null(key, text, tmp_path, monkeypatch):
+    """Copied from Python output, `None` made a folder named None (artifact_location) or
+    failed at the last stage (inception_weights)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=rf"{key} = '?{text}'? is the text '{text}', not null: "
+                                          r"write null"):
+        load_params(None, [f"{key}={text}"])
+    section, name = key.split(".")
+    assert getattr(getattr(load_params(None, [f"{key}=null"]), section), name) is None
 
 
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path):

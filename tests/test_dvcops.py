@@ -99,6 +99,35 @@ def test_push_writes_the_storage_timeouts_into_the_s3_remote(tmp_path, s3_bucket
     assert storage.list_files(f"s3://{s3_bucket}/dvc")  # it pushed
 
 
+def test_a_remote_dvc_refuses_is_one_line_with_dvcs_reason(tmp_path):
+    """`dvc remote add` failing (a URL DVC cannot use, or a broken .dvc/config) was a
+    CalledProcessError traceback with DVC's reason dropped."""
+    from conftest import dvc_repo
+
+    from latentforge.errors import LatentForgeError
+
+    root = dvc_repo(tmp_path / "p", {"data.bin": b"x"})
+    (root / ".dvc" / "config").write_text("[core\n")  # not INI
+    with pytest.raises(LatentForgeError, match=r"storage.remote '/tmp/r': `dvc remote add` "
+                                               r"failed: ERROR: .*config"):
+        dvcops.push("/tmp/r", root, on_line=lambda _: None)
+
+
+def test_a_remote_of_a_kind_dvc_here_cannot_use_is_refused_when_params_load():
+    from latentforge.config import build_params
+    from latentforge.errors import ConfigError
+
+    for bad in ("foo://bar", "gs://bucket/x"):
+        with pytest.raises(ConfigError, match=rf"storage: remote = '{bad}': DVC here has no "
+                                              r"\w+:// remotes; expected a local path or a URL "
+                                              r"starting s3:// or http:// or https://"):
+            build_params({"storage": {"remote": bad}})
+    for good in ("s3://b/dvc", "/srv/dvc", "../dvc-store"):
+        assert build_params({"storage": {"remote": good}}).storage.remote == good
+    with pytest.raises(ConfigError, match="tracking: experiment = '  ' is empty"):
+        build_params({"tracking": {"experiment": "  "}})
+
+
 # 30 distinct frames (Python folds a frame repeated by recursion into one line).
 DEEP_CRASH = "import zlib\n\ndef f0():\n    zlib.decompress(b'not deflate data')\n" + "".join(
     f"\ndef f{i}():\n    f{i - 1}()\n" for i in range(1, 30)) + "\nf29()\n"
