@@ -43,7 +43,8 @@ NASTY = ["é", "naïve☃", "😀", "a\\b", "a\\\\b", "back\\", "\\", "C:\\new\\
          "1:30", "017", "0o17", "0x10", "2026-01-01", "s3://b/x y,z=1", "\x00\x07\x7f", "\ufeff",
          "\u2028", "'''", "\\'\\", "%x", "@x", "!x", "&x", "|", ">", "?"]
 # (section.key, value): free-text keys take the strings; the others their own types.
-CASES = ([("tracking.experiment", s) for s in NASTY]
+# (A blank experiment name is refused: MLflow needs one.)
+CASES = ([("tracking.experiment", s) for s in NASTY if s.strip()]
          + [("prepare.path", s) for s in ("/data/run #3", "C:\\data\\new", "yes")]
          + [("tokenizer.kl_weight", v) for v in (1e-3, 1e-20, 0.1, 1e21, 2.5e-308, 1.0, 0.0)]
          + [("judge.bf16", True), ("judge.bf16", False),  # (an empty form field: no change)
