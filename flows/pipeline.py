@@ -70,9 +70,10 @@ def pipeline(overrides: Overrides = None, params_file: ParamsFile = None,
 def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
               stages: list[str], changes: Any = None) -> list[dict[str, Any]]:
     logger = get_run_logger()
-    params = apply_params(params_file, overrides or [], changes)
-    if not dvcops.status_known():  # the CLI looked already, before its own status
-        dvcops.check_source(params)  # before DVC's unbounded S3 client looks (UI-started)
+    # Before DVC's unbounded S3 client looks at the source (UI-started); the CLI looked
+    # already, before its own status.
+    params = apply_params(params_file, overrides or [], changes, stages or None,
+                          check=not dvcops.status_known())
     # One DVC status of the graph: a stage found unchanged, none of whose upstream stages ran
     # in this pipeline, is skipped here without a subflow or another look at DVC.
     status = dvcops.graph_status()

@@ -24,7 +24,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed, State
 from pydantic import Field
 
-from latentforge import dvcops, procs, tracking, workspace
+from latentforge import dvcops, preflight, procs, tracking, workspace
 from latentforge.config import DEFAULT_PARAMS_FILE, Params, load_params, write_params_file
 from latentforge.errors import LatentForgeError
 from latentforge.runner import read_last_run, skipped_record
@@ -87,11 +87,16 @@ WRITES_PARAMS = ("A run first writes the chosen params (params_file, overrides) 
                  "params.yaml, like `dvc exp run -S`.")
 
 
-def apply_params(params_file: str | None, overrides: list[str], changes: Any = None) -> Params:
+def apply_params(params_file: str | None, overrides: list[str], changes: Any = None,
+                 stages: list[str] | None = None, check: bool = True) -> Params:
     """Validate deployment/CLI parameters with the typed schema; persist them to params.yaml.
-    `changes` (the Run form's `params`) apply first, as overrides."""
+    `changes` (the Run form's `params`) apply first, as overrides. With `check`, what a run of
+    `stages` (None: all) needs is looked at first (preflight), so params.yaml never records
+    parameters that cannot run."""
     overrides = [*as_overrides(changes), *overrides]
     params = load_params(params_file, overrides)
+    if check:
+        preflight.check_run(params, stages)
     if write_params_file(params, DEFAULT_PARAMS_FILE):
         get_run_logger().info("params.yaml updated from %s",
                               " ".join(filter(None, [params_file, *overrides])))
@@ -154,7 +159,9 @@ def _stage_flow(stage: str, overrides: list[str] | None, params_file: str | None
     try:
         with workspace.lock(what=f"Prefect flow run {flow_run.id or stage}", wait=wait or None,
                             say=get_run_logger().warning):
-            params = apply_params(params_file, overrides or [], changes)
+            # Started alone (the UI): checked here; as the pipeline's subflow: checked there.
+            params = apply_params(params_file, overrides or [], changes, [stage],
+                                  check=not parent_run_id)
             record = reproduce_stage(stage, force=force, parent_run_id=parent_run_id)
     except LatentForgeError as exc:  # a busy workspace, bad parameters, the stage failed
         return failed_state(exc)  # type: ignore[return-value]  # Prefect raises exc

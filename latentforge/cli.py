@@ -341,12 +341,11 @@ def warn_stale_upstream(stage: str, status: Any) -> list[str]:
 def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None) -> int:
     """Run stages through Prefect and DVC, holding the workspace, with a guard that stops the
     children and ends the MLflow runs if this process is killed."""
-    from latentforge import dvcops, workspace
+    from latentforge import dvcops, preflight, workspace
 
     _require_project()
     with workspace.lock():
-        dvcops.check_source(params)  # before params.yaml holds a path DVC cannot take
-        check_local_gpu(params.compute)
+        preflight.check_run(params, stages)  # before params.yaml holds what cannot run
         _persist_params(args, params)
         status = dvcops.graph_status()
         if stages and len(stages) == 1:  # `stage NAME` runs NAME alone (DVC's --single-item)
@@ -371,15 +370,6 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
             records = run_pipeline(stages=stages, force=args.force)
     print(format_table(records))
     return 0
-
-
-def check_local_gpu(compute: Any) -> None:
-    """compute.use_gpu for work in this machine's processes (no Ray cluster): the GPU must be
-    here, known before any stage runs rather than when the first training stage starts."""
-    if compute.use_gpu and compute.ray_address is None:
-        from latentforge.training import local_device
-
-        local_device(compute)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,28 @@ BUILTIN: dict[str, Callable[[Any, Reference | None], RewardFn]] = {
     "judge_logprob": judge_logprob, "judge_prob": judge_prob, "judge_margin": judge_margin,
     "judge_density": judge_density, "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility}
+
+
+def check_names(names: Iterable[str], project: Path) -> None:
+    """Before a run: each reward is a built-in, or module:function whose top-level package or
+    module is found in `project` or the installed packages (found, not imported: the user's
+    code runs in the rl stage only). A ConfigError names the first that is not."""
+    import importlib.util
+
+    for name in names:
+        if name in BUILTIN or ":" not in name:  # config checked the form
+            continue
+        top = name.partition(":")[0].split(".")[0]
+        sys.path.insert(0, str(project))  # as resolve() looks (every finder, editable
+        try:                              # installs' too; a top-level name imports nothing)
+            found = bool(top) and importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            found = False
+        finally:
+            sys.path.remove(str(project))
+        if not found:
+            raise ConfigError(f"rl.rewards: no module '{top}' for reward '{name}' in {project} "
+                              "or the installed packages")
 
 
 def resolve(name: str, judge: Any, reference: Reference | None = None) -> RewardFn:

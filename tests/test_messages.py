@@ -473,3 +473,27 @@ def test_use_gpu_without_a_gpu_here_is_refused_before_any_stage(make_project, mo
     assert "error: compute.use_gpu is true but torch sees no CUDA device here" in err, err
     assert "Traceback" not in err and (root / "params.yaml").read_bytes() == params_before
     assert not (root / "data/prepared").exists()
+
+
+@pytest.mark.parametrize("override, why", [
+    ("evaluate.inception_weights=weights/pt_inception.pth",
+     "evaluate.inception_weights = 'weights/pt_inception.pth': no such local file"),
+    ("rl.rewards={nosuchmod:score: 1.0}",
+     "rl.rewards: no module 'nosuchmod' for reward 'nosuchmod:score' in "),
+])
+def test_a_user_file_a_later_stage_reads_is_looked_at_before_the_first(
+        make_project, monkeypatch, capsys, override, why):
+    """They failed when evaluate (the last stage) or rl began, after the training stages."""
+    from latentforge.cli import main
+
+    root = make_project(TINY)
+    monkeypatch.chdir(root)
+    assert main(["run", "-S", override]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "Traceback" not in err, err
+    assert not (root / "data/prepared").exists()
+    # A reward module in the project folder is found without being imported.
+    (root / "my_rewards.py").write_text("raise SystemExit('imported')\n")
+    from latentforge.rewards import check_names
+
+    check_names(["my_rewards:score", "judge_prob"], root)
