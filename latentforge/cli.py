@@ -384,7 +384,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
 
     model = args.model or str(paths.GENERATOR)
-    if "://" in model or model.startswith("models:/"):
+    if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow.pyfunc
         from mlflow.exceptions import MlflowException
 

@@ -182,6 +182,11 @@ def test_a_registered_generator_samples_anywhere_with_its_own_tokenizer(chain, t
     assert main(["sample", "--class", "3", "--n", "8", "--steps", "3", "--model",
                  "models:/test-generator/1", "--out", str(out)]) == 0
     assert "8 samples of class '3'" in capsys.readouterr().out and out.exists()
+    # The run's own URI too (`--help` offers it; it was taken for a folder name).
+    assert main(["sample", "--class", "3", "--n", "8", "--steps", "3", "--model",
+                 f"runs:/{tracker.run_id}/generator", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert "8 samples of class '3'" in capsys.readouterr().out
     # pyfunc samples as the stage did (tiny: 4 euler steps at CFG 1.5) unless params say so.
     pyfunc = mlflow.pyfunc.load_model(uri)
     handle = generator.load_generator(d["gen"], d["tok"])
