@@ -97,10 +97,25 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_file_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            # A write or fsync error (a full disk) names no file: name the one being written.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> str:
+    """A stage's model weights as safetensors, written like every other output (atomically,
+    with the mode the umask gives: safetensors' own save_file makes them 0600, unreadable to
+    teammates and web servers); returns their sha256."""
+    from safetensors.torch import save
+
+    return write_bytes_atomic(path, save({k: v.contiguous() for k, v in state.items()}))
 
 
 def _to_safetensors_bytes(state: dict[str, torch.Tensor], step: int) -> bytes:

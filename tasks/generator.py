@@ -30,10 +30,9 @@ from typing import Any, TypeAlias, cast
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from latentforge import flow, metrics, paths, storage, tokens
-from latentforge.checkpoint import load_model_folder
+from latentforge.checkpoint import load_model_folder, save_weights
 from latentforge.config import ComputeConfig, GeneratorConfig, Params
 from latentforge.data import load_prepared
 from latentforge.errors import DataError
@@ -658,8 +657,7 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     m = {key: round(float(v), 6) for key, v in m.items()}
     meta["metrics"] = m
     with storage.atomic_dir(out_dir) as tmp:
-        save_file({key: v.contiguous() for key, v in model.state_dict().items()},
-                  str(tmp / WEIGHTS))
+        save_weights(model.state_dict(), tmp / WEIGHTS)
         storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
         storage.write_bytes_atomic(tmp / "train_curve.csv", loss_curve_csv(result.history).encode())
         save_png(class_grid(images, labels, prepared.class_names), tmp / "samples.png")

@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from latentforge import paths, storage
-from latentforge.checkpoint import load_model_folder
+from latentforge.checkpoint import load_model_folder, save_weights
 from latentforge.config import JudgeConfig, Params
 from latentforge.data import Prepared, load_prepared
 from latentforge.lineage import REGISTERED_MODELS
@@ -121,7 +120,7 @@ class _Trained:
     weights_sha256: str = ""
 
     def write(self, folder: Path) -> None:
-        save_file(self.state, str(folder / WEIGHTS))
+        save_weights(self.state, folder / WEIGHTS)
         storage.write_bytes_atomic(folder / META,
                                    json.dumps(self.meta, indent=2, sort_keys=True).encode())
         storage.write_bytes_atomic(folder / "train_curve.csv",

@@ -43,10 +43,11 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from latentforge import flow, paths, storage, tokens
+from latentforge.checkpoint import save_weights
 from latentforge.config import Params, PostTrainConfig
 from latentforge.data import load_prepared
 from latentforge.errors import DataError
@@ -429,8 +430,7 @@ def run(params: Params, out_dir: str | Path = paths.DECODER,
         "posttrained_from": str(Path(tokenizer_dir)), "generator_kind": handle.kind,
         "params": asdict(cfg), "metrics": m, "training": result.training_meta()}
     with storage.atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / WEIGHTS))
-        meta["sha256"] = storage.sha256_file(tmp / WEIGHTS)
+        meta["sha256"] = save_weights(state, tmp / WEIGHTS)
         storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
         storage.write_bytes_atomic(tmp / "train_curve.csv", loss_curve_csv(result.history).encode())
         save_png(recon_grid(before_img, after_img), tmp / "before_after.png")

@@ -55,7 +55,6 @@ import numpy as np
 import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
-from safetensors.torch import save_file
 
 from latentforge import checkpoint as ckpt
 from latentforge import flow, paths, procs, storage, tokens
@@ -595,7 +594,7 @@ def _weights(model: GeneratorModel) -> dict[str, torch.Tensor]:
 
 def _write_generator(folder: Path, r: SeedResult) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(_weights(r.model), str(folder / WEIGHTS))
+    ckpt.save_weights(_weights(r.model), folder / WEIGHTS)
     storage.write_bytes_atomic(folder / META, json.dumps(r.meta, indent=2, sort_keys=True).encode())
     storage.write_bytes_atomic(folder / "train_curve.csv", r.csv.encode())
     save_png(r.grid, folder / "samples.png")

@@ -19,10 +19,9 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from latentforge import metrics, paths, storage
-from latentforge.checkpoint import load_model_folder
+from latentforge.checkpoint import load_model_folder, save_weights
 from latentforge.config import Params, TokenizerConfig
 from latentforge.data import load_prepared
 from latentforge.figures import prefix_plot
@@ -256,7 +255,7 @@ def run(params: Params, out_dir: str | Path = paths.TOKENIZER,
     m, recon, prefix = evaluate(handle, cfg, np.asarray(val_x), np.asarray(val_y), judge)
     meta["metrics"] = m
     with storage.atomic_dir(out_dir) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+        save_weights(model.state_dict(), tmp / WEIGHTS)
         storage.write_bytes_atomic(tmp / META, json.dumps(meta, indent=2, sort_keys=True).encode())
         storage.write_bytes_atomic(tmp / "train_curve.csv", loss_curve_csv(result.history).encode())
         save_png(recon_grid(np.asarray(val_x), recon), tmp / "recon.png")

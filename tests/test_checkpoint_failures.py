@@ -244,3 +244,11 @@ def test_another_configuration_is_still_discarded_not_set_aside(tmp_path: Path) 
                   ComputeConfig(), tmp_path, progress=False)
     assert other.resumed_from == 0
     assert not list(tmp_path.glob(f"{ckpt.CORRUPT_PREFIX}*"))
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_the_file() -> None:
+    """/dev/full fails every write with ENOSPC, as a full disk does, and names no file: the
+    error said "no space left on device: (file not named by the system)"."""
+    with pytest.raises(OSError) as err:
+        ckpt._write_file_synced(Path("/dev/full"), b"x" * 10)
+    assert err.value.errno == 28 and err.value.filename == "/dev/full"

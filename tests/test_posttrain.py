@@ -304,6 +304,19 @@ def test_sample_command_decodes_with_the_pipelines_decoder_unless_told(tiny_inpu
         capsys.readouterr().err
 
 
+def test_every_model_folder_file_has_the_mode_the_umask_gives(tiny_inputs: Path) -> None:
+    """safetensors' save_file made the weights 0600 (unreadable to teammates, another uid, a
+    web server) while every other output followed the umask."""
+    from latentforge.storage import process_umask
+
+    expected = 0o666 & ~process_umask()
+    modes = {str(f.relative_to(tiny_inputs)): f.stat().st_mode & 0o777
+             for folder in ("judge", "evaluator", "tokenizer", "generator", "decoder")
+             for f in (tiny_inputs / folder).iterdir()}
+    assert "generator/model.safetensors" in modes and "decoder/decoder.safetensors" in modes
+    assert {name: mode for name, mode in modes.items() if mode != expected} == {}
+
+
 def test_sample_command_samples_as_the_model_was_measured(tiny_inputs: Path, tmp_path: Path,
                                                          monkeypatch, capsys) -> None:
     """CFG, steps and sampler as the model's stage recorded them; the pipeline's decoder only
