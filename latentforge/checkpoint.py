@@ -444,6 +444,15 @@ def folder_kind(path: str | os.PathLike[str], but: str = "") -> tuple[str, str] 
                  if name != but and (Path(path) / name).is_file()), None)
 
 
+def _producing_stage(path: Path, what: str) -> str:
+    """The stage that writes `path`: rl for the project's rl folder and its seeds' folders
+    (generator folders, but rerunning the generator stage retrains the base), else `what`."""
+    from latentforge.paths import RL
+
+    here, rl = path.resolve(), RL.resolve()
+    return "rl" if here == rl or rl in here.parents else what
+
+
 def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
                       build: Callable[[dict[str, Any]], torch.nn.Module], missing_hint: str = ""
                       ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -462,7 +471,7 @@ def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
 
     path = Path(path)
     meta_path, weights_path = path / meta_name, path / MODEL_FILE
-    rerun = f"run the {what} stage to write it again"
+    rerun = f"run the {_producing_stage(path, what)} stage to write it again"
     if not meta_path.exists():
         if not path.exists():
             raise DataError(f"{path}: no such folder; run the {what} stage first{missing_hint}")
@@ -474,6 +483,8 @@ def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
         raise DataError(f"{meta_path}: no {what} here; run the {what} stage first{missing_hint}")
     try:
         meta = json.loads(meta_path.read_text())
+        if isinstance(meta, dict) and "rl" in meta:  # a fine-tuned generator (rl writes it)
+            rerun = "run the rl stage to write it again"
         model = build(meta["model"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{meta_path}: not a {what} description this version can read "

@@ -141,3 +141,32 @@ def test_sample_refuses_a_registered_model_that_is_not_a_generator(judge_dir, tm
                  str(tmp_path / "x.png")]) == 2
     assert "a LatentForge judge model, not a generator" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_damaged_rl_output_says_to_rerun_rl_not_the_generator(judge_dir, tmp_path,
+                                                                 monkeypatch):
+    """The rl stage writes generator folders: rerunning the generator stage (as the message
+    said) retrains the base and everything after it, and leaves the damaged folder as it is."""
+    from latentforge.checkpoint import load_model_folder
+
+    folder, _ = judge_dir
+    monkeypatch.chdir(tmp_path)
+
+    def build(cfg: dict) -> Judge:
+        return Judge(JudgeModelConfig(**cfg))
+
+    seed = tmp_path / "artifacts/rl/seeds/seed_1"  # the project's rl folder, a seed of it
+    shutil.copytree(folder, seed)
+    _break(seed, "truncated weights")
+    with pytest.raises(DataError, match="unreadable safetensors .*; run the rl stage to write"):
+        load_model_folder(seed, META, "generator", build)
+    elsewhere = tmp_path / "copied_rl_model"  # an rl model copied out: its meta says so
+    shutil.copytree(folder, elsewhere)
+    meta = json.loads((elsewhere / META).read_text())
+    (elsewhere / META).write_text(json.dumps({**meta, "rl": {"params": {}}}))
+    _break(elsewhere, "truncated weights")
+    with pytest.raises(DataError, match="; run the rl stage to write"):
+        load_model_folder(elsewhere, META, "generator", build)
+    _break(folder, "truncated weights")  # a base generator's folder: the generator stage
+    with pytest.raises(DataError, match="; run the generator stage to write"):
+        load_model_folder(folder, META, "generator", build)
