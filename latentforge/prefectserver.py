@@ -73,13 +73,37 @@ def _drain_prefect_workers(timeout: float = 10.0) -> None:
             log.debug("draining %s failed", worker.__name__, exc_info=True)
 
 
+def check_configured_api(url: str, timeout: float = prefectbg.UNRESPONSIVE_WAIT_S) -> None:
+    """The PREFECT_API_URL the user configured must answer (any HTTP answer: Prefect Cloud's
+    /health may want a login): Prefect's client otherwise fails in a long traceback, or for a
+    server that never answers, waits without a word."""
+    import urllib.error
+    import urllib.request
+
+    where = "the environment" if os.environ.get("PREFECT_API_URL") else \
+        f"the Prefect profile in {prefectbg.prefect_home() / 'profiles.toml'}"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout):  # noqa: S310
+            return
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise LatentForgeError(f"PREFECT_API_URL {url} (from {where}) does not answer: "
+                               f"{reason}; start that server, or unset PREFECT_API_URL and "
+                               "LatentForge starts its own") from None
+
+
 @contextlib.contextmanager
 def api_server() -> Iterator[None]:
     """A Prefect API for the body: the one the user configured; else the background server
     (started once, reused by every later command: prefectbg.py); else, with
     LATENTFORGE_PREFECT_SERVER=temporary or while the recorded background server is not ours to
     use (another environment's, or busy), a temporary server that stops with the body."""
-    if prefectbg.configured_api_url() or not needs_temporary_server():
+    configured = prefectbg.configured_api_url()
+    if configured:
+        check_configured_api(configured)
+    if configured or not needs_temporary_server():
         yield
         return
     url: str | None = None

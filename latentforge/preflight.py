@@ -17,6 +17,10 @@ def check_run(params: Params, stages: list[str] | None) -> None:
     dvcops.check_source(params)
     check_local_gpu(params.compute)
     check_stage_inputs(params, stages)
+    if params.tracking.enabled:
+        from latentforge import tracking
+
+        tracking.check_server(tracking.tracking_uri())
 
 
 def check_local_gpu(compute: ComputeConfig) -> None:

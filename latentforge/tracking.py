@@ -41,6 +41,38 @@ EXPERIMENT_KIND = "custom_model_development"
 FLOW_RUN_ENV = "LATENTFORGE_FLOW_RUN_ID"
 TAG_PREFIX = "latentforge."
 MLFLOW_DIGEST_LEN = 36
+# MLflow's REST client retries 7 times with exponential back-off (~4 min for a server that is
+# down) and waits 120 s per request (a server that never answers: ~15 min). Bounded here for
+# this process and its children, unless the user set them.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+for _name, _value in HTTP_LIMITS.items():
+    os.environ.setdefault(_name, _value)
+PROBE_TIMEOUT_S = 10.0
+
+
+def served(uri: str) -> bool:
+    """Whether `uri` is an MLflow tracking server (not a local store)."""
+    return uri.startswith(("http://", "https://"))
+
+
+def check_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """A tracking server that does not answer within `timeout` is one LatentForgeError line
+    before a run starts (any HTTP answer counts: /health may need a login)."""
+    import urllib.error
+    import urllib.request
+
+    if not served(uri):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):  # noqa: S310
+            return
+    except urllib.error.HTTPError:
+        return  # it answered
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise LatentForgeError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not "
+                               f"answer: {reason}; start it or fix MLFLOW_TRACKING_URI (or run "
+                               "without tracking: -S tracking.enabled=false)") from None
 
 
 class Tracker:
@@ -320,6 +352,13 @@ def _experiment_id(cfg: TrackingConfig, root: Path) -> str:
     # traces and "Agent versions". An existing experiment without one gets it; a kind someone
     # chose in the UI stays.
     exp = mlflow.get_experiment_by_name(cfg.experiment)
+    if exp is not None and exp.lifecycle_stage == "deleted":
+        from latentforge.errors import ConfigError
+
+        raise ConfigError(f"tracking.experiment {cfg.experiment!r} (id {exp.experiment_id}) was "
+                          f"deleted in MLflow: restore it (`mlflow experiments restore "
+                          f"--experiment-id {exp.experiment_id}`), purge it to reuse the name "
+                          f"(`mlflow gc`), or choose another tracking.experiment")
     if exp is not None:
         if EXPERIMENT_KIND_TAG not in exp.tags:
             mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
@@ -327,9 +366,9 @@ def _experiment_id(cfg: TrackingConfig, root: Path) -> str:
         return exp.experiment_id
     # Against a tracking server the server decides (its --artifacts-destination, e.g. S3);
     # a local file:// location would put a team's artifacts on this machine's disk.
-    served = tracking_uri(root).startswith(("http://", "https://", "databricks"))
+    remote = served(tracking_uri(root)) or tracking_uri(root).startswith("databricks")
     location = cfg.artifact_location or (
-        None if served else (root / "mlartifacts").resolve().as_uri())
+        None if remote else (root / "mlartifacts").resolve().as_uri())
     return mlflow.create_experiment(cfg.experiment, artifact_location=location,
                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
@@ -348,7 +387,10 @@ def describe_store_error(exc: BaseException, uri: str) -> str | None:
     text = str(getattr(exc, "message", None) or exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     low = text.lower()
-    if "database is locked" in low:
+    if low.startswith("api request to") and "failed with exception" in low:
+        hint = "the tracking server does not answer; start it or fix MLFLOW_TRACKING_URI"
+        first = first.split(" failed with exception")[0] + " failed (the server did not answer)"
+    elif "database is locked" in low:
         hint = "another process holds it; run again once it is done"
     elif "out-of-date database schema" in low or "mlflow db upgrade" in low:
         hint = f"upgrade it with `mlflow db upgrade {uri}` (back it up first)"

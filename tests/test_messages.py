@@ -497,3 +497,89 @@ def test_a_user_file_a_later_stage_reads_is_looked_at_before_the_first(
     from latentforge.rewards import check_names
 
     check_names(["my_rewards:score", "judge_prob"], root)
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_tracking_or_prefect_server_that_does_not_answer_is_one_line_within_seconds(
+        make_project, monkeypatch, capsys):
+    """A tracking server that was down meant ~4 min of retries and a 126-line traceback; one
+    that never answered, a wait of a quarter hour; a configured Prefect API likewise."""
+    import socket
+    import time
+
+    from latentforge import prefectserver, tracking
+    from latentforge.cli import main
+    from latentforge.errors import LatentForgeError
+
+    down = f"http://127.0.0.1:{closed_port()}"
+    with socket.socket() as silent:  # listens, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        mute = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        for url in (down, mute):
+            started = time.monotonic()
+            with pytest.raises(LatentForgeError, match=rf"MLflow tracking server {url} "
+                                                        r"\(MLFLOW_TRACKING_URI\) does not answer"):
+                tracking.check_server(url, timeout=1.0)
+            with pytest.raises(LatentForgeError, match=rf"PREFECT_API_URL {url} \(from .*\) does "
+                                                        r"not answer: .*unset PREFECT_API_URL"):
+                prefectserver.check_configured_api(url, timeout=1.0)
+            assert time.monotonic() - started < 10
+    root = make_project(TINY)
+    params_before = (root / "params.yaml").read_bytes()
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", down)
+    assert main(["run"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: MLflow tracking server {down} (MLFLOW_TRACKING_URI) does not answer" in err
+    assert "Traceback" not in err and (root / "params.yaml").read_bytes() == params_before
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.setenv("PREFECT_API_URL", down + "/api")
+    assert main(["run", "-S", "tracking.enabled=false"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: PREFECT_API_URL {down}/api (from the environment) does not answer" in err
+    assert not (root / "data/prepared").exists()
+
+
+def test_the_tracking_server_failing_mid_run_is_one_line(monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from latentforge.tracking import describe_store_error
+
+    exc = MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/create failed with "
+                          "exception HTTPConnectionPool(host='h', port=5000): Max retries "
+                          "exceeded with url: ... (Caused by NewConnectionError(...))")
+    line = describe_store_error(exc, "http://h:5000")
+    assert line == ("MLflow store http://h:5000: API request to http://h:5000/api/2.0/mlflow/"
+                    "runs/create failed (the server did not answer); the tracking server does "
+                    "not answer; start it or fix MLFLOW_TRACKING_URI (or run without tracking: "
+                    "-S tracking.enabled=false)")
+
+
+def test_an_experiment_deleted_in_the_mlflow_ui_is_one_line_saying_what_to_do(tmp_path,
+                                                                             monkeypatch):
+    import mlflow
+
+    from latentforge import tracking
+    from latentforge.config import TrackingConfig
+    from latentforge.errors import ConfigError
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingConfig(experiment="gone")
+    with tracking.start_run(cfg, "prepare", {}, root=tmp_path):
+        pass
+    client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+    exp_id = client.get_experiment_by_name("gone").experiment_id
+    client.delete_experiment(exp_id)
+    deleted = (rf"tracking.experiment 'gone' \(id {exp_id}\) was deleted in MLflow: restore it "
+               rf"\(`mlflow experiments restore --experiment-id {exp_id}`\)")
+    with pytest.raises(ConfigError, match=deleted), \
+            tracking.start_run(cfg, "prepare", {}, root=tmp_path):
+        pass
