@@ -144,7 +144,14 @@ def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None =
     env = {tracking.FLOW_RUN_ENV: str(flow_run.id or ""),
            tracking.PARENT_RUN_ENV: parent_run_id or "",
            procs.INVOCATION_ENV: os.environ.get(procs.INVOCATION_ENV) or uuid.uuid4().hex[:12]}
-    dvcops.reproduce(stage, env=env, force=force, on_line=lambda line: logger.info("%s", line))
+    try:
+        dvcops.reproduce(stage, env=env, force=force, on_line=lambda line: logger.info("%s", line))
+    except LatentForgeError:
+        # A stage that raised ended its own run FAILED; one that was killed (SIGKILL, the
+        # out-of-memory killer) could not, and its run would stay RUNNING for ever.
+        if ended := procs.end_stage_runs(stage, env[procs.INVOCATION_ENV]):
+            logger.info("ended %d MLflow run(s) of %s that its process left RUNNING", ended, stage)
+        raise
     last = read_last_run(stage) or {}
     return {"stage": stage, "status": "ran", "seconds": time.time() - started,
             "metrics": last.get("metrics", {}), "run_id": last.get("run_id"),

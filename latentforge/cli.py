@@ -290,10 +290,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return 0
     params = _load(args)
     if args.no_dvc:
-        from latentforge import workspace
+        from latentforge import tracking, workspace
         from latentforge.runner import execute_stage
 
         with workspace.lock():
+            # The stage runs in this process: if it is SIGKILLed (the out-of-memory killer),
+            # the guard ends its MLflow run, which would otherwise stay RUNNING.
+            procs.start_guard()
+            if params.tracking.enabled:
+                procs.watch_mlflow(tracking.tracking_uri(), params.tracking.experiment)
             execute_stage(args.name, params)
         return 0
     return _orchestrate(args, params, stages=[args.name])
@@ -589,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log.warning("ended %d MLflow run(s) of this command KILLED (their stage was "
                             "stopped before it could)", ended)
         killed = "; MLflow runs of this command ended KILLED" \
-            if args.command in ("run", "stage") else ""
+            if args.command in ("run", "stage") and procs.mlflow_watched() else ""
         print(f"interrupted ({signal.Signals(signum).name}): stopped{killed}", file=sys.stderr)
         code = 128 + signum
     except OSError as exc:  # a full disk, a missing or unreadable file: one line, no traceback

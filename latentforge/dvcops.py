@@ -282,8 +282,24 @@ def crash_cause(lines: list[str]) -> str | None:
     for matches in (_EXCEPTION_LINE.match, lambda line: line.startswith("ERROR: ")):
         found = [line for line in lines if matches(line)]
         if found:
-            return found[-1].removeprefix("ERROR: ")
+            return _signal_named(found[-1].removeprefix("ERROR: "))
     return None
+
+
+def _signal_named(cause: str) -> str:
+    """DVC's `exited with -9` with the signal's name (and, for SIGKILL, its usual sender)."""
+    import signal
+
+    found = re.search(r"exited with -(\d+)", cause)
+    if not found:
+        return cause
+    try:
+        name = signal.Signals(int(found.group(1))).name
+    except ValueError:
+        return cause
+    why = ": killed from outside, often by the out-of-memory killer (see `dmesg`)" \
+        if name == "SIGKILL" else ""
+    return f"{cause} ({name}{why})"
 
 
 def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None] = print,

@@ -71,10 +71,15 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 
 
+# Ctrl-C, `kill`, and a terminal closed under a running command (unless under nohup, which
+# ignores SIGHUP: an ignored signal stays ignored).
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def install_interrupt_handlers() -> None:
-    """SIGINT and SIGTERM raise `Interrupted` in the main thread (no-op elsewhere)."""
+    """SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread (no-op elsewhere)."""
     with contextlib.suppress(ValueError):  # not the main thread
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in INTERRUPTS:
             if signal.getsignal(signum) is not signal.SIG_IGN:
                 signal.signal(signum, _raise_interrupted)
 
@@ -85,7 +90,7 @@ def interrupts_deferred() -> Iterator[None]:
     cut the cleanup short and leave children behind)."""
     saved = {}
     with contextlib.suppress(ValueError):
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in INTERRUPTS:
             saved[signum] = signal.signal(signum, signal.SIG_IGN)
     try:
         yield
@@ -353,6 +358,11 @@ def guard_send(message: str) -> None:
         os.write(_guard[1], (message + "\n").encode())
 
 
+def mlflow_watched() -> bool:
+    """Whether this process opened (or started stages that open) MLflow runs."""
+    return bool(_mlflow_targets)
+
+
 def watch_mlflow(uri: str, experiment: str) -> None:
     """Runs of this invocation in `experiment` at `uri` end KILLED if it is interrupted or
     killed: `end_invocation_runs` (after an interrupt) or the guard (after SIGKILL) does it."""
@@ -411,18 +421,33 @@ def _guard_cleanup(groups: set[int], pids: set[int], mlflow_targets: set[tuple[s
                   file=sys.stderr)
 
 
-def _end_mlflow_runs(uri: str, experiment: str, invocation: str) -> int:
+def end_stage_runs(stage: str, invocation: str) -> int:
+    """After `stage`'s process died without ending its MLflow run (SIGKILL, the out-of-memory
+    killer): end FAILED its runs of `invocation` still RUNNING. Returns how many it ended."""
+    ended = 0
+    for uri, experiment in sorted(_mlflow_targets):
+        try:
+            ended += _end_mlflow_runs(uri, experiment, invocation, "FAILED", stage)
+        except Exception:  # reported, never in the way of the stage's own error
+            log.warning("could not end stage %s's MLflow runs in %s", stage, uri, exc_info=True)
+    return ended
+
+
+def _end_mlflow_runs(uri: str, experiment: str, invocation: str, status: str = "KILLED",
+                     stage: str | None = None) -> int:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return 0
+    only_stage = f" and tags.`latentforge.stage` = '{stage}'" if stage else ""
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}' and attributes.status = 'RUNNING'")
+        filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}' and attributes.status = "
+                      f"'RUNNING'{only_stage}")
     for run in runs:
-        client.set_terminated(run.info.run_id, "KILLED")
+        client.set_terminated(run.info.run_id, status)
     return len(runs)
 
 

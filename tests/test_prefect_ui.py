@@ -327,3 +327,51 @@ def test_a_failed_stage_is_one_error_line_with_its_cause(prefect_harness, make_p
             shown = [log.message for log in logs if log.level >= logging.INFO]
             assert not any("Traceback" in m for m in shown), shown
             assert any("Traceback" in log.message for log in logs if log.level == logging.DEBUG)
+
+
+def test_a_stage_killed_by_a_signal_is_named_and_its_run_ended_failed(tmp_path, monkeypatch):
+    """SIGKILL (the out-of-memory killer) gave `exited with -9` and left the stage's MLflow run
+    RUNNING for ever: its process could not end it."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    import mlflow
+
+    from latentforge import procs, tracking
+    from latentforge.dvcops import crash_cause
+
+    assert crash_cause(["ERROR: failed to reproduce 'judge': failed to run: latentforge stage "
+                        "judge, exited with -9"]).endswith(
+        "exited with -9 (SIGKILL: killed from outside, often by the out-of-memory killer (see "
+        "`dmesg`))")
+    assert crash_cause(["ERROR: failed to run: x, exited with -15"]).endswith("(SIGTERM)")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking.tracking_uri(tmp_path)
+    stage_run = textwrap.dedent(f"""
+        import os, signal
+        from latentforge import tracking
+        from latentforge.config import TrackingConfig
+        stage = os.environ["STAGE"]
+        with tracking.start_run(TrackingConfig(experiment="e"), stage,
+                                {{"latentforge.stage": stage}}, root={str(tmp_path)!r}):
+            if stage == "judge":
+                os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    for stage, invocation in (("judge", "inv1"), ("prepare", "inv1"), ("judge", "inv2")):
+        env = {**os.environ, "STAGE": stage, procs.INVOCATION_ENV: invocation}
+        subprocess.run([sys.executable, "-c", stage_run], env=env, check=False, timeout=120)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("e").experiment_id
+
+    def statuses() -> list[tuple[str, str, str]]:
+        return sorted((r.data.tags["latentforge.stage"], r.data.tags[procs.INVOCATION_TAG],
+                       r.info.status) for r in client.search_runs([exp]))
+
+    assert statuses() == [("judge", "inv1", "RUNNING"), ("judge", "inv2", "RUNNING"),
+                          ("prepare", "inv1", "FINISHED")]
+    monkeypatch.setattr(procs, "_mlflow_targets", {(uri, "e")})
+    assert procs.end_stage_runs("judge", "inv1") == 1
+    assert statuses() == [("judge", "inv1", "FAILED"), ("judge", "inv2", "RUNNING"),
+                          ("prepare", "inv1", "FINISHED")]

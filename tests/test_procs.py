@@ -195,3 +195,22 @@ def test_worker_imports_what_the_parent_imports_not_the_working_directory(tmp_pa
 def test_a_job_that_does_not_pickle_fails_before_any_process_starts():
     with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):
         procs.map_processes(square_after, [(2, 0.0), (lambda: 0, 0.0)], processes=2, threads=1)
+
+
+def test_a_closed_terminal_interrupts_like_sigterm_unless_under_nohup():
+    """SIGHUP (the terminal closed) killed `latentforge stage --no-dvc` outright, leaving its
+    MLflow run RUNNING; now it unwinds like SIGTERM (exit 129). nohup's ignore stays."""
+    from latentforge import procs
+
+    saved = {signum: signal.getsignal(signum) for signum in procs.INTERRUPTS}
+    try:
+        procs.install_interrupt_handlers()
+        with pytest.raises(procs.Interrupted) as err:
+            os.kill(os.getpid(), signal.SIGHUP)
+        assert err.value.signum == signal.SIGHUP
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+        procs.install_interrupt_handlers()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
