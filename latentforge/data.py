@@ -106,8 +106,18 @@ def load_prepared(root: str | Path, verify: bool = False) -> Prepared:
         for split in manifest["splits"].values():
             for shard in split["shards"]:
                 for key in ("images", "labels"):
-                    actual = storage.sha256_file(root / shard[key])
-                    if actual != shard[f"{key}_sha256"]:
-                        raise DataError(f"{root / shard[key]}: sha256 {actual} does not match "
-                                        f"the manifest ({shard[f'{key}_sha256']})")
+                    check_shard(root / shard[key], shard[f"{key}_sha256"], RERUN_PREPARE)
     return Prepared(root, manifest, storage.sha256_bytes(raw))
+
+
+def check_shard(path: Path, expected: str, rerun: str) -> None:
+    """A DataError naming `path` unless its sha256 is the one its manifest recorded: missing,
+    truncated or garbled (numpy's reason), or changed in place (a damaged disk, an edit),
+    which would otherwise train on the damage while MLflow records the manifest's digest."""
+    if not path.is_file():
+        raise DataError(f"{path}: missing; {rerun}")
+    actual = storage.sha256_file(path)
+    if actual != expected:
+        load_array(path, rerun)  # truncated or garbled: numpy says how
+        raise DataError(f"{path}: sha256 {actual[:16]}... is not the {expected[:16]}... its "
+                        f"manifest recorded: the file changed after its stage wrote it; {rerun}")

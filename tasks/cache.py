@@ -64,6 +64,7 @@ from latentforge.data import (
     RERUN_PREPARE,
     SPLITS,
     Prepared,
+    check_shard,
     load_array,
     load_prepared,
     read_manifest,
@@ -203,11 +204,7 @@ def load_cache(path: str | Path = paths.CACHE, tokenizer_sha256: str | None = No
         for split in manifest["splits"].values():
             for shard in split["shards"]:
                 for entry in shard["files"].values():
-                    actual = storage.sha256_file(root / entry["file"])
-                    if actual != entry["sha256"]:
-                        raise DataError(f"{root / entry['file']}: sha256 {actual} does not match "
-                                        f"the cache manifest ({entry['sha256']}); the file is "
-                                        f"corrupted or was edited; {rerun}")
+                    check_shard(root / entry["file"], entry["sha256"], RERUN_CACHE)
     return Cache(root, manifest, storage.sha256_bytes(raw))
 
 
@@ -702,7 +699,7 @@ def run(params: Params, out_dir: str | Path = paths.CACHE,
 
     cfg, compute = params.cache, params.compute
     tracker = tracker or Tracker()
-    prepared = load_prepared(prepared_dir)
+    prepared = load_prepared(prepared_dir, verify=True)
     handle = load_tokenizer(tokenizer_dir)
     key = cache_key(handle.sha256, prepared.manifest_sha256)
     tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,

@@ -173,7 +173,7 @@ def require_inputs(dirs: Mapping[str, Path]) -> None:
 
 def load_inputs(dirs: Mapping[str, Path]) -> Inputs:
     require_inputs(dirs)
-    prepared = load_prepared(dirs["prepared"])
+    prepared = load_prepared(dirs["prepared"], verify=True)
     judge = load_judge(dirs["judge"])
     evaluator = load_judge(dirs["evaluator"])
     if evaluator.sha256 == judge.sha256:

@@ -589,9 +589,9 @@ def run(params: Params, out_dir: str | Path = paths.GENERATOR, cache_dir: str | 
     cfg: GeneratorConfig = params.generator
     tracker = tracker or Tracker()
     tok = load_tokenizer(tokenizer_dir)
-    cache = load_cache(cache_dir, tokenizer_sha256=tok.sha256)
+    cache = load_cache(cache_dir, tokenizer_sha256=tok.sha256, verify=True)
     evaluator = load_judge(evaluator_dir)  # grades the samples (the judge gives RL rewards)
-    prepared = load_prepared(prepared_dir)
+    prepared = load_prepared(prepared_dir, verify=True)
     tracker.log_input("cache", str(Path(cache_dir).resolve()), cache.manifest_sha256,
                       context="training", profile={"key": cache.key})
     tracker.log_input("tokenizer", str(Path(tokenizer_dir).resolve()), tok.sha256,

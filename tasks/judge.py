@@ -165,7 +165,7 @@ def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | P
     tracker = tracker or Tracker()
     out_dir = Path(out_dir)
     evaluator_dir = Path(evaluator_dir) if evaluator_dir else out_dir.parent / "evaluator"
-    prepared = load_prepared(prepared_dir)
+    prepared = load_prepared(prepared_dir, verify=True)
     tracker.log_input("prepared", str(Path(prepared_dir).resolve()), prepared.manifest_sha256,
                       context="training")
     # The evaluator's config swaps seed and width with the judge's (the check that they differ

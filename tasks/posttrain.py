@@ -337,7 +337,7 @@ def run(params: Params, out_dir: str | Path = paths.DECODER,
     handle = load_generator(generator_dir, tokenizer_dir)
     tok = handle.tokenizer
     evaluator = load_judge(evaluator_dir)
-    prepared = load_prepared(prepared_dir)
+    prepared = load_prepared(prepared_dir, verify=True)
     for name, folder, sha in (("generator", generator_dir, handle.meta["sha256"]),
                               ("tokenizer", tokenizer_dir, tok.sha256),
                               ("evaluator", evaluator_dir, evaluator.sha256),

@@ -659,7 +659,7 @@ def load_inputs(params: Params, dirs: InputDirs, es: EvalSet | None = None) -> I
     apply_decoder(base.tokenizer, dirs.decoder)
     judge = load_judge(dirs.judge)
     evaluator = load_judge(dirs.evaluator)
-    prepared = load_prepared(dirs.prepared)
+    prepared = load_prepared(dirs.prepared, verify=True)
     train_x, train_y = prepared.split("train")
     # judge_density fits on the train split.
     reward = Reward(params.rl.rewards, judge, reference=(train_x, train_y))

@@ -230,7 +230,7 @@ def run(params: Params, out_dir: str | Path = paths.TOKENIZER,
         plot_file: str | Path = PREFIX_PLOT, tracker: Tracker | None = None) -> StageResult:
     cfg: TokenizerConfig = params.tokenizer
     tracker = tracker or Tracker()
-    prepared = load_prepared(prepared_dir)
+    prepared = load_prepared(prepared_dir, verify=True)
     judge = load_judge(judge_dir)
     train_x, _ = prepared.split("train")
     val_x, val_y = prepared.split("val")

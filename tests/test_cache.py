@@ -35,7 +35,7 @@ def tiny(tokenizer_overrides: dict | None = None, **sections: dict) -> Params:
     """presets/tiny.yaml with 4-step judge and tokenizer (caching needs weights, not quality),
     64-image cache shards (7 for 400 images) and 16-image encoder batches."""
     raw = load_params(REPO / "presets/tiny.yaml").to_dict()
-    raw["judge"].update(steps=4, save_every=4)
+    raw["judge"].update(steps=4, save_every=4, warmup_steps=1)
     raw["tokenizer"].update(steps=4, save_every=4, warmup_steps=1, **(tokenizer_overrides or {}))
     raw["cache"].update(shard_size=64, batch_size=16)
     for name, values in sections.items():
@@ -145,8 +145,27 @@ def test_corrupted_shard_is_caught_by_sha256_verification(tiny_root, tmp_path):
     data[-3] ^= 0x40  # one bit of one float: the header still parses
     shard.write_bytes(bytes(data))
     cache.load_cache(folder)  # without verify the damage goes unnoticed
-    with pytest.raises(DataError, match="train-00002.mean.npy: sha256 .* does not match"):
+    with pytest.raises(DataError, match=r"train-00002.mean.npy: sha256 \w+\.\.\. is not the "
+                                        r"\w+\.\.\. its manifest recorded: the file changed "
+                                        r"after its stage wrote it; rerun the cache stage"):
         cache.load_cache(folder, verify=True)
+
+
+def test_the_stages_refuse_data_changed_in_place(tiny_root, tmp_path, monkeypatch):
+    """A shard changed after prepare wrote it (a damaged disk, an edit) was trained on, and
+    MLflow recorded the manifest's digest as the data: every stage now checks what it reads."""
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_root / "prepared", prepared)
+    images = sorted(prepared.glob("train-*.images.npy"))[0]
+    data = bytearray(images.read_bytes())
+    data[-100:] = bytes(100)  # the header still parses, the file keeps its size
+    images.write_bytes(bytes(data))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=rf"{images.name}: sha256 .* its manifest recorded: the "
+                                        r"file changed after its stage wrote it; rerun the "
+                                        r"prepare stage"):
+        judge.run(tiny(), out_dir=tmp_path / "judge", prepared_dir=prepared)
+    assert not (tmp_path / "judge").exists()
 
 
 def test_a_cut_or_garbled_cache_or_prepared_file_is_a_data_error_naming_it(tiny_root, tmp_path):
