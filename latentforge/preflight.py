@@ -21,6 +21,20 @@ def check_run(params: Params, stages: list[str] | None) -> None:
         from latentforge import tracking
 
         tracking.check_server(tracking.tracking_uri())
+        check_artifact_store(params)
+
+
+def check_artifact_store(params: Params) -> None:
+    """An s3:// tracking.artifact_location must answer within storage.*'s limits: MLflow's own
+    S3 client waits at botocore's defaults (60 s per attempt) and fails with a traceback after
+    the first stage did its work."""
+    from latentforge import storage
+
+    location = params.tracking.artifact_location
+    if location is None or not storage.is_s3(location):
+        return
+    storage.configure(params.storage)
+    storage.exists(location)
 
 
 def check_local_gpu(compute: ComputeConfig) -> None:

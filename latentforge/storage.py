@@ -194,6 +194,9 @@ def _storage_errors(url: str) -> Iterator[None]:
         raise DataError(f"{url}: {problem}; {_aws_settings()}") from exc
 
 
+storage_errors = _storage_errors  # for other clients of the same stores (MLflow's artifacts)
+
+
 def join(base: str | os.PathLike[str], *parts: str) -> str:
     base = str(base)
     if is_url(base):

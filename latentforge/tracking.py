@@ -178,14 +178,25 @@ class MLflowTracker(Tracker):
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    @contextlib.contextmanager
+    def _artifact_errors(self) -> Iterator[None]:
+        """An S3 artifact store's failure (an endpoint that does not answer, no credentials) as
+        one line naming it and the AWS settings looked at, as LatentForge's own S3 calls say."""
+        from latentforge import storage
+
+        with storage.storage_errors(self._mlflow.get_artifact_uri()):
+            yield
+
     def log_artifact(self, path: str | os.PathLike[str], artifact_path: str | None = None) -> None:
-        if Path(path).is_dir():
-            self._mlflow.log_artifacts(str(path), artifact_path)
-        else:
-            self._mlflow.log_artifact(str(path), artifact_path)
+        with self._artifact_errors():
+            if Path(path).is_dir():
+                self._mlflow.log_artifacts(str(path), artifact_path)
+            else:
+                self._mlflow.log_artifact(str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        self._mlflow.log_text(text, artifact_file)
+        with self._artifact_errors():
+            self._mlflow.log_text(text, artifact_file)
 
     def log_input(self, name: str, source: str, digest: str, context: str,
                   profile: Mapping[str, Any] | None = None) -> None:
