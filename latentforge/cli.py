@@ -388,6 +388,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         sampling_defaults,
     )
 
+    if Path(args.out).is_dir():  # checked first: the error would name a temporary file
+        raise ConfigError(f"--out {args.out}: a folder; give a file name, e.g. "
+                          f"{Path(args.out) / 'samples.png'}")
     model = args.model or str(paths.GENERATOR)
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow.pyfunc

@@ -109,6 +109,9 @@ def test_sample_command_writes_a_grid(chain, tmp_path, monkeypatch, capsys):
     assert main(["sample", "--class", "cat", "--model", str(d["gen"]), "--tokenizer",
                  str(d["tok"]), "--out", str(out)]) == 2
     assert "not a class of this generator" in capsys.readouterr().err
+    assert main(["sample", "--class", "3", "--model", str(d["gen"]), "--tokenizer",
+                 str(d["tok"]), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path}: a folder; give a file name" in capsys.readouterr().err
 
 
 def test_generator_on_a_2d_tokenizer(tmp_path, monkeypatch):
