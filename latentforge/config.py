@@ -672,15 +672,6 @@ class Params:
                 raise ValueError(f"generator.maskgit_steps = {self.generator.maskgit_steps} is "
                                  f"more than the {k} tokens per image: each step decides at "
                                  f"least one code")
-        for name in ("judge", "tokenizer", "generator", "posttrain"):
-            section = getattr(self, name)
-            if name == "posttrain" and not section.enabled:
-                continue
-            if 0 < section.steps <= section.warmup_steps:
-                raise ValueError(f"{name}.warmup_steps = {section.warmup_steps} is not below "
-                                 f"{name}.steps = {section.steps}: the learning rate would still "
-                                 f"be rising when training stops; lower {name}.warmup_steps "
-                                 f"with {name}.steps")
         workers = self.compute.num_workers
         for name in ("judge", "tokenizer", "generator", "posttrain"):
             batch = getattr(self, name).batch_size

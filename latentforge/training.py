@@ -943,6 +943,10 @@ def train(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: s
     if not lengths or len(set(lengths.values())) != 1:
         raise ValueError(f"spec.data needs arrays of one common length, got {lengths}")
 
+    if cfg.warmup_steps >= cfg.steps:  # lowering only steps for a quick run does this
+        log.warning("warmup_steps = %d is not below steps = %d (%s): the learning rate is still "
+                    "rising when training stops and never decays; lower the stage's "
+                    "warmup_steps with its steps", cfg.warmup_steps, cfg.steps, ckpt_dir.name)
     started = time.perf_counter()
     precision = resolve_precision(spec, cfg, compute)
     # The loop reads cfg.bf16; the fingerprint then keeps an fp32 run from resuming a bf16 one.

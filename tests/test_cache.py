@@ -35,7 +35,7 @@ def tiny(tokenizer_overrides: dict | None = None, **sections: dict) -> Params:
     """presets/tiny.yaml with 4-step judge and tokenizer (caching needs weights, not quality),
     64-image cache shards (7 for 400 images) and 16-image encoder batches."""
     raw = load_params(REPO / "presets/tiny.yaml").to_dict()
-    raw["judge"].update(steps=4, save_every=4, warmup_steps=1)
+    raw["judge"].update(steps=4, save_every=4)
     raw["tokenizer"].update(steps=4, save_every=4, warmup_steps=1, **(tokenizer_overrides or {}))
     raw["cache"].update(shard_size=64, batch_size=16)
     for name, values in sections.items():

@@ -282,19 +282,3 @@ def test_cli_turns_prefect_server_telemetry_off_unless_the_user_set_it(preset, e
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == expected
-
-
-def test_a_warm_up_as_long_as_training_is_refused_naming_both_keys(tmp_path, monkeypatch):
-    """Lowering only generator.steps for a quick run left warmup_steps at 100: training ended
-    at its highest learning rate, never decayed, and nothing said so."""
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"generator.warmup_steps = 100 is not below "
-                                          r"generator.steps = 50: .* lower "
-                                          r"generator.warmup_steps"):
-        load_params(None, ["generator.steps=50"])
-    assert load_params(None, ["generator.steps=50", "generator.warmup_steps=5"]).generator.steps \
-        == 50
-    assert load_params(None, ["judge.steps=5", "judge.warmup_steps=0"]).judge.steps == 5
-    load_params(None, ["posttrain.steps=10"])  # posttrain is off: its schedule is not used
-    with pytest.raises(ConfigError, match="posttrain.warmup_steps = 20 is not below"):
-        load_params(None, ["posttrain.steps=10", "posttrain.enabled=true"])

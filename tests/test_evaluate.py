@@ -27,7 +27,7 @@ def tiny(**sections: dict) -> object:
     """The tiny preset with fewer training steps: evaluate needs trained folders, not good ones."""
     raw = load_params(REPO / "presets/tiny.yaml").to_dict()
     raw["prepare"].update(max_images=200)  # 20 val images: FID below stays at seconds
-    raw["judge"].update(steps=20, warmup_steps=19)  # under steps, as params require
+    raw["judge"].update(steps=20)
     raw["tokenizer"].update(steps=10)
     raw["generator"].update(steps=10)
     raw["rl"].update(steps=2, eval_every=0, seeds=[0, 1])  # two RL seeds: the seeds section

@@ -13,7 +13,7 @@ from PIL import Image
 
 from latentforge.cli import main
 from latentforge.config import ComputeConfig, build_params, load_params
-from latentforge.errors import DataError
+from latentforge.errors import ConfigError, DataError
 from latentforge.tasks import cache, generator, judge, prepare, tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,6 +226,6 @@ def test_sampling_on_two_ray_data_actors_matches_sampling_in_process(chain, ray_
 def test_sampling_on_a_gpu_that_is_not_there_says_so(chain):
     d, _ = chain
     gen = generator.load_generator(d["gen"], d["tok"])
-    with pytest.raises(RuntimeError, match="use_gpu"):
+    with pytest.raises(ConfigError, match="use_gpu is true but torch sees no CUDA device"):
         generator.sample(gen, np.zeros(2, np.int64), seed=0, steps=1, cfg_scale=1.0,
                          sampler="euler", compute=ComputeConfig(use_gpu=True))

@@ -204,6 +204,7 @@ def test_a_closed_terminal_interrupts_like_sigterm_unless_under_nohup():
 
     saved = {signum: signal.getsignal(signum) for signum in procs.INTERRUPTS}
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal (the suite may run under nohup)
         procs.install_interrupt_handlers()
         with pytest.raises(procs.Interrupted) as err:
             os.kill(os.getpid(), signal.SIGHUP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -667,3 +668,20 @@ def test_training_on_a_cluster_needs_storage_every_node_reaches(tmp_path: Path) 
     path, pa_fs, _, remove = _ray_storage(ComputeConfig(storage_path=str(tmp_path / "s")),
                                           tmp_path)
     assert (path, pa_fs, remove) == (str(tmp_path / "s"), None, False)
+
+
+def test_a_warm_up_as_long_as_training_is_said(tmp_path: Path, caplog) -> None:
+    """Lowering only `steps` for a quick run (generator: warm-up 100) ends training at its
+    highest learning rate, never decayed: allowed, but said."""
+    with caplog.at_level(logging.WARNING, logger="latentforge.training"):
+        train(TrainSpec(build_mlp, mse_loss, toy_data()), tiny_cfg(steps=4, warmup_steps=4,
+                                                                    save_every=4),
+              ComputeConfig(), tmp_path / "judge", progress=False)
+    assert "warmup_steps = 4 is not below steps = 4 (judge): the learning rate is still " \
+           "rising" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="latentforge.training"):
+        train(TrainSpec(build_mlp, mse_loss, toy_data()), tiny_cfg(steps=4, warmup_steps=3,
+                                                                    save_every=4),
+              ComputeConfig(), tmp_path / "other", progress=False)
+    assert "warmup_steps" not in caplog.text
