@@ -154,17 +154,21 @@ def test_workers_that_do_not_fit_are_counted_per_node():
 @pytest.mark.parametrize("compute, key", [
     ({"num_workers": 2, "cpus_per_worker": 2}, "compute.cpus_per_worker = 2"),
     ({"num_workers": 3}, "compute.num_workers = 3"),
-    ({"num_workers": 2, "use_gpu": True}, "set compute.use_gpu false"),
+    ({"num_workers": 3, "use_gpu": True}, "set compute.use_gpu false"),
 ])
 def test_workers_the_local_instance_cannot_hold_are_refused_not_waited_for(
-        ray_local, compute, key):  # noqa: F811
+        ray_local, compute, key, caplog):  # noqa: F811
     """Ray Train and Ray Data wait for every worker's CPUs without end (the judge stage hung
     with 2 workers of 2 CPUs on a 2-CPU machine)."""
     from latentforge.config import ComputeConfig
-    from latentforge.raycluster import init_ray, start_ray_data
+    from latentforge.raycluster import check_capacity, init_ray, start_ray_data
 
     for start in (init_ray, start_ray_data):
         with pytest.raises(ConfigError, match="the workers would wait for it forever") as err:
             start(ComputeConfig(**compute))
         assert key in str(err.value) and "room for " in str(err.value)
     init_ray(ComputeConfig(num_workers=2))  # fits: 2 CPUs
+    # A cluster may add nodes (its GPU workers may start at 0): said, not refused.
+    with caplog.at_level("WARNING", logger="latentforge.raycluster"):
+        check_capacity(ComputeConfig(**compute, ray_address="auto"))
+    assert "Ray waits until the cluster has room" in caplog.text
