@@ -74,24 +74,18 @@ def _drain_prefect_workers(timeout: float = 10.0) -> None:
 
 
 def check_configured_api(url: str, timeout: float = prefectbg.UNRESPONSIVE_WAIT_S) -> None:
-    """The PREFECT_API_URL the user configured must answer (any HTTP answer: Prefect Cloud's
-    /health may want a login): Prefect's client otherwise fails in a long traceback, or for a
-    server that never answers, waits without a word."""
-    import urllib.error
-    import urllib.request
+    """The PREFECT_API_URL the user configured must answer (probe.unanswered): Prefect's client
+    otherwise fails in a long traceback or, on a server that never answers, waits without a
+    word."""
+    from latentforge.probe import shown_url, unanswered
 
     where = "the environment" if os.environ.get("PREFECT_API_URL") else \
         f"the Prefect profile in {prefectbg.prefect_home() / 'profiles.toml'}"
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout):  # noqa: S310
-            return
-    except urllib.error.HTTPError:
-        return
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise LatentForgeError(f"PREFECT_API_URL {url} (from {where}) does not answer: "
-                               f"{reason}; start that server, or unset PREFECT_API_URL and "
-                               "LatentForge starts its own") from None
+    reason = unanswered(url, timeout)
+    if reason is not None:
+        raise LatentForgeError(f"PREFECT_API_URL {shown_url(url)} (from {where}) does not "
+                               f"answer: {reason}; start that server, or unset PREFECT_API_URL "
+                               "and LatentForge starts its own")
 
 
 @contextlib.contextmanager

@@ -42,11 +42,8 @@ FLOW_RUN_ENV = "LATENTFORGE_FLOW_RUN_ID"
 TAG_PREFIX = "latentforge."
 MLFLOW_DIGEST_LEN = 36
 # MLflow's REST client retries 7 times with exponential back-off (~4 min for a server that is
-# down) and waits 120 s per request (a server that never answers: ~15 min). Bounded here for
-# this process and its children, unless the user set them.
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
-for _name, _value in HTTP_LIMITS.items():
-    os.environ.setdefault(_name, _value)
+# down) and waits 120 s per request (a server that never answers: ~15 min). That rides out a
+# server restart in a long training, so it stays; a run asks once, quickly, before it starts.
 PROBE_TIMEOUT_S = 10.0
 
 
@@ -57,22 +54,16 @@ def served(uri: str) -> bool:
 
 def check_server(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """A tracking server that does not answer within `timeout` is one LatentForgeError line
-    before a run starts (any HTTP answer counts: /health may need a login)."""
-    import urllib.error
-    import urllib.request
+    before a run starts (probe.unanswered says what counts as an answer)."""
+    from latentforge.probe import shown_url, unanswered
 
     if not served(uri):
         return
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):  # noqa: S310
-            return
-    except urllib.error.HTTPError:
-        return  # it answered
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise LatentForgeError(f"MLflow tracking server {uri} (MLFLOW_TRACKING_URI) does not "
-                               f"answer: {reason}; start it or fix MLFLOW_TRACKING_URI (or run "
-                               "without tracking: -S tracking.enabled=false)") from None
+    reason = unanswered(uri, timeout)
+    if reason is not None:
+        raise LatentForgeError(f"MLflow tracking server {shown_url(uri)} (MLFLOW_TRACKING_URI) "
+                               f"does not answer: {reason}; start it or fix MLFLOW_TRACKING_URI "
+                               "(or run without tracking: -S tracking.enabled=false)")
 
 
 class Tracker:
@@ -398,9 +389,15 @@ def describe_store_error(exc: BaseException, uri: str) -> str | None:
     text = str(getattr(exc, "message", None) or exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     low = text.lower()
-    if low.startswith("api request to") and "failed with exception" in low:
-        hint = "the tracking server does not answer; start it or fix MLFLOW_TRACKING_URI"
-        first = first.split(" failed with exception")[0] + " failed (the server did not answer)"
+    if low.startswith("api request to") and ("failed with exception" in low
+                                              or "failed with error code" in low):
+        unreachable = any(s in low for s in ("newconnectionerror", "connecttimeout",
+                                             "readtimeout", "connection refused",
+                                             "connection aborted", "name or service"))
+        what = "the server did not answer" if unreachable else "the server answered with errors"
+        hint = ("start it or fix MLFLOW_TRACKING_URI" if unreachable else
+                "see the tracking server's log")
+        first = first.split(" failed with ")[0] + f" failed ({what})"
     elif "database is locked" in low:
         hint = "another process holds it; run again once it is done"
     elif "out-of-date database schema" in low or "mlflow db upgrade" in low:

@@ -558,9 +558,56 @@ def test_the_tracking_server_failing_mid_run_is_one_line(monkeypatch):
                           "exceeded with url: ... (Caused by NewConnectionError(...))")
     line = describe_store_error(exc, "http://h:5000")
     assert line == ("MLflow store http://h:5000: API request to http://h:5000/api/2.0/mlflow/"
-                    "runs/create failed (the server did not answer); the tracking server does "
-                    "not answer; start it or fix MLFLOW_TRACKING_URI (or run without tracking: "
-                    "-S tracking.enabled=false)")
+                    "runs/create failed (the server did not answer); start it or fix "
+                    "MLFLOW_TRACKING_URI (or run without tracking: -S tracking.enabled=false)")
+    busy = MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/create failed with "
+                           "exception HTTPConnectionPool(host='h', port=5000): Max retries "
+                           "exceeded with url: ... (Caused by ResponseError('too many 500 error "
+                           "responses'))")
+    assert "failed (the server answered with errors); see the tracking server's log" in \
+        describe_store_error(busy, "http://h:5000")
+
+
+@pytest.mark.parametrize("status, answers", [(200, True), (401, True), (404, True),
+                                             (503, False), (502, False)])
+def test_what_counts_as_a_server_answering(status, answers):
+    """Any HTTP answer (Prefect Cloud's or an MLflow behind a login may refuse /health) but a
+    gateway's 5xx for a server behind it that is down; a user:password@ URL is probed without
+    it and shown without the password."""
+    import http.server
+    import threading
+
+    from latentforge import tracking
+    from latentforge.errors import LatentForgeError
+    from latentforge.probe import shown_url, unanswered
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}/base/"
+        assert (unanswered(url, timeout=5) is None) == answers
+        assert seen[-1][0] == "/base/health"
+        if not answers:
+            with pytest.raises(LatentForgeError) as err:
+                tracking.check_server(url, timeout=5)
+            assert f"HTTP {status}" in str(err.value) and "s3cret" not in str(err.value)
+            assert "alice:***@127.0.0.1" in str(err.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert shown_url("https://u:p@h/x") == "https://u:***@h/x" and shown_url("http://h") == \
+        "http://h"
 
 
 def test_an_experiment_deleted_in_the_mlflow_ui_is_one_line_saying_what_to_do(tmp_path,
