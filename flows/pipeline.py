@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from latentforge import dvcops, tracking, workspace
+from latentforge import dvcops, preflight, tracking, workspace
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.flows.stages import (
     NO_CHANGES,
@@ -72,8 +72,8 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
     logger = get_run_logger()
     # Before DVC's unbounded S3 client looks at the source (UI-started); the CLI looked
     # already, before its own status.
-    params = apply_params(params_file, overrides or [], changes, stages or None,
-                          check=not dvcops.status_known())
+    check = not dvcops.status_known()
+    params = apply_params(params_file, overrides or [], changes, stages or None, check=check)
     # One DVC status of the graph: a stage found unchanged, none of whose upstream stages ran
     # in this pipeline, is skipped here without a subflow or another look at DVC.
     status = dvcops.graph_status()
@@ -96,7 +96,10 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
             f"{tracking.TAG_PREFIX}stage": "pipeline"}
     records: list[dict[str, Any]] = []
     started = time.time()
-    with tracking.start_run(params.tracking, "pipeline", tags) as parent:
+    if check:  # something will run: this machine and the tracking server
+        preflight.check_environment(params, selected)
+    with preflight.pipeline_checked(), \
+            tracking.start_run(params.tracking, "pipeline", tags) as parent:
         experiment_id = mlflow_experiment_id(uri, params)
         ran: set[str] = set()
         for stage in selected:

@@ -96,7 +96,7 @@ def apply_params(params_file: str | None, overrides: list[str], changes: Any = N
     overrides = [*as_overrides(changes), *overrides]
     params = load_params(params_file, overrides)
     if check:
-        preflight.check_run(params, stages)
+        preflight.check_params(params, stages)
     if write_params_file(params, DEFAULT_PARAMS_FILE):
         get_run_logger().info("params.yaml updated from %s",
                               " ".join(filter(None, [params_file, *overrides])))
@@ -129,9 +129,10 @@ def mlflow_experiment_id(tracking_uri: str | None, params: Params) -> str | None
     return exp.experiment_id if exp is not None else None
 
 
-def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None = None
-                    ) -> dict[str, Any]:
-    """Run `dvc repro --single-item stage` unless DVC finds it up to date."""
+def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None = None,
+                    tracked: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Run `dvc repro --single-item stage` unless DVC finds it up to date. `tracked`: the
+    (tracking URI, experiment) the stage logs to, where a killed stage's run is ended."""
     logger = get_run_logger()
     started = time.time()
     if not force and not dvcops.stage_status(stage):
@@ -149,7 +150,8 @@ def reproduce_stage(stage: str, force: bool = False, parent_run_id: str | None =
     except LatentForgeError:
         # A stage that raised ended its own run FAILED; one that was killed (SIGKILL, the
         # out-of-memory killer) could not, and its run would stay RUNNING for ever.
-        if ended := procs.end_stage_runs(stage, env[procs.INVOCATION_ENV]):
+        if ended := procs.end_stage_runs(stage, env[procs.INVOCATION_ENV],
+                                         [tracked] if tracked else []):
             logger.info("ended %d MLflow run(s) of %s that its process left RUNNING", ended, stage)
         raise
     last = read_last_run(stage) or {}
@@ -167,9 +169,14 @@ def _stage_flow(stage: str, overrides: list[str] | None, params_file: str | None
         with workspace.lock(what=f"Prefect flow run {flow_run.id or stage}", wait=wait or None,
                             say=get_run_logger().warning):
             # Started alone (the UI): checked here; as the pipeline's subflow: checked there.
-            params = apply_params(params_file, overrides or [], changes, [stage],
-                                  check=not parent_run_id)
-            record = reproduce_stage(stage, force=force, parent_run_id=parent_run_id)
+            alone = not parent_run_id and not preflight.checked_by_pipeline()
+            params = apply_params(params_file, overrides or [], changes, [stage], check=alone)
+            if alone:
+                preflight.check_environment(params, [stage])
+            tracked = ((tracking.tracking_uri(), params.tracking.experiment)
+                       if params.tracking.enabled else None)
+            record = reproduce_stage(stage, force=force, parent_run_id=parent_run_id,
+                                     tracked=tracked)
     except LatentForgeError as exc:  # a busy workspace, bad parameters, the stage failed
         return failed_state(exc)  # type: ignore[return-value]  # Prefect raises exc
     uri = os.environ.get("MLFLOW_TRACKING_URI")

@@ -319,6 +319,10 @@ def _experiment(args: argparse.Namespace) -> int:
                           "--params would rewrite params.yaml")
     params = _load(args)
     _require_project()
+    from latentforge import preflight
+
+    preflight.check_params(params, None)
+    preflight.check_environment(params, None)
     procs.start_guard()
     if params.tracking.enabled:
         procs.watch_mlflow(tracking.tracking_uri(), params.tracking.experiment)
@@ -350,7 +354,7 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
 
     _require_project()
     with workspace.lock():
-        preflight.check_run(params, stages)  # before params.yaml holds what cannot run
+        preflight.check_params(params, stages)  # before params.yaml holds what cannot run
         _persist_params(args, params)
         status = dvcops.graph_status()
         if stages and len(stages) == 1:  # `stage NAME` runs NAME alone (DVC's --single-item)
@@ -364,6 +368,7 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
                 print(f"nothing ran: every stage is up to date (Prefect flow run "
                       f"{records[0]['prefect_flow_run']})", file=sys.stderr)
                 return 0
+        preflight.check_environment(params, stages)  # something will run
         from latentforge import prefectserver, tracking
 
         procs.start_guard()

@@ -46,7 +46,12 @@ MAX_WIDTH = 8192  # channels, feature and token dimensions
 MAX_TOKENS = 65_536  # patches per image (a 256 x 256 grid), and latent tokens K
 MAX_CODEBOOK = 65_536  # vq entries: code perturbation (pFD) builds a V x V matrix, 16 GiB here
 MAX_FSQ_VOCAB = 2**24  # prod(fsq_levels): code-usage statistics keep one counter per code
-REMOTE_SCHEMES = ("s3", "http", "https")  # the DVC remote plugins installed (dvc-s3, dvc-http)
+# DVC's remote kinds by URL scheme, and the plugin each needs (pip install dvc-gs, ...);
+# latentforge/preflight.py checks that the one a run pushes to is installed.
+DVC_REMOTE_PLUGINS = {"s3": "dvc_s3", "gs": "dvc_gs", "azure": "dvc_azure", "ssh": "dvc_ssh",
+                      "http": "dvc_http", "https": "dvc_http", "webdav": "dvc_webdav",
+                      "webdavs": "dvc_webdav", "hdfs": "dvc_hdfs", "webhdfs": "dvc_webhdfs",
+                      "oss": "dvc_oss", "gdrive": "dvc_gdrive"}
 MAX_TOKEN_VOCAB = 65536  # models/token_generator.py's MAX_VOCAB: maskgit/ar output classes
 MAX_BINARY_BITS = 30  # binary token_dim: codes are 2^token_dim bit patterns, cached as int32
 BINARY_ENTROPY_WEIGHT = 0.1  # tokenizer.entropy_weight null with quantizer binary (LFQ collapses without)
@@ -614,10 +619,10 @@ class StorageConfig:
         scheme = self.remote.split("://", 1)[0] if self.remote and "://" in self.remote else ""
         if self.remote is not None and not self.remote.strip():
             raise ValueError("remote = '' is empty: write null for no remote")
-        if scheme and scheme not in REMOTE_SCHEMES:
-            raise ValueError(f"remote = {self.remote!r}: DVC here has no {scheme}:// remotes; "
-                             f"expected a local path or a URL starting "
-                             f"{' or '.join(s + '://' for s in REMOTE_SCHEMES)}")
+        if scheme and scheme not in DVC_REMOTE_PLUGINS:
+            raise ValueError(f"remote = {self.remote!r}: DVC has no {scheme}:// remotes; "
+                             f"expected a local path or a URL starting one of "
+                             f"{', '.join(s + '://' for s in DVC_REMOTE_PLUGINS)}")
 
 
 @dataclass(kw_only=True)

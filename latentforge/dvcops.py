@@ -72,18 +72,19 @@ def status_known() -> bool:
     return bool(_known)
 
 
-def check_source(params: Any) -> None:
+def check_source(params: Any, prepare_runs: bool = True) -> None:
     """dvc.yaml names prepare.path as the prepare stage's input, so DVC's status opens an
     s3:// one with DVC's own S3 client: no time limits (a silent endpoint hangs it), and no
     credentials end in a botocore traceback. Look first through latentforge.storage, bounded
     by storage.* and naming the AWS settings it found. Only failures to look stop the run: a
     missing key or bucket is DVC's to report (a deleted input) and the prepare stage's to
-    refuse, not a reason to refuse the other stages."""
+    refuse, not a reason to refuse the other stages (`prepare_runs`: whether prepare is among
+    the stages of this run)."""
     from latentforge.errors import DataError
 
     path = params.prepare.path
     if not storage.is_url(path):
-        check_local_source(path, params.prepare.source)
+        check_local_source(path, params.prepare.source, prepare_runs)
         return
     if not storage.is_s3(path):
         return
@@ -101,10 +102,11 @@ def check_source(params: Any) -> None:
 PROJECT_FILES = ("dvc.yaml", "dvc.lock", "params.yaml", ".dvc", ".dvcignore", ".git")
 
 
-def check_local_source(path: str, source: str) -> None:
+def check_local_source(path: str, source: str, prepare_runs: bool = True) -> None:
     """A ConfigError naming prepare.path where DVC could not take it as the prepare stage's
     input: the project folder or one above it, a DVC or project file, a stage's output (or a
-    folder holding one), or, for the embedded sources (which never read it), a missing path."""
+    folder holding one), or, for the embedded sources (which never read it) when prepare runs,
+    a missing path."""
     from latentforge.paths import STAGES
 
     root, target = Path.cwd().resolve(), Path(path).resolve()
@@ -127,7 +129,7 @@ def check_local_source(path: str, source: str) -> None:
         raise ConfigError(f"prepare.path = {path!r} is {why}: DVC takes prepare.path as the "
                           "prepare stage's input, so it must be the source data (or data/source, "
                           "the default, for the embedded sources)")
-    if source in ("digits", "shapes") and not target.exists():
+    if prepare_runs and source in ("digits", "shapes") and not target.exists():
         raise ConfigError(f"prepare.path = {path!r}: no such file or folder; the {source} source "
                           "does not read it, but DVC takes it as the prepare stage's input: keep "
                           "data/source (the default)")

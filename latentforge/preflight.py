@@ -1,63 +1,83 @@
-"""What a run checks before its first stage, and before params.yaml records its parameters:
-things that the schema cannot know (they depend on this machine, the project folder or the
-user's files) but that would otherwise fail a stage minutes in, or break DVC for every later
-run. Each failure is a ConfigError (exit 2) naming the key."""
+"""What a run checks before its first stage: things the schema cannot know (they depend on
+this machine, the project folder or the user's files) that would otherwise fail a stage
+minutes in, or break DVC for every later run.
+
+`check_params` runs before params.yaml records the run's parameters (a path DVC cannot take
+would stay there and break `dvc status` for every later run); `check_environment` runs once
+the run knows it will execute something (an up-to-date pipeline answers without it). A
+ConfigError (exit 2) names the key; a server that does not answer is exit 1.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 from latentforge import dvcops
-from latentforge.config import ComputeConfig, Params
+from latentforge.config import DVC_REMOTE_PLUGINS, Params
 from latentforge.errors import ConfigError
 
+_within_pipeline = 0  # > 0 while a pipeline flow that checked runs its stage subflows
 
-def check_run(params: Params, stages: list[str] | None) -> None:
-    """Everything below, for a run of `stages` (None: every stage)."""
-    dvcops.check_source(params)
-    check_local_gpu(params.compute)
-    check_stage_inputs(params, stages)
+
+def runs(stage: str, stages: list[str] | None) -> bool:
+    return stages is None or stage in stages
+
+
+def check_params(params: Params, stages: list[str] | None) -> None:
+    """What the parameters name outside the schema: the source path (and an s3:// source's
+    endpoint, within storage.*'s limits), the DVC remote's plugin, the Inception weights file
+    and user reward modules, for a run of `stages` (None: every stage)."""
+    dvcops.check_source(params, prepare_runs=runs("prepare", stages))
+    remote = params.storage.remote
+    scheme = remote.split("://", 1)[0] if remote and "://" in remote else ""
+    if scheme and importlib.util.find_spec(DVC_REMOTE_PLUGINS[scheme]) is None:
+        raise ConfigError(f"storage.remote = {remote!r}: DVC's {scheme}:// remotes need "
+                          f"`pip install {DVC_REMOTE_PLUGINS[scheme].replace('_', '-')}`")
+    if runs("evaluate", stages):
+        check_inception_weights(params.evaluate.inception_weights)
+    if runs("rl", stages):
+        from latentforge import rewards
+
+        rewards.check_names(params.rl.rewards, Path.cwd())
+
+
+def check_environment(params: Params, stages: list[str] | None) -> None:
+    """This machine and the services the run writes to: the GPU `compute.use_gpu` asks for
+    where no Ray cluster gives it (for any stage but prepare) and the MLflow tracking server."""
+    compute = params.compute
+    if compute.use_gpu and compute.ray_address is None and \
+            (stages is None or set(stages) - {"prepare"}):
+        from latentforge.training import local_device
+
+        local_device(compute)
     if params.tracking.enabled:
         from latentforge import tracking
 
         tracking.check_server(tracking.tracking_uri())
-        check_artifact_store(params)
 
 
-def check_artifact_store(params: Params) -> None:
-    """An s3:// tracking.artifact_location must answer within storage.*'s limits: MLflow's own
-    S3 client waits at botocore's defaults (60 s per attempt) and fails with a traceback after
-    the first stage did its work."""
-    from latentforge import storage
-
-    location = params.tracking.artifact_location
-    if location is None or not storage.is_s3(location):
-        return
-    storage.configure(params.storage)
-    storage.exists(location)
-
-
-def check_local_gpu(compute: ComputeConfig) -> None:
-    """compute.use_gpu for work in this machine's processes (no Ray cluster): the GPU must be
-    here, known before any stage runs rather than when the first training stage starts."""
-    if compute.use_gpu and compute.ray_address is None:
-        from latentforge.training import local_device
-
-        local_device(compute)
-
-
-def check_stage_inputs(params: Params, stages: list[str] | None) -> None:
-    """What the later stages of this run read from the user's own files, looked at before
-    the first stage: a mistyped path or reward module failed only when rl or evaluate began."""
-    from latentforge import rewards
-
-    def runs(stage: str) -> bool:
-        return stages is None or stage in stages
-
-    weights = params.evaluate.inception_weights
-    if runs("evaluate") and weights and not Path(weights).is_file():
+def check_inception_weights(weights: str | None) -> None:
+    """evaluate.inception_weights names a local file or is null (weights are never
+    downloaded); the evaluate stage asks again when it starts."""
+    if weights and not Path(weights).is_file():
         raise ConfigError(f"evaluate.inception_weights = {weights!r}: no such local file "
                           "(Inception weights are never downloaded); set it to null for "
                           "FD-judge only")
-    if runs("rl"):
-        rewards.check_names(params.rl.rewards, Path.cwd())
+
+
+@contextlib.contextmanager
+def pipeline_checked() -> Iterator[None]:
+    """While a pipeline flow that ran the checks runs its stage subflows: they skip them."""
+    global _within_pipeline
+    _within_pipeline += 1
+    try:
+        yield
+    finally:
+        _within_pipeline -= 1
+
+
+def checked_by_pipeline() -> bool:
+    return _within_pipeline > 0

@@ -36,7 +36,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from types import FrameType
 from typing import IO, Any
@@ -421,11 +421,13 @@ def _guard_cleanup(groups: set[int], pids: set[int], mlflow_targets: set[tuple[s
                   file=sys.stderr)
 
 
-def end_stage_runs(stage: str, invocation: str) -> int:
+def end_stage_runs(stage: str, invocation: str,
+                   targets: Iterable[tuple[str, str]] = ()) -> int:
     """After `stage`'s process died without ending its MLflow run (SIGKILL, the out-of-memory
-    killer): end FAILED its runs of `invocation` still RUNNING. Returns how many it ended."""
+    killer): end FAILED its runs of `invocation` still RUNNING, in `targets` ((tracking URI,
+    experiment) pairs) and those this process watches. Returns how many it ended."""
     ended = 0
-    for uri, experiment in sorted(_mlflow_targets):
+    for uri, experiment in sorted({*targets, *_mlflow_targets}):
         try:
             ended += _end_mlflow_runs(uri, experiment, invocation, "FAILED", stage)
         except Exception:  # reported, never in the way of the stage's own error

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentforge import flow, metrics, paths, storage
+from latentforge import flow, metrics, paths, preflight, storage
 from latentforge.config import ComputeConfig, EvaluateConfig, Params
 from latentforge.data import MANIFEST, Prepared, load_prepared
 from latentforge.errors import DataError
@@ -863,10 +863,7 @@ def run(params: Params, report_dir: str | Path = paths.REPORT,
     used where it post-trained a decoder) to the folder `decoder` beside `tokenizer_dir`."""
     cfg: EvaluateConfig = params.evaluate
     tracker = tracker or Tracker()
-    if cfg.inception_weights and not Path(cfg.inception_weights).is_file():
-        raise DataError(f"evaluate.inception_weights: {cfg.inception_weights} is not a local "
-                        "file (Inception weights are never downloaded); set it to null for "
-                        "FD-judge only")
+    preflight.check_inception_weights(cfg.inception_weights)  # as the run checked it
     evaluator_dir = Path(evaluator_dir) if evaluator_dir else Path(judge_dir).parent / "evaluator"
     inputs = load_inputs({"prepared": Path(prepared_dir), "judge": Path(judge_dir),
                           "evaluator": evaluator_dir,

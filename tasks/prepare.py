@@ -46,7 +46,8 @@ def select_and_split(labels: np.ndarray, cfg: PrepareConfig, given: np.ndarray |
     if cfg.max_images is not None and cfg.max_images < len(keep):
         keep = np.sort(rng.permutation(len(keep))[: cfg.max_images])
     if cfg.split == "given":
-        assert given is not None, "prepare.split given needs the source's roles"
+        if given is None:
+            raise ValueError("prepare.split is 'given': pass each image's role (given_roles)")
         return {s: keep[given[keep] == s] for s in SPLITS}
     train, val = [], []
     for cls in np.unique(labels[keep]):

@@ -147,7 +147,7 @@ def test_token_generators_train_fine_tune_and_evaluate(tmp_path, monkeypatch, ca
                         judge_dir=d["judge"], prepared_dir=d["prepared"],
                         plot_file=tmp_path / f"{kind}_reward.csv",
                         evaluator_dir=tmp_path / "evaluator")
-        assert tuning.metrics["updates"] == 3 and tuning.metrics["final_kl"] >= 0
+        assert tuning.metrics["updates"] == 3 and tuning.metrics["final_kl"] >= -1e-6
         rl_meta = json.loads((tuned / "generator.json").read_text())
         assert rl_meta["kind"] == kind and rl_meta["rl"]["params"]["token_kl_beta"] > 0
         ev = evaluate.run(params, report_dir=tmp_path / f"{kind}_report",

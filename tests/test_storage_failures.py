@@ -293,32 +293,6 @@ def test_the_source_check_stops_only_on_failures_to_look(s3_bucket):
         dvcops.check_source(build_params({"prepare": {"source": "folder", "path": path}}))
 
 
-def test_an_s3_artifact_location_that_does_not_answer_stops_the_run_before_it_starts(
-        monkeypatch):
-    """MLflow's own S3 client waited at botocore's defaults and failed with a 166-line
-    traceback after the first stage had done its work."""
-    import s3fs
-
-    from latentforge import preflight
-    from latentforge.config import build_params
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "refused-key-id")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    s3fs.S3FileSystem.clear_instance_cache()
-    params = build_params({"tracking": {"artifact_location": "s3://bkt/mlflow"},
-                           "storage": {"connect_timeout": 1, "read_timeout": 1, "retries": 1}})
-    try:
-        with pytest.raises(DataError, match=r"s3://bkt/mlflow: .*AWS_ENDPOINT_URL"):
-            preflight.check_artifact_store(params)
-    finally:
-        storage.configure(StorageConfig())
-        s3fs.S3FileSystem.clear_instance_cache()
-
-
 def test_an_s3_artifact_upload_failing_mid_run_is_one_line(monkeypatch, tmp_path):
     from latentforge import tracking
     from latentforge.config import TrackingConfig
