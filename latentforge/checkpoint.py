@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from latentforge.errors import DataError
-from latentforge.storage import write_bytes_atomic
+from latentforge.storage import naming, write_bytes_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -103,10 +103,9 @@ def _write_file_synced(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        if exc.filename is None and exc.errno is not None:
-            # A write or fsync error (a full disk) names no file: name the one being written.
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
+        if naming(exc, path) is exc:
+            raise
+        raise naming(exc, path) from exc
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> str:

@@ -283,11 +283,18 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-            # A write or fsync error (a full disk) names no file: name the one being written.
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        if isinstance(exc, OSError) and naming(exc, path) is not exc:
+            raise naming(exc, path) from exc
         raise
     return sha256_bytes(data)
+
+
+def naming(exc: OSError, path: str | os.PathLike[str]) -> OSError:
+    """`exc`, or where it names no file (a write or fsync error: a full disk), the same error
+    naming `path`, the file being written."""
+    if exc.filename is None and exc.errno is not None:
+        return OSError(exc.errno, exc.strerror, str(path))
+    return exc
 
 
 def read_json_dict(path: str | os.PathLike[str]) -> dict[str, Any]:

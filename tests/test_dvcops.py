@@ -114,10 +114,9 @@ def test_a_remote_dvc_refuses_is_one_line_with_dvcs_reason(tmp_path):
 
 
 def test_a_remote_of_a_kind_dvc_here_cannot_use_is_refused_when_params_load():
+    from latentforge import preflight
     from latentforge.config import build_params
     from latentforge.errors import ConfigError
-
-    from latentforge import preflight
 
     with pytest.raises(ConfigError, match=r"storage: remote = 'foo://bar': DVC has no foo:// "
                                           r"remotes; expected a local path or a URL starting "
