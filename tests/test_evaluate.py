@@ -14,7 +14,7 @@ import pytest
 
 from latentforge import intervals
 from latentforge.config import build_params, load_params
-from latentforge.errors import DataError
+from latentforge.errors import ConfigError, DataError
 from latentforge.tasks import cache, evaluate, generator, judge, prepare, rl, tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -226,7 +226,7 @@ def test_missing_inputs_fail_with_the_path(inputs, tmp_path):
     with pytest.raises(DataError, match=re.escape(str(empty / "judge.json"))):
         run_evaluate(inputs, tmp_path / "evaluate", judge_dir=empty)
     params = tiny(evaluate={"inception_weights": str(tmp_path / "nowhere.pth")})
-    with pytest.raises(DataError, match="nowhere.pth"):
+    with pytest.raises(ConfigError, match="nowhere.pth': no such local file"):
         run_evaluate(inputs, tmp_path / "evaluate", params)
     assert not (tmp_path / "evaluate").exists()  # nothing half-written
 

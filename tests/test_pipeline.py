@@ -225,6 +225,9 @@ def test_failed_stage_exits_nonzero_and_keeps_previous_output(make_project, pref
     assert (root / "dvc.lock").read_text() == lock
 
 
+# slow (~80 s): the default run stays under 15 min; CI runs it in test-infra, beside
+# test_s3_end_to_end.py's team workflow on the same S3 server.
+@pytest.mark.slow
 def test_s3_source_mlflow_artifacts_and_dvc_remote(make_project, prefect_harness, s3_bucket):
     from PIL import Image
 
