@@ -148,8 +148,13 @@ def check_capacity(compute: ComputeConfig) -> None:
         raise ConfigError(f"{short}: the workers would wait for it forever; lower "
                           "compute.num_workers or compute.cpus_per_worker" +
                           (", or set compute.use_gpu false" if compute.use_gpu else ""))
-    log.warning("%s: Ray waits until the cluster has room (an autoscaling cluster adds nodes); "
-                "if it cannot, stop the run and lower compute.num_workers", short)
+    if short not in _warned:  # init_ray runs several times a stage: said once
+        _warned.add(short)
+        log.warning("%s: Ray waits until the cluster has room (an autoscaling cluster adds "
+                    "nodes); if it cannot, stop the run and lower compute.num_workers", short)
+
+
+_warned: set[str] = set()
 
 
 @contextlib.contextmanager

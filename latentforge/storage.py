@@ -182,7 +182,7 @@ def _aws_settings() -> str:
 
 
 @contextlib.contextmanager
-def _storage_errors(url: str) -> Iterator[None]:
+def storage_errors(url: str) -> Iterator[None]:
     """Raise a failure of the S3 calls inside as one DataError line naming `url`; other
     URLs' errors pass through as their fsspec backend raised them."""
     try:
@@ -192,9 +192,6 @@ def _storage_errors(url: str) -> Iterator[None]:
         if problem is None:
             raise
         raise DataError(f"{url}: {problem}; {_aws_settings()}") from exc
-
-
-storage_errors = _storage_errors  # for other clients of the same stores (MLflow's artifacts)
 
 
 def join(base: str | os.PathLike[str], *parts: str) -> str:
@@ -222,7 +219,7 @@ def open_binary(path: str | os.PathLike[str]) -> Iterator[Any]:
     if is_url(path):
         fs, fs_path = filesystem(str(path))
         # Only this module's own readers use the file, so what fails inside is a read.
-        with _storage_errors(str(path)), fs.open(fs_path, "rb") as f:
+        with storage_errors(str(path)), fs.open(fs_path, "rb") as f:
             yield f
     else:
         with open(path, "rb") as f:
@@ -241,7 +238,7 @@ def exists(path: str | os.PathLike[str]) -> bool:
         return Path(path).exists()
     fs, fs_path = filesystem(str(path))
     # Not fs.exists: for a bare bucket s3fs answers False to any failure, a timeout included.
-    with _storage_errors(str(path)):
+    with storage_errors(str(path)):
         try:
             fs.info(fs_path)
         except FileNotFoundError as exc:
@@ -259,7 +256,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> str:
     """
     if is_url(path):
         fs, fs_path = filesystem(str(path))
-        with _storage_errors(str(path)), fs.open(fs_path, "wb") as f:
+        with storage_errors(str(path)), fs.open(fs_path, "wb") as f:
             f.write(data)
         return sha256_bytes(data)
     path = Path(path)
@@ -323,7 +320,7 @@ def process_umask() -> int:
 def upload_file(local: str | os.PathLike[str], url: str) -> None:
     """Copy a local file to a URL (S3 makes it visible only once the upload completes)."""
     fs, fs_path = filesystem(url)
-    with _storage_errors(url):
+    with storage_errors(url):
         fs.put_file(str(local), fs_path)
 
 
@@ -332,7 +329,7 @@ def list_files(path: str | os.PathLike[str]) -> list[str]:
     if is_url(path):
         fs, fs_path = filesystem(str(path))
         protocol = str(path).split("://", 1)[0]
-        with _storage_errors(str(path)):
+        with storage_errors(str(path)):
             found = fs.find(fs_path)
         return sorted(f"{protocol}://{p}" for p in found)
     return sorted(str(p) for p in _walk_files(Path(path)))
