@@ -466,7 +466,7 @@ def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
     from safetensors import SafetensorError
 
     from latentforge.errors import DataError
-    from latentforge.storage import sha256_file
+    from latentforge.storage import parse_record, sha256_file
 
     path = Path(path)
     meta_path, weights_path = path / meta_name, path / MODEL_FILE
@@ -481,9 +481,11 @@ def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
                             f"one){missing_hint}")
         raise DataError(f"{meta_path}: no {what} here; run the {what} stage first{missing_hint}")
     try:
-        meta = json.loads(meta_path.read_text())
+        text = meta_path.read_text()
+        meta = parse_record(text, meta_path, rerun)
         if isinstance(meta, dict) and "rl" in meta:  # a fine-tuned generator (rl writes it)
             rerun = "run the rl stage to write it again"
+            meta = parse_record(text, meta_path, rerun)  # its missing keys say so too
         model = build(meta["model"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{meta_path}: not a {what} description this version can read "

@@ -11,7 +11,6 @@ Layout of a prepared folder:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +85,7 @@ def load_array(path: Path, rerun: str) -> np.ndarray:
 def read_manifest(path: Path, raw: bytes, rerun: str) -> dict[str, Any]:
     """A manifest.json's content; a garbled one is a DataError naming it."""
     try:
-        manifest = json.loads(raw)
+        manifest = storage.parse_record(raw, path, rerun)
     except ValueError as exc:
         raise DataError(f"{path}: garbled ({exc}); {rerun}") from None
     if not isinstance(manifest, dict):

@@ -294,6 +294,27 @@ def naming(exc: OSError, path: str | os.PathLike[str]) -> OSError:
     return exc
 
 
+class StageRecord(dict[str, Any]):
+    """A JSON object a stage wrote (a manifest, a model's meta): reading a key it lacks (a
+    hand edit, a file of another version) is a DataError naming the file, the key and how to
+    write the file again, not a KeyError traceback. `.get` and `in` work as for any dict."""
+
+    def __init__(self, items: Any = (), source: str = "a stage's JSON file",
+                 rerun: str = "rerun the stage that writes it") -> None:
+        super().__init__(items)
+        self.source, self.rerun = source, rerun
+
+    def __missing__(self, key: str) -> Any:
+        raise DataError(f"{self.source}: has no {key!r} (edited by hand, or written by another "
+                        f"version); {self.rerun}")
+
+
+def parse_record(text: str | bytes, source: str | os.PathLike[str], rerun: str) -> Any:
+    """`text` parsed as JSON with every object a StageRecord of `source` (ValueError where it
+    is not JSON)."""
+    return json.loads(text, object_hook=lambda items: StageRecord(items, str(source), rerun))
+
+
 def read_json_dict(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A local JSON object that is only bookkeeping (a cache, a record): {} where the file is
     missing, damaged or holds something else, and the caller computes it anew."""

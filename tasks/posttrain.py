@@ -99,7 +99,8 @@ def read_meta(decoder_dir: str | Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return cast(dict[str, Any], json.loads(path.read_text()))
+        return cast(dict[str, Any], storage.parse_record(path.read_text(), path,
+                                                         "rerun the posttrain stage"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable ({exc}); rerun the posttrain stage") from None
 

@@ -156,6 +156,12 @@ def test_the_stages_refuse_data_changed_in_place(tiny_root, tmp_path, monkeypatc
     MLflow recorded the manifest's digest as the data: every stage now checks what it reads."""
     prepared = tmp_path / "prepared"
     shutil.copytree(tiny_root / "prepared", prepared)
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    (prepared / "manifest.json").write_text(json.dumps({**manifest, "splits": {}}))
+    with pytest.raises(DataError, match=r"prepared/manifest\.json: has no 'train' .*rerun the "
+                                        r"prepare stage"):
+        load_prepared(prepared).split("train")
+    (prepared / "manifest.json").write_text(json.dumps(manifest))
     images = sorted(prepared.glob("train-*.images.npy"))[0]
     data = bytearray(images.read_bytes())
     data[-100:] = bytes(100)  # the header still parses, the file keeps its size

@@ -4,6 +4,7 @@ batching, the cache-key guard, the `latentforge sample` command, and 1D and 2D t
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,26 @@ def test_sample_command_writes_a_grid(chain, tmp_path, monkeypatch, capsys):
     assert main(["sample", "--class", "3", "--model", str(d["gen"]), "--tokenizer",
                  str(d["tok"]), "--out", str(tmp_path)]) == 2
     assert f"--out {tmp_path}: a folder; give a file name" in capsys.readouterr().err
+
+
+def test_sample_with_a_meta_key_missing_names_the_file_and_the_key(chain, tmp_path, monkeypatch,
+                                                                     capsys):
+    """A generator.json edited by hand (or of another version) that lacks a key the sampler
+    reads is one line naming the file and the key, not a KeyError traceback."""
+    d, _ = chain
+    monkeypatch.chdir(tmp_path)
+    gen = tmp_path / "edited"
+    shutil.copytree(d["gen"], gen)
+    meta = json.loads((gen / "generator.json").read_text())
+    del meta["class_names"]
+    (gen / "generator.json").write_text(json.dumps(meta))
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--class", "3", "--model", str(gen), "--tokenizer", str(d["tok"]),
+                 "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{gen / 'generator.json'}: has no 'class_names'" in err
+    assert "run the generator stage" in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_generator_on_a_2d_tokenizer(tmp_path, monkeypatch):
