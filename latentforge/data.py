@@ -26,6 +26,9 @@ SPLITS = ("train", "val")
 # recall take each image's 3 nearest neighbours (tasks/evaluate.py's MIN_VAL_IMAGES; a test
 # keeps the two equal). The prepare stage fails before writing anything below it.
 MIN_SPLIT_IMAGES = 4
+# The fewest classes: the judge is a classifier and the generators are class-conditional
+# (models/judge.py refuses fewer). The prepare stage fails before writing anything below it.
+MIN_CLASSES = 2
 
 
 def shard_names(split: str, index: int) -> tuple[str, str]:

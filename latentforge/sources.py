@@ -78,6 +78,7 @@ import logging
 import os
 import re
 import struct
+import unicodedata
 import zipfile
 import zlib
 from collections import Counter
@@ -148,8 +149,8 @@ class SourceData:
 # A source's own split parts by role (`prepare.split: given`), matched against a split
 # folder's name or a word of an IDX file's name (train-images..., t10k-images...).
 SPLIT_ROLES = {"train": frozenset({"train", "training"}),
-               "val": frozenset({"val", "valid", "validation"}),
-               "test": frozenset({"test", "testing", "t10k"})}
+               "val": frozenset({"val", "valid", "validation", "dev"}),
+               "test": frozenset({"test", "testing", "t10k", "holdout"})}
 
 
 def split_role(origin: str) -> str | None:
@@ -709,7 +710,9 @@ def _list_folder(root: str) -> FolderListing:
     listing = FolderListing([], {}, [], {}, sorted(tops) if split else [], [])
 
     def class_of(rel: PurePosixPath) -> str:
-        name = rel.parts[depth - 1]
+        # One spelling per class: macOS (and zips made there) store names decomposed (NFD),
+        # so val/café from one beside train/café from another would be two classes.
+        name = unicodedata.normalize("NFC", rel.parts[depth - 1])
         listing.others.setdefault(name, 0)
         folder = "/".join(rel.parts[:depth])
         if folder not in listing.class_dirs.setdefault(name, []):
@@ -752,9 +755,26 @@ def _folder_warnings(root: str, listing: FolderListing, split: str) -> list[str]
     if listing.nested:
         warnings.append(f"{len(listing.nested)} image file(s) sit in folders below their class "
                         f"folder and count in that class (e.g. {listing.nested[0]})")
+        shared = [] if listing.splits else _shared_subfolders(listing.nested)
+        if shared:
+            warnings.append(
+                f"the class folders {', '.join(sorted(listing.class_dirs))} hold the same "
+                f"sub-folders ({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}): if "
+                "they are a split, name them train/, val/ (or dev/) and test/ so that their "
+                "sub-folders become the classes")
     for w in warnings:
         log.warning("%s", w)
     return warnings
+
+
+def _shared_subfolders(nested: list[str]) -> list[str]:
+    """The sub-folder names that two or more class folders have in common (`train/cat/1.png`
+    and `dev/cat/2.png`: cat), from the images that sit below their class folder."""
+    owners: dict[str, set[str]] = {}
+    for rel in nested:
+        parts = PurePosixPath(rel).parts
+        owners.setdefault(parts[1], set()).add(parts[0])
+    return sorted(name for name, classes in owners.items() if len(classes) > 1)
 
 
 def _check_class_names(root: str, names: list[str]) -> None:

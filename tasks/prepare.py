@@ -12,6 +12,7 @@ val_fraction > 0). The warnings are logged and repeated in the stage summary.
 
 from __future__ import annotations
 
+import difflib
 import io
 import json
 import logging
@@ -22,7 +23,7 @@ import numpy as np
 
 from latentforge import paths, storage
 from latentforge.config import Params, PrepareConfig
-from latentforge.data import MANIFEST, MIN_SPLIT_IMAGES, SPLITS, shard_names
+from latentforge.data import MANIFEST, MIN_CLASSES, MIN_SPLIT_IMAGES, SPLITS, shard_names
 from latentforge.errors import DataError
 from latentforge.images import make_grid, save_png
 from latentforge.runner import StageResult
@@ -117,7 +118,8 @@ def build_manifest(cfg: PrepareConfig, data: SourceData, split_idx: dict[str, np
 
 def split_warnings(labels: np.ndarray, class_names: list[str], split_idx: dict[str, np.ndarray],
                    cfg: PrepareConfig) -> list[str]:
-    """A warning per class with no train images, or no val images when val_fraction > 0."""
+    """A warning per class in neither split, or with no val images when val_fraction > 0
+    (one with val images and no train images is refused: check_classes_in_train)."""
     k = len(class_names)
     total = np.bincount(labels, minlength=k)
     n = {s: np.bincount(labels[split_idx[s]], minlength=k) for s in SPLITS}
@@ -132,8 +134,6 @@ def split_warnings(labels: np.ndarray, class_names: list[str], split_idx: dict[s
         elif train + val == 0:
             warnings.append(f"class '{name}': max_images={cfg.max_images} kept none of its "
                             f"{int(total[i])} image(s), so it is in neither split")
-        elif train == 0:
-            warnings.append(f"class '{name}' has no train images ({val} in val)")
         elif val == 0 and cfg.val_fraction > 0:
             warnings.append(f"class '{name}' has no val images ({train} in train)")
     return warnings
@@ -205,11 +205,12 @@ def summary_lines(data: SourceData, warnings: list[str]) -> list[str]:
     return lines
 
 
-def check_split_sizes(split_idx: dict[str, np.ndarray], cfg: PrepareConfig, minimum: int
-                      ) -> None:
+def check_split_sizes(split_idx: dict[str, np.ndarray], cfg: PrepareConfig, minimum: int,
+                      available: int) -> None:
     """A DataError naming prepare.val_fraction (or the source's size) where a split would
     hold fewer than `minimum` images: the stages after prepare would fail on it minutes
-    later (the tokenizer's FD needs 2 val images, evaluate's precision/recall 4)."""
+    later (the tokenizer's FD needs 2 val images, evaluate's precision/recall 4).
+    `available`: the images the source gave, of which prepare.max_images may keep fewer."""
     counts = {s: len(split_idx[s]) for s in SPLITS}
     short = [s for s in SPLITS if counts[s] < minimum]
     if short:
@@ -219,7 +220,7 @@ def check_split_sizes(split_idx: dict[str, np.ndarray], cfg: PrepareConfig, mini
                        if cfg.split == "given" else
                        (f"prepare.val_fraction {cfg.val_fraction}",
                         _split_advice(short, sum(counts.values()) >= 2 * minimum,
-                                      cfg.max_images)))
+                                      cfg.max_images is not None and cfg.max_images < available)))
         raise DataError(
             f"{where}: the {' and '.join(short)} split would hold "
             f"{' and '.join(str(counts[s]) for s in short)} image(s) ({counts['train']} train "
@@ -227,27 +228,72 @@ def check_split_sizes(split_idx: dict[str, np.ndarray], cfg: PrepareConfig, mini
             f"need at least {minimum} in each: {advice}")
 
 
-def _split_advice(short: list[str], enough: bool, max_images: int | None) -> str:
+def _split_advice(short: list[str], enough: bool, held_back: bool) -> str:
     """What to change: the split fraction where the images would do for both splits, more
-    images where not (and prepare.max_images first where it holds them back)."""
-    more = "raise prepare.max_images" if max_images is not None else "give more images"
+    images where not (and prepare.max_images first where it holds some back)."""
+    more = "raise prepare.max_images" if held_back else "give more images"
     if not enough:
         return more
     fraction = "raise" if short == ["val"] else "lower"
-    return f"{fraction} prepare.val_fraction" + (f" or {more}" if max_images is not None else "")
+    return f"{fraction} prepare.val_fraction" + (f" or {more}" if held_back else "")
+
+
+def check_class_count(class_names: list[str], cfg: PrepareConfig, minimum: int) -> None:
+    """A DataError before anything is written where the data has fewer than `minimum` classes
+    (the pipeline's stage asks for MIN_CLASSES: the judge is a classifier and the generators
+    are class-conditional; a one-class folder used to fail the judge with a traceback)."""
+    if len(class_names) < minimum:
+        where = cfg.source if cfg.source in EMBEDDED else cfg.path
+        named = f" ({class_names[0]!r})" if len(class_names) == 1 else ""
+        raise DataError(f"{where}: {len(class_names)} class{named} of images; the judge and the "
+                        f"class-conditional generators need at least {minimum} (the folder "
+                        "source: one sub-folder of images per class)")
+
+
+def check_classes_in_train(labels: np.ndarray, class_names: list[str],
+                           split_idx: dict[str, np.ndarray], cfg: PrepareConfig) -> None:
+    """A DataError before anything is written where val has a class that train lacks (a split
+    folder's class that train/ lacks, often the same class spelt otherwise: `val/Cat` beside
+    `train/cat`): no stage could learn it, and every later one would grade it. A class in
+    neither split (max_images kept none of it) is a warning: split_warnings."""
+    in_train = np.bincount(labels[split_idx["train"]], minlength=len(class_names))
+    in_val = np.bincount(labels[split_idx["val"]], minlength=len(class_names))
+    missing = [i for i in range(len(class_names)) if in_train[i] == 0 and in_val[i] > 0]
+    if not missing:
+        return
+    trained = [c for i, c in enumerate(class_names) if in_train[i] > 0]
+    lines = []
+    for i in missing:
+        name = class_names[i]
+        alike = [c for c in trained if c.casefold() == name.casefold()] or \
+            difflib.get_close_matches(name, trained, n=1)
+        lines.append(f"'{name}' ({int(in_val[i])} in val"
+                     + (f"; train has '{alike[0]}'" if alike else "") + ")")
+    how = ("name each class folder the same in every split folder, or remove the ones train/ "
+           "lacks" if cfg.split == "given" else
+           "give those classes more images" + (
+               ", raise prepare.max_images" if cfg.max_images is not None else "") +
+           " or lower prepare.val_fraction")
+    where = cfg.source if cfg.source in EMBEDDED else cfg.path
+    raise DataError(f"{where}: class(es) in val with no train images, which no stage could "
+                    f"learn: {', '.join(lines)}; {how}")
 
 
 def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
-        tracker: Tracker | None = None, min_split_images: int = 0) -> StageResult:
-    """Read, split and write the prepared data. `min_split_images`: fail (before writing)
-    where a split gets fewer (the pipeline's stage asks for MIN_SPLIT_IMAGES)."""
+        tracker: Tracker | None = None, min_split_images: int = 0, min_classes: int = 1
+        ) -> StageResult:
+    """Read, split and write the prepared data. `min_split_images`, `min_classes`: fail (before
+    writing) where a split gets fewer images or the data fewer classes (the pipeline's stage
+    asks for MIN_SPLIT_IMAGES and MIN_CLASSES)."""
     tracker = tracker or Tracker()
     log.info("prepare: reading %s source%s", cfg.source,
              "" if cfg.source in EMBEDDED else f" from {cfg.path}")
     data = read_source(cfg)
     given, unused = given_roles(data, cfg) if cfg.split == "given" else (None, [])
     split_idx = select_and_split(data.labels, cfg, given)
-    check_split_sizes(split_idx, cfg, min_split_images)
+    check_class_count(data.class_names, cfg, min_classes)
+    check_split_sizes(split_idx, cfg, min_split_images, len(data.labels))
+    check_classes_in_train(data.labels, data.class_names, split_idx, cfg)
     new_warnings = unused + split_warnings(data.labels, data.class_names, split_idx, cfg)
     for w in new_warnings:
         log.warning("prepare: %s", w)
@@ -293,4 +339,5 @@ def run(cfg: PrepareConfig, out_dir: str | Path = paths.PREPARED,
 
 
 def run_stage(params: Params, tracker: Tracker) -> StageResult:
-    return run(params.prepare, tracker=tracker, min_split_images=MIN_SPLIT_IMAGES)
+    return run(params.prepare, tracker=tracker, min_split_images=MIN_SPLIT_IMAGES,
+               min_classes=MIN_CLASSES)

@@ -572,12 +572,12 @@ def test_given_split_keeps_the_sources_own_train_and_val(tmp_path):
     assert pooled.metrics["train_images"] + pooled.metrics["val_images"] == 11
     # No val/: test/ is the val part (MNIST's t10k alike).
     only = tmp_path / "tt"
-    split_folder(only / "train", {"cat": 2}, 10)
-    split_folder(only / "testing", {"cat": 3}, 100)
+    split_folder(only / "train", {"cat": 2, "dog": 1}, 10)
+    split_folder(only / "testing", {"cat": 3, "dog": 1}, 100)
     prepare.run(cfg(source="folder", path=str(only), split="given"), out_dir=tmp_path / "tt_out")
     data = load_prepared(tmp_path / "tt_out")
     assert np.all(data.split("train")[0] == 10) and np.all(data.split("val")[0] == 100)
-    assert len(data.split("val")[0]) == 3
+    assert len(data.split("val")[0]) == 4
 
 
 def test_given_split_of_idx_files_is_train_and_t10k(tmp_path):
@@ -617,6 +617,64 @@ def test_given_split_where_there_is_none_is_refused_by_name(tmp_path):
         prepare.run(cfg(source="folder", path=str(small), split="given"), out_dir=out,
                     min_split_images=4)
     assert not out.exists()
+
+
+def test_classes_no_stage_could_learn_are_refused_before_anything_is_written(tmp_path):
+    """One class, or a class val has and train lacks (here `val/Cat` beside `train/cat`), used
+    to pass prepare and fail the judge with a traceback, or train on a class with no images."""
+    from latentforge.config import build_params
+    from latentforge.tracking import Tracker
+
+    out = tmp_path / "p"
+    one = tmp_path / "one"
+    split_folder(one, {"only": 6}, 10)
+    with pytest.raises(DataError, match=r"one: 1 class \('only'\) of images; the judge and the "
+                                        r"class-conditional generators need at least 2"):
+        prepare.run(cfg(source="folder", path=str(one)), out_dir=out, min_classes=2)
+    with pytest.raises(DataError, match=r"one: 1 class \('only'\) of images"):  # the stage's
+        prepare.run_stage(build_params({"prepare": {"source": "folder", "path": str(one)}}),
+                          Tracker())
+    twins = tmp_path / "twins"
+    split_folder(twins / "train", {"cat": 3, "dog": 3}, 10)
+    split_folder(twins / "val", {"Cat": 2, "dog": 2}, 200)
+    with pytest.raises(DataError) as err:
+        prepare.run(cfg(source="folder", path=str(twins), split="given"), out_dir=out)
+    assert str(err.value) == (f"{twins}: class(es) in val with no train images, which no stage "
+                              "could learn: 'Cat' (2 in val; train has 'cat'); name each class "
+                              "folder the same in every split folder, or remove the ones train/ "
+                              "lacks")
+    assert not out.exists()
+    # max_images above what the source holds: raising it cannot help, and the advice says so.
+    few = tmp_path / "few"
+    split_folder(few, {"a": 4, "b": 4}, 10)
+    with pytest.raises(DataError, match=r"the val split would hold 2 image\(s\) .*: raise "
+                                        r"prepare.val_fraction$"):
+        prepare.run(cfg(source="folder", path=str(few), val_fraction=0.1, max_images=400),
+                    out_dir=out, min_split_images=4)
+
+
+def test_class_names_are_one_spelling_and_dev_is_a_val_folder(tmp_path, caplog):
+    """macOS stores folder names decomposed (NFD): val/café from there is train's café; dev/ is
+    a val folder; split folders of other names are classes, with a warning that says so."""
+    import unicodedata
+
+    root = tmp_path / "nfd"
+    split_folder(root / "train", {unicodedata.normalize("NFC", "café"): 3, "dog": 3}, 10)
+    split_folder(root / "dev", {unicodedata.normalize("NFD", "café"): 2, "dog": 2}, 200)
+    out = tmp_path / "p"
+    prepare.run(cfg(source="folder", path=str(root), split="given"), out_dir=out)
+    data = load_prepared(out)
+    assert data.class_names == [unicodedata.normalize("NFC", "café"), "dog"]
+    assert [data.manifest["splits"][s]["count"] for s in ("train", "val")] == [6, 4]
+    other = tmp_path / "other"
+    split_folder(other / "fold1", {"a": 2, "b": 2}, 10)
+    split_folder(other / "fold2", {"a": 2, "b": 2}, 200)
+    with caplog.at_level(logging.WARNING):
+        prepare.run(cfg(source="folder", path=str(other)), out_dir=out)
+    assert load_prepared(out).class_names == ["fold1", "fold2"]
+    warnings = json.loads((out / "report.json").read_text())["warnings"]
+    assert ("the class folders fold1, fold2 hold the same sub-folders (a, b): if they are a "
+            "split, name them train/, val/ (or dev/) and test/") in " ".join(warnings)
 
 
 def test_images_below_a_class_folder_count_in_it_and_are_named(tmp_path):
