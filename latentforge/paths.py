@@ -13,6 +13,10 @@ from pathlib import Path
 
 DATA = Path("data")
 PREPARED = DATA / "prepared"
+# What the stages after prepare depend on: the manifest pins every shard by sha256 (each stage
+# checks them), so a rerun of prepare that leaves the data as it was (a new .DS_Store in the
+# source, another on_bad_image: only report.json differs) reruns nothing after it.
+PREPARED_MANIFEST = PREPARED / "manifest.json"
 CACHE = DATA / "cache"
 METRICS = Path("metrics")
 ARTIFACTS = Path("artifacts")
@@ -60,7 +64,7 @@ STAGES: dict[str, StageSpec] = {
     "judge": StageSpec(
         name="judge",
         code=("tasks/judge.py", "models/judge.py", "models/layers.py", "latentforge/training.py"),
-        deps=(str(PREPARED),),
+        deps=(str(PREPARED_MANIFEST),),
         params=("judge", "compute.precision"),  # bf16 changes the numbers
         outs=(str(JUDGE), str(EVALUATOR)),
         metrics=(str(metrics_file("judge")),),
@@ -69,7 +73,7 @@ STAGES: dict[str, StageSpec] = {
         name="tokenizer",
         code=("tasks/tokenizer.py", "models/tokenizer.py", "models/layers.py",
               "latentforge/training.py", "latentforge/figures.py"),
-        deps=(str(PREPARED), str(JUDGE)),
+        deps=(str(PREPARED_MANIFEST), str(JUDGE)),
         params=("tokenizer", "compute.precision"),  # bf16 changes the numbers
         outs=(str(TOKENIZER),),
         metrics=(str(metrics_file("tokenizer")),),
@@ -78,7 +82,7 @@ STAGES: dict[str, StageSpec] = {
     "cache": StageSpec(
         name="cache",
         code=("tasks/cache.py", "models/tokenizer.py", "models/layers.py"),
-        deps=(str(PREPARED), str(TOKENIZER)),
+        deps=(str(PREPARED_MANIFEST), str(TOKENIZER)),
         params=("cache",),
         outs=(str(CACHE),),
         metrics=(str(metrics_file("cache")),),
@@ -88,7 +92,7 @@ STAGES: dict[str, StageSpec] = {
         code=("tasks/generator.py", "models/generator.py", "models/token_generator.py",
               "models/layers.py", "latentforge/flow.py", "latentforge/tokens.py",
               "latentforge/training.py"),
-        deps=(str(CACHE), str(TOKENIZER), str(EVALUATOR), str(PREPARED)),
+        deps=(str(CACHE), str(TOKENIZER), str(EVALUATOR), str(PREPARED_MANIFEST)),
         params=("generator", "compute.precision"),  # bf16 changes the numbers
         outs=(str(GENERATOR),),
         metrics=(str(metrics_file("generator")),),
@@ -98,7 +102,7 @@ STAGES: dict[str, StageSpec] = {
         code=("tasks/posttrain.py", "models/tokenizer.py", "models/layers.py",
               "latentforge/flow.py", "latentforge/tokens.py", "latentforge/training.py",
               "latentforge/intervals.py"),
-        deps=(str(GENERATOR), str(TOKENIZER), str(EVALUATOR), str(PREPARED)),
+        deps=(str(GENERATOR), str(TOKENIZER), str(EVALUATOR), str(PREPARED_MANIFEST)),
         params=("posttrain", "generator.cfg_scale", "generator.sample_steps",
                 "generator.sampler", "compute.precision"),
         outs=(str(DECODER),),
@@ -109,7 +113,7 @@ STAGES: dict[str, StageSpec] = {
         code=("tasks/rl.py", "latentforge/rewards.py", "latentforge/flow.py",
               "latentforge/tokens.py", "tasks/posttrain.py"),
         deps=(str(GENERATOR), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(DECODER),
-              str(PREPARED)),
+              str(PREPARED_MANIFEST)),
         params=("rl", "generator.sample_steps", "generator.sampler"),
         outs=(str(RL),),
         metrics=(str(metrics_file("rl")),),
@@ -119,7 +123,7 @@ STAGES: dict[str, StageSpec] = {
         name="evaluate",
         code=("tasks/evaluate.py", "tasks/compare.py", "latentforge/intervals.py",
               "latentforge/figures.py", "tasks/posttrain.py"),
-        deps=(str(PREPARED), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(DECODER),
+        deps=(str(PREPARED_MANIFEST), str(JUDGE), str(EVALUATOR), str(TOKENIZER), str(DECODER),
               str(GENERATOR), str(RL),
               str(PLOTS / "rl_reward.csv")),
         params=("evaluate", "rl.rewards", "rl.cfg_scale", "generator.cfg_scale",

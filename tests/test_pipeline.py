@@ -195,6 +195,16 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
     assert protocol["decoder"]["sha256"] == decoder["sha256"]
     assert "didn't change" in dvc(a, "repro")
 
+    # A prepare rerun that leaves the data as it was (only report.json records the setting)
+    # reruns nothing after it: the later stages depend on the manifest, not the folder.
+    before = sha("data/prepared/manifest.json")
+    table = cli(a, "run", "-S", "prepare.on_bad_image=fail").stdout
+    assert re.search(r"prepare\s+ran", table) and sha("data/prepared/manifest.json") == before
+    assert json.loads((a / "data/prepared/report.json").read_text())["on_bad_image"] == "fail"
+    for name in list(paths.STAGES)[1:]:
+        assert re.search(rf"{name}\s+skipped", table), (name, table)
+    assert "didn't change" in dvc(a, "repro")
+
     # the `dvc repro` run in project b logged a top-level run
     (solo,) = runs(b, "tags.`latentforge.stage` = 'prepare'")
     assert "mlflow.parentRunId" not in solo.data.tags
