@@ -331,3 +331,18 @@ def test_stage_refuses_a_split_the_later_stages_cannot_measure_on(tmp_path):
     # The stage's entry point asks for the minimum.
     with pytest.raises(DataError, match="the val split would hold"):
         prepare.run_stage(build_params({"prepare": {"max_images": 10}}), Tracker())
+
+
+def test_grid_row_labels_keep_whole_class_names():
+    """Row labels used to be the names' first two characters: cat, car and cow read 'ca', 'ca'
+    and 'co'. They are whole now (accents drawn), and a long one is cut to a bounded width."""
+    from latentforge.images import MAX_LABEL_WIDTH, make_grid
+
+    rows = [np.zeros((2, 4, 4, 1), np.uint8)] * 3
+    grid = make_grid(rows, cell=16, pad=2, labels=["cat", "car", "cow"])
+    label_w = grid.shape[1] - (2 + 2 * 18)
+    labels = [grid[2 + r * 18: 2 + r * 18 + 16, :label_w] for r in range(3)]
+    assert not np.array_equal(labels[0], labels[1]) and not np.array_equal(labels[1], labels[2])
+    assert all(label.max() > 200 for label in labels)  # drawn, light on the dark background
+    long = make_grid(rows, cell=16, pad=2, labels=["x" * 200, "café", "✗"])
+    assert long.shape[1] - (2 + 2 * 18) <= MAX_LABEL_WIDTH + 8
