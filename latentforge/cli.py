@@ -396,6 +396,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if Path(args.out).is_dir():  # checked first: the error would name a temporary file
         raise ConfigError(f"--out {args.out}: a folder; give a file name, e.g. "
                           f"{Path(args.out) / 'samples.png'}")
+    if Path(args.out).suffix.lower() != ".png":  # a PNG named x.jpg fools every viewer
+        raise ConfigError(f"--out {args.out}: sample writes a PNG (lossless: the grid shows the "
+                          f"samples as decoded); name it {Path(args.out).with_suffix('.png')}")
     model = args.model or str(paths.GENERATOR)
     if "://" in model or model.startswith(("models:/", "runs:/")):
         import mlflow.pyfunc

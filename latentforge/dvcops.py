@@ -109,6 +109,9 @@ def check_local_source(path: str, source: str, prepare_runs: bool = True) -> Non
     a missing path."""
     from latentforge.paths import STAGES
 
+    if path.startswith("~"):  # no shell expands it in params.yaml or a -S value
+        raise ConfigError(f"prepare.path = {path!r}: '~' is not expanded (DVC and the stage "
+                          f"read the path as written); give {os.path.expanduser(path)!r}")
     root, target = Path.cwd().resolve(), Path(path).resolve()
     why = ""
     if target == root or target in root.parents:
@@ -133,6 +136,9 @@ def check_local_source(path: str, source: str, prepare_runs: bool = True) -> Non
         raise ConfigError(f"prepare.path = {path!r}: no such file or folder; the {source} source "
                           "does not read it, but DVC takes it as the prepare stage's input: keep "
                           "data/source (the default)")
+    if prepare_runs and not target.exists():  # DVC's own error names neither key nor source
+        raise ConfigError(f"prepare.path = {path!r}: no such file or folder (prepare.source "
+                          f"{source!r} reads it; a relative path starts at {root})")
 
 
 def graph_status(root: str | Path = ".") -> GraphStatus:
@@ -148,6 +154,12 @@ def graph_status(root: str | Path = ".") -> GraphStatus:
         raise
     except Exception as exc:
         log.debug("dvc status failed", exc_info=True)
+        broken = getattr(exc, "filename", None)
+        if isinstance(exc, FileNotFoundError) and broken and os.path.islink(broken):
+            raise LatentForgeError(f"{broken}: a symbolic link to {os.readlink(broken)}, which is "
+                                   "not there; DVC hashes every file under a stage's input "
+                                   "(prepare.path), so remove the link or restore its "
+                                   "target") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise LatentForgeError(f"dvc status of {Path(root).resolve()} failed: "
                                f"{type(exc).__name__}{': ' + first if first else ''} (`dvc "

@@ -113,6 +113,10 @@ def test_sample_command_writes_a_grid(chain, tmp_path, monkeypatch, capsys):
     assert main(["sample", "--class", "3", "--model", str(d["gen"]), "--tokenizer",
                  str(d["tok"]), "--out", str(tmp_path)]) == 2
     assert f"--out {tmp_path}: a folder; give a file name" in capsys.readouterr().err
+    assert main(["sample", "--class", "3", "--model", str(d["gen"]), "--tokenizer",
+                 str(d["tok"]), "--out", str(tmp_path / "grid.jpg")]) == 2
+    assert "sample writes a PNG (lossless" in capsys.readouterr().err
+    assert not (tmp_path / "grid.jpg").exists()
 
 
 def test_sample_with_a_meta_key_missing_names_the_file_and_the_key(chain, tmp_path, monkeypatch,

@@ -434,6 +434,8 @@ def test_store_errors_mid_run_are_recognised_and_others_are_not():
     ("artifacts", "is a folder that holds artifacts/judge, an output of the pipeline"),
     ("/nonexistent/dir", "prepare.path = '/nonexistent/dir': no such file or folder; the digits "
                          "source does not read it"),
+    ("~/images", "prepare.path = '~/images': '~' is not expanded (DVC and the stage read the "
+                 "path as written); give '"),
 ])
 def test_a_source_path_dvc_cannot_take_is_refused_before_params_yaml_changes(
         make_project, monkeypatch, capsys, value, why):
@@ -449,12 +451,42 @@ def test_a_source_path_dvc_cannot_take_is_refused_before_params_yaml_changes(
     err = capsys.readouterr().err
     assert why in err and "Traceback" not in err, err
     assert (root / "params.yaml").read_bytes() == params_before
-    # A real source folder is fine wherever it is (a missing one is the prepare stage's to
-    # report: a deleted input must not stop the stages after it).
+    # A real source folder is fine wherever it is; a missing one (a typo) is refused by key
+    # where prepare would run (DVC's own error named neither key nor source), and not where
+    # it would not: a deleted input must not stop the stages after it.
     from latentforge.dvcops import check_local_source
+    from latentforge.errors import ConfigError
 
     check_local_source("data/source", "digits")
+    (root.parent / "elsewhere").mkdir()
     check_local_source(str(root.parent / "elsewhere"), "folder")
+    with pytest.raises(ConfigError, match=r"prepare.path = '.*/nowhere': no such file or folder "
+                                          r"\(prepare.source 'folder' reads it"):
+        check_local_source(str(root.parent / "nowhere"), "folder")
+    check_local_source(str(root.parent / "nowhere"), "folder", prepare_runs=False)
+
+
+def test_a_broken_link_in_the_source_folder_is_one_line_naming_it(make_project, monkeypatch,
+                                                                    capsys, tmp_path):
+    """DVC hashes every file under prepare.path; a link whose target is gone failed its status
+    with a bare FileNotFoundError naming neither a link nor what to do."""
+    from PIL import Image
+
+    from latentforge.cli import main
+
+    source = tmp_path / "images"
+    for c in ("a", "b"):
+        (source / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (8, 8), i * 40).save(source / c / f"{i}.png")
+    (source / "a" / "link.png").symlink_to(tmp_path / "gone.png")
+    root = make_project(TINY)
+    monkeypatch.chdir(root)
+    assert main(["run", "-S", "prepare.source=folder", "-S", f"prepare.path={source}"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {source / 'a' / 'link.png'}: a symbolic link to {tmp_path / 'gone.png'}, " \
+        "which is not there" in err and "remove the link or restore its target" in err, err
+    assert "Traceback" not in err
 
 
 def test_use_gpu_without_a_gpu_here_is_refused_before_any_stage(make_project, monkeypatch,
