@@ -68,6 +68,9 @@ def test_dvc_yaml_agrees_with_declared_paths():
         assert declared["params"] == list(stage.params)
         assert [next(iter(o)) if isinstance(o, dict) else o for o in declared["outs"]] == list(stage.outs)
         assert [next(iter(m)) for m in declared["metrics"]] == list(stage.metrics)
+        # A failed stage keeps every previous output (DVC deletes the others before it runs)
+        for entry in (*declared["outs"], *declared["metrics"], *declared.get("plots", [])):
+            assert isinstance(entry, dict) and next(iter(entry.values()))["persist"], entry
         for code in stage.code:
             assert (REPO / code).is_file(), code
 
@@ -222,6 +225,7 @@ def test_failed_stage_exits_nonzero_and_keeps_previous_output(make_project, pref
     root = make_project(TINY)
     cli(root, "stage", "prepare")  # one stage through Prefect + DVC: a good previous output
     before = (root / "data/prepared/manifest.json").read_bytes()
+    metrics = (root / "metrics/prepare.json").read_bytes()
     lock = (root / "dvc.lock").read_text()
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x").mkdir()
@@ -233,6 +237,9 @@ def test_failed_stage_exits_nonzero_and_keeps_previous_output(make_project, pref
     assert "broken.png: empty file (0 bytes)" in err
     assert (root / "data/prepared/manifest.json").read_bytes() == before
     assert (root / "dvc.lock").read_text() == lock
+    # Its metrics too: DVC deleted every output not persisted before the command ran, so the
+    # stage read as changed (`dvc status`: deleted) even with the parameters put back.
+    assert (root / "metrics/prepare.json").read_bytes() == metrics
 
 
 # slow (~80 s): the default run stays under 15 min; CI runs it in test-infra, beside
