@@ -67,6 +67,15 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+def is_interrupt(exc: BaseException) -> bool:
+    """Ctrl-C or SIGTERM, however it arrived: our Interrupted (a KeyboardInterrupt), or the
+    TerminationSignal that Prefect's flow engine raises instead while a flow runs."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    signals = sys.modules.get("prefect.exceptions")  # loaded wherever a flow can run
+    return signals is not None and isinstance(exc, signals.ExternalSignal)
+
+
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signum)
 

@@ -451,12 +451,12 @@ def start_run(cfg: TrackingConfig, run_name: str, tags: Mapping[str, str],
                                parent_run_id=parent_run_id, tags=all_tags)
     try:
         yield MLflowTracker(run.info.run_id, experiment_id, root)
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (procs.Interrupted)
-        with procs.interrupts_deferred():
-            mlflow.end_run("KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as exc:
+        if procs.is_interrupt(exc):  # Ctrl-C or SIGTERM (inside a flow: Prefect's signal)
+            with procs.interrupts_deferred():
+                mlflow.end_run("KILLED")
+        else:
+            mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
 

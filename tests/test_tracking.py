@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import warnings
 
+import pytest
+
 from latentforge import tracking
 from latentforge.config import TrackingConfig
 
@@ -41,6 +43,29 @@ def test_disabled_tracking_yields_a_null_tracker(tmp_path):
     with tracking.start_run(TrackingConfig(enabled=False), "prepare", {}, root=tmp_path) as t:
         t.log_input("x", str(tmp_path), "00" * 32, context="prepare")
     assert type(t) is tracking.Tracker and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("raised, status", [
+    ("prefect", "KILLED"), ("ctrl-c", "KILLED"), ("error", "FAILED")])
+def test_a_run_ends_killed_on_an_interrupt_however_it_arrives(tmp_path, monkeypatch, raised,
+                                                               status):
+    """SIGTERM inside a flow arrives as Prefect's TerminationSignal, not our Interrupted: the
+    pipeline's parent run ended FAILED on a `kill` (a CI timeout read as a failed pipeline)."""
+    import signal
+
+    import mlflow
+    from prefect.exceptions import TerminationSignal
+
+    from latentforge import procs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    exc = {"prefect": TerminationSignal(signal.SIGTERM), "ctrl-c": procs.Interrupted(),
+           "error": RuntimeError("boom")}[raised]
+    with pytest.raises(type(exc)), \
+            tracking.start_run(TrackingConfig(), "pipeline", {}, root=tmp_path) as tracker:
+        raise exc
+    client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path))
+    assert client.get_run(tracker.run_id).info.status == status
 
 
 def test_log_model_registers_without_live_progress_bars(tmp_path, monkeypatch, capfd):
