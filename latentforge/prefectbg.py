@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import cast
 
 from latentforge.errors import LatentForgeError
 
@@ -267,41 +268,97 @@ def _start_lock() -> Iterator[None]:
 
 def start(port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S) -> ServerRecord:
     """Start the background server (or return the one already running) and wait for /health.
-    Raises ServerUnavailable when the recorded server is alive but not ours to use or stop."""
+    Raises ServerUnavailable when the recorded server is alive but not ours to use or stop.
+    A server that fails to start on a damaged database (a full disk, a crash mid-write) gets a
+    fresh one, the damaged file set aside beside it; only the UI's run history is lost."""
     with _start_lock():
         found = _reusable_or_cleared()
         if found is not None:
             return found
         port = _free_port(port)
-        home = prefect_home()
-        log_path = home / "latentforge-server.log"
-        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED":
-               os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
-        env.pop("PREFECT_API_URL", None)
-        with open(log_path, "ab") as out:
-            # Its own session: a terminal's Ctrl-C and the guard of the command that started it
-            # leave it alone; `latentforge server stop` ends its whole group.
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
-                 "--port", str(port)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                env=env, start_new_session=True, cwd=home)
-        record = ServerRecord(pid=proc.pid, port=port, prefect_version=prefect_version(),
-                              python=sys.executable, started=time.time(), log=str(log_path))
-        deadline = time.monotonic() + timeout
+        try:
+            return _launch(port, timeout)
+        except _DamagedDatabase as damaged:
+            aside = damaged.path.with_name(f"{damaged.path.name}.damaged-{int(time.time())}")
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    Path(f"{damaged.path}{suffix}").replace(f"{aside}{suffix}")
+            log.warning("the Prefect server's database %s is damaged (%s): set aside as %s, and "
+                        "the server starts on a new one (earlier flow runs are not in the UI)",
+                        damaged.path, damaged.reason, aside.name)
+            return _launch(port, timeout)
+
+
+class _DamagedDatabase(Exception):
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(reason)
+        self.path, self.reason = path, reason
+
+
+def default_database() -> Path | None:
+    """The server's SQLite file where no other database is configured, else None."""
+    if any(os.environ.get(f"PREFECT_{scope}_DATABASE_CONNECTION_URL")
+           for scope in ("API", "SERVER")):
+        return None
+    return prefect_home() / "prefect.db"
+
+
+def _damage(database: Path | None) -> str | None:
+    """SQLite's reason where `database` is damaged (not where it is merely missing)."""
+    import sqlite3
+
+    if database is None or not database.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            found = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return None if found == "ok" else str(found)
+
+
+def _launch(port: int, timeout: float) -> ServerRecord:
+    """Start `prefect server start` and wait for /health; the process is stopped again where
+    it does not get there (an error, the timeout, or Ctrl-C meanwhile: a server nobody
+    recorded must not keep running)."""
+    home = prefect_home()
+    log_path = home / "latentforge-server.log"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED":
+           os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
+    env.pop("PREFECT_API_URL", None)
+    with open(log_path, "ab") as out:
+        # Its own session: a terminal's Ctrl-C and the guard of the command that started it
+        # leave it alone; `latentforge server stop` ends its whole group.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", HOST,
+             "--port", str(port)], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            env=env, start_new_session=True, cwd=home)
+    record = ServerRecord(pid=proc.pid, port=port, prefect_version=prefect_version(),
+                          python=sys.executable, started=time.time(), log=str(log_path))
+    deadline = time.monotonic() + timeout
+    try:
         while not healthy(record.api_url):
             if proc.poll() is not None:
+                reason = _damage(default_database())
+                if reason is not None:
+                    raise _DamagedDatabase(cast(Path, default_database()), reason)
                 raise LatentForgeError(f"the background Prefect server exited with code "
                                        f"{proc.returncode} while starting; see {log_path}")
             if time.monotonic() > deadline:
-                _kill_group(proc.pid)
                 raise LatentForgeError(f"the background Prefect server did not answer "
                                        f"{record.api_url}/health within {timeout:.0f} s; see "
                                        f"{log_path}")
             time.sleep(0.25)
-        tmp = record_file().with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(record), indent=2))
-        tmp.replace(record_file())
-        return record
+    except BaseException:
+        from latentforge import procs
+
+        with procs.interrupts_deferred():
+            _kill_group(proc.pid)
+        raise
+    tmp = record_file().with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(record), indent=2))
+    tmp.replace(record_file())
+    return record
 
 
 def _kill_group(pid: int, grace: float = STOP_GRACE_S) -> None:

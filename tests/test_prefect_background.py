@@ -241,6 +241,49 @@ def test_another_prefect_version_is_replaced_here_and_left_alone_elsewhere(prefe
     assert _alive(other) and prefectbg.record_file().read_text() == before
 
 
+def test_a_damaged_server_database_is_set_aside_and_a_fresh_one_started(prefect_home):
+    """A full disk or a crash can leave prefect.db damaged: the server then exits at start-up,
+    and every command (no-op runs too) failed until someone moved the file by hand."""
+    (prefect_home / "prefect.db").write_bytes(b"not a database " * 1000)
+    record = prefectbg.start()
+    assert prefectbg.healthy(record.api_url)
+    (aside,) = prefect_home.glob("prefect.db.damaged-*[0-9]")
+    assert aside.read_bytes().startswith(b"not a database ")  # kept, for whoever wants it
+    assert (prefect_home / "prefect.db").is_file()
+
+
+def test_ctrl_c_while_the_server_starts_leaves_no_server_running(prefect_home, tmp_path):
+    """The first run spends seconds starting the server, when a user may well press Ctrl-C: the
+    half-started server kept running, unrecorded (`server status` said none ran, and the next
+    command started a second one on the same database)."""
+    import signal
+    import time
+
+    import psutil
+
+    def servers() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if (p.info["cmdline"] or [])[-6:-3] == ["server", "start", "--host"] and \
+                        p.environ().get("PREFECT_HOME") == str(prefect_home):
+                    found.append(p)
+        return found
+
+    proc = subprocess.Popen([sys.executable, "-m", "latentforge", "server", "start"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not servers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert servers(), "the server never started"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert not servers() or not any(_alive(p.pid, within=15) for p in servers()), err
+    assert prefectbg.read_record() is None
+
+
 def test_noop_falls_back_when_the_api_refuses(make_project, monkeypatch, prefect_harness):
     """An up-to-date project, but the configured API is gone: no record, the full path decides."""
     from conftest import REPO  # noqa: F401
