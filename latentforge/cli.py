@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["status", "start", "stop"], nargs="?", default="status")
     p.add_argument("--port", type=PORT, default=4200,
                    help="port to start on (the next free one if taken)")
+    p.add_argument("--force", action="store_true",
+                   help="stop: even while a run uses the server (the run then fails)")
 
     p = sub.add_parser("ui", help="start the Prefect server, the deployments and the MLflow UI "
                        "on 127.0.0.1; Ctrl-C stops the deployments and the MLflow UI (and a "
@@ -490,7 +492,7 @@ def cmd_server(args: argparse.Namespace) -> int:
               f"log {started.log}")
         return 0
     if args.action == "stop":
-        stopped = prefectbg.stop()
+        stopped = prefectbg.stop(force=args.force)
         print(f"stopped the Prefect server (pid {stopped.pid}, {stopped.ui_url})" if stopped
               else "no background Prefect server was running")
         return 0
@@ -619,10 +621,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.debug("%s failed", args.command, exc_info=True)
             print(f"error: {describe_os_error(exc)}", file=sys.stderr)
             code = 1
-    except Exception as exc:  # the MLflow store failing mid-run (locked, damaged): one line
+    except Exception as exc:  # the MLflow store or the Prefect API failing mid-run: one line
+        from latentforge.prefectserver import describe_api_error
         from latentforge.tracking import describe_store_error, tracking_uri
 
-        line = describe_store_error(exc, tracking_uri())
+        line = describe_store_error(exc, tracking_uri()) or describe_api_error(exc)
         if line is None:
             raise
         log.debug("%s failed", args.command, exc_info=True)

@@ -375,8 +375,25 @@ def _kill_group(pid: int, grace: float = STOP_GRACE_S) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def stop() -> ServerRecord | None:
-    """Stop the recorded background server (whichever Prefect version); None if none ran."""
+def users(record: ServerRecord) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes started to use `record`'s API (a stage and the
+    `dvc repro` above it carry PREFECT_API_URL from the flow that runs them), this one aside."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.info["pid"] == os.getpid():
+            continue
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("PREFECT_API_URL", "").rstrip("/") == record.api_url:
+                found.append((proc.info["pid"], " ".join(proc.info["cmdline"] or [])))
+    return found
+
+
+def stop(force: bool = False) -> ServerRecord | None:
+    """Stop the recorded background server (whichever Prefect version); None if none ran.
+    While a run uses it (`users`), a LatentForgeError unless `force`: the run's flow would
+    retry its API for minutes and then fail, its stages' work done but unrecorded."""
     with _start_lock():
         record = read_record()
         if record is None:
@@ -385,6 +402,13 @@ def stop() -> ServerRecord | None:
             _set_aside(record_file(), f"its process {record.pid} is gone, or is another "
                                       "program: not signalled")
             return None
+        busy = users(record)
+        if busy and not force:
+            shown = "; ".join(f"pid {pid}: {cmd[:80]}" for pid, cmd in busy[:3])
+            raise LatentForgeError(f"the Prefect server at {record.ui_url} is in use by "
+                                   f"{len(busy)} process(es) ({shown}): stopping it would stall "
+                                   "their run; wait for it to end, or stop it anyway with "
+                                   "`latentforge server stop --force`")
         _kill_group(record.pid)
         with contextlib.suppress(FileNotFoundError):
             record_file().unlink()

@@ -88,6 +88,22 @@ def check_configured_api(url: str, timeout: float = prefectbg.UNRESPONSIVE_WAIT_
                                "and LatentForge starts its own")
 
 
+def describe_api_error(exc: BaseException) -> str | None:
+    """One line for the Prefect API failing under a running command (its server stopped or
+    crashed: Prefect's client gives up with an httpx error after its retries), else None."""
+    import httpx
+
+    if not isinstance(exc, httpx.TransportError):
+        return None
+    from latentforge.probe import shown_url
+
+    url = os.environ.get("PREFECT_API_URL") or "the Prefect API"
+    return (f"the Prefect API at {shown_url(url)} stopped answering during the run "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}): "
+            "was its server stopped (`latentforge server status`)? Stages that finished are in "
+            "dvc.lock and MLflow; run again to go on")
+
+
 @contextlib.contextmanager
 def api_server() -> Iterator[None]:
     """A Prefect API for the body: the one the user configured; else the background server
