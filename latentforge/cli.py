@@ -285,7 +285,11 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raw = parse_params_bytes(text, DEFAULT_PARAMS_FILE) if text is not None else {}
         params = build_params(raw, DEFAULT_PARAMS_FILE)
         if workspace.held_by_parent():  # the `latentforge run` that started us holds it, and
-            execute_stage(args.name, params)  # keeps dvc.lock true (dvcops.reproduce)
+            if text is not None:  # keeps dvc.lock true (dvcops.reproduce), with what we read
+                from latentforge import paths, storage
+
+                storage.write_bytes_atomic(paths.params_read_file(args.name), text)
+            execute_stage(args.name, params)
         else:  # a plain `dvc repro`: hold the workspace as a `latentforge run` would
             with workspace.lock(what=f"dvc repro (stage {args.name})"):
                 execute_stage(args.name, params, params_text=text)

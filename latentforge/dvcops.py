@@ -203,23 +203,55 @@ def reproduce(stage: str, root: str | Path = ".", env: Mapping[str, str] | None 
 
     DVC reads params.yaml for dvc.lock after the stage's command ends, while the command read
     it when it started: an edit in between (a user tuning the next run) would be recorded as
-    the parameters this output was made with. So the file is read before the stage, and when
-    it changed, dvc.lock is given back the values the stage ran with (see
-    `record_params_used`): the stage then shows as changed and runs again next time.
+    the parameters this output was made with. So the stage command keeps the bytes it read
+    (paths.params_read_file; the file as it was before DVC started where the command did not
+    run), and when params.yaml says otherwise by the end, dvc.lock is given back the values
+    the stage ran with (see `record_params_used`): the stage then shows as changed and runs
+    again next time.
     """
-    params_path = Path(root) / PARAMS_FILE
+    from latentforge.paths import params_read_file
+
+    params_path, read_path = Path(root) / PARAMS_FILE, Path(root) / params_read_file(stage)
     try:
         before: bytes | None = params_path.read_bytes()
     except OSError:
         before = None
-    run_dvc(["repro", "--single-item", stage, *(["--force"] if force else [])], env=env,
-            root=root, what=f"stage '{stage}'", on_line=on_line)
+    read_path.unlink(missing_ok=True)
+    try:
+        run_dvc(["repro", "--single-item", stage, *(["--force"] if force else [])], env=env,
+                root=root, what=f"stage '{stage}'", on_line=on_line)
+    except LatentForgeError as exc:
+        unreadable = _unreadable_params(params_path, before)
+        if unreadable is None:
+            raise
+        raise LatentForgeError(
+            f"{params_path} changed while stage '{stage}' ran and can no longer be read "
+            f"({unreadable}), so DVC could not record the stage: fix {PARAMS_FILE} and run again "
+            f"(the stage runs again); DVC said: {exc}") from exc
+    with contextlib.suppress(OSError):
+        before = read_path.read_bytes()  # what the stage read, where it ran
     try:
         after: bytes | None = params_path.read_bytes()
     except OSError:
         after = None
     if before is not None and after != before:
         record_params_used(stage, before, root, on_line)
+
+
+def _unreadable_params(path: Path, before: bytes | None) -> str | None:
+    """Why `path` cannot be read as YAML where it changed since `before`, else None."""
+    import yaml
+
+    from latentforge.config import yaml_load
+
+    try:
+        now = path.read_bytes()
+        if now == before:
+            return None
+        yaml_load(now)
+    except (OSError, yaml.YAMLError, ConfigError) as exc:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
 
 
 def dotted_param(tree: object, key: str) -> tuple[bool, object]:

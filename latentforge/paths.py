@@ -139,6 +139,13 @@ def last_run_file(stage: str) -> Path:
     return STATE / "last" / f"{stage}.json"
 
 
+def params_read_file(stage: str) -> Path:
+    """params.yaml as the stage command read it, for `latentforge run` to record in dvc.lock
+    what the stage ran with (an edit after `dvc repro` started but before the stage read it
+    counts as used; dvcops.reproduce)."""
+    return STATE / "last" / f"{stage}.params.yaml"
+
+
 def checkpoint_dir(stage: str, data_sha256: str) -> Path:
     """Training checkpoints of `stage`, keyed by its input data so that a rerun resumes only a
     run on the same data (the harness also checks the training config)."""

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from latentforge import dvcops
+from latentforge.errors import LatentForgeError
 
 PARAMS = "train:\n  steps: {steps}\n  lr: 0.5\nother: 3\n"
 # The stage reads its parameters when it starts; a user then edits params.yaml (here the
@@ -76,6 +77,48 @@ def test_without_an_edit_dvc_lock_is_dvcs_own(tmp_path: Path,
     assert dvcops.record_params_used("train", (tmp_path / "params.yaml").read_bytes(),
                                      tmp_path) == []
     assert (tmp_path / "dvc.lock").read_text() == lock_text
+
+
+# The stage command as `latentforge stage` runs under `latentforge run`: it keeps the bytes it
+# read (paths.params_read_file). Here the user's edit lands after DVC started, before the read.
+STAGE_READS_LATE = """\
+import sys
+from pathlib import Path
+p = Path("params.yaml")
+p.write_text(p.read_text().replace("steps: 1", "steps: 2"))  # the edit, before the stage reads
+text = p.read_bytes()
+Path(".latentforge/last").mkdir(parents=True, exist_ok=True)
+Path(".latentforge/last/train.params.yaml").write_bytes(text)
+Path("out.txt").write_text(text.decode().split("steps: ")[1].split()[0])
+if len(sys.argv) > 1:
+    p.write_text("train: [unclosed\\n")  # saved half-way through typing, while DVC waits
+"""
+
+
+def test_an_edit_before_the_stage_read_its_parameters_is_what_dvc_lock_records(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The values recorded are the ones the stage read: dvc.lock used to get the file as it was
+    before DVC started, so an output made with steps 2 was locked as made with steps 1 (and,
+    with the edit undone, called up to date)."""
+    monkeypatch.chdir(tmp_path)
+    make_repo(tmp_path, edit_to=None)
+    (tmp_path / "stage.py").write_text(STAGE_READS_LATE)
+    lines: list[str] = []
+    dvcops.reproduce("train", root=tmp_path, on_line=lines.append)
+    assert (tmp_path / "out.txt").read_text() == "2"
+    assert recorded(tmp_path) == {"train": {"steps": 2, "lr": 0.5}, "other": 3}
+    assert not any(line.startswith("warning: params.yaml") for line in lines)
+    assert not dvcops.stage_status("train", root=tmp_path)
+    # params.yaml left unreadable while the stage ran: DVC cannot record it, and the error
+    # says so first (it read as the stage failing).
+    (tmp_path / "dvc.yaml").write_text((tmp_path / "dvc.yaml").read_text().replace(
+        "python stage.py", "python stage.py garble"))
+    (tmp_path / "params.yaml").write_text(PARAMS.format(steps=1))
+    with pytest.raises(LatentForgeError) as err:
+        dvcops.reproduce("train", root=tmp_path, on_line=lines.append)
+    assert str(err.value).startswith(f"{tmp_path / 'params.yaml'} changed while stage 'train' "
+                                     "ran and can no longer be read (")
+    assert "fix params.yaml and run again" in str(err.value)
 
 
 def test_push_writes_the_storage_timeouts_into_the_s3_remote(tmp_path, s3_bucket):
