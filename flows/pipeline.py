@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from latentforge import dvcops, preflight, tracking, workspace
+from latentforge import dvcops, preflight, procs, tracking, workspace
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.flows.stages import (
     NO_CHANGES,
@@ -61,7 +61,8 @@ def pipeline(overrides: Overrides = None, params_file: ParamsFile = None,
              params: ParamChanges = NO_CHANGES, wait: bool = False) -> list[dict[str, Any]]:
     try:
         with workspace.lock(what=f"Prefect flow run {flow_run.id or 'pipeline'}",
-                            wait=wait or None, say=get_run_logger().warning):
+                            wait=wait or None, say=get_run_logger().warning), \
+                procs.flow_run_watched():
             return _pipeline(overrides, params_file, force, list(stages or []), params)
     except LatentForgeError as exc:  # a failed stage's own flow run logged it too
         return failed_state(exc)  # type: ignore[return-value]  # Prefect raises exc

@@ -167,7 +167,7 @@ def _stage_flow(stage: str, overrides: list[str] | None, params_file: str | None
     stage reproduced, its summary published."""
     try:
         with workspace.lock(what=f"Prefect flow run {flow_run.id or stage}", wait=wait or None,
-                            say=get_run_logger().warning):
+                            say=get_run_logger().warning), procs.flow_run_watched():
             # Started alone (the UI): checked here; as the pipeline's subflow: checked there.
             alone = not parent_run_id and not preflight.checked_by_pipeline()
             params = apply_params(params_file, overrides or [], changes, [stage], check=alone)

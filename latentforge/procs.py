@@ -26,6 +26,7 @@ dies without stopping them.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import pickle
@@ -379,6 +380,51 @@ def watch_mlflow(uri: str, experiment: str) -> None:
     guard_send(f"mlflow {uri}\t{experiment}")
 
 
+@contextlib.contextmanager
+def flow_run_watched() -> Iterator[None]:
+    """While the body runs, the current Prefect flow run ends Crashed if this process is killed
+    (SIGKILL, the out-of-memory killer): the guard tells the API, which otherwise shows the
+    run Running for ever. A clean end or an interrupt leaves its state to Prefect."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id, api = flow_run.id, ""
+    if run_id and _guard is not None:
+        with get_client(sync_client=True) as client:  # a temporary server's too
+            api = str(client.api_url)
+    if not api.startswith("http"):
+        yield
+        return
+    entry = f"{str(api).rstrip('/')}\t{run_id}"
+    guard_send(f"flowrun {entry}")
+    try:
+        yield
+    finally:
+        guard_send(f"unflowrun {entry}")
+
+
+def _crash_flow_runs(flow_runs: Iterable[tuple[str, str]], parent: int) -> None:
+    """Set each (API URL, flow run id) Crashed, as Prefect marks a run whose process died."""
+    import urllib.request
+
+    crashed = 0
+    for api, run_id in sorted(flow_runs):
+        body = json.dumps({"force": True, "state": {
+            "type": "CRASHED", "name": "Crashed",
+            "message": f"process {parent} was killed (SIGKILL, or the out-of-memory killer)"}})
+        request = urllib.request.Request(f"{api}/flow_runs/{run_id}/set_state",
+                                         data=body.encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=5):
+                crashed += 1
+        except Exception as exc:  # the guard must finish its other work
+            print(f"latentforge guard: could not mark Prefect flow run {run_id} crashed: {exc}",
+                  file=sys.stderr)
+    if crashed:
+        print(f"latentforge guard: set {crashed} Prefect flow run(s) Crashed", file=sys.stderr)
+
+
 def end_invocation_runs() -> int:
     """After an interrupt, once the children are stopped: end KILLED every MLflow run of this
     invocation still RUNNING (a stage killed after its grace period could not end its own).
@@ -407,7 +453,9 @@ def stop_guard() -> None:
 
 
 def _guard_cleanup(groups: set[int], pids: set[int], mlflow_targets: set[tuple[str, str]],
-                   invocation: str) -> None:
+                   invocation: str, flow_runs: Iterable[tuple[str, str]] = (),
+                   parent: int = 0) -> None:
+    _crash_flow_runs(flow_runs, parent)  # first: a temporary server is among the groups
     for pgid in groups:
         _signal_group(pgid, signal.SIGTERM)
     for pid in pids:
@@ -469,6 +517,7 @@ def guard_main(read_fd: int, parent: int) -> int:
     groups: set[int] = set()
     pids: set[int] = set()
     mlflow_targets: set[tuple[str, str]] = set()
+    flow_runs: set[tuple[str, str]] = set()
     buffer = b""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         while chunk := pipe.read(4096):
@@ -489,9 +538,12 @@ def guard_main(read_fd: int, parent: int) -> int:
                 elif kind == "mlflow":
                     uri, _, experiment = arg.partition("\t")
                     mlflow_targets.add((uri, experiment))
+                elif kind in ("flowrun", "unflowrun"):
+                    api, _, run_id = arg.partition("\t")
+                    (flow_runs.add if kind == "flowrun" else flow_runs.discard)((api, run_id))
     print(f"latentforge guard: process {parent} ended without cleaning up; stopping its "
           f"{len(groups)} process group(s) and {len(pids)} process(es)", file=sys.stderr)
-    _guard_cleanup(groups, pids, mlflow_targets, invocation)
+    _guard_cleanup(groups, pids, mlflow_targets, invocation, flow_runs, parent)
     return 0
 
 

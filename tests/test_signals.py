@@ -164,3 +164,11 @@ def test_sigkill_of_run_leaves_no_process_and_no_running_mlflow_run(make_project
     assert statuses["pipeline"] == "KILLED", statuses
     assert statuses["judge"] in ("KILLED", "FAILED"), statuses
     assert any("stopping its" in line for line in run.lines), "\n".join(run.lines[-20:])
+    # Prefect too: the guard sets the flow runs Crashed (the UI showed them Running for ever).
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        states = dict(db.execute("SELECT name, state_type FROM flow_run").fetchall())
+    assert states and "RUNNING" not in states.values(), states
+    assert "CRASHED" in states.values(), states
+    assert any("Prefect flow run(s) Crashed" in line for line in run.lines)
