@@ -14,6 +14,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from latentforge import dvcops, preflight, procs, tracking, workspace
+from latentforge.config import Params
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.flows.stages import (
     NO_CHANGES,
@@ -92,6 +93,8 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
         skipped = [skipped_record(stage) for stage in selected]
         create_markdown_artifact(nothing_ran_markdown(skipped, uri), key="pipeline-summary",
                                  description="latentforge pipeline")
+        if params.storage.remote and not dvcops.pushed(params.storage.remote):
+            _push(params, logger)  # a remote set since, or a push that failed: it gets them now
         return skipped
     tags = {f"{tracking.TAG_PREFIX}prefect_flow_run_id": str(flow_run.id or ""),
             f"{tracking.TAG_PREFIX}stage": "pipeline"}
@@ -123,10 +126,14 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
     create_markdown_artifact(pipeline_summary_markdown(records, parent.run_id, uri, experiment_id),
                              key="pipeline-summary", description="latentforge pipeline")
     if params.storage.remote:
-        logger.info("pushing outputs to the DVC remote %s", params.storage.remote)
-        dvcops.push(params.storage.remote, on_line=lambda line: logger.info("%s", line),
-                    timeouts=(params.storage.connect_timeout, params.storage.read_timeout))
+        _push(params, logger)
     return records
+
+
+def _push(params: Params, logger: Any) -> None:
+    logger.info("pushing outputs to the DVC remote %s", params.storage.remote)
+    dvcops.push(cast(str, params.storage.remote), on_line=lambda line: logger.info("%s", line),
+                timeouts=(params.storage.connect_timeout, params.storage.read_timeout))
 
 
 def run_pipeline(stages: list[str] | None = None, force: bool = False) -> list[dict[str, Any]]:

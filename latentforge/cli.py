@@ -368,7 +368,7 @@ def _orchestrate(args: argparse.Namespace, params: Any, stages: list[str] | None
         if not args.force:  # every stage up to date: answered without the flow engine
             from latentforge.noop import try_noop
 
-            records = try_noop(stages, status)
+            records = try_noop(stages, status, remote=params.storage.remote)
             if records is not None:
                 print(format_table(records))
                 print(f"nothing ran: every stage is up to date (Prefect flow run "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentforge import procs, storage
+from latentforge import paths, procs, storage
 from latentforge.errors import ConfigError, LatentForgeError
 
 log = logging.getLogger(__name__)
@@ -373,11 +374,30 @@ def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None]
         for option, seconds in zip(("connect_timeout", "read_timeout"), timeouts, strict=True):
             # dvc-s3 takes whole seconds; a fraction rounds up, never to 0 (no limit).
             configure("modify", "storage", option, str(max(1, math.ceil(seconds))))
+    lock = _lock_digest(root)
     proc = subprocess.run(base + ["push"], cwd=root, env=dvc_env(), capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines():
         on_line(line)
     if proc.returncode != 0:
         raise LatentForgeError(f"dvc push to {remote_url} failed:\n{proc.stderr[-2000:]}")
+    storage.write_bytes_atomic(Path(root) / paths.PUSHED_FILE, json.dumps(
+        {"remote": remote_url, "dvc_lock_sha256": lock}).encode())
+
+
+def _lock_digest(root: str | Path) -> str | None:
+    try:
+        return storage.sha256_bytes((Path(root) / "dvc.lock").read_bytes())
+    except OSError:
+        return None
+
+
+def pushed(remote_url: str, root: str | Path = ".") -> bool:
+    """Whether the outputs dvc.lock names now were pushed to `remote_url` by a `latentforge
+    run` (paths.PUSHED_FILE; a `dvc push` by hand is not seen, and only costs one more)."""
+    found = storage.read_json_dict(Path(root) / paths.PUSHED_FILE)
+    lock = _lock_digest(root)
+    return lock is not None and found.get("remote") == remote_url and \
+        found.get("dvc_lock_sha256") == lock
 
 
 def run_dvc(args: list[str], env: Mapping[str, str] | None = None, root: str | Path = ".",

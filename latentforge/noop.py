@@ -77,10 +77,13 @@ def record_in_prefect(api: str, flow_name: str, parameters: dict[str, Any], mark
     return str(run["name"])
 
 
-def try_noop(stages: list[str] | None, status: dvcops.GraphStatus | None = None
-             ) -> list[dict[str, Any]] | None:
+def try_noop(stages: list[str] | None, status: dvcops.GraphStatus | None = None,
+             remote: str | None = None) -> list[dict[str, Any]] | None:
     """The records of a run where every selected stage is up to date, recorded in Prefect;
-    None when something would run (or cannot be answered here)."""
+    None when something would run (or cannot be answered here), or when the pipeline would
+    push outputs that `remote` (storage.remote) has not had from us yet."""
+    if remote and not (stages and len(stages) == 1) and not dvcops.pushed(remote):
+        return None
     status = status or dvcops.graph_status()
     unknown = sorted(set(stages or []) - set(status.order))
     if unknown:

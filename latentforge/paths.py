@@ -139,6 +139,12 @@ def last_run_file(stage: str) -> Path:
     return STATE / "last" / f"{stage}.json"
 
 
+# What the last successful push of `latentforge run` sent where (dvcops.pushed): an up-to-date
+# pipeline whose outputs the remote lacks (a remote set since, a push that failed) takes the
+# flow path, which pushes, instead of answering as a no-op.
+PUSHED_FILE = STATE / "last" / "pushed.json"
+
+
 def params_read_file(stage: str) -> Path:
     """params.yaml as the stage command read it, for `latentforge run` to record in dvc.lock
     what the stage ran with (an edit after `dvc repro` started but before the stage read it

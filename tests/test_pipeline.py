@@ -208,6 +208,14 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
         assert re.search(rf"{name}\s+skipped", table), (name, table)
     assert "didn't change" in dvc(a, "repro")
 
+    # A remote set on an up-to-date pipeline gets the outputs (the no-op answer never pushed),
+    # once: the next run is a no-op again.
+    remote = a.parent / f"{a.name}-remote"
+    again = cli(a, "run", "-S", f"storage.remote={remote}")
+    assert "nothing ran: every stage is up to date" not in again.stderr
+    assert len([f for f in remote.rglob("*") if f.is_file()]) > 10, again.stderr[-2000:]
+    assert "nothing ran: every stage is up to date" in cli(a, "run").stderr
+
     # the `dvc repro` run in project b logged a top-level run
     (solo,) = runs(b, "tags.`latentforge.stage` = 'prepare'")
     assert "mlflow.parentRunId" not in solo.data.tags
