@@ -227,8 +227,8 @@ def reproduce(stage: str, root: str | Path = ".", env: Mapping[str, str] | None 
             raise
         raise LatentForgeError(
             f"{params_path} changed while stage '{stage}' ran and can no longer be read "
-            f"({unreadable}), so DVC could not record the stage: fix {PARAMS_FILE} and run again "
-            f"(the stage runs again); DVC said: {exc}") from exc
+            f"({unreadable}): DVC cannot record the stage (nor run it); fix {PARAMS_FILE} and "
+            f"run again (the stage runs again); DVC said: {exc}") from exc
     with contextlib.suppress(OSError):
         before = read_path.read_bytes()  # what the stage read, where it ran
     try:

@@ -51,16 +51,18 @@ MAX_LABEL_WIDTH = 96  # pixels of row label at most (about 16 characters of the 
 
 @functools.cache
 def label_font() -> Any:
-    """DejaVu Sans as matplotlib ships it (accents, most scripts' letters, symbols; the same
-    file wherever the same matplotlib is installed, so pictures under DVC stay reproducible),
-    else Pillow's own font (ASCII only)."""
+    """DejaVu Sans as matplotlib ships it (accents, most scripts' letters, symbols), laid out
+    by Pillow's own engine, not libraqm where it happens to be installed: the same pixels
+    wherever the same Pillow and matplotlib are, so pictures under DVC stay reproducible.
+    Else Pillow's own font (ASCII only)."""
     from PIL import ImageFont
 
     try:
         import matplotlib
 
         return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" /
-                                      "DejaVuSans.ttf"), 11)
+                                      "DejaVuSans.ttf"), 11,
+                                  layout_engine=ImageFont.Layout.BASIC)
     except (ImportError, OSError):
         return ImageFont.load_default()
 

@@ -41,6 +41,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import cast
 
+from latentforge import storage
 from latentforge.errors import LatentForgeError
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,13 @@ def configured_api_url() -> str | None:
     """The PREFECT_API_URL the user configured, from the environment or the active profile in
     $PREFECT_HOME/profiles.toml, read without importing prefect (Prefect's own order: the
     environment first, then the profile named by PREFECT_PROFILE or `active`)."""
-    if os.environ.get("PREFECT_API_URL"):
-        return os.environ["PREFECT_API_URL"]
+    return configured("PREFECT_API_URL")
+
+
+def configured(setting: str) -> str | None:
+    """A Prefect setting as configured_api_url reads PREFECT_API_URL."""
+    if os.environ.get(setting):
+        return os.environ[setting]
     path = prefect_home() / "profiles.toml"
     try:
         profiles = tomllib.loads(path.read_text())
@@ -118,7 +124,7 @@ def configured_api_url() -> str | None:
         log.debug("cannot read %s (%s): Prefect's own resolution decides", path, exc)
         return None
     name = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
-    value = (profiles.get("profiles", {}).get(name) or {}).get("PREFECT_API_URL")
+    value = (profiles.get("profiles", {}).get(name) or {}).get(setting)
     return str(value) if value else None
 
 
@@ -286,7 +292,12 @@ def start(port: int = DEFAULT_PORT, timeout: float = START_TIMEOUT_S) -> ServerR
             log.warning("the Prefect server's database %s is damaged (%s): set aside as %s, and "
                         "the server starts on a new one (earlier flow runs are not in the UI)",
                         damaged.path, damaged.reason, aside.name)
+        try:
             return _launch(port, timeout)
+        except _DamagedDatabase as again:  # a new database damaged at once: a full disk?
+            raise LatentForgeError(f"the background Prefect server's new database {again.path} "
+                                   f"is damaged too ({again.reason}): is its disk full? see "
+                                   f"{prefect_home() / 'latentforge-server.log'}") from None
 
 
 class _DamagedDatabase(Exception):
@@ -297,8 +308,7 @@ class _DamagedDatabase(Exception):
 
 def default_database() -> Path | None:
     """The server's SQLite file where no other database is configured, else None."""
-    if any(os.environ.get(f"PREFECT_{scope}_DATABASE_CONNECTION_URL")
-           for scope in ("API", "SERVER")):
+    if any(configured(f"PREFECT_{scope}_DATABASE_CONNECTION_URL") for scope in ("API", "SERVER")):
         return None
     return prefect_home() / "prefect.db"
 
@@ -310,10 +320,12 @@ def _damage(database: Path | None) -> str | None:
     if database is None or not database.is_file():
         return None
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True,
+                                                timeout=1)) as db:
             found = db.execute("PRAGMA quick_check").fetchone()[0]
-    except sqlite3.DatabaseError as exc:
-        return str(exc)
+    except sqlite3.DatabaseError as exc:  # damage only: not a lock, not a permission
+        corrupt = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+        return str(exc) if getattr(exc, "sqlite_errorcode", None) in corrupt else None
     return None if found == "ok" else str(found)
 
 
@@ -375,24 +387,51 @@ def _kill_group(pid: int, grace: float = STOP_GRACE_S) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def users(record: ServerRecord) -> list[tuple[int, str]]:
-    """(pid, command line) of the processes started to use `record`'s API (a stage and the
-    `dvc repro` above it carry PREFECT_API_URL from the flow that runs them), this one aside."""
+def _users_dir() -> Path:
+    return prefect_home() / "latentforge-users"
+
+
+@contextlib.contextmanager
+def in_use() -> Iterator[None]:
+    """While the body runs, this process counts as using the background server (`users`): a
+    file named by its pid, holding its start time (a reused pid is not mistaken for it)."""
+    import psutil
+
+    folder = _users_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = folder / str(os.getpid())
+    mine.write_text(json.dumps({"created": psutil.Process().create_time(),
+                                "command": " ".join(sys.argv)}))
+    try:
+        yield
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def users() -> list[tuple[int, str]]:
+    """(pid, command) of the live processes using the background server (`in_use`): a run or
+    stage, `latentforge ui` or `serve`. Files of processes that are gone are removed."""
     import psutil
 
     found = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if proc.info["pid"] == os.getpid():
-            continue
-        with contextlib.suppress(psutil.Error):
-            if proc.environ().get("PREFECT_API_URL", "").rstrip("/") == record.api_url:
-                found.append((proc.info["pid"], " ".join(proc.info["cmdline"] or [])))
+    folder = _users_dir()
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        record = storage.read_json_dict(entry)
+        try:
+            alive = entry.name.isdigit() and \
+                abs(psutil.Process(int(entry.name)).create_time() - record.get("created", 0)) < 1
+        except psutil.Error:
+            alive = False
+        if alive:
+            found.append((int(entry.name), str(record.get("command", "?"))))
+        elif entry.name != str(os.getpid()):
+            entry.unlink(missing_ok=True)
     return found
 
 
 def stop(force: bool = False) -> ServerRecord | None:
     """Stop the recorded background server (whichever Prefect version); None if none ran.
-    While a run uses it (`users`), a LatentForgeError unless `force`: the run's flow would
+    While a command uses it (`users`), a LatentForgeError unless `force`: a run's flow would
     retry its API for minutes and then fail, its stages' work done but unrecorded."""
     with _start_lock():
         record = read_record()
@@ -402,13 +441,13 @@ def stop(force: bool = False) -> ServerRecord | None:
             _set_aside(record_file(), f"its process {record.pid} is gone, or is another "
                                       "program: not signalled")
             return None
-        busy = users(record)
+        busy = users()
         if busy and not force:
             shown = "; ".join(f"pid {pid}: {cmd[:80]}" for pid, cmd in busy[:3])
             raise LatentForgeError(f"the Prefect server at {record.ui_url} is in use by "
                                    f"{len(busy)} process(es) ({shown}): stopping it would stall "
-                                   "their run; wait for it to end, or stop it anyway with "
-                                   "`latentforge server stop --force`")
+                                   "their runs; let them end (or stop them), or stop it anyway "
+                                   "with `latentforge server stop --force`")
         _kill_group(record.pid)
         with contextlib.suppress(FileNotFoundError):
             record_file().unlink()

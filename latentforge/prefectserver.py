@@ -97,7 +97,11 @@ def describe_api_error(exc: BaseException) -> str | None:
         return None
     from latentforge.probe import shown_url
 
-    url = os.environ.get("PREFECT_API_URL") or "the Prefect API"
+    try:
+        request = exc.request  # httpx sets it on errors of a request it sent
+        url = f"{request.url.scheme}://{request.url.netloc.decode()}"
+    except RuntimeError:
+        url = os.environ.get("PREFECT_API_URL") or "its address"
     return (f"the Prefect API at {shown_url(url)} stopped answering during the run "
             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no answer'}): "
             "was its server stopped (`latentforge server status`)? Stages that finished are in "
@@ -131,7 +135,7 @@ def api_server() -> Iterator[None]:
     saved = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = url  # for children (a flow run process, a worker)
     try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with temporary_settings(updates={PREFECT_API_URL: url}), prefectbg.in_use():
             yield
     finally:
         if saved is None:

@@ -388,14 +388,16 @@ def flow_run_watched() -> Iterator[None]:
     from prefect.client.orchestration import get_client
     from prefect.runtime import flow_run
 
-    run_id, api = flow_run.id, ""
+    run_id, api, auth = flow_run.id, "", ""
     if run_id and _guard is not None:
         with get_client(sync_client=True) as client:  # a temporary server's too
             api = str(client.api_url)
+            http = getattr(client, "_client", None)  # its auth (an API key, an auth string)
+            auth = str(http.headers.get("Authorization", "")) if http is not None else ""
     if not api.startswith("http"):
         yield
         return
-    entry = f"{str(api).rstrip('/')}\t{run_id}"
+    entry = f"{str(api).rstrip('/')}\t{run_id}\t{auth}"
     guard_send(f"flowrun {entry}")
     try:
         yield
@@ -403,20 +405,21 @@ def flow_run_watched() -> Iterator[None]:
         guard_send(f"unflowrun {entry}")
 
 
-def _crash_flow_runs(flow_runs: Iterable[tuple[str, str]], parent: int) -> None:
-    """Set each (API URL, flow run id) Crashed, as Prefect marks a run whose process died."""
+def _crash_flow_runs(flow_runs: Iterable[tuple[str, str, str]], parent: int) -> None:
+    """Set each (API URL, flow run id, auth header) Crashed, as Prefect marks a run whose
+    process died. Seconds at most: the killed command's children wait meanwhile."""
     import urllib.request
 
     crashed = 0
-    for api, run_id in sorted(flow_runs):
+    for api, run_id, auth in sorted(flow_runs):
         body = json.dumps({"force": True, "state": {
             "type": "CRASHED", "name": "Crashed",
             "message": f"process {parent} was killed (SIGKILL, or the out-of-memory killer)"}})
+        headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
         request = urllib.request.Request(f"{api}/flow_runs/{run_id}/set_state",
-                                         data=body.encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
+                                         data=body.encode(), method="POST", headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=5):
+            with urllib.request.urlopen(request, timeout=2):
                 crashed += 1
         except Exception as exc:  # the guard must finish its other work
             print(f"latentforge guard: could not mark Prefect flow run {run_id} crashed: {exc}",
@@ -453,7 +456,7 @@ def stop_guard() -> None:
 
 
 def _guard_cleanup(groups: set[int], pids: set[int], mlflow_targets: set[tuple[str, str]],
-                   invocation: str, flow_runs: Iterable[tuple[str, str]] = (),
+                   invocation: str, flow_runs: Iterable[tuple[str, str, str]] = (),
                    parent: int = 0) -> None:
     _crash_flow_runs(flow_runs, parent)  # first: a temporary server is among the groups
     for pgid in groups:
@@ -517,7 +520,7 @@ def guard_main(read_fd: int, parent: int) -> int:
     groups: set[int] = set()
     pids: set[int] = set()
     mlflow_targets: set[tuple[str, str]] = set()
-    flow_runs: set[tuple[str, str]] = set()
+    flow_runs: set[tuple[str, str, str]] = set()
     buffer = b""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         while chunk := pipe.read(4096):
@@ -539,8 +542,9 @@ def guard_main(read_fd: int, parent: int) -> int:
                     uri, _, experiment = arg.partition("\t")
                     mlflow_targets.add((uri, experiment))
                 elif kind in ("flowrun", "unflowrun"):
-                    api, _, run_id = arg.partition("\t")
-                    (flow_runs.add if kind == "flowrun" else flow_runs.discard)((api, run_id))
+                    api, run_id, auth = (arg.split("\t") + ["", ""])[:3]
+                    (flow_runs.add if kind == "flowrun" else flow_runs.discard)(
+                        (api, run_id, auth))
     print(f"latentforge guard: process {parent} ended without cleaning up; stopping its "
           f"{len(groups)} process group(s) and {len(pids)} process(es)", file=sys.stderr)
     _guard_cleanup(groups, pids, mlflow_targets, invocation, flow_runs, parent)

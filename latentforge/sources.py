@@ -756,12 +756,13 @@ def _folder_warnings(root: str, listing: FolderListing, split: str) -> list[str]
         warnings.append(f"{len(listing.nested)} image file(s) sit in folders below their class "
                         f"folder and count in that class (e.g. {listing.nested[0]})")
         shared = [] if listing.splits else _shared_subfolders(listing.nested)
-        if shared:
+        if len(shared) >= 2:  # one (cat/images/, dog/images/) is a common way to keep images
+            tops = sorted(listing.class_dirs)
             warnings.append(
-                f"the class folders {', '.join(sorted(listing.class_dirs))} hold the same "
-                f"sub-folders ({', '.join(shared[:5])}{', ...' if len(shared) > 5 else ''}): if "
-                "they are a split, name them train/, val/ (or dev/) and test/ so that their "
-                "sub-folders become the classes")
+                f"the class folders {', '.join(tops[:5])}{', ...' if len(tops) > 5 else ''} "
+                f"hold the same sub-folders ({', '.join(shared[:5])}"
+                f"{', ...' if len(shared) > 5 else ''}): if they are a split, name them train/, "
+                "val/ (or dev/) and test/ so that their sub-folders become the classes")
     for w in warnings:
         log.warning("%s", w)
     return warnings

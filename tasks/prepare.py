@@ -246,8 +246,9 @@ def check_class_count(class_names: list[str], cfg: PrepareConfig, minimum: int) 
         where = cfg.source if cfg.source in EMBEDDED else cfg.path
         named = f" ({class_names[0]!r})" if len(class_names) == 1 else ""
         raise DataError(f"{where}: {len(class_names)} class{named} of images; the judge and the "
-                        f"class-conditional generators need at least {minimum} (the folder "
-                        "source: one sub-folder of images per class)")
+                        f"class-conditional generators need at least {minimum}" +
+                        (" (one sub-folder of images per class)" if cfg.source == "folder" else
+                         ""))
 
 
 def check_classes_in_train(labels: np.ndarray, class_names: list[str],
@@ -272,8 +273,8 @@ def check_classes_in_train(labels: np.ndarray, class_names: list[str],
     how = ("name each class folder the same in every split folder, or remove the ones train/ "
            "lacks" if cfg.split == "given" else
            "give those classes more images" + (
-               ", raise prepare.max_images" if cfg.max_images is not None else "") +
-           " or lower prepare.val_fraction")
+               ", raise prepare.max_images" if cfg.max_images is not None and
+               cfg.max_images < len(labels) else "") + " or lower prepare.val_fraction")
     where = cfg.source if cfg.source in EMBEDDED else cfg.path
     raise DataError(f"{where}: class(es) in val with no train images, which no stage could "
                     f"learn: {', '.join(lines)}; {how}")

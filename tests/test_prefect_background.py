@@ -284,7 +284,7 @@ def test_ctrl_c_while_the_server_starts_leaves_no_server_running(prefect_home, t
     assert prefectbg.read_record() is None
 
 
-def test_server_stop_refuses_while_a_run_uses_the_server(prefect_home, tmp_path, monkeypatch):
+def test_server_stop_refuses_while_a_run_uses_the_server(prefect_home, tmp_path):
     """Stopped under a running stage, the server left the run retrying its API for minutes and
     then failing in some 200 lines of tracebacks, its stage's work done but unrecorded."""
     import httpx
@@ -292,27 +292,32 @@ def test_server_stop_refuses_while_a_run_uses_the_server(prefect_home, tmp_path,
     from latentforge.prefectserver import describe_api_error
 
     record = prefectbg.start()
-    stage = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
-                             env={**os.environ, "PREFECT_API_URL": record.api_url + "/"})
+    user = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom latentforge import prefectserver\n"
+         "with prefectserver.api_server():\n    print('using', flush=True)\n"
+         "    time.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
     try:
+        assert user.stdout is not None and user.stdout.readline().strip() == "using"
         stop = lf(tmp_path, "server", "stop")
         assert stop.returncode == 1, stop.stderr
-        assert f"is in use by 1 process(es) (pid {stage.pid}: " in stop.stderr
+        assert f"is in use by 1 process(es) (pid {user.pid}: " in stop.stderr
         assert "latentforge server stop --force" in stop.stderr
         assert prefectbg.healthy(record.api_url)
         forced = lf(tmp_path, "server", "stop", "--force")
         assert forced.returncode == 0 and "stopped the Prefect server" in forced.stdout
         assert not _alive(record.pid, within=15)
     finally:
-        stage.kill()
-        stage.wait()
+        user.kill()
+        user.wait()
+    # a user that is gone (killed: no clean-up) does not count
+    assert prefectbg.users() == [] and not any((prefect_home / "latentforge-users").iterdir())
     # A run that loses its API anyway (a crash) ends in one line saying what happened.
     with pytest.raises(httpx.TransportError) as lost:
         httpx.get(record.api_url + "/health", timeout=2)
-    monkeypatch.setenv("PREFECT_API_URL", record.api_url)
     line = describe_api_error(lost.value)
-    assert line is not None and line.startswith(f"the Prefect API at {record.api_url} stopped "
-                                                "answering during the run (ConnectError: ")
+    assert line is not None and line.startswith(
+        f"the Prefect API at http://127.0.0.1:{record.port} stopped answering during the run "
+        "(ConnectError: ")
     assert describe_api_error(ValueError("x")) is None
 
 
