@@ -71,10 +71,25 @@ def check_name(name: str) -> None:
                           "'..', '~^:?*[\\', a leading '-' or '/', or a trailing '.lock')")
 
 
+def uncommitted_lock(root: str = ".") -> str | None:
+    """Why DVC's temporary copy (built from git's last commit) would not know the outputs
+    here, where dvc.lock is untracked or changed since that commit; else None."""
+    proc = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock"], cwd=root,
+                          capture_output=True, text=True)
+    state = proc.stdout[:2] if proc.returncode == 0 else ""
+    return ("dvc.lock is not in git" if state.startswith("??") else
+            "dvc.lock has changes git's last commit lacks" if state.strip() else None)
+
+
 def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dict[str, Any]:
     params = load_params(None, overrides)  # validated before anything runs (exit 2)
     check_name(name)
     logger = get_run_logger()
+    if why := uncommitted_lock():
+        logger.warning("%s: the experiment runs in a copy made from that commit, so it reruns "
+                       "every stage whose outputs the commit does not record (and registers "
+                       "their models again); `git add dvc.lock params.yaml && git commit` "
+                       "first to reuse them", why)
     with workspace.lock(what=f"experiment {name}", wait=wait or None, say=logger.warning):
         # Against params.yaml as it is once the lock is held (a run waited on may have
         # rewritten it), and before the MLflow run opens: what DVC gets, refused with exit 2.

@@ -73,6 +73,11 @@ class LatentForgeModel(PythonModel):
     def predict(self, context, model_input: np.ndarray, params=None):  # noqa: ANN001, ANN201
         if self.kind == "generator":  # input: class labels; output: uint8 images
             labels = np.asarray(model_input, dtype=np.int64).reshape(-1)
+            classes = len(self.model.class_names)
+            if labels.size == 0 or labels.min() < 0 or labels.max() >= classes:
+                raise ValueError(f"model_input: expected one or more class labels in "
+                                 f"[0, {classes - 1}] ({', '.join(self.model.class_names)}), "
+                                 f"got {labels.tolist()[:8]}")
             seed, options = generator_options(self.model.meta, params)
             return self.model.sample_images(labels, seed=seed, **options)
         images = np.asarray(model_input, dtype=np.uint8)

@@ -47,3 +47,23 @@ def test_run_exp_leaves_params_yaml_alone_and_is_listed_by_dvc_and_mlflow(make_p
     children = runs(root, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
     assert {r.data.tags["latentforge.stage"] for r in children} == set(paths.STAGES)
     assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_an_uncommitted_dvc_lock_is_named_before_an_experiment(tmp_path):
+    """DVC's temporary copy comes from git's last commit: with dvc.lock untracked (a fresh
+    clone's first run) every stage ran again and every model was registered twice."""
+    from latentforge.flows.experiment import uncommitted_lock
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x")
+    assert uncommitted_lock(str(tmp_path)) is None  # no lock yet: nothing to reuse
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    assert uncommitted_lock(str(tmp_path)) == "dvc.lock is not in git"
+    git("add", "dvc.lock")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "lock")
+    assert uncommitted_lock(str(tmp_path)) is None
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert uncommitted_lock(str(tmp_path)) == "dvc.lock has changes git's last commit lacks"

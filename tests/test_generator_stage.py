@@ -231,6 +231,10 @@ def test_a_registered_generator_samples_anywhere_with_its_own_tokenizer(chain, t
                        ({"sampler": "rk4"}, "sampler"), ({"seed": -1}, "seed")):
         with pytest.raises(Exception, match=match):
             pyfunc.predict(labels, params=bad)
+    # labels it has no class for: one line with the classes, not torch's IndexError
+    for bad_labels in (np.array([10]), np.array([-1]), np.array([], np.int64)):
+        with pytest.raises(ValueError, match=r"expected one or more class labels in \[0, 9\]"):
+            pyfunc.predict(bad_labels)
 
 
 def test_sampling_on_two_ray_data_actors_matches_sampling_in_process(chain, ray_local):
