@@ -368,11 +368,21 @@ def _experiment_id(cfg: TrackingConfig, root: Path) -> str:
         return exp.experiment_id
     # Against a tracking server the server decides (its --artifacts-destination, e.g. S3);
     # a local file:// location would put a team's artifacts on this machine's disk.
-    remote = served(tracking_uri(root)) or tracking_uri(root).startswith("databricks")
-    location = cfg.artifact_location or (
-        None if remote else (root / "mlartifacts").resolve().as_uri())
+    uri = tracking_uri(root)
+    remote = served(uri) or uri.startswith("databricks")
+    location = cfg.artifact_location or (None if remote else local_artifact_root(uri, root))
     return mlflow.create_experiment(cfg.experiment, artifact_location=location,
                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+def local_artifact_root(uri: str, root: Path) -> str:
+    """`mlartifacts` beside a SQLite store (a store shared by projects keeps their artifacts
+    with it, not in whichever project made the experiment first), else in the project."""
+    if uri.startswith("sqlite:///"):
+        database = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        if database.is_absolute():
+            return (database.parent / "mlartifacts").resolve().as_uri()
+    return (root / "mlartifacts").resolve().as_uri()
 
 
 class TrackingStoreError(LatentForgeError):

@@ -111,3 +111,23 @@ def test_end_invocation_runs_ends_only_this_commands_running_runs(tmp_path, monk
     client = mlflow.MlflowClient(uri)
     assert {n: client.get_run(i).info.status for n, i in ids.items()} == {
         "stuck": "KILLED", "done": "FINISHED", "other": "RUNNING"}
+
+
+def test_artifacts_of_a_shared_sqlite_store_sit_beside_it(tmp_path, monkeypatch):
+    """A store two projects share kept its artifacts in whichever project created the
+    experiment: deleting that project lost the other's artifacts and registered models."""
+    import mlflow
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{shared / 'store.db'}")
+    project = tmp_path / "project"
+    project.mkdir()
+    with tracking.start_run(TrackingConfig(), "prepare", {}, root=project):
+        pass
+    exp = mlflow.MlflowClient().get_experiment_by_name("latentforge")
+    assert exp.artifact_location == (shared / "mlartifacts").as_uri()
+    # the project's own store (the default): beside it, in the project
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.local_artifact_root(tracking.tracking_uri(project), project) == \
+        (project / "mlartifacts").resolve().as_uri()
