@@ -112,29 +112,44 @@ def output_tags(name: str, digest: str, uri: str) -> dict[str, str]:
 
 
 def find_producer(client: Any, experiment_id: str, name: str, digest: str) -> Producer | None:
-    """The newest registered version or finished run whose output `name` has `digest`."""
+    """The first registered version or finished run whose output `name` has `digest`, of a
+    run that still exists. The first: the same bytes made again (a DVC experiment's copy
+    retrains what git's commit lacks and registers it anew) must not move a workspace
+    model's lineage into that experiment, whose runs may be deleted with it."""
     if not re.fullmatch(r"[0-9a-f]{16,128}", digest):  # goes into a filter string
         return None
     if name in REGISTERED_MODELS:
         model = REGISTERED_MODELS[name].name
         versions = client.search_model_versions(
             f"name = '{model}' and tags.`{WEIGHTS_TAG}` = '{digest}'")
-        if not versions:
-            return None
-        v = max(versions, key=lambda v: int(v.version))
-        return Producer(name, v.run_id, f"models:/{v.name}/{v.version}", f"{v.name}/{v.version}")
+        for v in sorted(versions, key=lambda v: int(v.version)):
+            if _run_exists(client, v.run_id):
+                return Producer(name, v.run_id, f"models:/{v.name}/{v.version}",
+                                f"{v.name}/{v.version}")
+        return None
     if name in PRODUCED_BY:
         tag = f"{tracking.TAG_PREFIX}output.{name}"
-        runs = client.search_runs(
+        runs = client.search_runs(  # active runs only: a deleted one is not offered
             [experiment_id], f"tags.`{tag}.sha256` = '{digest}' and "
             f"tags.`{STAGE_TAG}` = '{PRODUCED_BY[name]}' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+            order_by=["attributes.start_time ASC"], max_results=1)
         if not runs:
             return None
         run = runs[0]
         return Producer(name, run.info.run_id,
                         run.data.tags.get(f"{tag}.uri", f"runs:/{run.info.run_id}"))
     return None
+
+
+def _run_exists(client: Any, run_id: str | None) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return False
+    try:
+        return bool(client.get_run(run_id).info.lifecycle_stage == "active")
+    except MlflowException:  # purged (`mlflow gc`)
+        return False
 
 
 class _Blanks(dict):

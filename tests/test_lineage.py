@@ -321,3 +321,29 @@ def test_sample_with_an_unknown_or_storeless_model_is_one_line(chain, tmp_path, 
     assert err == [f"error: no MLflow store at {tmp_path / 'mlflow.db'}: run the pipeline first "
                    "(here: the project root), or set MLFLOW_TRACKING_URI"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_first_live_producer_of_the_same_bytes_is_the_one_named(tmp_path, monkeypatch):
+    """A DVC experiment's copy retrains what git's commit lacks and registers identical
+    weights again: a workspace model's lineage then pointed into that experiment (the newest
+    version), and broke once its runs were deleted."""
+    from latentforge.lineage import REGISTERED_MODELS, WEIGHTS_TAG, find_producer
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ids = []
+    for name in ("workspace judge", "experiment judge"):
+        with tracking.start_run(TrackingConfig(), name, {}, root=tmp_path) as tracker:
+            ids.append(tracker.run_id)
+    client = client_for(tmp_path)
+    model = REGISTERED_MODELS["judge"].name
+    client.create_registered_model(model)
+    digest = "ab" * 32
+    for run_id in ids:
+        client.create_model_version(model, f"runs:/{run_id}/judge", run_id,
+                                    tags={WEIGHTS_TAG: digest})
+    experiment = client.get_experiment_by_name("latentforge").experiment_id
+    found = find_producer(client, experiment, "judge", digest)
+    assert found is not None and (found.run_id, found.version) == (ids[0], f"{model}/1")
+    client.delete_run(ids[0])  # a producer whose run is gone is not offered
+    found = find_producer(client, experiment, "judge", digest)
+    assert found is not None and (found.run_id, found.version) == (ids[1], f"{model}/2")
