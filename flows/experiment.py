@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from pydantic import Field
 
-from latentforge import dvcops, procs, tracking, workspace
+from latentforge import dvcops, paths, procs, tracking, workspace
 from latentforge.config import load_params, yaml_text
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.flows.stages import NO_CHANGES, Overrides, ParamChanges, failed_state
@@ -126,4 +126,26 @@ def _run_experiment(name: str, parent: tracking.Tracker, set_params: list[str],
                    on_line=lambda line: logger.info("%s", line))
     seconds = time.time() - started
     parent.log_metrics({"pipeline_seconds": seconds})
+    roll_up(parent)
     return seconds
+
+
+def roll_up(parent: tracking.Tracker) -> list[str]:
+    """Log the metrics of `parent`'s stage runs on it as `<stage>.<metric>`, as a `latentforge
+    run` parent holds them, with the `latentforge.ran` tag: an experiment's parent run had
+    only its overrides and seconds, so experiments could not be compared in the MLflow UI.
+    Returns the stages, in the pipeline's order."""
+    import mlflow
+
+    if parent.run_id is None:  # tracking off
+        return []
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    experiment = client.get_run(parent.run_id).info.experiment_id
+    children = client.search_runs([experiment],
+                                  f"tags.`mlflow.parentRunId` = '{parent.run_id}'")
+    by_stage = {c.data.tags.get(f"{tracking.TAG_PREFIX}stage"): c for c in children}
+    ran = [s for s in paths.STAGES if s in by_stage]
+    for stage in ran:
+        parent.log_metrics({f"{stage}.{k}": v for k, v in by_stage[stage].data.metrics.items()})
+    parent.set_tags({f"{tracking.TAG_PREFIX}ran": ",".join(ran)})
+    return ran

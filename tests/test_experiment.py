@@ -47,6 +47,11 @@ def test_run_exp_leaves_params_yaml_alone_and_is_listed_by_dvc_and_mlflow(make_p
     children = runs(root, f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
     assert {r.data.tags["latentforge.stage"] for r in children} == set(paths.STAGES)
     assert all(r.info.status == "FINISHED" for r in children)
+    # ... whose metrics it holds as a `latentforge run` parent does: comparable in the UI
+    rolled = runs(root, "tags.`latentforge.dvc_experiment` = 'seed3'")[0]
+    assert rolled.data.tags["latentforge.ran"] == ",".join(paths.STAGES)
+    judge = next(r for r in children if r.data.tags["latentforge.stage"] == "judge")
+    assert rolled.data.metrics["judge.val_accuracy"] == judge.data.metrics["val_accuracy"]
 
 
 def test_an_uncommitted_dvc_lock_is_named_before_an_experiment(tmp_path):
@@ -67,3 +72,28 @@ def test_an_uncommitted_dvc_lock_is_named_before_an_experiment(tmp_path):
     assert uncommitted_lock(str(tmp_path)) is None
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     assert uncommitted_lock(str(tmp_path)) == "dvc.lock has changes git's last commit lacks"
+
+
+def test_an_experiments_parent_run_rolls_up_its_stages_metrics(tmp_path, monkeypatch):
+    """It held only its overrides and seconds: experiments could not be compared with each
+    other or with `latentforge run` parents in the MLflow UI."""
+    import mlflow
+
+    from latentforge import tracking
+    from latentforge.config import TrackingConfig
+    from latentforge.flows.experiment import roll_up
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with tracking.start_run(TrackingConfig(), "experiment x", {}) as parent:
+        client = mlflow.MlflowClient(tracking.tracking_uri())
+        experiment = client.get_run(parent.run_id).info.experiment_id
+        for stage, value in (("judge", 0.9), ("prepare", 10.0)):  # as the stages log them
+            child = client.create_run(experiment, tags={
+                "mlflow.parentRunId": parent.run_id, f"{tracking.TAG_PREFIX}stage": stage})
+            client.log_metric(child.info.run_id, "m", value)
+            client.set_terminated(child.info.run_id)
+        assert roll_up(parent) == ["prepare", "judge"]
+    run = client.get_run(parent.run_id)
+    assert run.data.metrics == {"prepare.m": 10.0, "judge.m": 0.9}
+    assert run.data.tags["latentforge.ran"] == "prepare,judge"
