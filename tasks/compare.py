@@ -102,7 +102,8 @@ def distil_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[Se
       diversity_kept: RL's mean diversity >= DIVERSITY_KEPT x the guided base's (the ratio to
         the base as the evaluation sampled it, at base_scale (default: rl_scale), is
         diversity_ratio_to_base);
-      not_shown_worse: all three, over at least MIN_SEEDS_FOR_CLAIM seeds."""
+      not_shown_worse: all three, over at least MIN_SEEDS_FOR_CLAIM seeds; absent with fewer
+        (undetermined: a 0 there read as a verdict in MLflow and `dvc exp show`)."""
     sd = sample_sd or {}
     g = nested[guided]
     out: dict[str, float] = {"guided_cfg_scale": guided_scale, "rl_cfg_scale": rl_scale,
@@ -135,7 +136,8 @@ def distil_summary(nested: Mapping[str, Mapping[str, float]], seeds: Sequence[Se
               "gfd_not_higher": bool(np.isfinite(gfd_low)) and gfd_low <= tol,
               "diversity_kept": out["diversity_ratio_to_guided"] >= DIVERSITY_KEPT - tol}
     out.update({k: float(v) for k, v in checks.items()})
-    out["not_shown_worse"] = float(all(checks.values()) and len(seeds) >= MIN_SEEDS_FOR_CLAIM)
+    if len(seeds) >= MIN_SEEDS_FOR_CLAIM:
+        out["not_shown_worse"] = float(all(checks.values()))
     return out
 
 
@@ -223,7 +225,7 @@ def distil_lines(d: Mapping[str, float]) -> list[str]:
         "- **RL not shown worse than the guided base at 95%: "
         + (f"{'yes' if d['not_shown_worse'] else 'no'}**" if n >= MIN_SEEDS_FOR_CLAIM else
            f"undetermined** (a claim needs at least {MIN_SEEDS_FOR_CLAIM} seeds; this run has "
-           f"{n}, so distil.not_shown_worse stays 0)"),
+           f"{n}, so distil.not_shown_worse is not logged)"),
         f"- point estimates: RL is {ahead('eval_accuracy', higher=True)} in accuracy and "
         f"{ahead('gfd_eval', higher=False)} in gFD-eval. \"Not shown worse\" is not \"as good\": "
         "an interval that holds 0 also holds the differences at its ends.", "",

@@ -132,7 +132,7 @@ def test_report_files_metrics_and_protocol(first):
             m[f"seeds.diff_{key}_ci_high"]
     # RL against the base at its best CFG scale, sampled at the evaluation's count.
     assert m["distil.guided_cfg_scale"] == m["best.base_cfg_scale"]
-    assert m["distil.seeds"] == 2 and m["distil.not_shown_worse"] == 0.0  # needs >= 3 seeds to claim
+    assert m["distil.seeds"] == 2 and "distil.not_shown_worse" not in m  # needs >= 3 seeds
     assert m["distil.rl_eval_accuracy"] == m["seeds.mean_eval_accuracy"]
     groups = {k.split(".")[0] for k in m}
     assert "rl_seed1" in groups
