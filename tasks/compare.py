@@ -223,7 +223,7 @@ def distil_lines(d: Mapping[str, float]) -> list[str]:
         f"{d.get('base_cfg_scale', d['rl_cfg_scale']):g}: {d['diversity_ratio_to_base']:.3f}): "
         f"{verdict('diversity_kept')}",
         "- **RL not shown worse than the guided base at 95%: "
-        + (f"{'yes' if d['not_shown_worse'] else 'no'}**" if n >= MIN_SEEDS_FOR_CLAIM else
+        + (f"{'yes' if d.get('not_shown_worse') else 'no'}**" if n >= MIN_SEEDS_FOR_CLAIM else
            f"undetermined** (a claim needs at least {MIN_SEEDS_FOR_CLAIM} seeds; this run has "
            f"{n}, so distil.not_shown_worse is not logged)"),
         f"- point estimates: RL is {ahead('eval_accuracy', higher=True)} in accuracy and "
