@@ -54,7 +54,7 @@ test-infra: venv ## Slow: 2-node Ray cluster (root), Prefect worker and UI, S3 e
 	$(PY) -m pytest -q -m "slow and not gpu" tests/test_cluster.py tests/test_prefect_worker.py \
 		tests/test_s3_end_to_end.py tests/test_storage_failures.py tests/test_experiment.py \
 		tests/test_browser.py tests/test_concurrent_deployments.py tests/test_ui.py \
-		tests/test_pipeline.py
+		tests/test_pipeline.py tests/test_signals.py tests/test_prefect_background.py
 
 # Both can fail the build. (The code keeps its own wrapping, not `ruff format`'s, so there is
 # no format check: one that cannot fail says nothing.)

@@ -222,6 +222,7 @@ def test_the_experiment_flow_sends_dvc_only_the_rendered_overrides(params_file, 
     monkeypatch.setattr(flow, "get_run_logger", lambda: logging.getLogger("test"))
     monkeypatch.setattr(tracking, "start_run", start_run)
     monkeypatch.setattr(dvcops, "run_dvc", lambda cmd, **kwargs: commands.append(cmd))
+    monkeypatch.setattr(flow, "roll_up", lambda parent: [])  # MLflow is stubbed here
     form = form_model().model_validate({"tracking": {"experiment": "on"}})
     result = flow.experiment.fn("x1", overrides=["rl.rewards={judge_margin: 1.0}"], params=form)
     (cmd,) = commands

@@ -200,6 +200,7 @@ def test_a_slow_server_is_waited_for_and_a_dead_one_replaced_never_orphaned(pref
     assert not prefectbg.record_file().exists()
 
 
+@pytest.mark.slow  # a real server start or two (~15-45 s): CI's test-infra runs it
 def test_another_prefect_version_is_replaced_here_and_left_alone_elsewhere(prefect_home,
                                                                          tmp_path, fakes):
     """An upgrade in this environment: the old version's server is stopped. Another
@@ -241,6 +242,7 @@ def test_another_prefect_version_is_replaced_here_and_left_alone_elsewhere(prefe
     assert _alive(other) and prefectbg.record_file().read_text() == before
 
 
+@pytest.mark.slow  # a real server start or two (~15-45 s): CI's test-infra runs it
 def test_a_damaged_server_database_is_set_aside_and_a_fresh_one_started(prefect_home):
     """A full disk or a crash can leave prefect.db damaged: the server then exits at start-up,
     and every command (no-op runs too) failed until someone moved the file by hand."""
@@ -252,6 +254,7 @@ def test_a_damaged_server_database_is_set_aside_and_a_fresh_one_started(prefect_
     assert (prefect_home / "prefect.db").is_file()
 
 
+@pytest.mark.slow  # a real server start or two (~15-45 s): CI's test-infra runs it
 def test_ctrl_c_while_the_server_starts_leaves_no_server_running(prefect_home, tmp_path):
     """The first run spends seconds starting the server, when a user may well press Ctrl-C: the
     half-started server kept running, unrecorded (`server status` said none ran, and the next
@@ -270,9 +273,11 @@ def test_ctrl_c_while_the_server_starts_leaves_no_server_running(prefect_home, t
                     found.append(p)
         return found
 
+    from servers import as_from_terminal
+
     proc = subprocess.Popen([sys.executable, "-m", "latentforge", "server", "start"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=as_from_terminal)
     deadline = time.monotonic() + 60
     while not servers() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -284,6 +289,7 @@ def test_ctrl_c_while_the_server_starts_leaves_no_server_running(prefect_home, t
     assert prefectbg.read_record() is None
 
 
+@pytest.mark.slow  # a real server start or two (~15-45 s): CI's test-infra runs it
 def test_server_stop_refuses_while_a_run_uses_the_server(prefect_home, tmp_path):
     """Stopped under a running stage, the server left the run retrying its API for minutes and
     then failing in some 200 lines of tracebacks, its stage's work done but unrecorded."""

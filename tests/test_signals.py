@@ -18,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 from servers import as_from_terminal
 from test_pipeline import runs, tiny
 
@@ -99,6 +100,7 @@ class Run:
                 for r in runs(root, f"tags.`{procs.INVOCATION_TAG}` = '{self.token}'")}
 
 
+@pytest.mark.slow  # a whole `latentforge run` interrupted (~50-75 s): CI's test-infra runs it
 def test_ctrl_c_stops_stage_and_server_ends_runs_killed_and_listens_on_loopback_only(
         make_project, tmp_path):
     # The generator trains until interrupted. With compute's defaults (one worker, no cluster)
@@ -147,6 +149,7 @@ def test_ctrl_c_stops_stage_and_server_ends_runs_killed_and_listens_on_loopback_
         pass
 
 
+@pytest.mark.slow  # a whole `latentforge run` interrupted (~50-75 s): CI's test-infra runs it
 def test_sigkill_of_run_leaves_no_process_and_no_running_mlflow_run(make_project, tmp_path):
     root = make_project(tiny(prepare={"max_images": 300}, judge={"steps": 100000}))
     run = Run(root, tmp_path)
