@@ -50,7 +50,7 @@ test-kernels: venv ## The model, metric and stage tests under two forced CPU ker
 	ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 MKL_CBWR=COMPATIBLE \
 		$(PY) -m pytest -q $(KERNEL_TESTS)
 
-test-infra: venv ## Slow: 2-node Ray cluster (root), Prefect worker and UI, S3 end to end, experiments
+test-infra: venv ## Slow: 2-node Ray cluster (root), Prefect worker and UI, S3 end to end, experiments, signals, the background Prefect server
 	$(PY) -m pytest -q -m "slow and not gpu" tests/test_cluster.py tests/test_prefect_worker.py \
 		tests/test_s3_end_to_end.py tests/test_storage_failures.py tests/test_experiment.py \
 		tests/test_browser.py tests/test_concurrent_deployments.py tests/test_ui.py \
