@@ -415,6 +415,11 @@ def describe_store_error(exc: BaseException, uri: str) -> str | None:
     elif "not a database" in low or "malformed" in low or "corrupt" in low:
         hint = ("it is damaged: move it aside (keep it: it holds the runs and the model "
                 "registry) and a new one is made, or point MLFLOW_TRACKING_URI elsewhere")
+    elif "maintenance mode" in low and "filesystem" in low:  # a folder store (./mlruns)
+        first = ("MLflow 3 opens a folder store (file:// or a bare path, such as ./mlruns) only "
+                 "with MLFLOW_ALLOW_FILE_STORE=true")
+        hint = ("use a database store, e.g. MLFLOW_TRACKING_URI=sqlite:///mlflow.db "
+                "(`mlflow migrate-filestore` moves the folder's runs there)")
     elif module.startswith("sqlalchemy") or "sqlite" in low:
         hint = "fix it or point MLFLOW_TRACKING_URI elsewhere"
     else:

@@ -424,6 +424,23 @@ def test_store_errors_mid_run_are_recognised_and_others_are_not():
     assert describe_store_error(ValueError("database is locked"), "u") is None
 
 
+def test_a_folder_store_is_one_line_saying_what_to_use(tmp_path, monkeypatch):
+    """MLflow 3 refuses a file:// (./mlruns) store with a paragraph that the line cut
+    mid-URL; it is one line naming the store, the opt-out and the database to use."""
+    from mlflow.store.tracking.file_store import FileStore
+
+    from latentforge.tracking import describe_store_error
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(Exception) as refused:
+        FileStore(str(tmp_path / "mlruns"))  # MLflow's own refusal, as the client meets it
+    uri = (tmp_path / "mlruns").as_uri()
+    line = describe_store_error(refused.value, uri)
+    assert line is not None and line.startswith(f"MLflow store {uri}: MLflow 3 opens a folder")
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in line and "sqlite:///mlflow.db" in line
+    assert "mlflow migrate-filestore" in line and "\n" not in line
+
+
 @pytest.mark.parametrize("value, why", [
     ("''", "prepare: path = '' is empty"),
     (".", "prepare.path = '.' is the project folder or one above it"),
