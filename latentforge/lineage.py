@@ -391,7 +391,9 @@ def cmd_lineage(model_uri: str, root: str | Path = ".") -> str:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = _model_version(client, model_uri, uri)
     walker = _Walker(client)
-    top = walker.version_hop(mv.tags.get(STAGE_TAG, "model"), mv)
+    # Named by its role: the judge stage registers the judge and the evaluator.
+    top = walker.version_hop(mv.tags.get(f"{tracking.TAG_PREFIX}role")
+                             or mv.tags.get(STAGE_TAG, "model"), mv)
     lines = [f"{model_uri} comes from (each hop: input, registered version, stage, MLflow run, "
              f"sha256 of the stage's params and of the content, 12 digits):", *_lines(top)]
     data = _prepare_hops(top)

@@ -277,6 +277,10 @@ def test_lineage_command_prints_every_hop_and_the_source(chain):
     assert lines[-1].startswith("source: digits (source fingerprint ")
     assert "also tokenizer, judge, evaluator, prepared (shown above)" in text  # several paths
 
+    # the judge stage's second model is named by its role, not by the stage that made it
+    evaluator = lineage.cmd_lineage("models:/latentforge-evaluator/1", chain).splitlines()
+    assert evaluator[1].startswith("evaluator: latentforge-evaluator/1  stage judge  run ")
+
     # an alias leads to the same chain
     client.set_registered_model_alias(RL_MODEL, "champion", rl_version.version)
     assert lineage.cmd_lineage(f"models:/{RL_MODEL}@champion", chain).splitlines()[1:] == lines[1:]
