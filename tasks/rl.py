@@ -536,9 +536,11 @@ def curve_csv(history: list[dict[str, float]]) -> str:
 
 
 def stage_metrics(before: dict[str, float], after: dict[str, float],
-                  history: list[dict[str, float]]) -> dict[str, float]:
-    """Deterministic DVC metrics: before/after on the fixed sample and the end of training."""
-    m: dict[str, float] = {}
+                  history: list[dict[str, float]], samples: int) -> dict[str, float]:
+    """Deterministic DVC metrics: before/after on the fixed sample of `samples` images (FD
+    depends on the count: the generator and evaluate stages measure at theirs) and the end of
+    training."""
+    m: dict[str, float] = {"eval_samples": float(samples)}
     for key in COMPARED:
         m[f"before_{key}"], m[f"after_{key}"] = before[key], after[key]
     m["reward_gain"] = after["reward_mean"] - before["reward_mean"]
@@ -750,12 +752,13 @@ def train_seed(inp: Inputs, seed: int, prefix: str, tracker: Tracker,
     meta["training"] = {"precision": "fp32", "compile": False}
     seed_result = SeedResult(seed, model, meta, curve_csv(result.history),
                              class_grid(images, inp.es.labels, base.class_names),
-                             stage_metrics(before, after, result.history))
+                             stage_metrics(before, after, result.history, len(inp.es.labels)))
     m = seed_result.metrics
     log.info("rl seed %d: reward %.4f -> %.4f, evaluator accuracy %.4f -> %.4f, gFD-eval "
-             "%.3f -> %.3f (x%.2f), final KL %.5f", seed, m["before_reward_mean"],
+             "%.3f -> %.3f (x%.2f, %d samples), final KL %.5f", seed, m["before_reward_mean"],
              m["after_reward_mean"], m["before_eval_accuracy"], m["after_eval_accuracy"],
-             m["before_gfd_eval"], m["after_gfd_eval"], m["gfd_change_ratio"], m["final_kl"])
+             m["before_gfd_eval"], m["after_gfd_eval"], m["gfd_change_ratio"],
+             m["eval_samples"], m["final_kl"])
     return SeedRun(seed_result, before, result.seconds, eval_seconds, result.rollouts_per_s,
                    result.resumed_from)
 

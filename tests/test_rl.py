@@ -234,6 +234,8 @@ def test_smoke_outputs_and_resume_after_crash(tiny_inputs, tmp_path, monkeypatch
     for key in ("reward_mean", "eval_accuracy", "gfd_eval"):
         assert np.isfinite(m[f"before_{key}"]) and np.isfinite(m[f"after_{key}"])
     assert {"gfd_change_ratio", "final_kl", "mean_zero_spread"} <= set(m)
+    # FD depends on the count: the metrics say what the before/after gFD was measured at
+    assert m["eval_samples"] == meta["rl"]["eval_protocol"]["samples"] > 0
     assert all(v == round(v, 6) for v in m.values())
     rows = read_csv(first_dir / "rl.csv")
     assert [int(r["step"]) for r in rows] == list(range(1, steps + 1))
