@@ -105,6 +105,9 @@ def _pipeline(overrides: list[str] | None, params_file: str | None, force: bool,
     with preflight.pipeline_checked(), \
             tracking.start_run(params.tracking, "pipeline", tags) as parent:
         experiment_id = mlflow_experiment_id(uri, params)
+        # Every value the pipeline ran with (a `run -S` wrote its changes into params.yaml
+        # before the flow began), so that pipeline runs compare in MLflow's table as stages do.
+        parent.log_params(params.to_dict())
         ran: set[str] = set()
         for stage in selected:
             if not force and status.clean(stage, ran):

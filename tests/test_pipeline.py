@@ -171,6 +171,10 @@ def test_run_skip_override_and_lock_parity(make_project, prefect_harness):
     assert yaml.safe_load(rl_run.data.params["rl.seeds"]) == [0, 1, 2]  # what the stage read
     assert rl_run.data.tags["mlflow.parentRunId"] != parent.info.run_id  # this run's parent
     assert re.search(r"rl\s+ran", table) and re.search(r"generator\s+skipped", table)
+    seeds_parent = mlflow.get_run(rl_run.data.tags["mlflow.parentRunId"])
+    assert yaml.safe_load(seeds_parent.data.params["rl.seeds"]) == [0, 1, 2]  # the -S values
+    assert parent.data.params["rl.seeds"] != seeds_parent.data.params["rl.seeds"]
+    assert seeds_parent.data.params["prepare.resolution"] == str(TINY["prepare"]["resolution"])
     assert sha("artifacts/rl/model.safetensors") == upstream["rl"]
     for seed in (1, 2):
         assert (a / f"artifacts/rl/seeds/seed_{seed}/model.safetensors").is_file()
