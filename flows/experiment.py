@@ -71,25 +71,40 @@ def check_name(name: str) -> None:
                           "'..', '~^:?*[\\', a leading '-' or '/', or a trailing '.lock')")
 
 
-def uncommitted_lock(root: str = ".") -> str | None:
+# What DVC's temporary copy must find in git's last commit to reuse the outputs here: the
+# lock, the params, and the outputs DVC leaves to git (`cache: false`: metrics and plots).
+COMMITTED = ("dvc.lock", "params.yaml", str(paths.METRICS), str(paths.PLOTS))
+
+
+def uncommitted_outputs(root: str = ".") -> str | None:
     """Why DVC's temporary copy (built from git's last commit) would not know the outputs
-    here, where dvc.lock is untracked or changed since that commit; else None."""
-    proc = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock"], cwd=root,
-                          capture_output=True, text=True)
-    state = proc.stdout[:2] if proc.returncode == 0 else ""
-    return ("dvc.lock is not in git" if state.startswith("??") else
-            "dvc.lock has changes git's last commit lacks" if state.strip() else None)
+    here: which of dvc.lock, params.yaml and the stages' metrics and plots files are untracked
+    or changed since that commit; else None."""
+    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--",
+                           *COMMITTED], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    untracked = [line[3:] for line in proc.stdout.splitlines() if line.startswith("??")]
+    changed = [line[3:] for line in proc.stdout.splitlines()
+               if line.strip() and not line.startswith("??")]
+
+    def listed(files: list[str]) -> str:
+        return ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+
+    why = ([f"not in git: {listed(untracked)}"] if untracked else []) + \
+        ([f"changed since git's last commit: {listed(changed)}"] if changed else [])
+    return "; ".join(why) or None
 
 
 def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dict[str, Any]:
     params = load_params(None, overrides)  # validated before anything runs (exit 2)
     check_name(name)
     logger = get_run_logger()
-    if why := uncommitted_lock():
-        logger.warning("%s: the experiment runs in a copy made from that commit, so it reruns "
-                       "every stage whose outputs the commit does not record (and registers "
-                       "their models again); `git add dvc.lock params.yaml && git commit` "
-                       "first to reuse them", why)
+    if why := uncommitted_outputs():
+        logger.warning("%s: the experiment runs in a copy made from git's last commit, so it "
+                       "reruns every stage whose outputs that commit does not record (and "
+                       "registers their models again); `git add %s && git commit` first to "
+                       "reuse them", why, " ".join(c for c in COMMITTED if os.path.exists(c)))
     with workspace.lock(what=f"experiment {name}", wait=wait or None, say=logger.warning):
         # Against params.yaml as it is once the lock is held (a run waited on may have
         # rewritten it), and before the MLflow run opens: what DVC gets, refused with exit 2.

@@ -326,7 +326,9 @@ def _experiment(args: argparse.Namespace) -> int:
     params = _load(args)
     _require_project()
     from latentforge import preflight
+    from latentforge.flows.experiment import check_name
 
+    check_name(args.exp)  # before a Prefect server is started and a flow run opened
     preflight.check_params(params, None)
     preflight.check_environment(params, None)
     procs.start_guard()

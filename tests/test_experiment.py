@@ -54,24 +54,43 @@ def test_run_exp_leaves_params_yaml_alone_and_is_listed_by_dvc_and_mlflow(make_p
     assert rolled.data.metrics["judge.val_accuracy"] == judge.data.metrics["val_accuracy"]
 
 
-def test_an_uncommitted_dvc_lock_is_named_before_an_experiment(tmp_path):
+def test_uncommitted_outputs_are_named_before_an_experiment(tmp_path):
     """DVC's temporary copy comes from git's last commit: with dvc.lock untracked (a fresh
-    clone's first run) every stage ran again and every model was registered twice."""
-    from latentforge.flows.experiment import uncommitted_lock
+    clone's first run) every stage ran again and every model was registered twice; with
+    dvc.lock committed but the metrics and plots files (`cache: false`: git's to keep) not,
+    the same, without a warning."""
+    from latentforge.flows.experiment import uncommitted_outputs
 
     def git(*args: str) -> None:
-        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args],
+                       cwd=tmp_path, check=True, capture_output=True)
 
     git("init", "-q")
-    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x")
-    assert uncommitted_lock(str(tmp_path)) is None  # no lock yet: nothing to reuse
+    git("commit", "-q", "--allow-empty", "-m", "x")
+    assert uncommitted_outputs(str(tmp_path)) is None  # no lock yet: nothing to reuse
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
-    assert uncommitted_lock(str(tmp_path)) == "dvc.lock is not in git"
+    assert uncommitted_outputs(str(tmp_path)) == "not in git: dvc.lock"
     git("add", "dvc.lock")
-    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "lock")
-    assert uncommitted_lock(str(tmp_path)) is None
+    git("commit", "-q", "-m", "lock")
+    assert uncommitted_outputs(str(tmp_path)) is None
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
-    assert uncommitted_lock(str(tmp_path)) == "dvc.lock has changes git's last commit lacks"
+    assert uncommitted_outputs(str(tmp_path)) == "changed since git's last commit: dvc.lock"
+    git("commit", "-qam", "lock")
+    for stage in paths.STAGES:
+        (tmp_path / paths.metrics_file(stage)).parent.mkdir(exist_ok=True)
+        (tmp_path / paths.metrics_file(stage)).write_text("{}\n")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "rl_reward.csv").write_text("step\n")
+    why = uncommitted_outputs(str(tmp_path))
+    assert why == (f"not in git: metrics/{sorted(paths.STAGES)[0]}.json, metrics/"
+                   f"{sorted(paths.STAGES)[1]}.json, metrics/{sorted(paths.STAGES)[2]}.json, "
+                   f"metrics/{sorted(paths.STAGES)[3]}.json and {len(paths.STAGES) - 3} more")
+    git("add", "metrics", "plots")
+    git("commit", "-qm", "outputs")
+    assert uncommitted_outputs(str(tmp_path)) is None
+    (tmp_path / "plots" / "rl_reward.csv").write_text("step\n1\n")
+    assert uncommitted_outputs(str(tmp_path)) == \
+        "changed since git's last commit: plots/rl_reward.csv"
 
 
 def test_an_experiments_parent_run_rolls_up_its_stages_metrics(tmp_path, monkeypatch):

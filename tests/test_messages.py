@@ -323,6 +323,7 @@ def test_an_experiment_name_git_cannot_hold_is_one_line_before_any_run(make_proj
         proc = cli(root, "run", f"--exp={bad}", check=False)
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert "Flow run" not in proc.stderr, proc.stderr[-3000:]  # refused before the flow
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert errors == [f"error: experiment name {bad!r}: not a name git can hold (no spaces, "
                           "'..', '~^:?*[\\', a leading '-' or '/', or a trailing '.lock')"], \
