@@ -66,7 +66,7 @@ ui: venv ## Prefect UI (the background server) + deployments + MLflow UI on 127.
 	$(PY) -m latentforge ui
 
 serve: venv ## Serve the pipeline and stage deployments to the Prefect server (Run buttons)
-	PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:4200/api} latentforge serve
+	$(PY) -m latentforge serve
 
 bench: venv ## Run the benchmarks in bench/ (they print measured numbers)
 	@for b in $(filter-out bench/sampling_quality.py,$(wildcard bench/*.py)); do \
