@@ -465,6 +465,7 @@ def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
     """
     from safetensors import SafetensorError
 
+    from latentforge import paths
     from latentforge.errors import DataError
     from latentforge.storage import parse_record, sha256_file
 
@@ -473,7 +474,11 @@ def load_model_folder(path: str | os.PathLike[str], meta_name: str, what: str,
     rerun = f"run the {_producing_stage(path, what)} stage to write it again"
     if not meta_path.exists():
         if not path.exists():
-            raise DataError(f"{path}: no such folder; run the {what} stage first{missing_hint}")
+            stage = _producing_stage(path, what)
+            also = (" (it writes seeds/seed_N for each seed after the first in rl.seeds)"
+                    if stage == "rl" and path.resolve() != paths.RL.resolve() else "")
+            raise DataError(f"{path}: no such folder; run the {stage} stage first{also}"
+                            f"{missing_hint}")
         other = folder_kind(path, but=meta_name)
         if other:
             raise DataError(f"{path}: a {other[1]} folder ({other[0]}), not a {what} one; "

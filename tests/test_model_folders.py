@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import asdict
 
@@ -81,6 +82,20 @@ def test_each_defect_is_a_data_error_naming_the_file(judge_dir, defect, names, s
     message = str(err.value)
     assert str(folder / names) in message and says in message
     assert "run the judge stage" in message
+
+
+def test_a_missing_rl_seed_folder_names_the_rl_stage_and_its_seeds(tmp_path, monkeypatch):
+    """`sample --model artifacts/rl/seeds/seed_1` with one RL seed said to run the
+    generator stage, which would not write it."""
+    from latentforge.tasks.generator import load_generator
+
+    monkeypatch.chdir(tmp_path)
+    for folder, says in (("artifacts/rl/seeds/seed_1", "run the rl stage first (it writes "
+                          "seeds/seed_N for each seed after the first in rl.seeds)"),
+                         ("artifacts/rl", "no such folder; run the rl stage first"),
+                         ("artifacts/generator", "no such folder; run the generator stage")):
+        with pytest.raises(DataError, match=re.escape(says)):
+            load_generator(folder, tmp_path / "artifacts/tokenizer")
 
 
 def test_a_registered_judge_predicts_through_mlflow_pyfunc_like_load_judge(judge_dir, tmp_path,
