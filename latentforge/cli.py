@@ -457,6 +457,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         raise ConfigError(f"--class {args.cls!r} is not a class of this generator; classes: "
                           f"{', '.join(names)}")
+    if gen.kind != "flow":  # taking them and sampling as before read as if they had acted
+        ignored = [flag for flag, given in (("--steps", args.steps), ("--sampler", args.sampler))
+                   if given is not None]
+        if ignored:
+            raise ConfigError(f"{' and '.join(ignored)}: the flow ODE's; this {gen.kind} "
+                              "generator samples codes as its generator stage set it "
+                              "(generator.maskgit_steps, temperature); drop them")
     # As the stage that made the model sampled it (RL: its rollout CFG), unless told otherwise;
     # a folder saved before it recorded that samples as params.yaml's generator section says.
     if has_sampling_record(gen.meta):

@@ -185,6 +185,13 @@ def test_token_generators_train_fine_tune_and_evaluate(tmp_path, monkeypatch, ca
         assert main(["sample", "--class", "3", "--n", "4", "--model", str(tuned), "--tokenizer",
                      str(d["tok"]), "--decoder", "none", "--out", str(out)]) == 0
         assert f"4 samples of class '3' to {out}" in capsys.readouterr().out
+        # the flow ODE's options would be ignored (they were, silently): refused in one line
+        assert main(["sample", "--class", "3", "--n", "4", "--model", str(tuned), "--tokenizer",
+                     str(d["tok"]), "--decoder", "none", "--steps", "25", "--sampler", "heun",
+                     "--out", str(tmp_path / "x.png")]) == 2
+        assert (f"error: --steps and --sampler: the flow ODE's; this {kind} generator samples "
+                "codes as its generator stage set it") in capsys.readouterr().err
+        assert not (tmp_path / "x.png").exists()
 
 
 def test_a_registered_generator_samples_anywhere_with_its_own_tokenizer(chain, tmp_path,
