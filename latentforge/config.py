@@ -555,7 +555,9 @@ class ComputeConfig:
     """Where the work runs: a local Ray instance or a cluster, workers, GPUs."""
 
     ray_address: str | None = param(
-        None, "null: a local Ray instance; else a cluster address (e.g. auto, ray://host:10001)")
+        None, "null: a local Ray instance; else the cluster's GCS address, HEAD:6379 (or auto "
+        "on a cluster node); the driver runs on a machine of the cluster (the head, or one "
+        "joined with `ray start --address`); Ray Client (ray://) is not supported")
     num_workers: int = param(1, "Ray Train workers / Ray Data actors; with 1 and no ray_address "
                              "training, caching and sampling run in-process (no Ray start-up)",
                              ge=1, le=MAX_WORKERS)
@@ -581,6 +583,19 @@ class ComputeConfig:
     compile: bool = param(False, "torch.compile the model for training: 6-23% faster steps on "
                           "CPU (bench/throughput.py), for 4 s (compile cache warm) to 75 s (cold) "
                           "of compiling per model; pays only for long runs")
+
+    def __post_init__(self) -> None:
+        address = self.ray_address
+        if address is not None and address.strip().lower().startswith("ray://"):
+            raise ValueError(
+                f"ray_address = {address!r} is a Ray Client address, which LatentForge does not "
+                f"use (Ray advises against it for Ray Train and Ray Data; it needs ray[client]): "
+                f"run the driver on a machine of the cluster, the head node (ray_address: auto) "
+                f"or one joined with `ray start --address HEAD:6379`, and give the GCS address "
+                f"HEAD:6379")
+        if address is not None and not address.strip():
+            raise ValueError("ray_address = '' is empty: null for a local Ray instance, or the "
+                             "cluster's address (HEAD:6379, auto)")
 
 
 @dataclass(kw_only=True)

@@ -102,8 +102,14 @@ def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
             ray.init(address=compute.ray_address, log_to_driver=True,
                      runtime_env=runtime_env or None)
         except (ConnectionError, RuntimeError) as exc:
+            # Ray's own lines before it (one a second) may say Unauthenticated: a cluster
+            # started with token authentication refuses a driver without its token.
+            token = "" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else (
+                "; if the cluster uses token authentication (`ray start` turns it on), set "
+                "RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or the file "
+                "~/.ray/auth_token) here")
             raise ConfigError(f"compute.ray_address {compute.ray_address!r}: could not connect "
-                              f"to Ray there ({type(exc).__name__}: {exc})") from exc
+                              f"to Ray there ({type(exc).__name__}: {exc}){token}") from exc
         check_cluster(compute)
         check_capacity(compute)
         return
@@ -190,7 +196,6 @@ def check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
     ray.init retries an unreachable GCS for minutes; a TCP connect says the same in seconds.
     "auto" and addresses without a port are left to Ray (which finds or refuses them itself).
     """
-    import socket
     from urllib.parse import urlsplit
 
     if address in ("auto", "local"):
@@ -203,12 +208,51 @@ def check_reachable(address: str, timeout: float = REACH_TIMEOUT_S) -> None:
     if not host or port is None:
         return
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        heard = _grpc_handshake(host, port, timeout)
     except OSError as exc:
+        within = "" if isinstance(exc, ConnectionRefusedError) else f" within {timeout:.0f} s"
         raise ConfigError(f"compute.ray_address {address!r}: no Ray head answers at "
-                          f"{host}:{port} within {timeout:.0f} s ({exc}); start the cluster "
+                          f"{host}:{port}{within} ({exc}); start the cluster "
                           f"(ray start --head / ray up infra/ray-cluster.yaml) or fix the "
                           f"address") from exc
+    if heard is not None:  # a port of something else: ray.init would wait there for minutes
+        raise ConfigError(f"compute.ray_address {address!r}: {host}:{port} is not a Ray "
+                          f"head's GCS port ({heard}); give the port `ray start --head` "
+                          f"printed (6379 unless --port said otherwise; the dashboard's 8265 "
+                          f"is not it)")
+
+
+# The HTTP/2 client preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+def _grpc_handshake(host: str, port: int, timeout: float) -> str | None:
+    """None when the server at host:port speaks HTTP/2, as the GCS's gRPC server does (it
+    answers the client preface with a SETTINGS frame); else what it did instead. OSError
+    when nothing accepts the connection. A TLS-only cluster (RAY_USE_TLS) is not asked."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return None
+        sock.settimeout(timeout)
+        try:
+            sock.sendall(_H2_PREFACE)
+            head = b""
+            while len(head) < 9:
+                chunk = sock.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except TimeoutError:
+            return f"it accepted the connection but sent nothing back within {timeout:.0f} s"
+        except OSError as exc:  # reset by a server that reads one protocol only
+            return f"it dropped the connection ({exc})"
+    if len(head) == 9 and head[3] == 0x04:  # a SETTINGS frame: HTTP/2
+        return None
+    if head.startswith((b"HTTP/", b"<")):  # a status line, or an error page without one
+        return "an HTTP/1 server answers there"
+    return "it closed the connection" if not head else f"it answered {head[:9]!r}, not HTTP/2"
 
 
 def package_folder() -> str:

@@ -55,6 +55,40 @@ def test_an_unreachable_ray_address_fails_fast_naming_it():
         check_reachable("127.0.0.1:notaport")
 
 
+def test_a_port_of_another_service_is_refused_fast_and_the_gcs_port_passes(ray_local):
+    """A mistyped port where something else listens (the dashboard, an S3 endpoint) passed
+    the TCP check, and ray.init then waited there for minutes."""
+    import http.server
+    import threading
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        for port, says in ((web.server_address[1], "an HTTP/1 server answers there"),
+                           (silent.getsockname()[1], "sent nothing back within 2 s")):
+            started = time.monotonic()
+            with pytest.raises(ConfigError) as refused:
+                check_reachable(f"127.0.0.1:{port}", timeout=2)
+            assert time.monotonic() - started < 10
+            assert f"127.0.0.1:{port} is not a Ray head's GCS port (" in str(refused.value)
+            assert says in str(refused.value)
+    finally:
+        web.shutdown()
+        silent.close()
+    check_reachable(ray_local.get_runtime_context().gcs_address, timeout=5)  # a real GCS
+
+
+def test_a_ray_client_address_is_refused_saying_what_to_give():
+    from latentforge.config import load_params
+
+    with pytest.raises(ConfigError) as refused:
+        load_params(None, ["compute.ray_address=ray://head:10001"])
+    message = str(refused.value)
+    assert "compute: ray_address = 'ray://head:10001' is a Ray Client address" in message
+    assert "ray start --address HEAD:6379" in message and "\n" not in message
+
+
 def test_the_code_shipped_in_runtime_env_is_the_whole_package(tmp_path):
     folder = Path(package_folder())
     assert folder.name == "latentforge"
