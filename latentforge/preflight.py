@@ -36,12 +36,60 @@ def check_params(params: Params, stages: list[str] | None) -> None:
     if scheme and importlib.util.find_spec(DVC_REMOTE_PLUGINS[scheme]) is None:
         raise ConfigError(f"storage.remote = {remote!r}: DVC's {scheme}:// remotes need "
                           f"`pip install {DVC_REMOTE_PLUGINS[scheme].replace('_', '-')}`")
+    if any(runs(stage, stages) for stage in TRAINED_ON_RAY):
+        check_train_storage(params)
     if runs("evaluate", stages):
         check_inception_weights(params.evaluate.inception_weights)
     if runs("rl", stages):
         from latentforge import rewards
 
         rewards.check_names(params.rl.rewards, Path.cwd())
+
+
+# The stages whose training runs on Ray Train workers once compute asks for several or a
+# cluster: their checkpoints go through compute.storage_path.
+TRAINED_ON_RAY = ("judge", "tokenizer", "generator", "posttrain")
+
+
+def check_train_storage(params: Params) -> None:
+    """compute.storage_path as this machine (the driver, which copies every checkpoint back
+    from there) sees it, before any work: set where a cluster trains, an s3:// URL this
+    machine reaches (endpoint, credentials, bucket), a folder it can make and write. Each node
+    is asked the same about an s3:// one once the cluster is joined (raycluster)."""
+    import os
+
+    from latentforge import storage
+    from latentforge.errors import DataError
+
+    compute = params.compute
+    url = compute.storage_path
+    if url is None:
+        if compute.ray_address is not None:
+            raise ConfigError(
+                f"compute.storage_path is null but compute.ray_address is "
+                f"{compute.ray_address!r}: Ray Train workers on other nodes report checkpoints "
+                f"to storage every node reaches; set compute.storage_path to an s3:// URL or "
+                f"a folder every node mounts")
+        return
+    if storage.is_url(url):
+        if storage.is_s3(url):
+            storage.configure(params.storage)
+            try:
+                storage.exists(url)
+            except DataError as exc:
+                raise ConfigError(f"compute.storage_path: this machine (the driver: it copies "
+                                  f"each checkpoint back from there) cannot reach it: {exc}"
+                                  ) from None
+        return
+    folder = Path(url)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"no write permission on {folder}")
+    except OSError as exc:
+        raise ConfigError(f"compute.storage_path = {url!r}: this machine cannot make or write "
+                          f"that folder ({type(exc).__name__}: {exc}); give a folder every "
+                          f"node mounts and can write, or an s3:// URL") from None
 
 
 def check_environment(params: Params, stages: list[str] | None) -> None:

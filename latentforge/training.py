@@ -824,11 +824,16 @@ def _ray_storage(compute: ComputeConfig, ckpt_dir: Path) -> tuple[str, Any, Any,
     return str(Path(url).resolve()), None, fsspec.filesystem("file"), False
 
 
-def _fetch_checkpoint(fs: Any, folder: str, ckpt_dir: Path, step: int, keep_last: int) -> None:
-    """Copy a checkpoint Ray Train stored at `folder` into the driver's `ckpt_dir`."""
+def _fetch_checkpoint(fs: Any, folder: str, ckpt_dir: Path, step: int, keep_last: int,
+                      url: str | None = None) -> None:
+    """Copy a checkpoint Ray Train stored at `folder` (of `url`, compute.storage_path) into the
+    driver's `ckpt_dir`; a storage failure is one line naming the URL (storage_errors)."""
+    from latentforge.storage import storage_errors
+
     files = {}
     for name in (ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.STATE_FILE):
-        with fs.open(f"{folder}/{name}", "rb") as f:
+        with storage_errors(f"{url or folder} (checkpoint step {step})"), \
+                fs.open(f"{folder}/{name}", "rb") as f:
             files[name] = f.read()
     ckpt.install_checkpoint_files(ckpt_dir, step, files, keep_last=keep_last)
 
@@ -890,7 +895,7 @@ def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckp
         elif item[0] == "checkpoint":
             step = item[1]
             _fetch_checkpoint(fs, f"{run_root}/{ckpt.step_dir_name(step)}", ckpt_dir, step,
-                              cfg.keep_last)
+                              cfg.keep_last, compute.storage_path)
         elif item[0] == "node":
             nodes[item[1]] = item[2]
         elif item[0] == "stats":

@@ -313,3 +313,36 @@ def test_an_s3_artifact_upload_failing_mid_run_is_one_line(monkeypatch, tmp_path
         tracker.log_artifact(tmp_path / "report.json")
     line = str(raised.value)
     assert line.startswith("s3://bkt/ml/") and "\n" not in line and SECRET not in line, line
+
+
+def test_train_storage_the_driver_cannot_reach_is_refused_before_any_work(without_credentials,
+                                                                         tmp_path):
+    """The nodes were checked, the driver was not: workers trained and wrote checkpoints to
+    S3, then the driver's first copy-back died in a botocore traceback, having none."""
+    from latentforge.config import load_params
+    from latentforge.errors import ConfigError
+    from latentforge.preflight import check_params
+
+    bucket = without_credentials.split("/")[2]
+    cluster = ["compute.ray_address=10.0.0.1:6379", "prepare.source=digits"]
+    params = load_params(None, [*cluster, f"compute.storage_path=s3://{bucket}/ray"])
+    with pytest.raises(ConfigError) as refused:
+        check_params(params, ["judge"])
+    assert str(refused.value).startswith(
+        f"compute.storage_path: this machine (the driver: it copies each checkpoint back from "
+        f"there) cannot reach it: s3://{bucket}/ray: no credentials found; ")
+    check_params(params, ["prepare", "cache", "rl", "evaluate"])  # no Ray Train there
+
+    with pytest.raises(ConfigError, match="compute.storage_path is null but compute.ray_address"):
+        check_params(load_params(None, cluster), None)  # refused before prepare, not in judge
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    local = load_params(None, [*cluster, f"compute.storage_path={blocker / 'ray'}"])
+    with pytest.raises(ConfigError) as refused:
+        check_params(local, ["tokenizer"])
+    assert str(refused.value).startswith(
+        f"compute.storage_path = '{blocker / 'ray'}': this machine cannot make or write that "
+        f"folder (NotADirectoryError: ")
+    writable = load_params(None, [*cluster, f"compute.storage_path={tmp_path / 'ray'}"])
+    check_params(writable, ["generator"])
+    assert (tmp_path / "ray").is_dir()
