@@ -40,6 +40,7 @@ import logging
 import math
 import mmap
 import random
+import re
 import sys
 import threading
 import time
@@ -838,6 +839,37 @@ def _fetch_checkpoint(fs: Any, folder: str, ckpt_dir: Path, step: int, keep_last
     ckpt.install_checkpoint_files(ckpt_dir, step, files, keep_last=keep_last)
 
 
+# What Ray Train's failure says when a worker, its node or the link between workers went
+# away (the survivors' collective read fails; Ray reports the dead actor or node).
+_LOST = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ActorUnavailableError",
+         "Connection reset by peer", "Connection closed by peer", "gloo", "NCCL")
+
+
+def describe_train_failure(exc: BaseException, committed: list[tuple[int, Path]]
+                           ) -> BaseException:
+    """The error a failed Ray Train run ends the stage with: ours as they are (a worker's
+    ConfigError, a storage line); Ray's and torch's as one line saying what was lost and where
+    a rerun resumes, the traceback in the debug log."""
+    from latentforge.errors import LatentForgeError
+
+    if isinstance(exc, LatentForgeError | KeyboardInterrupt | SystemExit):
+        return exc
+    log.debug("Ray Train failed", exc_info=exc)
+    text = f"{type(exc).__name__}: {exc}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # The innermost cause reads best: Ray wraps it in TrainingFailedError's paragraph.
+    cause = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[0])
+    lost = any(word in text for word in _LOST)
+    what = ("a worker, its node or the link between workers was lost" if lost
+            else "run with -v for the traceback")
+    resume = (f"a rerun resumes from step {committed[-1][0]}, the last checkpoint copied here"
+              if committed else "no checkpoint reached this machine: a rerun starts afresh")
+    return LatentForgeError(f"Ray Train stopped ({what}): {cause[:300]}; {resume}")
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt|Failed\w*):? ")
+
+
 def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckpt_dir: Path,
                   tracker: Tracker, progress: bool) -> _LoopStats:
     import ray
@@ -923,7 +955,7 @@ def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckp
         log.info("Ray Train: %d worker(s) on node(s) %s", len(nodes),
                  ", ".join(n[:12] for n in ids))
     if failure:
-        raise failure[0]
+        raise describe_train_failure(failure[0], ckpt.committed_steps(ckpt_dir))
     if not stats:
         raise RuntimeError("Ray Train finished without the workers' final statistics")
     return _LoopStats(**{**stats, "nodes": tuple(sorted(set(nodes.values())))})

@@ -207,3 +207,46 @@ def test_workers_the_local_instance_cannot_hold_are_refused_not_waited_for(
         for _ in range(2):  # init_ray runs several times a stage: said once
             check_capacity(ComputeConfig(**compute, ray_address="auto"))
     assert caplog.text.count("Ray waits until the cluster has room") == 1
+
+
+def test_each_node_looks_at_an_s3_storage_path_as_it_sees_it(ray_local, s3_server):
+    """check_cluster's probe runs on every node (here the local instance's one) and a node
+    that cannot reach compute.storage_path is named in one line."""
+    from latentforge.config import ComputeConfig
+    from latentforge.raycluster import check_cluster
+
+    with pytest.raises(ConfigError) as refused:
+        check_cluster(ComputeConfig(ray_address="auto",
+                                    storage_path="s3://lf-no-such-bucket-here/ray"))
+    message = str(refused.value)
+    # The local instance's workers have the environment of when it started: with the S3
+    # server's credentials (no such bucket), or, started before it, without (none found).
+    assert message.startswith("compute.storage_path: node ") and \
+        "cannot reach it: s3://lf-no-such-bucket-here/ray: " in message, message
+    assert "no such bucket" in message or "no credentials found" in message, message
+
+
+def test_a_lost_worker_ends_training_in_one_line_saying_where_a_rerun_resumes(tmp_path):
+    """A node lost mid-training ended the stage with 16 lines of Ray's wrapper around gloo's
+    socket error; now one line: what was lost, the innermost error, the step a rerun takes."""
+    from latentforge.errors import LatentForgeError
+    from latentforge.training import describe_train_failure
+
+    class TrainingFailedError(RuntimeError):  # Ray Train's wrapper, by name
+        pass
+
+    gloo = TrainingFailedError(
+        "Training failed due to worker errors:\n[Rank 1]\nTraceback (most recent call last):\n"
+        '  File "loop.py", line 3, in step\nRuntimeError: [gloo/transport/tcp/pair.cc:537] '
+        "Read error [127.0.0.1]:60641: Connection reset by peer")
+    line = str(describe_train_failure(gloo, [(20, tmp_path / "a"), (40, tmp_path / "b")]))
+    assert line == ("Ray Train stopped (a worker, its node or the link between workers was "
+                    "lost): RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error "
+                    "[127.0.0.1]:60641: Connection reset by peer; a rerun resumes from step 40, "
+                    "the last checkpoint copied here")
+    other = str(describe_train_failure(ValueError("bad shape"), []))
+    assert other == ("Ray Train stopped (run with -v for the traceback): ValueError: bad shape; "
+                     "no checkpoint reached this machine: a rerun starts afresh")
+    ours = ConfigError("compute.storage_path: ...")
+    assert describe_train_failure(ours, []) is ours  # already one line
+    assert isinstance(describe_train_failure(gloo, []), LatentForgeError)
