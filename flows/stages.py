@@ -13,6 +13,7 @@ runs inside the flow itself, not in a Prefect task.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -101,6 +102,20 @@ def apply_params(params_file: str | None, overrides: list[str], changes: Any = N
         get_run_logger().info("params.yaml updated from %s",
                               " ".join(filter(None, [params_file, *overrides])))
     return params
+
+
+def _logged_once(record: logging.LogRecord) -> bool:
+    """A filter for Prefect's flow-run logger: drop the engine's second report of an error
+    `failed_state` logged already ("Engine execution exited with unexpected exception" and
+    its traceback, at ERROR: what a served deployment's run logs for each failure)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (isinstance(exc, LatentForgeError)
+                and record.getMessage().startswith("Engine execution exited"))
+
+
+# Installed once, when the flows are imported: by the CLI, `latentforge serve` and the
+# runner's subprocess that loads a deployment's flow before running it.
+logging.getLogger("prefect.flow_runs").addFilter(_logged_once)
 
 
 def failed_state(exc: LatentForgeError) -> State:

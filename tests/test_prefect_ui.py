@@ -329,6 +329,33 @@ def test_a_failed_stage_is_one_error_line_with_its_cause(prefect_harness, make_p
             assert any("Traceback" in log.message for log in logs if log.level == logging.DEBUG)
 
 
+def test_a_deployment_run_that_fails_logs_one_error_line(prefect_harness, make_project,
+                                                        monkeypatch):
+    """A served deployment's run goes through Prefect's engine entry (`run_flow` with the flow
+    run's logger as error_logger), which logged every failure a second time at ERROR with a
+    47-60 line traceback: the UI's Logs tab showed it under the one line."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.flow_engine import flow_run_logger, run_flow
+    from prefect.logging.handlers import APILogHandler
+
+    from latentforge.errors import ConfigError
+    from latentforge.flows.pipeline import pipeline
+
+    monkeypatch.chdir(make_project(TINY))
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(pipeline, parameters={"overrides": ["judge.steps=abc"]})
+    with pytest.raises(ConfigError, match="judge.steps = 'abc' is invalid"):
+        run_flow(pipeline, flow_run=flow_run, error_logger=flow_run_logger(flow_run=flow_run))
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+        assert client.read_flow_run(flow_run.id).state.is_failed()
+    errors = [log.message for log in logs if log.level >= logging.ERROR]
+    assert len(errors) == 1 and "judge.steps = 'abc' is invalid" in errors[0], errors
+    assert not any("Traceback" in log.message for log in logs if log.level >= logging.INFO)
+
+
 def test_a_stage_killed_by_a_signal_is_named_and_its_run_ended_failed(tmp_path, monkeypatch):
     """SIGKILL (the out-of-memory killer) gave `exited with -9` and left the stage's MLflow run
     RUNNING for ever: its process could not end it."""
