@@ -26,7 +26,7 @@ from pydantic import Field
 from latentforge import dvcops, paths, procs, tracking, workspace
 from latentforge.config import load_params, yaml_text
 from latentforge.errors import ConfigError, LatentForgeError
-from latentforge.flows.stages import NO_CHANGES, Overrides, ParamChanges, failed_state
+from latentforge.flows.stages import FORM_WAIT, NO_CHANGES, Overrides, ParamChanges, failed_state
 from latentforge.overrides import dvc_set_params_checked
 from latentforge.schema import as_overrides
 
@@ -105,7 +105,8 @@ def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dic
                        "reruns every stage whose outputs that commit does not record (and "
                        "registers their models again); `git add %s && git commit` first to "
                        "reuse them", why, " ".join(c for c in COMMITTED if os.path.exists(c)))
-    with workspace.lock(what=f"experiment {name}", wait=wait or None, say=logger.warning):
+    with workspace.lock(what=f"experiment {name}", wait=wait or None, say=logger.warning,
+                        wait_hint=FORM_WAIT):
         # Against params.yaml as it is once the lock is held (a run waited on may have
         # rewritten it), and before the MLflow run opens: what DVC gets, refused with exit 2.
         values, set_params = dvc_set_params_checked(params, overrides)

@@ -17,6 +17,7 @@ from latentforge import dvcops, preflight, procs, tracking, workspace
 from latentforge.config import Params
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.flows.stages import (
+    FORM_WAIT,
     NO_CHANGES,
     PARAMETERS_DOC,
     STAGE_FLOWS,
@@ -62,7 +63,8 @@ def pipeline(overrides: Overrides = None, params_file: ParamsFile = None,
              params: ParamChanges = NO_CHANGES, wait: bool = False) -> list[dict[str, Any]]:
     try:
         with workspace.lock(what=f"Prefect flow run {flow_run.id or 'pipeline'}",
-                            wait=wait or None, say=get_run_logger().warning), \
+                            wait=wait or None, say=get_run_logger().warning,
+                            wait_hint=FORM_WAIT), \
                 procs.flow_run_watched():
             return _pipeline(overrides, params_file, force, list(stages or []), params)
     except LatentForgeError as exc:  # a failed stage's own flow run logged it too

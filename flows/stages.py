@@ -104,6 +104,11 @@ def apply_params(params_file: str | None, overrides: list[str], changes: Any = N
     return params
 
 
+# How a flow run that finds the workspace busy queues instead: the CLI's flag, or, started
+# from the UI, the Run form's `wait` parameter.
+FORM_WAIT = "pass --wait (in the Run form: set wait)"
+
+
 def _logged_once(record: logging.LogRecord) -> bool:
     """A filter for Prefect's flow-run logger: drop the engine's second report of an error
     `failed_state` logged already ("Engine execution exited with unexpected exception" and
@@ -182,7 +187,8 @@ def _stage_flow(stage: str, overrides: list[str] | None, params_file: str | None
     stage reproduced, its summary published."""
     try:
         with workspace.lock(what=f"Prefect flow run {flow_run.id or stage}", wait=wait or None,
-                            say=get_run_logger().warning), procs.flow_run_watched():
+                            say=get_run_logger().warning,
+                            wait_hint=FORM_WAIT), procs.flow_run_watched():
             # Started alone (the UI): checked here; as the pipeline's subflow: checked there.
             alone = not parent_run_id and not preflight.checked_by_pipeline()
             params = apply_params(params_file, overrides or [], changes, [stage], check=alone)

@@ -54,12 +54,13 @@ def _describe(holder: dict[str, Any], path: Path) -> str:
 
 @contextlib.contextmanager
 def lock(root: str | os.PathLike[str] = ".", what: str = "", wait: bool | None = None,
-         say: Callable[[str], Any] | None = None) -> Iterator[None]:
+         say: Callable[[str], Any] | None = None, wait_hint: str = "pass --wait"
+         ) -> Iterator[None]:
     """Hold the workspace lock for the body. When another run holds it: fail at once naming
     the holder, or with `wait` (default: the LATENTFORGE_WAIT_FOR_WORKSPACE environment
     variable, set by `--wait`) wait for it, saying so every minute through `say` (default:
     a warning on this module's logger; a flow passes its run logger, so the Prefect UI
-    shows it)."""
+    shows it; a flow's `wait_hint` names its Run form's `wait`)."""
     if wait is None:
         wait = os.environ.get(WAIT_ENV, "").lower() in ("1", "true", "yes")
     path = (Path(root) / LOCK_FILE).resolve()
@@ -86,7 +87,7 @@ def lock(root: str | os.PathLike[str] = ".", what: str = "", wait: bool | None =
                 f.close()
                 raise WorkspaceBusy(f"another run is using this workspace: "
                                     f"{_describe(holder, path)}; wait for it to finish, stop "
-                                    "it, or pass --wait to queue behind it") from None
+                                    f"it, or {wait_hint} to queue behind it") from None
             if time.monotonic() - said >= 60:
                 (say or log.warning)(f"waiting for the workspace: {_describe(holder, path)}")
                 said = time.monotonic()

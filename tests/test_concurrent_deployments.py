@@ -81,6 +81,7 @@ def test_two_deployments_on_one_workspace_never_overlap(make_project, tmp_path):
             assert end["state_type"] == "FAILED"
             assert end["state"]["message"].startswith("another run is using this workspace")
             assert f"Prefect flow run {first}" in end["state"]["message"]
+            assert "(in the Run form: set wait) to queue behind it" in end["state"]["message"]
             assert "seed: 7" not in (root / "params.yaml").read_text()  # nothing was written
 
             # the queued run says so in its own log while the pipeline holds the workspace
