@@ -427,7 +427,7 @@ def run_dvc(args: list[str], env: Mapping[str, str] | None = None, root: str | P
     except BaseException:  # Ctrl-C, SIGTERM, Prefect cancelling the flow run
         with procs.interrupts_deferred():
             log.warning("stopping %s (dvc %s, pid %d)", what, args[0], proc.pid)
-            procs.stop_group(proc, drain=proc.stdout, on_line=on_line)
+            procs.stop_group(proc, drain=proc.stdout, on_line=on_line, leader_last=True)
         raise
     procs.guard_send(f"ungroup {proc.pid}")
     if proc.returncode == 0:

@@ -143,14 +143,44 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
+def _group_members(pgid: int) -> list[int]:
+    """The pids of process group `pgid` (the leader's included, while it lives)."""
+    import psutil
+
+    found = []
+    for pid in psutil.pids():
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pgid:
+                found.append(pid)
+    return found
+
+
+LEADER_AFTER_S = 3.0  # how long a leader gets to wind up once the rest of its group is gone
+
+
 def stop_group(proc: subprocess.Popen[Any], grace: float = GRACE_S,
-               drain: IO[str] | None = None, on_line: Callable[[str], None] | None = None) -> None:
+               drain: IO[str] | None = None, on_line: Callable[[str], None] | None = None,
+               leader_last: bool = False) -> None:
     """SIGTERM to the group, wait up to `grace` seconds for the leader and the group, then
     SIGKILL what is left. `drain`: the leader's output pipe, read (and passed to `on_line`)
-    meanwhile so that the children never block on a full pipe."""
+    meanwhile so that the children never block on a full pipe.
+
+    `leader_last`: SIGTERM the leader's children first and let the leader see them end, as
+    `dvc repro` must (a dvc killed by SIGTERM leaves its entries in .dvc/tmp/rwlock, and the
+    next run warns that a killed process held them); the leader gets SIGTERM too if it is
+    still there LEADER_AFTER_S after they are gone, or has no children to wait for."""
     pgid = proc.pid
-    _signal_group(pgid, signal.SIGTERM)
+    others = [pid for pid in _group_members(pgid) if pid != pgid] if leader_last else []
+    if others:
+        for pid in others:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+        leader_signalled = False
+    else:
+        _signal_group(pgid, signal.SIGTERM)
+        leader_signalled = True
     deadline = time.monotonic() + grace
+    alone_since: float | None = None
     if drain is not None:
         os.set_blocking(drain.fileno(), False)
     while time.monotonic() < deadline and (proc.poll() is None or group_alive(pgid)):
@@ -159,6 +189,12 @@ def stop_group(proc: subprocess.Popen[Any], grace: float = GRACE_S,
                 for line in drain.readlines():
                     if on_line is not None:
                         on_line(line.rstrip("\n"))
+        if not leader_signalled and proc.poll() is None and \
+                not [pid for pid in _group_members(pgid) if pid != pgid]:
+            alone_since = alone_since or time.monotonic()
+            if time.monotonic() - alone_since >= LEADER_AFTER_S:
+                _signal_group(pgid, signal.SIGTERM)
+                leader_signalled = True
         time.sleep(0.1)
     if proc.poll() is None or group_alive(pgid):
         log.warning("process group %d still running %.0f s after SIGTERM: killing it", pgid, grace)

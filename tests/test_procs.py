@@ -215,3 +215,41 @@ def test_a_closed_terminal_interrupts_like_sigterm_unless_under_nohup():
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("leader_last", [True, False])
+def test_stopping_dvc_repro_leaves_its_rwlock_clean(tmp_path, leader_last):
+    """A `dvc repro` killed by SIGTERM with its stage left its entries in .dvc/tmp/rwlock,
+    and every later run warned that a killed process had held them. Stopped stage first,
+    dvc sees the stage fail and releases them (the False case shows what SIGTERM to the
+    whole group leaves: the test can tell the two apart)."""
+    import json
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(args, cwd=root, check=True)
+    (root / "dvc.yaml").write_text(
+        "stages:\n  slow:\n    cmd: python -c \"import time; open('started', 'w'); "
+        "time.sleep(120)\"\n    outs: [out.txt]\n")
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "slow"], cwd=root,
+                            start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (root / "started").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.2)
+        rwlock = root / ".dvc" / "tmp" / "rwlock"
+        assert json.loads(rwlock.read_text())["write"], "dvc holds no lock while the stage runs"
+        started = time.monotonic()
+        procs.stop_group(proc, grace=30, drain=proc.stdout, leader_last=leader_last)
+        print(f"leader_last={leader_last}: stopped in {time.monotonic() - started:.1f} s")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    held = json.loads(rwlock.read_text())
+    if leader_last:
+        assert not any(held.values()), held  # dvc released its read and write entries
+    else:
+        assert held["write"], held
