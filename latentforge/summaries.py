@@ -21,12 +21,25 @@ def mlflow_server(tracking_uri: str | None) -> str | None:
     return None
 
 
+# Set by `latentforge ui` for the deployments it serves: the MLflow UI it started on the
+# project's store, which the runs' summaries then link into.
+MLFLOW_UI_ENV = "LATENTFORGE_MLFLOW_UI"
+
+
+def mlflow_ui_base(tracking_uri: str | None) -> str | None:
+    """Where the runs can be opened in a browser: the tracking server, else the MLflow UI
+    `latentforge ui` serves on the local store; None when neither."""
+    return mlflow_server(tracking_uri) or (os.environ.get(MLFLOW_UI_ENV) or "").rstrip("/") \
+        or None
+
+
 def mlflow_run_markdown(run_id: str | None, tracking_uri: str | None,
                         experiment_id: str | None = None) -> str:
-    """An MLflow run in Markdown: a link into the tracking server's UI, else the run id."""
+    """An MLflow run in Markdown: a link into the tracking server's (or `latentforge ui`'s
+    MLflow) UI, else the run id."""
     if not run_id:
         return "not tracked"
-    server = mlflow_server(tracking_uri)
+    server = mlflow_ui_base(tracking_uri)
     if server is None:
         return f"`{run_id}`"
     # Without the experiment id, MLflow's direct run route (which redirects) still works.
@@ -36,8 +49,8 @@ def mlflow_run_markdown(run_id: str | None, tracking_uri: str | None,
 
 
 def mlflow_ui_hint(tracking_uri: str | None) -> str:
-    """How to open the runs' UI when they are in a local store (empty for a server)."""
-    if mlflow_server(tracking_uri):
+    """How to open the runs' UI when they are in a local store (empty where they are links)."""
+    if mlflow_ui_base(tracking_uri):
         return ""
     return f"Browse the MLflow runs with `mlflow ui --backend-store-uri {local_store_uri()}`."
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from latentforge import prefectbg, procs, tracking
 from latentforge.errors import LatentForgeError
+from latentforge.summaries import MLFLOW_UI_ENV
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,9 @@ def run_ui(prefect_port: int = 4200, mlflow_port: int = 5000, limit: int = 1) ->
             _wait_healthy(service, deadline)
         services.append(_start(
             "the deployments (latentforge serve)",
-            [sys.executable, "-m", "latentforge", "serve", "--limit", str(limit)], env, None))
+            [sys.executable, "-m", "latentforge", "serve", "--limit", str(limit)],
+            # their runs' summaries link into this MLflow UI (summaries.mlflow_ui_base)
+            {**env, MLFLOW_UI_ENV: f"http://{HOST}:{mlflow_port}"}, None))
         print(f"Prefect UI   http://{HOST}:{prefect_port}   (Deployments: press Run on "
               f"pipeline or a stage)\nMLflow UI    http://{HOST}:{mlflow_port}/#/experiments"
               f"?workflowType=machine_learning   ({store})\n"

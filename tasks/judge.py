@@ -198,7 +198,8 @@ def run(params: Params, out_dir: str | Path = paths.JUDGE, prepared_dir: str | P
         summary=f"judge (the reward) val accuracy **{judge.val_accuracy:.4f}**, evaluator (the "
                 f"grader) **{evaluator.val_accuracy:.4f}** on {n_val} images "
                 f"({judge.result.steps} steps each, "
-                f"{judge.result.images_per_s:.0f} images/s)",
+                + (f"{judge.result.images_per_s:.0f} images/s)" if judge.result.images_per_s
+                   else "from finished checkpoints: nothing trained)"),
         digests={"judge": judge.weights_sha256, "evaluator": evaluator.weights_sha256},
         timings={"train_images_per_s": judge.result.images_per_s,
                  "train_seconds": judge.result.seconds + evaluator.result.seconds,

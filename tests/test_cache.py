@@ -72,6 +72,16 @@ def tiny_root(tmp_path_factory, ray_local):  # noqa: F811
     return root
 
 
+def test_a_judge_rerun_on_finished_checkpoints_says_nothing_was_trained(tiny_root,
+                                                                        monkeypatch):
+    """Its summary said "0 images/s" (`stage judge --force` with the checkpoints there)."""
+    monkeypatch.chdir(tiny_root)  # where the fixture's judge checkpoints are
+    again = judge.run(tiny(), out_dir=tiny_root / "judge_again",
+                      prepared_dir=tiny_root / "prepared")
+    assert "from finished checkpoints: nothing trained)" in again.summary, again.summary
+    assert "images/s" not in again.summary
+
+
 def test_kl_cache_stores_posterior_moments_labels_and_a_manifest(tiny_root):
     result = json.loads((tiny_root / "cache_kl_result.json").read_text())
     c = cache.load_cache(tiny_root / "cache_kl", verify=True)

@@ -223,6 +223,14 @@ def test_stage_summary_markdown_says_ran_or_skipped(monkeypatch):
     pulled = stage_summary_markdown({"stage": "cache", "status": "skipped", "seconds": 0.1}, None)
     assert "**Up to date: skipped**, no run of it recorded in this workspace." in pulled
 
+    # Run from `latentforge ui`'s deployments: a link into the MLflow UI it serves on the
+    # local store, not a command to start another one
+    monkeypatch.setenv("LATENTFORGE_MLFLOW_UI", "http://127.0.0.1:5071")
+    served = stage_summary_markdown(RAN, "sqlite:///mlflow.db")
+    assert (f"MLflow run [{RAN['run_id'][:8]}…](http://127.0.0.1:5071/#/runs/{RAN['run_id']}"
+            "?workflowType=machine_learning).") in served
+    assert "mlflow ui" not in served
+
 
 def test_pipeline_table_marks_skipped_stages():
     from latentforge.flows.pipeline import pipeline_summary_markdown, stage_table_markdown
