@@ -947,9 +947,11 @@ def _train_on_ray(spec: TrainSpec, cfg: TrainConfig, compute: ComputeConfig, ckp
     finally:
         thread.join(timeout=5)
         ray.kill(cast(Any, queue.actor))
-        if remove_after or not failure:
-            with contextlib.suppress(OSError, FileNotFoundError):
-                fs.rm(run_root if not remove_after else storage_path, recursive=True)
+        # Failed or not: a rerun resumes from the driver's copies (shipped as bytes) and
+        # trains under a new run name, so nothing reads this run's folder again (failed
+        # runs' folders piled up in shared storage).
+        with contextlib.suppress(OSError, FileNotFoundError):
+            fs.rm(run_root if not remove_after else storage_path, recursive=True)
     if nodes:
         ids = record_nodes(tracker, "train", nodes.values())
         log.info("Ray Train: %d worker(s) on node(s) %s", len(nodes),

@@ -655,6 +655,33 @@ def test_ray_workers_train_a_model_with_a_parameter_the_loss_does_not_use(
     assert result.steps == 10 and torch.equal(result.model_state["unused"], torch.zeros(8))
 
 
+def crash_at_step_15(model: nn.Module, batch: dict[str, torch.Tensor],
+                     step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    if step == 15:  # after the checkpoint of step 10 reached the driver
+        raise RuntimeError("simulated crash in a worker")
+    return mse_loss(model, batch, step)
+
+
+def test_a_failed_ray_run_says_where_a_rerun_resumes_and_leaves_no_run_folder(
+        ray_local, tmp_path: Path) -> None:  # noqa: F811
+    """Ray Train's failure was its own multi-line wrapper, and the run's folder in
+    compute.storage_path stayed there (shared storage filled with failed runs' folders)."""
+    from latentforge.errors import LatentForgeError
+
+    storage = tmp_path / "shared"
+    compute = ComputeConfig(num_workers=2, storage_path=str(storage))
+    with pytest.raises(LatentForgeError) as failed:
+        train(TrainSpec(build_mlp, crash_at_step_15, toy_data()), tiny_cfg(steps=20), compute,
+              tmp_path / "ckpt", progress=False)
+    line = str(failed.value)
+    assert line.startswith("Ray Train stopped (run with -v for the traceback): ") and \
+        "RuntimeError: simulated crash in a worker" in line, line
+    assert line.endswith("a rerun resumes from step 10, the last checkpoint copied here"), line
+    assert "\n" not in line
+    assert storage.is_dir() and not list(storage.iterdir()), list(storage.iterdir())
+    assert [s for s, _ in ckpt.committed_steps(tmp_path / "ckpt")] == [10]
+
+
 def test_training_on_a_cluster_needs_storage_every_node_reaches(tmp_path: Path) -> None:
     from latentforge.errors import ConfigError
     from latentforge.training import _ray_storage
