@@ -20,6 +20,7 @@ import uuid
 from typing import Annotated, Any
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import Field
 
@@ -29,6 +30,7 @@ from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.flows.stages import FORM_WAIT, NO_CHANGES, Overrides, ParamChanges, failed_state
 from latentforge.overrides import dvc_set_params_checked
 from latentforge.schema import as_overrides
+from latentforge.summaries import mlflow_run_markdown, mlflow_ui_hint, stage_table_markdown
 
 EXPERIMENT_TAG = f"{tracking.TAG_PREFIX}dvc_experiment"
 
@@ -142,19 +144,29 @@ def _run_experiment(name: str, parent: tracking.Tracker, set_params: list[str],
                    on_line=lambda line: logger.info("%s", line))
     seconds = time.time() - started
     parent.log_metrics({"pipeline_seconds": seconds})
-    roll_up(parent)
+    ran = roll_up(parent)
+    # The UI's summary, as the pipeline posts one: what ran (DVC reused the rest), its runs.
+    records = [ran.get(stage) or {"stage": stage, "status": "skipped"} for stage in paths.STAGES]
+    uri = tracking.tracking_uri()
+    create_markdown_artifact(
+        f"## Experiment {name}\n\nChanges: {', '.join(f'`{c}`' for c in checked) or 'none'}; "
+        f"ran in {seconds:.0f} s; MLflow parent run {mlflow_run_markdown(parent.run_id, uri)}."
+        f"\n\n{stage_table_markdown(records, uri)}\n\n`dvc exp show` lists it, `dvc exp apply "
+        f"{name}` brings it into the workspace. {mlflow_ui_hint(uri)}".rstrip(),
+        key="experiment-summary", description=f"latentforge experiment {name}")
     return seconds
 
 
-def roll_up(parent: tracking.Tracker) -> list[str]:
+def roll_up(parent: tracking.Tracker) -> dict[str, dict[str, Any]]:
     """Log the metrics of `parent`'s stage runs on it as `<stage>.<metric>`, as a `latentforge
     run` parent holds them, with the `latentforge.ran` tag: an experiment's parent run had
     only its overrides and seconds, so experiments could not be compared in the MLflow UI.
-    Returns the stages, in the pipeline's order."""
+    Returns each stage that ran, in the pipeline's order, as a stage table's record (its run,
+    seconds and metrics)."""
     import mlflow
 
     if parent.run_id is None:  # tracking off
-        return []
+        return {}
     client = mlflow.MlflowClient(tracking.tracking_uri())
     experiment = client.get_run(parent.run_id).info.experiment_id
     children = client.search_runs([experiment],
@@ -164,4 +176,8 @@ def roll_up(parent: tracking.Tracker) -> list[str]:
     for stage in ran:
         parent.log_metrics({f"{stage}.{k}": v for k, v in by_stage[stage].data.metrics.items()})
     parent.set_tags({f"{tracking.TAG_PREFIX}ran": ",".join(ran)})
-    return ran
+    return {stage: {"stage": stage, "status": "ran", "run_id": run.info.run_id,
+                    "seconds": ((run.info.end_time or run.info.start_time)
+                                - run.info.start_time) / 1000,
+                    "metrics": dict(sorted(run.data.metrics.items()))}
+            for stage, run in ((s, by_stage[s]) for s in ran)}

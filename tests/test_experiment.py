@@ -112,7 +112,9 @@ def test_an_experiments_parent_run_rolls_up_its_stages_metrics(tmp_path, monkeyp
                 "mlflow.parentRunId": parent.run_id, f"{tracking.TAG_PREFIX}stage": stage})
             client.log_metric(child.info.run_id, "m", value)
             client.set_terminated(child.info.run_id)
-        assert roll_up(parent) == ["prepare", "judge"]
+        rolled = roll_up(parent)
+        assert list(rolled) == ["prepare", "judge"]
+        assert rolled["judge"]["metrics"] == {"m": 0.9} and rolled["judge"]["status"] == "ran"
     run = client.get_run(parent.run_id)
     assert run.data.metrics == {"prepare.m": 10.0, "judge.m": 0.9}
     assert run.data.tags["latentforge.ran"] == "prepare,judge"

@@ -222,7 +222,10 @@ def test_the_experiment_flow_sends_dvc_only_the_rendered_overrides(params_file, 
     monkeypatch.setattr(flow, "get_run_logger", lambda: logging.getLogger("test"))
     monkeypatch.setattr(tracking, "start_run", start_run)
     monkeypatch.setattr(dvcops, "run_dvc", lambda cmd, **kwargs: commands.append(cmd))
-    monkeypatch.setattr(flow, "roll_up", lambda parent: [])  # MLflow is stubbed here
+    monkeypatch.setattr(flow, "roll_up", lambda parent: {})  # MLflow is stubbed here
+    posted = []
+    monkeypatch.setattr(flow, "create_markdown_artifact",
+                        lambda markdown, **kwargs: posted.append(markdown))
     form = form_model().model_validate({"tracking": {"experiment": "on"}})
     result = flow.experiment.fn("x1", overrides=["rl.rewards={judge_margin: 1.0}"], params=form)
     (cmd,) = commands
@@ -230,6 +233,10 @@ def test_the_experiment_flow_sends_dvc_only_the_rendered_overrides(params_file, 
                    "-S", "~rl.rewards", "-S", "+rl.rewards={judge_margin: 1.0}"]
     assert logged == {"overrides": "tracking.experiment='on' rl.rewards={judge_margin: 1.0}"}
     assert result["overrides"] == ["tracking.experiment='on'", "rl.rewards={judge_margin: 1.0}"]
+    assert posted[0].startswith("## Experiment x1\n\nChanges: `tracking.experiment='on'`, "
+                                "`rl.rewards={judge_margin: 1.0}`; ran in ")
+    assert "| prepare | **skipped** (up to date) |" in posted[0]  # the copy reused it
+    assert "`dvc exp apply x1` brings it into the workspace" in posted[0]
     with pytest.raises(ConfigError, match="cannot hold"):  # before any lock, run or DVC
         flow._experiment("x2", ["rl.rewards={'mod:fé': 1.0}"], False, False)
     assert len(commands) == 1
