@@ -1098,6 +1098,25 @@ def read_params_bytes(path: str | Path) -> bytes:
         raise ConfigError(f"cannot read params file {path}: {exc.strerror or exc}") from None
 
 
+def yaml_error_line(exc: Exception) -> str:
+    """PyYAML's several-line message (the text quoted, a caret) as one line: where, what, and
+    within what ("line 3, column 1: expected ',' or ']', but got '<stream end>' (while parsing
+    a flow sequence from line 2, column 10)")."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    problem = " ".join(str(problem).split())
+    if "\t" in str(getattr(exc, "problem", "")) or "'\\t'" in problem:
+        problem += " (indent with spaces, not tabs)"
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None and context_mark.line != mark.line:
+        where += f" ({context} from line {context_mark.line + 1}, column {context_mark.column + 1})"
+    elif context:
+        where += f" ({context})"
+    return where
+
+
 def parse_params_bytes(raw: bytes, path: str | Path) -> dict[str, Any]:
     """`read_params_file` on the bytes of the file at `path` (named in the errors)."""
     import yaml
@@ -1110,7 +1129,7 @@ def parse_params_bytes(raw: bytes, path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: {exc}; YAML would silently keep the last, and DVC rejects "
                           f"the file") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_error_line(exc)}") from None
     except ValueError as exc:  # e.g. an integer past Python's 4300-digit limit, a bad date
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if data is None:

@@ -95,9 +95,18 @@ def test_params_file_layers_on_defaults(tmp_path):
     assert p.prepare.resolution == 24 and p.prepare.seed == 3
     assert p.compute == Params().compute
     bad = tmp_path / "bad.yaml"
-    bad.write_text("prepare: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    bad.write_text("prepare:\n  seed: [1, 2\n")
+    with pytest.raises(ConfigError) as refused:  # one line: where, what, within what
         load_params(bad)
+    assert str(refused.value) == (
+        f"{bad}: not valid YAML: line 3, column 1: expected ',' or ']', but got '<stream end>' "
+        "(while parsing a flow sequence from line 2, column 9)")
+    bad.write_text("prepare:\n\tseed: 3\n")
+    with pytest.raises(ConfigError) as refused:
+        load_params(bad)
+    assert str(refused.value) == (
+        f"{bad}: not valid YAML: line 2, column 1: found character '\\t' that cannot start any "
+        "token (indent with spaces, not tabs) (while scanning for the next token)")
     with pytest.raises(ConfigError, match="params file not found"):
         load_params(tmp_path / "missing.yaml")
 
