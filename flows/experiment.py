@@ -79,23 +79,19 @@ COMMITTED = ("dvc.lock", "params.yaml", str(paths.METRICS), str(paths.PLOTS))
 
 
 def uncommitted_outputs(root: str = ".") -> str | None:
-    """Why DVC's temporary copy (built from git's last commit) would not know the outputs
-    here: which of dvc.lock, params.yaml and the stages' metrics and plots files are untracked
-    or changed since that commit; else None."""
+    """Why DVC's temporary copy would not know the outputs here: which of dvc.lock,
+    params.yaml and the stages' metrics and plots files git does not track. (Changes to
+    tracked files travel into the copy: `dvc exp run --temp` stashes them there; untracked
+    files do not.) None when all are tracked."""
     proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--",
                            *COMMITTED], cwd=root, capture_output=True, text=True)
     if proc.returncode != 0:
         return None
     untracked = [line[3:] for line in proc.stdout.splitlines() if line.startswith("??")]
-    changed = [line[3:] for line in proc.stdout.splitlines()
-               if line.strip() and not line.startswith("??")]
-
-    def listed(files: list[str]) -> str:
-        return ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
-
-    why = ([f"not in git: {listed(untracked)}"] if untracked else []) + \
-        ([f"changed since git's last commit: {listed(changed)}"] if changed else [])
-    return "; ".join(why) or None
+    if not untracked:
+        return None
+    return "not in git: " + ", ".join(untracked[:4]) + (
+        f" and {len(untracked) - 4} more" if len(untracked) > 4 else "")
 
 
 def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dict[str, Any]:
@@ -103,10 +99,11 @@ def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dic
     check_name(name)
     logger = get_run_logger()
     if why := uncommitted_outputs():
-        logger.warning("%s: the experiment runs in a copy made from git's last commit, so it "
-                       "reruns every stage whose outputs that commit does not record (and "
-                       "registers their models again); `git add %s && git commit` first to "
-                       "reuse them", why, " ".join(c for c in COMMITTED if os.path.exists(c)))
+        logger.warning("%s: the experiment runs in a copy made from git's last commit (with "
+                       "the changes to tracked files), so it reruns every stage whose outputs "
+                       "that copy lacks (and registers their models again); `git add %s && "
+                       "git commit` first to reuse them", why,
+                       " ".join(c for c in COMMITTED if os.path.exists(c)))
     with workspace.lock(what=f"experiment {name}", wait=wait or None, say=logger.warning,
                         wait_hint=FORM_WAIT):
         # Against params.yaml as it is once the lock is held (a run waited on may have

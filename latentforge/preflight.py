@@ -36,8 +36,14 @@ def check_params(params: Params, stages: list[str] | None) -> None:
     if scheme and importlib.util.find_spec(DVC_REMOTE_PLUGINS[scheme]) is None:
         raise ConfigError(f"storage.remote = {remote!r}: DVC's {scheme}:// remotes need "
                           f"`pip install {DVC_REMOTE_PLUGINS[scheme].replace('_', '-')}`")
-    if any(runs(stage, stages) for stage in TRAINED_ON_RAY):
-        check_train_storage(params)
+    compute = params.compute
+    if compute.ray_address is not None and compute.storage_path is None and \
+            any(runs(stage, stages) for stage in TRAINED_ON_RAY):
+        raise ConfigError(
+            f"compute.storage_path is null but compute.ray_address is "
+            f"{compute.ray_address!r}: Ray Train workers on other nodes report checkpoints "
+            f"to storage every node reaches; set compute.storage_path to an s3:// URL or "
+            f"a folder every node mounts")
     if runs("evaluate", stages):
         check_inception_weights(params.evaluate.inception_weights)
     if runs("rl", stages):
@@ -51,25 +57,23 @@ def check_params(params: Params, stages: list[str] | None) -> None:
 TRAINED_ON_RAY = ("judge", "tokenizer", "generator", "posttrain")
 
 
-def check_train_storage(params: Params) -> None:
+def check_train_storage(params: Params, stages: list[str] | None) -> None:
     """compute.storage_path as this machine (the driver, which copies every checkpoint back
-    from there) sees it, before any work: set where a cluster trains, an s3:// URL this
-    machine reaches (endpoint, credentials, bucket), a folder it can make and write. Each node
-    is asked the same about an s3:// one once the cluster is joined (raycluster)."""
+    from there) sees it, once something will run and only where training goes to Ray Train
+    (in-process training never reads it): an s3:// URL this machine reaches (endpoint,
+    credentials, bucket), a folder it can make and write. Each node is asked the same about
+    an s3:// one once the cluster is joined (raycluster); a null one on a cluster was refused
+    with the parameters (check_params)."""
     import os
 
     from latentforge import storage
     from latentforge.errors import DataError
+    from latentforge.raycluster import use_ray
 
     compute = params.compute
     url = compute.storage_path
-    if url is None:
-        if compute.ray_address is not None:
-            raise ConfigError(
-                f"compute.storage_path is null but compute.ray_address is "
-                f"{compute.ray_address!r}: Ray Train workers on other nodes report checkpoints "
-                f"to storage every node reaches; set compute.storage_path to an s3:// URL or "
-                f"a folder every node mounts")
+    if url is None or not use_ray(compute) or \
+            not any(runs(stage, stages) for stage in TRAINED_ON_RAY):
         return
     if storage.is_url(url):
         if storage.is_s3(url):
@@ -101,6 +105,7 @@ def check_environment(params: Params, stages: list[str] | None) -> None:
         from latentforge.training import local_device
 
         local_device(compute)
+    check_train_storage(params, stages)
     if params.tracking.enabled:
         from latentforge import tracking
 

@@ -540,7 +540,7 @@ def stage_metrics(before: dict[str, float], after: dict[str, float],
     """Deterministic DVC metrics: before/after on the fixed sample of `samples` images (FD
     depends on the count: the generator and evaluate stages measure at theirs) and the end of
     training."""
-    m: dict[str, float] = {"eval_samples": float(samples)}
+    m: dict[str, float] = {}
     for key in COMPARED:
         m[f"before_{key}"], m[f"after_{key}"] = before[key], after[key]
     m["reward_gain"] = after["reward_mean"] - before["reward_mean"]
@@ -551,7 +551,8 @@ def stage_metrics(before: dict[str, float], after: dict[str, float],
     m.update({"final_kl": last["kl"], "final_train_reward_mean": last["reward_mean"],
               "final_clip_fraction": last["clip_fraction"],
               "mean_zero_spread": float(np.mean([r["zero_spread"] for r in updates])),
-              "updates": float(len(updates))})
+              "updates": float(len(updates)),
+              "eval_samples": float(samples)})  # last: the run tables show the first four
     return {k: round(float(v), 6) for k, v in m.items()}
 
 

@@ -321,17 +321,26 @@ def test_train_storage_the_driver_cannot_reach_is_refused_before_any_work(withou
     S3, then the driver's first copy-back died in a botocore traceback, having none."""
     from latentforge.config import load_params
     from latentforge.errors import ConfigError
-    from latentforge.preflight import check_params
+    from latentforge.preflight import check_environment, check_params
 
     bucket = without_credentials.split("/")[2]
-    cluster = ["compute.ray_address=10.0.0.1:6379", "prepare.source=digits"]
+    cluster = ["compute.ray_address=10.0.0.1:6379", "prepare.source=digits",
+               "tracking.enabled=false"]
     params = load_params(None, [*cluster, f"compute.storage_path=s3://{bucket}/ray"])
+    check_params(params, None)  # the parameters are fine: the look waits until work runs
     with pytest.raises(ConfigError) as refused:
-        check_params(params, ["judge"])
+        check_environment(params, ["judge"])
     assert str(refused.value).startswith(
         f"compute.storage_path: this machine (the driver: it copies each checkpoint back from "
         f"there) cannot reach it: s3://{bucket}/ray: no credentials found; ")
-    check_params(params, ["prepare", "cache", "rl", "evaluate"])  # no Ray Train there
+    check_environment(params, ["prepare", "cache", "rl", "evaluate"])  # no Ray Train there
+    # In-process training (one worker, no cluster) never reads it: not looked at, not made
+    local_run = ["compute.num_workers=1", "prepare.source=digits", "tracking.enabled=false"]
+    check_environment(load_params(None, [*local_run, f"compute.storage_path=s3://{bucket}/r"]),
+                      None)
+    check_environment(load_params(None, [*local_run,
+                                         f"compute.storage_path={tmp_path / 'unused'}"]), None)
+    assert not (tmp_path / "unused").exists()
 
     with pytest.raises(ConfigError, match="compute.storage_path is null but compute.ray_address"):
         check_params(load_params(None, cluster), None)  # refused before prepare, not in judge
@@ -339,10 +348,10 @@ def test_train_storage_the_driver_cannot_reach_is_refused_before_any_work(withou
     blocker.write_text("")
     local = load_params(None, [*cluster, f"compute.storage_path={blocker / 'ray'}"])
     with pytest.raises(ConfigError) as refused:
-        check_params(local, ["tokenizer"])
+        check_environment(local, ["tokenizer"])
     assert str(refused.value).startswith(
         f"compute.storage_path = '{blocker / 'ray'}': this machine cannot make or write that "
         f"folder (NotADirectoryError: ")
     writable = load_params(None, [*cluster, f"compute.storage_path={tmp_path / 'ray'}"])
-    check_params(writable, ["generator"])
+    check_environment(writable, ["generator"])
     assert (tmp_path / "ray").is_dir()
