@@ -145,10 +145,12 @@ def _run_experiment(name: str, parent: tracking.Tracker, set_params: list[str],
     # The UI's summary, as the pipeline posts one: what ran (DVC reused the rest), its runs.
     records = [ran.get(stage) or {"stage": stage, "status": "skipped"} for stage in paths.STAGES]
     uri = tracking.tracking_uri()
+    table = stage_table_markdown(records, uri) if parent.run_id else \
+        "Not tracked (tracking.enabled is false): `dvc exp show` has its metrics."
     create_markdown_artifact(
         f"## Experiment {name}\n\nChanges: {', '.join(f'`{c}`' for c in checked) or 'none'}; "
         f"ran in {seconds:.0f} s; MLflow parent run {mlflow_run_markdown(parent.run_id, uri)}."
-        f"\n\n{stage_table_markdown(records, uri)}\n\n`dvc exp show` lists it, `dvc exp apply "
+        f"\n\n{table}\n\n`dvc exp show` lists it, `dvc exp apply "
         f"{name}` brings it into the workspace. {mlflow_ui_hint(uri)}".rstrip(),
         key="experiment-summary", description=f"latentforge experiment {name}")
     return seconds

@@ -109,12 +109,15 @@ def apply_params(params_file: str | None, overrides: list[str], changes: Any = N
 FORM_WAIT = "pass --wait (in the Run form: set wait)"
 
 
+LOGGED_MARK = "_latentforge_logged"  # set by failed_state on the error it logged
+
+
 def _logged_once(record: logging.LogRecord) -> bool:
     """A filter for Prefect's flow-run logger: drop the engine's second report of an error
     `failed_state` logged already ("Engine execution exited with unexpected exception" and
     its traceback, at ERROR: what a served deployment's run logs for each failure)."""
     exc = record.exc_info[1] if record.exc_info else None
-    return not (isinstance(exc, LatentForgeError)
+    return not (getattr(exc, LOGGED_MARK, False)
                 and record.getMessage().startswith("Engine execution exited"))
 
 
@@ -131,6 +134,7 @@ def failed_state(exc: LatentForgeError) -> State:
     first, _, rest = str(exc).partition("\n")
     logger.error("%s", first)
     logger.debug("%s", rest or "traceback:", exc_info=exc)
+    setattr(exc, LOGGED_MARK, True)  # the engine's second report of it is dropped
     return Failed(message=first, data=exc)
 
 

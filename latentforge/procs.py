@@ -143,15 +143,16 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
 
 
-def _group_members(pgid: int) -> list[int]:
-    """The pids of process group `pgid` (the leader's included, while it lives)."""
+def _group_members(pgid: int) -> list[tuple[int, float]]:
+    """(pid, start time) of the live processes of group `pgid`, the leader's included while
+    it lives; zombies (exited, not yet reaped) are not counted."""
     import psutil
 
     found = []
-    for pid in psutil.pids():
-        with contextlib.suppress(OSError):
-            if os.getpgid(pid) == pgid:
-                found.append(pid)
+    for proc in psutil.process_iter(["status", "create_time"]):
+        with contextlib.suppress(OSError, psutil.Error):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                found.append((proc.pid, proc.info["create_time"]))
     return found
 
 
@@ -170,15 +171,22 @@ def stop_group(proc: subprocess.Popen[Any], grace: float = GRACE_S,
     next run warns that a killed process held them); the leader gets SIGTERM too if it is
     still there LEADER_AFTER_S after they are gone, or has no children to wait for."""
     pgid = proc.pid
-    others = [pid for pid in _group_members(pgid) if pid != pgid] if leader_last else []
-    if others:
-        for pid in others:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGTERM)
-        leader_signalled = False
-    else:
+    signalled: set[tuple[int, float]] = set()
+
+    def term_children() -> bool:
+        """SIGTERM the group's members but the leader not signalled yet (those it started
+        meanwhile too); True while any live."""
+        members = [m for m in _group_members(pgid) if m[0] != pgid]
+        for member in members:
+            if member not in signalled:
+                signalled.add(member)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(member[0], signal.SIGTERM)
+        return bool(members)
+
+    leader_signalled = not (leader_last and term_children())
+    if leader_signalled:
         _signal_group(pgid, signal.SIGTERM)
-        leader_signalled = True
     deadline = time.monotonic() + grace
     alone_since: float | None = None
     if drain is not None:
@@ -189,12 +197,14 @@ def stop_group(proc: subprocess.Popen[Any], grace: float = GRACE_S,
                 for line in drain.readlines():
                     if on_line is not None:
                         on_line(line.rstrip("\n"))
-        if not leader_signalled and proc.poll() is None and \
-                not [pid for pid in _group_members(pgid) if pid != pgid]:
-            alone_since = alone_since or time.monotonic()
-            if time.monotonic() - alone_since >= LEADER_AFTER_S:
-                _signal_group(pgid, signal.SIGTERM)
-                leader_signalled = True
+        if not leader_signalled and proc.poll() is None:
+            if term_children():
+                alone_since = None
+            else:
+                alone_since = alone_since or time.monotonic()
+                if time.monotonic() - alone_since >= LEADER_AFTER_S:
+                    _signal_group(pgid, signal.SIGTERM)
+                    leader_signalled = True
         time.sleep(0.1)
     if proc.poll() is None or group_alive(pgid):
         log.warning("process group %d still running %.0f s after SIGTERM: killing it", pgid, grace)

@@ -250,6 +250,9 @@ def _grpc_handshake(host: str, port: int, timeout: float) -> str | None:
             return f"it dropped the connection ({exc})"
     if len(head) == 9 and head[3] == 0x04:  # a SETTINGS frame: HTTP/2
         return None
+    if head[:1] in (b"\x15", b"\x16"):  # a TLS alert or handshake record
+        return ("it speaks TLS: a cluster started with RAY_USE_TLS=1 needs RAY_USE_TLS=1 and "
+                "its RAY_TLS_* files here too")
     if head.startswith((b"HTTP/", b"<")):  # a status line, or an error page without one
         return "an HTTP/1 server answers there"
     return "it closed the connection" if not head else f"it answered {head[:9]!r}, not HTTP/2"

@@ -842,7 +842,7 @@ def _fetch_checkpoint(fs: Any, folder: str, ckpt_dir: Path, step: int, keep_last
 # What Ray Train's failure says when a worker, its node or the link between workers went
 # away (the survivors' collective read fails; Ray reports the dead actor or node).
 _LOST = ("ActorDiedError", "NodeDiedError", "WorkerCrashedError", "ActorUnavailableError",
-         "Connection reset by peer", "Connection closed by peer", "gloo", "NCCL")
+         "Connection reset by peer", "Connection closed by peer", "Broken pipe")
 
 
 def describe_train_failure(exc: BaseException, committed: list[tuple[int, Path]]
@@ -854,17 +854,22 @@ def describe_train_failure(exc: BaseException, committed: list[tuple[int, Path]]
 
     if isinstance(exc, LatentForgeError | KeyboardInterrupt | SystemExit):
         return exc
+    cause: BaseException | None = exc
+    while cause is not None:  # a worker's own one-line error, as Ray chained it
+        if isinstance(cause, LatentForgeError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
     log.debug("Ray Train failed", exc_info=exc)
     text = f"{type(exc).__name__}: {exc}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    # The innermost cause reads best: Ray wraps it in TrainingFailedError's paragraph.
-    cause = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[0])
+    # The worker's error, not Ray's paragraph around it: the last exception line there.
+    said = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), lines[0])
     lost = any(word in text for word in _LOST)
     what = ("a worker, its node or the link between workers was lost" if lost
             else "run with -v for the traceback")
     resume = (f"a rerun resumes from step {committed[-1][0]}, the last checkpoint copied here"
               if committed else "no checkpoint reached this machine: a rerun starts afresh")
-    return LatentForgeError(f"Ray Train stopped ({what}): {cause[:300]}; {resume}")
+    return LatentForgeError(f"Ray Train stopped ({what}): {said[:300]}; {resume}")
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt|Failed\w*):? ")

@@ -240,3 +240,8 @@ def test_the_experiment_flow_sends_dvc_only_the_rendered_overrides(params_file, 
     with pytest.raises(ConfigError, match="cannot hold"):  # before any lock, run or DVC
         flow._experiment("x2", ["rl.rewards={'mod:fé': 1.0}"], False, False)
     assert len(commands) == 1
+
+    Run.run_id = None  # tracking off: no runs to table, and the summary says so
+    flow.experiment.fn("x3", overrides=["prepare.seed=4"])
+    assert "Not tracked (tracking.enabled is false)" in posted[-1]
+    assert "| prepare |" not in posted[-1]

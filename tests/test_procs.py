@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -230,8 +231,8 @@ def test_stopping_dvc_repro_leaves_its_rwlock_clean(tmp_path, leader_last):
     for args in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
         subprocess.run(args, cwd=root, check=True)
     (root / "dvc.yaml").write_text(
-        "stages:\n  slow:\n    cmd: python -c \"import time; open('started', 'w'); "
-        "time.sleep(120)\"\n    outs: [out.txt]\n")
+        f"stages:\n  slow:\n    cmd: {shlex.quote(sys.executable)} -c \"import time; "
+        "open('started', 'w'); time.sleep(120)\"\n    outs: [out.txt]\n")
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "slow"], cwd=root,
                             start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
