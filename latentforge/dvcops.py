@@ -77,11 +77,12 @@ def check_source(params: Any, prepare_runs: bool = True) -> None:
     """dvc.yaml names prepare.path as the prepare stage's input, so DVC's status opens an
     s3:// one with DVC's own S3 client: no time limits (a silent endpoint hangs it), and no
     credentials end in a botocore traceback. Look first through latentforge.storage, bounded
-    by storage.* and naming the AWS settings it found. Only failures to look stop the run: a
-    missing key or bucket is DVC's to report (a deleted input) and the prepare stage's to
-    refuse, not a reason to refuse the other stages (`prepare_runs`: whether prepare is among
+    by storage.* and naming the AWS settings it found. A missing key or bucket refuses a run
+    of prepare here, as a missing local path does (DVC said only "dependency ... does not
+    exist", after params.yaml was rewritten); for the other stages it is DVC's to report (a
+    deleted input), not a reason to refuse them (`prepare_runs`: whether prepare is among
     the stages of this run)."""
-    from latentforge.errors import DataError
+    from latentforge.errors import ConfigError, DataError
 
     path = params.prepare.path
     if not storage.is_url(path):
@@ -91,10 +92,14 @@ def check_source(params: Any, prepare_runs: bool = True) -> None:
         return
     storage.configure(params.storage)
     try:
-        storage.exists(path)
+        found, missing = storage.exists(path), "no such key or prefix"
     except DataError as exc:
         if storage.error_code(exc) != "NoSuchBucket":
             raise
+        found, missing = False, f"no such bucket ({path.split('/')[2]})"
+    if not found and prepare_runs:
+        raise ConfigError(f"prepare.path = {path!r}: {missing} at that endpoint; give the "
+                          f"folder (prefix) or file the {params.prepare.source} source reads")
 
 
 # What a source path must not be: DVC takes it as the prepare stage's input, and refuses a
@@ -378,8 +383,15 @@ def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None]
     proc = subprocess.run(base + ["push"], cwd=root, env=dvc_env(), capture_output=True, text=True)
     for line in (proc.stdout + proc.stderr).splitlines():
         on_line(line)
-    if proc.returncode != 0:
-        raise LatentForgeError(f"dvc push to {remote_url} failed:\n{proc.stderr[-2000:]}")
+    if proc.returncode != 0:  # DVC's reason in one line, not its help footer and warnings
+        log.debug("dvc push to %s failed:\n%s", remote_url, proc.stderr[-4000:])
+        said = [line.strip().removeprefix("ERROR: ").removeprefix("unexpected error - ")
+                for line in proc.stderr.splitlines() if line.startswith("ERROR")] or \
+            [line.strip() for line in proc.stderr.splitlines() if line.strip()][-1:]
+        # The first error names the cause (a missing bucket), the last DVC's summary of it.
+        reason = "; ".join(dict.fromkeys([said[0][:300], said[-1][:200]])) if said else \
+            f"exit {proc.returncode}"
+        raise LatentForgeError(f"dvc push to {remote_url} failed: {reason}")
     storage.write_bytes_atomic(Path(root) / paths.PUSHED_FILE, json.dumps(
         {"remote": remote_url, "dvc_lock_sha256": lock}).encode())
 

@@ -281,16 +281,39 @@ def test_dvc_push_to_a_silent_endpoint_is_bounded_by_the_storage_timeouts(tmp_pa
     assert elapsed < 50, f"took {elapsed:.1f} s"
 
 
-def test_the_source_check_stops_only_on_failures_to_look(s3_bucket):
+def test_the_source_check_refuses_a_missing_source_only_where_prepare_runs(s3_bucket):
     """`latentforge run`'s look at an s3:// prepare.path before DVC's status: a key or bucket
-    that is not there is DVC's to report as a deleted input (a run of later stages goes
-    on); other schemes and local paths are not looked at here."""
+    that is not there refuses a run of prepare in one line (DVC said only "dependency ...
+    does not exist", after params.yaml was rewritten); for a run of later stages it is DVC's
+    to report as a deleted input. Other schemes are not looked at here."""
     from latentforge import dvcops
     from latentforge.config import build_params
+    from latentforge.errors import ConfigError
 
-    for path in (f"s3://{s3_bucket}/no/such/key", "s3://lf-no-such-bucket/imgs",
-                 "gs://bucket/imgs", "data/x://y"):
-        dvcops.check_source(build_params({"prepare": {"source": "folder", "path": path}}))
+    for path, says in ((f"s3://{s3_bucket}/no/such/key", "no such key or prefix"),
+                       ("s3://lf-no-such-bucket/imgs", "no such bucket (lf-no-such-bucket)")):
+        params = build_params({"prepare": {"source": "folder", "path": path}})
+        dvcops.check_source(params, prepare_runs=False)
+        with pytest.raises(ConfigError) as refused:
+            dvcops.check_source(params)
+        assert str(refused.value) == (f"prepare.path = {path!r}: {says} at that endpoint; give "
+                                      "the folder (prefix) or file the folder source reads")
+    dvcops.check_source(build_params({"prepare": {"source": "folder", "path": "gs://b/imgs"}}))
+
+
+def test_a_failed_push_is_one_line_with_dvcs_reason(tmp_path, s3_server):
+    from conftest import dvc_repo
+
+    from latentforge import dvcops
+    from latentforge.errors import LatentForgeError
+
+    root = dvc_repo(tmp_path / "p", {"data.bin": os.urandom(1000)})
+    with pytest.raises(LatentForgeError) as failed:
+        dvcops.push("s3://lf-no-such-bucket-push/dvc", root, on_line=lambda line: None)
+    line = str(failed.value)
+    assert line.startswith("dvc push to s3://lf-no-such-bucket-push/dvc failed: ") and \
+        "bucket does not exist" in line, line
+    assert "\n" not in line and "Having any troubles" not in line
 
 
 def test_an_s3_artifact_upload_failing_mid_run_is_one_line(monkeypatch, tmp_path):
