@@ -426,6 +426,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
             log.debug("loading %s", model, exc_info=True)
             raise LatentForgeError(f"--model {model}: {str(exc).splitlines()[0]}" + (
                 registered_models_note() if model.startswith("models:/") else "")) from None
+        except Exception as exc:  # botocore's, reading artifacts on S3: MLflow lets them by
+            from latentforge.storage import another_clients_error
+
+            line = another_clients_error(exc, f"--model {model}: reading its artifacts")
+            if line is None:
+                raise
+            log.debug("loading %s", model, exc_info=True)
+            raise LatentForgeError(line) from None
         if getattr(logged, "kind", None) != "generator":
             raise ConfigError(f"--model {model}: a LatentForge {getattr(logged, 'kind', '?')} "
                               f"model, not a generator")

@@ -181,6 +181,26 @@ def _aws_settings() -> str:
     )
 
 
+def another_clients_error(exc: BaseException, what: str) -> str | None:
+    """One line for an S3 failure of a client other than ours (MLflow's boto3 reading a
+    model's artifacts: our limits and retries are not its own), naming `what` was read and
+    the AWS settings looked at; None for any other error."""
+    from botocore import exceptions as boto
+
+    seen: BaseException | None = exc
+    while seen is not None and not isinstance(seen, boto.BotoCoreError | boto.ClientError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is None:
+        return None
+    if isinstance(seen, boto.EndpointConnectionError | boto.ConnectionClosedError):
+        problem = "could not connect to the S3 endpoint"
+    elif isinstance(seen, boto.ConnectTimeoutError | boto.ReadTimeoutError):
+        problem = "the S3 endpoint did not answer in time"
+    else:
+        problem = _problem(seen) or f"{type(seen).__name__} from botocore"
+    return f"{what}: {problem}; {_aws_settings()}"
+
+
 @contextlib.contextmanager
 def storage_errors(url: str) -> Iterator[None]:
     """Raise a failure of the S3 calls inside as one DataError line naming `url`; other

@@ -158,6 +158,39 @@ def test_sample_refuses_a_registered_model_that_is_not_a_generator(judge_dir, tm
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_model_whose_s3_artifacts_cannot_be_reached_is_one_line(judge_dir, tmp_path,
+                                                                  monkeypatch, capsys,
+                                                                  s3_bucket):
+    """With the artifact store on S3 and its endpoint down, `sample --model models:/...`
+    printed 148 lines of botocore's chained tracebacks (MLflow does not wrap them)."""
+    import socket
+
+    from latentforge import tracking
+    from latentforge.cli import main
+    from latentforge.config import TrackingConfig
+
+    folder, _ = judge_dir
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = TrackingConfig(experiment="on-s3", artifact_location=f"s3://{s3_bucket}/mlflow")
+    with tracking.start_run(cfg, "judge", {}, root=tmp_path) as tracker:
+        tracker.log_model("judge", folder, "test-judge-s3")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(tmp_path))
+    with socket.socket() as closed:  # a port nothing listens on: the endpoint is down
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for name in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{port}")
+    assert main(["sample", "--class", "0", "--model", "models:/test-judge-s3/1", "--out",
+                 str(tmp_path / "x.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    err = err[next(i for i, line in enumerate(err) if "Traceback" in line or
+                   line.startswith("error: ")):]  # what sample printed (MLflow's store lines
+    assert len(err) == 1 and err[0].startswith(  # before it are the fixture's)
+        "error: --model models:/test-judge-s3/1: reading its artifacts: could not connect to "
+        "the S3 endpoint; AWS settings looked at"), err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_a_damaged_rl_output_says_to_rerun_rl_not_the_generator(judge_dir, tmp_path,
                                                                  monkeypatch):
     """The rl stage writes generator folders: rerunning the generator stage (as the message
