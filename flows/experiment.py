@@ -26,6 +26,7 @@ from pydantic import Field
 
 from latentforge import dvcops, paths, procs, tracking, workspace
 from latentforge.config import load_params, yaml_text
+from latentforge.dvcops import COMMITTED, uncommitted_outputs
 from latentforge.errors import ConfigError, LatentForgeError
 from latentforge.flows.stages import FORM_WAIT, NO_CHANGES, Overrides, ParamChanges, failed_state
 from latentforge.overrides import dvc_set_params_checked
@@ -71,27 +72,6 @@ def check_name(name: str) -> None:
     if not ok:
         raise ConfigError(f"experiment name {name!r}: not a name git can hold (no spaces, "
                           "'..', '~^:?*[\\', a leading '-' or '/', or a trailing '.lock')")
-
-
-# What DVC's temporary copy must find in git's last commit to reuse the outputs here: the
-# lock, the params, and the outputs DVC leaves to git (`cache: false`: metrics and plots).
-COMMITTED = ("dvc.lock", "params.yaml", str(paths.METRICS), str(paths.PLOTS))
-
-
-def uncommitted_outputs(root: str = ".") -> str | None:
-    """Why DVC's temporary copy would not know the outputs here: which of dvc.lock,
-    params.yaml and the stages' metrics and plots files git does not track. (Changes to
-    tracked files travel into the copy: `dvc exp run --temp` stashes them there; untracked
-    files do not.) None when all are tracked."""
-    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--",
-                           *COMMITTED], cwd=root, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return None
-    untracked = [line[3:] for line in proc.stdout.splitlines() if line.startswith("??")]
-    if not untracked:
-        return None
-    return "not in git: " + ", ".join(untracked[:4]) + (
-        f" and {len(untracked) - 4} more" if len(untracked) > 4 else "")
 
 
 def _experiment(name: str, overrides: list[str], force: bool, wait: bool) -> dict[str, Any]:

@@ -102,6 +102,28 @@ def check_source(params: Any, prepare_runs: bool = True) -> None:
                           f"folder (prefix) or file the {params.prepare.source} source reads")
 
 
+# What a copy of the project (DVC's experiment copy, a teammate's clone + `dvc pull`) must find
+# in git to reuse the outputs here: the lock, the params, and the outputs DVC leaves to git
+# (`cache: false`: metrics and plots; the DVC remote never gets them).
+COMMITTED = ("dvc.lock", "params.yaml", str(paths.METRICS), str(paths.PLOTS))
+
+
+def uncommitted_outputs(root: str = ".") -> str | None:
+    """Why DVC's temporary copy would not know the outputs here: which of dvc.lock,
+    params.yaml and the stages' metrics and plots files git does not track. (Changes to
+    tracked files travel into the copy: `dvc exp run --temp` stashes them there; untracked
+    files do not.) None when all are tracked."""
+    proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--",
+                           *COMMITTED], cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    untracked = [line[3:] for line in proc.stdout.splitlines() if line.startswith("??")]
+    if not untracked:
+        return None
+    return "not in git: " + ", ".join(untracked[:4]) + (
+        f" and {len(untracked) - 4} more" if len(untracked) > 4 else "")
+
+
 # What a source path must not be: DVC takes it as the prepare stage's input, and refuses a
 # folder that holds the project, a DVC file or another stage's output (with a traceback or an
 # unexpected-error line that never names prepare.path).
@@ -394,6 +416,11 @@ def push(remote_url: str, root: str | Path = ".", on_line: Callable[[str], None]
         raise LatentForgeError(f"dvc push to {remote_url} failed: {reason}")
     storage.write_bytes_atomic(Path(root) / paths.PUSHED_FILE, json.dumps(
         {"remote": remote_url, "dvc_lock_sha256": lock}).encode())
+    if why := uncommitted_outputs(str(root)):  # the remote never gets them: git keeps them
+        on_line(f"WARNING: {why}: a clone that runs `dvc pull` from {remote_url} gets the "
+                f"cached outputs but not these, so its next run reruns every stage; `git add "
+                f"{' '.join(c for c in COMMITTED if (Path(root) / c).exists())} && git commit` "
+                f"and push that too")
 
 
 def _lock_digest(root: str | Path) -> str | None:

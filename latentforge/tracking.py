@@ -365,6 +365,15 @@ def _experiment_id(cfg: TrackingConfig, root: Path) -> str:
         if EXPERIMENT_KIND_TAG not in exp.tags:
             mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
                                                      EXPERIMENT_KIND)
+        wanted = (cfg.artifact_location or "").rstrip("/")
+        if wanted and wanted != (exp.artifact_location or "").rstrip("/"):
+            # MLflow fixes the location when the experiment is made: the setting was ignored
+            # in silence (a typo in it could not be corrected either).
+            log.warning("tracking.artifact_location = %r is not where MLflow experiment %r "
+                        "keeps its artifacts (%s): MLflow fixes an experiment's artifact "
+                        "location when it is made, so they go there; set tracking.experiment "
+                        "to a new name to use %r", cfg.artifact_location, cfg.experiment,
+                        exp.artifact_location, cfg.artifact_location)
         return exp.experiment_id
     # Against a tracking server the server decides (its --artifacts-destination, e.g. S3);
     # a local file:// location would put a team's artifacts on this machine's disk.

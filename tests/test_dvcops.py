@@ -140,6 +140,18 @@ def test_push_writes_the_storage_timeouts_into_the_s3_remote(tmp_path, s3_bucket
     from latentforge import storage
 
     assert storage.list_files(f"s3://{s3_bucket}/dvc")  # it pushed
+    assert not [line for line in lines if "dvc pull" in line]  # no metrics: nothing to say
+
+    # The metrics and plots files are git's (cache: false): the remote never gets them, and a
+    # teammate's clone + `dvc pull` without them reran every stage. The push says so.
+    (root / "metrics").mkdir()
+    (root / "metrics" / "judge.json").write_text("{}\n")
+    lines.clear()
+    dvcops.push(f"s3://{s3_bucket}/dvc", root, on_line=lines.append, timeouts=(5, 2.5))
+    (warned,) = [line for line in lines if "dvc pull" in line]
+    assert warned.startswith("WARNING: not in git: metrics/judge.json: a clone that runs `dvc "
+                             f"pull` from s3://{s3_bucket}/dvc gets the cached outputs but not "
+                             "these"), warned
 
 
 def test_a_remote_dvc_refuses_is_one_line_with_dvcs_reason(tmp_path):

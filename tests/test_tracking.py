@@ -131,3 +131,34 @@ def test_artifacts_of_a_shared_sqlite_store_sit_beside_it(tmp_path, monkeypatch)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking.local_artifact_root(tracking.tracking_uri(project), project) == \
         (project / "mlartifacts").resolve().as_uri()
+
+
+def test_an_artifact_location_the_existing_experiment_lacks_is_said(tmp_path, monkeypatch,
+                                                                    caplog):
+    """MLflow fixes an experiment's artifact location when it is made: a later
+    tracking.artifact_location (s3://...) was ignored in silence, and a typo in the first one
+    could not be corrected by fixing it."""
+    import logging
+
+    import mlflow
+
+    from latentforge import tracking
+    from latentforge.config import TrackingConfig
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = (tmp_path / "first").as_uri()
+    with tracking.start_run(TrackingConfig(artifact_location=first), "a", {}, root=tmp_path):
+        pass
+    with caplog.at_level(logging.WARNING, logger="latentforge.tracking"):
+        with tracking.start_run(TrackingConfig(artifact_location=first + "/"), "b", {},
+                                root=tmp_path):
+            pass
+        assert "artifact_location" not in caplog.text  # the same place
+        other = (tmp_path / "other").as_uri()
+        with tracking.start_run(TrackingConfig(artifact_location=other), "c", {},
+                                root=tmp_path) as run:
+            pass
+    assert (f"tracking.artifact_location = {other!r} is not where MLflow experiment "
+            f"'latentforge' keeps its artifacts ({first})") in caplog.text
+    assert "set tracking.experiment to a new name" in caplog.text
+    assert mlflow.get_run(run.run_id).info.artifact_uri.startswith(first)  # where they went
