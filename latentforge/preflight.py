@@ -36,14 +36,10 @@ def check_params(params: Params, stages: list[str] | None) -> None:
     if scheme and importlib.util.find_spec(DVC_REMOTE_PLUGINS[scheme]) is None:
         raise ConfigError(f"storage.remote = {remote!r}: DVC's {scheme}:// remotes need "
                           f"`pip install {DVC_REMOTE_PLUGINS[scheme].replace('_', '-')}`")
-    compute = params.compute
-    if compute.ray_address is not None and compute.storage_path is None and \
-            any(runs(stage, stages) for stage in TRAINED_ON_RAY):
-        raise ConfigError(
-            f"compute.storage_path is null but compute.ray_address is "
-            f"{compute.ray_address!r}: Ray Train workers on other nodes report checkpoints "
-            f"to storage every node reaches; set compute.storage_path to an s3:// URL or "
-            f"a folder every node mounts")
+    if any(runs(stage, stages) for stage in TRAINED_ON_RAY):
+        from latentforge.raycluster import check_storage_set
+
+        check_storage_set(params.compute)
     if runs("evaluate", stages):
         check_inception_weights(params.evaluate.inception_weights)
     if runs("rl", stages):

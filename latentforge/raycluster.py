@@ -75,6 +75,17 @@ def on_cluster(compute: ComputeConfig) -> bool:
     return compute.ray_address is not None
 
 
+def check_storage_set(compute: ComputeConfig) -> None:
+    """A ConfigError where a cluster would train with no compute.storage_path: Ray Train's
+    workers on other nodes cannot report checkpoints to the driver's disk."""
+    if on_cluster(compute) and compute.storage_path is None:
+        raise ConfigError(
+            f"compute.storage_path is null but compute.ray_address is "
+            f"{compute.ray_address!r}: Ray Train workers on other nodes report checkpoints "
+            f"to storage every node reaches; set compute.storage_path to an s3:// URL or "
+            f"a folder every node mounts")
+
+
 def init_ray(compute: ComputeConfig, *, num_cpus: int | None = None) -> None:
     """Connect to `compute.ray_address`, or start (or reuse) a local Ray instance.
 

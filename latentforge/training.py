@@ -803,17 +803,12 @@ def _ray_storage(compute: ComputeConfig, ckpt_dir: Path) -> tuple[str, Any, Any,
     read it back, whether to remove it afterwards) for Ray Train's checkpoints."""
     import fsspec
 
-    from latentforge.raycluster import on_cluster
+    from latentforge.raycluster import check_storage_set
     from latentforge.storage import filesystem, is_url
 
     url = compute.storage_path
     if url is None:
-        if on_cluster(compute):
-            raise ConfigError(
-                f"compute.storage_path is null but compute.ray_address is "
-                f"{compute.ray_address!r}: Ray Train workers on other nodes report checkpoints "
-                f"to storage every node reaches; set compute.storage_path to an s3:// URL or "
-                f"a folder every node mounts")
+        check_storage_set(compute)
         # Ray Train's own run state beside the checkpoints; removed after the run.
         local = ckpt_dir / f".ray-{uuid.uuid4().hex[:8]}"
         return str(local), None, fsspec.filesystem("file"), True
