@@ -1106,7 +1106,7 @@ def yaml_error_line(exc: Exception) -> str:
     if mark is None or not problem:
         return " ".join(str(exc).split())
     problem = " ".join(str(problem).split())
-    if "\t" in str(getattr(exc, "problem", "")) or "'\\t'" in problem:
+    if "'\\t'" in problem:  # PyYAML names a tab as the two characters \t
         problem += " (indent with spaces, not tabs)"
     where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
     context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
